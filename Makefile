@@ -1,0 +1,35 @@
+# moa-flex: set-up, main job and tests from a clean clone.
+#   make demo      create .venv, install, run the main job
+#   make test      create .venv, install, run the test suite (CPU)
+#   make test-slow the slow tests kept out of the default run
+#   make bench-masks  block-mask build benchmark (append to bench/RESULTS.md)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Without a GPU take the local CPU build of torch; with one, the registry's CUDA build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11" || echo "torch==2.13.0")
+
+.PHONY: setup demo test test-slow bench-masks clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/moa-flex show Llama-3-8B-Instruct-262k.moa
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench-masks: setup
+	$(PY) bench/mask_build.py --record
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

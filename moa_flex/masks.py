@@ -1,0 +1,316 @@
+"""Masks of a plan: the brute-force reference, the FlexAttention mask_mod and BlockMask.
+
+Coordinates: query row ``r`` of a call is the logical position ``i = q_offset + r``; key
+column ``j`` is the logical position ``j`` (0 = first real token). The keep rule of a query
+head with span ``S`` (DESIGN.md) is ``j <= i and (j < sink or i - j < S - sink)``.
+
+The BlockMask is computed analytically from the spans: for a tile of queries ``[i0, i1]`` and
+keys ``[j0, j1]`` (inclusive, real positions only),
+
+* something is kept  iff ``j0 <= i1 and (j0 < sink or (W >= 1 and i0 - j1 <= W - 1))``
+* everything is kept iff ``j1 <= i0 and (j1 < sink or i1 - max(j0, sink) <= W - 1)``
+
+with ``W = S - sink``. Only these block-level booleans ([q_blocks, kv_blocks] per distinct
+span) are ever formed, never a token-level Q x KV mask.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from .plan import Plan
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def resolve_query_window(N: int, q_len: int | None, q_offset: int | None, kv_len: int | None) -> tuple[int, int, int]:
+    """Fill defaults and validate (q_len, q_offset, kv_len), all in tokens.
+
+    Defaults: the whole request (q_len = N, q_offset = 0); with only q_len, the last q_len
+    positions; kv_len = q_offset + q_len (every key up to the last query).
+    """
+    if isinstance(N, bool) or not isinstance(N, int) or N < 1:
+        raise ValueError(f"N (planned length in tokens) must be an integer >= 1, got {N!r}")
+    if q_len is None:
+        q_len = N - (q_offset or 0)
+    if q_offset is None:
+        q_offset = N - q_len
+    if q_len < 1:
+        raise ValueError(f"q_len must be >= 1, got {q_len}")
+    if q_offset < 0:
+        raise ValueError(f"q_offset must be >= 0, got {q_offset}")
+    if q_offset + q_len > N:
+        raise ValueError(f"q_offset + q_len ({q_offset} + {q_len}) exceeds the planned length N={N}")
+    if kv_len is None:
+        kv_len = q_offset + q_len
+    if kv_len < q_offset + q_len:
+        raise ValueError(f"kv_len ({kv_len}) must cover every query position (>= q_offset + q_len = {q_offset + q_len})")
+    return q_len, q_offset, kv_len
+
+
+def _check_layer(plan: Plan, layer: int) -> None:
+    if not 0 <= layer < plan.num_layers:
+        raise ValueError(f"layer must be in [0, {plan.num_layers}), got {layer}")
+
+
+def reference_mask(
+    plan: Plan,
+    layer: int,
+    N: int,
+    q_len: int | None = None,
+    q_offset: int | None = None,
+    kv_len: int | None = None,
+) -> torch.Tensor:
+    """Bool [H, q_len, kv_len] straight from the keep rule. Test oracle; never used at run time."""
+    _check_layer(plan, layer)
+    q_len, q_offset, kv_len = resolve_query_window(N, q_len, q_offset, kv_len)
+    spans = plan.head_spans(N)[layer]  # [H]
+    i = torch.arange(q_offset, q_offset + q_len).view(1, -1, 1)
+    j = torch.arange(kv_len).view(1, 1, -1)
+    window = (spans - plan.sink).view(-1, 1, 1)
+    return (j <= i) & ((j < plan.sink) | (i - j < window))
+
+
+def span_mask_mod(head_spans: torch.Tensor, sink: int, q_offset: torch.Tensor) -> MaskMod:
+    """FlexAttention mask_mod of the keep rule, per query head.
+
+    ``head_spans`` (LongTensor [H], tokens) and ``q_offset`` (0-dim LongTensor, tokens) are
+    captured tensors: new values in them need no recompilation.
+    """
+
+    def moa_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        i = q_idx + q_offset
+        return (kv_idx <= i) & ((kv_idx < sink) | (i - kv_idx < head_spans[h] - sink))
+
+    return moa_mask
+
+
+def mask_mod(plan: Plan, layer: int, N: int, q_offset: int = 0, device: torch.device | str | None = None) -> MaskMod:
+    """The FlexAttention mask_mod of one layer at planned length N (q_offset in tokens)."""
+    _check_layer(plan, layer)
+    spans = plan.head_spans(N)[layer].to(device)
+    return span_mask_mod(spans, plan.sink, torch.tensor(q_offset, dtype=torch.long, device=device))
+
+
+def _count_le(sorted_vals: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Number of entries of an ascending 1-D tensor that are <= each x."""
+    return torch.searchsorted(sorted_vals, x, right=True)
+
+
+def _count_lt(sorted_vals: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Number of entries of an ascending 1-D tensor that are < each x."""
+    return torch.searchsorted(sorted_vals, x, right=False)
+
+
+Intervals = list[tuple[torch.Tensor, torch.Tensor]]  # half-open [start, end) per row, int64 [R]
+
+
+def _segments(kept: Intervals, full: Intervals, n_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each row at every interval endpoint: (starts, partial ends, full ends), int64 [R, m].
+
+    A segment [start, end) lies entirely inside or outside every interval, so it is partial
+    (kept but not full), full, or skipped; a segment of another class gets end = start.
+    """
+    rows = kept[0][0].shape[0]
+    ends = [e for iv in (kept, full) for pair in iv for e in pair]
+    edges = torch.stack([torch.zeros_like(ends[0]), torch.full_like(ends[0], n_cols), *ends], 1)
+    edges = edges.clamp(0, n_cols).sort(dim=1).values
+    lo, hi = edges[:, :-1], edges[:, 1:]
+
+    def inside(ivs: Intervals) -> torch.Tensor:
+        m = torch.zeros_like(lo, dtype=torch.bool)
+        for st, en in ivs:
+            m |= (lo >= st.view(rows, 1)) & (lo < en.view(rows, 1))
+        return m
+
+    in_full = inside(full)
+    in_partial = inside(kept) & ~in_full
+    return lo, torch.where(in_partial, hi, lo), torch.where(in_full, hi, lo)
+
+
+def _write_ordered(starts: torch.Tensor, ends: torch.Tensor, count_out: torch.Tensor, idx_out: torch.Tensor) -> None:
+    """Disjoint ascending segments [start, end) per row -> count int32 [R] and the ascending
+    column indices int32 [R, C] they cover (entries past the count: valid filler indices)."""
+    n_cols = idx_out.shape[-1]
+    lens = ends - starts
+    # Empty segments go last (stable), so the first m segments of every row are its real ones.
+    order = torch.sort((lens == 0).to(torch.int8), dim=1, stable=True).indices
+    starts, lens = starts.gather(1, order), lens.gather(1, order)
+    cum = lens.cumsum(1)
+    count_out.copy_(cum[:, -1])
+    m = int((lens > 0).sum(1).max()) if lens.numel() else 0
+    t = torch.arange(n_cols, dtype=torch.int32, device=idx_out.device).view(1, -1)
+    torch.add(t, starts[:, :1].to(torch.int32), out=idx_out)
+    for k in range(1, m):
+        # Past position cum[k-1] the row continues at segment k: shift by the gap before it.
+        gap = (starts[:, k] - starts[:, k - 1] - lens[:, k - 1]).to(torch.int32).view(-1, 1)
+        idx_out.add_(torch.where(t >= cum[:, k - 1 : k], gap, 0))
+    idx_out.clamp_(0, n_cols - 1)
+
+
+def _block_bounds(length: int, block: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last logical position (inclusive, int64) of every block of a length."""
+    first = torch.arange(0, length, block, device=device)
+    last = (first + block).clamp(max=length) - 1
+    return first + offset, last + offset
+
+
+def _build_side(
+    span: int, sink: int, q_len: int, q_offset: int, kv_len: int, q_block: int, kv_block: int,
+    device: torch.device, kv_side: bool, counts: tuple[torch.Tensor, torch.Tensor],
+    indices: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Write (partial, full) block lists of one span: per q block (kv side) or per kv block."""
+    i0, i1 = _block_bounds(q_len, q_block, q_offset, device)
+    j0, j1 = _block_bounds(kv_len, kv_block, 0, device)
+    w = span - sink  # window keys: i - j <= w - 1
+    if kv_side:  # rows: q blocks; columns: kv blocks, found by searching j0 / j1
+        none = torch.zeros_like(i0)
+        kept = [(none, _count_le(j0, torch.clamp(i1, max=sink - 1)))]  # j0 < sink, j0 <= i1
+        if w >= 1:
+            kept.append((_count_lt(j1, i0 - (w - 1)), _count_le(j0, i1)))
+        lim = i1 - (w - 1)
+        full = [
+            (none, _count_le(j1, torch.clamp(i0, max=sink - 1))),  # j1 <= i0, j1 < sink
+            (torch.where(lim <= sink, none, _count_lt(j0, lim)), _count_le(j1, i0)),
+        ]
+        n_cols = j0.numel()
+    else:  # rows: kv blocks; columns: q blocks, found by searching i0 / i1
+        n_cols = i0.numel()
+        all_q = torch.full_like(j0, n_cols)
+        start = _count_lt(i1, j0)  # first q block with i1 >= j0
+        end = torch.where(j0 < sink, all_q, _count_le(i0, j1 + (w - 1)) if w >= 1 else start)
+        f_start = _count_lt(i0, j1)  # first q block with i0 >= j1
+        f_end = torch.where(j1 < sink, all_q, _count_le(i1, j0.clamp(min=sink) + (w - 1)))
+        kept, full = [(start, end)], [(f_start, f_end)]
+    lo, partial_end, full_end = _segments(kept, full, n_cols)
+    _write_ordered(lo, partial_end, counts[0], indices[0])
+    _write_ordered(lo, full_end, counts[1], indices[1])
+
+
+class _MaskCache:
+    """Small LRU of built BlockMasks keyed by (spans, sink, lengths, blocks, device)."""
+
+    def __init__(self, maxsize: int = 32) -> None:
+        self.maxsize = maxsize
+        self._store: OrderedDict[tuple, BlockMask] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> BlockMask | None:
+        mask = self._store.get(key)
+        if mask is not None:
+            self._store.move_to_end(key)
+            self.hits += 1
+        return mask
+
+    def put(self, key: tuple, mask: BlockMask) -> None:
+        self.misses += 1
+        self._store[key] = mask
+        while len(self._store) > self.maxsize:
+            self._store.popitem(last=False)
+
+    def clear(self) -> None:
+        self._store.clear()
+        self.hits = self.misses = 0
+
+
+BLOCK_MASK_CACHE = _MaskCache()
+
+
+def block_mask_from_spans(
+    head_spans: torch.Tensor,
+    sink: int,
+    q_len: int,
+    q_offset: int,
+    kv_len: int,
+    block_size: int | tuple[int, int] = 128,
+    device: torch.device | str | None = None,
+    compute_q_blocks: bool = True,
+) -> BlockMask:
+    """BlockMask [1, H, ...] of per-head spans (tokens), built analytically; cached by value.
+
+    Heads with equal spans share one computation. ``compute_q_blocks=False`` skips the
+    q-side indices (only the backward pass needs them), halving the memory.
+    """
+    q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else block_size
+    if q_block < 1 or kv_block < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    spans_tuple = tuple(int(s) for s in head_spans.tolist())
+    key = (spans_tuple, sink, q_len, q_offset, kv_len, q_block, kv_block, str(device), compute_q_blocks)
+    cached = BLOCK_MASK_CACHE.get(key)
+    if cached is not None:
+        return cached
+
+    heads_of: dict[int, list[int]] = {}
+    for h, s in enumerate(spans_tuple):
+        heads_of.setdefault(s, []).append(h)
+    H = len(spans_tuple)
+    n_q, n_kv = -(-q_len // q_block), -(-kv_len // kv_block)
+    sides = 4 if compute_q_blocks else 2
+    shapes = [(n_q, n_kv), (n_q, n_kv), (n_kv, n_q), (n_kv, n_q)][:sides]
+    counts = [torch.empty((1, H, r), dtype=torch.int32, device=device) for r, _ in shapes]
+    flat = torch.empty(sum(H * r * c for r, c in shapes), dtype=torch.int32, device=device)
+    indices = [t.view(1, H, r, c) for t, (r, c) in zip(flat.split([H * r * c for r, c in shapes]), shapes)]
+    for span, heads in heads_of.items():
+        first = heads[0]
+        for side in range(sides // 2):
+            _build_side(
+                span, sink, q_len, q_offset, kv_len, q_block, kv_block, device, side == 0,
+                (counts[2 * side][0, first], counts[2 * side + 1][0, first]),
+                (indices[2 * side][0, first], indices[2 * side + 1][0, first]),
+            )
+        for k in range(sides):
+            for h in heads[1:]:
+                counts[k][0, h].copy_(counts[k][0, first])
+                indices[k][0, h].copy_(indices[k][0, first])
+    kv_num, full_kv_num, q_num, full_q_num = (counts + [None, None])[:4]
+    kv_idx, full_kv_idx, q_idx, full_q_idx = (indices + [None, None])[:4]
+
+    mask = BlockMask(
+        seq_lengths=(q_len, kv_len),
+        kv_num_blocks=kv_num,
+        kv_indices=kv_idx,
+        full_kv_num_blocks=full_kv_num,
+        full_kv_indices=full_kv_idx,
+        q_num_blocks=q_num,
+        q_indices=q_idx,
+        full_q_num_blocks=full_q_num,
+        full_q_indices=full_q_idx,
+        BLOCK_SIZE=(q_block, kv_block),
+        mask_mod=span_mask_mod(
+            head_spans.to(device=device, dtype=torch.long), sink, torch.tensor(q_offset, dtype=torch.long, device=device)
+        ),
+    )
+    BLOCK_MASK_CACHE.put(key, mask)
+    return mask
+
+
+def block_mask(
+    plan: Plan,
+    layer: int,
+    N: int,
+    q_len: int | None = None,
+    q_offset: int | None = None,
+    block_size: int | tuple[int, int] = 128,
+    device: torch.device | str | None = None,
+    kv_len: int | None = None,
+    compute_q_blocks: bool = True,
+) -> BlockMask:
+    """FlexAttention BlockMask of one layer at planned length N, over query heads.
+
+    Built analytically from the spans, never from a dense Q x KV mask. ``q_len``/``q_offset``
+    select a window of query positions (decode, chunked prefill); lengths need not be
+    multiples of ``block_size`` (tokens, or a (q, kv) pair). Layers whose spans are equal
+    share one cached mask.
+    """
+    _check_layer(plan, layer)
+    q_len, q_offset, kv_len = resolve_query_window(N, q_len, q_offset, kv_len)
+    return block_mask_from_spans(
+        plan.head_spans(N)[layer], plan.sink, q_len, q_offset, kv_len, block_size, device, compute_q_blocks
+    )

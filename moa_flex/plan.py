@@ -1,0 +1,473 @@
+"""The plan: one elastic sparse-attention rule per head group, as data.
+
+A plan is JSON (format ``moa-flex.plan/1``, see DESIGN.md), never code. Each group ``g`` of
+layer ``l`` gets a rule ``(alpha, beta)``; for a request planned for ``N`` tokens its span is
+
+    span(l, g, N) = min(N, max(min_span, ceil_to_multiple(alpha + beta * N, span_multiple)))
+
+and query head ``h`` of that group keeps key ``j`` for query ``i`` iff
+``j <= i and (j < sink or i - j < span - sink)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+FORMAT = "moa-flex.plan/1"
+GRANULARITIES = ("kv_head", "head")
+DEFAULT_SINK = 64
+DEFAULT_SPAN_MULTIPLE = 64
+DEFAULT_MIN_SPAN = 128
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Attention shape of a decoder model: layers, query heads, KV heads, head dim."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    name: str = ""
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        """Read the shape from a transformers ``PretrainedConfig`` (text config if nested)."""
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        try:
+            num_layers = int(config.num_hidden_layers)
+            num_heads = int(config.num_attention_heads)
+        except AttributeError as e:
+            raise TypeError(
+                f"config {type(config).__name__} has no num_hidden_layers/num_attention_heads;"
+                " expected a transformers decoder config"
+            ) from e
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None)
+        if head_dim is None and getattr(config, "hidden_size", None):
+            head_dim = int(config.hidden_size) // num_heads
+        name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")
+        return cls(num_layers, num_heads, int(num_kv_heads), head_dim, str(name))
+
+
+def _ceil_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
+    return torch.ceil(x / m) * m
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _rule_matrix(name: str, value: Any, rows: int, cols: int, why: str) -> torch.Tensor:
+    """Validate a nested [rows][cols] list of finite numbers and return float64 [rows, cols]."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"plan.{name} must be a list of {rows} lists (one per layer), got {type(value).__name__}")
+    if len(value) != rows:
+        raise ValueError(f"plan.{name} has {len(value)} layers, expected {rows} (model.num_layers)")
+    for layer, row in enumerate(value):
+        if not isinstance(row, (list, tuple)):
+            raise ValueError(f"plan.{name}[{layer}] must be a list of {cols} numbers, got {type(row).__name__}")
+        if len(row) != cols:
+            raise ValueError(f"plan.{name}[{layer}] has {len(row)} entries, expected {cols} ({why})")
+        for g, v in enumerate(row):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"plan.{name}[{layer}][{g}] must be a number, got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"plan.{name}[{layer}][{g}] must be finite, got {v!r}")
+    return torch.tensor(value, dtype=torch.float64).reshape(rows, cols)
+
+
+class Plan:
+    """Per-group elastic sink + sliding-window rules for every attention layer of a model.
+
+    Construct through :meth:`from_dict`, :meth:`load`, :meth:`dense`, :meth:`uniform` or
+    :meth:`from_moa_json`; every constructor validates the whole plan first, so a bad plan
+    is never half-built.
+    """
+
+    def __init__(
+        self,
+        model: ModelShape,
+        alpha: Sequence[Sequence[float]],
+        beta: Sequence[Sequence[float]],
+        *,
+        granularity: str = "kv_head",
+        sink: int = DEFAULT_SINK,
+        span_multiple: int = DEFAULT_SPAN_MULTIPLE,
+        min_span: int = DEFAULT_MIN_SPAN,
+        meta: dict | None = None,
+    ) -> None:
+        _check_int("plan.model.num_layers", model.num_layers, 1)
+        _check_int("plan.model.num_heads", model.num_heads, 1)
+        _check_int("plan.model.num_kv_heads", model.num_kv_heads, 1)
+        if model.head_dim is not None:
+            _check_int("plan.model.head_dim", model.head_dim, 1)
+        if not isinstance(model.name, str):
+            raise ValueError(f"plan.model.name must be a string, got {model.name!r}")
+        if model.num_heads % model.num_kv_heads:
+            raise ValueError(
+                f"plan.model.num_heads ({model.num_heads}) must be divisible by "
+                f"plan.model.num_kv_heads ({model.num_kv_heads})"
+            )
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"plan.granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        _check_int("plan.sink", sink, 0)
+        _check_int("plan.span_multiple", span_multiple, 1)
+        _check_int("plan.min_span", min_span, 1)
+        if min_span <= sink:
+            raise ValueError(f"plan.min_span ({min_span}) must be > plan.sink ({sink})")
+        if meta is not None and not isinstance(meta, dict):
+            raise ValueError(f"plan.meta must be a JSON object (dict), got {type(meta).__name__}")
+        groups = model.num_kv_heads if granularity == "kv_head" else model.num_heads
+        why = (
+            f"G = model.num_kv_heads for granularity 'kv_head'"
+            if granularity == "kv_head"
+            else f"G = model.num_heads for granularity 'head'"
+        )
+        a = _rule_matrix("alpha", alpha, model.num_layers, groups, why)
+        b = _rule_matrix("beta", beta, model.num_layers, groups, why)
+        bad = ((b < 0) | (b > 1)).nonzero()
+        if len(bad):
+            layer, g = (int(x) for x in bad[0])
+            raise ValueError(f"plan.beta[{layer}][{g}] must be in [0, 1], got {float(b[layer, g])}")
+        self.model = model
+        self.granularity = granularity
+        self.sink = sink
+        self.span_multiple = span_multiple
+        self.min_span = min_span
+        self.alpha = a
+        self.beta = b
+        self.meta = dict(meta or {})
+
+    # ------------------------------------------------------------------ shape helpers
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.model.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.model.num_kv_heads
+
+    @property
+    def num_groups(self) -> int:
+        """G: rules per layer (KV heads for 'kv_head', query heads for 'head')."""
+        return self.alpha.shape[1]
+
+    def group_of_head(self) -> torch.Tensor:
+        """LongTensor [H]: the rule group of every query head."""
+        h = torch.arange(self.num_heads)
+        if self.granularity == "head":
+            return h
+        return h // (self.num_heads // self.num_kv_heads)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_dict(cls, data: Any) -> "Plan":
+        """Build a plan from its JSON object, validating format, shapes and values."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a plan must be a JSON object, got {type(data).__name__}")
+        fmt = data.get("format")
+        if fmt != FORMAT:
+            raise ValueError(
+                f"plan.format must be {FORMAT!r}, got {fmt!r}"
+                + (" (an upstream MoA file? use Plan.from_moa_json)" if "alphas" in data else "")
+            )
+        required = ("model", "granularity", "sink", "span_multiple", "min_span", "alpha", "beta")
+        for key in required:
+            if key not in data:
+                raise ValueError(f"plan.{key} is missing")
+        unknown = set(data) - set(required) - {"format", "meta"}
+        if unknown:
+            raise ValueError(f"plan has unknown fields {sorted(unknown)}; expected {['format', *required, 'meta']}")
+        m = data["model"]
+        if not isinstance(m, dict):
+            raise ValueError(f"plan.model must be an object, got {type(m).__name__}")
+        for key in ("num_layers", "num_heads", "num_kv_heads"):
+            if key not in m:
+                raise ValueError(f"plan.model.{key} is missing")
+        unknown = set(m) - {"num_layers", "num_heads", "num_kv_heads", "head_dim", "name"}
+        if unknown:
+            raise ValueError(f"plan.model has unknown fields {sorted(unknown)}")
+        shape = ModelShape(
+            m["num_layers"], m["num_heads"], m["num_kv_heads"], m.get("head_dim"), m.get("name", "")
+        )
+        return cls(
+            shape,
+            data["alpha"],
+            data["beta"],
+            granularity=data["granularity"],
+            sink=data["sink"],
+            span_multiple=data["span_multiple"],
+            min_span=data["min_span"],
+            meta=data.get("meta", {}),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        """Load a plan from a JSON file (no pickle)."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from e
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    @staticmethod
+    def _shape(model: ModelShape | Any) -> ModelShape:
+        return model if isinstance(model, ModelShape) else ModelShape.from_config(model)
+
+    @classmethod
+    def uniform(
+        cls,
+        model: ModelShape | Any,
+        *,
+        alpha: float,
+        beta: float,
+        granularity: str | None = None,
+        sink: int = DEFAULT_SINK,
+        span_multiple: int = DEFAULT_SPAN_MULTIPLE,
+        min_span: int = DEFAULT_MIN_SPAN,
+        meta: dict | None = None,
+    ) -> "Plan":
+        """The same rule ``(alpha tokens, beta)`` for every head: the StreamingLLM-style baseline.
+
+        ``model`` is a :class:`ModelShape` or a transformers config. Granularity defaults to
+        'kv_head' for GQA models and 'head' for MHA.
+        """
+        shape = cls._shape(model)
+        if granularity is None:
+            granularity = "kv_head" if shape.num_kv_heads < shape.num_heads else "head"
+        groups = shape.num_kv_heads if granularity == "kv_head" else shape.num_heads
+        rows = lambda v: [[float(v)] * groups for _ in range(shape.num_layers)]  # noqa: E731
+        meta = {"source": f"uniform(alpha={alpha}, beta={beta})", **(meta or {})}
+        return cls(
+            shape, rows(alpha), rows(beta), granularity=granularity, sink=sink,
+            span_multiple=span_multiple, min_span=min_span, meta=meta,
+        )
+
+    @classmethod
+    def dense(cls, model: ModelShape | Any, *, granularity: str | None = None, **kwargs: Any) -> "Plan":
+        """Every head keeps everything (alpha 0, beta 1): exactly dense causal attention."""
+        meta = {"source": "dense", **kwargs.pop("meta", {})}
+        return cls.uniform(model, alpha=0.0, beta=1.0, granularity=granularity, meta=meta, **kwargs)
+
+    @classmethod
+    def from_moa_json(
+        cls,
+        path: str | os.PathLike,
+        num_kv_heads: int | None = None,
+        *,
+        head_dim: int | None = None,
+        name: str = "",
+        sink: int = DEFAULT_SINK,
+        span_multiple: int = DEFAULT_SPAN_MULTIPLE,
+        min_span: int = DEFAULT_MIN_SPAN,
+        meta: dict | None = None,
+    ) -> "Plan":
+        """Load an upstream MoA plan file ``{"alphas": [[...]], "betas": [[...]]}``.
+
+        Upstream rules are per query head (alpha in tokens), profiled on models converted to
+        MHA, so the plan has granularity 'head'. ``num_kv_heads`` is the real model's KV
+        head count (default: as many as query heads, i.e. the MHA-converted model); each KV
+        group's cache then holds the largest span among its query heads.
+        """
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict) or "alphas" not in data or "betas" not in data:
+            raise ValueError(f"{path}: an upstream MoA plan needs the fields 'alphas' and 'betas'")
+        alphas, betas = data["alphas"], data["betas"]
+        if not isinstance(alphas, list) or not alphas or not isinstance(alphas[0], list):
+            raise ValueError(f"{path}: 'alphas' must be a non-empty list of per-layer lists")
+        num_layers, num_heads = len(alphas), len(alphas[0])
+        kvh = num_heads if num_kv_heads is None else num_kv_heads
+        shape = ModelShape(num_layers, num_heads, kvh, head_dim, name)
+        info = {
+            "source": f"MoA upstream plan {os.path.basename(os.fspath(path))}",
+            "upstream_granularity": "per query head of the model converted to MHA",
+            **(meta or {}),
+        }
+        try:
+            return cls(
+                shape, alphas, betas, granularity="head", sink=sink,
+                span_multiple=span_multiple, min_span=min_span, meta=info,
+            )
+        except ValueError as e:
+            raise ValueError(f"{path}: {str(e).replace('plan.alpha', 'alphas').replace('plan.beta', 'betas')}") from e
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict:
+        """The plan's JSON object."""
+        m = self.model
+        return {
+            "format": FORMAT,
+            "model": {
+                "num_layers": m.num_layers,
+                "num_heads": m.num_heads,
+                "num_kv_heads": m.num_kv_heads,
+                "head_dim": m.head_dim,
+                "name": m.name,
+            },
+            "granularity": self.granularity,
+            "sink": self.sink,
+            "span_multiple": self.span_multiple,
+            "min_span": self.min_span,
+            "alpha": self.alpha.tolist(),
+            "beta": self.beta.tolist(),
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the plan as JSON (one line per layer's rules for readable diffs)."""
+        text = json.dumps(self.to_dict(), indent=1)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return (
+            f"Plan(model={self.model.name or '?'}, L={self.num_layers}, H={self.num_heads}, "
+            f"KVH={self.num_kv_heads}, granularity={self.granularity!r}, sink={self.sink})"
+        )
+
+    # ------------------------------------------------------------------ spans
+    @staticmethod
+    def _check_length(N: Any) -> int:
+        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
+            raise ValueError(f"N (planned length in tokens) must be an integer >= 1, got {N!r}")
+        return N
+
+    def spans(self, N: int) -> torch.Tensor:
+        """LongTensor [L, G]: every group's span (tokens) for a request planned for N tokens."""
+        N = self._check_length(N)
+        raw = _ceil_to_multiple(self.alpha + self.beta * N, self.span_multiple)
+        return raw.clamp(min=self.min_span).clamp(max=N).to(torch.long)
+
+    def span(self, layer: int, group: int, N: int) -> int:
+        """Span (tokens) of one group of one layer at planned length N."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        if not 0 <= group < self.num_groups:
+            raise ValueError(f"group must be in [0, {self.num_groups}), got {group}")
+        return int(self.spans(N)[layer, group])
+
+    def head_spans(self, N: int) -> torch.Tensor:
+        """LongTensor [L, H]: the span (tokens) that masks each query head."""
+        return self.spans(N)[:, self.group_of_head()]
+
+    def cache_spans(self, N: int) -> torch.Tensor:
+        """LongTensor [L, KVH]: KV-cache slots per KV head (the largest span of its query heads)."""
+        hs = self.head_spans(N)
+        return hs.view(self.num_layers, self.num_kv_heads, -1).amax(dim=-1)
+
+    def kv_density(self, N: int) -> float:
+        """KV-cache memory at length N relative to a dense cache: mean over KV heads of C/N."""
+        return float(self.cache_spans(N).double().mean() / N)
+
+    def attention_density(self, N: int) -> float:
+        """Kept causal (i, j) pairs over all causal pairs at length N, over all query heads."""
+        N = self._check_length(N)
+        kept = kept_pairs(self.head_spans(N), self.sink, N)
+        return float(kept.sum() / (kept.numel() * N * (N + 1) / 2))
+
+    # ------------------------------------------------------------------ model check
+    def check_model(self, config: Any) -> None:
+        """Raise ValueError if the plan does not fit a model (transformers config or ModelShape)."""
+        shape = self._shape(config)
+        pairs = [
+            ("num_layers", "num_hidden_layers", self.num_layers, shape.num_layers),
+            ("num_heads", "num_attention_heads", self.num_heads, shape.num_heads),
+            ("num_kv_heads", "num_key_value_heads", self.num_kv_heads, shape.num_kv_heads),
+        ]
+        if self.model.head_dim is not None and shape.head_dim is not None:
+            pairs.append(("head_dim", "head_dim", self.model.head_dim, shape.head_dim))
+        wrong = [
+            f"plan.model.{mine} = {ours} but the model has {theirs_name} = {theirs}"
+            for mine, theirs_name, ours, theirs in pairs
+            if ours != theirs
+        ]
+        if wrong:
+            raise ValueError(
+                f"plan {self.model.name or '(unnamed)'} does not fit model {shape.name or '(unnamed)'}: "
+                + "; ".join(wrong)
+            )
+
+    # ------------------------------------------------------------------ summary
+    def summary(self, lengths: Iterable[int] = (4096, 16384, 65536)) -> str:
+        """A readable table: per layer, its distinct rules and spans/densities at a few lengths."""
+        lengths = [self._check_length(n) for n in lengths]
+        spans = {n: self.spans(n) for n in lengths}
+        lines = [
+            f"moa-flex plan: {self.model.name or '(unnamed)'}",
+            f"  layers {self.num_layers}, heads {self.num_heads}, KV heads {self.num_kv_heads}, "
+            f"head_dim {self.model.head_dim}, granularity {self.granularity} (G={self.num_groups})",
+            f"  sink {self.sink}, span_multiple {self.span_multiple}, min_span {self.min_span}",
+        ]
+        if self.meta.get("source"):
+            lines.append(f"  source: {self.meta['source']}")
+        head = f"{'layer':>5} {'rules':>5}  {'alpha/beta (count)':<34}" + "".join(
+            f" {'spans@' + _fmt_len(n):>17} {'S/N':>5}" for n in lengths
+        )
+        lines += ["", head, "-" * len(head)]
+        for layer in range(self.num_layers):
+            rules = sorted(
+                {(float(a), float(b)) for a, b in zip(self.alpha[layer], self.beta[layer])}
+            )
+            counts = {
+                r: sum(1 for a, b in zip(self.alpha[layer], self.beta[layer]) if (float(a), float(b)) == r)
+                for r in rules
+            }
+            text = ", ".join(f"{a:g}/{b:g}({counts[(a, b)]})" for a, b in rules)
+            if len(text) > 34:
+                text = text[:31] + "..."
+            row = f"{layer:>5} {len(rules):>5}  {text:<34}"
+            for n in lengths:
+                s = spans[n][layer]
+                rng = f"{int(s.min())}-{int(s.max())}" if s.min() != s.max() else f"{int(s.min())}"
+                row += f" {rng:>17} {float(s.double().mean()) / n:>5.2f}"
+            lines.append(row)
+        lines.append("")
+        lines.append(f"{'length':>8} {'kv_density':>11} {'attention_density':>18}")
+        for n in lengths:
+            lines.append(f"{n:>8} {self.kv_density(n):>11.3f} {self.attention_density(n):>18.3f}")
+        return "\n".join(lines)
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def kept_pairs(spans: torch.Tensor, sink: int, N: int) -> torch.Tensor:
+    """Number of (i, j) pairs kept by the keep rule over N queries, for each span (closed form).
+
+    Row i keeps min(i + 1, sink) sink keys plus min(W, i - sink + 1) window keys (W = span - sink).
+    """
+    s = min(sink, N)
+    sink_part = s * (s + 1) // 2 + (N - s) * s
+    w = (spans.to(torch.long) - sink).clamp(min=0)
+    m = N - s  # rows with i >= sink; each keeps min(W, t) for t = 1..m
+    wm = torch.minimum(w, torch.full_like(w, m))
+    window_part = wm * (wm + 1) // 2 + (m - wm) * wm
+    return (sink_part + window_part).to(torch.float64)
