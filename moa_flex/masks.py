@@ -10,8 +10,10 @@ keys ``[j0, j1]`` (inclusive, real positions only),
 * something is kept  iff ``j0 <= i1 and (j0 < sink or (W >= 1 and i0 - j1 <= W - 1))``
 * everything is kept iff ``j1 <= i0 and (j1 < sink or i1 - max(j0, sink) <= W - 1)``
 
-with ``W = S - sink``. Only these block-level booleans ([q_blocks, kv_blocks] per distinct
-span) are ever formed, never a token-level Q x KV mask.
+with ``W = S - sink``. Both are monotone in the block index, so per query block the kept key
+blocks are the sink blocks plus one window interval, and the full ones likewise: their ends
+come from binary searches over the block boundaries and the block lists are written
+directly. No token-level Q x KV mask (nor a block-level boolean one) is ever formed.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ and query head ``h`` of that group keeps key ``j`` for query ``i`` iff
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -148,7 +149,7 @@ class Plan:
         self.min_span = min_span
         self.alpha = a
         self.beta = b
-        self.meta = dict(meta or {})
+        self.meta = copy.deepcopy(meta or {})
 
     # ------------------------------------------------------------------ shape helpers
     @property
@@ -334,11 +335,11 @@ class Plan:
             "min_span": self.min_span,
             "alpha": self.alpha.tolist(),
             "beta": self.beta.tolist(),
-            "meta": self.meta,
+            "meta": copy.deepcopy(self.meta),
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the plan as JSON (one line per layer's rules for readable diffs)."""
+        """Write the plan as indented JSON (UTF-8)."""
         text = json.dumps(self.to_dict(), indent=1)
         with open(path, "w", encoding="utf-8") as f:
             f.write(text + "\n")
@@ -419,6 +420,7 @@ class Plan:
         """A readable table: per layer, its distinct rules and spans/densities at a few lengths."""
         lengths = [self._check_length(n) for n in lengths]
         spans = {n: self.spans(n) for n in lengths}
+        cache = {n: self.cache_spans(n) for n in lengths}
         lines = [
             f"moa-flex plan: {self.model.name or '(unnamed)'}",
             f"  layers {self.num_layers}, heads {self.num_heads}, KV heads {self.num_kv_heads}, "
@@ -428,7 +430,7 @@ class Plan:
         if self.meta.get("source"):
             lines.append(f"  source: {self.meta['source']}")
         head = f"{'layer':>5} {'rules':>5}  {'alpha/beta (count)':<34}" + "".join(
-            f" {'spans@' + _fmt_len(n):>17} {'S/N':>5}" for n in lengths
+            f" {'spans@' + _fmt_len(n):>17} {'kv':>5}" for n in lengths
         )
         lines += ["", head, "-" * len(head)]
         for layer in range(self.num_layers):
@@ -446,7 +448,7 @@ class Plan:
             for n in lengths:
                 s = spans[n][layer]
                 rng = f"{int(s.min())}-{int(s.max())}" if s.min() != s.max() else f"{int(s.min())}"
-                row += f" {rng:>17} {float(s.double().mean()) / n:>5.2f}"
+                row += f" {rng:>17} {float(cache[n][layer].double().mean()) / n:>5.2f}"
             lines.append(row)
         lines.append("")
         lines.append(f"{'length':>8} {'kv_density':>11} {'attention_density':>18}")

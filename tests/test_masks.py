@@ -207,3 +207,18 @@ def test_large_mask_is_built_from_blocks_only() -> None:
         expect = torch.where(lo <= 0, r + 1, r - lo + 2)
         total = bm.kv_num_blocks[0, h].long() + bm.full_kv_num_blocks[0, h].long()
         assert torch.equal(total, expect), h
+
+
+@pytest.mark.slow
+def test_mask_build_bar_128k() -> None:
+    """Issue bar: H=32 distinct spans at N=131072 builds in < 1 s with < 1 GiB extra memory."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("mask_build", Path(__file__).parents[1] / "bench" / "mask_build.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    plan = bench.worst_case_plan(32)
+    block_mask(plan, 0, 1024)  # warm-up
+    seconds, extra, _ = bench.measure(plan, 131072, "cpu", repeats=3)
+    assert seconds < 1.0 and extra < 2**30, (seconds, extra)
