@@ -77,20 +77,6 @@ def reference_mask(
     return (j <= i) & ((j < plan.sink) | (i - j < window))
 
 
-def span_mask_mod(head_spans: torch.Tensor, sink: int, q_offset: torch.Tensor) -> MaskMod:
-    """FlexAttention mask_mod of the keep rule, per query head.
-
-    ``head_spans`` (LongTensor [H], tokens) and ``q_offset`` (0-dim LongTensor, tokens) are
-    captured tensors: new values in them need no recompilation.
-    """
-
-    def moa_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        i = q_idx + q_offset
-        return (kv_idx <= i) & ((kv_idx < sink) | (i - kv_idx < head_spans[h] - sink))
-
-    return moa_mask
-
-
 def mask_mod(plan: Plan, layer: int, N: int, q_offset: int = 0, device: torch.device | str | None = None) -> MaskMod:
     """The FlexAttention mask_mod of one layer at planned length N (q_offset in tokens)."""
     _check_layer(plan, layer)
@@ -117,13 +103,13 @@ def _segments(kept: Intervals, full: Intervals, n_cols: int) -> tuple[torch.Tens
     A segment [start, end) lies entirely inside or outside every interval, so it is partial
     (kept but not full), full, or skipped; a segment of another class gets end = start.
     """
-    rows = kept[0][0].shape[0]
+    rows = (kept + full)[0][0].shape[0]
     ends = [e for iv in (kept, full) for pair in iv for e in pair]
     edges = torch.stack([torch.zeros_like(ends[0]), torch.full_like(ends[0], n_cols), *ends], 1)
     edges = edges.clamp(0, n_cols).sort(dim=1).values
     lo, hi = edges[:, :-1], edges[:, 1:]
 
-    def inside(ivs: Intervals) -> torch.Tensor:
+    def inside(ivs: Intervals) -> torch.Tensor:  # noqa: D401
         m = torch.zeros_like(lo, dtype=torch.bool)
         for st, en in ivs:
             m |= (lo >= st.view(rows, 1)) & (lo < en.view(rows, 1))
@@ -162,33 +148,50 @@ def _block_bounds(length: int, block: int, offset: int, device: torch.device) ->
 
 
 def _build_side(
-    span: int, sink: int, q_len: int, q_offset: int, kv_len: int, q_block: int, kv_block: int,
-    device: torch.device, kv_side: bool, counts: tuple[torch.Tensor, torch.Tensor],
+    span: int, sink: int, pad: int, q_len: int, q_offset: int, kv_len: int, q_block: int, kv_block: int,
+    device: torch.device, kv_side: bool, merge_full: bool, counts: tuple[torch.Tensor, torch.Tensor],
     indices: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
-    """Write (partial, full) block lists of one span: per q block (kv side) or per kv block."""
+    """Write (partial, full) block lists of one span: per q block (kv side) or per kv block.
+
+    Index space: query row r is at ``i = q_offset + r``, key column c at ``j = c``; the first
+    ``pad`` keys are padding (never kept) and logical positions are ``index - pad``, so the
+    sink is keys [pad, pad + sink). ``merge_full`` lists every kept block as partial.
+    """
     i0, i1 = _block_bounds(q_len, q_block, q_offset, device)
     j0, j1 = _block_bounds(kv_len, kv_block, 0, device)
     w = span - sink  # window keys: i - j <= w - 1
+    top = pad + sink  # sink keys: pad <= j < top
     if kv_side:  # rows: q blocks; columns: kv blocks, found by searching j0 / j1
-        none = torch.zeros_like(i0)
-        kept = [(none, _count_le(j0, torch.clamp(i1, max=sink - 1)))]  # j0 < sink, j0 <= i1
+        first_real = _count_lt(j1, torch.full_like(i0, pad))  # blocks ending before the pad
+        live = i1 >= pad  # rows with a real key at or before them
+        kept = []
+        if sink > 0:
+            end = _count_le(j0, torch.clamp(i1, max=top - 1))
+            kept.append((first_real, torch.where(live, end, first_real)))
         if w >= 1:
-            kept.append((_count_lt(j1, i0 - (w - 1)), _count_le(j0, i1)))
+            end = _count_le(j0, i1)
+            kept.append((_count_lt(j1, torch.clamp(i0 - (w - 1), min=pad)), torch.where(live, end, first_real)))
+        all_real = _count_lt(j0, torch.full_like(i0, pad))  # first block starting at or after pad
         lim = i1 - (w - 1)
         full = [
-            (none, _count_le(j1, torch.clamp(i0, max=sink - 1))),  # j1 <= i0, j1 < sink
-            (torch.where(lim <= sink, none, _count_lt(j0, lim)), _count_le(j1, i0)),
+            (all_real, _count_le(j1, torch.clamp(i0, max=top - 1))),
+            (_count_lt(j0, torch.where(lim <= top, torch.full_like(lim, pad), lim)), _count_le(j1, i0)),
         ]
         n_cols = j0.numel()
     else:  # rows: kv blocks; columns: q blocks, found by searching i0 / i1
         n_cols = i0.numel()
         all_q = torch.full_like(j0, n_cols)
-        start = _count_lt(i1, j0)  # first q block with i1 >= j0
-        end = torch.where(j0 < sink, all_q, _count_le(i0, j1 + (w - 1)) if w >= 1 else start)
+        a = j0.clamp(min=pad)  # first real key of the block
+        start = _count_lt(i1, a)  # first q block with i1 >= a
+        end = torch.where(a < top, all_q, _count_le(i0, j1 + (w - 1)) if w >= 1 else start)
+        end = torch.where(j1 >= pad, end, start)
         f_start = _count_lt(i0, j1)  # first q block with i0 >= j1
-        f_end = torch.where(j1 < sink, all_q, _count_le(i1, j0.clamp(min=sink) + (w - 1)))
+        f_end = torch.where(j1 < top, all_q, _count_le(i1, j0.clamp(min=top) + (w - 1)))
+        f_end = torch.where(j0 >= pad, f_end, f_start)
         kept, full = [(start, end)], [(f_start, f_end)]
+    if merge_full:
+        kept, full = kept + full, []
     lo, partial_end, full_end = _segments(kept, full, n_cols)
     _write_ordered(lo, partial_end, counts[0], indices[0])
     _write_ordered(lo, full_end, counts[1], indices[1])
@@ -224,8 +227,36 @@ class _MaskCache:
 BLOCK_MASK_CACHE = _MaskCache()
 
 
+def span_mask_mod(
+    spans: torch.Tensor, sink: int, q_offset: torch.Tensor, pads: torch.Tensor | None = None,
+    dense_mask: torch.Tensor | None = None,
+) -> MaskMod:
+    """FlexAttention mask_mod of the keep rule.
+
+    ``spans``: LongTensor [H] or [B, H] (tokens); ``q_offset``: 0-dim LongTensor, index of query
+    row 0; ``pads``: LongTensor [B] of left-pad tokens per row (logical = index - pad);
+    ``dense_mask``: optional bool [B, 1 or H, Q, K] that is ANDed in. All are captured
+    tensors: new values need no recompilation.
+    """
+    per_row = spans.dim() == 2
+
+    def moa_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        i = q_idx + q_offset
+        span = spans[b, h] if per_row else spans[h]
+        if pads is None:
+            keep = (kv_idx <= i) & ((kv_idx < sink) | (i - kv_idx < span - sink))
+        else:
+            pad = pads[b]
+            keep = (kv_idx >= pad) & (kv_idx <= i) & ((kv_idx < pad + sink) | (i - kv_idx < span - sink))
+        if dense_mask is not None:
+            keep = keep & dense_mask[b, h if dense_mask.shape[1] > 1 else 0, q_idx, kv_idx]
+        return keep
+
+    return moa_mask
+
+
 def block_mask_from_spans(
-    head_spans: torch.Tensor,
+    spans: torch.Tensor,
     sink: int,
     q_len: int,
     q_offset: int,
@@ -233,44 +264,59 @@ def block_mask_from_spans(
     block_size: int | tuple[int, int] = 128,
     device: torch.device | str | None = None,
     compute_q_blocks: bool = True,
+    pads: torch.Tensor | None = None,
+    dense_mask: torch.Tensor | None = None,
 ) -> BlockMask:
-    """BlockMask [1, H, ...] of per-head spans (tokens), built analytically; cached by value.
+    """BlockMask of per-head spans (tokens), built analytically.
 
-    Heads with equal spans share one computation. ``compute_q_blocks=False`` skips the
-    q-side indices (only the backward pass needs them), halving the memory.
+    ``spans`` is [H] (one mask broadcast over the batch) or [B, H] (one per row); ``pads``
+    [B] left-pad tokens per row; ``dense_mask`` an extra bool [B, 1 or H, q_len, kv_len]
+    (e.g. a model's own sliding window) that is ANDed in, every kept block then being
+    partial. Without a dense mask the result is cached by value; heads (and rows) with equal
+    (span, pad) share one computation. ``compute_q_blocks=False`` skips the q-side indices
+    (only the backward pass needs them), halving the memory.
     """
     q_block, kv_block = (block_size, block_size) if isinstance(block_size, int) else block_size
     if q_block < 1 or kv_block < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    spans_tuple = tuple(int(s) for s in head_spans.tolist())
-    key = (spans_tuple, sink, q_len, q_offset, kv_len, q_block, kv_block, str(device), compute_q_blocks)
-    cached = BLOCK_MASK_CACHE.get(key)
-    if cached is not None:
-        return cached
+    span_rows = spans.view(1, -1) if spans.dim() == 1 else spans
+    B, H = span_rows.shape
+    pad_list = [0] * B if pads is None else [int(p) for p in pads.tolist()]
+    if len(pad_list) != B:
+        raise ValueError(f"pads has {len(pad_list)} rows, spans has {B}")
+    if pads is not None and spans.dim() == 1:
+        raise ValueError("pads need per-row spans [B, H]")
+    spans_key = tuple(tuple(int(x) for x in row) for row in span_rows.tolist())
+    key = (spans_key, tuple(pad_list), sink, q_len, q_offset, kv_len, q_block, kv_block, str(device), compute_q_blocks)
+    if dense_mask is None:
+        cached = BLOCK_MASK_CACHE.get(key)
+        if cached is not None:
+            return cached
 
-    heads_of: dict[int, list[int]] = {}
-    for h, s in enumerate(spans_tuple):
-        heads_of.setdefault(s, []).append(h)
-    H = len(spans_tuple)
+    where: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for b, row in enumerate(spans_key):
+        for h, span in enumerate(row):
+            where.setdefault((span, pad_list[b]), []).append((b, h))
     n_q, n_kv = -(-q_len // q_block), -(-kv_len // kv_block)
     sides = 4 if compute_q_blocks else 2
     shapes = [(n_q, n_kv), (n_q, n_kv), (n_kv, n_q), (n_kv, n_q)][:sides]
-    counts = [torch.empty((1, H, r), dtype=torch.int32, device=device) for r, _ in shapes]
-    flat = torch.empty(sum(H * r * c for r, c in shapes), dtype=torch.int32, device=device)
-    indices = [t.view(1, H, r, c) for t, (r, c) in zip(flat.split([H * r * c for r, c in shapes]), shapes)]
-    for span, heads in heads_of.items():
-        first = heads[0]
+    counts = [torch.empty((B, H, r), dtype=torch.int32, device=device) for r, _ in shapes]
+    flat = torch.empty(sum(B * H * r * c for r, c in shapes), dtype=torch.int32, device=device)
+    indices = [t.view(B, H, r, c) for t, (r, c) in zip(flat.split([B * H * r * c for r, c in shapes]), shapes)]
+    for (span, pad), places in where.items():
+        b0, h0 = places[0]
         for side in range(sides // 2):
             _build_side(
-                span, sink, q_len, q_offset, kv_len, q_block, kv_block, device, side == 0,
-                (counts[2 * side][0, first], counts[2 * side + 1][0, first]),
-                (indices[2 * side][0, first], indices[2 * side + 1][0, first]),
+                span, sink, pad, q_len, q_offset, kv_len, q_block, kv_block, device, side == 0,
+                dense_mask is not None,
+                (counts[2 * side][b0, h0], counts[2 * side + 1][b0, h0]),
+                (indices[2 * side][b0, h0], indices[2 * side + 1][b0, h0]),
             )
         for k in range(sides):
-            for h in heads[1:]:
-                counts[k][0, h].copy_(counts[k][0, first])
-                indices[k][0, h].copy_(indices[k][0, first])
+            for b, h in places[1:]:
+                counts[k][b, h].copy_(counts[k][b0, h0])
+                indices[k][b, h].copy_(indices[k][b0, h0])
     kv_num, full_kv_num, q_num, full_q_num = (counts + [None, None])[:4]
     kv_idx, full_kv_idx, q_idx, full_q_idx = (indices + [None, None])[:4]
 
@@ -286,10 +332,13 @@ def block_mask_from_spans(
         full_q_indices=full_q_idx,
         BLOCK_SIZE=(q_block, kv_block),
         mask_mod=span_mask_mod(
-            head_spans.to(device=device, dtype=torch.long), sink, torch.tensor(q_offset, dtype=torch.long, device=device)
+            spans.to(device=device, dtype=torch.long), sink, torch.tensor(q_offset, dtype=torch.long, device=device),
+            None if pads is None else pads.to(device=device, dtype=torch.long),
+            None if dense_mask is None else dense_mask.to(device=device, dtype=torch.bool),
         ),
     )
-    BLOCK_MASK_CACHE.put(key, mask)
+    if dense_mask is None:
+        BLOCK_MASK_CACHE.put(key, mask)
     return mask
 
 

@@ -36,7 +36,7 @@ def plans(draw: st.DrawFn, max_layers: int = 2) -> Plan:
 def dense_blocks(count: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
     """Ordered block lists [..., R] / [..., R, C] -> bool [..., R, n_cols] (independent expansion)."""
     out = torch.zeros((*count.shape, n_cols), dtype=torch.bool)
-    for pos in torch.ndindex(*count.shape) if hasattr(torch, "ndindex") else _ndindex(count.shape):
+    for pos in _ndindex(tuple(count.shape)):
         listed = idx[pos][: int(count[pos])].tolist()
         assert listed == sorted(set(listed)), f"block list not ascending/unique at {pos}: {listed}"
         out[pos][listed] = True
@@ -222,3 +222,57 @@ def test_mask_build_bar_128k() -> None:
     block_mask(plan, 0, 1024)  # warm-up
     seconds, extra, _ = bench.measure(plan, 131072, "cpu", repeats=3)
     assert seconds < 1.0 and extra < 2**30, (seconds, extra)
+
+
+def padded_reference(plan: Plan, layer: int, Ns: list[int], pads: list[int], q_len: int, q_offset: int, kv_len: int) -> torch.Tensor:
+    """Bool [B, H, q_len, kv_len] in index space: row b's keys before pads[b] are padding and
+    its logical positions are index - pads[b]; built from reference_mask row by row."""
+    out = torch.zeros(len(pads), plan.num_heads, q_len, kv_len, dtype=torch.bool)
+    for b, (N, p) in enumerate(zip(Ns, pads)):
+        r0 = max(0, p - q_offset)  # first query row at or after the pad
+        if r0 >= q_len:
+            continue
+        lq = q_len - r0
+        out[b, :, r0:, p:] = reference_mask(plan, layer, N, lq, q_offset + r0 - p, kv_len - p)
+    return out
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=plans(max_layers=1), data=st.data())
+def test_padded_batch_block_mask_equals_reference(plan: Plan, data: st.DataObject) -> None:
+    from moa_flex.masks import block_mask_from_spans
+
+    kv_len = data.draw(st.integers(2, 400), label="kv_len")
+    q_len = data.draw(st.integers(1, kv_len), label="q_len")
+    q_offset = kv_len - q_len
+    B = data.draw(st.integers(1, 3), label="B")
+    pads = data.draw(st.lists(st.integers(0, kv_len - 1), min_size=B, max_size=B), label="pads")
+    extra = data.draw(st.integers(0, 60), label="planned extra tokens")
+    Ns = [kv_len - p + extra for p in pads]
+    qb, kb = data.draw(st.sampled_from([(16, 16), (64, 32), (128, 128), (3, 7)]), label="blocks")
+    dense = data.draw(st.booleans(), label="with dense mask")
+    spans = torch.stack([plan.head_spans(N)[0] for N in Ns])
+    extra_mask = torch.rand(B, 1, q_len, kv_len) > 0.3 if dense else None
+    BLOCK_MASK_CACHE.clear()
+    bm = block_mask_from_spans(spans, plan.sink, q_len, q_offset, kv_len, (qb, kb), pads=torch.tensor(pads), dense_mask=extra_mask)
+    ref = padded_reference(plan, 0, Ns, pads, q_len, q_offset, kv_len)
+    H = plan.num_heads
+    nq, nk = math.ceil(q_len / qb), math.ceil(kv_len / kb)
+    partial = dense_blocks(bm.kv_num_blocks, bm.kv_indices, nk)
+    full = dense_blocks(bm.full_kv_num_blocks, bm.full_kv_indices, nk)
+    if dense:
+        assert not full.any(), "with a dense mask every kept block must be partial"
+    for b in range(B):
+        kept, real = tile_counts(ref[b], qb, kb)
+        assert (kept[full[b]] == real[full[b]]).all()
+        assert (kept[~(partial[b] | full[b])] == 0).all()
+        assert ((kept[partial[b]] > 0) & (dense or (kept[partial[b]] < real[partial[b]]))).all()
+    h = torch.arange(H).view(1, -1, 1, 1)
+    q = torch.arange(q_len).view(1, 1, -1, 1)
+    k = torch.arange(kv_len).view(1, 1, 1, -1)
+    mm = bm.mask_mod(torch.arange(B).view(-1, 1, 1, 1), h, q, k)
+    blk = lambda x: x.repeat_interleave(qb, 2)[:, :, :q_len].repeat_interleave(kb, 3)[:, :, :, :kv_len]  # noqa: E731
+    want = ref & extra_mask if dense else ref
+    assert torch.equal(blk(full) | (blk(partial) & mm), want)
+    assert torch.equal(dense_blocks(bm.q_num_blocks, bm.q_indices, nq), partial.transpose(2, 3))
+    assert torch.equal(dense_blocks(bm.full_q_num_blocks, bm.full_q_indices, nq), full.transpose(2, 3))
