@@ -1,0 +1,187 @@
+"""moa-flex attention at run time: the op the compile pass puts in place of each attention call.
+
+``torch.ops.moa_flex.attention(q, k, v, attn_mask, scale, layer, runtime_id, softcap)`` is a
+torch custom op (opaque to inductor, with a fake implementation for tracing). It looks up the
+:class:`MoaRuntime` that holds the plan, builds (or reuses) the layer's FlexAttention
+BlockMask for the call's lengths, and runs FlexAttention, itself compiled once with dynamic
+shapes.
+
+Lengths are padded at the end to a bucket (:func:`length_bucket`): padded keys come after
+every real query, so causality hides them, and the output is sliced back; FlexAttention thus
+compiles once per bucket, not per length.
+
+Planned length N: the call's key length (the input length for a forward without cache), or
+``runtime.planned_length`` when set. A padding mask from the model, bool or additive
+[B, 1 or H, Q, K], makes every row planned for its own real tokens: its pad keys are the
+columns no query may see, its logical positions start after them, and the mask is ANDed in.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from .masks import block_mask_from_spans
+from .plan import Plan
+
+_RUNTIMES: dict[int, "MoaRuntime"] = {}
+_ids = itertools.count(1)
+_flex_compiled: Callable | None = None
+_warned_dense = False
+
+
+def compiled_flex_attention() -> Callable:
+    """The process-wide FlexAttention, compiled for static shapes (one per length bucket):
+    inductor's CPU FlexAttention template fails to generate code for per-row captured
+    tensors under dynamic shapes (torch 2.13), so lengths are bucketed instead."""
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled
+
+
+def is_causal_left_padded(allowed: torch.Tensor, pads: torch.Tensor, q_offset: int) -> bool:
+    """True if a bool mask [B, 1 or H, Q, K] is exactly causal with `pads` left-pad keys per row
+    (query rows at or before the pad may differ: their outputs are never used)."""
+    B, _, Q, K = allowed.shape
+    i = torch.arange(Q, device=allowed.device).view(1, Q, 1) + q_offset
+    j = torch.arange(K, device=allowed.device).view(1, 1, K)
+    p = pads.to(allowed.device).view(B, 1, 1)
+    expect = (j <= i) & (j >= p)
+    real_rows = (i >= p).expand(B, Q, K)
+    return bool(((allowed == expect.unsqueeze(1)) | ~real_rows.unsqueeze(1)).all())
+
+
+def softcap_score_mod(softcap: float) -> Callable:
+    """score_mod of logit soft-capping: ``softcap * tanh(score / softcap)`` (Gemma 2)."""
+
+    def capped(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return softcap * torch.tanh(score / softcap)
+
+    return capped
+
+
+def allowed_from_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+    """A model's attention mask as bool "may attend" (bool as is; additive: finite, not min)."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask
+    return attn_mask > torch.finfo(attn_mask.dtype).min / 2
+
+
+class MoaRuntime:
+    """Holds a plan for the attention op; registered under an integer id used in graphs."""
+
+    def __init__(self, plan: Plan, block_size: int = 128) -> None:
+        self.plan = plan
+        self.block_size = block_size
+        self.planned_length: int | None = None
+        self.calls = 0
+        self.id = next(_ids)
+        _RUNTIMES[self.id] = self
+
+    def close(self) -> None:
+        """Unregister (after which graphs that use this id fail loudly)."""
+        _RUNTIMES.pop(self.id, None)
+
+    def block_mask(
+        self, layer: int, q_len: int, kv_len: int, attn_mask: torch.Tensor | None, device: torch.device,
+        planned: int, padded_len: int,
+    ) -> BlockMask:
+        """The layer's BlockMask for one call, over ``padded_len`` keys (index space).
+
+        ``planned`` is the request's planned length N (tokens). Cached by spans and pads
+        unless a dense mask (beyond causal + left padding) must be ANDed in.
+        """
+        q_offset = kv_len - q_len
+        extra = padded_len - kv_len
+        if attn_mask is None:
+            spans = self.plan.head_spans(planned)[layer]
+            return block_mask_from_spans(spans, self.plan.sink, q_len + extra, q_offset, padded_len, self.block_size, device)
+        allowed = allowed_from_mask(attn_mask)
+        if allowed.shape[-2:] != (q_len, kv_len):
+            raise ValueError(f"attention mask of shape {tuple(allowed.shape)} does not match q/kv lengths {q_len}/{kv_len}")
+        # Keys some query may see; rows that see everything are skipped: HF opens fully
+        # masked (pad) query rows to all keys so that SDPA returns no NaN.
+        seen = (allowed & ~allowed.all(dim=-1, keepdim=True)).any(dim=1).any(dim=1)  # [B, K]
+        pads = torch.where(seen.any(-1), seen.int().argmax(-1), torch.zeros_like(seen[:, 0], dtype=torch.long)).cpu()
+        table = {int(p): self.plan.head_spans(max(1, planned - int(p)))[layer] for p in set(pads.tolist())}
+        spans = torch.stack([table[int(p)] for p in pads.tolist()])
+        dense = None
+        if not is_causal_left_padded(allowed, pads, q_offset):
+            global _warned_dense
+            if not _warned_dense:
+                _warned_dense = True
+                warnings.warn(
+                    "moa-flex: the model's attention mask is more than causal + left padding (its own sliding "
+                    "window?); it is ANDed in densely, without full blocks.",
+                    stacklevel=2,
+                )
+            dense = torch.nn.functional.pad(allowed, (0, extra, 0, extra), value=False)
+        return block_mask_from_spans(
+            spans, self.plan.sink, q_len + extra, q_offset, padded_len, self.block_size, device, pads=pads, dense_mask=dense
+        )
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+        scale: float, layer: int, softcap: float,
+    ) -> torch.Tensor:
+        """Sparse attention of one layer: q [B, H, Q, D], k/v [B, KVH, K, D] -> [B, H, Q, Dv]."""
+        q_len, kv_len = q.shape[2], k.shape[2]
+        if q_len != kv_len and self.planned_length is None:
+            raise NotImplementedError(
+                "moa-flex: attention over a KV cache (decoding) needs the planned length of the request; "
+                "decoding with the ragged MoA cache is not available yet. Run a forward over the whole "
+                "sequence (use_cache=False), or moa_flex.uncompile(model) to generate densely."
+            )
+        planned = self.planned_length or kv_len
+        if planned < kv_len:
+            raise ValueError(f"input of {kv_len} tokens exceeds the planned length max_length={planned}")
+        self.calls += 1
+        padded = length_bucket(kv_len)
+        bm = self.block_mask(layer, q_len, kv_len, attn_mask, q.device, planned, padded)
+        extra = padded - kv_len
+        if extra:
+            q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
+        out = compiled_flex_attention()(
+            q, k, v,
+            score_mod=softcap_score_mod(softcap) if softcap > 0 else None,
+            block_mask=bm,
+            scale=scale if scale > 0 else 1.0 / math.sqrt(q.shape[-1]),
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        return out[:, :, :q_len]
+
+
+def length_bucket(n: int, block: int = 128, steps_per_octave: int = 4) -> int:
+    """Smallest bucket >= n tokens: multiples of ``block`` on a geometric grid (4 per octave),
+    so FlexAttention compiles a bounded number of shapes (<= 19% padding)."""
+    if n <= block:
+        return block
+    k = math.ceil(steps_per_octave * math.log2(n / block) - 1e-9)
+    while True:
+        bucket = -(-int(math.ceil(block * 2 ** (k / steps_per_octave))) // block) * block
+        if bucket >= n:
+            return bucket
+        k += 1
+
+
+@torch.library.custom_op("moa_flex::attention", mutates_args=())
+def moa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+    scale: float, layer: int, runtime_id: int, softcap: float,
+) -> torch.Tensor:
+    """Custom op: moa-flex attention of ``layer`` under the plan of runtime ``runtime_id``."""
+    runtime = _RUNTIMES.get(runtime_id)
+    if runtime is None:
+        raise RuntimeError(f"moa-flex runtime {runtime_id} is gone (model uncompiled?); compile the model again")
+    return runtime.attention(q, k, v, attn_mask, scale, layer, softcap).contiguous()
+
+
+@moa_attention.register_fake
+def _(q, k, v, attn_mask, scale, layer, runtime_id, softcap):  # noqa: ANN001, ANN202
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

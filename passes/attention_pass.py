@@ -1,0 +1,134 @@
+"""FX graph pass: put a moa-flex plan into the graph Dynamo traced from an HF decoder.
+
+Every ``F.scaled_dot_product_attention`` node is mapped to its decoder layer through the
+node's ``nn_module_stack`` metadata (``model.layers.7.self_attn`` -> layer 7) and replaced by
+``torch.ops.moa_flex.attention`` with the same q, k, v, mask and scale. The pass checks the
+whole graph first: if the attention calls do not match the plan (count, layer indices), it
+raises and changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+import moa_flex.attention  # noqa: F401  (registers torch.ops.moa_flex.attention)
+from moa_flex.plan import Plan
+
+SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+_LAYER = re.compile(r"layers(?:\.|\[)'?(\d+)'?\]?")
+
+
+@dataclass
+class RewrittenNode:
+    """One attention call the pass replaced."""
+
+    layer: int
+    node: str
+    module: str
+
+
+@dataclass
+class PassReport:
+    """What the pass did to one traced graph."""
+
+    rewritten: list[RewrittenNode] = field(default_factory=list)
+
+    def table(self, plan: Plan, N: int) -> str:
+        """Per layer: the node rewritten, its module and the spans at planned length N (tokens)."""
+        spans = plan.head_spans(N)
+        lines = [f"{'layer':>5}  {'node':<28} {'module':<34} spans@{N}"]
+        for r in sorted(self.rewritten, key=lambda r: r.layer):
+            s = spans[r.layer].tolist()
+            text = ",".join(map(str, s)) if len(set(s)) > 1 else f"{s[0]} (all heads)"
+            lines.append(f"{r.layer:>5}  {r.node:<28} {r.module:<34} {text}")
+        return "\n".join(lines)
+
+
+def attention_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The scaled_dot_product_attention call nodes of a graph, in order."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+
+
+def node_layer(node: torch.fx.Node) -> tuple[int, str]:
+    """(decoder layer index, module path) of an attention node, from its module stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _type in reversed(list(stack.values())):
+        m = _LAYER.search(str(path))
+        if m:
+            return int(m.group(1)), str(path).replace("L['self'].", "")
+    raise ValueError(
+        f"attention node {node.name} has no decoder layer in its module stack ({list(stack.values())}); "
+        "moa-flex maps attention calls to layers through module paths like 'model.layers.7.self_attn'"
+    )
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def rewrite_attention(gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, softcaps: Sequence[float] | None = None) -> PassReport:
+    """Replace every SDPA node of ``gm`` by moa-flex attention for its layer; validate first."""
+    nodes = attention_nodes(gm.graph)
+    if not nodes:
+        raise ValueError(
+            "moa-flex found no attention call (F.scaled_dot_product_attention) in the traced graph; "
+            "is this a decoder model running with attn_implementation='sdpa'?"
+        )
+    layers = [node_layer(n) for n in nodes]
+    found = sorted(layer for layer, _ in layers)
+    if found != list(range(plan.num_layers)):
+        raise ValueError(
+            f"the traced graph has attention calls for layers {found} but the plan has "
+            f"num_layers = {plan.num_layers} (expected one call per layer 0..{plan.num_layers - 1})"
+        )
+    for node in nodes:
+        dropout = _arg(node, 4, "dropout_p", 0.0)
+        if isinstance(dropout, (int, float)) and dropout != 0.0:
+            raise ValueError(f"attention node {node.name} uses dropout_p={dropout}; moa-flex runs attention in eval mode only")
+    report = PassReport()
+    for node, (layer, path) in zip(nodes, layers):
+        q, k, v = node.args[:3]
+        mask = _arg(node, 3, "attn_mask", None)
+        scale = _arg(node, 6, "scale", None)
+        softcap = float(softcaps[layer]) if softcaps else 0.0
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(
+                torch.ops.moa_flex.attention.default,
+                (q, k, v, mask, -1.0 if scale is None else scale, layer, runtime_id, softcap),
+            )
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        report.rewritten.append(RewrittenNode(layer, new.name, path))
+    gm.graph.lint()
+    gm.recompile()
+    return report
+
+
+def make_backend(
+    plan: Plan, runtime_id: int, *, inner: str = "inductor", mode: str | None = None,
+    on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
+) -> Callable:
+    """A torch.compile backend: rewrite attention, then hand the graph to inductor (or run eagerly)."""
+    if inner not in ("inductor", "eager"):
+        raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
+
+    def moa_flex_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        report = rewrite_attention(gm, plan, runtime_id, softcaps)
+        if on_report is not None:
+            on_report(report)
+        if inner == "eager":
+            return gm.forward
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+
+    return moa_flex_backend

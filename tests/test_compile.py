@@ -1,0 +1,214 @@
+"""moa_flex.compile on tiny random-weight HF decoders (CPU, fp32)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+from transformers import AttentionInterface
+
+import moa_flex
+from moa_flex import ModelShape, Plan, reference_mask
+from moa_flex.attention import length_bucket
+
+L, H, KVH, D = 2, 4, 2, 16
+SEQ = 300  # one length bucket (384) shared by most tests, to limit compiles
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": D}),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"sliding_window": None, "pad_token_id": 0}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _many_compiles():
+    """Every test compiles fresh models; all HF forwards share one transformers wrapper code
+    object, so dynamo's per-code recompile limit (8) is raised for this module."""
+    with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
+        yield
+
+
+def make_model(family: str, kv_heads: int = KVH) -> transformers.PreTrainedModel:
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = config_cls(
+        num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=kv_heads, hidden_size=H * D,
+        intermediate_size=128, vocab_size=128, max_position_embeddings=4096, **extra,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+def sparse_plan(config: transformers.PretrainedConfig, granularity: str, seed: int = 0) -> Plan:
+    """Heterogeneous spans well below SEQ, so the masks really cut."""
+    shape = ModelShape.from_config(config)
+    g = shape.num_kv_heads if granularity == "kv_head" else shape.num_heads
+    gen = torch.Generator().manual_seed(seed)
+    alpha = (torch.randint(-2, 6, (shape.num_layers, g), generator=gen) * 16).double().tolist()
+    beta = (torch.randint(0, 5, (shape.num_layers, g), generator=gen) / 8).tolist()
+    return Plan(shape, alpha, beta, granularity=granularity, sink=16, min_span=32, span_multiple=16)
+
+
+_REF_PLAN: dict[str, Plan] = {}
+
+
+def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ANN201
+    """Independent eager attention: float64 softmax with reference_mask of the plan in _REF_PLAN,
+    ANDed with the model's own mask; left padding handled by shifting each row's positions."""
+    plan = _REF_PLAN["plan"]
+    B, _, Q, _ = query.shape
+    K = key.shape[2]
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, 1).double()
+    v = value.repeat_interleave(group, 1).double()
+    scores = (query.double() @ k.transpose(-1, -2)) * (scaling or 1 / math.sqrt(query.shape[-1]))
+    allowed = torch.ones(B, 1, Q, K, dtype=torch.bool) if attention_mask is None else (
+        attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    )
+    keep = torch.zeros(B, plan.num_heads, Q, K, dtype=torch.bool)
+    pads = _REF_PLAN.get("pads") or [0] * B
+    for b, pad in enumerate(pads):
+        keep[b, :, pad:, pad:] = reference_mask(plan, module.layer_idx, K - pad)
+    mask = keep & allowed
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+    out = (probs @ v).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("moa_reference", reference_attention)
+
+
+def reference_logits(model, plan: Plan, pads: list[int] | None = None, **inputs) -> torch.Tensor:  # noqa: ANN001
+    """Logits with reference_attention; ``pads``: left-pad tokens per row (from the 2-D mask)."""
+    _REF_PLAN["plan"] = plan
+    _REF_PLAN["pads"] = pads
+    model.set_attn_implementation("moa_reference")
+    try:
+        with torch.no_grad():
+            return model(**inputs, use_cache=False).logits
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def ids_of(length: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dense_and_sparse_plans(family: str) -> None:
+    model = make_model(family)
+    ids = ids_of(SEQ)
+    with torch.no_grad():
+        stock = model(input_ids=ids, use_cache=False).logits
+    plan = sparse_plan(model.config, "kv_head")
+    want = reference_logits(model, plan, input_ids=ids)
+    assert (want - stock).abs().max() > 1e-3, "the sparse plan must change the logits"
+
+    moa_flex.compile(model, Plan.dense(model.config))
+    with torch.no_grad():
+        assert (model(input_ids=ids, use_cache=False).logits - stock).abs().max() <= 1e-5
+    report = model.moa_flex.reports[-1]
+    assert sorted(r.layer for r in report.rewritten) == list(range(L)), "one attention node per layer"
+    moa_flex.uncompile(model)
+
+    moa_flex.compile(model, plan)
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+    assert (got - want).abs().max() <= 1e-4
+    moa_flex.uncompile(model)
+
+
+@pytest.mark.parametrize("kv_heads,granularity", [(H, "head"), (KVH, "head")])
+def test_per_query_head_plans(kv_heads: int, granularity: str) -> None:
+    """MHA, and per-query-head rules on a GQA model (MoA's own plans)."""
+    model = make_model("llama", kv_heads)
+    ids = ids_of(SEQ)
+    plan = sparse_plan(model.config, granularity, seed=3)
+    want = reference_logits(model, plan, input_ids=ids)
+    moa_flex.compile(model, plan)
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_left_padded_batch_rows_equal_rows_alone() -> None:
+    model = make_model("llama")
+    plan = sparse_plan(model.config, "kv_head", seed=5)
+    lengths = [SEQ, SEQ - 57]
+    ids = ids_of(SEQ)
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, : SEQ - lengths[1]] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    moa_flex.compile(model, plan)
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        for b, n in enumerate(lengths):
+            alone = model(input_ids=ids[b : b + 1, SEQ - n :], use_cache=False).logits
+            assert (batch[b, SEQ - n :] - alone[0]).abs().max() <= 1e-4, b
+    moa_flex.uncompile(model)
+    # and the same batch through the independent reference
+    pads = [SEQ - n for n in lengths]
+    want = reference_logits(model, plan, pads, input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    assert (batch[1, SEQ - lengths[1] :] - want[1, SEQ - lengths[1] :]).abs().max() <= 1e-4
+
+
+def test_lengths_do_not_recompile_the_model() -> None:
+    """Policy: the model graph compiles once (dynamic shapes); FlexAttention once per length bucket."""
+    from torch._dynamo.utils import counters
+
+    model = make_model("llama")
+    plan = sparse_plan(model.config, "kv_head")
+    moa_flex.compile(model, plan)
+    with torch.no_grad():
+        # Warm-up: the first call traces the model; the second may add one FlexAttention
+        # variant (the first call's tensors carry another dispatch key set).
+        model(input_ids=ids_of(SEQ), use_cache=False)
+        model(input_ids=ids_of(SEQ - 1), use_cache=False)
+        graphs = counters["stats"]["unique_graphs"]
+        for n in (SEQ - 2, SEQ + 41, 290):  # same bucket as SEQ
+            assert length_bucket(n) == length_bucket(SEQ)
+            got = model(input_ids=ids_of(n, seed=n), use_cache=False).logits
+            want_plan = plan
+        assert counters["stats"]["unique_graphs"] == graphs, "no compile within a bucket"
+    assert len(model.moa_flex.reports) == 1, "the model graph was traced once"
+    moa_flex.uncompile(model)
+    want = reference_logits(model, want_plan, input_ids=ids_of(290, seed=290))
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    model = make_model("llama")
+    wrong = Plan.dense(ModelShape(L + 1, H, KVH, D))
+    with pytest.raises(ValueError, match="num_layers"):
+        moa_flex.compile(model, wrong)
+    with pytest.raises(ValueError, match="num_heads"):
+        moa_flex.compile(model, Plan.dense(ModelShape(L, 2 * H, KVH, D)))
+    with pytest.raises(TypeError, match="Plan"):
+        moa_flex.compile(model, {"alpha": []})
+    assert getattr(model, "moa_flex", None) is None, "nothing half-applied"
+
+    from moa_flex.passes.attention_pass import make_backend
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    fn = torch.compile(mlp, backend=make_backend(Plan.dense(ModelShape(L, H, KVH, D)), 0), fullgraph=True)
+    with pytest.raises(Exception, match="no attention call"):
+        fn(torch.randn(2, 4))
+
+
+def test_generate_and_uncompile() -> None:
+    model = make_model("llama")
+    original = model.forward
+    moa_flex.compile(model, sparse_plan(model.config, "kv_head"))
+    with pytest.raises(NotImplementedError, match="ragged"):
+        model.generate(input_ids=ids_of(8), max_new_tokens=2)
+    with pytest.raises(ValueError, match="already compiled"):
+        moa_flex.compile(model, Plan.dense(model.config))
+    moa_flex.uncompile(model)
+    assert model.forward == original and not hasattr(model, "moa_flex")
+    out = model.generate(input_ids=ids_of(8), max_new_tokens=2, do_sample=False)
+    assert out.shape == (2, 10)
