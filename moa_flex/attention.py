@@ -3,8 +3,7 @@
 ``torch.ops.moa_flex.attention(q, k, v, attn_mask, scale, layer, runtime_id, softcap)`` is a
 torch custom op (opaque to inductor, with a fake implementation for tracing). It looks up the
 :class:`MoaRuntime` that holds the plan, builds (or reuses) the layer's FlexAttention
-BlockMask for the call's lengths, and runs FlexAttention, itself compiled once with dynamic
-shapes.
+BlockMask for the call's lengths, and runs FlexAttention, compiled once per length bucket.
 
 Lengths are padded at the end to a bucket (:func:`length_bucket`): padded keys come after
 every real query, so causality hides them, and the output is sliced back; FlexAttention thus
@@ -21,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -82,7 +82,36 @@ class MoaRuntime:
         self.planned_length: int | None = None
         self.calls = 0
         self.id = next(_ids)
+        self._spans: dict[int, torch.Tensor] = {}  # planned length -> head spans [L, H]
+        self._mask_seen: tuple[weakref.ref, int, tuple] | None = None  # last analysed mask
         _RUNTIMES[self.id] = self
+
+    def head_spans(self, N: int) -> torch.Tensor:
+        """The plan's head spans [L, H] at planned length N (tokens), memoized."""
+        spans = self._spans.get(N)
+        if spans is None:
+            if len(self._spans) > 256:
+                self._spans.clear()
+            spans = self._spans[N] = self.plan.head_spans(N)
+        return spans
+
+    def analyse_mask(self, allowed: torch.Tensor, q_offset: int) -> tuple[torch.Tensor, bool]:
+        """(left-pad tokens per row [B] on CPU, whether the mask is exactly causal + left padding).
+
+        HF passes one mask tensor to every layer of a forward: the result is kept for the last
+        mask seen (by identity and version), so the O(B*Q*K) check runs once per forward.
+        """
+        seen = self._mask_seen
+        if seen is not None and seen[0]() is allowed and seen[1] == allowed._version:
+            return seen[2]
+        # Keys some query may see; rows that see everything are skipped: HF opens fully
+        # masked (pad) query rows to all keys so that SDPA returns no NaN.
+        visible = (allowed & ~allowed.all(dim=-1, keepdim=True)).any(dim=1).any(dim=1)  # [B, K]
+        pads = torch.where(visible.any(-1), visible.int().argmax(-1), torch.zeros_like(visible[:, 0], dtype=torch.long))
+        pads = pads.cpu()
+        result = (pads, is_causal_left_padded(allowed, pads, q_offset))
+        self._mask_seen = (weakref.ref(allowed), allowed._version, result)
+        return result
 
     def close(self) -> None:
         """Unregister (after which graphs that use this id fail loudly)."""
@@ -100,19 +129,15 @@ class MoaRuntime:
         q_offset = kv_len - q_len
         extra = padded_len - kv_len
         if attn_mask is None:
-            spans = self.plan.head_spans(planned)[layer]
+            spans = self.head_spans(planned)[layer]
             return block_mask_from_spans(spans, self.plan.sink, q_len + extra, q_offset, padded_len, self.block_size, device)
         allowed = allowed_from_mask(attn_mask)
         if allowed.shape[-2:] != (q_len, kv_len):
             raise ValueError(f"attention mask of shape {tuple(allowed.shape)} does not match q/kv lengths {q_len}/{kv_len}")
-        # Keys some query may see; rows that see everything are skipped: HF opens fully
-        # masked (pad) query rows to all keys so that SDPA returns no NaN.
-        seen = (allowed & ~allowed.all(dim=-1, keepdim=True)).any(dim=1).any(dim=1)  # [B, K]
-        pads = torch.where(seen.any(-1), seen.int().argmax(-1), torch.zeros_like(seen[:, 0], dtype=torch.long)).cpu()
-        table = {int(p): self.plan.head_spans(max(1, planned - int(p)))[layer] for p in set(pads.tolist())}
-        spans = torch.stack([table[int(p)] for p in pads.tolist()])
+        pads, simple = self.analyse_mask(allowed, q_offset)
+        spans = torch.stack([self.head_spans(max(1, planned - p))[layer] for p in pads.tolist()])
         dense = None
-        if not is_causal_left_padded(allowed, pads, q_offset):
+        if not simple:
             global _warned_dense
             if not _warned_dense:
                 _warned_dense = True

@@ -109,7 +109,7 @@ def _segments(kept: Intervals, full: Intervals, n_cols: int) -> tuple[torch.Tens
     edges = edges.clamp(0, n_cols).sort(dim=1).values
     lo, hi = edges[:, :-1], edges[:, 1:]
 
-    def inside(ivs: Intervals) -> torch.Tensor:  # noqa: D401
+    def inside(ivs: Intervals) -> torch.Tensor:
         m = torch.zeros_like(lo, dtype=torch.bool)
         for st, en in ivs:
             m |= (lo >= st.view(rows, 1)) & (lo < en.view(rows, 1))
