@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-import weakref
 from typing import Callable
 
 import torch
@@ -83,7 +82,6 @@ class MoaRuntime:
         self.calls = 0
         self.id = next(_ids)
         self._spans: dict[int, torch.Tensor] = {}  # planned length -> head spans [L, H]
-        self._mask_seen: tuple[weakref.ref, int, tuple] | None = None  # last analysed mask
         _RUNTIMES[self.id] = self
 
     def head_spans(self, N: int) -> torch.Tensor:
@@ -95,36 +93,19 @@ class MoaRuntime:
             spans = self._spans[N] = self.plan.head_spans(N)
         return spans
 
-    def analyse_mask(self, allowed: torch.Tensor, q_offset: int) -> tuple[torch.Tensor, bool]:
-        """(left-pad tokens per row [B] on CPU, whether the mask is exactly causal + left padding).
-
-        HF passes one mask tensor to every layer of a forward: the result is kept for the last
-        mask seen (by identity and version), so the O(B*Q*K) check runs once per forward.
-        """
-        seen = self._mask_seen
-        if seen is not None and seen[0]() is allowed and seen[1] == allowed._version:
-            return seen[2]
-        # Keys some query may see; rows that see everything are skipped: HF opens fully
-        # masked (pad) query rows to all keys so that SDPA returns no NaN.
-        visible = (allowed & ~allowed.all(dim=-1, keepdim=True)).any(dim=1).any(dim=1)  # [B, K]
-        pads = torch.where(visible.any(-1), visible.int().argmax(-1), torch.zeros_like(visible[:, 0], dtype=torch.long))
-        pads = pads.cpu()
-        result = (pads, is_causal_left_padded(allowed, pads, q_offset))
-        self._mask_seen = (weakref.ref(allowed), allowed._version, result)
-        return result
-
     def close(self) -> None:
         """Unregister (after which graphs that use this id fail loudly)."""
         _RUNTIMES.pop(self.id, None)
 
     def block_mask(
         self, layer: int, q_len: int, kv_len: int, attn_mask: torch.Tensor | None, device: torch.device,
-        planned: int, padded_len: int,
+        planned: int, padded_len: int, info: torch.Tensor | None = None,
     ) -> BlockMask:
         """The layer's BlockMask for one call, over ``padded_len`` keys (index space).
 
-        ``planned`` is the request's planned length N (tokens). Cached by spans and pads
-        unless a dense mask (beyond causal + left padding) must be ANDed in.
+        ``planned`` is the request's planned length N (tokens); ``info`` the mask's
+        :func:`mask_info` if the graph computed it already. Cached by spans and pads unless a
+        dense mask (beyond causal + left padding) must be ANDed in.
         """
         q_offset = kv_len - q_len
         extra = padded_len - kv_len
@@ -134,7 +115,8 @@ class MoaRuntime:
         allowed = allowed_from_mask(attn_mask)
         if allowed.shape[-2:] != (q_len, kv_len):
             raise ValueError(f"attention mask of shape {tuple(allowed.shape)} does not match q/kv lengths {q_len}/{kv_len}")
-        pads, simple = self.analyse_mask(allowed, q_offset)
+        info = (mask_info(attn_mask) if info is None else info).cpu()
+        pads, simple = info[:-1], bool(info[-1])
         spans = torch.stack([self.head_spans(max(1, planned - p))[layer] for p in pads.tolist()])
         dense = None
         if not simple:
@@ -153,7 +135,7 @@ class MoaRuntime:
 
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-        scale: float, layer: int, softcap: float,
+        scale: float, layer: int, softcap: float, info: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sparse attention of one layer: q [B, H, Q, D], k/v [B, KVH, K, D] -> [B, H, Q, Dv]."""
         q_len, kv_len = q.shape[2], k.shape[2]
@@ -168,7 +150,7 @@ class MoaRuntime:
             raise ValueError(f"input of {kv_len} tokens exceeds the planned length max_length={planned}")
         self.calls += 1
         padded = length_bucket(kv_len)
-        bm = self.block_mask(layer, q_len, kv_len, attn_mask, q.device, planned, padded)
+        bm = self.block_mask(layer, q_len, kv_len, attn_mask, q.device, planned, padded, info)
         extra = padded - kv_len
         if extra:
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
@@ -195,18 +177,40 @@ def length_bucket(n: int, block: int = 128, steps_per_octave: int = 4) -> int:
         k += 1
 
 
+@torch.library.custom_op("moa_flex::mask_info", mutates_args=())
+def mask_info(attn_mask: torch.Tensor) -> torch.Tensor:
+    """A model's mask [B, 1 or H, Q, K] (bool or additive; queries are the last Q positions)
+    -> LongTensor [B + 1]: left-pad tokens of every row, then 1 if the mask is exactly causal +
+    left padding. The compile pass computes it once per mask, not once per layer.
+    """
+    allowed = allowed_from_mask(attn_mask)
+    q_offset = allowed.shape[-1] - allowed.shape[-2]
+    # Keys some query may see; rows that see everything are skipped: HF opens fully masked
+    # (pad) query rows to all keys so that SDPA returns no NaN.
+    visible = (allowed & ~allowed.all(dim=-1, keepdim=True)).any(dim=1).any(dim=1)  # [B, K]
+    pads = torch.where(visible.any(-1), visible.int().argmax(-1), torch.zeros_like(visible[:, 0], dtype=torch.long))
+    simple = is_causal_left_padded(allowed, pads, q_offset)
+    return torch.cat([pads, pads.new_tensor([int(simple)])])
+
+
+@mask_info.register_fake
+def _(attn_mask):  # noqa: ANN001, ANN202
+    return attn_mask.new_empty((attn_mask.shape[0] + 1,), dtype=torch.long)
+
+
 @torch.library.custom_op("moa_flex::attention", mutates_args=())
 def moa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-    scale: float, layer: int, runtime_id: int, softcap: float,
+    scale: float, layer: int, runtime_id: int, softcap: float, info: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Custom op: moa-flex attention of ``layer`` under the plan of runtime ``runtime_id``."""
+    """Custom op: moa-flex attention of ``layer`` under the plan of runtime ``runtime_id``;
+    ``info`` is ``mask_info(attn_mask)`` when the graph computed it."""
     runtime = _RUNTIMES.get(runtime_id)
     if runtime is None:
         raise RuntimeError(f"moa-flex runtime {runtime_id} is gone (model uncompiled?); compile the model again")
-    return runtime.attention(q, k, v, attn_mask, scale, layer, softcap).contiguous()
+    return runtime.attention(q, k, v, attn_mask, scale, layer, softcap, info).contiguous()
 
 
 @moa_attention.register_fake
-def _(q, k, v, attn_mask, scale, layer, runtime_id, softcap):  # noqa: ANN001, ANN202
+def _(q, k, v, attn_mask, scale, layer, runtime_id, softcap, info=None):  # noqa: ANN001, ANN202
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

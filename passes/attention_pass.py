@@ -2,7 +2,9 @@
 
 Every ``F.scaled_dot_product_attention`` node is mapped to its decoder layer through the
 node's ``nn_module_stack`` metadata (``model.layers.7.self_attn`` -> layer 7) and replaced by
-``torch.ops.moa_flex.attention`` with the same q, k, v, mask and scale. The pass checks the
+``torch.ops.moa_flex.attention`` with the same q, k, v, mask and scale; each distinct mask
+gets one ``torch.ops.moa_flex.mask_info`` node (its left pads, and whether it is plain causal
++ padding) that all its layers share. The pass checks the
 whole graph first: if the attention calls do not match the plan (count, layer indices), it
 raises and changes nothing.
 """
@@ -93,15 +95,23 @@ def rewrite_attention(gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, sof
         if isinstance(dropout, (int, float)) and dropout != 0.0:
             raise ValueError(f"attention node {node.name} uses dropout_p={dropout}; moa-flex runs attention in eval mode only")
     report = PassReport()
+    infos: dict[torch.fx.Node, torch.fx.Node] = {}  # one mask_info per mask node, shared by its layers
     for node, (layer, path) in zip(nodes, layers):
         q, k, v = node.args[:3]
         mask = _arg(node, 3, "attn_mask", None)
         scale = _arg(node, 6, "scale", None)
         softcap = float(softcaps[layer]) if softcaps else 0.0
+        info = None
+        if isinstance(mask, torch.fx.Node):
+            if mask not in infos:
+                with gm.graph.inserting_after(mask):
+                    infos[mask] = gm.graph.call_function(torch.ops.moa_flex.mask_info.default, (mask,))
+                infos[mask].meta = {k_: v_ for k_, v_ in mask.meta.items() if k_ in ("stack_trace", "nn_module_stack")}
+            info = infos[mask]
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(
                 torch.ops.moa_flex.attention.default,
-                (q, k, v, mask, -1.0 if scale is None else scale, layer, runtime_id, softcap),
+                (q, k, v, mask, -1.0 if scale is None else scale, layer, runtime_id, softcap, info),
             )
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
