@@ -10,9 +10,10 @@ every real query, so causality hides them, and the output is sliced back; FlexAt
 compiles once per bucket, not per length.
 
 Planned length N: the call's key length (the input length for a forward without cache), or
-``runtime.planned_length`` when set. A padding mask from the model, bool or additive
-[B, 1 or H, Q, K], makes every row planned for its own real tokens: its pad keys are the
-columns no query may see, its logical positions start after them, and the mask is ANDed in.
+``runtime.planned_length`` when set. A left-padding mask (the 2-D [B, K] padding mask the
+pass passes for layers without a window of their own, or a model's 4-D mask) makes every
+row planned for its own real tokens: its logical positions start after its pad. Any other
+mask (right padding, a model's own sliding window) is ANDed in densely.
 """
 
 from __future__ import annotations
@@ -112,20 +113,27 @@ class MoaRuntime:
         if attn_mask is None:
             spans = self.head_spans(planned)[layer]
             return block_mask_from_spans(spans, self.plan.sink, q_len + extra, q_offset, padded_len, self.block_size, device)
-        allowed = allowed_from_mask(attn_mask)
-        if allowed.shape[-2:] != (q_len, kv_len):
-            raise ValueError(f"attention mask of shape {tuple(allowed.shape)} does not match q/kv lengths {q_len}/{kv_len}")
+        if attn_mask.shape[-1] != kv_len or (attn_mask.dim() == 4 and attn_mask.shape[-2] != q_len):
+            raise ValueError(f"attention mask of shape {tuple(attn_mask.shape)} does not match q/kv lengths {q_len}/{kv_len}")
+        if attn_mask.dim() not in (2, 4):
+            raise ValueError(f"attention mask must be 2-D [B, K] or 4-D [B, 1 or H, Q, K], got {attn_mask.dim()}-D")
         info = (mask_info(attn_mask) if info is None else info).cpu()
         pads, simple = info[:-1], bool(info[-1])
         spans = torch.stack([self.head_spans(max(1, planned - p))[layer] for p in pads.tolist()])
         dense = None
         if not simple:
+            if attn_mask.dim() == 2:  # causal AND the padding mask, as the model would build it
+                i = torch.arange(q_len, device=attn_mask.device).view(-1, 1) + q_offset
+                j = torch.arange(kv_len, device=attn_mask.device).view(1, -1)
+                allowed = (j <= i).view(1, 1, q_len, kv_len) & attn_mask.bool().view(-1, 1, 1, kv_len)
+            else:
+                allowed = allowed_from_mask(attn_mask)
             global _warned_dense
             if not _warned_dense:
                 _warned_dense = True
                 warnings.warn(
-                    "moa-flex: the model's attention mask is more than causal + left padding (its own sliding "
-                    "window?); it is ANDed in densely, without full blocks.",
+                    "moa-flex: the attention mask is more than causal + left padding (the model's own sliding "
+                    "window, right padding?); it is ANDed in densely, without full blocks.",
                     stacklevel=2,
                 )
             dense = torch.nn.functional.pad(allowed, (0, extra, 0, extra), value=False)
@@ -179,10 +187,18 @@ def length_bucket(n: int, block: int = 128, steps_per_octave: int = 4) -> int:
 
 @torch.library.custom_op("moa_flex::mask_info", mutates_args=())
 def mask_info(attn_mask: torch.Tensor) -> torch.Tensor:
-    """A model's mask [B, 1 or H, Q, K] (bool or additive; queries are the last Q positions)
-    -> LongTensor [B + 1]: left-pad tokens of every row, then 1 if the mask is exactly causal +
-    left padding. The compile pass computes it once per mask, not once per layer.
+    """A model's mask -> LongTensor [B + 1]: left-pad tokens of every row, then 1 if the mask is
+    exactly causal + left padding. The compile pass computes it once per mask, not per layer.
+
+    Accepts the 2-D padding mask [B, K] (1 = real token) or a 4-D attention mask
+    [B, 1 or H, Q, K] (bool or additive; queries are the last Q positions).
     """
+    if attn_mask.dim() == 2:
+        real = attn_mask.bool()
+        pads = torch.where(real.any(-1), real.int().argmax(-1), torch.zeros_like(real[:, 0], dtype=torch.long))
+        j = torch.arange(real.shape[-1], device=real.device).view(1, -1)
+        simple = bool((real == (j >= pads.view(-1, 1))).all())
+        return torch.cat([pads, pads.new_tensor([int(simple)])])
     allowed = allowed_from_mask(attn_mask)
     q_offset = allowed.shape[-1] - allowed.shape[-2]
     # Keys some query may see; rows that see everything are skipped: HF opens fully masked

@@ -47,16 +47,33 @@ def _softcaps(config: Any, num_layers: int) -> list[float]:
     return [float(cap) if cap else 0.0] * num_layers
 
 
+def model_windows(config: Any, num_layers: int) -> list[int | None]:
+    """Per layer, the model's own sliding window (tokens) or None, from its config
+    (``sliding_window`` and, where present, ``layer_types``)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window:
+        return [None] * num_layers
+    if types is None:
+        return [int(window)] * num_layers
+    return [int(window) if t == "sliding_attention" else None for t in types[:num_layers]]
+
+
 def backend(plan: Plan, *, inner: str = "inductor", mode: str | None = None, config: Any = None) -> Callable:
     """A backend for ``torch.compile(model, backend=moa_flex.backend(plan))``.
 
     The runtime it creates lives as long as the backend. ``config`` (the model's config)
-    supplies soft-capping if the model uses it.
+    supplies soft-capping and the model's own sliding windows; without it, every layer keeps
+    the model's mask as traced.
     """
     runtime = MoaRuntime(plan)
     from moa_flex.passes.attention_pass import make_backend
 
-    fn = make_backend(plan, runtime.id, inner=inner, mode=mode, softcaps=_softcaps(config, plan.num_layers) if config else None)
+    fn = make_backend(
+        plan, runtime.id, inner=inner, mode=mode,
+        softcaps=_softcaps(config, plan.num_layers) if config else None,
+        windows=model_windows(config, plan.num_layers) if config else [1] * plan.num_layers,
+    )
     fn.runtime = runtime  # type: ignore[attr-defined]
     return fn
 
@@ -100,7 +117,7 @@ def compile(  # noqa: A001  (the verb of the API)
     state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl)
     fn = make_backend(
         plan, runtime.id, inner=backend, mode=mode, on_report=state.reports.append,
-        softcaps=_softcaps(config, plan.num_layers),
+        softcaps=_softcaps(config, plan.num_layers), windows=model_windows(config, plan.num_layers),
     )
     compiled = torch.compile(model.forward, backend=fn, dynamic=True, fullgraph=True)
     model.forward = compiled

@@ -2,7 +2,9 @@
 
 Every ``F.scaled_dot_product_attention`` node is mapped to its decoder layer through the
 node's ``nn_module_stack`` metadata (``model.layers.7.self_attn`` -> layer 7) and replaced by
-``torch.ops.moa_flex.attention`` with the same q, k, v, mask and scale; each distinct mask
+``torch.ops.moa_flex.attention`` with the same q, k, v and scale. Layers without a sliding
+window of the model's own take the forward's 2-D padding mask instead of the model's dense
+[B, 1, Q, K] mask, which then is dead code and removed; each distinct mask
 gets one ``torch.ops.moa_flex.mask_info`` node (its left pads, and whether it is plain causal
 + padding) that all its layers share. The pass checks the
 whole graph first: if the attention calls do not match the plan (count, layer indices), it
@@ -39,6 +41,7 @@ class PassReport:
     """What the pass did to one traced graph."""
 
     rewritten: list[RewrittenNode] = field(default_factory=list)
+    graph_module: torch.fx.GraphModule | None = None
 
     def table(self, plan: Plan, N: int) -> str:
         """Per layer: the node rewritten, its module and the spans at planned length N (tokens)."""
@@ -75,8 +78,25 @@ def _arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
     return node.kwargs.get(name, default)
 
 
-def rewrite_attention(gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, softcaps: Sequence[float] | None = None) -> PassReport:
-    """Replace every SDPA node of ``gm`` by moa-flex attention for its layer; validate first."""
+def _padding_mask_input(graph: torch.fx.Graph) -> torch.fx.Node | None:
+    """The graph input holding the forward's 2-D ``attention_mask`` (None if not passed)."""
+    for node in graph.nodes:
+        if node.op == "placeholder" and re.search(r"(^|_)attention_mask_?$", str(node.target)):
+            val = node.meta.get("example_value", node.meta.get("val"))
+            if val is None or getattr(val, "dim", lambda: 0)() == 2:
+                return node
+    return None
+
+
+def rewrite_attention(
+    gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, softcaps: Sequence[float] | None = None,
+    windows: Sequence[int | None] | None = None,
+) -> PassReport:
+    """Replace every SDPA node of ``gm`` by moa-flex attention for its layer; validate first.
+
+    ``windows``: per layer, the model's own sliding window (tokens) or None. Layers without
+    one get the forward's 2-D padding mask; the others keep the model's mask, ANDed in.
+    """
     nodes = attention_nodes(gm.graph)
     if not nodes:
         raise ValueError(
@@ -94,11 +114,16 @@ def rewrite_attention(gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, sof
         dropout = _arg(node, 4, "dropout_p", 0.0)
         if isinstance(dropout, (int, float)) and dropout != 0.0:
             raise ValueError(f"attention node {node.name} uses dropout_p={dropout}; moa-flex runs attention in eval mode only")
-    report = PassReport()
+    padding_mask = _padding_mask_input(gm.graph)
+    report = PassReport(graph_module=gm)
     infos: dict[torch.fx.Node, torch.fx.Node] = {}  # one mask_info per mask node, shared by its layers
     for node, (layer, path) in zip(nodes, layers):
         q, k, v = node.args[:3]
         mask = _arg(node, 3, "attn_mask", None)
+        if not (windows and windows[layer]):
+            # No window of the model's own: causal + the 2-D padding mask says everything,
+            # and the model's dense [B, 1, Q, K] mask becomes dead code.
+            mask = padding_mask
         scale = _arg(node, 6, "scale", None)
         softcap = float(softcaps[layer]) if softcaps else 0.0
         info = None
@@ -117,6 +142,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, sof
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         report.rewritten.append(RewrittenNode(layer, new.name, path))
+    gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return report
@@ -125,13 +151,14 @@ def rewrite_attention(gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, sof
 def make_backend(
     plan: Plan, runtime_id: int, *, inner: str = "inductor", mode: str | None = None,
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
+    windows: Sequence[int | None] | None = None,
 ) -> Callable:
     """A torch.compile backend: rewrite attention, then hand the graph to inductor (or run eagerly)."""
     if inner not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
 
     def moa_flex_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        report = rewrite_attention(gm, plan, runtime_id, softcaps)
+        report = rewrite_attention(gm, plan, runtime_id, softcaps, windows)
         if on_report is not None:
             on_report(report)
         if inner == "eager":

@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import moa_flex
 from moa_flex import ModelShape, Plan, reference_mask
@@ -81,6 +82,8 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 AttentionInterface.register("moa_reference", reference_attention)
+# The reference receives the mask HF builds for SDPA (causal, padding, the model's own window).
+AttentionMaskInterface.register("moa_reference", sdpa_mask)
 
 
 def reference_logits(model, plan: Plan, pads: list[int] | None = None, **inputs) -> torch.Tensor:  # noqa: ANN001
@@ -93,6 +96,16 @@ def reference_logits(model, plan: Plan, pads: list[int] | None = None, **inputs)
             return model(**inputs, use_cache=False).logits
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def dense_mask_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """Nodes of a graph that produce a 4-D bool tensor (a dense attention mask)."""
+    out = []
+    for n in gm.graph.nodes:
+        val = n.meta.get("val", n.meta.get("example_value"))
+        if isinstance(val, torch.Tensor) and val.dim() == 4 and val.dtype == torch.bool:
+            out.append(n)
+    return out
 
 
 def ids_of(length: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
@@ -120,7 +133,45 @@ def test_dense_and_sparse_plans(family: str) -> None:
     with torch.no_grad():
         got = model(input_ids=ids, use_cache=False).logits
     assert (got - want).abs().max() <= 1e-4
+    assert not dense_mask_nodes(model.moa_flex.reports[-1].graph_module), "no dense mask is built"
     moa_flex.uncompile(model)
+
+
+def test_model_sliding_window_is_kept() -> None:
+    """A model window (Mistral, 100 tokens < SEQ) is ANDed in: the plan never widens it."""
+    config_cls, model_cls, _ = FAMILIES["mistral"]
+    config = config_cls(
+        num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KVH, hidden_size=H * D,
+        intermediate_size=128, vocab_size=128, sliding_window=100,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    ids = ids_of(SEQ)
+    plan = sparse_plan(config, "kv_head", seed=7)
+    want = reference_logits(model, plan, input_ids=ids)
+    dense_want = reference_logits(model, Plan.dense(config), input_ids=ids)
+    with torch.no_grad():
+        stock = model(input_ids=ids, use_cache=False).logits
+    assert (dense_want - stock).abs().max() <= 1e-4, "reference sees the model's window"
+    moa_flex.compile(model, plan)
+    with pytest.warns(UserWarning, match="sliding"), torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_right_padding_takes_the_dense_path() -> None:
+    model = make_model("llama")
+    plan = sparse_plan(model.config, "kv_head", seed=9)
+    ids = ids_of(SEQ)
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, SEQ - 40 :] = 0
+    want = reference_logits(model, plan, [0, 0], input_ids=ids, attention_mask=mask)
+    moa_flex.compile(model, plan)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert (got[0] - want[0]).abs().max() <= 1e-4
+    assert (got[1, : SEQ - 40] - want[1, : SEQ - 40]).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("kv_heads,granularity", [(H, "head"), (KVH, "head")])
@@ -145,17 +196,12 @@ def test_left_padded_batch_rows_equal_rows_alone() -> None:
     mask[1, : SEQ - lengths[1]] = 0
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     moa_flex.compile(model, plan)
-    import moa_flex.attention as op
-
-    checks = []
-    real_check = op.is_causal_left_padded
-    op.is_causal_left_padded = lambda *a: checks.append(1) or real_check(*a)
-    try:
-        with torch.no_grad():
-            batch = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-    finally:
-        op.is_causal_left_padded = real_check
-    assert len(checks) == 1, "the mask is analysed once per forward, not per layer"
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+    gm = model.moa_flex.reports[-1].graph_module
+    infos = [n for n in gm.graph.nodes if n.target == torch.ops.moa_flex.mask_info.default]
+    assert len(infos) == 1, "the mask is analysed once per forward, not per layer"
+    assert not dense_mask_nodes(gm), "the model's dense [B, 1, Q, K] mask is no longer built"
     with torch.no_grad():
         for b, n in enumerate(lengths):
             alone = model(input_ids=ids[b : b + 1, SEQ - n :], use_cache=False).logits
