@@ -94,6 +94,11 @@ class MoaRuntime:
             spans = self._spans[N] = self.plan.head_spans(N)
         return spans
 
+    def set_plan(self, plan: Plan) -> None:
+        """Switch to another plan of the same model shape (checked by the caller)."""
+        self.plan = plan
+        self._spans.clear()
+
     def close(self) -> None:
         """Unregister (after which graphs that use this id fail loudly)."""
         _RUNTIMES.pop(self.id, None)

@@ -35,6 +35,15 @@ class CompiledState:
     original_attn_implementation: str | None
     reports: list = field(default_factory=list)
 
+    def set_plan(self, plan: Plan) -> None:
+        """Run another plan for the same model without recompiling (plans are data: the graph
+        holds only the runtime's id). The plan must fit the model; sink may differ."""
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a moa_flex.Plan, got {type(plan).__name__}")
+        plan.check_model(self.plan.model)
+        self.plan = plan
+        self.runtime.set_plan(plan)
+
     def report(self, N: int) -> str:
         """Per layer: the node the pass rewrote and its spans at planned length N (tokens)."""
         if not self.reports:

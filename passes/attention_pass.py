@@ -159,13 +159,16 @@ def make_backend(
 
     def moa_flex_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         report = rewrite_attention(gm, plan, runtime_id, softcaps, windows)
+        if inner == "eager":
+            compiled = gm.forward
+        else:
+            from torch._inductor import list_mode_options
+            from torch._inductor.compile_fx import compile_fx
+
+            compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+        # Reported only once compiled: dynamo may restart an analysis (and call us again).
         if on_report is not None:
             on_report(report)
-        if inner == "eager":
-            return gm.forward
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+        return compiled
 
     return moa_flex_backend

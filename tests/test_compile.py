@@ -236,6 +236,22 @@ def test_lengths_do_not_recompile_the_model() -> None:
     assert (got - want).abs().max() <= 1e-4
 
 
+def test_set_plan_switches_without_recompiling() -> None:
+    model = make_model("llama")
+    first, second = sparse_plan(model.config, "kv_head", seed=1), sparse_plan(model.config, "head", seed=2)
+    ids = ids_of(SEQ)
+    want = reference_logits(model, second, input_ids=ids)
+    moa_flex.compile(model, first)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        model.moa_flex.set_plan(second)
+        got = model(input_ids=ids, use_cache=False).logits
+    assert (got - want).abs().max() <= 1e-4
+    assert len(model.moa_flex.reports) == 1, "the model graph was not traced again"
+    with pytest.raises(ValueError, match="num_layers"):
+        model.moa_flex.set_plan(Plan.dense(ModelShape(L + 1, H, KVH, D)))
+
+
 def test_bad_inputs_raise_clear_errors() -> None:
     model = make_model("llama")
     wrong = Plan.dense(ModelShape(L + 1, H, KVH, D))
