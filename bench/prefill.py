@@ -8,7 +8,7 @@ heterogeneous spans per KV group (kv_head granularity), scaled to the target att
 (kept causal pairs / all causal pairs) at each length. Times are medians (CUDA events through
 triton.testing.do_bench for attention; synchronized wall time per forward for the model);
 memory is the CUDA allocator's peak above the resident tensors. Attention alone:
-SDPA flash causal, FlexAttention causal (the same analytic BlockMask code, dense plan) and
+SDPA flash causal, SDPA with its default backend (cuDNN on an H200), FlexAttention causal (the same analytic BlockMask code, dense plan) and
 moa-flex; the moa-flex output is checked against SDPA with the explicit reference mask at
 the smallest length. Whole model: HF sdpa (eager, is_causal flash) against moa_flex.compile with
 a dense plan and the sparse plans (one compiled graph, plans switched with set_plan); the
@@ -91,7 +91,10 @@ def bench_attention(args: argparse.Namespace, shape: ModelShape, rows: list, che
             with sdpa_kernel(backends):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-        cases = [("sdpa flash causal", None, sdpa)]
+        def sdpa_default() -> torch.Tensor:  # SDPA's own backend choice (cuDNN on an H200): what HF eager gets
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        cases = [("sdpa flash causal", None, sdpa)] + ([("sdpa default (cudnn)", None, sdpa_default)] if dev == "cuda" else [])
         plans = [("flex causal", Plan.dense(one_layer))] + [
             (f"moa-flex d={d}", plan_at_density(one_layer, N, d, seed=1)) for d in args.densities
         ]
