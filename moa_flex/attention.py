@@ -32,7 +32,6 @@ from .plan import Plan
 _RUNTIMES: dict[int, "MoaRuntime"] = {}
 _ids = itertools.count(1)
 _flex_compiled: Callable | None = None
-_warned_dense = False
 
 
 def compiled_flex_attention() -> Callable:
@@ -83,6 +82,7 @@ class MoaRuntime:
         self.calls = 0
         self.id = next(_ids)
         self._spans: dict[int, torch.Tensor] = {}  # planned length -> head spans [L, H]
+        self.warned_dense = False  # the dense-mask warning, once per runtime
         _RUNTIMES[self.id] = self
 
     def head_spans(self, N: int) -> torch.Tensor:
@@ -133,9 +133,8 @@ class MoaRuntime:
                 allowed = (j <= i).view(1, 1, q_len, kv_len) & attn_mask.bool().view(-1, 1, 1, kv_len)
             else:
                 allowed = allowed_from_mask(attn_mask)
-            global _warned_dense
-            if not _warned_dense:
-                _warned_dense = True
+            if not self.warned_dense:
+                self.warned_dense = True
                 warnings.warn(
                     "moa-flex: the attention mask is more than causal + left padding (the model's own sliding "
                     "window, right padding?); it is ANDed in densely, without full blocks.",

@@ -51,6 +51,28 @@ class CompiledState:
         return self.reports[-1].table(self.plan, N)
 
 
+TRACED_ATTENTION = "moa_flex_traced"
+
+
+def _traced_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """What a soft-capping model (Gemma 2) traces instead of HF's sdpa, which refuses softcap:
+    HF's SDPA call without the cap. The pass rewrites every such call into moa-flex attention
+    with the cap taken from the config, so the uncapped SDPA never runs."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("softcap", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_traced_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(TRACED_ATTENTION, _traced_attention)
+    AttentionMaskInterface.register(TRACED_ATTENTION, sdpa_mask)
+
+
 def _softcaps(config: Any, num_layers: int) -> list[float]:
     cap = getattr(config, "attn_logit_softcapping", None)
     return [float(cap) if cap else 0.0] * num_layers
@@ -97,6 +119,9 @@ def compile(  # noqa: A001  (the verb of the API)
 ) -> torch.nn.Module:
     """Compile an HF causal LM so that every attention layer runs the plan. Returns the model.
 
+    The model is switched to sdpa attention for tracing (models with logit soft-capping, like
+    Gemma 2, to a registered SDPA variant: the cap is applied by moa-flex attention).
+
     ``max_length`` (tokens) fixes the planned length N for every call (inputs longer than it
     raise); by default N is each call's input length. ``backend`` is 'inductor' or 'eager'
     (debugging: the rewritten graph runs without inductor); ``mode`` is an inductor mode.
@@ -117,8 +142,12 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
 
     impl = getattr(config, "_attn_implementation", None)
-    if impl != "sdpa":
-        model.set_attn_implementation("sdpa")
+    wanted = "sdpa"
+    if getattr(config, "attn_logit_softcapping", None):
+        _register_traced_attention()
+        wanted = TRACED_ATTENTION
+    if impl != wanted:
+        model.set_attn_implementation(wanted)
     runtime = MoaRuntime(plan)
     runtime.planned_length = max_length
     from moa_flex.passes.attention_pass import make_backend
@@ -151,7 +180,7 @@ def uncompile(model: torch.nn.Module) -> torch.nn.Module:
     for name in ("forward", "generate"):
         if name in model.__dict__:
             del model.__dict__[name]
-    if state.original_attn_implementation and state.original_attn_implementation != "sdpa":
+    if state.original_attn_implementation and state.original_attn_implementation != model.config._attn_implementation:
         model.set_attn_implementation(state.original_attn_implementation)
     state.runtime.close()
     del model.moa_flex
