@@ -98,6 +98,14 @@ def rewrite_attention(
     one get the forward's 2-D padding mask; the others keep the model's mask, ANDed in.
     """
     nodes = attention_nodes(gm.graph)
+    flex = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.higher_order.flex_attention]
+    if flex:
+        raise ValueError(
+            f"the traced graph calls flex_attention ({len(flex)} nodes): the model runs with "
+            "attn_implementation='flex_attention', whose masks moa-flex would have to replace. Use "
+            "moa_flex.compile(model, plan), which switches the model to sdpa, or load the model with "
+            "attn_implementation='sdpa' before torch.compile(model, backend=moa_flex.backend(plan))."
+        )
     if not nodes:
         raise ValueError(
             "moa-flex found no attention call (F.scaled_dot_product_attention) in the traced graph; "

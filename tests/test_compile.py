@@ -262,6 +262,21 @@ def test_set_plan_switches_without_recompiling() -> None:
         model.moa_flex.set_plan(Plan.dense(ModelShape(L + 1, H, KVH, D)))
 
 
+def test_flex_attention_model_is_switched_to_sdpa() -> None:
+    model = make_model("llama")
+    model.set_attn_implementation("flex_attention")
+    plan = sparse_plan(model.config, "kv_head", seed=4)
+    ids = ids_of(SEQ)
+    want = reference_logits(model, plan, input_ids=ids)
+    moa_flex.compile(model, plan)
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+    assert (got - want).abs().max() <= 1e-4
+    moa_flex.uncompile(model)
+    assert model.config._attn_implementation == "flex_attention"
+
+
 def test_bad_inputs_raise_clear_errors() -> None:
     model = make_model("llama")
     wrong = Plan.dense(ModelShape(L + 1, H, KVH, D))
@@ -274,6 +289,14 @@ def test_bad_inputs_raise_clear_errors() -> None:
     assert getattr(model, "moa_flex", None) is None, "nothing half-applied"
 
     from moa_flex.passes.attention_pass import make_backend
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex_fn = torch.compile(
+        lambda q, k, v: flex_attention(q, k, v), backend=make_backend(Plan.dense(ModelShape(L, H, KVH, D)), 0), fullgraph=True
+    )
+    with pytest.raises(Exception, match="attn_implementation='sdpa'"):
+        flex_fn(*(torch.randn(1, H, 128, D) for _ in range(3)))
 
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     fn = torch.compile(mlp, backend=make_backend(Plan.dense(ModelShape(L, H, KVH, D)), 0), fullgraph=True)
