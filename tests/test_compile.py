@@ -262,6 +262,17 @@ def test_set_plan_switches_without_recompiling() -> None:
         model.moa_flex.set_plan(Plan.dense(ModelShape(L + 1, H, KVH, D)))
 
 
+def test_backend_in_a_torch_compile_workflow() -> None:
+    model = make_model("qwen2")
+    plan = sparse_plan(model.config, "head", seed=6)
+    ids = ids_of(SEQ)
+    want = reference_logits(model, plan, input_ids=ids)
+    compiled = torch.compile(model, backend=moa_flex.backend(plan, config=model.config), dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        got = compiled(input_ids=ids, use_cache=False).logits
+    assert (got - want).abs().max() <= 1e-4
+
+
 def test_flex_attention_model_is_switched_to_sdpa() -> None:
     model = make_model("llama")
     model.set_attn_implementation("flex_attention")
