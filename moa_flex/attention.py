@@ -118,10 +118,10 @@ class MoaRuntime:
         if attn_mask is None:
             spans = self.head_spans(planned)[layer]
             return block_mask_from_spans(spans, self.plan.sink, q_len + extra, q_offset, padded_len, self.block_size, device)
-        if attn_mask.shape[-1] != kv_len or (attn_mask.dim() == 4 and attn_mask.shape[-2] != q_len):
-            raise ValueError(f"attention mask of shape {tuple(attn_mask.shape)} does not match q/kv lengths {q_len}/{kv_len}")
         if attn_mask.dim() not in (2, 4):
             raise ValueError(f"attention mask must be 2-D [B, K] or 4-D [B, 1 or H, Q, K], got {attn_mask.dim()}-D")
+        if attn_mask.shape[-1] != kv_len or (attn_mask.dim() == 4 and attn_mask.shape[-2] != q_len):
+            raise ValueError(f"attention mask of shape {tuple(attn_mask.shape)} does not match q/kv lengths {q_len}/{kv_len}")
         info = (mask_info(attn_mask) if info is None else info).cpu()
         pads, simple = info[:-1], bool(info[-1])
         spans = torch.stack([self.head_spans(max(1, planned - p))[layer] for p in pads.tolist()])

@@ -315,6 +315,20 @@ def test_bad_inputs_raise_clear_errors() -> None:
         fn(torch.randn(2, 4))
 
 
+def test_op_rejects_bad_masks() -> None:
+    from moa_flex.attention import MoaRuntime
+
+    runtime = MoaRuntime(sparse_plan(make_model("llama").config, "kv_head"))
+    q, k = torch.randn(1, H, 8, D), torch.randn(1, KVH, 8, D)
+    with pytest.raises(ValueError, match="2-D"):
+        runtime.attention(q, k, k, torch.ones(1, 8, 8, dtype=torch.bool), -1.0, 0, 0.0)
+    with pytest.raises(ValueError, match="does not match"):
+        runtime.attention(q, k, k, torch.ones(1, 9, dtype=torch.bool), -1.0, 0, 0.0)
+    with pytest.raises(NotImplementedError, match="planned length"):
+        runtime.attention(q[:, :, :1], k, k, None, -1.0, 0, 0.0)
+    runtime.close()
+
+
 def test_generate_and_uncompile() -> None:
     model = make_model("llama")
     original = model.forward
