@@ -153,9 +153,9 @@ class MoaRuntime:
         q_len, kv_len = q.shape[2], k.shape[2]
         if q_len != kv_len and self.planned_length is None:
             raise NotImplementedError(
-                "moa-flex: attention over a KV cache (decoding) needs the planned length of the request; "
-                "decoding with the ragged MoA cache is not available yet. Run a forward over the whole "
-                "sequence (use_cache=False), or moa_flex.uncompile(model) to generate densely."
+                "moa-flex: attention over a dense KV cache (decoding without a MoaCache) is not supported; "
+                "use model.generate(), which plans the request and allocates the ragged MoA cache, or pass "
+                "past_key_values=moa_flex.MoaCache(...), or run the whole sequence (use_cache=False)."
             )
         planned = self.planned_length or kv_len
         if planned < kv_len:

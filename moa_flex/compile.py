@@ -15,12 +15,15 @@ plus once for the first call's tensors; no length within a seen bucket compiles 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from .attention import MoaRuntime
+from .cache import MoaCache
+from .generate import generate as _generate
 from .plan import Plan
 
 
@@ -33,7 +36,16 @@ class CompiledState:
     original_forward: Callable
     original_generate: Callable | None
     original_attn_implementation: str | None
+    max_length: int | None = None
     reports: list = field(default_factory=list)
+    decode_reports: list = field(default_factory=list)
+    compiled_forward: Callable | None = None
+    compiled_decode: Callable | None = None
+    cache: MoaCache | None = None  # the last request's cache, reused when the next has the same layout
+
+    def release_cache(self) -> None:
+        """Free the KV cache kept from the last generate() call."""
+        self.cache = None
 
     def set_plan(self, plan: Plan) -> None:
         """Run another plan for the same model without recompiling (plans are data: the graph
@@ -43,6 +55,7 @@ class CompiledState:
         plan.check_model(self.plan.model)
         self.plan = plan
         self.runtime.set_plan(plan)
+        self.cache = None
 
     def report(self, N: int) -> str:
         """Per layer: the node the pass rewrote and its spans at planned length N (tokens)."""
@@ -151,25 +164,87 @@ def compile(  # noqa: A001  (the verb of the API)
     runtime = MoaRuntime(plan)
     runtime.planned_length = max_length
     from moa_flex.passes.attention_pass import make_backend
+    from moa_flex.passes.decode_pass import make_decode_backend
 
-    state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl)
-    fn = make_backend(
-        plan, runtime.id, inner=backend, mode=mode, on_report=state.reports.append,
-        softcaps=_softcaps(config, plan.num_layers), windows=model_windows(config, plan.num_layers),
+    state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length)
+    softcaps, windows = _softcaps(config, plan.num_layers), model_windows(config, plan.num_layers)
+    prefill = make_backend(
+        plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
+        softcaps=softcaps, windows=windows,
     )
-    compiled = torch.compile(model.forward, backend=fn, dynamic=True, fullgraph=True)
-    model.forward = compiled
+    decode = make_decode_backend(
+        plan, inner=backend, mode=mode, on_report=state.decode_reports.append, softcaps=softcaps, windows=windows,
+    )
+    state.compiled_forward = torch.compile(state.original_forward, backend=prefill, dynamic=True, fullgraph=True)
+    state.compiled_decode = torch.compile(state.original_forward, backend=decode, dynamic=True, fullgraph=True)
+    model.forward = functools.wraps(state.original_forward)(functools.partial(_forward, state))
     if state.original_generate is not None:
-        model.generate = _generate_not_ready  # type: ignore[method-assign]
+        model.generate = functools.wraps(state.original_generate)(functools.partial(_generate, model, state))
     model.moa_flex = state
     return model
 
 
-def _generate_not_ready(*args: Any, **kwargs: Any) -> Any:
-    raise NotImplementedError(
-        "generate() with a moa-flex plan needs the ragged MoA KV cache, which is not available yet; "
-        "moa_flex.uncompile(model) restores dense generate()."
-    )
+def _without_cudagraphs(mode: str | None) -> str | None:
+    """Prefill shapes change with every prompt: CUDA graphs are for decode steps only."""
+    return {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode or "", mode)
+
+
+def _dynamo_policy() -> Any:
+    """Around every compiled call: room for moa-flex's graphs (all HF forwards share one code
+    object, so several compiled models share dynamo's per-code recompile limit), and an error
+    instead of dynamo's silent eager fallback, which would run dense attention."""
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True)
+
+
+RECOMPILE_LIMIT = 64
+
+
+def _forward(state: CompiledState, *args: Any, **kwargs: Any) -> Any:
+    """The compiled model's forward: plain (no cache / prefill) or a decode step over a MoaCache."""
+    cache = kwargs.get("past_key_values")
+    with _dynamo_policy():
+        if not isinstance(cache, MoaCache):
+            return state.compiled_forward(*args, **kwargs)
+        return _forward_with_cache(state, cache, args, kwargs)
+
+
+def _input_length(args: tuple, kwargs: dict) -> int:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if ids is None:
+        raise ValueError("forward needs input_ids or inputs_embeds")
+    return int(ids.shape[1])
+
+
+def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwargs: dict) -> Any:
+    if cache.plan is not state.plan and cache.plan != state.plan:
+        raise ValueError("the MoaCache was built for another plan than the model's (model.moa_flex.set_plan?)")
+    n = _input_length(args, kwargs)
+    if cache.seen_tokens + n > cache.planned_length:
+        raise ValueError(
+            f"generating past the planned length: {cache.seen_tokens} tokens seen + {n} new > planned length "
+            f"{cache.planned_length}; plan the request for more tokens (max_new_tokens, or compile's max_length)"
+        )
+    if cache.filled:
+        if n != 1:
+            raise NotImplementedError(
+                "moa-flex: a prefill of several tokens onto a filled MoA cache (multi-turn) is not supported; "
+                "generate again from the whole conversation"
+            )
+        kwargs = dict(kwargs)
+        kwargs.pop("attention_mask", None)  # the cache holds each row's padding
+        out = state.compiled_decode(*args, **kwargs)
+    else:
+        before = state.runtime.planned_length
+        state.runtime.planned_length = cache.planned_length
+        try:
+            out = state.compiled_forward(*args, **kwargs)
+        finally:
+            state.runtime.planned_length = before
+    cache.mark_filled(n)
+    return out
 
 
 def uncompile(model: torch.nn.Module) -> torch.nn.Module:
@@ -183,5 +258,6 @@ def uncompile(model: torch.nn.Module) -> torch.nn.Module:
     if state.original_attn_implementation and state.original_attn_implementation != model.config._attn_implementation:
         model.set_attn_implementation(state.original_attn_implementation)
     state.runtime.close()
+    state.release_cache()
     del model.moa_flex
     return model

@@ -324,7 +324,7 @@ def test_op_rejects_bad_masks() -> None:
         runtime.attention(q, k, k, torch.ones(1, 8, 8, dtype=torch.bool), -1.0, 0, 0.0)
     with pytest.raises(ValueError, match="does not match"):
         runtime.attention(q, k, k, torch.ones(1, 9, dtype=torch.bool), -1.0, 0, 0.0)
-    with pytest.raises(NotImplementedError, match="planned length"):
+    with pytest.raises(NotImplementedError, match="MoaCache"):
         runtime.attention(q[:, :, :1], k, k, None, -1.0, 0, 0.0)
     runtime.close()
 
@@ -333,8 +333,6 @@ def test_generate_and_uncompile() -> None:
     model = make_model("llama")
     original = model.forward
     moa_flex.compile(model, sparse_plan(model.config, "kv_head"))
-    with pytest.raises(NotImplementedError, match="ragged"):
-        model.generate(input_ids=ids_of(8), max_new_tokens=2)
     with pytest.raises(ValueError, match="already compiled"):
         moa_flex.compile(model, Plan.dense(model.config))
     moa_flex.uncompile(model)

@@ -1,0 +1,122 @@
+"""``model.generate(...)`` after ``moa_flex.compile``: HF's generate over a ragged MoA cache.
+
+The request is planned for ``N = prompt + max_new_tokens`` tokens (or compile's
+``max_length``); a :class:`~moa_flex.cache.MoaCache` is allocated for it (or the previous
+request's reused, when the layout is the same: static addresses for CUDA graphs) and handed
+to transformers' own ``generate`` as ``past_key_values``, so sampling, stopping criteria,
+streamers and the output format are HF's. Every row of a left-padded batch is planned for its
+own real tokens. Beam search and several sequences per prompt are refused (the cache is
+allocated per prompt row).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .cache import MoaCache
+
+if TYPE_CHECKING:
+    from .compile import CompiledState
+
+_ATTN = re.compile(r"layers\.(\d+)\.self_attn$")
+
+
+def layer_placement(model: torch.nn.Module, num_layers: int) -> tuple[list[torch.device], torch.dtype]:
+    """Device of every decoder layer's attention (models spread with device_map) and the
+    attention weights' dtype, found through module paths ``...layers.N.self_attn``."""
+    devices: dict[int, torch.device] = {}
+    dtype = None
+    for name, module in model.named_modules():
+        m = _ATTN.search(name)
+        if m is None:
+            continue
+        param = next(module.parameters(), None)
+        if param is not None:
+            devices[int(m.group(1))] = param.device
+            dtype = dtype or param.dtype
+    if sorted(devices) != list(range(num_layers)):
+        fallback = next(model.parameters())
+        return [fallback.device] * num_layers, fallback.dtype
+    return [devices[layer] for layer in range(num_layers)], dtype or next(model.parameters()).dtype
+
+
+def _new_tokens(model: torch.nn.Module, prompt: int, kwargs: dict) -> int:
+    """max_new_tokens of the request, resolved as HF does (kwargs, then generation config)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if kwargs.get("max_new_tokens") is not None:
+        new = int(kwargs["max_new_tokens"])
+    elif kwargs.get("max_length") is not None:
+        new = int(kwargs["max_length"]) - prompt
+    elif config is not None and config.max_new_tokens is not None:
+        new = int(config.max_new_tokens)
+    elif config is not None and config.max_length is not None:
+        new = int(config.max_length) - prompt
+    else:
+        raise ValueError("generate() needs max_new_tokens to plan the MoA cache")
+    if new < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens resolves to {new} for a prompt of {prompt} tokens")
+    return new
+
+
+def _left_pads(mask: torch.Tensor) -> torch.Tensor:
+    """Left-pad tokens per row of a 2-D padding mask; ValueError if a row is not left-padded."""
+    real = mask.bool()
+    pads = (~real).int().cumprod(dim=1).sum(dim=1)
+    j = torch.arange(mask.shape[1], device=mask.device).view(1, -1)
+    if not bool((real == (j >= pads.view(-1, 1))).all()):
+        raise ValueError("moa-flex generate needs a left-padded batch (attention_mask 0s only at the start of rows)")
+    if bool((pads >= mask.shape[1]).any()):
+        raise ValueError("a row of the batch has no real token (attention_mask all 0)")
+    return pads.cpu()
+
+
+def generate(model: torch.nn.Module, state: "CompiledState", *args: Any, **kwargs: Any) -> Any:
+    """transformers' generate over a ragged MoA KV cache; arguments as HF's ``generate``."""
+    bound = inspect.signature(state.original_generate).bind_partial(*args, **kwargs)
+    params = dict(bound.arguments)
+    params.update(params.pop("kwargs", {}))
+    inputs = params.get("inputs", params.get("input_ids"))
+    if inputs is None or inputs.dim() != 2 or inputs.dtype not in (torch.long, torch.int):
+        raise ValueError("moa-flex generate needs input_ids [batch, tokens] (inputs_embeds are not supported)")
+    config = params.get("generation_config") or model.generation_config
+    for name in ("num_beams", "num_return_sequences"):
+        value = params.get(name, getattr(config, name, 1)) or 1
+        if value != 1:
+            raise NotImplementedError(f"moa-flex generate supports {name}=1 only, got {value}")
+    if params.get("assistant_model") is not None:
+        raise NotImplementedError("moa-flex generate does not support assisted generation")
+    if params.get("past_key_values") is not None:
+        raise ValueError("moa-flex generate allocates its own MoA cache; do not pass past_key_values")
+    B, prompt = inputs.shape
+    new = _new_tokens(model, prompt, params)
+    planned = state.max_length or prompt + new
+    if prompt + new > planned:
+        raise ValueError(f"prompt ({prompt}) + max_new_tokens ({new}) exceeds compile's max_length={planned}")
+    mask = params.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(inputs)
+    pads = _left_pads(mask)
+    cache = _cache_for(model, state, B, planned, pads)
+    params.update(attention_mask=mask, past_key_values=cache, max_new_tokens=new)
+    params.pop("max_length", None)
+    params.pop("input_ids", None)
+    params["inputs"] = inputs
+    return state.original_generate(**params)
+
+
+def _cache_for(model: torch.nn.Module, state: "CompiledState", batch: int, planned: int, pads: torch.Tensor) -> MoaCache:
+    """The previous request's cache if its layout matches (reset), else a new one."""
+    devices, dtype = layer_placement(model, state.plan.num_layers)
+    old = state.cache
+    if (old is not None and old.plan is state.plan and old.batch_size == batch and old.planned_length == planned
+            and torch.equal(old.pads, pads) and old.dtype == dtype
+            and [layer.device for layer in old.layers] == [torch.device(d) for d in devices]):
+        old.reset()
+        return old
+    state.cache = None  # free the old one before allocating
+    state.cache = MoaCache(state.plan, batch, planned, pads=pads, dtype=dtype, devices=devices)
+    return state.cache

@@ -1,0 +1,130 @@
+"""FX graph pass for decoding with the ragged MoA cache.
+
+In a decode step traced with a :class:`moa_flex.cache.MoaCache`, every layer's cache update
+is a ``torch.ops.moa_flex.cache_append`` node (it writes the new token into its slot of each
+group and advances the row's length) followed by the layer's attention call, an SDPA node
+over that single new token. The pass maps both to their layer (module stack), checks there
+is exactly one of each per layer, and replaces the SDPA node by
+``torch.ops.moa_flex.ragged_decode`` over the cache tensors the append node mutated, with
+the query at logical position ``length - 1``. Functionalization orders the decode after the
+append, so the new token is attended. Nothing is rewritten unless every layer matches.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.fx
+
+import moa_flex.cache  # noqa: F401  (registers the cache ops)
+import moa_flex.kernels.decode  # noqa: F401  (registers torch.ops.moa_flex.ragged_decode)
+from moa_flex.plan import Plan
+
+from .attention_pass import PassReport, RewrittenNode, _arg, attention_nodes, node_layer
+
+APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
+
+
+def append_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The ``moa_flex::cache_append`` nodes of a graph (one per layer in a decode step)."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in APPEND]
+
+
+def _append_args(node: torch.fx.Node) -> tuple:
+    """The append node's arguments in schema order (Dynamo may record some as kwargs)."""
+    names = ("keys", "values", "length", "k_new", "v_new", "spans", "caps", "offsets", "sink")
+    args = list(node.args) + [node.kwargs[name] for name in names[len(node.args):]]
+    return tuple(args)
+
+
+def _by_layer(nodes: list[torch.fx.Node], what: str, num_layers: int) -> dict[int, tuple[torch.fx.Node, str]]:
+    found: dict[int, tuple[torch.fx.Node, str]] = {}
+    for node in nodes:
+        layer, path = node_layer(node)
+        if layer in found:
+            raise ValueError(f"decode graph: two {what} nodes for layer {layer} ({found[layer][0].name}, {node.name})")
+        found[layer] = (node, path)
+    if sorted(found) != list(range(num_layers)):
+        raise ValueError(
+            f"decode graph: {what} nodes for layers {sorted(found)}, but the plan has num_layers = {num_layers}"
+        )
+    return found
+
+
+def _head_dim(q: torch.fx.Node) -> int:
+    val = q.meta.get("val", q.meta.get("example_value"))
+    if val is None:
+        raise ValueError(f"decode graph: no shape recorded for query node {q.name}")
+    return int(val.shape[-1])
+
+
+def rewrite_decode(
+    gm: torch.fx.GraphModule, plan: Plan, softcaps: Sequence[float] | None = None,
+    windows: Sequence[int | None] | None = None,
+) -> PassReport:
+    """Replace each layer's single-token SDPA node by ragged decode over its MoA cache.
+
+    ``softcaps``/``windows``: per layer, the model's logit soft-cap and own sliding window
+    (tokens), or 0/None.
+    """
+    appends = _by_layer(append_nodes(gm.graph), "cache_append", plan.num_layers)
+    attns = _by_layer(attention_nodes(gm.graph), "attention", plan.num_layers)
+    for layer, (node, _) in attns.items():
+        dropout = _arg(node, 4, "dropout_p", 0.0)
+        if isinstance(dropout, (int, float)) and dropout != 0.0:
+            raise ValueError(f"attention node {node.name} uses dropout_p={dropout}; moa-flex runs attention in eval mode only")
+    report = PassReport(graph_module=gm)
+    for layer in range(plan.num_layers):
+        node, path = attns[layer]
+        append = appends[layer][0]
+        keys, values, length, _k, _v, spans, caps, offsets, _sink = _append_args(append)
+        q = node.args[0]
+        scale = _arg(node, 6, "scale", None)
+        if scale is None:
+            scale = _head_dim(q) ** -0.5
+        softcap = float(softcaps[layer]) if softcaps else 0.0
+        window = int(windows[layer] or 0) if windows else 0
+        with gm.graph.inserting_before(node):
+            pos = gm.graph.call_function(torch.ops.aten.sub.Scalar, (length, 1))
+            q1 = gm.graph.call_function(torch.ops.aten.select.int, (q, 2, 0))
+            out = gm.graph.call_function(
+                torch.ops.moa_flex.ragged_decode.default,
+                (q1, keys, values, offsets, caps, spans, pos, plan.sink, window, scale if isinstance(scale, torch.fx.Node) else float(scale), softcap),
+            )
+            new = gm.graph.call_function(torch.ops.aten.unsqueeze.default, (out, 2))
+        for n in (pos, q1, out, new):
+            n.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        report.rewritten.append(RewrittenNode(layer, out.name, path))
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return report
+
+
+def make_decode_backend(
+    plan: Plan, *, inner: str = "inductor", mode: str | None = None,
+    on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
+    windows: Sequence[int | None] | None = None,
+) -> Callable:
+    """A torch.compile backend for decode steps: :func:`rewrite_decode`, then inductor (or eager).
+    ``mode="reduce-overhead"`` runs the step under CUDA graphs (the cache has static addresses)."""
+    if inner not in ("inductor", "eager"):
+        raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
+
+    def moa_flex_decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        report = rewrite_decode(gm, plan, softcaps, windows)
+        if inner == "eager":
+            compiled = gm.forward
+        else:
+            from torch._inductor import list_mode_options
+            from torch._inductor.compile_fx import compile_fx
+
+            compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+        if on_report is not None:
+            on_report(report)
+        return compiled
+
+    return moa_flex_decode_backend

@@ -1,0 +1,132 @@
+"""The ragged MoA cache: slot map, prefill and append writes, layout and memory (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moa_flex import ModelShape, Plan
+from moa_flex.cache import MoaCache, slot_positions
+
+
+def simulated(caps: list[list[int]], widths: list[int], sink: int, last: list[int]) -> torch.Tensor:
+    """What each slot holds after writing positions 0..last[b] one by one (DESIGN slot map)."""
+    B = len(caps)
+    out = torch.full((B, sum(widths)), -1, dtype=torch.long)
+    for b in range(B):
+        base = 0
+        for g, width in enumerate(widths):
+            cap = caps[b][g]
+            for p in range(last[b] + 1):
+                slot = p if p < sink else sink + (p - sink) % (cap - sink)
+                if slot < cap:  # cap <= sink: positions past cap never occur in valid use
+                    out[b, base + slot] = p
+            base += width
+    return out
+
+
+@st.composite
+def layouts(draw):  # noqa: ANN001, ANN201
+    B = draw(st.integers(1, 3))
+    G = draw(st.integers(1, 3))
+    sink = draw(st.integers(0, 6))
+    widths = [draw(st.integers(sink + 1, sink + 12)) for _ in range(G)]
+    caps = [[draw(st.integers(sink + 1, w)) for w in widths] for _ in range(B)]
+    last = [draw(st.integers(-1, 60)) for _ in range(B)]
+    return B, G, sink, widths, caps, last
+
+
+@settings(max_examples=200, deadline=None)
+@given(layouts())
+def test_slot_positions_match_simulated_writes(layout) -> None:  # noqa: ANN001
+    B, G, sink, widths, caps, last = layout
+    offsets = torch.tensor([0] + list(torch.tensor(widths).cumsum(0)), dtype=torch.int32)
+    got = slot_positions(torch.tensor(caps, dtype=torch.int32), offsets, sink, torch.tensor(last))
+    assert torch.equal(got, simulated(caps, widths, sink, last))
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts(), st.integers(0, 4), st.integers(1, 20))
+def test_prefill_then_appends_equal_one_prefill(layout, pad_max, steps) -> None:  # noqa: ANN001
+    """Writing a prompt then tokens one by one leaves the cache exactly as a prefill of the
+    whole sequence, and every slot holds the K of the position the slot map says."""
+    B, G, sink, widths, caps, _ = layout
+    D = 3
+    gen = torch.Generator().manual_seed(B * 100 + G)
+    pads = torch.randint(0, pad_max + 1, (B,), generator=gen)
+    prompt = int(pads.max()) + 1 + int(torch.randint(0, 30, (), generator=gen))
+    total = prompt + steps
+    k_all = torch.randn(B, G, total, D, generator=gen, dtype=torch.float64)
+    v_all = torch.randn(B, G, total, D, generator=gen, dtype=torch.float64)
+    offsets = torch.tensor([0] + list(torch.tensor(widths).cumsum(0)), dtype=torch.int32)
+    caps_t = torch.tensor(caps, dtype=torch.int32)
+    spans = torch.zeros(B, G, dtype=torch.int32)
+
+    def fresh() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        S = int(offsets[-1])
+        return torch.full((B, S, D), 7.0, dtype=torch.float64), torch.full((B, S, D), 7.0, dtype=torch.float64), torch.zeros(B, dtype=torch.long)
+
+    keys, values, length = fresh()
+    torch.ops.moa_flex.cache_prefill(keys, values, length, k_all[:, :, :prompt], v_all[:, :, :prompt], pads, caps_t, offsets, sink)
+    assert torch.equal(length, prompt - pads)
+    for t in range(prompt, total):
+        torch.ops.moa_flex.cache_append(keys, values, length, k_all[:, :, t:t + 1], v_all[:, :, t:t + 1], spans, caps_t, offsets, sink)
+    assert torch.equal(length, total - pads)
+
+    k1, v1, l1 = fresh()
+    torch.ops.moa_flex.cache_prefill(k1, v1, l1, k_all, v_all, pads, caps_t, offsets, sink)
+    assert torch.equal(keys, k1) and torch.equal(values, v1)
+
+    held = simulated(caps, widths, sink, (total - pads - 1).tolist())
+    for b in range(B):
+        for s in range(int(offsets[-1])):
+            g = int(torch.searchsorted(offsets, s, right=True)) - 1
+            p = int(held[b, s])
+            want = torch.zeros(D, dtype=torch.float64) if p < 0 else k_all[b, g, int(pads[b]) + p]
+            assert torch.equal(keys[b, s], want), (b, s, p)
+
+
+def plan_for(L: int = 3, H: int = 4, KVH: int = 2, granularity: str = "head") -> Plan:
+    shape = ModelShape(L, H, KVH, 8)
+    G = H if granularity == "head" else KVH
+    gen = torch.Generator().manual_seed(3)
+    alpha = (torch.randint(0, 4, (L, G), generator=gen) * 16).double().tolist()
+    beta = (torch.randint(0, 5, (L, G), generator=gen) / 8).tolist()
+    return Plan(shape, alpha, beta, granularity=granularity, sink=8, min_span=16, span_multiple=8)
+
+
+@pytest.mark.parametrize("granularity", ["head", "kv_head"])
+def test_layout_and_memory(granularity: str) -> None:
+    plan = plan_for(granularity=granularity)
+    pads = torch.tensor([0, 5, 2])
+    N = 200
+    cache = MoaCache(plan, 3, N, pads=pads, dtype=torch.bfloat16)
+    for l, layer in enumerate(cache.layers):
+        for b in range(3):
+            n = N - int(pads[b])
+            assert layer.caps[b].tolist() == plan.cache_spans(n)[l].tolist()
+            assert layer.spans[b].tolist() == plan.head_spans(n)[l].tolist()
+        widths = (layer.offsets[1:] - layer.offsets[:-1]).tolist()
+        assert widths == plan.cache_spans(N)[l].tolist()  # the longest row (pad 0) sets the widths
+    slots = int(plan.cache_spans(N).sum())
+    assert cache.slots() == slots
+    assert cache.memory_bytes() == 2 * 3 * slots * 8 * 2  # K and V, rows, slots, head dim, bf16 bytes
+    measured = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert cache.memory_bytes() == measured
+    assert cache.dense_memory_bytes() == 2 * 3 * 3 * 2 * N * 8 * 2
+    assert cache.memory_bytes() / cache.dense_memory_bytes() == pytest.approx(plan.kv_density(N))
+
+
+def test_bad_input() -> None:
+    plan = plan_for()
+    with pytest.raises(ValueError, match="pads"):
+        MoaCache(plan, 2, 100, pads=torch.tensor([0, 100]))
+    with pytest.raises(ValueError, match="planned_length"):
+        MoaCache(plan, 2, 0)
+    with pytest.raises(ValueError, match="devices"):
+        MoaCache(plan, 1, 100, devices=["cpu"])
+    cache = MoaCache(plan, 1, 100)
+    with pytest.raises(RuntimeError, match="moa_flex.compile"):
+        cache.update(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)

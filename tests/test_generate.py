@@ -1,0 +1,175 @@
+"""generate() after moa_flex.compile: ragged MoA cache + decode kernel (CPU twin), fp32."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import moa_flex
+from moa_flex import Plan, reference_mask
+from moa_flex.cache import MoaCache
+from test_compile import make_model, sparse_plan
+
+PROMPT, NEW = 290, 10  # planned length 300: the FlexAttention bucket the compile tests use
+_REF: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _many_compiles():
+    with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
+        yield
+
+
+def planned_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ANN201
+    """Independent eager attention for a request planned for _REF["N"] tokens (per row: minus
+    its left pad): reference_mask over the logical positions, float64 softmax."""
+    plan, N, pads = _REF["plan"], _REF["N"], _REF["pads"]
+    B, _, Q, _ = query.shape
+    K = key.shape[2]
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, 1).double()
+    v = value.repeat_interleave(group, 1).double()
+    scores = (query.double() @ k.transpose(-1, -2)) * (scaling or 1 / math.sqrt(query.shape[-1]))
+    if kwargs.get("softcap"):
+        scores = kwargs["softcap"] * torch.tanh(scores / kwargs["softcap"])
+    keep = torch.zeros(B, plan.num_heads, Q, K, dtype=torch.bool)
+    for b, pad in enumerate(pads):
+        n = K - pad  # real tokens of the row; logical position = index - pad
+        full = reference_mask(plan, module.layer_idx, N - pad, n, 0, n)  # [H, n, n]
+        first = max(0, (K - Q) - pad)  # logical position of the first real query of this call
+        keep[b, :, Q - (n - first):, pad:] = full[:, first:]
+    if attention_mask is not None:
+        keep &= attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("moa_planned_reference", planned_reference)
+AttentionMaskInterface.register("moa_planned_reference", sdpa_mask)
+
+
+def reference_logits(model, plan: Plan, N: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """Logits at every position of ``ids`` for a request planned for N tokens (padded width)."""
+    pads = (mask == 0).int().cumprod(1).sum(1).tolist()
+    _REF.update(plan=plan, N=N, pads=pads)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("moa_planned_reference")
+    try:
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        state = getattr(model, "moa_flex", None)  # run the uncompiled forward
+        forward = state.original_forward if state is not None else model
+        with torch.no_grad():
+            return forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+    finally:
+        model.set_attn_implementation(before)
+
+
+def prompt_ids(batch: int = 2, length: int = PROMPT, seed: int = 5) -> torch.Tensor:
+    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def run_generate(model, ids: torch.Tensor, mask: torch.Tensor | None = None, new: int = NEW):  # noqa: ANN001, ANN201
+    with torch.no_grad():
+        return model.generate(
+            input_ids=ids, attention_mask=mask if mask is not None else torch.ones_like(ids), max_new_tokens=new,
+            do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+        )
+
+
+@pytest.mark.parametrize("granularity", ["kv_head", "head"])
+def test_sparse_generate_is_token_exact(granularity: str) -> None:
+    model = make_model("llama")
+    plan = sparse_plan(model.config, granularity, seed=4)
+    N = PROMPT + NEW
+    assert plan.kv_density(N) < 0.6
+    ids = prompt_ids()
+    mask = torch.ones_like(ids)
+    moa_flex.compile(model, plan)
+    out = run_generate(model, ids, mask)
+    seq = out.sequences
+    assert seq.shape == (2, N)
+    full_mask = torch.ones_like(seq)
+    want = reference_logits(model, plan, N, seq[:, :-1], full_mask[:, :-1])[:, PROMPT - 1:]  # [B, NEW, V]
+    got = torch.stack(out.logits, dim=1)
+    assert (got - want).abs().max() <= 1e-4
+    assert torch.equal(seq[:, PROMPT:], want.argmax(-1))
+    # the plan really cuts: dense attention would have produced other logits
+    dense = reference_logits(model, Plan.dense(model.config), N, seq[:, :-1], full_mask[:, :-1])[:, PROMPT - 1:]
+    assert (dense - want).abs().max() > 1e-3
+    assert model.moa_flex.decode_reports and len(model.moa_flex.decode_reports[-1].rewritten) == plan.num_layers
+    cache = model.moa_flex.cache
+    assert cache.memory_bytes() == 2 * 2 * int(plan.cache_spans(N).sum()) * 16 * 4
+
+
+def test_dense_plan_generates_stock_tokens() -> None:
+    model = make_model("llama")
+    ids = prompt_ids()
+    with torch.no_grad():
+        stock = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                               do_sample=False, pad_token_id=0)
+    moa_flex.compile(model, Plan.dense(model.config))
+    assert torch.equal(run_generate(model, ids).sequences, stock)
+
+
+def test_left_padded_batch_rows_equal_rows_alone() -> None:
+    model = make_model("llama")
+    plan = sparse_plan(model.config, "head", seed=7)
+    moa_flex.compile(model, plan)
+    ids = prompt_ids(2)
+    mask = torch.ones_like(ids)
+    mask[1, :23] = 0
+    ids[1, :23] = 0
+    both = run_generate(model, ids, mask)
+    for row in range(2):
+        pad = 23 if row else 0
+        alone = run_generate(model, ids[row:row + 1, pad:])
+        assert torch.equal(both.sequences[row, pad:], alone.sequences[0]), f"row {row}"
+        got = torch.stack(both.logits, 1)[row]
+        assert (got - torch.stack(alone.logits, 1)[0]).abs().max() <= 1e-4
+
+
+def test_no_recompile_across_decode_steps() -> None:
+    from torch._dynamo.utils import counters
+
+    model = make_model("llama")
+    moa_flex.compile(model, sparse_plan(model.config, "kv_head"))
+    ids = prompt_ids()
+    run_generate(model, ids, new=3)
+    counters.clear()
+    run_generate(model, ids, new=NEW)  # same layout: the cache is reused, nothing compiles
+    assert counters["stats"]["unique_graphs"] == 0
+    run_generate(model, prompt_ids(length=PROMPT - 40), new=NEW + 5)  # another prompt and plan length
+    assert counters["stats"]["unique_graphs"] <= 1, "at most one more graph (the first decode of a new shape)"
+    counters.clear()
+    run_generate(model, prompt_ids(length=PROMPT - 20), new=NEW)
+    assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_limits_and_errors() -> None:
+    model = make_model("llama")
+    plan = sparse_plan(model.config, "kv_head")
+    moa_flex.compile(model, plan, max_length=PROMPT + 4)
+    ids = prompt_ids()
+    with pytest.raises(ValueError, match="max_length"):
+        run_generate(model, ids, new=5)
+    with pytest.raises(NotImplementedError, match="num_beams"):
+        model.generate(input_ids=ids, max_new_tokens=2, num_beams=2)
+    right = torch.ones_like(ids)
+    right[0, -3:] = 0
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(input_ids=ids, attention_mask=right, max_new_tokens=2)
+    # driving the cache by hand past its planned length
+    cache = MoaCache(plan, 2, PROMPT + 1, dtype=torch.float32)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="planned length"):
+            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    cache2 = MoaCache(plan, 2, PROMPT + 4)
+    with pytest.raises(NotImplementedError, match="multi-turn"), torch.no_grad():
+        model(input_ids=ids, past_key_values=cache2, use_cache=True)
+        model(input_ids=ids[:, :2], past_key_values=cache2, use_cache=True)
