@@ -1,0 +1,1 @@
+"""Triton kernels of moa-flex, each with a pure-torch reference twin."""
