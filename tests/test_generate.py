@@ -36,12 +36,12 @@ def planned_reference(module, query, key, value, attention_mask, scaling=None, d
     scores = (query.double() @ k.transpose(-1, -2)) * (scaling or 1 / math.sqrt(query.shape[-1]))
     if kwargs.get("softcap"):
         scores = kwargs["softcap"] * torch.tanh(scores / kwargs["softcap"])
-    keep = torch.zeros(B, plan.num_heads, Q, K, dtype=torch.bool)
+    keep = torch.zeros(B, plan.num_heads, Q, K, dtype=torch.bool, device=query.device)
     for b, pad in enumerate(pads):
         n = K - pad  # real tokens of the row; logical position = index - pad
         full = reference_mask(plan, module.layer_idx, N - pad, n, 0, n)  # [H, n, n]
         first = max(0, (K - Q) - pad)  # logical position of the first real query of this call
-        keep[b, :, Q - (n - first):, pad:] = full[:, first:]
+        keep[b, :, Q - (n - first):, pad:] = full[:, first:].to(query.device)
     if attention_mask is not None:
         keep &= attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
     probs = scores.masked_fill(~keep, float("-inf")).softmax(-1).nan_to_num(0.0)
@@ -173,3 +173,54 @@ def test_limits_and_errors() -> None:
     with pytest.raises(NotImplementedError, match="multi-turn"), torch.no_grad():
         model(input_ids=ids, past_key_values=cache2, use_cache=True)
         model(input_ids=ids[:, :2], past_key_values=cache2, use_cache=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton decode kernel, CUDA graphs)")
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_generate_on_gpu_matches_reference(mode: str | None) -> None:
+    """On a GPU: the Triton kernel decodes, CUDA graphs capture the step (reduce-overhead),
+    tokens equal the reference's and logits agree; a second request compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = make_model("llama").cuda()
+    plan = sparse_plan(model.config, "head", seed=4)
+    N = PROMPT + NEW
+    moa_flex.compile(model, plan, mode=mode)
+    ids = prompt_ids().cuda()
+    out = run_generate(model, ids)
+    seq = out.sequences
+    want = reference_logits(model, plan, N, seq[:, :-1], torch.ones_like(seq[:, :-1]))[:, PROMPT - 1:]
+    got = torch.stack(out.logits, dim=1)
+    assert (got - want).abs().max() <= 1e-3
+    assert torch.equal(seq[:, PROMPT:], want.argmax(-1))
+    counters.clear()
+    again = run_generate(model, ids)
+    assert counters["stats"]["unique_graphs"] == 0
+    assert torch.equal(again.sequences, seq)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_generate_with_layers_on_two_gpus() -> None:
+    """Layers spread over two GPUs (as device_map does): each layer's cache lives on its
+    layer's device, and the tokens equal those of the model on one GPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = make_model("llama").cuda(0)
+    plan = sparse_plan(model.config, "head", seed=4)
+    ids = prompt_ids().cuda(0)
+    moa_flex.compile(model, plan)
+    one = run_generate(model, ids)
+    moa_flex.uncompile(model)
+
+    from accelerate import dispatch_model
+
+    model = dispatch_model(make_model("llama"), device_map={
+        "model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+        "model.norm": 1, "lm_head": 1,
+    })
+    moa_flex.compile(model, plan)
+    two = run_generate(model, ids)
+    devices = [layer.keys.device for layer in model.moa_flex.cache.layers]
+    assert devices == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert torch.equal(one.sequences.cpu(), two.sequences.cpu())
+    assert (torch.stack(one.logits, 1).cpu() - torch.stack(two.logits, 1).cpu()).abs().max() <= 1e-3

@@ -1,0 +1,553 @@
+"""Ragged MoA decode: one query token per batch row over the per-KV-group ragged KV cache.
+
+Layout (DESIGN.md, "The KV cache"), per layer:
+
+* ``k`` ``[B, S, D]``, ``v`` ``[B, S, Dv]``: the slot axis concatenates the KV groups; group
+  ``g`` owns slots ``offsets[g] .. offsets[g+1]-1`` (``offsets`` int32 ``[G+1]``, the
+  allocation, the same for every row, ``offsets[0] = 0``, ``offsets[G] = S``).
+* ``caps`` int32 ``[B, G]``: row ``b`` uses the first ``caps[b, g]`` slots of group ``g``.
+* ``spans`` int32 ``[B, H]``: span (tokens) of query head ``h`` in row ``b`` (``<= caps``).
+* ``pos`` int64 ``[B]``: logical position ``i`` of the row's query; its own K/V are already
+  in the cache.
+
+Logical position held by local slot ``s`` of a group with cap ``C`` (``R = C - sink``):
+``s >= C`` unused; ``s < sink``: ``p = s``, valid iff ``p <= i``; otherwise valid iff
+``s <= i`` and then ``p = i - ((i - s) mod R)``. Head ``h`` keeps a valid slot iff
+``p < sink or i - p < span - sink`` and, if ``window > 0``, ``i - p < window``. Scores are
+``scale * q.k`` (soft-capped ``softcap * tanh(x / softcap)`` if ``softcap > 0``), softmax over
+kept slots, times ``v``; a head with no kept slot gives zeros.
+
+Shapes of the op: ``q`` ``[B, H, D]`` (one query token per row, no q-length axis) ->
+``out`` ``[B, H, Dv]`` in ``q``'s dtype.
+
+Three implementations:
+
+* :func:`ragged_decode_reference`: the twin, pure torch in float64, straight from the rule;
+  the oracle of the tests and the CPU implementation.
+* :func:`ragged_decode_triton`: the Triton kernel (flash-decoding / split-K). One program
+  per (work item = group and chunk of its slots, row); all query heads of the group are
+  handled in that program, so each K/V slot is read once. A second kernel combines the
+  chunks' partial (max, sum, acc). The work list depends only on the allocation
+  (offsets, chunk size), never on caps/pos/spans, so a captured CUDA graph stays valid
+  across requests and steps; caps, pos and spans are applied inside the kernel. On CPU
+  tensors it runs in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first
+  imported: triton 3.9 reads it when ``@triton.jit`` decorates, its own library included).
+* ``torch.ops.moa_flex.ragged_decode``: the custom op (CUDA -> Triton, CPU -> twin) with a
+  fake implementation, for torch.compile and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+try:  # triton is a dev extra; the twin and the op's CPU path do not need it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+LOG2E = 1.4426950408889634
+DEFAULT_BLOCK_N = 64  # slots per inner tile
+MAX_CHUNK = 8192  # slots per work item, upper bound of the automatic choice
+_CACHE_SIZE = 64
+
+
+# ---------------------------------------------------------------------------------- checks
+def check_decode_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    caps: torch.Tensor,
+    spans: torch.Tensor,
+    pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scale: float,
+    softcap: float,
+    float_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+) -> None:
+    """Validate shapes, dtypes and devices (metadata only: never syncs a device).
+
+    Raises TypeError for a wrong dtype, ValueError for a wrong shape, device or scalar.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v), ("offsets", offsets), ("caps", caps), ("spans", spans), ("pos", pos)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dtype not in float_dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in float_dtypes)
+        raise TypeError(f"q must be one of {names}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {t.dtype}")
+    for name, t, dt in (("offsets", offsets, torch.int32), ("caps", caps, torch.int32), ("spans", spans, torch.int32), ("pos", pos, torch.int64)):
+        if t.dtype != dt:
+            raise TypeError(f"{name} must be {dt}, got {t.dtype}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, H, D] (one query token per row), got shape {tuple(q.shape)}")
+    if k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"k and v must be [B, S, D] and [B, S, Dv], got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, H, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"k and v must have B = {B} rows (q.shape[0]), got {k.shape[0]} and {v.shape[0]}")
+    if k.shape[2] != D:
+        raise ValueError(f"k.shape[2] must equal the head dim of q ({D}), got {k.shape[2]}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"v.shape[1] (slots) must equal k.shape[1] ({k.shape[1]}), got {v.shape[1]}")
+    if offsets.dim() != 1 or offsets.shape[0] < 2:
+        raise ValueError(f"offsets must be 1-D [G+1] with G >= 1, got shape {tuple(offsets.shape)}")
+    G = offsets.shape[0] - 1
+    if caps.shape != (B, G):
+        raise ValueError(f"caps must be [B, G] = [{B}, {G}] (G = len(offsets) - 1), got {tuple(caps.shape)}")
+    if H % G:
+        raise ValueError(f"query heads H = {H} must be divisible by the KV groups G = {G} (len(offsets) - 1)")
+    if spans.shape != (B, H):
+        raise ValueError(f"spans must be [B, H] = [{B}, {H}], got {tuple(spans.shape)}")
+    if pos.shape != (B,):
+        raise ValueError(f"pos must be [B] = [{B}], got {tuple(pos.shape)}")
+    for name, t in (("k", k), ("v", v), ("offsets", offsets), ("caps", caps), ("spans", spans), ("pos", pos)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device")
+    for name, x in (("sink", sink), ("window", window)):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (tokens), got {x!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
+
+
+def _check_offsets_values(offsets: list[int], S: int) -> None:
+    if offsets[0] != 0 or offsets[-1] != S or any(a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"offsets must be non-decreasing from 0 to S = {S} (k.shape[1]), got {offsets}")
+
+
+def check_decode_values(
+    k: torch.Tensor, offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, pos: torch.Tensor
+) -> None:
+    """Validate the values of offsets/caps/spans/pos (reads them: syncs a device; not for hot paths)."""
+    offs = [int(x) for x in offsets.tolist()]
+    _check_offsets_values(offs, k.shape[1])
+    widths = torch.tensor([b - a for a, b in zip(offs, offs[1:])], dtype=torch.int64)
+    c = caps.detach().cpu().to(torch.int64)
+    if bool((c < 0).any()) or bool((c > widths).any()):
+        raise ValueError(f"caps must be in [0, offsets[g+1] - offsets[g]] = [0, {widths.tolist()}] per group, got {c.tolist()}")
+    G, H = c.shape[1], spans.shape[1]
+    s = spans.detach().cpu().to(torch.int64)
+    head_caps = c.repeat_interleave(H // G, dim=1)
+    if bool((s < 0).any()) or bool((s > head_caps).any()):
+        raise ValueError(f"spans must be in [0, caps of the head's group], got spans {s.tolist()} for caps {c.tolist()}")
+    if bool((pos < 0).any()):
+        raise ValueError(f"pos must be >= 0 (logical position of the query), got {pos.tolist()}")
+
+
+# ---------------------------------------------------------------------------------- the twin
+def ragged_decode_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    caps: torch.Tensor,
+    spans: torch.Tensor,
+    pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """The obviously-right twin: every slot's logical position and keep flag, float64 softmax.
+
+    q [B, H, D], k [B, S, D], v [B, S, Dv] -> [B, H, Dv] in q's dtype. Also checks values
+    (offsets, caps, spans, pos), which reads them; accepts float64 too. Memory: O(B * H * S)
+    float64.
+    """
+    check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, (*FLOAT_DTYPES, torch.float64))
+    check_decode_values(k, offsets, caps, spans, pos)
+    B, H, _ = q.shape
+    S, G = k.shape[1], offsets.shape[0] - 1
+    dev = q.device
+    offs = offsets.to(torch.int64)
+    slot = torch.arange(S, device=dev)
+    group = torch.searchsorted(offs[1:], slot, right=True)  # [S]: offs[g] <= slot < offs[g+1]
+    local = slot - offs[group]  # [S], slot index inside its group
+    cap = caps.to(torch.int64)[:, group]  # [B, S]
+    i = pos.view(B, 1)
+    valid = (local < cap) & (local <= i)
+    ring = (cap - sink).clamp(min=1)  # only used where local >= sink, i.e. where cap > sink
+    p = torch.where(local < sink, local.expand(B, S), i - torch.remainder(i - local, ring))  # [B, S]
+    dist = (i - p).view(B, 1, S)
+    head_group = torch.arange(H, device=dev) // (H // G)
+    keep = valid.view(B, 1, S) & (group.view(1, 1, S) == head_group.view(1, H, 1))
+    keep &= (p.view(B, 1, S) < sink) | (dist < (spans.to(torch.int64) - sink).view(B, H, 1))
+    if window > 0:
+        keep &= dist < window
+    x = scale * torch.einsum("bhd,bsd->bhs", q.double(), k.double())
+    if softcap > 0:
+        x = softcap * torch.tanh(x / softcap)
+    x = x.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(x, dim=-1).nan_to_num(0.0)  # rows with nothing kept -> zeros
+    return torch.einsum("bhs,bsd->bhd", probs, v.double()).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------- work list
+@dataclass(frozen=True)
+class DecodeWorkList:
+    """Work items of one allocation: which group and which slots each program reads.
+
+    ``items`` int32 [n_items, 4]: (group g, first slot of g in the flat cache, local start,
+    local stop), chunks of ``chunk`` slots; ``group_items`` int32 [G+1]: items of group g are
+    ``group_items[g] .. group_items[g+1]-1``. Depends on (offsets, chunk) only.
+    """
+
+    items: torch.Tensor
+    group_items: torch.Tensor
+    n_items: int
+    chunk: int
+    max_items_per_group: int
+
+
+_HOST_OFFSETS: OrderedDict = OrderedDict()
+_WORK_LISTS: OrderedDict = OrderedDict()
+
+
+def _remember(cache: OrderedDict, key: object, value: object) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+
+
+def host_offsets(offsets: torch.Tensor, S: int) -> tuple[int, ...]:
+    """The allocation's offsets as Python ints, read once per offsets tensor (then cached).
+
+    The first call for a device tensor syncs (run one decode step before capturing a CUDA
+    graph); the cache keeps a reference to the tensor, so its address is not reused, and
+    keys on its version counter. Allocate a new tensor for a new allocation rather than
+    writing into offsets in place under inference mode (no version counter there).
+    """
+    try:
+        version = offsets._version
+    except RuntimeError:  # inference tensors carry no version counter
+        version = -1
+    key = (offsets.data_ptr(), offsets.device, offsets.shape[0], offsets.stride(0), version)
+    hit = _HOST_OFFSETS.get(key)
+    if hit is not None and hit[1] is offsets:
+        return hit[0]
+    offs = tuple(int(x) for x in offsets.tolist())
+    _check_offsets_values(list(offs), S)
+    _remember(_HOST_OFFSETS, key, (offs, offsets))
+    return offs
+
+
+def auto_chunk(B: int, offsets: tuple[int, ...], device: torch.device, block_n: int = DEFAULT_BLOCK_N) -> int:
+    """Slots per work item from the allocation alone: about 4 programs per SM (a power of two
+    times block_n, at least 2 tiles, at most MAX_CHUNK slots)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 8
+    total = B * offsets[-1]
+    want = -(-total // (4 * sms))
+    chunk = 2 * block_n
+    while chunk < want and chunk < MAX_CHUNK:
+        chunk *= 2
+    return chunk
+
+
+def decode_work_list(offsets: tuple[int, ...], chunk: int, device: torch.device | str) -> DecodeWorkList:
+    """The cached work list of an allocation (offsets in slots, chunk in slots) on `device`."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1 (slots), got {chunk!r}")
+    device = torch.device(device)
+    key = (tuple(offsets), chunk, device)
+    hit = _WORK_LISTS.get(key)
+    if hit is not None:
+        return hit
+    rows, group_items, most = [], [0], 1
+    for g, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
+        width = hi - lo
+        starts = list(range(0, width, chunk)) or [0]  # an empty group still gets one (empty) item
+        rows += [(g, lo, s, min(s + chunk, width)) for s in starts]
+        group_items.append(len(rows))
+        most = max(most, len(starts))
+    wl = DecodeWorkList(
+        items=torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 4),
+        group_items=torch.tensor(group_items, dtype=torch.int32, device=device),
+        n_items=len(rows),
+        chunk=chunk,
+        max_items_per_group=most,
+    )
+    _remember(_WORK_LISTS, key, wl)
+    return wl
+
+
+# ---------------------------------------------------------------------------------- Triton
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["sink", "window_lim"])
+    def _decode_partial_kernel(
+        q_ptr, k_ptr, v_ptr, items_ptr, caps_ptr, spans_ptr, pos_ptr,
+        m_ptr, l_ptr, acc_ptr,
+        stride_qb, stride_qh, stride_qd,
+        stride_kb, stride_ks, stride_kd,
+        stride_vb, stride_vs, stride_vd,
+        stride_cb, stride_cg, stride_sb, stride_sh, stride_pb,
+        n_items, sink, window_lim, qk_scale, softcap,
+        HPG: tl.constexpr, HPG_PAD: tl.constexpr,
+        D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """One (work item, row): online softmax of all HPG heads of a group over a chunk of slots."""
+        item = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        g = tl.load(items_ptr + item * 4)
+        base = tl.load(items_ptr + item * 4 + 1).to(tl.int64)
+        lo = tl.load(items_ptr + item * 4 + 2)
+        stop = tl.load(items_ptr + item * 4 + 3)
+        cap = tl.load(caps_ptr + b * stride_cb + g * stride_cg)
+        i = tl.load(pos_ptr + b * stride_pb)  # int64, logical position of the query
+        # slots past the cap, past the query, or past the chunk are never read
+        hi = tl.minimum(tl.minimum(stop, cap).to(tl.int64), i + 1).to(tl.int32)
+        ring = tl.maximum(cap - sink, 1).to(tl.int64)
+
+        r = tl.arange(0, HPG_PAD)
+        head_ok = r < HPG
+        heads = g * HPG + r
+        span = tl.load(spans_ptr + b * stride_sb + heads * stride_sh, mask=head_ok, other=0)
+        win = (span - sink).to(tl.int64)  # a kept ring slot has i - p < win
+        d = tl.arange(0, D_PAD)
+        dv = tl.arange(0, DV_PAD)
+        qt = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+            mask=head_ok[:, None] & (d[None, :] < D), other=0.0,
+        )
+        if DOT_F32:
+            qt = qt.to(tl.float32)
+        m_i = tl.full([HPG_PAD], float("-inf"), tl.float32)
+        l_i = tl.full([HPG_PAD], 0.0, tl.float32)
+        acc = tl.full([HPG_PAD, DV_PAD], 0.0, tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            s = start + tl.arange(0, BLOCK_N)
+            valid = s < hi
+            s64 = s.to(tl.int64)
+            p = tl.where(s < sink, s64, i - (i - s64) % ring)  # (i - s) >= 0 on valid slots
+            dist = i - p
+            keep = valid[None, :] & ((p < sink)[None, :] | (dist[None, :] < win[:, None]))
+            keep = keep & (dist < window_lim)[None, :]  # window_lim: the window, or 2**62 if none
+            rows = base + s64
+            kt = tl.load(
+                k_ptr + b * stride_kb + rows[:, None] * stride_ks + d[None, :] * stride_kd,
+                mask=valid[:, None] & (d[None, :] < D), other=0.0,
+            )
+            if DOT_F32:
+                kt = kt.to(tl.float32)
+            if IEEE:
+                x = tl.dot(qt, tl.trans(kt), input_precision="ieee")
+            else:
+                x = tl.dot(qt, tl.trans(kt))
+            x = x * qk_scale
+            if HAS_SOFTCAP:
+                y = x / softcap
+                e = tl.exp2(-2.8853900817779268 * tl.abs(y))  # exp(-2|y|)
+                t = (1.0 - e) / (1.0 + e)
+                x = softcap * tl.where(y < 0, -t, t)
+            x = tl.where(keep, x * 1.4426950408889634, float("-inf"))  # log2 units (x log2 e) from here on
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            pr = tl.exp2(x - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            vt = tl.load(
+                v_ptr + b * stride_vb + rows[:, None] * stride_vs + dv[None, :] * stride_vd,
+                mask=valid[:, None] & (dv[None, :] < DV), other=0.0,
+            )
+            pv = pr.to(vt.dtype)  # probabilities in V's dtype, as the GPU MMA takes them
+            if DOT_F32:
+                pv = pv.to(tl.float32)
+                vt = vt.to(tl.float32)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(pv, vt)
+            m_i = m_new
+        row = (b * n_items + item) * HPG + r
+        tl.store(m_ptr + row, m_i, mask=head_ok)
+        tl.store(l_ptr + row, l_i, mask=head_ok)
+        tl.store(acc_ptr + row[:, None] * DV_PAD + dv[None, :], acc, mask=head_ok[:, None])
+
+    @triton.jit
+    def _decode_combine_kernel(
+        m_ptr, l_ptr, acc_ptr, group_items_ptr, out_ptr,
+        stride_ob, stride_oh, stride_od, n_items,
+        HPG: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """One (head, row): merge the partial (max, sum, acc) of the group's chunks."""
+        h = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        g = h // HPG
+        r = h % HPG
+        c_lo = tl.load(group_items_ptr + g)
+        c_hi = tl.load(group_items_ptr + g + 1)
+        c = tl.arange(0, BLOCK_C)
+        dv = tl.arange(0, DV_PAD)
+        m_run = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            idx = c0 + c
+            row = (b * n_items + idx) * HPG + r
+            m_run = tl.maximum(m_run, tl.load(m_ptr + row, mask=idx < c_hi, other=float("-inf")))
+        m_all = tl.max(m_run, 0)
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        l_run = tl.full([BLOCK_C], 0.0, tl.float32)
+        acc = tl.full([BLOCK_C, DV_PAD], 0.0, tl.float32)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            idx = c0 + c
+            ok = idx < c_hi
+            row = (b * n_items + idx) * HPG + r
+            w = tl.exp2(tl.load(m_ptr + row, mask=ok, other=float("-inf")) - m_safe)
+            l_run += w * tl.load(l_ptr + row, mask=ok, other=0.0)
+            part = tl.load(acc_ptr + row[:, None] * DV_PAD + dv[None, :], mask=ok[:, None], other=0.0)
+            acc += w[:, None] * part
+        total = tl.sum(l_run, 0)
+        o = tl.sum(acc, 0) / tl.where(total > 0, total, 1.0)  # nothing kept -> zeros
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + dv * stride_od, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
+
+
+def interpreting() -> bool:
+    """True when the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_decode_partial_kernel, InterpretedFunction)
+
+
+def _pow2(n: int, least: int) -> int:
+    return max(least, 1 << max(0, (n - 1).bit_length()))
+
+
+def ragged_decode_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    caps: torch.Tensor,
+    spans: torch.Tensor,
+    pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scale: float,
+    softcap: float,
+    *,
+    out: torch.Tensor | None = None,
+    chunk: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype).
+
+    ``chunk`` (slots per work item; default from the allocation and the GPU's SM count) and
+    ``block_n`` (slots per inner tile, a power of two >= 16) tune the split. ``out`` is written
+    entirely. CUDA tensors run compiled; CPU tensors need Triton's interpreter
+    (TRITON_INTERPRET=1 set before triton is first imported). Never reads caps/pos/spans on
+    the host; the first call per offsets tensor reads offsets once (see :func:`host_offsets`).
+    """
+    if triton is None:
+        raise RuntimeError("ragged_decode_triton needs triton (pip install 'moa-flex[dev]')")
+    check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+    if q.device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            "ragged_decode_triton on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before triton is first imported (tests/conftest.py does so when CUDA is unavailable)"
+        )
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"ragged_decode_triton runs on CUDA (or CPU under the interpreter), got {q.device}")
+    B, H, D = q.shape
+    S, Dv = k.shape[1], v.shape[2]
+    G = offsets.shape[0] - 1
+    hpg = H // G
+    if block_n is None:
+        block_n = DEFAULT_BLOCK_N if max(D, Dv) <= 128 else 32
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16 (slots), got {block_n}")
+    offs = host_offsets(offsets, S)
+    if chunk is None:
+        chunk = auto_chunk(B, offs, q.device, block_n)
+    wl = decode_work_list(offs, chunk, q.device)
+    if out is None:
+        out = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
+    elif out.shape != (B, H, Dv) or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(
+            f"out must be [B, H, Dv] = [{B}, {H}, {Dv}] {q.dtype} on {q.device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if B == 0 or H == 0:
+        return out
+    hpg_pad, d_pad, dv_pad = _pow2(hpg, 16), _pow2(D, 16), _pow2(Dv, 16)
+    m = torch.empty(B, wl.n_items, hpg, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(B, wl.n_items, hpg, dv_pad, device=q.device, dtype=torch.float32)
+    interp = interpreting()
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _decode_partial_kernel[(wl.n_items, B)](
+            q, k, v, wl.items, caps, spans, pos, m, l, acc,
+            *q.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(), pos.stride(0),
+            wl.n_items, sink, window if window > 0 else 2**62, float(scale), float(softcap) if softcap > 0 else 1.0,
+            HPG=hpg, HPG_PAD=hpg_pad, D=D, D_PAD=d_pad, DV=Dv, DV_PAD=dv_pad, BLOCK_N=block_n,
+            HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        _decode_combine_kernel[(H, B)](
+            m, l, acc, wl.group_items, out, *out.stride(), wl.n_items,
+            HPG=hpg, DV=Dv, DV_PAD=dv_pad, BLOCK_C=min(64, _pow2(wl.max_items_per_group, 16)),
+            num_warps=4,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------- the op
+@torch.library.custom_op("moa_flex::ragged_decode", mutates_args=())
+def ragged_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    caps: torch.Tensor,
+    spans: torch.Tensor,
+    pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Ragged MoA decode as a torch op: q [B, H, D] -> [B, H, Dv]. CUDA: Triton; CPU: the twin."""
+    if q.device.type == "cuda":
+        return ragged_decode_triton(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+    if q.device.type == "cpu":
+        return ragged_decode_reference(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+    raise ValueError(f"moa_flex::ragged_decode runs on CUDA or CPU tensors, got {q.device}")
+
+
+@ragged_decode.register_fake
+def _ragged_decode_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    caps: torch.Tensor,
+    spans: torch.Tensor,
+    pos: torch.Tensor,
+    sink: int,
+    window: int,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])

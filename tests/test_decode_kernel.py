@@ -1,0 +1,326 @@
+"""Ragged decode: twin vs a cache-writing simulation; Triton kernel vs twin; the torch op.
+
+Oracles:
+* ``naive_decode``: replays the writes of positions 0..i through ``slot(p)`` into each group's
+  slot array, lists the kept positions from the keep rule, and attends per (row, head) with
+  an explicit gather. It never inverts the slot map, so it checks the twin's slot arithmetic.
+* the twin ``ragged_decode_reference`` (float64) for the kernel and the op.
+
+Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported); with CUDA it runs compiled on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moa_flex.kernels import decode
+from moa_flex.kernels.decode import (
+    decode_work_list,
+    ragged_decode_reference,
+    ragged_decode_triton,
+)
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(
+    decode.triton is None or (KERNEL_DEVICE == "cpu" and not decode.interpreting()),
+    reason="Triton kernel needs CUDA or TRITON_INTERPRET=1 set before triton is imported",
+)
+
+
+# ---------------------------------------------------------------------------------- layouts
+@st.composite
+def layouts(
+    draw: st.DrawFn,
+    max_b: int = 3,
+    max_g: int = 3,
+    max_hpg: int = 3,
+    max_width: int = 24,
+    dims: tuple[int, ...] = (8,),
+) -> dict:
+    """A random allocation, per-row caps/spans/pos, rule scalars and a seed."""
+    B = draw(st.integers(1, max_b))
+    G = draw(st.integers(1, max_g))
+    hpg = draw(st.integers(1, max_hpg))
+    sink = draw(st.integers(0, 4))
+    widths = draw(st.lists(st.integers(0, max_width), min_size=G, max_size=G))
+    caps = [[draw(st.integers(0, w)) for w in widths] for _ in range(B)]
+    spans = [[draw(st.integers(0, caps[b][h // hpg])) for h in range(G * hpg)] for b in range(B)]
+    pos = []
+    for b in range(B):
+        top = max(caps[b])
+        regime = draw(st.sampled_from(["before sink", "filling", "wrapped"]))
+        if regime == "before sink":
+            pos.append(draw(st.integers(0, max(sink - 1, 0))))
+        elif regime == "filling":
+            pos.append(draw(st.integers(0, max(top - 1, 0))))
+        else:  # the ring went round several times
+            pos.append(draw(st.integers(top, 6 * top + 30)))
+    D = draw(st.sampled_from(dims))
+    return {
+        "B": B, "G": G, "hpg": hpg, "sink": sink, "widths": widths, "caps": caps, "spans": spans,
+        "pos": pos, "D": D, "Dv": D if draw(st.booleans()) else draw(st.sampled_from([16, 32])),
+        "window": draw(st.one_of(st.just(0), st.integers(1, 30))),
+        "softcap": draw(st.sampled_from([0.0, 0.0, 0.7, 5.0, 30.0])),
+        "scale": draw(st.sampled_from([0.25, 1.0 / math.sqrt(D), 1.3])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def tensors(lay: dict, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple:
+    """(q, k, v, offsets, caps, spans, pos) for a layout, random normal q/k/v."""
+    gen = torch.Generator().manual_seed(lay["seed"])
+    B, H, S = lay["B"], lay["G"] * lay["hpg"], sum(lay["widths"])
+    offsets = torch.tensor([0, *torch.tensor(lay["widths"]).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(B, H, lay["D"], generator=gen)
+    k = torch.randn(B, S, lay["D"], generator=gen)
+    v = torch.randn(B, S, lay["Dv"], generator=gen)
+    ints = [
+        offsets,
+        torch.tensor(lay["caps"], dtype=torch.int32).view(B, lay["G"]),
+        torch.tensor(lay["spans"], dtype=torch.int32).view(B, H),
+        torch.tensor(lay["pos"], dtype=torch.int64),
+    ]
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v)) + tuple(t.to(device) for t in ints)
+
+
+def scalars(lay: dict) -> tuple:
+    return lay["sink"], lay["window"], lay["scale"], lay["softcap"]
+
+
+# ---------------------------------------------------------------------------------- naive oracle
+def cached_positions(cap: int, sink: int, i: int) -> list[int | None]:
+    """Replay the writes of positions 0..i into a group of `cap` slots: slot -> position held."""
+    slots: list[int | None] = [None] * cap
+    for p in range(i + 1):
+        if p < sink:
+            s = p
+        elif cap > sink:
+            s = sink + (p - sink) % (cap - sink)
+        else:
+            continue  # no ring: the position has nowhere to go
+        if s < cap:
+            slots[s] = p
+    return slots
+
+
+def naive_decode(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap) -> torch.Tensor:  # noqa: ANN001
+    """Per (row, head): the kept cached positions, then softmax attention over them, float64."""
+    B, H, _ = q.shape
+    G = offsets.numel() - 1
+    hpg = H // G
+    out = torch.zeros(B, H, v.shape[2], dtype=torch.float64)
+    for b in range(B):
+        i = int(pos[b])
+        for h in range(H):
+            g = h // hpg
+            held = cached_positions(int(caps[b, g]), sink, i)
+            span = int(spans[b, h])
+            kept = [
+                int(offsets[g]) + s
+                for s, p in enumerate(held)
+                if p is not None
+                and (p < sink or i - p < span - sink)
+                and (window == 0 or i - p < window)
+            ]
+            if not kept:
+                continue
+            x = scale * (k[b, kept].double() @ q[b, h].double())
+            if softcap > 0:
+                x = softcap * torch.tanh(x / softcap)
+            out[b, h] = torch.softmax(x, 0) @ v[b, kept].double()
+    return out
+
+
+# ---------------------------------------------------------------------------------- the twin
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts())
+def test_twin_matches_cache_simulation(lay: dict) -> None:
+    args = tensors(lay, torch.float64)
+    got = ragged_decode_reference(*args, *scalars(lay))
+    want = naive_decode(*args, *scalars(lay))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_twin_known_values() -> None:
+    """One group, cap 5, sink 2, i = 9: slots hold positions [0, 1, 8, 9, 7]."""
+    assert cached_positions(5, 2, 9) == [0, 1, 8, 9, 7]
+    S, D = 5, 4
+    k = torch.zeros(1, S, D, dtype=torch.float64)
+    v = torch.arange(S, dtype=torch.float64).view(1, S, 1)  # value = slot index
+    q = torch.zeros(1, 2, D, dtype=torch.float64)  # uniform attention over kept slots
+    offsets = torch.tensor([0, 5], dtype=torch.int32)
+    caps = torch.tensor([[5]], dtype=torch.int32)
+    spans = torch.tensor([[5, 3]], dtype=torch.int32)  # head 1 keeps sinks + the last position
+    pos = torch.tensor([9])
+    out = ragged_decode_reference(q, k, v, offsets, caps, spans, pos, 2, 0, 1.0, 0.0)
+    assert out[0, 0, 0].item() == pytest.approx((0 + 1 + 2 + 3 + 4) / 5)
+    assert out[0, 1, 0].item() == pytest.approx((0 + 1 + 3) / 3)  # slot 3 holds position 9
+    out = ragged_decode_reference(q, k, v, offsets, caps, spans, pos, 2, 2, 1.0, 0.0)  # window 2: 8, 9
+    assert out[0, 0, 0].item() == pytest.approx((2 + 3) / 2)
+
+
+def test_twin_nothing_kept_is_zero() -> None:
+    lay = {"B": 2, "G": 2, "hpg": 2, "sink": 0, "widths": [4, 3], "caps": [[0, 3], [4, 3]],
+           "spans": [[0, 0, 3, 0], [4, 4, 3, 3]], "pos": [5, 0], "D": 8, "Dv": 8, "window": 0,
+           "softcap": 0.0, "scale": 1.0, "seed": 0}
+    out = ragged_decode_reference(*tensors(lay), *scalars(lay))
+    assert out[0, :2].eq(0).all() and out[0, 3].eq(0).all()  # cap 0; span 0 without sink
+    assert out[0, 2].ne(0).any() and out[1].ne(0).any()
+
+
+# ---------------------------------------------------------------------------------- the kernel
+def run_kernel(lay: dict, dtype: torch.dtype, chunk: int | None, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel output (into a NaN-poisoned buffer) and the twin on the same values (float32)."""
+    args = tensors(lay, dtype, KERNEL_DEVICE)
+    out = torch.full((lay["B"], lay["G"] * lay["hpg"], lay["Dv"]), float("nan"), dtype=dtype, device=KERNEL_DEVICE)
+    got = ragged_decode_triton(*args, *scalars(lay), out=out, chunk=chunk, block_n=block_n)
+    assert got is out
+    ref_args = tuple(a.cpu().float() if a.is_floating_point() else a.cpu() for a in args)
+    return out.cpu(), ragged_decode_reference(*ref_args, *scalars(lay))
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    lay=layouts(max_b=2, max_g=3, max_hpg=4, max_width=48, dims=(16, 64, 128, 80)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    chunk=st.sampled_from([16, 32, None]),
+    block_n=st.sampled_from([16, 32]),
+)
+def test_kernel_matches_twin(lay: dict, dtype: torch.dtype, chunk: int | None, block_n: int) -> None:
+    if chunk is not None and chunk < block_n:
+        chunk = block_n
+    got, want = run_kernel(lay, dtype, chunk, block_n)
+    assert not got.isnan().any(), "output not fully written"
+    err = (got.float() - want).abs().max().item() if got.numel() else 0.0
+    assert err <= (1e-5 if dtype == torch.float32 else 2e-2), f"max abs error {err}"
+
+
+@needs_kernel
+def test_kernel_fp16_and_nothing_kept() -> None:
+    """fp16; rows/heads with nothing kept (cap 0, span 0 without sink) come out as zeros."""
+    lay = {"B": 2, "G": 2, "hpg": 2, "sink": 0, "widths": [40, 3], "caps": [[0, 3], [37, 3]],
+           "spans": [[0, 0, 3, 0], [37, 20, 3, 3]], "pos": [50, 101], "D": 64, "Dv": 64, "window": 0,
+           "softcap": 0.0, "scale": 0.125, "seed": 1}
+    got, want = run_kernel(lay, torch.float16, 16, 16)
+    assert got[0, :2].eq(0).all() and got[0, 3].eq(0).all()
+    assert (got.float() - want).abs().max().item() <= 5e-3
+
+
+def test_work_list_covers_each_slot_once() -> None:
+    offsets = (0, 0, 5, 69, 70)
+    for chunk in (1, 16, 64, 100):
+        wl = decode_work_list(offsets, chunk, "cpu")
+        assert decode_work_list(offsets, chunk, "cpu") is wl  # cached per allocation
+        seen = []
+        for g in range(len(offsets) - 1):
+            lo, hi = int(wl.group_items[g]), int(wl.group_items[g + 1])
+            assert hi > lo, "every group has at least one item"
+            for gg, base, start, stop in wl.items[lo:hi].tolist():
+                assert gg == g and base == offsets[g] and stop - start <= chunk
+                seen += [base + s for s in range(start, stop)]
+        assert sorted(seen) == list(range(offsets[-1])), f"chunk {chunk}"
+        assert wl.n_items == len(wl.items) == int(wl.group_items[-1])
+
+
+def test_auto_chunk_depends_on_allocation_only() -> None:
+    offs = (0, 1000, 3000, 3100)
+    chunk = decode.auto_chunk(4, offs, torch.device("cpu"), 64)
+    assert chunk % 64 == 0 and 64 <= chunk <= decode.MAX_CHUNK
+    assert decode.auto_chunk(4, offs, torch.device("cpu"), 64) == chunk
+
+
+# ---------------------------------------------------------------------------------- the op
+OP_LAYOUT = {"B": 2, "G": 2, "hpg": 3, "sink": 2, "widths": [9, 14], "caps": [[9, 14], [5, 11]],
+             "spans": [[9, 4, 6, 14, 14, 3], [5, 5, 2, 11, 7, 8]], "pos": [40, 6], "D": 16, "Dv": 16,
+             "window": 0, "softcap": 0.0, "scale": 0.3, "seed": 3}
+
+
+def test_op_cpu_under_torch_compile_matches_twin() -> None:
+    lay = dict(OP_LAYOUT)
+    fn = torch.compile(
+        lambda q, k, v, o, c, s, p: torch.ops.moa_flex.ragged_decode(q, k, v, o, c, s, p, 2, 0, 0.3, 0.0),
+        fullgraph=True,
+    )
+    args = tensors(lay)
+    torch.testing.assert_close(fn(*args), ragged_decode_reference(*args, *scalars(lay)), rtol=0, atol=0)
+    lay.update(caps=[[7, 12], [9, 3]], spans=[[3, 7, 2, 12, 1, 5], [9, 9, 9, 3, 3, 0]], pos=[7, 1000], seed=4)
+    args = tensors(lay)
+    with torch.compiler.set_stance("fail_on_recompile"):  # new values, same graph
+        got = fn(*args)
+    torch.testing.assert_close(got, ragged_decode_reference(*args, *scalars(lay)), rtol=0, atol=0)
+
+
+def test_op_fake_impl_and_opcheck() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    lay = dict(OP_LAYOUT, Dv=32)
+    args = tensors(lay, torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(a) for a in args]
+        out = torch.ops.moa_flex.ragged_decode(*fake, *scalars(lay))
+    assert out.shape == (2, 6, 32) and out.dtype == torch.bfloat16
+    torch.library.opcheck(torch.ops.moa_flex.ragged_decode.default, (*args, *scalars(lay)))
+
+
+# ---------------------------------------------------------------------------------- bad input
+def _bad(args: list, what: str) -> list:
+    q, k, v, offsets, caps, spans, pos = args
+    return {
+        "q rank": [q[:, :, None], k, v, offsets, caps, spans, pos],
+        "k head dim": [q, k[..., :8], v, offsets, caps, spans, pos],
+        "v slots": [q, k, v[:, :-1], offsets, caps, spans, pos],
+        "k dtype": [q, k.double(), v, offsets, caps, spans, pos],
+        "q dtype": [q.to(torch.int32), k, v, offsets, caps, spans, pos],
+        "offsets dtype": [q, k, v, offsets.long(), caps, spans, pos],
+        "caps dtype": [q, k, v, offsets, caps.float(), spans, pos],
+        "pos dtype": [q, k, v, offsets, caps, spans, pos.int()],
+        "caps shape": [q, k, v, offsets, caps[:, :1], spans, pos],
+        "spans shape": [q, k, v, offsets, caps, spans[:, :-1], pos],
+        "heads vs groups": [q[:, :-1], k, v, offsets, caps, spans[:, :-1], pos],
+        "offsets values": [q, k, v, offsets.flip(0), caps, spans, pos],
+        "caps values": [q, k, v, offsets, caps + 100, spans, pos],
+        "spans values": [q, k, v, offsets, caps, spans + 100, pos],
+    }[what]
+
+
+BAD = [
+    ("q rank", ValueError, "q must be"), ("k head dim", ValueError, "k.shape"), ("v slots", ValueError, "v.shape"),
+    ("k dtype", TypeError, "k.dtype"), ("q dtype", TypeError, "q must be"), ("offsets dtype", TypeError, "offsets"),
+    ("caps dtype", TypeError, "caps"), ("pos dtype", TypeError, "pos"), ("caps shape", ValueError, "caps"),
+    ("spans shape", ValueError, "spans"), ("heads vs groups", ValueError, "divisible"),
+    ("offsets values", ValueError, "offsets"), ("caps values", ValueError, "caps"), ("spans values", ValueError, "spans"),
+]
+
+
+@pytest.mark.parametrize("what,exc,text", BAD)
+def test_bad_input_errors(what: str, exc: type, text: str) -> None:
+    args = _bad(list(tensors(OP_LAYOUT)), what)
+    with pytest.raises(exc, match=text):
+        ragged_decode_reference(*args, *scalars(OP_LAYOUT))
+    with pytest.raises(exc, match=text):
+        torch.ops.moa_flex.ragged_decode(*args, *scalars(OP_LAYOUT))
+
+
+def test_bad_scalars() -> None:
+    args = tensors(OP_LAYOUT)
+    for sink, window, scale, softcap, text in [(-1, 0, 1.0, 0.0, "sink"), (0, -2, 1.0, 0.0, "window"),
+                                                (0, 0, float("nan"), 0.0, "scale"), (0, 0, 1.0, -1.0, "softcap")]:
+        with pytest.raises(ValueError, match=text):
+            ragged_decode_reference(*args, sink, window, scale, softcap)
+
+
+@needs_kernel
+def test_kernel_bad_offsets_and_out() -> None:
+    args = list(tensors(OP_LAYOUT, device=KERNEL_DEVICE))
+    with pytest.raises(ValueError, match="out must be"):
+        ragged_decode_triton(*args, *scalars(OP_LAYOUT), out=torch.empty(1, device=KERNEL_DEVICE))
+    args[3] = torch.tensor([0, 9, 22], dtype=torch.int32, device=KERNEL_DEVICE)  # ends before S = 23
+    with pytest.raises(ValueError, match="offsets"):
+        ragged_decode_triton(*args, *scalars(OP_LAYOUT))
