@@ -103,20 +103,25 @@ def model_windows(config: Any, num_layers: int) -> list[int | None]:
     return [int(window) if t == "sliding_attention" else None for t in types[:num_layers]]
 
 
-def backend(plan: Plan, *, inner: str = "inductor", mode: str | None = None, config: Any = None) -> Callable:
+def backend(plan: Plan, *, inner: str = "inductor", mode: str | None = None, config: Any = None,
+            partial_graphs: bool | None = None) -> Callable:
     """A backend for ``torch.compile(model, backend=moa_flex.backend(plan))``.
 
     The runtime it creates lives as long as the backend. ``config`` (the model's config)
     supplies soft-capping and the model's own sliding windows; without it, every layer keeps
-    the model's mask as traced.
+    the model's mask as traced. ``partial_graphs``: accept graph pieces without attention;
+    by default on for models running flex_attention (HF's block-mask creation graph-breaks).
     """
     runtime = MoaRuntime(plan)
     from moa_flex.passes.attention_pass import make_backend
 
+    if partial_graphs is None:
+        partial_graphs = getattr(config, "_attn_implementation", None) == "flex_attention"
     fn = make_backend(
         plan, runtime.id, inner=inner, mode=mode,
         softcaps=_softcaps(config, plan.num_layers) if config else None,
         windows=model_windows(config, plan.num_layers) if config else [1] * plan.num_layers,
+        partial_graphs=partial_graphs,
     )
     fn.runtime = runtime  # type: ignore[attr-defined]
     return fn

@@ -9,6 +9,12 @@ gets one ``torch.ops.moa_flex.mask_info`` node (its left pads, and whether it is
 + padding) that all its layers share. The pass checks the
 whole graph first: if the attention calls do not match the plan (count, layer indices), it
 raises and changes nothing.
+
+Graphs that call ``flex_attention`` (models loaded with ``attn_implementation="flex_attention"``)
+are rewritten by ``moa_flex.passes.flex_pass``, which proves each call's score_mod and mask_mod
+by evaluation first. Such models graph-break in HF's mask creation, so the backend sees
+attention-free pieces too: ``partial_graphs=True`` lets those pass unchanged (the piece with
+attention must still hold one call per layer).
 """
 
 from __future__ import annotations
@@ -54,6 +60,23 @@ class PassReport:
         return "\n".join(lines)
 
 
+def keeps_effects(node: torch.fx.Node) -> bool:
+    """Whether dead-code elimination must keep ``node``: FX's own rule, plus calls of a
+    mutating op recorded through its ``OpOverloadPacket`` (how Dynamo records custom ops such
+    as ``moa_flex::cache_prefill``; torch 2.11's FX treats those as pure and drops them)."""
+    if node.is_impure():
+        return True
+    target = node.target
+    if node.op == "call_function" and isinstance(target, torch._ops.OpOverloadPacket):
+        return "default" in target.overloads() and target.default._schema.is_mutable
+    return False
+
+
+def eliminate_dead_code(graph: torch.fx.Graph) -> None:
+    """FX dead-code elimination that keeps every mutating call (:func:`keeps_effects`)."""
+    graph.eliminate_dead_code(is_impure_node=keeps_effects)
+
+
 def attention_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """The scaled_dot_product_attention call nodes of a graph, in order."""
     return [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
@@ -90,26 +113,35 @@ def _padding_mask_input(graph: torch.fx.Graph) -> torch.fx.Node | None:
 
 def rewrite_attention(
     gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, softcaps: Sequence[float] | None = None,
-    windows: Sequence[int | None] | None = None,
+    windows: Sequence[int | None] | None = None, partial_graphs: bool = False,
 ) -> PassReport:
-    """Replace every SDPA node of ``gm`` by moa-flex attention for its layer; validate first.
+    """Replace every SDPA (or flex_attention) node of ``gm`` by moa-flex attention for its
+    layer; validate first.
 
     ``windows``: per layer, the model's own sliding window (tokens) or None. Layers without
-    one get the forward's 2-D padding mask; the others keep the model's mask, ANDed in.
+    one get the forward's 2-D padding mask; the others keep the model's mask, ANDed in
+    (flex_attention graphs: the window is the one the call's mask_mod is proven to apply).
+    ``partial_graphs``: a graph without any attention call is returned unchanged (empty
+    report) instead of raising.
     """
+    from moa_flex.passes.flex_pass import flex_nodes, rewrite_flex_attention
+
     nodes = attention_nodes(gm.graph)
-    flex = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.higher_order.flex_attention]
-    if flex:
+    flex = flex_nodes(gm.graph)
+    if flex and nodes:
         raise ValueError(
-            f"the traced graph calls flex_attention ({len(flex)} nodes): the model runs with "
-            "attn_implementation='flex_attention', whose masks moa-flex would have to replace. Use "
-            "moa_flex.compile(model, plan), which switches the model to sdpa, or load the model with "
-            "attn_implementation='sdpa' before torch.compile(model, backend=moa_flex.backend(plan))."
+            f"the traced graph calls both flex_attention ({len(flex)} nodes) and scaled_dot_product_attention "
+            f"({len(nodes)} nodes); moa-flex expects one attention implementation for all layers"
         )
+    if flex:
+        return rewrite_flex_attention(gm, plan, runtime_id, softcaps)
     if not nodes:
+        if partial_graphs:
+            return PassReport(graph_module=gm)
         raise ValueError(
-            "moa-flex found no attention call (F.scaled_dot_product_attention) in the traced graph; "
-            "is this a decoder model running with attn_implementation='sdpa'?"
+            "moa-flex found no attention call (F.scaled_dot_product_attention or flex_attention) in the traced "
+            "graph; is this a decoder model running with attn_implementation='sdpa'? (For a model that "
+            "graph-breaks, e.g. one running flex_attention, pass partial_graphs=True.)"
         )
     layers = [node_layer(n) for n in nodes]
     found = sorted(layer for layer, _ in layers)
@@ -150,7 +182,7 @@ def rewrite_attention(
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         report.rewritten.append(RewrittenNode(layer, new.name, path))
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return report
@@ -159,14 +191,18 @@ def rewrite_attention(
 def make_backend(
     plan: Plan, runtime_id: int, *, inner: str = "inductor", mode: str | None = None,
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
-    windows: Sequence[int | None] | None = None,
+    windows: Sequence[int | None] | None = None, partial_graphs: bool = False,
 ) -> Callable:
-    """A torch.compile backend: rewrite attention, then hand the graph to inductor (or run eagerly)."""
+    """A torch.compile backend: rewrite attention, then hand the graph to inductor (or run eagerly).
+
+    ``partial_graphs``: accept graph pieces without attention (graph breaks, as in models
+    running flex_attention); ``on_report`` is called only for pieces that had attention.
+    """
     if inner not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
 
     def moa_flex_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        report = rewrite_attention(gm, plan, runtime_id, softcaps, windows)
+        report = rewrite_attention(gm, plan, runtime_id, softcaps, windows, partial_graphs)
         if inner == "eager":
             compiled = gm.forward
         else:
@@ -175,7 +211,7 @@ def make_backend(
 
             compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
         # Reported only once compiled: dynamo may restart an analysis (and call us again).
-        if on_report is not None:
+        if on_report is not None and report.rewritten:
             on_report(report)
         return compiled
 
