@@ -147,6 +147,10 @@ class MoaCacheLayer(CacheLayerMixin):
         if not torch.compiler.is_compiling():
             for t in (self.keys, self.values, self.caps, self.spans, self.pads, self.length, self.offsets):
                 torch._dynamo.mark_static_address(t)
+        if self.device.type == "cuda":
+            from .kernels.decode import prepare_work
+
+            prepare_work(self.offsets, B)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocated up front (the planned length is known): nothing to do."""

@@ -21,7 +21,7 @@ import moa_flex.cache  # noqa: F401  (registers the cache ops)
 import moa_flex.kernels.decode  # noqa: F401  (registers torch.ops.moa_flex.ragged_decode)
 from moa_flex.plan import Plan
 
-from .attention_pass import PassReport, RewrittenNode, _arg, attention_nodes, node_layer
+from .attention_pass import PassReport, RewrittenNode, _arg, attention_nodes, eliminate_dead_code, node_layer
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
 
@@ -98,7 +98,7 @@ def rewrite_decode(
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         report.rewritten.append(RewrittenNode(layer, out.name, path))
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return report

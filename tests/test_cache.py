@@ -130,3 +130,19 @@ def test_bad_input() -> None:
     cache = MoaCache(plan, 1, 100)
     with pytest.raises(RuntimeError, match="moa_flex.compile"):
         cache.update(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), 0)
+
+
+def test_dead_code_elimination_keeps_cache_writes() -> None:
+    """Dynamo records custom ops by their OpOverloadPacket; the passes' dead-code elimination
+    must keep such mutating calls even though nothing uses their (None) result."""
+    from moa_flex.passes.attention_pass import eliminate_dead_code, keeps_effects
+
+    graph = torch.fx.Graph()
+    keys, values, length, k = (graph.placeholder(n) for n in ("keys", "values", "length", "k"))
+    write = graph.call_function(torch.ops.moa_flex.cache_append, (keys, values, length, k, k, k, k, k, 0))
+    dead = graph.call_function(torch.ops.aten.add, (k, 1))
+    graph.output(k)
+    assert keeps_effects(write) and not keeps_effects(dead)
+    eliminate_dead_code(graph)
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.moa_flex.cache_append]
