@@ -9,7 +9,8 @@ random kv_head plan (random alpha and beta per KV head, beta scaled so that
 ``Plan.kv_density(N)`` hits the target) gives per-head spans (``Plan.head_spans``) and per-group
 caps (``Plan.cache_spans``); the allocation is the caps, every row is at its last planned
 position (``pos = N - 1``: the ring has wrapped, every slot is read). Baselines: FlexAttention
-(compiled, q_len 1, dense [B, 8, N, 128] cache, enable_gqa) and SDPA (default backend, and
+(compiled, q_len 1, dense [B, 8, N, 128] cache, enable_gqa, a full BlockMask built
+for one query so that its decoding kernel runs) and SDPA (default backend, and
 flash when it accepts the inputs). Bandwidth counts the bytes each method must read: kept K
 and V (sum of caps x D x 2 tensors x 2 bytes per row) for the kernel, the dense cache for the
 baselines. Copy bandwidth (a large ``copy_``) is measured in the same run.
@@ -216,7 +217,7 @@ def fits(device: str, nbytes: int) -> bool:
 
 def bench(args: argparse.Namespace, rows: list, notes: list) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     dev, dtype, D = args.device, args.dtype, args.head_dim
     H, KVH = args.heads, args.kv_heads
@@ -235,7 +236,10 @@ def bench(args: argparse.Namespace, rows: list, notes: list) -> None:
                 kd = torch.randn(B, KVH, N, D, device=dev, dtype=dtype)
                 vd = torch.randn(B, KVH, N, D, device=dev, dtype=dtype)
                 base = {}
-                cases = [("flex dense", lambda: flex(q4, kd, vd, enable_gqa=True)),
+                # FlexAttention's decoding kernel needs a BlockMask built for one query: without one
+                # it runs its prefill kernel at about a third of the speed (bench/diag_decode_tuning.py)
+                full = create_block_mask(lambda b, h, qi, kv: kv >= 0, None, None, 1, N, device=dev) if dev == "cuda" else None
+                cases = [("flex dense", lambda: flex(q4, kd, vd, block_mask=full, enable_gqa=True)),
                          ("sdpa default", lambda: F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True))]
                 if dev == "cuda":
                     def sdpa_flash() -> torch.Tensor:

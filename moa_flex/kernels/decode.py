@@ -288,6 +288,14 @@ def decode_work_list(offsets: tuple[int, ...], chunk: int, device: torch.device 
     return wl
 
 
+def prepare_work(offsets: torch.Tensor, batch: int, block_n: int = DEFAULT_BLOCK_N) -> DecodeWorkList:
+    """Read an allocation's offsets and build its work list now (a cache calls this when it
+    allocates), so that decode steps, and CUDA-graph warm-up and capture in particular, find
+    both cached: nothing is read to the host nor allocated for them inside a graph."""
+    offs = host_offsets(offsets, int(offsets[-1]))
+    return decode_work_list(offs, auto_chunk(batch, offs, offsets.device, block_n), offsets.device)
+
+
 # ---------------------------------------------------------------------------------- Triton
 if triton is not None:
 
@@ -312,16 +320,17 @@ if triton is not None:
         lo = tl.load(items_ptr + item * 4 + 2)
         stop = tl.load(items_ptr + item * 4 + 3)
         cap = tl.load(caps_ptr + b * stride_cb + g * stride_cg)
-        i = tl.load(pos_ptr + b * stride_pb)  # int64, logical position of the query
+        # logical position of the query; int32 slot arithmetic (positions < 2**31 tokens)
+        i = tl.load(pos_ptr + b * stride_pb).to(tl.int32)
         # slots past the cap, past the query, or past the chunk are never read
-        hi = tl.minimum(tl.minimum(stop, cap).to(tl.int64), i + 1).to(tl.int32)
-        ring = tl.maximum(cap - sink, 1).to(tl.int64)
+        hi = tl.minimum(tl.minimum(stop, cap), i + 1)
+        ring = tl.maximum(cap - sink, 1)
 
         r = tl.arange(0, HPG_PAD)
         head_ok = r < HPG
         heads = g * HPG + r
         span = tl.load(spans_ptr + b * stride_sb + heads * stride_sh, mask=head_ok, other=0)
-        win = (span - sink).to(tl.int64)  # a kept ring slot has i - p < win
+        win = span - sink  # a kept ring slot has i - p < win
         d = tl.arange(0, D_PAD)
         dv = tl.arange(0, DV_PAD)
         qt = tl.load(
@@ -336,12 +345,11 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             s = start + tl.arange(0, BLOCK_N)
             valid = s < hi
-            s64 = s.to(tl.int64)
-            p = tl.where(s < sink, s64, i - (i - s64) % ring)  # (i - s) >= 0 on valid slots
+            p = tl.where(s < sink, s, i - (i - s) % ring)  # (i - s) >= 0 on valid slots
             dist = i - p
             keep = valid[None, :] & ((p < sink)[None, :] | (dist[None, :] < win[:, None]))
-            keep = keep & (dist < window_lim)[None, :]  # window_lim: the window, or 2**62 if none
-            rows = base + s64
+            keep = keep & (dist < window_lim)[None, :]  # window_lim: the window, or 2**31 - 1 if none
+            rows = base + s.to(tl.int64)
             kt = tl.load(
                 k_ptr + b * stride_kb + rows[:, None] * stride_ks + d[None, :] * stride_kd,
                 mask=valid[:, None] & (d[None, :] < D), other=0.0,
@@ -449,7 +457,7 @@ def ragged_decode_triton(
     chunk: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype).
 
@@ -499,7 +507,7 @@ def ragged_decode_triton(
         _decode_partial_kernel[(wl.n_items, B)](
             q, k, v, wl.items, caps, spans, pos, m, l, acc,
             *q.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(), pos.stride(0),
-            wl.n_items, sink, window if window > 0 else 2**62, float(scale), float(softcap) if softcap > 0 else 1.0,
+            wl.n_items, sink, window if window > 0 else 2**31 - 1, float(scale), float(softcap) if softcap > 0 else 1.0,
             HPG=hpg, HPG_PAD=hpg_pad, D=D, D_PAD=d_pad, DV=Dv, DV_PAD=dv_pad, BLOCK_N=block_n,
             HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32,
             num_warps=num_warps, num_stages=num_stages,
