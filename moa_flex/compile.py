@@ -15,11 +15,13 @@ plus once for the first call's tensors; no length within a seen bucket compiles 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from .attention import MoaRuntime
 from .cache import MoaCache
@@ -42,6 +44,7 @@ class CompiledState:
     compiled_forward: Callable | None = None
     compiled_decode: Callable | None = None
     cache: MoaCache | None = None  # the last request's cache, reused when the next has the same layout
+    cudagraphs: bool = False  # decode steps run under CUDA graphs (mode "reduce-overhead"/"max-autotune")
 
     def release_cache(self) -> None:
         """Free the KV cache kept from the last generate() call."""
@@ -171,7 +174,8 @@ def compile(  # noqa: A001  (the verb of the API)
     from moa_flex.passes.attention_pass import make_backend
     from moa_flex.passes.decode_pass import make_decode_backend
 
-    state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length)
+    state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
+                          cudagraphs=mode in ("reduce-overhead", "max-autotune"))
     softcaps, windows = _softcaps(config, plan.num_layers), model_windows(config, plan.num_layers)
     prefill = make_backend(
         plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
@@ -196,10 +200,16 @@ def _without_cudagraphs(mode: str | None) -> str | None:
 
 def _dynamo_policy() -> Any:
     """Around every compiled call: room for moa-flex's graphs (all HF forwards share one code
-    object, so several compiled models share dynamo's per-code recompile limit), and an error
-    instead of dynamo's silent eager fallback, which would run dense attention."""
+    object, so several compiled models share dynamo's per-code recompile limit), an error
+    instead of dynamo's silent eager fallback (which would run dense attention), and no duck
+    sizing of the cache's shapes."""
     limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    return torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))
+    # No "duck sizing": equal cache widths across layers (a dense plan) must not become guards
+    # that a plan with other widths then fails, recompiling the model.
+    stack.enter_context(fx_config.patch(use_duck_shape=False))
+    return stack
 
 
 RECOMPILE_LIMIT = 64
@@ -240,7 +250,12 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
             )
         kwargs = dict(kwargs)
         kwargs.pop("attention_mask", None)  # the cache holds each row's padding
+        if state.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         out = state.compiled_decode(*args, **kwargs)
+        if state.cudagraphs and getattr(out, "logits", None) is not None:
+            # CUDA-graph outputs are overwritten by the next replay; generate() keeps logits
+            out.logits = out.logits.clone()
     else:
         before = state.runtime.planned_length
         state.runtime.planned_length = cache.planned_length
