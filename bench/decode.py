@@ -10,7 +10,9 @@ Same-batch cases: a random prompt of N - steps tokens, then `steps` greedy token
 with heterogeneous kv_head plans at the given KV densities, one compiled model, plans switched
 with set_plan). Every decode step is timed alone: a logits processor synchronizes and takes a
 timestamp at each step, the median of the differences is the step time (the first steps,
-which compile or capture CUDA graphs, are dropped). Floor: (weight bytes + KV bytes the step
+which compile or capture CUDA graphs, are dropped). Rows marked "(forward)" time the model's
+decode step alone, without generate()'s loop: single-token forwards over a cache filled with
+random keys and values, each synchronized and timed alone. Floor: (weight bytes + KV bytes the step
 must read) / copy bandwidth measured in the same run. Max-batch case: caches filled with random
 keys and values instead of a prefill, then decode steps through the model's forward.
 Kernel alone: bench/decode_kernel.py.
@@ -19,6 +21,7 @@ Kernel alone: bench/decode_kernel.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import statistics
 import sys
@@ -116,6 +119,24 @@ def timed_generate(model, ids: torch.Tensor, steps: int, device: str) -> tuple[f
     return clock.step_ms(skip=3), peak, out
 
 
+@contextlib.contextmanager
+def stock(model):  # noqa: ANN001, ANN201
+    """The plain HF model for the baselines, keeping moa-flex's compiled graphs for later."""
+    saved = {k: model.__dict__.pop(k) for k in ("forward", "generate") if k in model.__dict__}
+    try:
+        yield model
+    finally:
+        model.__dict__.update(saved)
+
+
+def use_plan(model, plan: Plan, mode: str | None) -> None:  # noqa: ANN001
+    """Compile the model once (first call), then switch plans without recompiling."""
+    if getattr(model, "moa_flex", None) is None:
+        moa_flex.compile(model, plan, mode=mode)
+    else:
+        model.moa_flex.set_plan(plan)
+
+
 def same_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, rows: list, checks: list) -> None:  # noqa: ANN001
     dev = args.device
     elem = torch.empty((), dtype=args.dtype).element_size()
@@ -124,29 +145,45 @@ def same_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, ro
         B, N = (int(x) for x in case.split("x"))
         ids = torch.randint(1, model.config.vocab_size, (B, N - args.steps), device=dev,
                             generator=torch.Generator(dev).manual_seed(0))
-        hf_ms, hf_peak, hf_out = timed_generate(model, ids, args.steps, dev)
+        t0 = time.perf_counter()
+        with stock(model):
+            hf_ms, hf_peak, hf_out = timed_generate(model, ids, args.steps, dev)
+        print(f"HF eager: generate took {time.perf_counter() - t0:.1f} s in all", flush=True)
         dense_kv = kv_bytes_dense(shape, B, N, elem)
         rows.append(dict(case=case, method="HF eager sdpa", density=1.0, ms=hf_ms, peak=hf_peak,
+                         floor=(wbytes + dense_kv) / bw * 1e3))
+        print(rows[-1], flush=True)
+        cache = random_dynamic_cache(shape, B, N - args.steps - 4, args.dtype, dev)
+        with stock(model):
+            fms = decode_steps(model, cache, B, N - args.steps - 4, args.steps, dev)
+        del cache
+        rows.append(dict(case=case, method="HF eager sdpa (forward)", density=1.0, ms=fms, peak=0,
                          floor=(wbytes + dense_kv) / bw * 1e3))
         print(rows[-1], flush=True)
         plans = [("moa-flex dense plan", Plan.dense(shape))] + [
             (f"moa-flex d={d}", plan_at_kv_density(shape, N, d, seed=1)) for d in args.densities
         ]
-        moa_flex.compile(model, plans[0][1], mode=args.mode)
-        try:
-            for name, plan in plans:
-                model.moa_flex.set_plan(plan)
-                ms, peak, out = timed_generate(model, ids, args.steps, dev)
-                kv = model.moa_flex.cache.memory_bytes()
-                rows.append(dict(case=case, method=name, density=plan.kv_density(N), ms=ms, peak=peak,
-                                 floor=(wbytes + kv) / bw * 1e3))
-                print(rows[-1], flush=True)
-                if name.endswith("dense plan"):
-                    same = bool(torch.equal(out, hf_out))
-                    checks.append(f"{case}: dense plan tokens equal HF eager generate: {same}")
-                model.moa_flex.release_cache()
-        finally:
-            moa_flex.uncompile(model)
+        for name, plan in plans:
+            use_plan(model, plan, args.mode)
+            t0 = time.perf_counter()
+            ms, peak, out = timed_generate(model, ids, args.steps, dev)
+            print(f"{name}: generate took {time.perf_counter() - t0:.1f} s in all", flush=True)
+            kv = model.moa_flex.cache.memory_bytes()
+            rows.append(dict(case=case, method=name, density=plan.kv_density(N), ms=ms, peak=peak,
+                             floor=(wbytes + kv) / bw * 1e3))
+            print(rows[-1], flush=True)
+            if name.endswith("dense plan"):
+                new = out[:, -args.steps:] == hf_out[:, -args.steps:]
+                checks.append(f"{case}: dense plan vs HF eager generate, greedy tokens equal: first token "
+                              f"{bool(new[:, 0].all())}, all {int(new.sum())}/{new.numel()} (bf16, other kernels)")
+            model.moa_flex.release_cache()
+            # the model's decode step alone (no generate() loop): a filled cache, forwards timed alone
+            cache = random_moa_cache(plan, B, N, N - args.steps - 4, args.dtype, dev)
+            fms = decode_steps(model, cache, B, N - args.steps - 4, args.steps, dev)
+            del cache
+            rows.append(dict(case=case, method=f"{name} (forward)", density=plan.kv_density(N), ms=fms, peak=0,
+                             floor=(wbytes + kv) / bw * 1e3))
+            print(rows[-1], flush=True)
         if dev == "cuda":
             torch.cuda.empty_cache()
 
@@ -205,6 +242,8 @@ def max_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, row
     row_dense = kv_bytes_dense(shape, 1, N + steps, elem)
     plan = plan_at_kv_density(shape, N + steps, 0.25, seed=1)
     wbytes = weight_bytes(model)
+    if getattr(model, "moa_flex", None) is not None:
+        model.moa_flex.release_cache()
 
     def hf_try(B: int) -> float:
         cache = random_dynamic_cache(shape, B, N, args.dtype, dev)
@@ -221,31 +260,30 @@ def max_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, row
                 B = int(B * 0.9)
         raise SystemExit("nothing fits")
 
-    hf_B, hf_ms = search(hf_try, int(free * 0.9 / (row_dense * 1.05)))
+    with stock(model):
+        hf_B, hf_ms = search(hf_try, int(free * 0.9 / (row_dense * 1.05)))
     rows.append(dict(case=f"max batch @{N}", method=f"HF eager sdpa B={hf_B}", density=1.0, ms=hf_ms,
                      peak=0, floor=(wbytes + kv_bytes_dense(shape, hf_B, N, elem)) / bw * 1e3, batch=hf_B))
     print(rows[-1], flush=True)
     torch.cuda.empty_cache()
-    moa_flex.compile(model, plan, mode=args.mode)
-    try:
-        def moa_try(B: int) -> float:
-            cache = random_moa_cache(plan, B, N + steps, N, args.dtype, dev)
-            try:
-                return decode_steps(model, cache, B, N, steps, dev)
-            finally:
-                del cache
+    use_plan(model, plan, args.mode)
 
-        row_moa = plan.kv_density(N + steps) * row_dense
-        moa_B, moa_ms = search(moa_try, int(free * 0.85 / (row_moa * 1.1)))
-        kv = int(plan.kv_density(N + steps) * kv_bytes_dense(shape, moa_B, N + steps, elem))
-        rows.append(dict(case=f"max batch @{N}", method=f"moa-flex d=0.25 B={moa_B}", density=plan.kv_density(N + steps),
-                         ms=moa_ms, peak=0, floor=(wbytes + kv) / bw * 1e3, batch=moa_B))
-        print(rows[-1], flush=True)
-        ratio = (moa_B / moa_ms) / (hf_B / hf_ms)
-        checks.append(f"max batch at {N}: moa-flex d=0.25 {moa_B * 1e3 / moa_ms:.0f} tok/s (B={moa_B}) vs HF eager "
-                      f"{hf_B * 1e3 / hf_ms:.0f} tok/s (B={hf_B}): {ratio:.2f}x (bar >= 5x); caches filled with random K/V")
-    finally:
-        moa_flex.uncompile(model)
+    def moa_try(B: int) -> float:
+        cache = random_moa_cache(plan, B, N + steps, N, args.dtype, dev)
+        try:
+            return decode_steps(model, cache, B, N, steps, dev)
+        finally:
+            del cache
+
+    row_moa = plan.kv_density(N + steps) * row_dense
+    moa_B, moa_ms = search(moa_try, int(torch.cuda.mem_get_info()[0] * 0.8 / (row_moa * 1.1)))
+    kv = int(plan.kv_density(N + steps) * kv_bytes_dense(shape, moa_B, N + steps, elem))
+    rows.append(dict(case=f"max batch @{N}", method=f"moa-flex d=0.25 B={moa_B}", density=plan.kv_density(N + steps),
+                     ms=moa_ms, peak=0, floor=(wbytes + kv) / bw * 1e3, batch=moa_B))
+    print(rows[-1], flush=True)
+    ratio = (moa_B / moa_ms) / (hf_B / hf_ms)
+    checks.append(f"max batch at {N}: moa-flex d=0.25 {moa_B * 1e3 / moa_ms:.0f} tok/s (B={moa_B}) vs HF eager "
+                  f"{hf_B * 1e3 / hf_ms:.0f} tok/s (B={hf_B}): {ratio:.2f}x (bar >= 5x); caches filled with random K/V")
 
 
 def table(rows: list) -> str:
@@ -254,7 +292,7 @@ def table(rows: list) -> str:
     for r in rows:
         B = r.get("batch") or int(r["case"].split("x")[0])
         lines.append(f"| {r['case']} | {r['method']} | {r['density']:.3f} | {r['ms']:.2f} | {B * 1e3 / r['ms']:.0f} | "
-                     f"{r['floor']:.2f} | {r['ms'] / r['floor']:.2f} | {r['peak'] / 2**30:.1f} |")
+                     f"{r['floor']:.2f} | {r['ms'] / r['floor']:.2f} | {r['peak'] / 2**30:.1f} |".replace("| 0.0 |", "| |"))
     return "\n".join(lines)
 
 
