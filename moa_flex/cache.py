@@ -237,6 +237,8 @@ class MoaCache(Cache):
         self.head_dim = head_dim
         self.dtype = dtype
         self.seen_tokens = 0  # tokens (padded width) run through the model so far; Python-side only
+        self.decode_steps = 0  # decode steps in a row with the same call signature (moa_flex.compile)
+        self.decode_signature: tuple | None = None
 
     @property
     def filled(self) -> bool:
@@ -262,6 +264,8 @@ class MoaCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.seen_tokens = 0
+        self.decode_steps = 0
+        self.decode_signature = None
 
     def memory_bytes(self) -> int:
         """Bytes of all K and V storage, measured on the tensors."""
