@@ -32,38 +32,9 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import moa_flex
+from decode_kernel import plan_at_kv_density
 from moa_flex import ModelShape, MoaCache, Plan
-
-
-
-def llama3_8b_config(layers: int, smoke: bool):  # noqa: ANN201
-    """Llama-3-8B's config (or a tiny one for --smoke), random weights are built from it."""
-    from transformers import LlamaConfig
-
-    if smoke:
-        return LlamaConfig(num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-                           intermediate_size=128, vocab_size=256, max_position_embeddings=1 << 20)
-    return LlamaConfig(
-        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096,
-        intermediate_size=14336, vocab_size=128256, max_position_embeddings=1 << 20, rope_theta=500000.0,
-    )
-
-
-def plan_at_kv_density(shape: ModelShape, N: int, density: float, seed: int = 0) -> Plan:
-    """kv_head plan with heterogeneous spans whose KV density at N is close to `density`."""
-    gen = torch.Generator().manual_seed(seed)
-    raw = torch.rand(shape.num_layers, shape.num_kv_heads, generator=gen) * 0.95 + 0.05
-
-    def build(c: float) -> Plan:
-        beta = (raw * c).clamp(max=1.0).tolist()
-        alpha = [[0.0] * shape.num_kv_heads for _ in range(shape.num_layers)]
-        return Plan(shape, alpha, beta, granularity="kv_head", meta={"source": f"bench kv density {density} at {N}"})
-
-    lo, hi = 0.0, 20.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if build(mid).kv_density(N) < density else (lo, mid)
-    return build(hi)
+from prefill import llama3_8b_config
 
 
 class StepClock(LogitsProcessor):
@@ -161,7 +132,7 @@ def same_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, ro
                          floor=(wbytes + dense_kv) / bw * 1e3))
         print(rows[-1], flush=True)
         plans = [("moa-flex dense plan", Plan.dense(shape))] + [
-            (f"moa-flex d={d}", plan_at_kv_density(shape, N, d, seed=1)) for d in args.densities
+            (f"moa-flex d={d}", plan_at_kv_density(shape, N, d, seed=1, alpha_fraction=0.0)) for d in args.densities
         ]
         for name, plan in plans:
             use_plan(model, plan, args.mode)
@@ -240,7 +211,7 @@ def max_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, row
     free = torch.cuda.mem_get_info()[0]
     elem = torch.empty((), dtype=args.dtype).element_size()
     row_dense = kv_bytes_dense(shape, 1, N + steps, elem)
-    plan = plan_at_kv_density(shape, N + steps, 0.25, seed=1)
+    plan = plan_at_kv_density(shape, N + steps, 0.25, seed=1, alpha_fraction=0.0)
     wbytes = weight_bytes(model)
     if getattr(model, "moa_flex", None) is not None:
         model.moa_flex.release_cache()

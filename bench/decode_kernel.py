@@ -45,11 +45,12 @@ BAR_AT = (8, 65536)  # (B, N) of the bandwidth bar
 
 
 # ---------------------------------------------------------------------------------- set-up
-def plan_at_kv_density(shape: ModelShape, N: int, density: float, seed: int = 0) -> Plan:
-    """kv_head plan with random alpha/beta per KV head whose kv_density at N is close to `density`."""
+def plan_at_kv_density(shape: ModelShape, N: int, density: float, seed: int = 0, alpha_fraction: float = 0.05) -> Plan:
+    """kv_head plan with random alpha/beta per KV head whose kv_density at N is close to `density`
+    (alpha uniform in [0, alpha_fraction * N] tokens; beta scaled to hit the density)."""
     gen = torch.Generator().manual_seed(seed)
     raw_beta = torch.rand(shape.num_layers, shape.num_kv_heads, generator=gen) * 0.95 + 0.05
-    alpha = (torch.rand(shape.num_layers, shape.num_kv_heads, generator=gen) * 0.05 * N).round().tolist()
+    alpha = (torch.rand(shape.num_layers, shape.num_kv_heads, generator=gen) * alpha_fraction * N).round().tolist()
 
     def build(c: float) -> Plan:
         beta = (raw_beta * c).clamp(max=1.0).tolist()

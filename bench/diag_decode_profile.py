@@ -17,7 +17,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import moa_flex
-from decode import llama3_8b_config, plan_at_kv_density, random_moa_cache
+from decode import random_moa_cache
+from decode_kernel import plan_at_kv_density
+from prefill import llama3_8b_config
 from moa_flex import ModelShape
 
 
@@ -36,7 +38,7 @@ def main() -> None:
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
     shape = ModelShape.from_config(config)
-    plan = plan_at_kv_density(shape, args.length, args.density, seed=1)
+    plan = plan_at_kv_density(shape, args.length, args.density, seed=1, alpha_fraction=0.0)
     moa_flex.compile(model, plan, mode="reduce-overhead")
     B, N = args.batch, args.length
     start = N - 4 * args.steps

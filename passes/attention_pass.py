@@ -188,6 +188,16 @@ def rewrite_attention(
     return report
 
 
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, inner: str, mode: str | None) -> Callable:
+    """A rewritten graph, compiled by inductor (with an inductor ``mode``) or run eagerly."""
+    if inner == "eager":
+        return gm.forward
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+
+
 def make_backend(
     plan: Plan, runtime_id: int, *, inner: str = "inductor", mode: str | None = None,
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
@@ -203,13 +213,7 @@ def make_backend(
 
     def moa_flex_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         report = rewrite_attention(gm, plan, runtime_id, softcaps, windows, partial_graphs)
-        if inner == "eager":
-            compiled = gm.forward
-        else:
-            from torch._inductor import list_mode_options
-            from torch._inductor.compile_fx import compile_fx
-
-            compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+        compiled = compile_graph(gm, example_inputs, inner, mode)
         # Reported only once compiled: dynamo may restart an analysis (and call us again).
         if on_report is not None and report.rewritten:
             on_report(report)

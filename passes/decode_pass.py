@@ -21,7 +21,9 @@ import moa_flex.cache  # noqa: F401  (registers the cache ops)
 import moa_flex.kernels.decode  # noqa: F401  (registers torch.ops.moa_flex.ragged_decode)
 from moa_flex.plan import Plan
 
-from .attention_pass import PassReport, RewrittenNode, _arg, attention_nodes, eliminate_dead_code, node_layer
+from .attention_pass import (
+    PassReport, RewrittenNode, _arg, attention_nodes, compile_graph, eliminate_dead_code, node_layer,
+)
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
 
@@ -116,13 +118,7 @@ def make_decode_backend(
 
     def moa_flex_decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         report = rewrite_decode(gm, plan, softcaps, windows)
-        if inner == "eager":
-            compiled = gm.forward
-        else:
-            from torch._inductor import list_mode_options
-            from torch._inductor.compile_fx import compile_fx
-
-            compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+        compiled = compile_graph(gm, example_inputs, inner, mode)
         if on_report is not None:
             on_report(report)
         return compiled

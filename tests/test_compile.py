@@ -65,7 +65,9 @@ _REF_PLAN: dict[str, Plan] = {}
 
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ANN201
     """Independent eager attention: float64 softmax with reference_mask of the plan in _REF_PLAN,
-    ANDed with the model's own mask; left padding handled by shifting each row's positions."""
+    ANDed with the model's own mask; left padding handled by shifting each row's positions.
+    The request is planned for _REF_PLAN["N"] tokens (default: the input length), each row for
+    that minus its left pad."""
     plan = _REF_PLAN["plan"]
     B, _, Q, _ = query.shape
     K = key.shape[2]
@@ -75,13 +77,15 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     scores = (query.double() @ k.transpose(-1, -2)) * (scaling or 1 / math.sqrt(query.shape[-1]))
     if kwargs.get("softcap"):
         scores = kwargs["softcap"] * torch.tanh(scores / kwargs["softcap"])
-    allowed = torch.ones(B, 1, Q, K, dtype=torch.bool) if attention_mask is None else (
+    allowed = torch.ones(B, 1, Q, K, dtype=torch.bool, device=query.device) if attention_mask is None else (
         attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
     )
-    keep = torch.zeros(B, plan.num_heads, Q, K, dtype=torch.bool)
+    keep = torch.zeros(B, plan.num_heads, Q, K, dtype=torch.bool, device=query.device)
     pads = _REF_PLAN.get("pads") or [0] * B
+    N = _REF_PLAN.get("N") or K
     for b, pad in enumerate(pads):
-        keep[b, :, pad:, pad:] = reference_mask(plan, module.layer_idx, K - pad)
+        n = K - pad  # real tokens of the row (a forward without cache: Q == K)
+        keep[b, :, pad:, pad:] = reference_mask(plan, module.layer_idx, N - pad, n, 0, n).to(query.device)
     mask = keep & allowed
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
     out = (probs @ v).to(query.dtype)
@@ -93,15 +97,17 @@ AttentionInterface.register("moa_reference", reference_attention)
 AttentionMaskInterface.register("moa_reference", sdpa_mask)
 
 
-def reference_logits(model, plan: Plan, pads: list[int] | None = None, **inputs) -> torch.Tensor:  # noqa: ANN001
-    """Logits with reference_attention; ``pads``: left-pad tokens per row (from the 2-D mask)."""
-    _REF_PLAN["plan"] = plan
-    _REF_PLAN["pads"] = pads
+def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | None = None, **inputs) -> torch.Tensor:  # noqa: ANN001
+    """Logits with reference_attention, through the model's uncompiled forward; ``pads``:
+    left-pad tokens per row (from the 2-D mask); ``N``: planned length (default: input length)."""
+    _REF_PLAN.update(plan=plan, pads=pads, N=N)
     before = model.config._attn_implementation
     model.set_attn_implementation("moa_reference")
+    state = getattr(model, "moa_flex", None)
+    forward = state.original_forward if state is not None else model
     try:
         with torch.no_grad():
-            return model(**inputs, use_cache=False).logits
+            return forward(**inputs, use_cache=False).logits
     finally:
         model.set_attn_implementation(before)
 

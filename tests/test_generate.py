@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import moa_flex
-from moa_flex import Plan, reference_mask
+from moa_flex import Plan
 from moa_flex.cache import MoaCache
-from test_compile import make_model, sparse_plan
+from test_compile import make_model, reference_logits, sparse_plan
 
 PROMPT, NEW = 290, 10  # planned length 300: the FlexAttention bucket the compile tests use
-_REF: dict = {}
 
 
 @pytest.fixture(autouse=True)
@@ -24,48 +19,12 @@ def _many_compiles():
         yield
 
 
-def planned_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ANN201
-    """Independent eager attention for a request planned for _REF["N"] tokens (per row: minus
-    its left pad): reference_mask over the logical positions, float64 softmax."""
-    plan, N, pads = _REF["plan"], _REF["N"], _REF["pads"]
-    B, _, Q, _ = query.shape
-    K = key.shape[2]
-    group = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(group, 1).double()
-    v = value.repeat_interleave(group, 1).double()
-    scores = (query.double() @ k.transpose(-1, -2)) * (scaling or 1 / math.sqrt(query.shape[-1]))
-    if kwargs.get("softcap"):
-        scores = kwargs["softcap"] * torch.tanh(scores / kwargs["softcap"])
-    keep = torch.zeros(B, plan.num_heads, Q, K, dtype=torch.bool, device=query.device)
-    for b, pad in enumerate(pads):
-        n = K - pad  # real tokens of the row; logical position = index - pad
-        full = reference_mask(plan, module.layer_idx, N - pad, n, 0, n)  # [H, n, n]
-        first = max(0, (K - Q) - pad)  # logical position of the first real query of this call
-        keep[b, :, Q - (n - first):, pad:] = full[:, first:].to(query.device)
-    if attention_mask is not None:
-        keep &= attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1).nan_to_num(0.0)
-    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register("moa_planned_reference", planned_reference)
-AttentionMaskInterface.register("moa_planned_reference", sdpa_mask)
-
-
-def reference_logits(model, plan: Plan, N: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-    """Logits at every position of ``ids`` for a request planned for N tokens (padded width)."""
+def planned_logits(model, plan: Plan, N: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """Logits at every position of ``ids`` from the independent reference of test_compile, for a
+    request planned for N tokens (padded width): the whole sequence so far, at every step."""
     pads = (mask == 0).int().cumprod(1).sum(1).tolist()
-    _REF.update(plan=plan, N=N, pads=pads)
-    before = model.config._attn_implementation
-    model.set_attn_implementation("moa_planned_reference")
-    try:
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        state = getattr(model, "moa_flex", None)  # run the uncompiled forward
-        forward = state.original_forward if state is not None else model
-        with torch.no_grad():
-            return forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-    finally:
-        model.set_attn_implementation(before)
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return reference_logits(model, plan, pads=pads, N=N, input_ids=ids, attention_mask=mask, position_ids=position_ids)
 
 
 def prompt_ids(batch: int = 2, length: int = PROMPT, seed: int = 5) -> torch.Tensor:
@@ -93,12 +52,12 @@ def test_sparse_generate_is_token_exact(granularity: str) -> None:
     seq = out.sequences
     assert seq.shape == (2, N)
     full_mask = torch.ones_like(seq)
-    want = reference_logits(model, plan, N, seq[:, :-1], full_mask[:, :-1])[:, PROMPT - 1:]  # [B, NEW, V]
+    want = planned_logits(model, plan, N, seq[:, :-1], full_mask[:, :-1])[:, PROMPT - 1:]  # [B, NEW, V]
     got = torch.stack(out.logits, dim=1)
     assert (got - want).abs().max() <= 1e-4
     assert torch.equal(seq[:, PROMPT:], want.argmax(-1))
     # the plan really cuts: dense attention would have produced other logits
-    dense = reference_logits(model, Plan.dense(model.config), N, seq[:, :-1], full_mask[:, :-1])[:, PROMPT - 1:]
+    dense = planned_logits(model, Plan.dense(model.config), N, seq[:, :-1], full_mask[:, :-1])[:, PROMPT - 1:]
     assert (dense - want).abs().max() > 1e-3
     assert model.moa_flex.decode_reports and len(model.moa_flex.decode_reports[-1].rewritten) == plan.num_layers
     cache = model.moa_flex.cache
@@ -207,7 +166,7 @@ def test_generate_on_gpu_matches_reference(mode: str | None) -> None:
     ids = prompt_ids().cuda()
     out = run_generate(model, ids)
     seq = out.sequences
-    want = reference_logits(model, plan, N, seq[:, :-1], torch.ones_like(seq[:, :-1]))[:, PROMPT - 1:]
+    want = planned_logits(model, plan, N, seq[:, :-1], torch.ones_like(seq[:, :-1]))[:, PROMPT - 1:]
     got = torch.stack(out.logits, dim=1)
     err = (got - want).abs().amax(dim=(0, 2))  # per step; step 0 comes from the prefill
     assert err.max() <= 1e-3, f"max |logit error| per step: {err.tolist()}"
