@@ -210,3 +210,32 @@ def test_show_plot_writes_png(tmp_path, capsys):
     assert main(["show", str(path), "--lengths", "256", "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "spans at 256 tokens" in capsys.readouterr().out
+
+
+def test_compress_with_jsonl_data(tmp_path, capsys):
+    """--data: prompts from a JSONL file through the folder's tokenizer; the last long-enough
+    samples are held out for validation."""
+    from test_calibration import WORDS, make_tokenizer
+
+    folder = tmp_path / "model"
+    make_model().save_pretrained(folder)
+    tokenizer = make_tokenizer(chat=False)
+    assert len(tokenizer) <= CONFIG["vocab_size"]
+    tokenizer.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(3)
+    words = [w for w in WORDS if not w.startswith("<")]
+    lines = []
+    for n in (400, 420, 440, 460):
+        picks = torch.randint(0, len(words), (n,), generator=gen).tolist()
+        lines.append(json.dumps({"context": " ".join(words[i] for i in picks), "question": "where is the cat"}))
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "plan.json"
+    rc = main(["compress", str(folder), "--density", "0.5", "--lengths", "128", "256", "--validation-length", "300",
+               "--data", str(data), "--samples", "2", "--validation-samples", "2", "--quiet", "-o", str(out), *TINY])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    plan = Plan.load(out)
+    assert plan.meta["compress"]["data"] == str(data)
+    assert plan.meta["validation"]["samples"] == 2 and plan.meta["validation"]["length"] == 300
+    assert plan.meta["compress"]["samples"] == {"128": 2, "256": 2}
