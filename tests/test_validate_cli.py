@@ -10,14 +10,13 @@ import math
 import pytest
 import torch
 import transformers
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import moa_flex
-from moa_flex import ModelShape, Plan, reference_mask
+from moa_flex import ModelShape, Plan
 from moa_flex.calibration import answer_samples, synthetic_samples
 from moa_flex.cli import main
 from moa_flex.validate import response_loss, validate
+from test_compile import reference_logits
 
 L, H, KVH, D, VOCAB = 2, 4, 2, 16, 128
 CONFIG = dict(num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KVH, hidden_size=H * D,
@@ -54,47 +53,22 @@ def sparse_plan(config) -> Plan:  # noqa: ANN001
     return Plan(ModelShape.from_config(config), alpha, beta, granularity="kv_head", sink=16, span_multiple=16, min_span=32)
 
 
-_REF: dict = {}
-
-
-def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ANN201
-    """Eager float64 attention under reference_mask of _REF["plan"] (one row, no padding, planned
-    for the input length), ANDed with HF's causal mask."""
-    plan = _REF["plan"]
-    _, _, Q, K = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
-    group = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(group, 1).double()
-    v = value.repeat_interleave(group, 1).double()
-    scores = (query.double() @ k.transpose(-1, -2)) * scaling
-    keep = reference_mask(plan, module.layer_idx, K).unsqueeze(0)
-    if attention_mask is not None:
-        keep = keep & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
-    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
-    return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register("moa_validate_reference", reference_attention)
-AttentionMaskInterface.register("moa_validate_reference", sdpa_mask)
-
-
 @torch.no_grad()
 def reference_loss(model, samples, plan: Plan | None = None) -> float:  # noqa: ANN001
     """Mean over samples of the answer tokens' cross-entropy, from full logits and log_softmax;
-    with ``plan``, through reference_attention instead of the model's own attention."""
-    before = model.config._attn_implementation
-    if plan is not None:
-        _REF["plan"] = plan
-        model.set_attn_implementation("moa_validate_reference")
-    try:
-        total = 0.0
-        for s in samples:
-            logits = model(input_ids=s.input_ids.unsqueeze(0), use_cache=False).logits[0].double()
-            A = s.answer.numel()
-            logp = logits[-A - 1:-1].log_softmax(-1)
-            total += float(-logp.gather(1, s.answer.view(-1, 1)).mean())
-        return total / len(samples)
-    finally:
-        model.set_attn_implementation(before)
+    with ``plan``, through test_compile's independent reference attention (reference_mask,
+    float64) instead of the model's own attention."""
+    total = 0.0
+    for s in samples:
+        ids = s.input_ids.unsqueeze(0)
+        if plan is None:
+            logits = model(input_ids=ids, use_cache=False).logits[0].double()
+        else:
+            logits = reference_logits(model, plan, input_ids=ids)[0].double()
+        A = s.answer.numel()
+        logp = logits[-A - 1:-1].log_softmax(-1)
+        total += float(-logp.gather(1, s.answer.view(-1, 1)).mean())
+    return total / len(samples)
 
 
 # ------------------------------------------------------------------------------------------------
