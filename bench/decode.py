@@ -195,16 +195,6 @@ def random_dynamic_cache(shape: ModelShape, B: int, filled: int, dtype: torch.dt
     return cache
 
 
-def fits(make) -> bool:  # noqa: ANN001
-    try:
-        make()
-        return True
-    except torch.OutOfMemoryError:
-        return False
-    finally:
-        torch.cuda.empty_cache()
-
-
 def max_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, rows: list, checks: list) -> None:  # noqa: ANN001
     """Largest batch that fits at N tokens: moa-flex at d=0.25 against HF eager at its own."""
     dev, N, steps = args.device, args.max_batch, args.steps
@@ -300,7 +290,6 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("bench/decode.py needs a GPU (or --smoke)")
         args.device, args.dtype = "cuda", torch.bfloat16
-    torch._dynamo.config.cache_size_limit = 64
     from transformers import LlamaForCausalLM
 
     config = llama3_8b_config(args.layers, args.smoke)

@@ -39,6 +39,7 @@ Three implementations:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -246,13 +247,17 @@ def host_offsets(offsets: torch.Tensor, S: int) -> tuple[int, ...]:
     return offs
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (8 for the CPU interpreter); read once per device,
+    not per decode call."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def auto_chunk(B: int, offsets: tuple[int, ...], device: torch.device, block_n: int = DEFAULT_BLOCK_N) -> int:
     """Slots per work item from the allocation alone: about 4 programs per SM (a power of two
     times block_n, at least 2 tiles, at most MAX_CHUNK slots)."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 8
+    sms = _sm_count(device)
     total = B * offsets[-1]
     want = -(-total // (4 * sms))
     chunk = 2 * block_n
