@@ -87,17 +87,12 @@ def _(keys, values, length, k_new, v_new, pads, caps, offsets, sink):  # noqa: A
     return None
 
 
-@torch.library.custom_op("moa_flex::cache_append", mutates_args=("keys", "values", "length"))
-def cache_append(
+def cache_append_reference(
     keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-    spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
+    caps: torch.Tensor, offsets: torch.Tensor, sink: int,
 ) -> None:
-    """Write one new token per row (``k_new``/``v_new`` [B, G, 1, D], logical position
-    ``length[b]``) into its slot of every group, then ``length += 1``.
-
-    ``spans`` [B, H] is not used here: it is the layout the compile pass hands, with the
-    tensors this op mutated, to the layer's decode attention.
-    """
+    """The twin of ``moa_flex::cache_append`` in plain torch (the CPU implementation and the
+    oracle of the Triton kernel, ``moa_flex.kernels.append``)."""
     B, G = caps.shape
     p = length.long().view(B, 1)  # [B, 1]
     cap = caps.long()
@@ -107,6 +102,26 @@ def cache_append(
     keys[rows, flat] = k_new[:, :, 0].to(keys.dtype)
     values[rows, flat] = v_new[:, :, 0].to(values.dtype)
     length.add_(1)
+
+
+@torch.library.custom_op("moa_flex::cache_append", mutates_args=("keys", "values", "length"))
+def cache_append(
+    keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+    spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
+) -> None:
+    """Write one new token per row (``k_new``/``v_new`` [B, G, 1, D], logical position
+    ``length[b]``) into its slot of every group, then ``length += 1``. CUDA: one Triton
+    kernel (``moa_flex.kernels.append``); CPU: :func:`cache_append_reference`.
+
+    ``spans`` [B, H] is not used here: it is the layout the compile pass hands, with the
+    tensors this op mutated, to the layer's decode attention.
+    """
+    if keys.device.type == "cuda":
+        from .kernels.append import cache_append_triton
+
+        cache_append_triton(keys, values, length, k_new, v_new, caps, offsets, sink)
+    else:
+        cache_append_reference(keys, values, length, k_new, v_new, caps, offsets, sink)
 
 
 @cache_append.register_fake

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -146,3 +149,39 @@ def test_dead_code_elimination_keeps_cache_writes() -> None:
     eliminate_dead_code(graph)
     targets = [n.target for n in graph.nodes if n.op == "call_function"]
     assert targets == [torch.ops.moa_flex.cache_append]
+
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="the Triton append kernel needs CUDA or TRITON_INTERPRET=1",
+)
+
+
+@needs_triton
+@settings(max_examples=40, deadline=None)
+@given(layouts(), st.integers(0, 3), st.sampled_from([torch.float32, torch.bfloat16]), st.sampled_from([4, 24]), st.booleans())
+def test_triton_append_equals_twin(layout, start, dtype, D, strided) -> None:  # noqa: ANN001
+    """The fused append kernel writes exactly the twin's slots and lengths, ring wrap-around
+    included, from strided float32 [B, G, 1, D] inputs into float32 or bfloat16 caches."""
+    from moa_flex.cache import cache_append_reference
+    from moa_flex.kernels.append import cache_append_triton
+
+    B, G, sink, widths, caps, last = layout
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(B * 7 + G * 3 + D)
+    offsets = torch.tensor([0] + list(torch.tensor(widths).cumsum(0)), dtype=torch.int32, device=dev)
+    caps_t = torch.tensor(caps, dtype=torch.int32, device=dev)
+    S = int(offsets[-1])
+    keys = torch.randn(B, S, D, generator=gen).to(dev, dtype)
+    values = torch.randn(B, S, D, generator=gen).to(dev, dtype)
+    length = torch.tensor([l + 1 + start for l in last], device=dev)
+    twin = [keys.clone(), values.clone(), length.clone()]
+    for _ in range(3):  # several steps: positions advance, slots wrap around the ring
+        # float32 new K/V, cast on write; values representable in the cache's dtype, since Triton's
+        # interpreter rounds float32 -> bfloat16 differently from the GPU (which rounds to nearest)
+        full = torch.randn(B, 1, G, 2 * D, generator=gen).to(dtype).float().to(dev)
+        k_new = full[..., :D].transpose(1, 2) if strided else full[..., :D].transpose(1, 2).contiguous()
+        v_new = full[..., D:].transpose(1, 2)
+        cache_append_triton(keys, values, length, k_new, v_new, caps_t, offsets, sink)
+        cache_append_reference(*twin, k_new, v_new, caps_t, offsets, sink)
+        assert torch.equal(keys, twin[0]) and torch.equal(values, twin[1]) and torch.equal(length, twin[2])
