@@ -254,6 +254,14 @@ class MoaCache(Cache):
         self.seen_tokens = 0  # tokens (padded width) run through the model so far; Python-side only
         self.decode_steps = 0  # decode steps in a row with the same call signature (moa_flex.compile)
         self.decode_signature: tuple | None = None
+        # the request's decode step captured as a CUDA graph (moa_flex.step_graph); it reads
+        # everything from this cache's tensors, so it stays valid for the next request (reset)
+        self.step_graph: Any = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of every layer (storage and layout)."""
+        return [t for layer in self.layers
+                for t in (layer.keys, layer.values, layer.caps, layer.spans, layer.pads, layer.length, layer.offsets)]
 
     @property
     def filled(self) -> bool:

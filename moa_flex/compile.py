@@ -44,7 +44,8 @@ class CompiledState:
     compiled_forward: Callable | None = None
     compiled_decode: Callable | None = None
     cache: MoaCache | None = None  # the last request's cache, reused when the next has the same layout
-    cudagraphs: bool = False  # decode steps run under CUDA graphs (mode "reduce-overhead"/"max-autotune")
+    cudagraphs: bool = False  # decode steps replay a CUDA graph (mode "reduce-overhead"/"max-autotune")
+    warned: set = field(default_factory=set)
 
     def release_cache(self) -> None:
         """Free the KV cache kept from the last generate() call."""
@@ -181,8 +182,8 @@ def compile(  # noqa: A001  (the verb of the API)
         plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
         softcaps=softcaps, windows=windows,
     )
-    decode = make_decode_backend(
-        plan, inner=backend, mode=mode, on_report=state.decode_reports.append, softcaps=softcaps, windows=windows,
+    decode = make_decode_backend(  # CUDA graphs of decode steps are moa-flex's own (step_graph.py)
+        plan, inner=backend, mode=_without_cudagraphs(mode), on_report=state.decode_reports.append, softcaps=softcaps, windows=windows,
     )
     state.compiled_forward = torch.compile(state.original_forward, backend=prefill, dynamic=True, fullgraph=True)
     state.compiled_decode = torch.compile(state.original_forward, backend=decode, dynamic=True, fullgraph=True)
@@ -194,7 +195,8 @@ def compile(  # noqa: A001  (the verb of the API)
 
 
 def _without_cudagraphs(mode: str | None) -> str | None:
-    """Prefill shapes change with every prompt: CUDA graphs are for decode steps only."""
+    """Inductor's mode without its CUDA graphs: prefill shapes change with every prompt, and
+    decode steps are captured whole by moa-flex (``moa_flex.step_graph``)."""
     return {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode or "", mode)
 
 
@@ -248,15 +250,7 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
                 "moa-flex: a prefill of several tokens onto a filled MoA cache (multi-turn) is not supported; "
                 "generate again from the whole conversation"
             )
-        kwargs = dict(kwargs)
-        kwargs.pop("attention_mask", None)  # the cache holds each row's padding
-        if state.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with _steady_decode(cache, args, kwargs):
-            out = state.compiled_decode(*args, **kwargs)
-        if state.cudagraphs and getattr(out, "logits", None) is not None:
-            # CUDA-graph outputs are overwritten by the next replay; generate() keeps logits
-            out.logits = out.logits.clone()
+        out = _decode_step(state, cache, _as_kwargs(state, args, kwargs), n)
     else:
         before = state.runtime.planned_length
         state.runtime.planned_length = cache.planned_length
@@ -268,26 +262,58 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
     return out
 
 
-def _call_signature(args: tuple, kwargs: dict) -> tuple:
-    """What Dynamo's guards of a decode step depend on, besides the cache object: the
-    argument names and the tensors' shapes, dtypes and devices."""
-    def sig(v: Any) -> Any:
-        return (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else type(v).__name__
-    return tuple(sig(a) for a in args), tuple((k, sig(v)) for k, v in sorted(kwargs.items(), key=lambda kv: kv[0]))
+def _as_kwargs(state: CompiledState, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name (HF's generate passes names only; positional ones are
+    named from the original forward's signature)."""
+    if not args:
+        return dict(kwargs)
+    import inspect
+
+    names = list(inspect.signature(state.original_forward).parameters)
+    if len(args) > len(names):
+        raise TypeError(f"forward takes at most {len(names)} positional arguments, got {len(args)}")
+    return {**dict(zip(names, args)), **kwargs}
 
 
-def _steady_decode(cache: MoaCache, args: tuple, kwargs: dict) -> Any:
-    """Decode steps after the first two of a request, with the same cache and the same kinds
-    of arguments, skip re-evaluating Dynamo's guards (only the guards that tell compiled
-    graphs apart run): every guarded property is as in the previous step, and evaluating the
-    guards over the cache's tensors costs about 0.1 ms per layer (bench/RESULTS.md)."""
-    signature = _call_signature(args, kwargs)
-    steady = cache.decode_signature == signature and cache.decode_steps >= 2
-    cache.decode_steps = cache.decode_steps + 1 if cache.decode_signature == signature else 1
+def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) -> Any:
+    """One decode step: compiled graph for the first steps of a request, then (CUDA graphs
+    on, one device) replays of a captured :class:`~moa_flex.step_graph.StepGraph`."""
+    from .step_graph import StepGraph, graph_device, step_signature
+
+    kwargs.pop("attention_mask", None)  # the cache holds each row's padding
+    if kwargs.get("position_ids") is None and kwargs.get("cache_position") is None:
+        # HF's default (the cache's token count) as a tensor: a Python int would be baked in
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        kwargs["position_ids"] = torch.arange(cache.seen_tokens, cache.seen_tokens + n, device=ids.device).unsqueeze(0)
+    signature = step_signature(kwargs)
+    graph = cache.step_graph
+    if graph is not None and graph.signature == signature:
+        return graph(kwargs)
+    same = cache.decode_signature == signature
+    cache.decode_steps = cache.decode_steps + 1 if same else 1
     cache.decode_signature = signature
-    if steady:
-        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-    return contextlib.nullcontext()
+    cache.step_graph = None
+    if state.cudagraphs and cache.decode_steps >= 3:
+        device = graph_device(kwargs, cache.tensors())
+        if device is not None:
+            cache.step_graph, out = StepGraph.capture(state.compiled_decode, kwargs, device)
+            return out
+        _warn_once(state, "decode steps run without CUDA graphs: the model's layers or inputs are on several "
+                          "devices (or not on a GPU); a CUDA graph is captured on one device only")
+    # steady steps (same cache, same signature) skip re-evaluating Dynamo's guards: every guarded
+    # property is as in the previous step (about 0.1 ms per layer of guard work, bench/RESULTS.md)
+    stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if cache.decode_steps >= 3 \
+        else contextlib.nullcontext()
+    with stance:
+        return state.compiled_decode(**kwargs)
+
+
+def _warn_once(state: CompiledState, message: str) -> None:
+    if message not in state.warned:
+        state.warned.add(message)
+        import warnings
+
+        warnings.warn(f"moa-flex: {message}", stacklevel=4)
 
 
 def uncompile(model: torch.nn.Module) -> torch.nn.Module:

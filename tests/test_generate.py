@@ -171,17 +171,46 @@ def test_generate_on_gpu_matches_reference(mode: str | None) -> None:
     err = (got - want).abs().amax(dim=(0, 2))  # per step; step 0 comes from the prefill
     assert err.max() <= 1e-3, f"max |logit error| per step: {err.tolist()}"
     assert torch.equal(seq[:, PROMPT:], want.argmax(-1))
+    assert (model.moa_flex.cache.step_graph is not None) == (mode == "reduce-overhead")
     run_generate(model, ids)  # FlexAttention retraces once for tensors made outside the graph
     counters.clear()
-    again = run_generate(model, ids)
+    again = run_generate(model, ids)  # the reused cache replays its step graph from the first step
     assert counters["stats"]["unique_graphs"] == 0
     assert torch.equal(again.sequences, seq)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+def test_forward_decode_steps_replay_step_graph_on_gpu() -> None:
+    """Decode steps through the model's forward, without position_ids (HF's default positions
+    from the cache's token count): the captured step graph replays them with the right
+    positions; logits equal the reference over the whole sequence at every step."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = make_model("llama").cuda()
+    plan = sparse_plan(model.config, "kv_head", seed=6)
+    N = PROMPT + NEW
+    moa_flex.compile(model, plan, mode="reduce-overhead")
+    ids = prompt_ids(batch=2, seed=8).cuda()
+    cache = MoaCache(plan, 2, N, dtype=torch.float32, devices="cuda")
+    seq, logits = ids, []
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for _ in range(NEW - 1):
+            tok = out.logits[:, -1:].argmax(-1)
+            seq = torch.cat([seq, tok], dim=1)
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    assert cache.step_graph is not None
+    want = planned_logits(model, plan, N, seq, torch.ones_like(seq))[:, PROMPT:]
+    err = (torch.stack(logits, 1) - want).abs().amax(dim=(0, 2))
+    assert err.max() <= 1e-3, f"max |logit error| per step: {err.tolist()}"
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_generate_with_layers_on_two_gpus() -> None:
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_generate_with_layers_on_two_gpus(mode: str | None) -> None:
     """Layers spread over two GPUs (as device_map does): each layer's cache lives on its
-    layer's device, and the tokens equal those of the model on one GPU."""
+    layer's device, and the tokens equal those of the model on one GPU. With CUDA graphs
+    asked for, decoding says it runs without them (a graph is captured on one device)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     model = make_model("llama").cuda(0)
     plan = sparse_plan(model.config, "head", seed=4)
@@ -196,8 +225,12 @@ def test_generate_with_layers_on_two_gpus() -> None:
         "model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
         "model.norm": 1, "lm_head": 1,
     })
-    moa_flex.compile(model, plan)
-    two = run_generate(model, ids)
+    moa_flex.compile(model, plan, mode=mode)
+    if mode is None:
+        two = run_generate(model, ids)
+    else:
+        with pytest.warns(UserWarning, match="without CUDA graphs"):
+            two = run_generate(model, ids)
     devices = [layer.keys.device for layer in model.moa_flex.cache.layers]
     assert devices == [torch.device("cuda", 0), torch.device("cuda", 1)]
     assert torch.equal(one.sequences.cpu(), two.sequences.cpu())
