@@ -10,7 +10,8 @@ A :class:`Sample` is four token sequences (1-D int64, CPU), in order:
 Sources: a JSONL file (:func:`load_jsonl`; one object per line, ``{"context": str,
 "question": str}``, other fields ignored), formatted with the tokenizer's chat template when
 it has one and the plain ``"{context}\\n\\nQuestion: {question}\\nAnswer:"`` otherwise; or
-:func:`synthetic_samples`, token-level key -> value lookups that need no tokenizer.
+:func:`synthetic_samples`, token-level key -> value lookups over Markov filler that need no
+tokenizer (:mod:`moa_flex.synthetic` defines the format).
 
 A sample is brought to a length by trimming the middle of its context (its start and end are
 kept). :func:`calibration_set` buckets samples by length: for each length N, every sample
@@ -24,16 +25,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
+if TYPE_CHECKING:
+    from .synthetic import Task
+
 CONTEXT_MARK = "\u2063MOA_FLEX_CONTEXT\u2063"  # placeholder split out of the rendered chat template
 PLAIN_QUESTION = "\n\nQuestion: {question}\nAnswer:"
-
-# Synthetic token ids
-SYN_BOS, SYN_RECORD, SYN_QUESTION, SYN_ANSWER = 0, 1, 2, 3
-SYN_FIRST_WORD = 4
 
 
 def _ids(x: Any, name: str) -> torch.Tensor:
@@ -151,34 +151,26 @@ def load_jsonl(path: str | os.PathLike, tokenizer: Any) -> list[Sample]:
 # Built-in synthetic long-context lookups (token level, no tokenizer)
 
 
-def synthetic_samples(vocab_size: int, length: int, n: int, seed: int = 0, *, num_records: int = 8) -> list[Sample]:
-    """``n`` token-level lookup prompts of exactly ``length`` tokens each.
+def synthetic_samples(vocab_size: int, length: int, n: int, seed: int = 0, *, num_records: int = 8,
+                      task: "Task | None" = None) -> list[Sample]:
+    """``n`` token-level lookup prompts of exactly ``length`` tokens each, from
+    :mod:`moa_flex.synthetic` (Markov filler with ``num_records`` key -> value records; one
+    question asking a record's key at a uniform depth): sample ``i`` is
+    ``make_sample(task, length, seed=(seed, i), num_records=num_records)``.
 
-    Tokens 0-3 are BOS, record, question and answer markers; words are [4, vocab_size). The
-    context is random filler words with ``num_records`` records ``[record, key, value]``
-    (distinct keys) at random places; the question ``[question, key, answer]`` asks for one
-    record's key, so answering needs a lookup at any distance. Deterministic in ``seed``.
+    ``task`` defaults to :func:`moa_flex.synthetic.task_for_vocab` (the default task when it
+    fits in ``vocab_size``, so a model trained on it is calibrated on its own task; a scaled-down
+    one otherwise). ValueError if the vocabulary or the length is too small. Deterministic in ``seed``.
     """
-    words = vocab_size - SYN_FIRST_WORD
-    if words < max(num_records, 2):
-        raise ValueError(f"vocab_size must be >= {SYN_FIRST_WORD + max(num_records, 2)} for {num_records} records, got {vocab_size}")
-    ctx_len = length - 1 - 3
-    if num_records < 1 or ctx_len < 3 * num_records:
-        raise ValueError(f"length {length} tokens is too short for {num_records} records (need >= {4 + 3 * num_records})")
+    from .synthetic import make_sample, task_for_vocab
+
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    gen = torch.Generator().manual_seed(seed)
-    samples = []
-    for _ in range(n):
-        ctx = torch.randint(SYN_FIRST_WORD, vocab_size, (ctx_len,), generator=gen)
-        keys = SYN_FIRST_WORD + torch.randperm(words, generator=gen)[:num_records]
-        values = torch.randint(SYN_FIRST_WORD, vocab_size, (num_records,), generator=gen)
-        slots = torch.randperm(ctx_len // 3, generator=gen)[:num_records] * 3  # non-overlapping records
-        for key, value, at in zip(keys.tolist(), values.tolist(), slots.tolist()):
-            ctx[at:at + 3] = torch.tensor([SYN_RECORD, key, value])
-        asked = int(keys[torch.randint(num_records, (1,), generator=gen)])
-        samples.append(Sample(torch.tensor([SYN_BOS]), ctx, torch.tensor([SYN_QUESTION, asked, SYN_ANSWER])))
-    return samples
+    if task is None:
+        task = task_for_vocab(vocab_size, num_records)
+    elif task.vocab_size > vocab_size:
+        raise ValueError(f"the task uses {task.vocab_size} tokens, more than vocab_size {vocab_size}")
+    return [make_sample(task, length, seed=(seed, i), num_records=num_records) for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------

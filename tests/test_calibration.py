@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moa_flex.calibration import (
-    PLAIN_QUESTION, SYN_ANSWER, SYN_BOS, SYN_QUESTION, SYN_RECORD, Sample, answer_samples, calibration_set,
-    format_sample, load_jsonl, synthetic_samples,
+    PLAIN_QUESTION, Sample, answer_samples, calibration_set, format_sample, load_jsonl, synthetic_samples,
 )
+from moa_flex import synthetic as syn
+from moa_flex.synthetic import Task, answer_ids, make_sample, task_for_vocab
 
 WORDS = ("the cat sat on a mat and dog ran far away over hill where is it who what Question: Answer: "
          "<|user|> <|assistant|> <|end|> red blue green one two three").split()
@@ -126,19 +127,38 @@ def test_load_jsonl(tmp_path):
 
 
 @settings(max_examples=25, deadline=None)
-@given(vocab=st.integers(16, 300), length=st.integers(40, 400), records=st.integers(1, 8), seed=st.integers(0, 1000))
-def test_synthetic_samples_are_lookups(vocab, length, records, seed):
+@given(vocab=st.integers(16, 300), records=st.integers(1, 8), seed=st.integers(0, 1000), extra=st.integers(0, 300))
+def test_synthetic_samples_are_lookups(vocab, records, seed, extra):
+    task = task_for_vocab(vocab, records)
+    K, W = task.key_len, task.record_len
+    length = 1 + task.question_len + records * W + extra
     samples = synthetic_samples(vocab, length, 3, seed, num_records=records)
     assert samples[0].prompt_ids.tolist() == synthetic_samples(vocab, length, 3, seed, num_records=records)[0].prompt_ids.tolist()
+    assert samples[1].prompt_ids.tolist() == make_sample(task, length, (seed, 1), num_records=records).prompt_ids.tolist()
     for s in samples:
-        assert s.prompt_len == length and s.head.tolist() == [SYN_BOS]
-        assert s.question[0] == SYN_QUESTION and s.question[2] == SYN_ANSWER
+        assert s.prompt_len == length and s.head.tolist() == [syn.BOS]
+        assert s.question[0] == syn.QUESTION and s.question[-1] == syn.ANSWER and s.question.numel() == K + 2
         ctx = s.context.tolist()
-        assert all(0 < t < vocab for t in ctx)
-        at = [p for p, t in enumerate(ctx) if t == SYN_RECORD]
-        assert len(at) == records and all(b - a >= 3 for a, b in zip(at, at[1:]))
-        keys = [ctx[p + 1] for p in at]
-        assert len(set(keys)) == records and int(s.question[1]) in keys
+        assert all(0 < t < min(vocab, task.vocab_size) for t in ctx)
+        at = [p for p, t in enumerate(ctx) if t == syn.REC]
+        assert len(at) == records and all(b - a >= W for a, b in zip(at, at[1:]))
+        assert all(ctx[p + K + 1] == syn.SEP for p in at)
+        keys = [tuple(ctx[p + 1:p + 1 + K]) for p in at]
+        asked = tuple(s.question[1:1 + K].tolist())
+        assert len(set(keys)) == records and keys.count(asked) == 1
+        p = at[keys.index(asked)]
+        assert answer_ids(task, s).tolist() == ctx[p + K + 2:p + W]
+
+
+def test_synthetic_samples_use_the_default_task_when_it_fits():
+    task = Task()
+    s = synthetic_samples(50_000, 300, 1, seed=4, num_records=5)[0]
+    assert s.prompt_ids.tolist() == make_sample(task, 300, (4, 0), num_records=5).prompt_ids.tolist()
+    other = Task(seed=3)
+    s = synthetic_samples(50_000, 300, 1, seed=4, num_records=5, task=other)[0]
+    assert s.prompt_ids.tolist() == make_sample(other, 300, (4, 0), num_records=5).prompt_ids.tolist()
+    with pytest.raises(ValueError, match="more than vocab_size"):
+        synthetic_samples(100, 300, 1, task=other)
 
 
 def test_synthetic_samples_refuse_impossible_requests():
@@ -146,6 +166,8 @@ def test_synthetic_samples_refuse_impossible_requests():
         synthetic_samples(8, 100, 1, num_records=8)
     with pytest.raises(ValueError, match="too short"):
         synthetic_samples(64, 20, 1, num_records=8)
+    with pytest.raises(ValueError, match="n must be"):
+        synthetic_samples(64, 200, 0)
 
 
 def tiny_model() -> transformers.LlamaForCausalLM:
