@@ -220,10 +220,10 @@ RECOMPILE_LIMIT = 64
 def _forward(state: CompiledState, *args: Any, **kwargs: Any) -> Any:
     """The compiled model's forward: plain (no cache / prefill) or a decode step over a MoaCache."""
     cache = kwargs.get("past_key_values")
-    with _dynamo_policy():
-        if not isinstance(cache, MoaCache):
-            return state.compiled_forward(*args, **kwargs)
+    if isinstance(cache, MoaCache):
         return _forward_with_cache(state, cache, args, kwargs)
+    with _dynamo_policy():
+        return state.compiled_forward(*args, **kwargs)
 
 
 def _input_length(args: tuple, kwargs: dict) -> int:
@@ -255,7 +255,8 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
         before = state.runtime.planned_length
         state.runtime.planned_length = cache.planned_length
         try:
-            out = state.compiled_forward(*args, **kwargs)
+            with _dynamo_policy():
+                out = state.compiled_forward(*args, **kwargs)
         finally:
             state.runtime.planned_length = before
     cache.mark_filled(n)
@@ -296,7 +297,8 @@ def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) ->
     if state.cudagraphs and cache.decode_steps >= 3:
         device = graph_device(kwargs, cache.tensors())
         if device is not None:
-            cache.step_graph, out = StepGraph.capture(state.compiled_decode, kwargs, device)
+            with _dynamo_policy():
+                cache.step_graph, out = StepGraph.capture(state.compiled_decode, kwargs, device)
             return out
         _warn_once(state, "decode steps run without CUDA graphs: the model's layers or inputs are on several "
                           "devices (or not on a GPU); a CUDA graph is captured on one device only")
@@ -304,7 +306,7 @@ def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) ->
     # property is as in the previous step (about 0.1 ms per layer of guard work, bench/RESULTS.md)
     stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if cache.decode_steps >= 3 \
         else contextlib.nullcontext()
-    with stance:
+    with stance, _dynamo_policy():
         return state.compiled_decode(**kwargs)
 
 

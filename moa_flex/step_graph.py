@@ -11,7 +11,9 @@ layer on an H200, as much as the GPU work of a layer at small batch (bench/RESUL
 * the cache tensors are the graph's own state: ``cache_append`` writes the new token and
   advances each row's length inside the graph, so replaying it is the next step;
 * outputs live in the graph's memory pool and are cloned on return (the next replay
-  overwrites them).
+  overwrites them); an output that is one of the arguments (the cache, as
+  ``past_key_values``) is not kept by the graph but handed back from the call, so a cache
+  and its step graph form no reference cycle and free their memory as soon as released.
 
 A step graph is only valid while what the compiled code baked in stays the same: the cache
 object and its tensors, the arguments' names, shapes, dtypes and devices, and the values of
@@ -52,6 +54,18 @@ def graph_device(kwargs: dict[str, Any], cache_tensors: list[torch.Tensor]) -> t
     return device if device.type == "cuda" else None
 
 
+class _Argument:
+    """Where the captured output held one of the call's own arguments (by name)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _detach_arguments(output: Any, kwargs: dict[str, Any]) -> Any:
+    by_id = {id(v): k for k, v in kwargs.items() if not isinstance(v, (torch.Tensor, bool, int, float, str, type(None)))}
+    return tree_map(lambda x: _Argument(by_id[id(x)]) if id(x) in by_id else x, output)
+
+
 class StepGraph:
     """One decode step of one request, captured as a CUDA graph (see the module docstring)."""
 
@@ -78,11 +92,16 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             static_out = fn(**call)
-        return cls(signature, statics, graph, static_out), out
+        return cls(signature, statics, graph, _detach_arguments(static_out, kwargs)), out
 
     def __call__(self, kwargs: dict[str, Any]) -> Any:
         """Replay with this step's arguments (same signature as captured)."""
         for name, static in self.statics.items():
             static.copy_(kwargs[name], non_blocking=True)
         self.graph.replay()
-        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, self.output)
+        def fresh(x: Any) -> Any:
+            if isinstance(x, torch.Tensor):
+                return x.clone()
+            return kwargs[x.name] if isinstance(x, _Argument) else x
+
+        return tree_map(fresh, self.output)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -203,6 +205,9 @@ def test_forward_decode_steps_replay_step_graph_on_gpu() -> None:
     want = planned_logits(model, plan, N, seq, torch.ones_like(seq))[:, PROMPT:]
     err = (torch.stack(logits, 1) - want).abs().amax(dim=(0, 2))
     assert err.max() <= 1e-3, f"max |logit error| per step: {err.tolist()}"
+    alive = weakref.ref(cache)
+    del cache, out
+    assert alive() is None, "the cache and its step graph must be freed without a garbage collection"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
