@@ -81,7 +81,7 @@ class Task:
     value_len: int = 2      # V: tokens per value
     num_keys: int = 64      # distinct key tokens
     num_values: int = 64    # distinct value tokens
-    num_filler: int = 128   # F: filler tokens (chain states are pairs of them)
+    num_filler: int = 32    # F: filler tokens (chain states are pairs of them)
     successors: int = 3     # S: possible next filler tokens after each pair
     seed: int = 0           # task seed: fixes the chain
 
@@ -268,12 +268,14 @@ def min_context(task: Task, num_records: int, placed: int = 0) -> int:
     return num_records * W + ((placed + 1) * (W - 1) if placed else 0)
 
 
-def default_num_records(task: Task, context_len: int, num_questions: int = 1, placed: int = 0) -> int:
-    """Records for a context of ``context_len`` tokens when none are given: one per 64 tokens,
-    at least ``num_questions``, at most what fits (:func:`min_context`) and the distinct keys."""
+def default_num_records(task: Task, context_len: int, num_questions: int = 1, placed: int = 0, spacing: int = 64) -> int:
+    """Records for a context of ``context_len`` tokens when none are given: one per ``spacing``
+    tokens, at least ``num_questions``, at most what fits (:func:`min_context`) and the distinct keys."""
+    if spacing < 1:
+        raise ValueError(f"spacing must be >= 1 token, got {spacing}")
     W = task.record_len
     fit = (context_len - ((placed + 1) * (W - 1) if placed else 0)) // W
-    return max(num_questions, min(context_len // 64, fit, task.num_key_tuples))
+    return max(num_questions, min(context_len // spacing, fit, task.num_key_tuples))
 
 
 def _check_counts(task: Task, context_len: int, num_records: int, num_questions: int, placed: int, what: str) -> None:
@@ -359,6 +361,10 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """The same batch on ``device``."""
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    def rows(self, start: int, stop: int) -> "Batch":
+        """Rows ``start .. stop - 1`` of the batch."""
+        return Batch(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
 
 
 def _seq_len(task: Task, context_len: int, n: int) -> int:

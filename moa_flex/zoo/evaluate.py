@@ -1,0 +1,70 @@
+"""Retrieval accuracy of a model on a synthetic task, by context length and needle depth."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import torch
+
+from ..synthetic import Task, batch_correct, default_num_records, make_batch
+
+EVAL_SEED_TAG = 1_000_003  # eval seeds are (seed, tag, length, depth index): never a training seed (seed, step)
+
+
+def eval_records(task: Task, length: int, spacing: int) -> int:
+    """Records in a one-question sequence of ``length`` tokens: one per ``spacing`` context tokens."""
+    C = length - 1 - task.qa_len
+    return default_num_records(task, C, 1, placed=1, spacing=spacing)
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+@torch.no_grad()
+def retrieval_accuracy(
+    model: Any, task: Task, lengths: Sequence[int], depths: Sequence[float], samples: int, *, seed: int = 0,
+    record_spacing: int = 64, batch_tokens: int = 65536, amp_dtype: torch.dtype | None = None, progress: bool = True,
+) -> dict:
+    """Exact-match retrieval accuracy by teacher forcing (one forward per batch): for each length
+    (tokens, answer included) and depth, ``samples`` sequences with one question whose record
+    sits at that depth, among one record per ``record_spacing`` context tokens.
+
+    Returns ``{"lengths", "depths", "samples", "accuracy": [[per depth] per length],
+    "by_length": [...], "by_depth": [...], "overall"}`` (fractions in [0, 1])."""
+    from tqdm import tqdm
+
+    if samples < 1 or not lengths or not depths:
+        raise ValueError(f"need samples >= 1 and at least one length and depth, got {samples}, {list(lengths)}, {list(depths)}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    table = []
+    bar = tqdm(total=len(lengths) * len(depths), desc="eval", leave=False, disable=not progress)
+    for L in lengths:
+        rows = max(1, batch_tokens // L)
+        R = eval_records(task, L, record_spacing)
+        accs = []
+        for di, d in enumerate(depths):
+            batch = make_batch(task, samples, L, (seed, EVAL_SEED_TAG, L, di), num_questions=1, num_records=R, depth=d)
+            right = 0
+            for lo in range(0, samples, rows):
+                part = batch.rows(lo, lo + rows)
+                with _autocast(device, amp_dtype):
+                    logits = model(input_ids=part.input_ids.to(device), use_cache=False).logits
+                right += int(batch_correct(logits, part).sum())
+            accs.append(right / samples)
+            bar.update()
+        table.append(accs)
+    bar.close()
+    model.train(was_training)
+    return {
+        "lengths": list(lengths), "depths": list(depths), "samples": samples, "record_spacing": record_spacing,
+        "accuracy": table,
+        "by_length": [sum(r) / len(r) for r in table],
+        "by_depth": [sum(r[i] for r in table) / len(table) for i in range(len(depths))],
+        "overall": sum(map(sum, table)) / (len(lengths) * len(depths)),
+    }
