@@ -160,6 +160,13 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError(f"max_length must be >= 1 tokens, got {max_length}")
     if backend not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
+    hooked = [name for name, m in model.named_modules() if getattr(m, "_hf_hook", None) is not None]
+    if hooked:
+        raise ValueError(
+            f"the model carries accelerate hooks (device_map / offloading; first on {hooked[0] or 'the model'!r}), which "
+            "torch.compile cannot trace into one graph (they call torch.compiler.disable); load the model on one "
+            "device, or spread its layers with plain forward pre-hooks that move activations"
+        )
     if model.training:
         raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
 

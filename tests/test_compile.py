@@ -304,6 +304,11 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(TypeError, match="Plan"):
         moa_flex.compile(model, {"alpha": []})
     assert getattr(model, "moa_flex", None) is None, "nothing half-applied"
+    model.model.layers[1]._hf_hook = object()  # what accelerate's dispatch_model (device_map) leaves
+    with pytest.raises(ValueError, match="accelerate hooks.*model.layers.1"):
+        moa_flex.compile(model, Plan.dense(ModelShape(L, H, KVH, D)))
+    del model.model.layers[1]._hf_hook
+    assert getattr(model, "moa_flex", None) is None
 
     from moa_flex.passes.attention_pass import make_backend
 

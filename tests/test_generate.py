@@ -210,12 +210,32 @@ def test_forward_decode_steps_replay_step_graph_on_gpu() -> None:
     assert alive() is None, "the cache and its step graph must be freed without a garbage collection"
 
 
+def spread_over_two_gpus(model):  # noqa: ANN001, ANN201
+    """Layer 0 and the embeddings on cuda:0, layer 1, norm and head on cuda:1; plain hooks
+    move activations (accelerate's own hooks cannot be traced: see test_compile's
+    test_accelerate_dispatched_model_is_refused)."""
+    model.model.embed_tokens.cuda(0)
+    model.model.rotary_emb.cuda(0)
+    model.model.layers[0].cuda(0)
+    for m in (model.model.layers[1], model.model.norm, model.lm_head):
+        m.cuda(1)
+
+    def to1(x):  # noqa: ANN001, ANN202
+        return torch.utils._pytree.tree_map(lambda t: t.cuda(1) if isinstance(t, torch.Tensor) else t, x)
+
+    model.model.layers[1].register_forward_pre_hook(lambda m, args, kwargs: (to1(args), to1(kwargs)), with_kwargs=True)
+    model.register_forward_hook(lambda m, args, out: torch.utils._pytree.tree_map(
+        lambda t: t.cuda(0) if isinstance(t, torch.Tensor) else t, out))
+    return model
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_generate_with_layers_on_two_gpus(mode: str | None) -> None:
-    """Layers spread over two GPUs (as device_map does): each layer's cache lives on its
-    layer's device, and the tokens equal those of the model on one GPU. With CUDA graphs
-    asked for, decoding says it runs without them (a graph is captured on one device)."""
+    """Layers spread over two GPUs (what device_map does, through traceable hooks): each
+    layer's cache lives on its layer's device, and the tokens equal those of the model on one
+    GPU. With CUDA graphs asked for, decoding says it runs without them (a graph is captured
+    on one device)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     model = make_model("llama").cuda(0)
     plan = sparse_plan(model.config, "head", seed=4)
@@ -224,12 +244,7 @@ def test_generate_with_layers_on_two_gpus(mode: str | None) -> None:
     one = run_generate(model, ids)
     moa_flex.uncompile(model)
 
-    from accelerate import dispatch_model
-
-    model = dispatch_model(make_model("llama"), device_map={
-        "model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
-        "model.norm": 1, "lm_head": 1,
-    })
+    model = spread_over_two_gpus(make_model("llama"))
     moa_flex.compile(model, plan, mode=mode)
     if mode is None:
         two = run_generate(model, ids)
