@@ -53,7 +53,6 @@ are asked, the filler draws) comes from numpy's PCG64 seeded with the sample see
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
@@ -367,10 +366,6 @@ class Batch:
         return Batch(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
 
 
-def _seq_len(task: Task, context_len: int, n: int) -> int:
-    return 1 + context_len + n * task.qa_len
-
-
 def _build(task: Task, rng: np.random.Generator, C: int, starts: np.ndarray, asked: np.ndarray) -> dict[str, np.ndarray]:
     """Token arrays of B sequences from record starts [B, R] and asked record indices [B, n]."""
     B, R = starts.shape
@@ -395,7 +390,7 @@ def _build(task: Task, rng: np.random.Generator, C: int, starts: np.ndarray, ask
     return {"ctx": ctx, "in_record": in_record, "qa": qa, "values": av, "depths": depths}
 
 
-def _check_length(task: Task, length: int, what: str) -> None:
+def _check_length(length: int, what: str) -> None:
     if not isinstance(length, (int, np.integer)) or isinstance(length, bool) or length < 1:
         raise ValueError(f"{what} must be a positive number of tokens, got {length!r}")
 
@@ -430,7 +425,7 @@ def make_sample(task: Task, length: int, seed: int | Sequence[int], depth: float
     random. ``num_records``: records in the context, default :func:`default_num_records`.
     ValueError if the context cannot hold them (:func:`min_context`). Deterministic in
     ``seed`` (an int or a sequence of ints)."""
-    _check_length(task, length, "length")
+    _check_length(length, "length")
     n = int(num_questions)
     fixed = 1 + (n - 1) * task.qa_len + task.question_len
     C = length - fixed
@@ -456,7 +451,7 @@ def make_batch(task: Task, batch_size: int, length: int, seed: int | Sequence[in
 
     Records are placed uniformly at random and the asked ones chosen at random, unless ``depth``
     (as in :func:`make_sample`, the same for every row) is given. Deterministic in ``seed``."""
-    _check_length(task, length, "length")
+    _check_length(length, "length")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     n = int(num_questions)
@@ -560,11 +555,14 @@ def task_for_vocab(vocab_size: int, num_records: int = 8) -> Task:
         return default
     K = default.key_len
     room = vocab_size - NUM_SPECIAL
-    keys = max(math.ceil(num_records ** (1 / K) - 1e-9), room // 4)
+    fewest = 1
+    while fewest ** K < num_records:  # fewest key tokens whose K-tuples tell num_records records apart
+        fewest += 1
+    keys = max(fewest, room // 4)
     values = max(1, room // 4)
     filler = min(room - keys - values, MAX_FILLER)
     if filler < 2 or keys ** K < num_records:
-        need = NUM_SPECIAL + math.ceil(num_records ** (1 / K) - 1e-9) + 1 + 2
+        need = NUM_SPECIAL + fewest + 1 + 2
         raise ValueError(f"vocab_size must be >= {need} for {num_records} records, got {vocab_size}")
     return Task(key_len=K, value_len=default.value_len, num_keys=keys, num_values=values, num_filler=filler,
                 successors=min(default.successors, filler), seed=default.seed)

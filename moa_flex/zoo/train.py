@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import multiprocessing
-import os
 import platform
 import shlex
 import sys
@@ -59,10 +58,10 @@ class TrainConfig:
     seed: int = _opt("seed of the weights, data and length schedule", default=0)
     steps: int = _opt("optimizer steps", default=3000)
     tokens_per_step: int = _opt("tokens per step (batch = tokens_per_step // length)", default=131072)
-    lengths: tuple[int, ...] = _opt("training sequence lengths (tokens)", default=(512, 1024, 2048, 3072, 4096))
+    lengths: tuple[int, ...] = _opt("training sequence lengths (tokens)", default=(256, 512, 1024, 2048, 3072, 4096))
     curriculum: float = _opt("fraction of the steps over which the longest allowed length grows to the maximum", default=0.3)
     record_spacing: int = _opt("one record per this many context tokens", default=64)
-    question_spacing: int = _opt("one question (with its answer) per this many sequence tokens", default=256)
+    question_spacing: int = _opt("one question (with its answer) per this many sequence tokens", default=128)
     answer_weight: float = _opt("weight of the answer loss against the filler loss", default=1.0)
     lr: float = _opt("peak learning rate", default=1e-3)
     min_lr: float = _opt("final learning rate (cosine decay)", default=1e-4)
@@ -294,11 +293,89 @@ def _log_row(sums: torch.Tensor, step: int, length: int, lr: float, tokens: int,
             "lr": lr, "tokens": tokens, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def train(cfg: TrainConfig, argv: Sequence[str] | None = None) -> tuple[torch.nn.Module, Task, dict]:
-    """Train, evaluate and save as the module docstring says; returns (model, task, log)."""
-    from tqdm import tqdm
+def build_model(cfg: TrainConfig, task: Task, device: torch.device) -> torch.nn.Module:
+    """A freshly initialized LlamaForCausalLM (seeded by ``cfg.seed``) in train mode on ``device``."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(model_config(cfg, task)).to(device)
+    model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS, do_sample=False,
+                                               max_new_tokens=task.value_len + 1)
+    return model.train()
+
+
+def train_step(cfg: TrainConfig, model: torch.nn.Module, forward: Any, opt: torch.optim.Optimizer, batch: Batch,
+               lr: float, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """One optimizer step; returns [filler loss, answer loss, answer exact-match rate] (on the device, no sync)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    device_type = batch.input_ids.device.type
+    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = forward(input_ids=batch.input_ids, use_cache=False).logits
+    filler_loss, answer_loss = losses(logits, batch)
+    (filler_loss + cfg.answer_weight * answer_loss).backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        acc = batch_correct(logits.detach(), batch).float().mean()
+        return torch.stack([filler_loss.detach(), answer_loss.detach(), acc])
+
+
+def fit(cfg: TrainConfig, task: Task, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
+        deadline: float | None) -> dict:
+    """The training loop, up to ``cfg.steps`` or the ``deadline`` (time.perf_counter seconds):
+    ``{"log", "steps_done", "stopped_by", "tokens", "seconds"}``."""
+    from tqdm import tqdm
+
+    schedule = length_schedule(cfg)
+    workers = cfg.workers if cfg.workers >= 0 else (4 if device.type == "cuda" else 0)
+    forward = torch.compile(model) if cfg.compile else model
+    opt = make_optimizer(cfg, model, device)
+    batches = Batches(cfg, task, schedule, workers)
+    rows: list[dict] = []
+    sums = torch.zeros(4, device=device)  # filler loss, answer loss, answer accuracy, steps
+    steps_done, tokens, stopped, t0 = 0, 0, "steps", time.perf_counter()
+    bar = tqdm(total=cfg.steps, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for step in range(cfg.steps):
+            if deadline is not None and time.perf_counter() > deadline:
+                stopped = "time budget"
+                break
+            batch = batches.get(step)
+            if device.type == "cuda":
+                batch = Batch(**{f.name: getattr(batch, f.name).pin_memory() for f in dataclasses.fields(batch)})
+            batch = batch.to(device, non_blocking=True)
+            sums[:3] += train_step(cfg, model, forward, opt, batch, lr_at(cfg, step), amp_dtype)
+            sums[3] += 1
+            steps_done, tokens = step + 1, tokens + batch.input_ids.numel()
+            bar.update()
+            if steps_done % cfg.log_every == 0 or steps_done == cfg.steps:
+                rows.append(_log_row(sums, steps_done, schedule[step], lr_at(cfg, step), tokens, t0))
+                if cfg.verbose:
+                    tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()))
+    finally:
+        bar.close()
+        batches.close()
+    if sums[3] > 0:  # steps since the last logged row (run stopped by the time budget)
+        rows.append(_log_row(sums, steps_done, schedule[steps_done - 1], lr_at(cfg, steps_done - 1), tokens, t0))
+    return {"log": rows, "steps_done": steps_done, "stopped_by": stopped, "tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+def write_outputs(out: Path, model: torch.nn.Module, task: Task, log: dict, save_dtype: torch.dtype) -> None:
+    """Weights (in ``save_dtype``), config, generation config, task.json, train_log.json, README.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out, save_dtype)
+    task.save(out / TASK_FILE)
+    log["weights_bytes"] = (out / "model.safetensors").stat().st_size
+    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    (out / "README.md").write_text(render_card(log))
+
+
+def train(cfg: TrainConfig, argv: Sequence[str] | None = None) -> tuple[torch.nn.Module, Task, dict]:
+    """Train, evaluate and save as the module docstring says; returns (model, task, log).
+    ``argv`` is recorded as the command (default: this process's arguments)."""
     check_config(cfg)
     t_start = time.perf_counter()
     if cfg.threads:
@@ -310,83 +387,26 @@ def train(cfg: TrainConfig, argv: Sequence[str] | None = None) -> tuple[torch.nn
         make_batch(task, 1, L, 0, *sequence_layout(cfg, task, L))
     for L in sorted(set(cfg.eval_lengths)):
         make_batch(task, 1, L, 0, 1, eval_records(task, L, cfg.record_spacing), depth=0.5)
-    schedule = length_schedule(cfg)
-    workers = cfg.workers if cfg.workers >= 0 else (4 if device.type == "cuda" else 0)
 
-    torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(model_config(cfg, task)).to(device)
-    model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS, do_sample=False,
-                                               max_new_tokens=task.value_len + 1)
-    model.train()
-    forward = torch.compile(model) if cfg.compile else model
-    opt = make_optimizer(cfg, model, device)
-    batches = Batches(cfg, task, schedule, workers)
-
-    log_rows: list[dict] = []
-    sums = torch.zeros(4, device=device)  # filler loss, answer loss, answer accuracy, steps
-    tokens, stopped, t_train = 0, "steps", time.perf_counter()
-    bar = tqdm(total=cfg.steps, desc="train", disable=not cfg.progress, dynamic_ncols=True)
-    try:
-        for step in range(cfg.steps):
-            if cfg.max_minutes and time.perf_counter() - t_start > 60 * cfg.max_minutes:
-                stopped = "time budget"
-                break
-            batch = batches.get(step)
-            if device.type == "cuda":
-                batch = Batch(**{f.name: getattr(batch, f.name).pin_memory() for f in dataclasses.fields(batch)})
-            batch = batch.to(device, non_blocking=True)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(cfg, step)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = forward(input_ids=batch.input_ids, use_cache=False).logits
-            filler_loss, answer_loss = losses(logits, batch)
-            (filler_loss + cfg.answer_weight * answer_loss).backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                acc = batch_correct(logits.detach(), batch).float().mean()
-                sums += torch.stack([filler_loss.detach(), answer_loss.detach(), acc, torch.ones((), device=device)])
-            tokens += batch.input_ids.numel()
-            bar.update()
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                log_rows.append(_log_row(sums, step + 1, schedule[step], lr_at(cfg, step), tokens, t_train))
-                if cfg.verbose:
-                    tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log_rows[-1].items()))
-    finally:
-        bar.close()
-        batches.close()
-    steps_done = step + 1 if stopped == "steps" else step
-    if sums[3] > 0:  # steps since the last logged row (run stopped by the time budget)
-        log_rows.append(_log_row(sums, steps_done, schedule[steps_done - 1], lr_at(cfg, steps_done - 1), tokens, t_train))
-    train_seconds = time.perf_counter() - t_train
-
+    model = build_model(cfg, task, device)
+    run = fit(cfg, task, model, device, amp_dtype, t_start + 60 * cfg.max_minutes if cfg.max_minutes else None)
     save_dtype = DTYPES[cfg.save_dtype]
     round_weights(model, save_dtype)
     t_eval = time.perf_counter()
     accuracy = retrieval_accuracy(model, task, cfg.eval_lengths, cfg.eval_depths, cfg.eval_samples, seed=cfg.seed,
                                   record_spacing=cfg.record_spacing, amp_dtype=amp_dtype, progress=cfg.progress)
-    eval_seconds = time.perf_counter() - t_eval
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out, save_dtype)
-    task.save(out / TASK_FILE)
     argv = sys.argv[1:] if argv is None else list(argv)
     log = {
         "command": "python -m moa_flex.zoo.train" + ("" if not argv else " " + shlex.join(argv)),
         "config": dataclasses.asdict(cfg), "task": task.to_dict(), "seed": cfg.seed,
         "params": sum(p.numel() for p in model.parameters()),
-        "weights_bytes": (out / "model.safetensors").stat().st_size,
-        "steps_done": steps_done, "stopped_by": stopped, "tokens": tokens,
-        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+        "steps_done": run["steps_done"], "stopped_by": run["stopped_by"], "tokens": run["tokens"],
+        "train_seconds": round(run["seconds"], 1), "eval_seconds": round(time.perf_counter() - t_eval, 1),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
-        "tokens_per_second": round(tokens / max(train_seconds, 1e-9)),
-        "environment": environment(device), "log": log_rows, "eval": accuracy,
+        "tokens_per_second": round(run["tokens"] / max(run["seconds"], 1e-9)),
+        "environment": environment(device), "log": run["log"], "eval": accuracy,
     }
-    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    (out / "README.md").write_text(render_card(log))
+    write_outputs(Path(cfg.out), model, task, log, save_dtype)
     return model, task, log
 
 
