@@ -30,12 +30,12 @@ def load_needle_model(path: str | os.PathLike | None = None, dtype: torch.dtype 
     from transformers import LlamaForCausalLM
 
     folder = Path(NEEDLE_DIR if path is None else path)
+    hint = f"train one with `python -m moa_flex.zoo.train --out {folder}`"
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder")
+        raise ValueError(f"{folder} is not a folder; {hint}")
     for name, what in (("config.json", "model config"), (WEIGHTS, "weights"), (TASK_FILE, "synthetic task")):
         if not (folder / name).is_file():
-            raise ValueError(f"{folder} has no {name} ({what}): not a trained model folder; "
-                             f"train one with `python -m moa_flex.zoo.train --out {folder}`")
+            raise ValueError(f"{folder} has no {name} ({what}): not a trained model folder; {hint}")
     task = Task.load(folder / TASK_FILE)
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, attn_implementation="sdpa")
     if model.config.vocab_size < task.vocab_size:
