@@ -316,7 +316,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
     p.add_argument("-o", "--output", required=True, help="the plan JSON to write (also OUT.profile.safetensors)")
     p.set_defaults(fn=_cmd_compress)
+    from .demo import DEFAULT_DENSITIES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DEFAULT_PROFILE_LENGTHS
+
+    p = sub.add_parser("demo", help="the whole job on the shipped needle model: calibrate, profile, optimize, compile, "
+                                    "measure retrieval (CPU, minutes)",
+                       description="Calibrates, profiles and optimizes MoA plans for the shipped needle model (a small "
+                                   "Llama trained on moa_flex.synthetic), then measures retrieval accuracy by length and "
+                                   "needle depth for the dense model, the MoA plans and uniform plans of the same KV density.")
+    p.add_argument("--model-dir", default=None, help="a folder written by `python -m moa_flex.zoo.train` (default: the shipped one)")
+    p.add_argument("-o", "--out", default="moa-flex-demo", help="output folder (plans, profile, results, demo.png)")
+    p.add_argument("--densities", type=float, nargs="+", default=list(DEFAULT_DENSITIES), help="KV densities")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="evaluation lengths (tokens)")
+    p.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS), help="needle depths in [0, 1]")
+    p.add_argument("--samples", type=int, default=8, help="evaluation sequences per length and depth")
+    p.add_argument("--profile-lengths", type=int, nargs="+", default=list(DEFAULT_PROFILE_LENGTHS), help="profiled lengths (tokens)")
+    p.add_argument("--calibration-samples", type=int, default=2, help="calibration samples per profiled length")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_cmd_demo)
     return ap
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(model_dir=args.model_dir, out=args.out, densities=args.densities, lengths=args.lengths,
+                        depths=args.depths, samples=args.samples, profile_lengths=args.profile_lengths,
+                        calibration_samples=args.calibration_samples, progress=not args.quiet))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,234 @@
+"""``moa-flex demo``: the whole MoA job on the shipped needle model, on a CPU, in minutes.
+
+The shipped model (:mod:`moa_flex.zoo`, trained on :mod:`moa_flex.synthetic`) continues an
+order-2 Markov filler, which takes local attention, and answers key -> value questions whose
+record can sit anywhere in 1K-4K tokens, which takes retrieval across the whole context. The
+demo:
+
+1. writes calibration samples: synthetic prompts at each profiled length, answered by the
+   dense model itself (greedy), saved as ``calibration.jsonl`` (token ids);
+2. profiles the attention influence by distance on them (``profile.safetensors``);
+3. optimizes a plan per KV density (``plan-moa-<d>.json``: of the Pareto set, the plan with the
+   lowest profiled loss at the longest profiled length);
+4. measures exact-match retrieval accuracy by length and needle depth (teacher forcing, one
+   forward per batch) for the dense model, each MoA plan through ``moa_flex.compile`` and a
+   uniform StreamingLLM-style plan at the same KV density (every head: the sink plus a window,
+   span = density x N, so both hold the same cache at every length);
+5. prints the table, writes ``results.json``, ``results.md`` and ``demo.png`` (accuracy
+   heatmaps by length and depth, and the MoA plan's spans).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .calibration import Sample, answer_samples
+from .plan import DEFAULT_MIN_SPAN, DEFAULT_SINK, DEFAULT_SPAN_MULTIPLE, Plan
+
+DEMO_SEED = 7_013  # calibration prompts: (DEMO_SEED, N, i); evaluation: zoo.evaluate's own seeds
+DEFAULT_DENSITIES = (0.5, 0.25)
+DEFAULT_LENGTHS = (1024, 2048, 3072, 4096)
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_PROFILE_LENGTHS = (1024, 2048, 4096)
+
+
+@dataclass
+class DemoConfig:
+    """What a demo run depends on (tokens for lengths, fractions for densities and depths)."""
+
+    model_dir: str | None = None  # None: the shipped needle model
+    out: str = "moa-flex-demo"
+    densities: Sequence[float] = DEFAULT_DENSITIES
+    lengths: Sequence[int] = DEFAULT_LENGTHS
+    depths: Sequence[float] = DEFAULT_DEPTHS
+    samples: int = 8  # evaluation sequences per length and depth
+    profile_lengths: Sequence[int] = DEFAULT_PROFILE_LENGTHS
+    calibration_samples: int = 2  # per profiled length
+    sink: int = DEFAULT_SINK
+    span_multiple: int = DEFAULT_SPAN_MULTIPLE
+    min_span: int = DEFAULT_MIN_SPAN
+    progress: bool = True
+    timings: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if not self.densities or any(not 0 < d <= 1 for d in self.densities):
+            raise ValueError(f"densities must be in (0, 1], got {list(self.densities)}")
+        if not self.lengths or any(int(n) < 256 for n in self.lengths):
+            raise ValueError(f"lengths must be >= 256 tokens, got {list(self.lengths)}")
+        if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
+            raise ValueError(f"depths must be in [0, 1], got {list(self.depths)}")
+        if self.samples < 1 or self.calibration_samples < 1:
+            raise ValueError(f"samples and calibration_samples must be >= 1, got {self.samples}, {self.calibration_samples}")
+        if not self.profile_lengths or any(int(n) < 256 for n in self.profile_lengths):
+            raise ValueError(f"profile_lengths must be >= 256 tokens, got {list(self.profile_lengths)}")
+
+
+def calibration(model: Any, task: Any, lengths: Sequence[int], per_length: int, progress: bool) -> dict[int, list[Sample]]:
+    """N -> samples of N tokens: a synthetic prompt of ``N - (V + 1)`` tokens per sample, with
+    the dense model's own greedy answer (V value tokens + EOS at most)."""
+    from .synthetic import make_sample
+
+    m = task.value_len + 1
+    return {int(N): answer_samples(model, [make_sample(task, int(N) - m, (DEMO_SEED, int(N), i)) for i in range(per_length)],
+                                   max_new_tokens=m, progress=progress)
+            for N in lengths}
+
+
+def save_calibration(samples: dict[int, list[Sample]], path: Path) -> None:
+    """One JSON object per sample: length, prompt token ids, the model's answer token ids."""
+    with open(path, "w") as f:
+        for N, bucket in samples.items():
+            for s in bucket:
+                f.write(json.dumps({"length": N, "prompt": s.prompt_ids.tolist(), "answer": s.answer.tolist()}) + "\n")
+
+
+def moa_plan(profile: Any, config: Any, density: float, cfg: DemoConfig) -> Plan:
+    """Of the Pareto set at this KV density, the plan with the lowest loss at the longest profiled length."""
+    from .optimize import Budget, optimize
+
+    plans = optimize(profile.hist, config, Budget(density=density), sink=cfg.sink, span_multiple=cfg.span_multiple,
+                     min_span=cfg.min_span, progress=cfg.progress)
+    longest = str(max(int(n) for n in profile.hist))
+    best = min(plans, key=lambda p: p.meta["loss"][longest])
+    best.meta["demo"] = {"density": density, "chosen_by": f"lowest profiled loss at {longest} tokens", "pareto_size": len(plans)}
+    return best
+
+
+def uniform_plan(config: Any, density: float, cfg: DemoConfig) -> Plan:
+    """Every head the same rule: span = density x N (sink included), the StreamingLLM-style baseline."""
+    return Plan.uniform(config, alpha=0.0, beta=density, granularity="kv_head", sink=cfg.sink,
+                        span_multiple=cfg.span_multiple, min_span=cfg.min_span,
+                        meta={"demo": {"density": density, "baseline": "uniform sink + window"}})
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run the demo (module docstring); returns the results written to ``results.json``."""
+    import moa_flex
+
+    from .profile import profile_model
+    from .zoo import load_needle_model
+    from .zoo.evaluate import retrieval_accuracy
+
+    cfg.check()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model, task = load_needle_model(cfg.model_dir)
+    say = print
+    say(f"moa-flex demo: {model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads, "
+        f"{model.config.num_key_value_heads} KV heads; densities {list(cfg.densities)}; lengths {list(cfg.lengths)}")
+
+    def lap(name: str) -> None:
+        cfg.timings[name] = round(time.time() - t0 - sum(cfg.timings.values()), 1)
+
+    say(f"[1/5] calibration: the dense model answers {cfg.calibration_samples} prompt(s) per length {list(cfg.profile_lengths)}")
+    calib = calibration(model, task, cfg.profile_lengths, cfg.calibration_samples, cfg.progress)
+    save_calibration(calib, out / "calibration.jsonl")
+    lap("calibration")
+
+    say("[2/5] profile")
+    profile = profile_model(model, calib, sink=cfg.sink, span_multiple=cfg.span_multiple, progress=cfg.progress)
+    profile.save(out / "profile.safetensors")
+    lap("profile")
+
+    say("[3/5] optimize")
+    plans: dict[str, Plan] = {}
+    for d in cfg.densities:
+        plans[f"MoA d={d}"] = moa_plan(profile, model.config, d, cfg)
+        plans[f"uniform d={d}"] = uniform_plan(model.config, d, cfg)
+        plans[f"MoA d={d}"].save(out / f"plan-moa-{d}.json")
+    lap("optimize")
+
+    acc_kw = dict(lengths=list(cfg.lengths), depths=list(cfg.depths), samples=cfg.samples, progress=cfg.progress)
+    say("[4/5] retrieval accuracy: dense model")
+    results: dict[str, dict] = {"dense": retrieval_accuracy(model, task, **acc_kw)}
+    lap("accuracy dense")
+
+    say("[5/5] retrieval accuracy: MoA and uniform plans through moa_flex.compile")
+    first = next(iter(plans.values()))
+    moa_flex.compile(model, first)
+    try:
+        for name, plan in plans.items():
+            model.moa_flex.set_plan(plan)
+            results[name] = retrieval_accuracy(model, task, **acc_kw)
+            results[name]["kv_density"] = [plan.kv_density(int(n)) for n in cfg.lengths]
+    finally:
+        moa_flex.uncompile(model)
+    lap("accuracy plans")
+    results["dense"]["kv_density"] = [1.0] * len(cfg.lengths)
+
+    summary = {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items() if k != "timings"},
+        "results": results, "bars": bars(results, cfg), "timings_s": cfg.timings,
+        "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
+    }
+    text = table(results, cfg)
+    say(text)
+    for line in summary["bars"]:
+        say("-", line)
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.md").write_text(text + "\n\n" + "\n".join(f"- {b}" for b in summary["bars"]) + "\n")
+    try:
+        plot(results, plans, cfg, out / "demo.png")
+        say(f"wrote {out / 'demo.png'}")
+    except ImportError:
+        say("(no demo.png: plotting needs matplotlib: pip install 'moa-flex[plot]')")
+    say(f"done in {summary['seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in cfg.timings.items())}); results in {out}/")
+    return summary
+
+
+def table(results: dict[str, dict], cfg: DemoConfig) -> str:
+    """Markdown: per method, KV density at the longest length and accuracy by length and depth there."""
+    L = list(cfg.lengths)
+    head = ["method", f"KV density @{L[-1]}"] + [f"acc @{n}" for n in L] + [f"@{L[-1]} depth {d:g}" for d in cfg.depths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        cells = [name, f"{r['kv_density'][-1]:.3f}"] + [f"{a:.0%}" for a in r["by_length"]] + [f"{a:.0%}" for a in r["accuracy"][-1]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bars(results: dict[str, dict], cfg: DemoConfig) -> list[str]:
+    """Per density: MoA's accuracy at the longest length against the dense model's and the uniform plan's."""
+    n = list(cfg.lengths)[-1]
+    dense = results["dense"]["by_length"][-1]
+    out = []
+    for d in cfg.densities:
+        moa, uni = results[f"MoA d={d}"]["by_length"][-1], results[f"uniform d={d}"]["by_length"][-1]
+        keep = moa / dense if dense else float("nan")
+        ratio = moa / uni if uni else float("inf")
+        out.append(f"d={d} at {n} tokens: MoA {moa:.1%} = {keep:.0%} of dense ({dense:.1%}); uniform {uni:.1%}; "
+                   f"MoA / uniform = {ratio:.2f}x" + (" (bars at d=0.25: >= 90% of dense, >= 1.5x uniform)" if d == 0.25 else ""))
+    return out
+
+
+def plot(results: dict[str, dict], plans: dict[str, Plan], cfg: DemoConfig, path: Path) -> None:
+    """Accuracy heatmaps (length x depth) per method, and the spans of the sparsest MoA plan."""
+    from matplotlib.figure import Figure
+
+    names = list(results)
+    fig = Figure(figsize=(3.0 * (len(names) + 1), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(names) + 1)
+    for ax, name in zip(axes, names):
+        im = ax.imshow(torch.tensor(results[name]["accuracy"]).numpy(), vmin=0, vmax=1, cmap="magma", aspect="auto")
+        ax.set_title(name, fontsize=9)
+        ax.set_yticks(range(len(cfg.lengths)), [str(n) for n in cfg.lengths])
+        ax.set_xticks(range(len(cfg.depths)), [f"{d:g}" for d in cfg.depths])
+        ax.set_xlabel("needle depth")
+    axes[0].set_ylabel("length (tokens)")
+    fig.colorbar(im, ax=axes[len(names) - 1], label="retrieval accuracy")
+    d = min(cfg.densities)
+    plan, n = plans[f"MoA d={d}"], int(list(cfg.lengths)[-1])
+    im2 = axes[-1].imshow(plan.spans(n).numpy(), cmap="viridis", vmin=0, vmax=n, aspect="auto")
+    axes[-1].set_title(f"MoA d={d}: span at {n}", fontsize=9)
+    axes[-1].set_xlabel("KV-head group")
+    axes[-1].set_ylabel("layer")
+    fig.colorbar(im2, ax=axes[-1], label="span (tokens)")
+    fig.savefig(os.fspath(path), dpi=100)
