@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from .decode import interpreting, triton, tl
+from .decode import _pow2, interpreting, triton, tl
 
 if triton is not None:
 
@@ -50,10 +50,6 @@ if triton is not None:
             tl.store(values_ptr + b * stride_vb + flat * stride_vs + dv * stride_vd,
                      v.to(values_ptr.dtype.element_ty), mask=dv < DV)
         tl.store(length_ptr + b, p + 1)
-
-
-def _pow2(n: int) -> int:
-    return max(16, 1 << max(0, (n - 1).bit_length()))
 
 
 def cache_append_triton(
@@ -91,5 +87,5 @@ def cache_append_triton(
             k_new.stride(0), k_new.stride(1), k_new.stride(3),
             v_new.stride(0), v_new.stride(1), v_new.stride(3),
             *caps.stride(), G, sink,
-            D=D, D_PAD=_pow2(D), DV=Dv, DV_PAD=_pow2(Dv), num_warps=1,
+            D=D, D_PAD=_pow2(D, 16), DV=Dv, DV_PAD=_pow2(Dv, 16), num_warps=1,
         )
