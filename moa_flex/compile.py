@@ -301,7 +301,7 @@ def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) ->
     cache.decode_steps = cache.decode_steps + 1 if same else 1
     cache.decode_signature = signature
     cache.step_graph = None
-    if state.cudagraphs and cache.decode_steps >= 3:
+    if state.cudagraphs and cache.decode_steps == 3:  # once per run of same-signature steps, not every step
         device = graph_device(kwargs, cache.tensors())
         if device is not None:
             with _dynamo_policy():
