@@ -6,18 +6,23 @@ chain, so a model trained on a task and a demo that rebuilds it from ``task.json
 
 Vocabulary (token ids, K = ``key_len``, V = ``value_len``)::
 
-    0 BOS   1 EOS   2 REC   3 SEP   4 QUESTION   5 ANSWER            (6 special tokens)
+    0 BOS   1 EOS   2 REC   3 QUESTION                              (4 special tokens)
     [6, 6 + num_keys)                               key tokens
     [key_end, key_end + num_values)                 value tokens
     [value_end, value_end + num_filler)             filler tokens      (vocab_size = filler_end)
 
-Record (width ``W = K + V + 2`` tokens)::
+Record (width ``W = K + V + 1`` tokens)::
 
-    REC k_1 .. k_K SEP v_1 .. v_V
+    REC k_1 .. k_K v_1 .. v_V
 
-Question (``K + 2`` tokens), and a question with its answer (``K + V + 3`` tokens)::
+Question (``K + 1`` tokens), and a question with its answer (``K + V + 2`` tokens)::
 
-    QUESTION k_1 .. k_K ANSWER                  QUESTION k_1 .. k_K ANSWER v_1 .. v_V EOS
+    QUESTION k_1 .. k_K                         QUESTION k_1 .. k_K v_1 .. v_V EOS
+
+The value follows its key directly, in the record and in the answer, so answering is the
+induction pattern (find the earlier occurrence of the key, copy what followed it) with no
+marker token in between. Format 1 (``moa-flex.synthetic-task/1``) put ``SEP`` between key and
+value and ``ANSWER`` after the question's key, so the answer needed two hops more.
 
 A sequence is ``BOS``, then a context of ``C`` tokens, then ``n`` questions. The context is
 filler with ``R`` records at non-overlapping places; the records' keys are distinct K-tuples
@@ -63,11 +68,11 @@ import torch
 
 from .calibration import Sample
 
-BOS, EOS, REC, SEP, QUESTION, ANSWER = 0, 1, 2, 3, 4, 5
-NUM_SPECIAL = 6
+BOS, EOS, REC, QUESTION = 0, 1, 2, 3
+NUM_SPECIAL = 4
 WEIGHT_SLOTS = 16  # successor probabilities are multiples of 1 / WEIGHT_SLOTS
 MAX_FILLER = 1024  # the sampling table holds F * F * WEIGHT_SLOTS int32 entries (64 MiB at 1024)
-TASK_FORMAT = "moa-flex.synthetic-task/1"
+TASK_FORMAT = "moa-flex.synthetic-task/2"
 _MASK64 = (1 << 64) - 1
 _TAG_SUCCESSOR, _TAG_WEIGHT = 1, 2
 
@@ -127,18 +132,18 @@ class Task:
     # widths (tokens)
     @property
     def record_len(self) -> int:
-        """W = K + V + 2: tokens of one record ``REC key SEP value``."""
-        return self.key_len + self.value_len + 2
+        """W = K + V + 1: tokens of one record ``REC key value``."""
+        return self.key_len + self.value_len + 1
 
     @property
     def question_len(self) -> int:
-        """K + 2: tokens of ``QUESTION key ANSWER``."""
-        return self.key_len + 2
+        """K + 1: tokens of ``QUESTION key``."""
+        return self.key_len + 1
 
     @property
     def qa_len(self) -> int:
-        """K + V + 3: tokens of ``QUESTION key ANSWER value EOS``."""
-        return self.key_len + self.value_len + 3
+        """K + V + 2: tokens of ``QUESTION key value EOS``."""
+        return self.key_len + self.value_len + 2
 
     @property
     def num_key_tuples(self) -> int:
@@ -375,7 +380,7 @@ def _build(task: Task, rng: np.random.Generator, C: int, starts: np.ndarray, ask
     digits = task.num_keys ** np.arange(K - 1, -1, -1)
     keys = task.key_start + (key_idx[..., None] // digits) % task.num_keys         # [B, R, K]
     values = task.value_start + rng.integers(0, task.num_values, size=(B, R, V))  # [B, R, V]
-    records = np.concatenate([np.full((B, R, 1), REC), keys, np.full((B, R, 1), SEP), values], axis=2)
+    records = np.concatenate([np.full((B, R, 1), REC), keys, values], axis=2)
     ctx = np.empty((B, C), np.int64)
     in_record = np.zeros((B, C), bool)
     pos = (starts[..., None] + np.arange(W)).reshape(B, -1)
@@ -384,8 +389,7 @@ def _build(task: Task, rng: np.random.Generator, C: int, starts: np.ndarray, ask
     ctx[~in_record] = (task.filler_start + _filler(task, rng, B, C - R * W)).reshape(-1)
     ak = np.take_along_axis(keys, asked[..., None], axis=1)                         # [B, n, K]
     av = np.take_along_axis(values, asked[..., None], axis=1)                       # [B, n, V]
-    qa = np.concatenate([np.full((B, n, 1), QUESTION), ak, np.full((B, n, 1), ANSWER), av,
-                         np.full((B, n, 1), EOS)], axis=2)
+    qa = np.concatenate([np.full((B, n, 1), QUESTION), ak, av, np.full((B, n, 1), EOS)], axis=2)
     depths = np.take_along_axis(starts, asked, axis=1) / max(C - W, 1)
     return {"ctx": ctx, "in_record": in_record, "qa": qa, "values": av, "depths": depths}
 
@@ -503,15 +507,15 @@ def answer_ids(task: Task, sample: Sample) -> torch.Tensor:
     question of this task or no record (or more than one) has its key."""
     K, V = task.key_len, task.value_len
     q = sample.question
-    if q.numel() < task.question_len or int(q[-K - 2]) != QUESTION or int(q[-1]) != ANSWER:
-        raise ValueError(f"the sample's question must end with QUESTION key({K} tokens) ANSWER, got {q.tolist()[-K - 2:]}")
-    key = q[-K - 1:-1]
+    if q.numel() < task.question_len or int(q[-K - 1]) != QUESTION or not all(task.key_start <= int(t) < task.value_start for t in q[-K:]):
+        raise ValueError(f"the sample's question must end with QUESTION key({K} key tokens), got {q.tolist()[-K - 1:]}")
+    key = q[-K:]
     ctx = sample.context
     at = [p for p in (ctx == REC).nonzero().flatten().tolist()
-          if p + task.record_len <= ctx.numel() and torch.equal(ctx[p + 1:p + 1 + K], key) and int(ctx[p + 1 + K]) == SEP]
+          if p + task.record_len <= ctx.numel() and torch.equal(ctx[p + 1:p + 1 + K], key)]
     if len(at) != 1:
         raise ValueError(f"the asked key {key.tolist()} is in {len(at)} records of the context, expected exactly 1")
-    return ctx[at[0] + K + 2:at[0] + K + 2 + V].clone()
+    return ctx[at[0] + K + 1:at[0] + K + 1 + V].clone()
 
 
 def exact_match(predicted: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:

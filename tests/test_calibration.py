@@ -137,17 +137,17 @@ def test_synthetic_samples_are_lookups(vocab, records, seed, extra):
     assert samples[1].prompt_ids.tolist() == make_sample(task, length, (seed, 1), num_records=records).prompt_ids.tolist()
     for s in samples:
         assert s.prompt_len == length and s.head.tolist() == [syn.BOS]
-        assert s.question[0] == syn.QUESTION and s.question[-1] == syn.ANSWER and s.question.numel() == K + 2
+        assert s.question[0] == syn.QUESTION and s.question.numel() == K + 1
         ctx = s.context.tolist()
         assert all(0 < t < min(vocab, task.vocab_size) for t in ctx)
         at = [p for p, t in enumerate(ctx) if t == syn.REC]
         assert len(at) == records and all(b - a >= W for a, b in zip(at, at[1:]))
-        assert all(ctx[p + K + 1] == syn.SEP for p in at)
+        assert all(task.value_start <= ctx[p + K + 1] < task.filler_start for p in at)
         keys = [tuple(ctx[p + 1:p + 1 + K]) for p in at]
         asked = tuple(s.question[1:1 + K].tolist())
         assert len(set(keys)) == records and keys.count(asked) == 1
         p = at[keys.index(asked)]
-        assert answer_ids(task, s).tolist() == ctx[p + K + 2:p + W]
+        assert answer_ids(task, s).tolist() == ctx[p + K + 1:p + W]
 
 
 def test_synthetic_samples_use_the_default_task_when_it_fits():

@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from moa_flex.synthetic import (
-    ANSWER, BOS, EOS, QUESTION, REC, SEP, Batch, Task, answer_ids, batch_correct, exact_match, generated_correct,
+    BOS, EOS, QUESTION, REC, Batch, Task, answer_ids, batch_correct, exact_match, generated_correct,
     make_batch, make_sample, min_context, predicted_values, task_for_vocab, transition_table,
 )
 
@@ -65,7 +65,7 @@ def reference_chain(task: Task) -> dict[tuple[int, int], dict[int, float]]:
 
 
 def kind(task: Task, t: int) -> str:
-    if t < 6:
+    if t < 4:
         return "special"
     if t < task.value_start:
         return "key"
@@ -82,9 +82,9 @@ def read_context(task: Task, ctx: list[int]) -> tuple[list[tuple[int, tuple, tup
     while p < len(ctx):
         if ctx[p] == REC:
             rec = ctx[p:p + W]
-            assert len(rec) == W and rec[K + 1] == SEP, rec
-            assert all(kind(task, t) == "key" for t in rec[1:K + 1]) and all(kind(task, t) == "value" for t in rec[K + 2:])
-            records.append((p, tuple(rec[1:K + 1]), tuple(rec[K + 2:])))
+            assert len(rec) == W == K + V + 1, rec
+            assert all(kind(task, t) == "key" for t in rec[1:K + 1]) and all(kind(task, t) == "value" for t in rec[K + 1:])
+            records.append((p, tuple(rec[1:K + 1]), tuple(rec[K + 1:])))
             p += W
         else:
             assert kind(task, ctx[p]) == "filler", (p, ctx[p])
@@ -98,14 +98,14 @@ def read_questions(task: Task, q: list[int], last_open: bool) -> list[tuple[tupl
     K, V = task.key_len, task.value_len
     out, p = [], 0
     while p < len(q):
-        assert q[p] == QUESTION and q[p + K + 1] == ANSWER, q[p:]
+        assert q[p] == QUESTION and all(kind(task, t) == "key" for t in q[p + 1:p + K + 1]), q[p:]
         key = tuple(q[p + 1:p + K + 1])
         if last_open and p + task.question_len == len(q):
             out.append((key, None))
             p += task.question_len
         else:
-            value = tuple(q[p + K + 2:p + K + 2 + V])
-            assert q[p + K + 2 + V] == EOS
+            value = tuple(q[p + K + 1:p + K + 1 + V])
+            assert all(kind(task, t) == "value" for t in value) and q[p + K + 1 + V] == EOS
             out.append((key, value))
             p += task.qa_len
     return out
@@ -186,10 +186,10 @@ def test_filler_frequencies_follow_the_chain():
 
 def test_task_round_trip_and_bad_fields(tmp_path):
     task = Task(key_len=3, value_len=1, num_keys=10, num_values=7, num_filler=33, successors=4, seed=9)
-    assert task.vocab_size == 6 + 10 + 7 + 33 and task.record_len == 6 and task.qa_len == 7
+    assert task.vocab_size == 4 + 10 + 7 + 33 and task.record_len == 5 and task.qa_len == 6 and task.question_len == 4
     task.save(tmp_path / "task.json")
     assert Task.load(tmp_path / "task.json") == task
-    assert json.loads((tmp_path / "task.json").read_text())["format"] == "moa-flex.synthetic-task/1"
+    assert json.loads((tmp_path / "task.json").read_text())["format"] == "moa-flex.synthetic-task/2"
     with pytest.raises(ValueError, match="format"):
         Task.from_dict({"key_len": 1})
     with pytest.raises(ValueError, match="unknown"):
@@ -383,7 +383,7 @@ def test_bad_input_raises_clear_errors():
         make_sample(task, 50, 0, num_records=10)
     fixed = 1 + task.question_len
     make_sample(task, fixed + min_context(task, 10), 0, num_records=10)
-    with pytest.raises(ValueError, match=r"10 records \(1 at given depths\) need >= 70"):
+    with pytest.raises(ValueError, match=r"10 records \(1 at given depths\) need >= 58"):
         make_sample(task, fixed + min_context(task, 10), 0, num_records=10, depth=0.5)
     make_sample(task, fixed + min_context(task, 10, 1), 0, num_records=10, depth=0.5)
     with pytest.raises(ValueError, match="num_questions"):
@@ -417,6 +417,6 @@ def test_task_for_vocab():
     assert task_for_vocab(100_000) == Task() and task_for_vocab(Task().vocab_size) == Task()
     small = task_for_vocab(40, num_records=8)
     assert small.vocab_size <= 40 and small.num_key_tuples >= 8
-    with pytest.raises(ValueError, match="vocab_size must be >= 12"):
-        task_for_vocab(11, num_records=8)
-    assert task_for_vocab(12, num_records=8).vocab_size == 12
+    with pytest.raises(ValueError, match="vocab_size must be >= 10"):
+        task_for_vocab(9, num_records=8)
+    assert task_for_vocab(10, num_records=8).vocab_size == 10

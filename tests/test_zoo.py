@@ -101,7 +101,7 @@ def test_parse_args_and_bad_config():
     assert cfg.steps == 7 and cfg.lengths == (128, 256) and cfg.eval_depths == (0.0, 0.5) and not cfg.progress and cfg.lr == 5e-4
     assert parse_args([]) == TrainConfig()
     for kw, match in [(dict(heads=3, kv_heads=2), "multiple"), (dict(steps=0), "--steps"), (dict(save_dtype="int8"), "save-dtype"),
-                      (dict(task="[1]"), "JSON object"), (dict(lengths=(16,), question_spacing=1), "too short"), (dict(eval_lengths=(20,)), "too short")]:
+                      (dict(task="[1]"), "JSON object"), (dict(lengths=(16,), question_spacing=1), "too short"), (dict(eval_lengths=(16,)), "too short")]:
         with pytest.raises(ValueError, match=match):
             train(tiny("/nonexistent", **kw))
 
