@@ -7,7 +7,7 @@ chain, so a model trained on a task and a demo that rebuilds it from ``task.json
 Vocabulary (token ids, K = ``key_len``, V = ``value_len``)::
 
     0 BOS   1 EOS   2 REC   3 QUESTION                              (4 special tokens)
-    [6, 6 + num_keys)                               key tokens
+    [4, 4 + num_keys)                               key tokens
     [key_end, key_end + num_values)                 value tokens
     [value_end, value_end + num_filler)             filler tokens      (vocab_size = filler_end)
 

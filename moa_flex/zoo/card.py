@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..synthetic import NUM_SPECIAL
+
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
@@ -41,7 +43,7 @@ Llama architecture (transformers `LlamaForCausalLM`): {cfg['layers']} layers, hi
 {cfg['heads']} query heads / {cfg['kv_heads']} KV heads of dimension {cfg['head_dim']} (GQA), MLP {cfg['intermediate']},
 RoPE (base {cfg['rope_theta']:g}), tied embeddings; {log['params'] / 1e6:.2f}M parameters, saved in
 {cfg['save_dtype']} ({log['weights_bytes'] / 2 ** 20:.1f} MiB). Vocabulary: {task['num_keys']} key, {task['num_values']} value and
-{task['num_filler']} filler tokens after 6 special ones; keys of {K} tokens, values of {V} tokens.
+{task['num_filler']} filler tokens after {NUM_SPECIAL} special ones; keys of {K} tokens, values of {V} tokens.
 
 ## Training
 
