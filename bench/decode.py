@@ -3,6 +3,7 @@
     python bench/decode.py [--cases 8x16384 4x65536] [--densities 0.5 0.25] [--steps 24] [--mode reduce-overhead] [--record]
     python bench/decode.py --max-batch 32768      # largest batch that fits at 32K: moa-flex d=0.25 vs HF eager
     python bench/decode.py --smoke                # tiny model on the CPU: checks the script runs
+    python bench/decode.py --no-fuse-linear       # decode steps with one cuBLAS call per projection
 
 Llama-3-8B shape (32 layers, 32 query / 8 KV heads, head dim 128, bf16, random weights).
 Same-batch cases: a random prompt of N - steps tokens, then `steps` greedy tokens through
@@ -100,10 +101,10 @@ def stock(model):  # noqa: ANN001, ANN201
         model.__dict__.update(saved)
 
 
-def use_plan(model, plan: Plan, mode: str | None) -> None:  # noqa: ANN001
+def use_plan(model, plan: Plan, mode: str | None, fuse_linear: bool) -> None:  # noqa: ANN001
     """Compile the model once (first call), then switch plans without recompiling."""
     if getattr(model, "moa_flex", None) is None:
-        moa_flex.compile(model, plan, mode=mode)
+        moa_flex.compile(model, plan, mode=mode, fuse_linear=fuse_linear)
     else:
         model.moa_flex.set_plan(plan)
 
@@ -135,7 +136,7 @@ def same_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, ro
             (f"moa-flex d={d}", plan_at_kv_density(shape, N, d, seed=1, alpha_fraction=0.0)) for d in args.densities
         ]
         for name, plan in plans:
-            use_plan(model, plan, args.mode)
+            use_plan(model, plan, args.mode, args.fuse_linear)
             t0 = time.perf_counter()
             ms, peak, out = timed_generate(model, ids, args.steps, dev)
             print(f"{name}: generate took {time.perf_counter() - t0:.1f} s in all", flush=True)
@@ -227,7 +228,7 @@ def max_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, row
                      peak=0, floor=(wbytes + kv_bytes_dense(shape, hf_B, N, elem)) / bw * 1e3, batch=hf_B))
     print(rows[-1], flush=True)
     torch.cuda.empty_cache()
-    use_plan(model, plan, args.mode)
+    use_plan(model, plan, args.mode, args.fuse_linear)
 
     def moa_try(B: int) -> float:
         cache = random_moa_cache(plan, B, N + steps, N, args.dtype, dev)
@@ -282,6 +283,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     ap.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    ap.add_argument("--no-fuse-linear", dest="fuse_linear", action="store_false",
+                    help="decode steps without the fused q/k/v and gate/up kernels (moa_flex.compile fuse_linear=False)")
     args = ap.parse_args()
     if args.smoke:
         args.device, args.dtype, args.layers, args.mode = "cpu", torch.float32, 2, None
@@ -314,7 +317,8 @@ def main() -> None:
         with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
             f.write(
                 f"\n## Decode: whole model, ragged MoA cache vs HF eager generate (Llama-3-8B shape, {args.layers} layers)\n\n"
-                f"{datetime.date.today()}, {hw}, torch {torch.__version__}, moa-flex decode mode {args.mode}. "
+                f"{datetime.date.today()}, {hw}, torch {torch.__version__}, moa-flex decode mode {args.mode}, "
+                f"linear fusion {'on' if args.fuse_linear else 'off'}. "
                 f"Command: `python {' '.join(sys.argv)}`. Step = median time of one decode step, each timed alone.\n\n"
                 + out + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
             )

@@ -138,6 +138,7 @@ def compile(  # noqa: A001  (the verb of the API)
     max_length: int | None = None,
     backend: str = "inductor",
     mode: str | None = None,
+    fuse_linear: bool | None = None,
 ) -> torch.nn.Module:
     """Compile an HF causal LM so that every attention layer runs the plan. Returns the model.
 
@@ -147,6 +148,10 @@ def compile(  # noqa: A001  (the verb of the API)
     ``max_length`` (tokens) fixes the planned length N for every call (inputs longer than it
     raise); by default N is each call's input length. ``backend`` is 'inductor' or 'eager'
     (debugging: the rewritten graph runs without inductor); ``mode`` is an inductor mode.
+    ``fuse_linear``: decode steps run each layer's q/k/v projections as one
+    ``moa_flex::grouped_linear`` and gate/up + SiLU as one ``moa_flex::gated_mlp`` (skinny-GEMM
+    Triton kernels, at most 16 rows; ``moa_flex.passes.linear_pass``); None (default) turns
+    this on for models on CUDA, True forces it (on CPU the ops run their fp32 twins).
     """
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a moa_flex.Plan, got {type(plan).__name__}")
@@ -191,6 +196,7 @@ def compile(  # noqa: A001  (the verb of the API)
     )
     decode = make_decode_backend(  # CUDA graphs of decode steps are moa-flex's own (step_graph.py)
         plan, inner=backend, mode=_without_cudagraphs(mode), on_report=state.decode_reports.append, softcaps=softcaps, windows=windows,
+        fuse_linear=fuse_linear,
     )
     state.compiled_forward = torch.compile(state.original_forward, backend=prefill, dynamic=True, fullgraph=True)
     state.compiled_decode = torch.compile(state.original_forward, backend=decode, dynamic=True, fullgraph=True)

@@ -8,10 +8,13 @@ is exactly one of each per layer, and replaces the SDPA node by
 ``torch.ops.moa_flex.ragged_decode`` over the cache tensors the append node mutated, with
 the query at logical position ``length - 1``. Functionalization orders the decode after the
 append, so the new token is attended. Nothing is rewritten unless every layer matches.
+The decode backend then (by default on CUDA) fuses the step's q/k/v and gate/up projections
+into moa-flex's skinny-GEMM kernels (``moa_flex.passes.linear_pass``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -24,8 +27,16 @@ from moa_flex.plan import Plan
 from .attention_pass import (
     PassReport, RewrittenNode, _arg, attention_nodes, compile_graph, eliminate_dead_code, node_layer,
 )
+from .linear_pass import LinearFusionReport, fuse_linears
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
+
+
+@dataclass
+class DecodeReport(PassReport):
+    """A decode graph's :class:`PassReport`, plus what :func:`fuse_linears` did (None: not run)."""
+
+    linear_fusion: LinearFusionReport | None = None
 
 
 def append_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
@@ -64,7 +75,7 @@ def _head_dim(q: torch.fx.Node) -> int:
 def rewrite_decode(
     gm: torch.fx.GraphModule, plan: Plan, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None,
-) -> PassReport:
+) -> DecodeReport:
     """Replace each layer's single-token SDPA node by ragged decode over its MoA cache.
 
     ``softcaps``/``windows``: per layer, the model's logit soft-cap and own sliding window
@@ -76,7 +87,7 @@ def rewrite_decode(
         dropout = _arg(node, 4, "dropout_p", 0.0)
         if isinstance(dropout, (int, float)) and dropout != 0.0:
             raise ValueError(f"attention node {node.name} uses dropout_p={dropout}; moa-flex runs attention in eval mode only")
-    report = PassReport(graph_module=gm)
+    report = DecodeReport(graph_module=gm)
     for layer in range(plan.num_layers):
         node, path = attns[layer]
         append = appends[layer][0]
@@ -106,18 +117,35 @@ def rewrite_decode(
     return report
 
 
+def fuses_linears(fuse_linear: bool | None, example_inputs: list) -> bool:
+    """Whether the decode backend runs :func:`fuse_linears`: as asked, or (None) when the
+    graph's example inputs include CUDA tensors (the Triton kernels; on CPU the ops would
+    only run their fp32 twins)."""
+    if fuse_linear is not None:
+        return fuse_linear
+    return any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
+
+
 def make_decode_backend(
     plan: Plan, *, inner: str = "inductor", mode: str | None = None,
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
-    windows: Sequence[int | None] | None = None,
+    windows: Sequence[int | None] | None = None, fuse_linear: bool | None = None,
 ) -> Callable:
-    """A torch.compile backend for decode steps: :func:`rewrite_decode`, then inductor (or eager).
-    ``mode="reduce-overhead"`` runs the step under CUDA graphs (the cache has static addresses)."""
+    """A torch.compile backend for decode steps: :func:`rewrite_decode`, then (``fuse_linear``)
+    :func:`~moa_flex.passes.linear_pass.fuse_linears`, then inductor (or eager).
+    ``mode="reduce-overhead"`` runs the step under CUDA graphs (the cache has static addresses).
+    ``fuse_linear``: True / False, or None for "on when the example inputs are CUDA tensors";
+    the reports passed to ``on_report`` are :class:`DecodeReport` (``linear_fusion`` is None
+    when the fusion did not run)."""
     if inner not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
+    if fuse_linear is not None and not isinstance(fuse_linear, bool):
+        raise ValueError(f"fuse_linear must be True, False or None, got {fuse_linear!r}")
 
     def moa_flex_decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         report = rewrite_decode(gm, plan, softcaps, windows)
+        if fuses_linears(fuse_linear, example_inputs):
+            report.linear_fusion = fuse_linears(gm)
         compiled = compile_graph(gm, example_inputs, inner, mode)
         if on_report is not None:
             on_report(report)
