@@ -497,6 +497,51 @@ def make_batch(task: Task, batch_size: int, length: int, seed: int | Sequence[in
     )
 
 
+def make_induction_batch(task: Task, batch_size: int, length: int, seed: int | Sequence[int]) -> Batch:
+    """``batch_size`` warm-up rows of ``length`` tokens that teach content induction (copy what
+    followed the earlier occurrence of the current token), the mechanism the lookups need.
+
+    A row is ``BOS``, h = (length - 1) // 2 tokens drawn uniformly from the key, value and
+    filler tokens, the same h tokens rotated left by a random r in [1, h - 1] (so the distance
+    to the earlier copy differs between rows and position alone cannot predict it), and one
+    more uniform token when length - 1 is odd. Position ``1 + h + i`` (copy token i) predicts
+    copy token i + 1 for every i in [0, h - 2] except the one whose earlier occurrence is the
+    last token of the first half (there the continuation is the copy's first token, not its
+    rotation): h - 2 targets per row, all in ``answer_mask``; ``filler_mask`` is empty. As
+    "questions" of one token each, ``value_positions`` [B, h - 2, 1] holds those positions,
+    ``values`` their targets, ``depths`` zeros. Deterministic in ``seed``; needs length >= 9."""
+    _check_length(length, "length")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if length < 9:
+        raise ValueError(f"an induction row needs length >= 9 tokens, got {length}")
+    rng = _rng(seed)
+    B, h = int(batch_size), (length - 1) // 2
+    first = rng.integers(NUM_SPECIAL, task.vocab_size, size=(B, h))
+    r = rng.integers(1, h, size=(B, 1))
+    copy = np.take_along_axis(first, (np.arange(h)[None] + r) % h, axis=1)   # copy[i] = first[(i + r) % h]
+    extra = rng.integers(NUM_SPECIAL, task.vocab_size, size=(B, (length - 1) % 2))
+    ids = np.concatenate([np.full((B, 1), BOS), first, copy, extra], axis=1)
+    i = np.arange(h - 1)[None]                                               # copy token i predicts i + 1
+    keep = (i + r) % h != h - 1                                               # not the wrap of the rotation
+    pos = np.where(keep, 1 + h + i, -1)
+    pos = np.sort(pos, axis=1)[:, 1:]                                         # drop the one wrap position
+    answer_mask = np.zeros((B, length), bool)
+    np.put_along_axis(answer_mask, pos, True, axis=1)
+    targets = np.full((B, length), -100)
+    targets[:, :-1] = np.where(answer_mask[:, :-1], ids[:, 1:], -100)
+    values = np.take_along_axis(ids, pos + 1, axis=1)
+    return Batch(
+        input_ids=torch.from_numpy(ids),
+        targets=torch.from_numpy(targets),
+        filler_mask=torch.zeros(B, length, dtype=torch.bool),
+        answer_mask=torch.from_numpy(answer_mask),
+        value_positions=torch.from_numpy(pos[..., None].copy()),
+        values=torch.from_numpy(values[..., None].copy()),
+        depths=torch.zeros(B, h - 2),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Answers and scoring
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from moa_flex.synthetic import (
     BOS, EOS, QUESTION, REC, Batch, Task, answer_ids, batch_correct, exact_match, generated_correct,
-    make_batch, make_sample, min_context, predicted_values, task_for_vocab, transition_table,
+    make_batch, make_induction_batch, make_sample, min_context, predicted_values, task_for_vocab, transition_table,
 )
 
 M64 = (1 << 64) - 1
@@ -338,6 +338,54 @@ def test_batch_counts():
     assert int(b.answer_mask[0].sum()) == 5 * (task.value_len + 1)
     C = 1024 - 1 - 5 * task.qa_len
     assert int(b.filler_mask[0].sum()) == C - 20 * task.record_len - 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Induction warm-up rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(9, 140), B=st.integers(1, 4), seed=st.integers(0, 2**32))
+def test_induction_rows_copy_what_followed(length, B, seed):
+    task = Task(key_len=1, value_len=1, num_keys=200, num_values=200, num_filler=200)  # repeats are rare
+    b = make_induction_batch(task, B, length, seed)
+    ids, h = b.input_ids, (length - 1) // 2
+    assert ids.shape == (B, length) and (ids[:, 0] == BOS).all()
+    assert ((ids[:, 1:] >= 4) & (ids[:, 1:] < task.vocab_size)).all()
+    assert not b.filler_mask.any() and b.depths.shape == (B, h - 2)
+    for row in range(B):
+        x = ids[row].tolist()
+        first, copy = x[1:1 + h], x[1 + h:1 + 2 * h]
+        assert sorted(first) == sorted(copy)  # the copy is a permutation (a rotation) of the first half
+        want = set()
+        for p in range(1 + h, 2 * h):  # copy positions with a next copy token
+            # brute force: an occurrence of x[p] in the first half whose successor there is x[p + 1]
+            if any(x[j] == x[p] and j + 1 <= h and x[j + 1] == x[p + 1] for j in range(1, h + 1)):
+                want.add(p)
+        got = set(b.answer_mask[row].nonzero().flatten().tolist())
+        assert got <= want and len(got) == h - 2
+        if len(set(first)) == h:  # no repeated token: exactly one copy position lacks a first-half successor
+            assert got == want
+        assert b.value_positions[row, :, 0].tolist() == sorted(got)
+        for p in got:
+            assert int(b.targets[row, p]) == x[p + 1]
+        assert (b.targets[row][~b.answer_mask[row]] == -100).all()
+    logits = torch.nn.functional.one_hot(b.targets.clamp(min=0), task.vocab_size).float()
+    assert batch_correct(logits, b).all()
+    assert torch.equal(make_induction_batch(task, B, length, seed).input_ids, ids)
+
+
+def test_induction_rows_rotate_by_different_amounts():
+    task = Task(key_len=1, value_len=1, num_keys=200, num_values=200, num_filler=200)
+    b = make_induction_batch(task, 64, 65, 3)
+    # offset from a copy token back to its first occurrence, per row
+    offsets = {int(b.value_positions[r, 0, 0]) - b.input_ids[r, 1:33].tolist().index(int(b.input_ids[r, b.value_positions[r, 0, 0]])) - 1
+               for r in range(64)}
+    assert len(offsets) > 10
+    with pytest.raises(ValueError, match="length >= 9"):
+        make_induction_batch(task, 2, 8, 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        make_induction_batch(task, 0, 32, 0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def tiny(out, **kw) -> TrainConfig:
         out=str(out), seed=0, steps=40, tokens_per_step=512, lengths=(64, 96), curriculum=0.5, record_spacing=16,
         question_spacing=32, lr=3e-3, min_lr=3e-4, warmup=5, layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16,
         intermediate=64, max_position=128, device="cpu", workers=0, eval_lengths=(64, 96), eval_depths=(0.0, 1.0),
-        eval_samples=4, log_every=5, progress=False, verbose=False,
+        eval_samples=4, log_every=5, progress=False, verbose=False, induction_steps=10, induction_length=33,
     )
     return replace(base, **kw)
 
@@ -36,8 +36,10 @@ def test_training_lowers_the_loss_and_writes_the_folder(run):
     out, model, task, log = run
     rows = log["log"]
     assert len(rows) == 8 and rows[-1]["step"] == 40 and log["steps_done"] == 40 and log["stopped_by"] == "steps"
-    first, last = rows[0], rows[-1]
-    assert last["filler_loss"] < first["filler_loss"] - 0.3
+    assert [r["phase"] for r in rows] == ["induction"] * 2 + ["task"] * 6 and rows[1]["step"] == 10
+    assert rows[0]["filler_loss"] == 0 and rows[1]["length"] == 33
+    first, last = rows[2], rows[-1]
+    assert last["filler_loss"] < first["filler_loss"] - 0.1
     assert last["answer_loss"] < first["answer_loss"]
     for name in ("model.safetensors", "config.json", "generation_config.json", "task.json", "train_log.json", "README.md"):
         assert (out / name).is_file(), name
@@ -101,19 +103,23 @@ def test_parse_args_and_bad_config():
     assert cfg.steps == 7 and cfg.lengths == (128, 256) and cfg.eval_depths == (0.0, 0.5) and not cfg.progress and cfg.lr == 5e-4
     assert parse_args([]) == TrainConfig()
     for kw, match in [(dict(heads=3, kv_heads=2), "multiple"), (dict(steps=0), "--steps"), (dict(save_dtype="int8"), "save-dtype"),
-                      (dict(task="[1]"), "JSON object"), (dict(lengths=(16,), question_spacing=1), "too short"), (dict(eval_lengths=(16,)), "too short")]:
+                      (dict(task="[1]"), "JSON object"),
+                      (dict(induction_steps=40), "induction-steps"), (dict(induction_length=8), "induction-length"),
+                      (dict(filler_weight=-1.0), "filler-weight"), (dict(lengths=(16,), question_spacing=1), "too short"), (dict(eval_lengths=(16,)), "too short")]:
         with pytest.raises(ValueError, match=match):
             train(tiny("/nonexistent", **kw))
 
 
 def test_length_schedule_grows_and_is_deterministic():
-    cfg = TrainConfig(steps=200, lengths=(128, 256, 512), curriculum=0.5)
+    cfg = TrainConfig(steps=200, lengths=(128, 256, 512), curriculum=0.5, induction_steps=0)
     s = length_schedule(cfg)
     assert s == length_schedule(cfg) and len(s) == 200
     assert set(s[:50]) <= {128, 256} and set(s[:10]) == {128}
     assert set(s[100:]) == {128, 256, 512}
     assert length_schedule(replace(cfg, seed=1)) != s
     assert set(length_schedule(replace(cfg, curriculum=0.0))[:20]) == {128, 256, 512}
+    warm = length_schedule(replace(cfg, steps=300, induction_steps=100, induction_length=64))
+    assert warm[:100] == [64] * 100 and warm[100:] == s  # the curriculum counts task steps only
 
 
 def test_lr_schedule():
@@ -124,7 +130,8 @@ def test_lr_schedule():
 
 
 def test_worker_processes_give_the_same_batches():
-    cfg = TrainConfig(steps=4, lengths=(64, 96), tokens_per_step=256, record_spacing=16, question_spacing=32, workers=1)
+    cfg = TrainConfig(steps=4, lengths=(64, 96), tokens_per_step=256, record_spacing=16, question_spacing=32, workers=1,
+                      induction_steps=2, induction_length=32)
     task = Task()
     schedule = length_schedule(cfg)
     batches = Batches(cfg, task, schedule, workers=1)

@@ -1,14 +1,22 @@
 """Train the needle model: a small Llama on a synthetic lookup task (``python -m moa_flex.zoo.train``).
 
-Every sequence is Markov filler with one key -> value record per ``record_spacing`` context
-tokens and one question (followed by its answer and EOS) per ``question_spacing`` tokens at the
-end (:func:`moa_flex.synthetic.make_batch`). The loss is the mean cross-entropy of the
-chain-determined filler tokens (teaches local heads, distances 1-2) plus ``answer_weight``
-times the mean cross-entropy of the answers' value and EOS tokens (teaches retrieval across the
-whole context). Each step holds about ``tokens_per_step`` tokens: ``tokens_per_step // L``
-sequences of one length L, drawn uniformly from the training lengths up to a maximum that
+Two phases. The first ``induction_steps`` steps train content induction on rows of random
+tokens followed by a rotated copy of them (:func:`moa_flex.synthetic.make_induction_batch`):
+the model learns to find the earlier occurrence of the current token and copy what followed
+it, which is exactly how a question's key finds its record's value. Then the task: every
+sequence is Markov filler with one key -> value record per ``record_spacing`` context tokens
+and one question (followed by its answer and EOS) per ``question_spacing`` tokens at the end
+(:func:`moa_flex.synthetic.make_batch`). The loss is ``filler_weight`` times the mean
+cross-entropy of the chain-determined filler tokens (teaches local heads, distances 1-2) plus
+``answer_weight`` times the mean cross-entropy of the answers' value and EOS tokens (teaches
+retrieval across the whole context). Both parts matter: without the induction phase, or with
+the filler weighted like the answers, retrieval stays near chance for thousands of steps (the
+filler's few tokens recur constantly, so copying what followed an earlier occurrence is
+wrong there, and the filler's many targets train the induction heads away); see
+bench/RESULTS.md. Each task step holds about ``tokens_per_step`` tokens: ``tokens_per_step //
+L`` sequences of one length L, drawn uniformly from the training lengths up to a maximum that
 grows linearly from the shortest to the longest over the first ``curriculum`` fraction of the
-steps. AdamW, linear warmup, cosine decay; bf16 autocast and sdpa attention on a GPU.
+task steps. AdamW, linear warmup, cosine decay; bf16 autocast and sdpa attention on a GPU.
 
 At the end the weights are rounded to ``save_dtype``, retrieval accuracy is measured on them
 by length and needle depth (:mod:`moa_flex.zoo.evaluate`), and the out folder gets
@@ -38,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..synthetic import BOS, EOS, Batch, Task, batch_correct, default_num_records, make_batch
+from ..synthetic import BOS, EOS, Batch, Task, batch_correct, default_num_records, make_batch, make_induction_batch
 from . import NEEDLE_DIR, TASK_FILE
 from .card import render_card
 from .evaluate import eval_records, retrieval_accuracy
@@ -62,7 +70,10 @@ class TrainConfig:
     curriculum: float = _opt("fraction of the steps over which the longest allowed length grows to the maximum", default=0.3)
     record_spacing: int = _opt("one record per this many context tokens", default=64)
     question_spacing: int = _opt("one question (with its answer) per this many sequence tokens", default=128)
-    answer_weight: float = _opt("weight of the answer loss against the filler loss", default=1.0)
+    answer_weight: float = _opt("weight of the answer loss", default=1.0)
+    filler_weight: float = _opt("weight of the filler loss (a small one keeps the filler from training the induction heads away)", default=0.2)
+    induction_steps: int = _opt("first steps on content-induction rows (synthetic.make_induction_batch) before the task", default=300)
+    induction_length: int = _opt("length (tokens) of the induction rows", default=128)
     lr: float = _opt("peak learning rate", default=1e-3)
     min_lr: float = _opt("final learning rate (cosine decay)", default=1e-4)
     warmup: int = _opt("linear warmup steps", default=100)
@@ -114,7 +125,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """ValueError naming the first bad field."""
-    for name in ("steps", "tokens_per_step", "record_spacing", "question_spacing", "layers", "hidden", "heads",
+    for name in ("steps", "tokens_per_step", "induction_length", "record_spacing", "question_spacing", "layers", "hidden", "heads",
                  "kv_heads", "head_dim", "intermediate", "eval_samples", "log_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -122,6 +133,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--heads ({cfg.heads}) must be a multiple of --kv-heads ({cfg.kv_heads})")
     if not cfg.lengths or min(cfg.lengths) < 16:
         raise ValueError(f"--lengths must be >= 16 tokens, got {cfg.lengths}")
+    if not 0 <= cfg.induction_steps < cfg.steps:
+        raise ValueError(f"--induction-steps must be in [0, --steps), got {cfg.induction_steps} (--steps {cfg.steps})")
+    if cfg.induction_length < 9:
+        raise ValueError(f"--induction-length must be >= 9, got {cfg.induction_length}")
+    if cfg.answer_weight < 0 or cfg.filler_weight < 0 or cfg.answer_weight + cfg.filler_weight == 0:
+        raise ValueError(f"--answer-weight and --filler-weight must be >= 0, not both 0, got {cfg.answer_weight}, {cfg.filler_weight}")
     if not 0 <= cfg.curriculum <= 1:
         raise ValueError(f"--curriculum must be in [0, 1], got {cfg.curriculum}")
     if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
@@ -167,12 +184,14 @@ def sequence_layout(cfg: TrainConfig, task: Task, length: int) -> tuple[int, int
 
 
 def length_schedule(cfg: TrainConfig) -> list[int]:
-    """The training length (tokens) of every step: uniform over the lengths allowed so far."""
+    """The training length (tokens) of every step: ``induction_length`` for the induction
+    steps, then uniform over the task lengths allowed so far (the curriculum counts task steps)."""
     lengths = sorted(set(cfg.lengths))
     rng = np.random.default_rng([cfg.seed, SCHEDULE_SEED_TAG])
-    ramp = max(1.0, cfg.curriculum * cfg.steps)
-    out = []
-    for s in range(cfg.steps):
+    task_steps = cfg.steps - cfg.induction_steps
+    ramp = max(1.0, cfg.curriculum * task_steps)
+    out = [cfg.induction_length] * cfg.induction_steps
+    for s in range(task_steps):
         top = lengths[0] + (lengths[-1] - lengths[0]) * min(1.0, s / ramp)
         allowed = [L for L in lengths if L <= top + 1e-9]
         out.append(int(allowed[rng.integers(len(allowed))]))
@@ -180,7 +199,10 @@ def length_schedule(cfg: TrainConfig) -> list[int]:
 
 
 def step_batch(cfg: TrainConfig, task: Task, step: int, length: int) -> Batch:
-    """The batch of one step (deterministic in ``(cfg.seed, step)``)."""
+    """The batch of one step (deterministic in ``(cfg.seed, step)``): induction rows for the
+    first ``induction_steps`` steps, then the task."""
+    if step < cfg.induction_steps:
+        return make_induction_batch(task, max(1, cfg.tokens_per_step // length), length, (cfg.seed, step))
     n, R = sequence_layout(cfg, task, length)
     return make_batch(task, max(1, cfg.tokens_per_step // length), length, (cfg.seed, step), num_questions=n, num_records=R)
 
@@ -284,13 +306,17 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def _log_row(sums: torch.Tensor, step: int, length: int, lr: float, tokens: int, t0: float) -> dict:
+def _log_row(sums: torch.Tensor, step: int, length: int, lr: float, tokens: int, t0: float, phase: str) -> dict:
     """Means of the steps summed in ``sums`` (filler loss, answer loss, answer accuracy, count),
-    which it then zeroes."""
+    which it then zeroes. ``phase``: "induction" or "task" (a row never mixes the two)."""
     f, a, c = (sums[:3] / sums[3]).tolist()
     sums.zero_()
-    return {"step": step, "length": length, "filler_loss": round(f, 4), "answer_loss": round(a, 4), "answer_acc": round(c, 4),
+    return {"step": step, "phase": phase, "length": length, "filler_loss": round(f, 4), "answer_loss": round(a, 4), "answer_acc": round(c, 4),
             "lr": lr, "tokens": tokens, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _phase(cfg: TrainConfig, step: int) -> str:
+    return "induction" if step < cfg.induction_steps else "task"
 
 
 def build_model(cfg: TrainConfig, task: Task, device: torch.device) -> torch.nn.Module:
@@ -306,14 +332,15 @@ def build_model(cfg: TrainConfig, task: Task, device: torch.device) -> torch.nn.
 
 def train_step(cfg: TrainConfig, model: torch.nn.Module, forward: Any, opt: torch.optim.Optimizer, batch: Batch,
                lr: float, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """One optimizer step; returns [filler loss, answer loss, answer exact-match rate] (on the device, no sync)."""
+    """One optimizer step; returns [filler loss, answer loss, answer exact-match rate] (on the device, no sync).
+    On induction batches the "answers" are the copy targets."""
     for g in opt.param_groups:
         g["lr"] = lr
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = forward(input_ids=batch.input_ids, use_cache=False).logits
     filler_loss, answer_loss = losses(logits, batch)
-    (filler_loss + cfg.answer_weight * answer_loss).backward()
+    (cfg.filler_weight * filler_loss + cfg.answer_weight * answer_loss).backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
@@ -351,15 +378,16 @@ def fit(cfg: TrainConfig, task: Task, model: torch.nn.Module, device: torch.devi
             sums[3] += 1
             steps_done, tokens = step + 1, tokens + batch.input_ids.numel()
             bar.update()
-            if steps_done % cfg.log_every == 0 or steps_done == cfg.steps:
-                rows.append(_log_row(sums, steps_done, schedule[step], lr_at(cfg, step), tokens, t0))
+            if steps_done % cfg.log_every == 0 or steps_done in (cfg.steps, cfg.induction_steps):
+                rows.append(_log_row(sums, steps_done, schedule[step], lr_at(cfg, step), tokens, t0, _phase(cfg, step)))
                 if cfg.verbose:
                     tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()))
     finally:
         bar.close()
         batches.close()
     if sums[3] > 0:  # steps since the last logged row (run stopped by the time budget)
-        rows.append(_log_row(sums, steps_done, schedule[steps_done - 1], lr_at(cfg, steps_done - 1), tokens, t0))
+        rows.append(_log_row(sums, steps_done, schedule[steps_done - 1], lr_at(cfg, steps_done - 1), tokens, t0,
+                             _phase(cfg, steps_done - 1)))
     return {"log": rows, "steps_done": steps_done, "stopped_by": stopped, "tokens": tokens, "seconds": time.perf_counter() - t0}
 
 
@@ -383,6 +411,8 @@ def train(cfg: TrainConfig, argv: Sequence[str] | None = None) -> tuple[torch.nn
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp_dtype = DTYPES[cfg.amp or ("bf16" if device.type == "cuda" else "none")]
     task = make_task(cfg)
+    if cfg.induction_steps:
+        make_induction_batch(task, 1, cfg.induction_length, 0)
     for L in sorted(set(cfg.lengths)):  # fail now, not mid-run, on a length too short for its records
         make_batch(task, 1, L, 0, *sequence_layout(cfg, task, L))
     for L in sorted(set(cfg.eval_lengths)):
