@@ -1,5 +1,5 @@
 # moa-flex: set-up, main job and tests from a clean clone.
-#   make demo      create .venv, install, run the main job
+#   make demo      create .venv, install, run the main job (moa-flex demo, CPU, ~4 min)
 #   make test      create .venv, install, run the test suite (CPU)
 #   make test-slow the slow tests kept out of the default run
 #   make bench-masks  block-mask build benchmark (append to bench/RESULTS.md)
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/moa-flex show Llama-3-8B-Instruct-262k.moa
+	$(VENV)/bin/moa-flex demo -o moa-flex-demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
     p.add_argument("-o", "--output", required=True, help="the plan JSON to write (also OUT.profile.safetensors)")
     p.set_defaults(fn=_cmd_compress)
-    from .demo import DEFAULT_DENSITIES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DEFAULT_PROFILE_LENGTHS
+    from .demo import DEFAULT_DENSITIES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DEFAULT_PROFILE_LENGTHS, DemoConfig
 
     p = sub.add_parser("demo", help="the whole job on the shipped needle model: calibrate, profile, optimize, compile, "
                                     "measure retrieval (CPU, minutes)",
@@ -328,9 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--densities", type=float, nargs="+", default=list(DEFAULT_DENSITIES), help="KV densities")
     p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="evaluation lengths (tokens)")
     p.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS), help="needle depths in [0, 1]")
-    p.add_argument("--samples", type=int, default=8, help="evaluation sequences per length and depth")
+    p.add_argument("--samples", type=int, default=DemoConfig.samples,
+                   help="evaluation sequences per length (each asks one question per depth)")
     p.add_argument("--profile-lengths", type=int, nargs="+", default=list(DEFAULT_PROFILE_LENGTHS), help="profiled lengths (tokens)")
-    p.add_argument("--calibration-samples", type=int, default=2, help="calibration samples per profiled length")
+    p.add_argument("--calibration-samples", type=int, default=DemoConfig.calibration_samples,
+                   help="calibration samples per profiled length (needle depths spread evenly)")
+    p.add_argument("--sink", type=int, default=DemoConfig.sink, help="plans' sink tokens")
+    p.add_argument("--span-multiple", type=int, default=DemoConfig.span_multiple, help="plans' span granularity (tokens)")
+    p.add_argument("--min-span", type=int, default=DemoConfig.min_span, help="plans' smallest span (tokens)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_demo)
     return ap
@@ -341,7 +346,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     run_demo(DemoConfig(model_dir=args.model_dir, out=args.out, densities=args.densities, lengths=args.lengths,
                         depths=args.depths, samples=args.samples, profile_lengths=args.profile_lengths,
-                        calibration_samples=args.calibration_samples, progress=not args.quiet))
+                        calibration_samples=args.calibration_samples, sink=args.sink, span_multiple=args.span_multiple,
+                        min_span=args.min_span, progress=not args.quiet))
 
 
 def main(argv: list[str] | None = None) -> int:

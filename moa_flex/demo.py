@@ -5,13 +5,14 @@ order-2 Markov filler, which takes local attention, and answers key -> value que
 record can sit anywhere in 1K-4K tokens, which takes retrieval across the whole context. The
 demo:
 
-1. writes calibration samples: synthetic prompts at each profiled length, answered by the
-   dense model itself (greedy), saved as ``calibration.jsonl`` (token ids);
+1. writes calibration samples: synthetic prompts at each profiled length, their asked record
+   at evenly spread needle depths, answered by the dense model itself (greedy), saved as
+   ``calibration.jsonl`` (token ids);
 2. profiles the attention influence by distance on them (``profile.safetensors``);
 3. optimizes a plan per KV density (``plan-moa-<d>.json``: of the Pareto set, the plan with the
    lowest profiled loss at the longest profiled length);
-4. measures exact-match retrieval accuracy by length and needle depth (teacher forcing, one
-   forward per batch) for the dense model, each MoA plan through ``moa_flex.compile`` and a
+4. measures exact-match retrieval accuracy by length and needle depth (teacher forcing; each
+   sequence asks one question per depth, one forward per batch) for the dense model, each MoA plan through ``moa_flex.compile`` and a
    uniform StreamingLLM-style plan at the same KV density (every head: the sink plus a window,
    span = density x N, so both hold the same cache at every length);
 5. prints the table, writes ``results.json``, ``results.md`` and ``demo.png`` (accuracy
@@ -30,13 +31,17 @@ from typing import Any, Sequence
 import torch
 
 from .calibration import Sample, answer_samples
-from .plan import DEFAULT_MIN_SPAN, DEFAULT_SINK, DEFAULT_SPAN_MULTIPLE, Plan
+from .plan import Plan
 
 DEMO_SEED = 7_013  # calibration prompts: (DEMO_SEED, N, i); evaluation: zoo.evaluate's own seeds
 DEFAULT_DENSITIES = (0.5, 0.25)
 DEFAULT_LENGTHS = (1024, 2048, 3072, 4096)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_PROFILE_LENGTHS = (1024, 2048, 4096)
+# Finer spans than a plan's defaults (64 / 64 / 128, sized for 4K-128K contexts): at 1K tokens a
+# 128-token minimum span is 1/8 of every head's cache, which would leave a KV density of 0.25
+# no room for the few heads that must see the whole context.
+DEMO_SINK, DEMO_SPAN_MULTIPLE, DEMO_MIN_SPAN = 16, 32, 32
 
 
 @dataclass
@@ -48,12 +53,12 @@ class DemoConfig:
     densities: Sequence[float] = DEFAULT_DENSITIES
     lengths: Sequence[int] = DEFAULT_LENGTHS
     depths: Sequence[float] = DEFAULT_DEPTHS
-    samples: int = 8  # evaluation sequences per length and depth
+    samples: int = 8  # evaluation sequences per length (one question per depth in each)
     profile_lengths: Sequence[int] = DEFAULT_PROFILE_LENGTHS
-    calibration_samples: int = 2  # per profiled length
-    sink: int = DEFAULT_SINK
-    span_multiple: int = DEFAULT_SPAN_MULTIPLE
-    min_span: int = DEFAULT_MIN_SPAN
+    calibration_samples: int = 6  # per profiled length
+    sink: int = DEMO_SINK
+    span_multiple: int = DEMO_SPAN_MULTIPLE
+    min_span: int = DEMO_MIN_SPAN
     progress: bool = True
     timings: dict = field(default_factory=dict)
 
@@ -70,13 +75,21 @@ class DemoConfig:
             raise ValueError(f"profile_lengths must be >= 256 tokens, got {list(self.profile_lengths)}")
 
 
+def calibration_depths(per_length: int) -> list[float]:
+    """Needle depths of the calibration samples of one length: evenly spread, (i + 0.5) / n."""
+    return [(i + 0.5) / per_length for i in range(per_length)]
+
+
 def calibration(model: Any, task: Any, lengths: Sequence[int], per_length: int, progress: bool) -> dict[int, list[Sample]]:
-    """N -> samples of N tokens: a synthetic prompt of ``N - (V + 1)`` tokens per sample, with
-    the dense model's own greedy answer (V value tokens + EOS at most)."""
+    """N -> samples of N tokens: a synthetic prompt of ``N - (V + 1)`` tokens per sample, its
+    asked record at depths spread over the context (:func:`calibration_depths`, so the profile
+    sees retrieval at every distance), with the dense model's own greedy answer (V value tokens
+    + EOS at most)."""
     from .synthetic import make_sample
 
     m = task.value_len + 1
-    return {int(N): answer_samples(model, [make_sample(task, int(N) - m, (DEMO_SEED, int(N), i)) for i in range(per_length)],
+    return {int(N): answer_samples(model, [make_sample(task, int(N) - m, (DEMO_SEED, int(N), i), depth=d)
+                                           for i, d in enumerate(calibration_depths(per_length))],
                                    max_new_tokens=m, progress=progress)
             for N in lengths}
 
@@ -146,7 +159,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         plans[f"MoA d={d}"].save(out / f"plan-moa-{d}.json")
     lap("optimize")
 
-    acc_kw = dict(lengths=list(cfg.lengths), depths=list(cfg.depths), samples=cfg.samples, progress=cfg.progress)
+    acc_kw = dict(lengths=list(cfg.lengths), depths=list(cfg.depths), samples=cfg.samples, progress=cfg.progress,
+                  per_sequence=True)
     say("[4/5] retrieval accuracy: dense model")
     results: dict[str, dict] = {"dense": retrieval_accuracy(model, task, **acc_kw)}
     lap("accuracy dense")

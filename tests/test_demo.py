@@ -16,7 +16,7 @@ from test_zoo import tiny
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_needle")
-    train(tiny(out, steps=5, eval_samples=1))
+    train(tiny(out, steps=5, induction_steps=2, eval_samples=1))
     return out
 
 

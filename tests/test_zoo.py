@@ -105,7 +105,7 @@ def test_parse_args_and_bad_config():
     for kw, match in [(dict(heads=3, kv_heads=2), "multiple"), (dict(steps=0), "--steps"), (dict(save_dtype="int8"), "save-dtype"),
                       (dict(task="[1]"), "JSON object"),
                       (dict(induction_steps=40), "induction-steps"), (dict(induction_length=8), "induction-length"),
-                      (dict(filler_weight=-1.0), "filler-weight"), (dict(lengths=(16,), question_spacing=1), "too short"), (dict(eval_lengths=(16,)), "too short")]:
+                      (dict(filler_weight=-1.0), "filler-weight"), (dict(lengths=(16,), question_spacing=1), "too short"), (dict(eval_lengths=(6,)), "too short")]:
         with pytest.raises(ValueError, match=match):
             train(tiny("/nonexistent", **kw))
 

@@ -19,6 +19,19 @@ def accuracy_table(ev: dict) -> str:
     return "\n".join([head, rule, *rows, foot])
 
 
+def _tokens(n: int) -> str:
+    return f"{n} token" + ("" if n == 1 else "s")
+
+
+def _induction(cfg: dict) -> str:
+    """The warm-up sentence of the card ('' when the run had none)."""
+    n = cfg.get("induction_steps", 0)
+    if not n:
+        return ""
+    return (f"The first {n} steps train content induction on {cfg['induction_length']}-token rows of random tokens "
+            "followed by a rotated copy (`moa_flex.synthetic.make_induction_batch`). ")
+
+
 def render_card(log: dict) -> str:
     """README.md text of a trained model from its train log (see moa_flex/zoo/train.py)."""
     cfg, task, env, ev = log["config"], log["task"], log["environment"], log["eval"]
@@ -43,16 +56,17 @@ Llama architecture (transformers `LlamaForCausalLM`): {cfg['layers']} layers, hi
 {cfg['heads']} query heads / {cfg['kv_heads']} KV heads of dimension {cfg['head_dim']} (GQA), MLP {cfg['intermediate']},
 RoPE (base {cfg['rope_theta']:g}), tied embeddings; {log['params'] / 1e6:.2f}M parameters, saved in
 {cfg['save_dtype']} ({log['weights_bytes'] / 2 ** 20:.1f} MiB). Vocabulary: {task['num_keys']} key, {task['num_values']} value and
-{task['num_filler']} filler tokens after {NUM_SPECIAL} special ones; keys of {K} tokens, values of {V} tokens.
+{task['num_filler']} filler tokens after {NUM_SPECIAL} special ones; keys of {_tokens(K)}, values of {_tokens(V)}.
 
 ## Training
 
     {log['command']}
 
-Seed {log['seed']}; {log['steps_done']} steps (stopped by {log['stopped_by']}), {log['tokens'] / 1e6:.1f}M tokens,
-lengths {', '.join(map(str, cfg['lengths']))} (the longest allowed growing over the first
-{_pct(cfg['curriculum'])} of the steps), about {cfg['tokens_per_step']} tokens per step; one record per
-{cfg['record_spacing']} context tokens, one question per {cfg['question_spacing']} tokens; AdamW, lr {cfg['lr']:g} -> {cfg['min_lr']:g}.
+Seed {log['seed']}; {log['steps_done']} steps (stopped by {log['stopped_by']}), {log['tokens'] / 1e6:.1f}M tokens, about
+{cfg['tokens_per_step']} tokens per step. {_induction(cfg)}Task steps: lengths {', '.join(map(str, cfg['lengths']))} (the longest
+allowed growing over the first {_pct(cfg['curriculum'])} of the task steps); one record per {cfg['record_spacing']} context
+tokens, one question per {cfg['question_spacing']} tokens; loss = {cfg.get('filler_weight', 1.0):g} x filler + {cfg['answer_weight']:g} x answers
+(nats/token). AdamW, lr {cfg['lr']:g} -> {cfg['min_lr']:g}.
 Training took {log['train_seconds']:.0f} s ({log['tokens_per_second'] / 1e3:.0f}K tokens/s), evaluation {log['eval_seconds']:.0f} s,
 the whole run {log['wall_seconds']:.0f} s on {hw}; torch {env['torch']}, transformers {env['transformers']}.
 Last logged training losses (nats/token): filler {last.get('filler_loss', float('nan')):.3f}, answers {last.get('answer_loss', float('nan')):.3f}.
