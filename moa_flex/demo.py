@@ -12,9 +12,10 @@ demo:
 3. optimizes a plan per KV density (``plan-moa-<d>.json``: of the Pareto set, the plan with the
    lowest profiled loss at the longest profiled length);
 4. measures exact-match retrieval accuracy by length and needle depth (teacher forcing; each
-   sequence asks one question per depth, one forward per batch) for the dense model, each MoA plan through ``moa_flex.compile`` and a
-   uniform StreamingLLM-style plan at the same KV density (every head: the sink plus a window,
-   span = density x N, so both hold the same cache at every length);
+   sequence asks one question per depth, one forward per batch) for the dense model, each MoA
+   plan through ``moa_flex.compile`` and a uniform StreamingLLM-style plan at the same KV
+   density (every head: the sink plus a window, span = density x N, so both hold the same
+   cache at every length);
 5. prints the table, writes ``results.json``, ``results.md`` and ``demo.png`` (accuracy
    heatmaps by length and depth, and the MoA plan's spans).
 """
