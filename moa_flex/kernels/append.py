@@ -5,8 +5,9 @@ its slot of every KV group and advances the row's length. Its torch implementati
 twin, :func:`moa_flex.cache.cache_append_reference`) takes about fifteen small kernels per
 layer; on the GPU, inside a decode step's CUDA graph, those launches cost more than the
 write itself. :func:`cache_append_triton` does the same in one launch: one program per row
-reads the row's position once, writes K and V into each group's slot (slot map of
-DESIGN.md, "The KV cache"), then stores ``length + 1``; no other program touches the row,
+loads the new K and V of all groups, the groups' caps and the row's position at once, writes
+K and V into each group's slot (slot map of DESIGN.md, "The KV cache"), then stores
+``length + 1``; no other program touches the row,
 so there is no race on ``length``.
 
 On CPU tensors the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1`` set before
@@ -32,23 +33,30 @@ if triton is not None:
         stride_nvb, stride_nvg, stride_nvd,
         stride_cb, stride_cg,
         G, sink,
-        D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+        G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     ):
+        """One row: all G groups at once (one [G, D] load and store each for K and V), so the
+        row costs a few memory round trips, not a few per group."""
         b = tl.program_id(0)
-        p = tl.load(length_ptr + b)  # logical position of the new token
+        g = tl.arange(0, G_PAD)
+        g_ok = g < G
         d = tl.arange(0, D_PAD)
         dv = tl.arange(0, DV_PAD)
-        for g in range(G):
-            cap = tl.load(caps_ptr + b * stride_cb + g * stride_cg).to(tl.int64)
-            ring = tl.maximum(cap - sink, 1)
-            slot = tl.where(p < sink, p, sink + (p - sink) % ring)
-            flat = tl.load(offsets_ptr + g).to(tl.int64) + slot
-            k = tl.load(k_ptr + b * stride_nkb + g * stride_nkg + d * stride_nkd, mask=d < D)
-            tl.store(keys_ptr + b * stride_kb + flat * stride_ks + d * stride_kd,
-                     k.to(keys_ptr.dtype.element_ty), mask=d < D)
-            v = tl.load(v_ptr + b * stride_nvb + g * stride_nvg + dv * stride_nvd, mask=dv < DV)
-            tl.store(values_ptr + b * stride_vb + flat * stride_vs + dv * stride_vd,
-                     v.to(values_ptr.dtype.element_ty), mask=dv < DV)
+        # independent of the position: issued together with the length load
+        k = tl.load(k_ptr + b * stride_nkb + g[:, None] * stride_nkg + d[None, :] * stride_nkd,
+                    mask=g_ok[:, None] & (d[None, :] < D))
+        v = tl.load(v_ptr + b * stride_nvb + g[:, None] * stride_nvg + dv[None, :] * stride_nvd,
+                    mask=g_ok[:, None] & (dv[None, :] < DV))
+        cap = tl.load(caps_ptr + b * stride_cb + g * stride_cg, mask=g_ok, other=1).to(tl.int64)
+        base = tl.load(offsets_ptr + g, mask=g_ok, other=0).to(tl.int64)
+        p = tl.load(length_ptr + b)  # logical position of the new token
+        ring = tl.maximum(cap - sink, 1)
+        slot = tl.where(p < sink, p, sink + (p - sink) % ring)
+        flat = base + slot  # [G_PAD], slots of the flat cache
+        tl.store(keys_ptr + b * stride_kb + flat[:, None] * stride_ks + d[None, :] * stride_kd,
+                 k.to(keys_ptr.dtype.element_ty), mask=g_ok[:, None] & (d[None, :] < D))
+        tl.store(values_ptr + b * stride_vb + flat[:, None] * stride_vs + dv[None, :] * stride_vd,
+                 v.to(values_ptr.dtype.element_ty), mask=g_ok[:, None] & (dv[None, :] < DV))
         tl.store(length_ptr + b, p + 1)
 
 
@@ -87,5 +95,5 @@ def cache_append_triton(
             k_new.stride(0), k_new.stride(1), k_new.stride(3),
             v_new.stride(0), v_new.stride(1), v_new.stride(3),
             *caps.stride(), G, sink,
-            D=D, D_PAD=_pow2(D, 16), DV=Dv, DV_PAD=_pow2(Dv, 16), num_warps=1,
+            G_PAD=_pow2(G, 1), D=D, D_PAD=_pow2(D, 16), DV=Dv, DV_PAD=_pow2(Dv, 16), num_warps=1,
         )
