@@ -229,6 +229,57 @@ def test_work_list_covers_each_slot_once() -> None:
         assert wl.n_items == len(wl.items) == int(wl.group_items[-1])
 
 
+def _items_by_group(wl, offsets: tuple[int, ...]) -> list[list[tuple[int, int]]]:  # noqa: ANN001
+    """(start, stop) of every item of every group, checking group ids and bases."""
+    out = []
+    for g in range(len(offsets) - 1):
+        lo, hi = int(wl.group_items[g]), int(wl.group_items[g + 1])
+        rows = wl.items[lo:hi].tolist()
+        assert rows and all(gg == g and base == offsets[g] for gg, base, _, _ in rows)
+        out.append([(start, stop) for _, _, start, stop in rows])
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=10), st.integers(1, 40), st.sampled_from([16, 64]))
+def test_auto_work_list_one_round_of_equal_items(widths: list[int], batch: int, block_n: int) -> None:
+    """The default work list covers every slot once; when one item per group fits in the
+    resident programs, all batch x items programs fit, the items of a group are one multiple
+    of block_n but the last (no larger), and no smaller chunk (in tiles) would fit; otherwise
+    it is the fixed-chunk list."""
+    offsets = tuple([0, *torch.tensor(widths).cumsum(0).tolist()])
+    dev = torch.device("cpu")
+    resident = decode.RESIDENT_PER_SM * decode._sm_count(dev)
+    wl = decode.auto_work_list(offsets, batch, dev, block_n)
+    assert decode.auto_work_list(offsets, batch, dev, block_n) is wl  # cached per allocation
+    groups = _items_by_group(wl, offsets)
+    for g, items in enumerate(groups):  # every slot of every group exactly once, in order
+        slots = [s for start, stop in items for s in range(start, stop)]
+        assert slots == list(range(widths[g]))
+    if batch * len(widths) > resident:
+        assert wl is decode.decode_work_list(offsets, decode.auto_chunk(batch, offsets, dev, block_n), dev)
+        return
+
+    def programs_at(chunk: int) -> int:  # brute force: cut every group as the rule says
+        total = 0
+        for w in widths:
+            n = max(1, math.ceil(w / chunk))
+            size = max(block_n, math.ceil(math.ceil(w / n) / block_n) * block_n)
+            total += max(1, math.ceil(w / size))
+        return batch * total
+
+    assert batch * wl.n_items <= resident
+    assert wl.chunk % block_n == 0 and wl.chunk >= 2 * block_n
+    if wl.chunk > 2 * block_n:
+        assert programs_at(wl.chunk - block_n) > resident, "a smaller chunk would fit"
+    for items in groups:
+        sizes = [stop - start for start, stop in items]
+        assert max(sizes) <= wl.chunk
+        full = sizes[:-1]  # all the same multiple of block_n; the last item no larger
+        assert all(x == sizes[0] and x % block_n == 0 for x in full) and sizes[-1] <= sizes[0]
+    assert wl.n_items == len(wl.items) == int(wl.group_items[-1])
+
+
 def test_auto_chunk_depends_on_allocation_only() -> None:
     offs = (0, 1000, 3000, 3100)
     chunk = decode.auto_chunk(4, offs, torch.device("cpu"), 64)

@@ -27,8 +27,10 @@ Three implementations:
 * :func:`ragged_decode_triton`: the Triton kernel (flash-decoding / split-K). One program
   per (work item = group and chunk of its slots, row); all query heads of the group are
   handled in that program, so each K/V slot is read once. A second kernel combines the
-  chunks' partial (max, sum, acc). The work list depends only on the allocation
-  (offsets, chunk size), never on caps/pos/spans, so a captured CUDA graph stays valid
+  chunks' partial (max, sum, acc). By default the work list cuts every group into nearly
+  equal items sized so that all programs of a call are resident on the GPU at once (one
+  round, no tail of a few late programs: :func:`auto_work_list`). The work list depends only
+  on the allocation (offsets, batch, chunk size), never on caps/pos/spans, so a captured CUDA graph stays valid
   across requests and steps; caps, pos and spans are applied inside the kernel. On CPU
   tensors it runs in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first
   imported: triton 3.9 reads it when ``@triton.jit`` decorates, its own library included).
@@ -42,6 +44,7 @@ import contextlib
 import functools
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +59,11 @@ except ImportError:  # pragma: no cover - depends on the install
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOG2E = 1.4426950408889634
 DEFAULT_BLOCK_N = 64  # slots per inner tile
-MAX_CHUNK = 8192  # slots per work item, upper bound of the automatic choice
+MAX_CHUNK = 8192  # slots per work item, upper bound of the fixed-chunk choice (auto_chunk)
+# Programs of the partial kernel resident per SM in its default configuration (block_n 64,
+# 4 warps, 2 stages, D 128, bf16): ~107 registers per thread and 38 KiB of shared memory
+# on an H200 (triton 3.6), so 4 per SM; auto_work_list sizes one call to fit in that.
+RESIDENT_PER_SM = 4
 _CACHE_SIZE = 64
 
 
@@ -203,8 +210,9 @@ class DecodeWorkList:
     """Work items of one allocation: which group and which slots each program reads.
 
     ``items`` int32 [n_items, 4]: (group g, first slot of g in the flat cache, local start,
-    local stop), chunks of ``chunk`` slots; ``group_items`` int32 [G+1]: items of group g are
-    ``group_items[g] .. group_items[g+1]-1``. Depends on (offsets, chunk) only.
+    local stop), at most ``chunk`` slots each; ``group_items`` int32 [G+1]: items of group g
+    are ``group_items[g] .. group_items[g+1]-1``. Depends on the allocation (offsets; for the
+    default list also the batch and the GPU) only.
     """
 
     items: torch.Tensor
@@ -266,29 +274,80 @@ def auto_chunk(B: int, offsets: tuple[int, ...], device: torch.device, block_n: 
     return chunk
 
 
-def decode_work_list(offsets: tuple[int, ...], chunk: int, device: torch.device | str) -> DecodeWorkList:
-    """The cached work list of an allocation (offsets in slots, chunk in slots) on `device`."""
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an integer >= 1 (slots), got {chunk!r}")
-    device = torch.device(device)
-    key = (tuple(offsets), chunk, device)
-    hit = _WORK_LISTS.get(key)
-    if hit is not None:
-        return hit
+def _work_list(offsets: tuple[int, ...], item_slots: Callable[[int], int], chunk: int,
+               device: torch.device) -> DecodeWorkList:
+    """Items of every group of width w cut into pieces of ``item_slots(w)`` slots."""
     rows, group_items, most = [], [0], 1
     for g, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
         width = hi - lo
-        starts = list(range(0, width, chunk)) or [0]  # an empty group still gets one (empty) item
-        rows += [(g, lo, s, min(s + chunk, width)) for s in starts]
+        size = item_slots(width)
+        starts = list(range(0, width, size)) or [0]  # an empty group still gets one (empty) item
+        rows += [(g, lo, s, min(s + size, width)) for s in starts]
         group_items.append(len(rows))
         most = max(most, len(starts))
-    wl = DecodeWorkList(
+    return DecodeWorkList(
         items=torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 4),
         group_items=torch.tensor(group_items, dtype=torch.int32, device=device),
         n_items=len(rows),
         chunk=chunk,
         max_items_per_group=most,
     )
+
+
+def decode_work_list(offsets: tuple[int, ...], chunk: int, device: torch.device | str) -> DecodeWorkList:
+    """The cached work list of an allocation cut in fixed chunks (offsets and chunk in slots)
+    on `device`: every group in items of ``chunk`` slots, the last one shorter."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1 (slots), got {chunk!r}")
+    device = torch.device(device)
+    key = (tuple(offsets), chunk, device)
+    hit = _WORK_LISTS.get(key)
+    if hit is None:
+        hit = _work_list(tuple(offsets), lambda width: chunk, chunk, device)
+        _remember(_WORK_LISTS, key, hit)
+    return hit
+
+
+def _balanced_items(width: int, chunk: int, block_n: int) -> int:
+    """Slots per item when a group of `width` slots is cut into ceil(width / chunk) nearly
+    equal items (a multiple of block_n, at most chunk)."""
+    n = max(1, -(-width // chunk))
+    return max(block_n, -(-(-(-width // n)) // block_n) * block_n)
+
+
+def auto_work_list(offsets: tuple[int, ...], batch: int, device: torch.device | str,
+                   block_n: int = DEFAULT_BLOCK_N) -> DecodeWorkList:
+    """The default work list of an allocation for `batch` rows (cached).
+
+    Every group is cut into nearly equal items of at most ``chunk`` slots, with ``chunk`` the
+    smallest multiple of block_n (at least 2 tiles) for which ``batch x items`` fits in the
+    programs the GPU holds at once (``RESIDENT_PER_SM`` per SM): one round of programs, each
+    with about the same number of slots, instead of a second round of a few programs that
+    run with most of the GPU idle (about 10% of a decode call on an H200, bench/RESULTS.md).
+    When even one item per group does not fit (large batches: several rounds anyway), fixed
+    chunks of :func:`auto_chunk` slots.
+    """
+    device = torch.device(device)
+    offsets = tuple(offsets)
+    resident = RESIDENT_PER_SM * _sm_count(device)
+    key = ("auto", offsets, batch, block_n, resident, device)
+    hit = _WORK_LISTS.get(key)
+    if hit is not None:
+        return hit
+    widths = [hi - lo for lo, hi in zip(offsets, offsets[1:])]
+    lo_tiles, hi_tiles = 2, max(2, -(-max(widths, default=0) // block_n))
+
+    def programs(chunk: int) -> int:
+        return batch * sum(-(-w // _balanced_items(w, chunk, block_n)) if w else 1 for w in widths)
+
+    if programs(hi_tiles * block_n) > resident:
+        wl = decode_work_list(offsets, auto_chunk(batch, offsets, device, block_n), device)
+    else:
+        while lo_tiles < hi_tiles:  # smallest chunk (in tiles) whose programs fit
+            mid = (lo_tiles + hi_tiles) // 2
+            lo_tiles, hi_tiles = (lo_tiles, mid) if programs(mid * block_n) <= resident else (mid + 1, hi_tiles)
+        chunk = hi_tiles * block_n
+        wl = _work_list(offsets, lambda width: _balanced_items(width, chunk, block_n), chunk, device)
     _remember(_WORK_LISTS, key, wl)
     return wl
 
@@ -298,7 +357,7 @@ def prepare_work(offsets: torch.Tensor, batch: int, block_n: int = DEFAULT_BLOCK
     allocates), so that decode steps, and CUDA-graph warm-up and capture in particular, find
     both cached: nothing is read to the host nor allocated for them inside a graph."""
     offs = host_offsets(offsets, int(offsets[-1]))
-    return decode_work_list(offs, auto_chunk(batch, offs, offsets.device, block_n), offsets.device)
+    return auto_work_list(offs, batch, offsets.device, block_n)
 
 
 # ---------------------------------------------------------------------------------- Triton
@@ -466,7 +525,8 @@ def ragged_decode_triton(
 ) -> torch.Tensor:
     """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype).
 
-    ``chunk`` (slots per work item; default from the allocation and the GPU's SM count) and
+    ``chunk`` (slots per work item; default: :func:`auto_work_list`, from the allocation, the
+    batch and the GPU's SM count) and
     ``block_n`` (slots per inner tile, a power of two >= 16) tune the split. ``out`` is written
     entirely. CUDA tensors run compiled; CPU tensors need Triton's interpreter
     (TRITON_INTERPRET=1 set before triton is first imported). Never reads caps/pos/spans on
@@ -491,9 +551,7 @@ def ragged_decode_triton(
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16 (slots), got {block_n}")
     offs = host_offsets(offsets, S)
-    if chunk is None:
-        chunk = auto_chunk(B, offs, q.device, block_n)
-    wl = decode_work_list(offs, chunk, q.device)
+    wl = auto_work_list(offs, B, q.device, block_n) if chunk is None else decode_work_list(offs, chunk, q.device)
     if out is None:
         out = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
     elif out.shape != (B, H, Dv) or out.dtype != q.dtype or out.device != q.device:
