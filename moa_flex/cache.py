@@ -24,12 +24,21 @@ node mutated (``passes/decode_pass.py``).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import inspect
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .plan import Plan
+
+
+def cache_argument(forward: Callable) -> str:
+    """The name under which a transformers forward takes its ``Cache``: ``cache`` from
+    transformers 5.24 on (``past_key_values`` is its deprecated alias there), before that
+    ``past_key_values``."""
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def slot_positions(caps: torch.Tensor, offsets: torch.Tensor, sink: int, last: torch.Tensor) -> torch.Tensor:

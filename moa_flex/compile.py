@@ -24,7 +24,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 from .attention import MoaRuntime
-from .cache import MoaCache
+from .cache import MoaCache, cache_argument
 from .generate import generate as _generate
 from .plan import Plan
 
@@ -45,6 +45,7 @@ class CompiledState:
     compiled_decode: Callable | None = None
     cache: MoaCache | None = None  # the last request's cache, reused when the next has the same layout
     cudagraphs: bool = False  # decode steps replay a CUDA graph (mode "reduce-overhead"/"max-autotune")
+    cache_arg: str = "past_key_values"  # the forward's name for its Cache ("cache" from transformers 5.24 on)
     warned: set = field(default_factory=set)
 
     def release_cache(self) -> None:
@@ -188,7 +189,7 @@ def compile(  # noqa: A001  (the verb of the API)
     from moa_flex.passes.decode_pass import make_decode_backend
 
     state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
-                          cudagraphs=mode in ("reduce-overhead", "max-autotune"))
+                          cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward))
     softcaps, windows = _softcaps(config, plan.num_layers), model_windows(config, plan.num_layers)
     prefill = make_backend(
         plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
@@ -232,7 +233,11 @@ RECOMPILE_LIMIT = 64
 
 def _forward(state: CompiledState, *args: Any, **kwargs: Any) -> Any:
     """The compiled model's forward: plain (no cache / prefill) or a decode step over a MoaCache."""
-    cache = kwargs.get("past_key_values")
+    if state.cache_arg != "past_key_values" and "past_key_values" in kwargs:  # the pre-5.24 name, still accepted
+        if kwargs.get(state.cache_arg) is not None:
+            raise ValueError(f"pass the cache once: got both past_key_values and {state.cache_arg}")
+        kwargs[state.cache_arg] = kwargs.pop("past_key_values")
+    cache = kwargs.get(state.cache_arg)
     if isinstance(cache, MoaCache):
         return _forward_with_cache(state, cache, args, kwargs)
     with _dynamo_policy():

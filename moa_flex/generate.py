@@ -1,16 +1,21 @@
-"""``model.generate(...)`` after ``moa_flex.compile``: HF's generate over a ragged MoA cache.
+"""``model.generate(...)`` after ``moa_flex.compile``: transformers' generate over a ragged MoA cache.
 
 The request is planned for ``N = prompt + max_new_tokens`` tokens (or compile's
 ``max_length``); a :class:`~moa_flex.cache.MoaCache` is allocated for it (or the previous
 request's reused, when the layout is the same: static addresses for CUDA graphs) and handed
-to transformers' own ``generate`` as ``past_key_values``, so sampling, stopping criteria,
-streamers and the output format are HF's. Every row of a left-padded batch is planned for its
-own real tokens. Beam search and several sequences per prompt are refused (the cache is
-allocated per prompt row).
+to transformers' own ``generate`` as its cache, with moa-flex's decoding loop
+(:func:`moa_flex.decode_loop.decode_loop`) as ``custom_generate``: transformers resolves the
+generation config and builds the logits processors and stopping criteria, and the output
+format is transformers'; the per-token loop is moa-flex's (far less host work per token).
+Every row of a left-padded batch is planned for its own real tokens. Beam search, several
+sequences per prompt and other decoding modes are refused (the cache is allocated per
+prompt row).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import re
 from typing import TYPE_CHECKING, Any
@@ -18,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .cache import MoaCache
+from .decode_loop import decode_loop
 
 if TYPE_CHECKING:
     from .compile import CompiledState
@@ -89,8 +95,11 @@ def generate(model: torch.nn.Module, state: "CompiledState", *args: Any, **kwarg
             raise NotImplementedError(f"moa-flex generate supports {name}=1 only, got {value}")
     if params.get("assistant_model") is not None:
         raise NotImplementedError("moa-flex generate does not support assisted generation")
-    if params.get("past_key_values") is not None:
-        raise ValueError("moa-flex generate allocates its own MoA cache; do not pass past_key_values")
+    for name in ("past_key_values", "cache"):
+        if params.get(name) is not None:
+            raise ValueError(f"moa-flex generate allocates its own MoA cache; do not pass {name}")
+    if params.get("custom_generate") is not None:
+        raise NotImplementedError("moa-flex generate runs its own decoding loop; custom_generate cannot replace it")
     B, prompt = inputs.shape
     new = _new_tokens(model, prompt, params)
     planned = state.max_length or prompt + new
@@ -101,11 +110,34 @@ def generate(model: torch.nn.Module, state: "CompiledState", *args: Any, **kwarg
         mask = torch.ones_like(inputs)
     pads = _left_pads(mask)
     cache = _cache_for(model, state, B, planned, pads)
-    params.update(attention_mask=mask, past_key_values=cache, max_new_tokens=new)
+    streamer = params.pop("streamer", None)  # transformers hands no streamer to a callable custom_generate
+    _stop_strings_to_criteria(params, config)
+    params.update(attention_mask=mask, max_new_tokens=new, **{state.cache_arg: cache})
+    params["custom_generate"] = functools.partial(decode_loop, moa_state=state, moa_streamer=streamer)
     params.pop("max_length", None)
     params.pop("input_ids", None)
     params["inputs"] = inputs
     return state.original_generate(**params)
+
+
+def _stop_strings_to_criteria(params: dict, config: Any) -> None:
+    """``stop_strings`` as a stopping criterion built here: transformers builds it from the
+    ``tokenizer`` argument, which it does not keep for a callable ``custom_generate``."""
+    stop = params.pop("stop_strings", None) or getattr(config, "stop_strings", None)
+    if not stop:
+        return
+    tokenizer = params.get("tokenizer")
+    if tokenizer is None:
+        raise ValueError("stop_strings needs the model's tokenizer: pass tokenizer= to generate()")
+    from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
+
+    criteria = StoppingCriteriaList(params.get("stopping_criteria") or [])
+    criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop))
+    params["stopping_criteria"] = criteria
+    if getattr(config, "stop_strings", None):  # the config's own: transformers must not build it again
+        config = copy.deepcopy(config)
+        config.stop_strings = None
+        params["generation_config"] = config
 
 
 def _cache_for(model: torch.nn.Module, state: "CompiledState", batch: int, planned: int, pads: torch.Tensor) -> MoaCache:

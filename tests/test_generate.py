@@ -76,6 +76,108 @@ def test_dense_plan_generates_stock_tokens() -> None:
     assert torch.equal(run_generate(model, ids).sequences, stock)
 
 
+class Collect:
+    """A streamer that records what it is handed (transformers' BaseStreamer protocol)."""
+
+    def __init__(self) -> None:
+        self.puts: list[torch.Tensor] = []
+        self.ended = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.clone())
+
+    def end(self) -> None:
+        self.ended += 1
+
+
+def word_tokenizer(vocab: int = 128):  # noqa: ANN201
+    """A local word-level tokenizer whose token i is the word ``w<i>`` (the test models' vocab),
+    but for the last, ``abcdef`` (transformers' stop-string matching tokenizes that word)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {f"w{i}": i for i in range(vocab - 1)} | {"abcdef": vocab - 1}
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0")
+
+
+def test_decode_loop_matches_transformers_loop() -> None:
+    """moa-flex's decoding loop against transformers' own (stock model, dense plan): greedy
+    with EOS (a finished row gets pad tokens, and all rows finished stops early), logits
+    processors, scores, logits and a streamer; sampling from the same seed; stop strings."""
+    model = make_model("llama")
+    ids = prompt_ids()
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                               do_sample=False, pad_token_id=0)
+    eos = int(plain[0, PROMPT + 3])  # row 0 stops at its 4th new token (or earlier)
+    stop_word = next(f"w{t}" for t in plain[1, PROMPT + 5:].tolist() if t != 127)
+    tokenizer = word_tokenizer()
+    requests = {
+        "greedy, EOS, processors": dict(do_sample=False, eos_token_id=eos, min_new_tokens=2, no_repeat_ngram_size=3,
+                                         return_dict_in_generate=True, output_scores=True, output_logits=True),
+        "one row, stops early at EOS": dict(do_sample=False, eos_token_id=eos, rows=1),
+        "sampling": dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=123),
+        "stop strings": dict(do_sample=False, stop_strings=[stop_word], tokenizer=tokenizer, rows=1, first=1),
+    }
+
+    def run(request: dict) -> tuple:
+        request = dict(request)
+        rows, first, seed = request.pop("rows", 2), request.pop("first", 0), request.pop("seed", None)
+        x = ids[first:first + rows]
+        streamer = Collect()
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, pad_token_id=0,
+                                 streamer=streamer, **request)
+        return out, streamer
+
+    stock = {name: run(request) for name, request in requests.items()}
+    moa_flex.compile(model, Plan.dense(model.config))
+    for name, request in requests.items():
+        (want, want_stream), (got, got_stream) = stock[name], run(request)
+        if request.get("return_dict_in_generate"):
+            for field in ("scores", "logits"):
+                a, b = torch.stack(getattr(want, field), 1), torch.stack(getattr(got, field), 1)
+                torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=f"{name}: {field}")  # -inf where masked
+            want, got = want.sequences, got.sequences
+        assert torch.equal(got, want), name
+        assert len(got_stream.puts) == len(want_stream.puts) and got_stream.ended == want_stream.ended == 1, name
+        assert all(torch.equal(a, b) for a, b in zip(got_stream.puts, want_stream.puts)), name
+    # the requests really exercised what they name
+    row = stock["greedy, EOS, processors"][0].sequences[0, PROMPT:].tolist()
+    assert eos in row[:-1] and set(row[row.index(eos) + 1:]) == {0}, row  # finished, then pads
+    assert stock["one row, stops early at EOS"][0].shape[1] < PROMPT + NEW
+    assert stock["stop strings"][0].shape[1] < PROMPT + NEW
+
+
+def test_decode_loop_refuses_what_it_does_not_do() -> None:
+    model = make_model("llama")
+    moa_flex.compile(model, Plan.dense(model.config))
+    ids = prompt_ids()
+    cases = [
+        (NotImplementedError, "hidden_states", dict(return_dict_in_generate=True, output_hidden_states=True)),
+        (NotImplementedError, "attentions", dict(return_dict_in_generate=True, output_attentions=True)),
+        (NotImplementedError, "custom_generate", dict(custom_generate=lambda *a, **k: None)),
+        (ValueError, "tokenizer", dict(stop_strings=["w1"])),
+        (ValueError, "own MoA cache", dict(past_key_values=MoaCache(Plan.dense(model.config), 2, PROMPT + 2))),
+    ]
+    for error, match, kwargs in cases:
+        with pytest.raises(error, match=match), torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=2, pad_token_id=0, **kwargs)
+    # model arguments transformers lets through for other families (Llama's generate refuses them first)
+    from transformers import GenerationConfig
+
+    from moa_flex.decode_loop import _check_request
+
+    with pytest.raises(NotImplementedError, match="token_type_ids"):
+        _check_request(GenerationConfig(), {"token_type_ids": ids, "attention_mask": None}, synced_gpus=False)
+    with pytest.raises(NotImplementedError, match="beam_search"):
+        _check_request(GenerationConfig(num_beams=2), {}, synced_gpus=False)
+
+
 def test_left_padded_batch_rows_equal_rows_alone() -> None:
     model = make_model("llama")
     plan = sparse_plan(model.config, "head", seed=7)

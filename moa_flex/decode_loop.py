@@ -1,0 +1,168 @@
+"""moa-flex's decoding loop: transformers' ``generate`` prepares the request, this loop decodes.
+
+``model.generate`` after ``moa_flex.compile`` hands this loop to transformers' own
+``generate`` as its ``custom_generate`` (a callable, transformers >= 5.0). transformers
+still resolves the generation config, validates it and builds the logits processors
+(temperature, top-k/top-p, repetition penalty, ``min_new_tokens``, the user's own) and the
+stopping criteria (``max_length``, EOS, stop strings, the user's own); this loop replaces its
+per-token loop (``GenerationMixin._sample``). That loop re-derives the model's inputs from
+its keyword arguments at every token (``prepare_inputs_for_generation``,
+``_update_model_kwargs_for_generation``: attention-mask and position bookkeeping over the
+whole sequence), 0.5-1.2 ms of host time per token on an H200 host, during which the GPU
+waits (bench/RESULTS.md, "Decode step breakdown"). Here a step is what the compiled graphs
+need and nothing else:
+
+* prefill: the prompt, its 2-D padding mask, its positions (``cumsum(mask) - 1``, as
+  transformers derives them), the :class:`~moa_flex.cache.MoaCache`, ``logits_to_keep=1``;
+* decode: the new token of every row, its position (one more than the row's last), the cache
+  (with CUDA graphs, ``moa_flex.step_graph`` replays the captured step);
+* token selection as transformers does it: the last logits copied to fp32, the logits
+  processors, argmax (greedy) or ``multinomial(softmax)`` (sampling), the pad token for rows
+  already finished, the stopping criteria. Sequences grow in a buffer allocated once.
+
+Greedy decoding and multinomial sampling give exactly what transformers' loop gives for the
+same logits and random state (tests/test_generate.py compares them). When every stopping
+criterion is ``max_length`` the loop runs its known number of steps without asking the GPU
+whether to stop; otherwise it checks once per token, as transformers does. Not supported,
+with a clear error: other decoding modes (beam search, contrastive search, ...), attentions
+or hidden states in the output, ``synced_gpus``, model keyword arguments other than the
+padding mask (``token_type_ids``, multimodal inputs, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers.generation.streamers import BaseStreamer
+
+    from .compile import CompiledState
+
+# model keyword arguments transformers' generate prepares itself; this loop derives its own
+_PREPARED = frozenset({"attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep",
+                       "cache_position", "return_dict"})
+_OUTPUTS_ALLOWED = ("output_attentions", "output_hidden_states")
+
+
+def _check_request(generation_config: "GenerationConfig", model_kwargs: dict, synced_gpus: bool) -> None:
+    from transformers.generation.configuration_utils import GenerationMode
+
+    mode = generation_config.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise NotImplementedError(f"moa-flex generate runs greedy decoding and sampling only, not {mode.value}")
+    if synced_gpus:
+        raise NotImplementedError("moa-flex generate does not support synced_gpus")
+    for name in _OUTPUTS_ALLOWED:
+        if getattr(generation_config, name, False) or model_kwargs.get(name):
+            raise NotImplementedError(
+                f"moa-flex generate does not return {name.removeprefix('output_')}: ragged decode attends a sparse cache "
+                "and keeps no attention weights or per-layer states for the output"
+            )
+    extra = sorted(k for k, v in model_kwargs.items() if k not in _PREPARED and k not in _OUTPUTS_ALLOWED and v is not None)
+    if extra:
+        raise NotImplementedError(f"moa-flex generate passes no model keyword arguments other than the padding mask; got {extra}")
+
+
+def _positions(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """Prompt positions [B, length]: ``cumsum(mask) - 1`` (pads at 0), or 0..length-1."""
+    if mask is None:
+        return torch.arange(length, device=device).unsqueeze(0).expand(batch, length)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _generate_output(cache: Any, **fields: Any) -> Any:
+    """transformers' ``GenerateDecoderOnlyOutput``; its cache field is ``cache`` from 5.24 on,
+    ``past_key_values`` before."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    names = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
+    return GenerateDecoderOnlyOutput(**fields, **{"cache" if "cache" in names else "past_key_values": cache})
+
+
+def decode_loop(
+    model: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    logits_processor: "LogitsProcessorList",
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: "GenerationConfig",
+    synced_gpus: bool = False,
+    *,
+    moa_state: "CompiledState",
+    moa_streamer: "BaseStreamer | None" = None,
+    **model_kwargs: Any,
+) -> Any:
+    """Decode a request prepared by transformers' ``generate`` (its ``custom_generate``
+    signature). ``moa_state`` is ``model.moa_flex``; ``moa_streamer`` the request's streamer,
+    which moa-flex's ``generate`` takes out of transformers' hands (transformers does not pass
+    a streamer to a callable ``custom_generate``). Returns the sequences [B, prompt + new]
+    or, with ``return_dict_in_generate``, a ``GenerateDecoderOnlyOutput``."""
+    _check_request(generation_config, model_kwargs, synced_gpus)
+    cache = model_kwargs.get(moa_state.cache_arg, model_kwargs.get("past_key_values"))
+    if cache is None or cache is not moa_state.cache:
+        raise RuntimeError("moa-flex decode_loop runs inside moa-flex's generate, which allocates the MoA cache")
+    B, prompt = input_ids.shape
+    device = input_ids.device
+    max_length = stopping_criteria.max_length or generation_config.max_length
+    if max_length is None or max_length <= prompt:
+        raise ValueError(f"nothing to generate: max_length {max_length} for a prompt of {prompt} tokens")
+    return_dict = bool(generation_config.return_dict_in_generate)
+    scores: tuple | None = () if return_dict and generation_config.output_scores else None
+    raw_logits: tuple | None = () if return_dict and generation_config.output_logits else None
+    pad = generation_config._pad_token_tensor
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    if has_eos and pad is None:
+        raise ValueError("stopping at EOS needs a pad token for the finished rows: pass pad_token_id")
+    only_length = all(isinstance(c, MaxLengthCriteria) for c in stopping_criteria)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(moa_state.original_forward).parameters else {}
+    call = {moa_state.cache_arg: cache, "use_cache": True, "return_dict": True, **keep}
+
+    sequences = torch.empty(B, max_length, dtype=input_ids.dtype, device=device)
+    sequences[:, :prompt] = input_ids
+    length = prompt
+    mask = model_kwargs.get("attention_mask")
+    positions = _positions(mask, B, prompt, device)
+    outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **call)
+    position = positions[:, -1:] + 1  # [B, 1] the next token's position per row
+    unfinished = torch.ones(B, dtype=torch.long, device=device)
+    if moa_streamer is not None:
+        moa_streamer.put(input_ids.cpu())
+    while True:
+        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
+        del outputs
+        ids = sequences[:, :length]
+        next_scores = logits_processor(ids, logits)
+        if scores is not None:
+            scores += (next_scores,)
+        if raw_logits is not None:
+            raw_logits += (logits,)
+        if generation_config.do_sample:
+            tokens = torch.multinomial(torch.nn.functional.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            tokens = torch.argmax(next_scores, dim=-1)
+        if has_eos:
+            tokens = tokens * unfinished + pad * (1 - unfinished)
+        sequences[:, length] = tokens
+        length += 1
+        if moa_streamer is not None:
+            moa_streamer.put(tokens.cpu())
+        if length >= max_length:
+            break
+        if not only_length:
+            unfinished = unfinished & ~stopping_criteria(sequences[:, :length], scores)
+            if not bool(unfinished.max()):
+                break
+        outputs = model(input_ids=tokens.unsqueeze(1), position_ids=position, **call)
+        position = position + 1
+    if moa_streamer is not None:
+        moa_streamer.end()
+    sequences = sequences[:, :length]
+    if not return_dict:
+        return sequences
+    return _generate_output(cache, sequences=sequences, scores=scores, logits=raw_logits, attentions=None,
+                            hidden_states=None)
