@@ -79,6 +79,31 @@ def kernel_table(run, steps: int) -> tuple[dict, dict]:  # noqa: ANN001
     return fams, names
 
 
+def layer_timeline(run, steps: int = 3) -> list[tuple[str, float, float]]:  # noqa: ANN001
+    """One decoder layer's kernels in launch order, averaged over the middle layers of
+    `steps` calls: (name, mean us, mean idle gap before it in us). A layer runs from one
+    ragged decode partial kernel to the next."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[0])
+    starts = [i for i, k in enumerate(kernels) if "_decode_partial" in k[2]]
+    segments = [kernels[a - 1:b] for a, b in zip(starts, starts[1:]) if a > 0]  # the kernel before, for the first gap
+    segments = segments[2:-2] if len(segments) > 8 else segments
+    width = min(len(seg) for seg in segments)
+    segments = [seg for seg in segments if len(seg) == width]
+    rows = []
+    for pos in range(1, width):
+        durs = [seg[pos][1] - seg[pos][0] for seg in segments]
+        gaps = [seg[pos][0] - seg[pos - 1][1] for seg in segments]
+        rows.append((segments[0][pos][2], statistics.mean(durs), statistics.mean(gaps)))
+    return rows
+
+
 def replay_ms(graph: torch.cuda.CUDAGraph, n: int = 20) -> float:
     """GPU ms per replay, `n` replays queued back to back."""
     for _ in range(3):
@@ -131,6 +156,13 @@ def forward_breakdown(model, shape: ModelShape, B: int, N: int, density: float, 
     print("top kernels:")
     for name, (n, t) in sorted(names.items(), key=lambda kv_: -kv_[1][1])[:14]:
         print(f"  {t / 1e3:8.3f} ms  x{n:4.0f}  {t / max(n, 1):7.1f} us each  {name[:110]}")
+    print("one layer's kernels in launch order (mean over the middle layers):")
+    print("| kernel | us | idle before (us) |")
+    print("|---|---:|---:|")
+    timeline = layer_timeline(graph.graph.replay)
+    for name, us, gap in timeline:
+        print(f"| {name[:80]} | {us:.1f} | {gap:.1f} |")
+    print(f"| layer total | {sum(r[1] + r[2] for r in timeline):.1f} | {sum(r[2] for r in timeline):.1f} |")
     attn = sum(fams.get(f, (0, 0.0))[1] for f in ("ragged decode (partial)", "ragged decode (combine)")) / 1e3
     print(f"ragged decode: {attn:.3f} ms for {kv / 2**30:.2f} GiB kept KV -> {kv / (attn * 1e-3) / 1e12:.2f} TB/s "
           f"({kv / (attn * 1e-3) / bw:.0%} of copy)")
