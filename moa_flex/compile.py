@@ -328,6 +328,24 @@ def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) ->
         return state.compiled_decode(**kwargs)
 
 
+def captured_step(model: torch.nn.Module, state: CompiledState, cache: MoaCache, kwargs: dict) -> Any:
+    """The :class:`~moa_flex.step_graph.StepGraph` that ``model(**kwargs)`` would replay for this
+    decode step, or None (no graph captured yet, other arguments, or forward hooks on the
+    model, which run outside the graph). A caller holding it may replay it directly
+    (``replay_static``) for as long as it passes tensors of the same shapes, and must then call
+    ``cache.mark_filled(1)`` after each step, as the forward does."""
+    from .step_graph import step_signature
+
+    graph = cache.step_graph
+    if graph is None or not cache.filled or cache.plan is not state.plan:
+        return None
+    hooks = (model._forward_hooks, model._forward_pre_hooks, torch.nn.modules.module._global_forward_hooks,
+             torch.nn.modules.module._global_forward_pre_hooks)
+    if any(hooks):
+        return None
+    return graph if graph.signature == step_signature(kwargs) else None
+
+
 def _warn_once(state: CompiledState, message: str) -> None:
     if message not in state.warned:
         state.warned.add(message)

@@ -14,19 +14,23 @@ need and nothing else:
 
 * prefill: the prompt, its 2-D padding mask, its positions (``cumsum(mask) - 1``, as
   transformers derives them), the :class:`~moa_flex.cache.MoaCache`, ``logits_to_keep=1``;
-* decode: the new token of every row, its position (one more than the row's last), the cache
-  (with CUDA graphs, ``moa_flex.step_graph`` replays the captured step);
+* decode: the new token of every row, its position (one more than the row's last), the cache;
+  with CUDA graphs, once ``moa_flex.step_graph`` has captured the step, the loop replays it
+  directly (``StepGraph.replay_static``: the new tokens and positions copied in, the logits
+  read from the graph's own output) instead of going through the forward wrapper;
 * token selection as transformers does it: the last logits copied to fp32, the logits
   processors, argmax (greedy) or ``multinomial(softmax)`` (sampling), the pad token for rows
   already finished, the stopping criteria. Sequences grow in a buffer allocated once.
 
 Greedy decoding and multinomial sampling give exactly what transformers' loop gives for the
-same logits and random state (tests/test_generate.py compares them). When every stopping
-criterion is ``max_length`` the loop runs its known number of steps without asking the GPU
-whether to stop; otherwise it checks once per token, as transformers does. Not supported,
-with a clear error: other decoding modes (beam search, contrastive search, ...), attentions
-or hidden states in the output, ``synced_gpus``, model keyword arguments other than the
-padding mask (``token_type_ids``, multimodal inputs, ...).
+same logits and random state (tests/test_generate.py compares them). ``max_length`` is the
+loop's own bound; the other stopping criteria (EOS, stop strings, the user's) run at every
+token, and whether they left every row finished is read one step late (on a GPU from a
+pinned copy, so the host queues the next step without waiting for the GPU); the step after
+the last is then run and discarded. Not supported, with a clear error: other decoding modes
+(beam search, contrastive search, ...), attentions or hidden states in the output,
+``synced_gpus``, model keyword arguments other than the padding mask (``token_type_ids``,
+multimodal inputs, ...).
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import LogitsProcessorList
 from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
 
 if TYPE_CHECKING:
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import GenerationConfig
     from transformers.generation.streamers import BaseStreamer
 
     from .compile import CompiledState
@@ -85,6 +90,39 @@ def _generate_output(cache: Any, **fields: Any) -> Any:
     return GenerateDecoderOnlyOutput(**fields, **{"cache" if "cache" in names else "past_key_values": cache})
 
 
+class _StopFlag:
+    """Whether a step left every row finished, read one step later: on CUDA through a pinned
+    copy and an event, so the host queues the next step without waiting for the GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending = False
+
+    def record(self, unfinished: torch.Tensor) -> None:
+        self.host.copy_(~unfinished.any(), non_blocking=self.cuda)
+        if self.event is not None:
+            self.event.record()
+        self.pending = True
+
+    def all_finished(self) -> bool:
+        """The flag recorded last (False if none)."""
+        if not self.pending:
+            return False
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
+
+
+def _split_criteria(stopping_criteria: StoppingCriteriaList, fallback: int | None) -> tuple[int | None, list]:
+    """(max_length, the other criteria): the loop stops at max_length itself, as
+    ``MaxLengthCriteria`` would (the smallest, if several)."""
+    lengths = [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
+    others = [c for c in stopping_criteria if not isinstance(c, MaxLengthCriteria)]
+    return (min(lengths) if lengths else fallback), others
+
+
 def decode_loop(
     model: torch.nn.Module,
     input_ids: torch.LongTensor,
@@ -101,16 +139,24 @@ def decode_loop(
     signature). ``moa_state`` is ``model.moa_flex``; ``moa_streamer`` the request's streamer,
     which moa-flex's ``generate`` takes out of transformers' hands (transformers does not pass
     a streamer to a callable ``custom_generate``). Returns the sequences [B, prompt + new]
-    or, with ``return_dict_in_generate``, a ``GenerateDecoderOnlyOutput``."""
+    or, with ``return_dict_in_generate``, a ``GenerateDecoderOnlyOutput``.
+
+    With an early-stopping criterion (EOS, stop strings, ...), whether every row has finished
+    is read one step late on a GPU, so the host never waits for the step in flight; the step
+    after the last is then run and discarded (the MoA cache holds its token too).
+    """
+    from .compile import captured_step
+
     _check_request(generation_config, model_kwargs, synced_gpus)
     cache = model_kwargs.get(moa_state.cache_arg, model_kwargs.get("past_key_values"))
     if cache is None or cache is not moa_state.cache:
         raise RuntimeError("moa-flex decode_loop runs inside moa-flex's generate, which allocates the MoA cache")
     B, prompt = input_ids.shape
     device = input_ids.device
-    max_length = stopping_criteria.max_length or generation_config.max_length
+    max_length, others = _split_criteria(stopping_criteria, generation_config.max_length)
     if max_length is None or max_length <= prompt:
         raise ValueError(f"nothing to generate: max_length {max_length} for a prompt of {prompt} tokens")
+    processors = list(logits_processor) if type(logits_processor) is LogitsProcessorList else [logits_processor]
     return_dict = bool(generation_config.return_dict_in_generate)
     scores: tuple | None = () if return_dict and generation_config.output_scores else None
     raw_logits: tuple | None = () if return_dict and generation_config.output_logits else None
@@ -118,7 +164,6 @@ def decode_loop(
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     if has_eos and pad is None:
         raise ValueError("stopping at EOS needs a pad token for the finished rows: pass pad_token_id")
-    only_length = all(isinstance(c, MaxLengthCriteria) for c in stopping_criteria)
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(moa_state.original_forward).parameters else {}
     call = {moa_state.cache_arg: cache, "use_cache": True, "return_dict": True, **keep}
 
@@ -129,14 +174,20 @@ def decode_loop(
     positions = _positions(mask, B, prompt, device)
     outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **call)
     position = positions[:, -1:] + 1  # [B, 1] the next token's position per row
-    unfinished = torch.ones(B, dtype=torch.long, device=device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    stop = _StopFlag(device)
+    graph = None  # the captured decode step, replayed directly once there is one
     if moa_streamer is not None:
         moa_streamer.put(input_ids.cpu())
     while True:
         logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)
         del outputs
+        if stop.all_finished():  # the previous step finished every row: this one was extra
+            break
         ids = sequences[:, :length]
-        next_scores = logits_processor(ids, logits)
+        next_scores = logits
+        for processor in processors:
+            next_scores = processor(ids, next_scores)
         if scores is not None:
             scores += (next_scores,)
         if raw_logits is not None:
@@ -146,18 +197,27 @@ def decode_loop(
         else:
             tokens = torch.argmax(next_scores, dim=-1)
         if has_eos:
-            tokens = tokens * unfinished + pad * (1 - unfinished)
+            tokens = torch.where(unfinished, tokens, pad)
         sequences[:, length] = tokens
         length += 1
         if moa_streamer is not None:
             moa_streamer.put(tokens.cpu())
         if length >= max_length:
             break
-        if not only_length:
-            unfinished = unfinished & ~stopping_criteria(sequences[:, :length], scores)
-            if not bool(unfinished.max()):
-                break
-        outputs = model(input_ids=tokens.unsqueeze(1), position_ids=position, **call)
+        if others:
+            done = others[0](sequences[:, :length], scores)
+            for criterion in others[1:]:
+                done = done | criterion(sequences[:, :length], scores)
+            unfinished = unfinished & ~done
+            stop.record(unfinished)
+        step = {"input_ids": tokens.unsqueeze(1), "position_ids": position}
+        if graph is None:
+            graph = captured_step(model, moa_state, cache, {**step, **call})
+        if graph is not None:
+            outputs = graph.replay_static(step)
+            cache.mark_filled(1)
+        else:
+            outputs = model(**step, **call)
         position = position + 1
     if moa_streamer is not None:
         moa_streamer.end()

@@ -94,6 +94,17 @@ class StepGraph:
             static_out = fn(**call)
         return cls(signature, statics, graph, _detach_arguments(static_out, kwargs)), out
 
+    def replay_static(self, inputs: dict[str, torch.Tensor]) -> Any:
+        """Replay with new values for some of the captured tensor arguments (by name; the
+        others keep their last values) and return the graph's own output, not cloned: its
+        tensors are overwritten by the next replay, and an argument handed back (the cache)
+        appears as a placeholder. For a caller that consumes the output at once (moa-flex's
+        decoding loop copies the logits to fp32 anyway)."""
+        for name, value in inputs.items():
+            self.statics[name].copy_(value, non_blocking=True)
+        self.graph.replay()
+        return self.output
+
     def __call__(self, kwargs: dict[str, Any]) -> Any:
         """Replay with this step's arguments (same signature as captured)."""
         for name, static in self.statics.items():
