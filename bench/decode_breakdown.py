@@ -12,12 +12,11 @@ a few forwards so the step is captured as a CUDA graph (moa_flex.step_graph), th
 * kernels: torch.profiler over 5 replays, kernel time per step by family (the ragged decode
   kernel, moa-flex linear kernels, cuBLAS, inductor's fused kernels, the append kernel).
 
-``--generate-case``: the host side of HF's generate over a MoA cache (a short prompt, so that
+``--generate-case``: the host side of ``generate()`` over a MoA cache (a short prompt, so that
 the prefill is quick): step time with a synchronizing logits processor, as bench/decode.py
-times it, against the replay's GPU time, and a host timeline of each step: from the clock's
-synchronize to the compiled forward's entry (HF's loop: token selection, stopping criteria,
-input preparation), to the graph replay, the replay call itself, the forward's return, and
-back to the clock (logits processors waiting on the GPU).
+times it, against the replay's GPU time, and a host timeline of each step between the
+clock's synchronize, the model's forward (when the decoding loop calls it), the graph replay
+call and its return (token selection, stopping criteria and the launch are what lie between).
 """
 
 from __future__ import annotations
