@@ -23,9 +23,11 @@ code as text: it *runs* them and compares with the closed forms moa-flex can rep
   one of the masks HF builds: ``causal`` (no tensor), ``causal & padding[b, kv]`` (one bool
   [B, K] tensor: the forward's padding mask, passed to the op as its 2-D mask), or the
   packed-sequence form ``seq[b, q] == seq[b, kv] & pos[b, kv] <= pos[b, q]`` (two integer
-  [B, K] tensors, traced when no attention_mask is given), each optionally ``& q - kv <
-  window``. Packed rows are not supported at run time: a check op in the graph raises if a
-  row's positions are not consecutive; otherwise the packed form is exactly causal.
+  [B, K] tensors, traced when no attention_mask is given) or, as transformers before 5.24
+  builds it, ``seq[b, q] == seq[b, kv] & kv <= q`` (one integer [B, K] tensor of sequence
+  ids), each optionally ``& q - kv < window``. Packed rows are not supported at run time: a
+  check op in the graph raises if a row holds several sequences (or, with positions, its
+  positions are not consecutive); otherwise the packed form is exactly causal.
 
 A mod that matches none of these (a document mask, ALiBi, an additive mask) raises a
 ValueError naming the layer. Layers with a window get an in-graph dense [B, 1, Q, K] mask
@@ -59,7 +61,8 @@ class MaskSemantics:
     """What a proven mask_mod computes.
 
     ``kind``: 'causal' (no tensor), 'padding' (``causal & buffers[index][b, kv]``) or
-    'packed' (``buffers[seq]``/``buffers[pos]``: sequence ids and positions of each token);
+    'packed' (``buffers[seq]``/``buffers[pos]``: sequence ids and positions of each token;
+    ``pos`` None: causal over token indices, transformers < 5.24);
     ``window`` in tokens (keys with q - kv >= window are masked) or None.
     """
 
@@ -151,7 +154,10 @@ def _expected(sem: MaskSemantics, b: torch.Tensor, q: torch.Tensor, kv: torch.Te
         return _causal(q, kv, sem.window)
     if sem.kind == "padding":
         return _causal(q, kv, sem.window) & bufs[sem.index][b, kv].bool()
-    seq, pos = bufs[sem.seq], bufs[sem.pos]
+    seq = bufs[sem.seq]
+    if sem.pos is None:
+        return (seq[b, q] == seq[b, kv]) & _causal(q, kv, sem.window)
+    pos = bufs[sem.pos]
     return (seq[b, q] == seq[b, kv]) & _causal(pos[b, q], pos[b, kv], sem.window)
 
 
@@ -162,7 +168,8 @@ def _neutral(sem: MaskSemantics, n_bufs: int, horizon: int, device: torch.device
         bufs[sem.index] = torch.ones(_BATCH, horizon, dtype=torch.bool, device=device)
     elif sem.kind == "packed":
         bufs[sem.seq] = torch.zeros(_BATCH, horizon, dtype=torch.long, device=device)
-        bufs[sem.pos] = torch.arange(horizon, device=device).expand(_BATCH, horizon).contiguous()
+        if sem.pos is not None:
+            bufs[sem.pos] = torch.arange(horizon, device=device).expand(_BATCH, horizon).contiguous()
     return bufs
 
 
@@ -174,11 +181,12 @@ def _random_bufs(sem: MaskSemantics, n_bufs: int, horizon: int, draw: int, gen: 
         bufs[sem.index] = (torch.rand(_BATCH, horizon, generator=gen) < density).to(device)
     elif sem.kind == "packed":
         bufs[sem.seq] = torch.randint(0, 3, (_BATCH, horizon), generator=gen).to(device)
-        if draw % 2:  # arbitrary positions
-            pos = torch.randint(0, horizon, (_BATCH, horizon), generator=gen)
-        else:  # consecutive positions with a row offset: distances = index distances
-            pos = torch.arange(horizon).expand(_BATCH, horizon) + torch.randint(0, 64, (_BATCH, 1), generator=gen)
-        bufs[sem.pos] = pos.to(device)
+        if sem.pos is not None:
+            if draw % 2:  # arbitrary positions
+                pos = torch.randint(0, horizon, (_BATCH, horizon), generator=gen)
+            else:  # consecutive positions with a row offset: distances = index distances
+                pos = torch.arange(horizon).expand(_BATCH, horizon) + torch.randint(0, 64, (_BATCH, 1), generator=gen)
+            bufs[sem.pos] = pos.to(device)
     return bufs
 
 
@@ -219,13 +227,19 @@ def _candidates(buffers: Sequence[object], layer: int, batch: int, kv_len: objec
         return [MaskSemantics("causal", None)]
     if len(vals) == 1 and vals[0].dtype == torch.bool and is_bk(vals[0]):
         return [MaskSemantics("padding", None, index=0)]
-    if len(vals) == 2 and all(is_bk(v) and not v.is_floating_point() and v.dtype != torch.bool for v in vals):
+
+    def is_ids(v: torch.Tensor) -> bool:
+        return is_bk(v) and not v.is_floating_point() and v.dtype != torch.bool
+
+    if len(vals) == 1 and is_ids(vals[0]):  # transformers < 5.24: sequence ids only
+        return [MaskSemantics("packed", None, seq=0)]
+    if len(vals) == 2 and all(is_ids(v) for v in vals):
         return [MaskSemantics("packed", None, seq=0, pos=1), MaskSemantics("packed", None, seq=1, pos=0)]
     raise ValueError(
         f"layer {layer}: the flex_attention mask_mod reads tensors of shapes/dtypes "
         f"{[(s, str(v.dtype)) for s, v in zip(shapes, vals)]}; moa-flex takes a mask_mod that reads nothing "
-        f"(causal), one bool padding mask [B, K] = [{batch}, {kv_len}], or HF's packed-sequence ids and "
-        "positions (two integer [B, K] tensors)"
+        f"(causal), one bool padding mask [B, K] = [{batch}, {kv_len}], or HF's packed-sequence ids "
+        "(one integer [B, K] tensor) and positions (two)"
     )
 
 
@@ -285,12 +299,13 @@ def _describe(sem: MaskSemantics) -> str:
 
 
 @torch.library.custom_op("moa_flex::unpacked_rows", mutates_args=())
-def unpacked_rows(seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def unpacked_rows(seq: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     """HF's packed-sequence tensors [B, K] -> an all-true padding mask [B, K] (bool), after
     checking every row holds one sequence with consecutive positions (so HF's packed mask is
-    exactly causal); ValueError otherwise."""
+    exactly causal); ValueError otherwise. ``pos`` None: sequence ids only (transformers <
+    5.24, whose packed mask is causal over token indices)."""
     one_seq = (seq == seq[:, :1]).all(-1)
-    consecutive = (pos.diff(dim=-1) == 1).all(-1)
+    consecutive = one_seq if pos is None else (pos.diff(dim=-1) == 1).all(-1)
     bad = (~(one_seq & consecutive)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
@@ -425,10 +440,11 @@ def _rewrite(gm: torch.fx.GraphModule, calls: list[_Call], runtime_id: int) -> P
         if sem.kind == "padding":
             padding = bufs[sem.index]
         elif sem.kind == "packed":
-            key = ("packed", bufs[sem.seq], bufs[sem.pos])
+            pos = None if sem.pos is None else bufs[sem.pos]
+            key = ("packed", bufs[sem.seq], pos)
             if key not in paddings:
                 with graph.inserting_before(node):
-                    paddings[key] = graph.call_function(torch.ops.moa_flex.unpacked_rows.default, (bufs[sem.seq], bufs[sem.pos]))
+                    paddings[key] = graph.call_function(torch.ops.moa_flex.unpacked_rows.default, (bufs[sem.seq], pos))
                 paddings[key].meta = meta_of(node)
             padding = paddings[key]
         else:

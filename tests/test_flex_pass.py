@@ -141,7 +141,10 @@ DOCS = (torch.arange(Q) // 40).view(1, Q)
 BAD_MASKS = {
     "prefix-LM": (lambda b, h, q, kv: (kv <= q) | (kv < 8), "mask_mod is not causal"),
     "padding read at the query": (lambda b, h, q, kv: (kv <= q) & PADDING[b, q], r"not causal & padding\[b, kv\]"),
-    "document": (lambda b, h, q, kv: (kv <= q) & (DOCS[b, q] == DOCS[b, kv]), "reads tensors"),
+    # HF's packed mask before transformers 5.24 is DOCS[b, q] == DOCS[b, kv] & kv <= q (accepted, checked at
+    # run time: test_mask_proof_reads_windows_padding_and_packing); keys of document 0 visible from all is not
+    "document with a global one": (lambda b, h, q, kv: (kv <= q) & ((DOCS[b, q] == DOCS[b, kv]) | (DOCS[b, kv] == 0)),
+                                   "not HF's packed-sequence causal mask"),
     "per-head window": (lambda b, h, q, kv: (kv <= q) & (q - kv < 16 + 16 * h), r"\(q - kv < 16\)"),
 }
 BAD_SCORES = {
@@ -235,7 +238,17 @@ def test_mask_proof_reads_windows_padding_and_packing() -> None:
 
     with pytest.raises(ValueError, match="layer 3: .*packed-sequence"):
         prove_mask_mod(packed_index_window, [ids, ids], 3, H, 2, 300, cpu)
-    with pytest.raises(ValueError, match="reads tensors"):
+
+    def packed_by_index(b, h, q, kv, seq):  # noqa: ANN001, ANN202  (transformers < 5.24: sequence ids only)
+        return (seq[b, q] == seq[b, kv]) & (kv <= q)
+
+    sem = prove_mask_mod(packed_by_index, [ids], 3, H, 2, 300, cpu)
+    assert (sem.kind, sem.window, sem.seq, sem.pos) == ("packed", None, 0, None)
+    # the graph's run-time check: one sequence per row, else a clear error
+    assert torch.ops.moa_flex.unpacked_rows(ids, None).all()
+    with pytest.raises(ValueError, match=r"rows \[1\] hold packed sequences"):
+        torch.ops.moa_flex.unpacked_rows(torch.stack([ids[0], (torch.arange(300) >= 150).long()]), None)
+    with pytest.raises(ValueError, match="not HF's packed-sequence"):
         prove_mask_mod(padded_window, [pad.long()], 0, H, 2, 300, cpu)  # a padding mask must be bool
     with pytest.raises(ValueError, match="reads tensors"):
         prove_mask_mod(padded_window, [pad[:, :299]], 0, H, 2, 300, cpu)  # and [B, K]
