@@ -106,13 +106,12 @@ class StepGraph:
         return self.output
 
     def __call__(self, kwargs: dict[str, Any]) -> Any:
-        """Replay with this step's arguments (same signature as captured)."""
-        for name, static in self.statics.items():
-            static.copy_(kwargs[name], non_blocking=True)
-        self.graph.replay()
+        """Replay with this step's arguments (same signature as captured); outputs cloned."""
+        output = self.replay_static({name: kwargs[name] for name in self.statics})
+
         def fresh(x: Any) -> Any:
             if isinstance(x, torch.Tensor):
                 return x.clone()
             return kwargs[x.name] if isinstance(x, _Argument) else x
 
-        return tree_map(fresh, self.output)
+        return tree_map(fresh, output)

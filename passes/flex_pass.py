@@ -304,9 +304,10 @@ def unpacked_rows(seq: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     checking every row holds one sequence with consecutive positions (so HF's packed mask is
     exactly causal); ValueError otherwise. ``pos`` None: sequence ids only (transformers <
     5.24, whose packed mask is causal over token indices)."""
-    one_seq = (seq == seq[:, :1]).all(-1)
-    consecutive = one_seq if pos is None else (pos.diff(dim=-1) == 1).all(-1)
-    bad = (~(one_seq & consecutive)).nonzero().flatten().tolist()
+    ok = (seq == seq[:, :1]).all(-1)  # one sequence per row
+    if pos is not None:
+        ok = ok & (pos.diff(dim=-1) == 1).all(-1)  # with consecutive positions
+    bad = (~ok).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
             f"moa-flex: rows {bad} hold packed sequences (position_ids restart or jump inside the row); "
