@@ -35,7 +35,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import moa_flex
 from decode_kernel import plan_at_kv_density
-from moa_flex import ModelShape, MoaCache, Plan
+from moa_flex import MoaCache
+from moa_flex.plan import ModelShape, Plan
 from prefill import llama3_8b_config
 
 

@@ -4,7 +4,7 @@
 
 Llama-3-8B shape (32 layers, random bf16 weights), moa_flex.compile(mode="reduce-overhead").
 For each plan (density 1.0 = the dense plan): a MoA cache filled with random keys and values,
-a few forwards so the step is captured as a CUDA graph (moa_flex.step_graph), then
+a few forwards so the step is captured as a CUDA graph (moa_flex.runtime.step_graph), then
 
 * step (sync): one forward, synchronized before and after (as bench/decode.py's "(forward)");
 * replay: the captured graph replayed back to back, CUDA events around 20 replays (the GPU
@@ -36,7 +36,7 @@ import torch
 import moa_flex
 from decode import StepClock, copy_bandwidth, decode_steps, random_moa_cache, weight_bytes
 from decode_kernel import plan_at_kv_density
-from moa_flex import ModelShape, Plan
+from moa_flex.plan import ModelShape, Plan
 from prefill import llama3_8b_config
 
 FAMILIES = (

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moa_flex import ModelShape, Plan
+from moa_flex.plan import ModelShape, Plan
 from moa_flex.kernels import decode
 from moa_flex.kernels.decode import ragged_decode_reference
 

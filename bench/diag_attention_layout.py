@@ -18,8 +18,9 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
-from moa_flex import ModelShape, Plan, block_mask
-from moa_flex.attention import MoaRuntime
+from moa_flex.masks import block_mask
+from moa_flex.plan import ModelShape, Plan
+from moa_flex.runtime.attention import MoaRuntime
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import moa_flex
 from decode import random_moa_cache
 from decode_kernel import plan_at_kv_density
 from prefill import llama3_8b_config
-from moa_flex import ModelShape
+from moa_flex.plan import ModelShape
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch
 import triton.testing
 
 from decode_kernel import plan_at_kv_density, ragged_inputs
-from moa_flex import ModelShape
+from moa_flex.plan import ModelShape
 from moa_flex.kernels import decode
 
 

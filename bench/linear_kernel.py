@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from decode_kernel import Timer, copy_bandwidth
 from moa_flex.kernels import linear
-from moa_flex.kernels.decode import _sm_count
+from moa_flex.kernels.triton_support import sm_count as _sm_count
 from moa_flex.kernels.linear import (
     LinearConfig,
     gated_mlp_reference,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from moa_flex import ModelShape, Plan, block_mask
+from moa_flex.masks import block_mask
+from moa_flex.plan import ModelShape, Plan
 from moa_flex.masks import BLOCK_MASK_CACHE
 
 LENGTHS = (8192, 16384, 32768, 65536, 131072)

@@ -33,8 +33,10 @@ import numpy as np
 import pulp
 import torch
 
-from moa_flex import ModelShape
-from moa_flex.optimize import _Solver, _solver_name, build_problem, pareto
+from moa_flex.plan import ModelShape
+from moa_flex.optimize import build_problem, pareto
+from moa_flex.optimize.milp import solver_name as _solver_name
+from moa_flex.optimize.solve import Solver as _Solver
 
 SHAPES = {
     "8b-kv": (ModelShape(32, 32, 8, 128, "Llama-3-8B"), "kv_head"),

@@ -30,7 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 import moa_flex
-from moa_flex import ModelShape, Plan, block_mask, reference_mask
+from moa_flex.masks import block_mask, reference_mask
+from moa_flex.plan import ModelShape, Plan
 from moa_flex.masks import BLOCK_MASK_CACHE
 
 

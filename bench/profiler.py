@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from moa_flex.calibration import answer_samples, synthetic_samples
+from moa_flex.data.calibration import answer_samples, synthetic_samples
 from moa_flex.profile import influence_histogram, profile_model
 
 GIB = 2**30

@@ -1,15 +1,20 @@
-"""moa-flex: MoA (Mixture of Sparse Attention) as a PyTorch-native compiler pass on FlexAttention."""
+"""moa-flex: MoA (Mixture of Sparse Attention) as a PyTorch-native compiler pass on FlexAttention.
 
-from .cache import MoaCache
-from .calibration import Sample, calibration_set, load_jsonl, synthetic_samples
-from .compile import backend, compile, uncompile
-from .masks import block_mask, mask_mod, reference_mask
-from .optimize import Budget, rule_grid
-from .plan import FORMAT, ModelShape, Plan
-from .profile import Profile, dropped_loss, profile_model
+The pipeline, one subpackage per stage: :mod:`moa_flex.data` (calibration samples) ->
+:mod:`moa_flex.profile` (attention influence by distance) -> :mod:`moa_flex.optimize` (one rule
+per head under a KV budget) -> :mod:`moa_flex.runtime` (``compile``, the ragged cache,
+``generate``), with the Triton kernels in :mod:`moa_flex.kernels` and the graph passes in
+:mod:`moa_flex.passes`. :func:`compress` runs the first three stages in one call.
+docs/DESIGN.md fixes the semantics every module agrees on.
+"""
 
-__all__ = [
-    "Budget", "FORMAT", "ModelShape", "MoaCache", "Plan", "Profile", "Sample", "backend", "block_mask", "calibration_set", "compile",
-    "dropped_loss", "load_jsonl", "mask_mod", "profile_model", "reference_mask", "rule_grid", "synthetic_samples", "uncompile",
-]
-__version__ = "0.1.0"
+from . import masks, plans
+from .optimize.budget import Budget
+from .pipeline import compress
+from .plan import Plan
+from .profile.store import Profile
+from .runtime.cache import MoaCache
+from .runtime.compile import backend, compile, uncompile
+
+__all__ = ["Budget", "MoaCache", "Plan", "Profile", "backend", "compile", "compress", "masks", "plans", "uncompile"]
+__version__ = "0.2.0"

@@ -4,9 +4,11 @@
     moa-flex show PLAN [--lengths N ...] [--plot PNG]
                                            summary of a plan (shipped name or JSON path), and a picture
     moa-flex import-moa FILE -o OUT.json   convert an upstream MoA {"alphas", "betas"} file
-    moa-flex compress MODEL_DIR --density D -o OUT.json
-                                           the whole pipeline on a local transformers model:
-                                           calibration -> profile -> optimize -> validate
+    moa-flex compress MODEL_DIR --density D [-o OUT.json]
+                                           the whole pipeline on a local transformers model
+                                           (moa_flex.compress): calibration -> profile ->
+                                           optimize -> validate; default output MODEL_DIR/moa_plan.json
+    moa-flex demo                          the main job on the shipped needle model (moa_flex.demo)
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import math
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import moa_flex.plans as shipped_plans
-from .plan import DEFAULT_MIN_SPAN, DEFAULT_SINK, DEFAULT_SPAN_MULTIPLE, Plan
+
+from .plan import DEFAULT_MIN_SPAN, DEFAULT_SINK, DEFAULT_SPAN_MULTIPLE, PLAN_FILE, Plan
 
 
 def resolve_plan(ref: str) -> Plan:
@@ -92,7 +95,7 @@ def plot_plan(plan: Plan, path: str | os.PathLike, *, length: int | None = None)
 
 
 def validation_table(plan: Plan) -> str:
-    """The validation scores the plan's meta holds (written by moa_flex.validate.validate)."""
+    """The validation scores the plan's meta holds (written by moa_flex.optimize.validate)."""
     v = plan.meta["validation"]
     lines = [f"validation at {v.get('length')} tokens on {v.get('samples')} samples: loss {v.get('loss', float('nan')):.4f} "
              f"nats/token (dense {v.get('dense_loss', float('nan')):.4f}), rank {v.get('rank')}"]
@@ -106,11 +109,6 @@ def _cmd_import(args: argparse.Namespace) -> None:
     plan = Plan.from_moa_json(args.file, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim, name=args.name or "")
     plan.save(args.output)
     print(f"wrote {args.output}: {plan!r}")
-
-
-def _say(args: argparse.Namespace, text: str) -> None:
-    if not args.quiet:
-        print(text, file=sys.stderr, flush=True)
 
 
 def _load_model(model_dir: str, device: str | None) -> Any:
@@ -127,149 +125,73 @@ def _load_model(model_dir: str, device: str | None) -> Any:
     return model.eval()
 
 
-def _has_tokenizer(model_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
-
-
-def _held_out(args: argparse.Namespace, model: Any, prompt_len: int) -> tuple[list, list]:
-    """(calibration prompts, validation prompts) as unanswered Samples.
-
-    Synthetic: calibration from seed 0 at the longest profiled length, validation from seed 1
-    at the validation length. JSONL: the last ``--validation-samples`` samples whose prompt
-    reaches the validation prompt length are held out; calibration uses the others."""
-    from .calibration import load_jsonl, synthetic_samples
-
-    val_n = args.validation_samples
-    if args.data is None:
-        vocab = int(model.config.vocab_size)
-        calib = synthetic_samples(vocab, max(args.lengths) - args.max_new_tokens, args.samples, seed=0)
-        val = synthetic_samples(vocab, prompt_len, val_n, seed=1)
-        return calib, val
-    from transformers import AutoTokenizer
-
-    if not _has_tokenizer(args.model_dir):
-        raise ValueError(f"--data needs a tokenizer, and {args.model_dir} has none")
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
-    samples = load_jsonl(args.data, tokenizer)
-    long_enough = [i for i, s in enumerate(samples) if s.prompt_len >= prompt_len]
-    if len(long_enough) < val_n:
-        longest = max(s.prompt_len for s in samples)
-        raise ValueError(f"{args.data}: {len(long_enough)} samples reach the validation length {args.validation_length} "
-                         f"(a prompt of {prompt_len} tokens; the longest has {longest}), {val_n} needed "
-                         "(lower --validation-length or --validation-samples)")
-    held = set(long_enough[len(long_enough) - val_n:])
-    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
-
-
-def _check_compress_args(args: argparse.Namespace) -> None:
-    if not (isinstance(args.density, float) and 0 < args.density <= 1):
-        raise ValueError(f"--density must be in (0, 1], got {args.density}")
-    for name in ("samples", "validation_samples", "max_new_tokens", "sink", "span_multiple", "min_span", "max_rules_per_layer"):
-        v = getattr(args, name)
-        if v is None or v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if any(n < 1 for n in args.lengths):
-        raise ValueError(f"--lengths must be >= 1 tokens, got {args.lengths}")
-    args.lengths = sorted(set(args.lengths))
-    if args.validation_length is None:
-        args.validation_length = 2 * max(args.lengths)
-    if args.validation_length <= args.max_new_tokens:
-        raise ValueError(f"--validation-length {args.validation_length} leaves no prompt after --max-new-tokens {args.max_new_tokens}")
-    if args.sink % args.span_multiple:
-        raise ValueError(f"--sink ({args.sink}) must be a multiple of --span-multiple ({args.span_multiple})")
+def _outputs(args: argparse.Namespace) -> tuple[str, str]:
+    """(plan path, profile path): ``-o OUT.json`` and ``OUT.json.profile.safetensors``, or by
+    default the model's folder (``moa_plan.json`` beside config.json, ``moa_profile.safetensors``)."""
+    if args.output is None:
+        return os.path.join(args.model_dir, PLAN_FILE), os.path.join(args.model_dir, "moa_profile.safetensors")
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise ValueError(f"the folder of -o {args.output!r} does not exist")
+    return args.output, f"{args.output}.profile.safetensors"
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
+    """Load the folder's model, run moa_flex.compress, save the plan, print the table."""
     from transformers.utils import logging as hf_logging
 
+    from .pipeline import compress
+
+    if not (isinstance(args.density, float) and 0 < args.density <= 1):
+        raise ValueError(f"--density must be in (0, 1], got {args.density}")
+    if args.sink % args.span_multiple:
+        raise ValueError(f"--sink ({args.sink}) must be a multiple of --span-multiple ({args.span_multiple})")
+    plan_path, profile_path = _outputs(args)
     bars = hf_logging.is_progress_bar_enabled()
     if args.quiet:
         hf_logging.disable_progress_bar()
     try:
-        _compress(args)
+        t0 = time.time()
+        model = _load_model(args.model_dir, args.device)
+        best = compress(
+            model, density=args.density, lengths=args.lengths, data=args.data, samples_per_length=args.samples,
+            max_new_tokens=args.max_new_tokens, validation_length=args.validation_length,
+            validation_samples=args.validation_samples, sink=args.sink, span_multiple=args.span_multiple,
+            min_span=args.min_span, max_rules_per_layer=args.max_rules_per_layer, profile=profile_path,
+            time_limit=args.time_limit, progress=not args.quiet,
+        )
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    best.meta["compress"]["model_dir"] = os.path.abspath(args.model_dir)
+    best.save(plan_path)
+    print(compress_table(best))
+    print(f"wrote {plan_path} (plan {best.meta['compress']['index']}) and {profile_path} in {time.time() - t0:.0f} s")
 
 
-def _compress(args: argparse.Namespace) -> None:
-    """calibration -> profile -> optimize -> validate -> save the best plan, print the table."""
-    import torch
-
-    from .calibration import calibration_set
-    from .optimize import Budget, build_problem, optimize, solve
-    from .plan import ModelShape
-    from .profile import profile_model
-    from .validate import validate
-
-    _check_compress_args(args)
-    progress = not args.quiet
-    t0 = time.time()
-    model = _load_model(args.model_dir, args.device)
-    shape = ModelShape.from_config(model.config)
-    _say(args, f"moa-flex compress: {args.model_dir} ({shape.num_layers} layers, {shape.num_heads} heads, "
-               f"{shape.num_kv_heads} KV heads), density {args.density}, lengths {args.lengths}, "
-               f"validation at {args.validation_length}")
-    budget = Budget(density=args.density)
-    opt_kw = dict(sink=args.sink, span_multiple=args.span_multiple, min_span=args.min_span,
-                  max_rules_per_layer=args.max_rules_per_layer)
-    # the budget depends on spans only: check it before hours of profiling (zero losses)
-    zeros = {N: torch.zeros(shape.num_layers, shape.num_heads, -(-N // args.span_multiple), dtype=torch.float64)
-             for N in args.lengths}
-    solve(build_problem(zeros, shape, budget, **opt_kw), args.lengths[0], time_limit=args.time_limit)
-
-    calib_prompts, val_prompts = _held_out(args, model, args.validation_length - args.max_new_tokens)
-    _say(args, "[1/4] calibration: the dense model answers its prompts")
-    calib = calibration_set(model, calib_prompts, args.lengths, max_new_tokens=args.max_new_tokens,
-                            max_per_length=args.samples, progress=progress)
-    val = calibration_set(model, val_prompts, [args.validation_length], max_new_tokens=args.max_new_tokens,
-                          max_per_length=args.validation_samples, progress=progress)[args.validation_length]
-
-    _say(args, "[2/4] profile")
-    partial = f"{args.output}.profile.partial"
-    profile = profile_model(model, calib, sink=args.sink, span_multiple=args.span_multiple, progress=progress,
-                            checkpoint_path=partial)
-    profile.meta.update({"model_dir": os.path.abspath(args.model_dir), "data": args.data or "synthetic"})
-    profile_path = f"{args.output}.profile.safetensors"
-    profile.save(profile_path)
-
-    _say(args, "[3/4] optimize")
-    plans = optimize(profile.hist, model.config, budget, time_limit=args.time_limit, progress=progress, **opt_kw)
-
-    _say(args, f"[4/4] validate {len(plans)} plan(s) on {len(val)} held-out samples of <= {args.validation_length} tokens")
-    best, losses = validate(model, plans, val, length=args.validation_length, progress=progress)
-    for p in plans:
-        p.meta["compress"] = {
-            "model_dir": os.path.abspath(args.model_dir), "data": args.data or "synthetic",
-            "samples": {str(N): len(calib[N]) for N in args.lengths}, "max_new_tokens": args.max_new_tokens,
-            "profile": os.path.abspath(profile_path), "seconds": round(time.time() - t0, 1),
-        }
-    best.save(args.output)
-    if os.path.exists(partial):
-        os.remove(partial)
-    print(compress_table(plans, best, args.lengths, args.validation_length))
-    print(f"wrote {args.output} (plan {plans.index(best)}) and {profile_path} in {time.time() - t0:.0f} s")
-
-
-def compress_table(plans: Sequence[Plan], best: Plan, lengths: Sequence[int], validation_length: int) -> str:
-    """The closing table of ``moa-flex compress``: per Pareto plan, kv_density and the profiled
-    loss at every profiled length, kv_density and the validation loss at the validation length."""
-    head = f"{'plan':>4} " + "".join(f"{'kv@' + str(n):>10} {'loss@' + str(n):>11} " for n in lengths) + \
-        f"{'kv@' + str(validation_length):>10} {'val_loss':>9}"
+def compress_table(best: Plan) -> str:
+    """The closing table of ``moa-flex compress``, from the chosen plan's meta: per Pareto plan,
+    kv_density and the profiled loss at every profiled length, kv_density and the validation
+    loss at the validation length."""
+    info = best.meta["compress"]
+    lengths, val_len = info["lengths"], info.get("validation_length")
+    head = f"{'plan':>4} " + "".join(f"{'kv@' + str(n):>10} {'loss@' + str(n):>11} " for n in lengths)
+    if val_len:
+        head += f"{'kv@' + str(val_len):>10} {'val_loss':>9}"
     lines = [head, "-" * len(head)]
-    for i, p in enumerate(plans):
-        row = f"{i:>4} "
+    for row in info["plans"]:
+        text = f"{row['index']:>4} "
         for n in lengths:
-            loss = p.meta.get("loss", {}).get(str(n), float("nan"))
-            row += f"{p.kv_density(n):>10.3f} {loss:>11.4g} "
-        row += f"{p.kv_density(validation_length):>10.3f} {p.meta['validation']['loss']:>9.4f}"
-        lines.append(row + ("  <- chosen" if p is best else ""))
-    lines.append("loss@N: the optimizer's loss (profiled influence units); val_loss: nats per answer token")
-    lines.append(f"dense model: validation loss {best.meta['validation']['dense_loss']:.4f} nats/token "
-                 f"({best.meta['validation']['samples']} samples)")
+            loss = row["profiled_loss"].get(str(n))
+            text += f"{row['kv_density'][str(n)]:>10.3f} {float('nan') if loss is None else loss:>11.4g} "
+        if val_len:
+            text += f"{row['validation_kv_density']:>10.3f} {row['validation_loss']:>9.4f}"
+        lines.append(text + ("  <- chosen" if row["index"] == info["index"] else ""))
+    lines.append("loss@N: the optimizer's loss (profiled influence units)"
+                 + ("; val_loss: nats per answer token" if val_len else ""))
+    if val_len:
+        v = best.meta["validation"]
+        lines.append(f"dense model: validation loss {v['dense_loss']:.4f} nats/token ({v['samples']} samples)")
     return "\n".join(lines)
 
 
@@ -314,14 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device of the model (default: where it loads, the CPU)")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per optimizer solve")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
-    p.add_argument("-o", "--output", required=True, help="the plan JSON to write (also OUT.profile.safetensors)")
+    p.add_argument("-o", "--output", default=None,
+                   help="the plan JSON to write (also OUT.profile.safetensors); default: MODEL_DIR/moa_plan.json, where "
+                        "moa_flex.compile(model) finds it (and MODEL_DIR/moa_profile.safetensors)")
     p.set_defaults(fn=_cmd_compress)
     from .demo import DEFAULT_DENSITIES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DEFAULT_PROFILE_LENGTHS, DemoConfig
 
     p = sub.add_parser("demo", help="the whole job on the shipped needle model: calibrate, profile, optimize, compile, "
                                     "measure retrieval (CPU, minutes)",
                        description="Calibrates, profiles and optimizes MoA plans for the shipped needle model (a small "
-                                   "Llama trained on moa_flex.synthetic), then measures retrieval accuracy by length and "
+                                   "Llama trained on moa_flex.data.synthetic), then measures retrieval accuracy by length and "
                                    "needle depth for the dense model, the MoA plans and uniform plans of the same KV density.")
     p.add_argument("--model-dir", default=None, help="a folder written by `python -m moa_flex.zoo.train` (default: the shipped one)")
     p.add_argument("-o", "--out", default="moa-flex-demo", help="output folder (plans, profile, results, demo.png)")

@@ -1,6 +1,6 @@
 """``moa-flex demo``: the whole MoA job on the shipped needle model, on a CPU, in minutes.
 
-The shipped model (:mod:`moa_flex.zoo`, trained on :mod:`moa_flex.synthetic`) continues an
+The shipped model (:mod:`moa_flex.zoo`, trained on :mod:`moa_flex.data.synthetic`) continues an
 order-2 Markov filler, which takes local attention, and answers key -> value questions whose
 record can sit anywhere in 1K-4K tokens, which takes retrieval across the whole context. The
 demo:
@@ -8,9 +8,9 @@ demo:
 1. writes calibration samples: synthetic prompts at each profiled length, their asked record
    at evenly spread needle depths, answered by the dense model itself (greedy), saved as
    ``calibration.jsonl`` (token ids);
-2. profiles the attention influence by distance on them (``profile.safetensors``);
-3. optimizes a plan per KV density (``plan-moa-<d>.json``: of the Pareto set, the plan with the
-   lowest profiled loss at the longest profiled length);
+2. runs :func:`moa_flex.compress` on them per KV density: the attention influence is profiled
+   once (``profile.safetensors``), and each density's plan (``plan-moa-<d>.json``) is, of the
+   Pareto set, the plan with the lowest profiled loss at the longest profiled length;
 4. measures exact-match retrieval accuracy by length and needle depth (teacher forcing; each
    sequence asks one question per depth, one forward per batch) for the dense model, each MoA
    plan through ``moa_flex.compile`` and a uniform StreamingLLM-style plan at the same KV
@@ -31,8 +31,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .calibration import Sample, answer_samples
+from .data.calibration import answer_samples
+from .data.samples import Sample
+from .data.synthetic import make_sample
+from .pipeline import compress
 from .plan import Plan
+from .runtime.compile import compile as compile_model
+from .runtime.compile import uncompile
 
 DEMO_SEED = 7_013  # calibration prompts: (DEMO_SEED, N, i); evaluation: zoo.evaluate's own seeds
 DEFAULT_DENSITIES = (0.5, 0.25)
@@ -86,8 +91,6 @@ def calibration(model: Any, task: Any, lengths: Sequence[int], per_length: int, 
     asked record at depths spread over the context (:func:`calibration_depths`, so the profile
     sees retrieval at every distance), with the dense model's own greedy answer (V value tokens
     + EOS at most)."""
-    from .synthetic import make_sample
-
     m = task.value_len + 1
     return {int(N): answer_samples(model, [make_sample(task, int(N) - m, (DEMO_SEED, int(N), i), depth=d)
                                            for i, d in enumerate(calibration_depths(per_length))],
@@ -103,15 +106,15 @@ def save_calibration(samples: dict[int, list[Sample]], path: Path) -> None:
                 f.write(json.dumps({"length": N, "prompt": s.prompt_ids.tolist(), "answer": s.answer.tolist()}) + "\n")
 
 
-def moa_plan(profile: Any, config: Any, density: float, cfg: DemoConfig) -> Plan:
-    """Of the Pareto set at this KV density, the plan with the lowest loss at the longest profiled length."""
-    from .optimize import Budget, optimize
-
-    plans = optimize(profile.hist, config, Budget(density=density), sink=cfg.sink, span_multiple=cfg.span_multiple,
-                     min_span=cfg.min_span, progress=cfg.progress)
-    longest = str(max(int(n) for n in profile.hist))
-    best = min(plans, key=lambda p: p.meta["loss"][longest])
-    best.meta["demo"] = {"density": density, "chosen_by": f"lowest profiled loss at {longest} tokens", "pareto_size": len(plans)}
+def moa_plan(model: Any, calib: dict[int, list[Sample]], density: float, cfg: DemoConfig, profile_path: Path) -> Plan:
+    """:func:`moa_flex.compress` at this KV density on the demo's calibration set: of the Pareto
+    set, the plan with the lowest profiled loss at the longest profiled length. The profile is
+    computed once (``profile_path``) and reused by the other densities."""
+    best = compress(model, density=density, lengths=list(cfg.profile_lengths), data=calib, select="profiled",
+                    sink=cfg.sink, span_multiple=cfg.span_multiple, min_span=cfg.min_span, profile=profile_path,
+                    progress=cfg.progress)
+    best.meta["demo"] = {"density": density, "chosen_by": best.meta["compress"]["selected_by"],
+                         "pareto_size": len(best.meta["compress"]["plans"])}
     return best
 
 
@@ -124,9 +127,6 @@ def uniform_plan(config: Any, density: float, cfg: DemoConfig) -> Plan:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo (module docstring); returns the results written to ``results.json``."""
-    import moa_flex
-
-    from .profile import profile_model
     from .zoo import load_needle_model
     from .zoo.evaluate import retrieval_accuracy
 
@@ -142,40 +142,35 @@ def run_demo(cfg: DemoConfig) -> dict:
     def lap(name: str) -> None:
         cfg.timings[name] = round(time.time() - t0 - sum(cfg.timings.values()), 1)
 
-    say(f"[1/5] calibration: the dense model answers {cfg.calibration_samples} prompt(s) per length {list(cfg.profile_lengths)}")
+    say(f"[1/4] calibration: the dense model answers {cfg.calibration_samples} prompt(s) per length {list(cfg.profile_lengths)}")
     calib = calibration(model, task, cfg.profile_lengths, cfg.calibration_samples, cfg.progress)
     save_calibration(calib, out / "calibration.jsonl")
     lap("calibration")
 
-    say("[2/5] profile")
-    profile = profile_model(model, calib, sink=cfg.sink, span_multiple=cfg.span_multiple, progress=cfg.progress)
-    profile.save(out / "profile.safetensors")
-    lap("profile")
-
-    say("[3/5] optimize")
+    say("[2/4] profile and optimize (moa_flex.compress per density; one profile, reused)")
     plans: dict[str, Plan] = {}
     for d in cfg.densities:
-        plans[f"MoA d={d}"] = moa_plan(profile, model.config, d, cfg)
+        plans[f"MoA d={d}"] = moa_plan(model, calib, d, cfg, out / "profile.safetensors")
         plans[f"uniform d={d}"] = uniform_plan(model.config, d, cfg)
         plans[f"MoA d={d}"].save(out / f"plan-moa-{d}.json")
-    lap("optimize")
+    lap("compress")
 
     acc_kw = dict(lengths=list(cfg.lengths), depths=list(cfg.depths), samples=cfg.samples, progress=cfg.progress,
                   per_sequence=True)
-    say("[4/5] retrieval accuracy: dense model")
+    say("[3/4] retrieval accuracy: dense model")
     results: dict[str, dict] = {"dense": retrieval_accuracy(model, task, **acc_kw)}
     lap("accuracy dense")
 
-    say("[5/5] retrieval accuracy: MoA and uniform plans through moa_flex.compile")
+    say("[4/4] retrieval accuracy: MoA and uniform plans through moa_flex.compile")
     first = next(iter(plans.values()))
-    moa_flex.compile(model, first)
+    compile_model(model, first)
     try:
         for name, plan in plans.items():
             model.moa_flex.set_plan(plan)
             results[name] = retrieval_accuracy(model, task, **acc_kw)
             results[name]["kv_density"] = [plan.kv_density(int(n)) for n in cfg.lengths]
     finally:
-        moa_flex.uncompile(model)
+        uncompile(model)
     lap("accuracy plans")
     results["dense"]["kv_density"] = [1.0] * len(cfg.lengths)
 

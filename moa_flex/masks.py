@@ -2,7 +2,7 @@
 
 Coordinates: query row ``r`` of a call is the logical position ``i = q_offset + r``; key
 column ``j`` is the logical position ``j`` (0 = first real token). The keep rule of a query
-head with span ``S`` (DESIGN.md) is ``j <= i and (j < sink or i - j < S - sink)``.
+head with span ``S`` (docs/DESIGN.md) is ``j <= i and (j < sink or i - j < S - sink)``.
 
 The BlockMask is computed analytically from the spans: for a tile of queries ``[i0, i1]`` and
 keys ``[j0, j1]`` (inclusive, real positions only),
@@ -52,6 +52,49 @@ def resolve_query_window(N: int, q_len: int | None, q_offset: int | None, kv_len
     if kv_len < q_offset + q_len:
         raise ValueError(f"kv_len ({kv_len}) must cover every query position (>= q_offset + q_len = {q_offset + q_len})")
     return q_len, q_offset, kv_len
+
+
+def allowed_from_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+    """A model's attention mask as bool "may attend" (bool as is; additive: finite, not min)."""
+    if attn_mask.dtype == torch.bool:
+        return attn_mask
+    return attn_mask > torch.finfo(attn_mask.dtype).min / 2
+
+
+def is_causal_left_padded(allowed: torch.Tensor, pads: torch.Tensor, q_offset: int) -> bool:
+    """True if a bool mask [B, 1 or H, Q, K] is exactly causal with `pads` left-pad keys per row
+    (query rows at or before the pad may differ: their outputs are never used)."""
+    B, _, Q, K = allowed.shape
+    i = torch.arange(Q, device=allowed.device).view(1, Q, 1) + q_offset
+    j = torch.arange(K, device=allowed.device).view(1, 1, K)
+    p = pads.to(allowed.device).view(B, 1, 1)
+    expect = (j <= i) & (j >= p)
+    real_rows = (i >= p).expand(B, Q, K)
+    return bool(((allowed == expect.unsqueeze(1)) | ~real_rows.unsqueeze(1)).all())
+
+
+def padding_info(attn_mask: torch.Tensor) -> torch.Tensor:
+    """A model's mask -> LongTensor [B + 1]: left-pad tokens of every row, then 1 if the mask is
+    exactly causal + left padding (the body of the op ``moa_flex::mask_info``, which the
+    compile pass puts in the graph once per mask, not per layer).
+
+    Accepts the 2-D padding mask [B, K] (1 = real token) or a 4-D attention mask
+    [B, 1 or H, Q, K] (bool or additive; queries are the last Q positions).
+    """
+    if attn_mask.dim() == 2:
+        real = attn_mask.bool()
+        pads = torch.where(real.any(-1), real.int().argmax(-1), torch.zeros_like(real[:, 0], dtype=torch.long))
+        j = torch.arange(real.shape[-1], device=real.device).view(1, -1)
+        simple = bool((real == (j >= pads.view(-1, 1))).all())
+        return torch.cat([pads, pads.new_tensor([int(simple)])])
+    allowed = allowed_from_mask(attn_mask)
+    q_offset = allowed.shape[-1] - allowed.shape[-2]
+    # Keys some query may see; rows that see everything are skipped: HF opens fully masked
+    # (pad) query rows to all keys so that SDPA returns no NaN.
+    visible = (allowed & ~allowed.all(dim=-1, keepdim=True)).any(dim=1).any(dim=1)  # [B, K]
+    pads = torch.where(visible.any(-1), visible.int().argmax(-1), torch.zeros_like(visible[:, 0], dtype=torch.long))
+    simple = is_causal_left_padded(allowed, pads, q_offset)
+    return torch.cat([pads, pads.new_tensor([int(simple)])])
 
 
 def _check_layer(plan: Plan, layer: int) -> None:

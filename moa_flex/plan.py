@@ -1,6 +1,6 @@
 """The plan: one elastic sparse-attention rule per head group, as data.
 
-A plan is JSON (format ``moa-flex.plan/1``, see DESIGN.md), never code. Each group ``g`` of
+A plan is JSON (format ``moa-flex.plan/1``, see docs/DESIGN.md), never code. Each group ``g`` of
 layer ``l`` gets a rule ``(alpha, beta)``; for a request planned for ``N`` tokens its span is
 
     span(l, g, N) = min(N, max(min_span, ceil_to_multiple(alpha + beta * N, span_multiple)))
@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 FORMAT = "moa-flex.plan/1"
+PLAN_FILE = "moa_plan.json"  # a plan beside a model's config.json (Plan.save_pretrained)
 GRANULARITIES = ("kv_head", "head")
 DEFAULT_SINK = 64
 DEFAULT_SPAN_MULTIPLE = 64
@@ -132,9 +133,9 @@ class Plan:
             raise ValueError(f"plan.meta must be a JSON object (dict), got {type(meta).__name__}")
         groups = model.num_kv_heads if granularity == "kv_head" else model.num_heads
         why = (
-            f"G = model.num_kv_heads for granularity 'kv_head'"
+            "G = model.num_kv_heads for granularity 'kv_head'"
             if granularity == "kv_head"
-            else f"G = model.num_heads for granularity 'head'"
+            else "G = model.num_heads for granularity 'head'"
         )
         a = _rule_matrix("alpha", alpha, model.num_layers, groups, why)
         b = _rule_matrix("beta", beta, model.num_layers, groups, why)
@@ -343,6 +344,29 @@ class Plan:
         text = json.dumps(self.to_dict(), indent=1)
         with open(path, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+
+    def save_pretrained(self, model_dir: str | os.PathLike) -> str:
+        """Write the plan beside a model's weights, as ``model_dir/moa_plan.json``, so that it
+        travels with the model (``Plan.from_pretrained``, ``moa_flex.compile(model)`` without a
+        plan). The folder must exist. Returns the file's path."""
+        folder = os.fspath(model_dir)
+        if not os.path.isdir(folder):
+            raise ValueError(f"{folder} is not a folder (save the model there first, or create it)")
+        path = os.path.join(folder, PLAN_FILE)
+        self.save(path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike) -> "Plan":
+        """The plan saved in a model's folder by :meth:`save_pretrained` (``moa_plan.json``);
+        ValueError saying so when the folder has none."""
+        folder = os.fspath(model_dir)
+        path = os.path.join(folder, PLAN_FILE)
+        if not os.path.isfile(path):
+            what = "is not a folder" if not os.path.isdir(folder) else f"has no {PLAN_FILE}"
+            raise ValueError(f"{folder} {what}: no moa-flex plan travels with this model; make one with "
+                             f"`moa-flex compress {folder}` (or moa_flex.compress(model, ...).save_pretrained(folder))")
+        return cls.load(path)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Plan) and self.to_dict() == other.to_dict()

@@ -20,85 +20,17 @@ attention must still hold one call per layer).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.fx
 
-import moa_flex.attention  # noqa: F401  (registers torch.ops.moa_flex.attention)
+import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.attention / mask_info)
 from moa_flex.plan import Plan
 
-SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
-_LAYER = re.compile(r"layers(?:\.|\[)'?(\d+)'?\]?")
-
-
-@dataclass
-class RewrittenNode:
-    """One attention call the pass replaced."""
-
-    layer: int
-    node: str
-    module: str
-
-
-@dataclass
-class PassReport:
-    """What the pass did to one traced graph."""
-
-    rewritten: list[RewrittenNode] = field(default_factory=list)
-    graph_module: torch.fx.GraphModule | None = None
-
-    def table(self, plan: Plan, N: int) -> str:
-        """Per layer: the node rewritten, its module and the spans at planned length N (tokens)."""
-        spans = plan.head_spans(N)
-        lines = [f"{'layer':>5}  {'node':<28} {'module':<34} spans@{N}"]
-        for r in sorted(self.rewritten, key=lambda r: r.layer):
-            s = spans[r.layer].tolist()
-            text = ",".join(map(str, s)) if len(set(s)) > 1 else f"{s[0]} (all heads)"
-            lines.append(f"{r.layer:>5}  {r.node:<28} {r.module:<34} {text}")
-        return "\n".join(lines)
-
-
-def keeps_effects(node: torch.fx.Node) -> bool:
-    """Whether dead-code elimination must keep ``node``: FX's own rule, plus calls of a
-    mutating op recorded through its ``OpOverloadPacket`` (how Dynamo records custom ops such
-    as ``moa_flex::cache_prefill``; torch 2.11's FX treats those as pure and drops them)."""
-    if node.is_impure():
-        return True
-    target = node.target
-    if node.op == "call_function" and isinstance(target, torch._ops.OpOverloadPacket):
-        return "default" in target.overloads() and target.default._schema.is_mutable
-    return False
-
-
-def eliminate_dead_code(graph: torch.fx.Graph) -> None:
-    """FX dead-code elimination that keeps every mutating call (:func:`keeps_effects`)."""
-    graph.eliminate_dead_code(is_impure_node=keeps_effects)
-
-
-def attention_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
-    """The scaled_dot_product_attention call nodes of a graph, in order."""
-    return [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
-
-
-def node_layer(node: torch.fx.Node) -> tuple[int, str]:
-    """(decoder layer index, module path) of an attention node, from its module stack."""
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, _type in reversed(list(stack.values())):
-        m = _LAYER.search(str(path))
-        if m:
-            return int(m.group(1)), str(path).replace("L['self'].", "")
-    raise ValueError(
-        f"attention node {node.name} has no decoder layer in its module stack ({list(stack.values())}); "
-        "moa-flex maps attention calls to layers through module paths like 'model.layers.7.self_attn'"
-    )
-
-
-def _arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+from .flex_pass import flex_nodes, rewrite_flex_attention
+from .inner import compile_graph
+from .nodes import PassReport, RewrittenNode, arg, attention_nodes, eliminate_dead_code, node_layer
 
 
 def _padding_mask_input(graph: torch.fx.Graph) -> torch.fx.Node | None:
@@ -124,8 +56,6 @@ def rewrite_attention(
     ``partial_graphs``: a graph without any attention call is returned unchanged (empty
     report) instead of raising.
     """
-    from moa_flex.passes.flex_pass import flex_nodes, rewrite_flex_attention
-
     nodes = attention_nodes(gm.graph)
     flex = flex_nodes(gm.graph)
     if flex and nodes:
@@ -151,7 +81,7 @@ def rewrite_attention(
             f"num_layers = {plan.num_layers} (expected one call per layer 0..{plan.num_layers - 1})"
         )
     for node in nodes:
-        dropout = _arg(node, 4, "dropout_p", 0.0)
+        dropout = arg(node, 4, "dropout_p", 0.0)
         if isinstance(dropout, (int, float)) and dropout != 0.0:
             raise ValueError(f"attention node {node.name} uses dropout_p={dropout}; moa-flex runs attention in eval mode only")
     padding_mask = _padding_mask_input(gm.graph)
@@ -159,12 +89,12 @@ def rewrite_attention(
     infos: dict[torch.fx.Node, torch.fx.Node] = {}  # one mask_info per mask node, shared by its layers
     for node, (layer, path) in zip(nodes, layers):
         q, k, v = node.args[:3]
-        mask = _arg(node, 3, "attn_mask", None)
+        mask = arg(node, 3, "attn_mask", None)
         if not (windows and windows[layer]):
             # No window of the model's own: causal + the 2-D padding mask says everything,
             # and the model's dense [B, 1, Q, K] mask becomes dead code.
             mask = padding_mask
-        scale = _arg(node, 6, "scale", None)
+        scale = arg(node, 6, "scale", None)
         softcap = float(softcaps[layer]) if softcaps else 0.0
         info = None
         if isinstance(mask, torch.fx.Node):
@@ -186,16 +116,6 @@ def rewrite_attention(
     gm.graph.lint()
     gm.recompile()
     return report
-
-
-def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, inner: str, mode: str | None) -> Callable:
-    """A rewritten graph, compiled by inductor (with an inductor ``mode``) or run eagerly."""
-    if inner == "eager":
-        return gm.forward
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
 
 
 def make_backend(

@@ -20,14 +20,12 @@ from typing import Callable, Sequence
 import torch
 import torch.fx
 
-import moa_flex.cache  # noqa: F401  (registers the cache ops)
-import moa_flex.kernels.decode  # noqa: F401  (registers torch.ops.moa_flex.ragged_decode)
+import moa_flex.runtime.ops  # noqa: F401  (registers the cache ops and torch.ops.moa_flex.ragged_decode)
 from moa_flex.plan import Plan
 
-from .attention_pass import (
-    PassReport, RewrittenNode, _arg, attention_nodes, compile_graph, eliminate_dead_code, node_layer,
-)
+from .inner import compile_graph
 from .linear_pass import LinearFusionReport, fuse_linears
+from .nodes import PassReport, RewrittenNode, arg, attention_nodes, eliminate_dead_code, node_layer
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
 
@@ -84,7 +82,7 @@ def rewrite_decode(
     appends = _by_layer(append_nodes(gm.graph), "cache_append", plan.num_layers)
     attns = _by_layer(attention_nodes(gm.graph), "attention", plan.num_layers)
     for layer, (node, _) in attns.items():
-        dropout = _arg(node, 4, "dropout_p", 0.0)
+        dropout = arg(node, 4, "dropout_p", 0.0)
         if isinstance(dropout, (int, float)) and dropout != 0.0:
             raise ValueError(f"attention node {node.name} uses dropout_p={dropout}; moa-flex runs attention in eval mode only")
     report = DecodeReport(graph_module=gm)
@@ -93,7 +91,7 @@ def rewrite_decode(
         append = appends[layer][0]
         keys, values, length, _k, _v, spans, caps, offsets, _sink = _append_args(append)
         q = node.args[0]
-        scale = _arg(node, 6, "scale", None)
+        scale = arg(node, 6, "scale", None)
         if scale is None:
             scale = _head_dim(q) ** -0.5
         softcap = float(softcaps[layer]) if softcaps else 0.0

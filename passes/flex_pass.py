@@ -44,9 +44,10 @@ from typing import Callable, Sequence
 import torch
 import torch.fx
 
-import moa_flex.attention  # noqa: F401  (registers torch.ops.moa_flex.attention / mask_info)
-from moa_flex.passes.attention_pass import PassReport, RewrittenNode, eliminate_dead_code, node_layer
+import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.attention / mask_info / unpacked_rows)
 from moa_flex.plan import Plan
+
+from .nodes import PassReport, RewrittenNode, eliminate_dead_code, node_layer
 
 FLEX_ATTENTION = torch.ops.higher_order.flex_attention
 DYNAMIC_HORIZON = 1 << 20  # tokens: distances probed when the traced key length is symbolic
@@ -296,29 +297,6 @@ def _describe(sem: MaskSemantics) -> str:
 
 
 # --- run-time helpers the rewritten graph calls -----------------------------------------
-
-
-@torch.library.custom_op("moa_flex::unpacked_rows", mutates_args=())
-def unpacked_rows(seq: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-    """HF's packed-sequence tensors [B, K] -> an all-true padding mask [B, K] (bool), after
-    checking every row holds one sequence with consecutive positions (so HF's packed mask is
-    exactly causal); ValueError otherwise. ``pos`` None: sequence ids only (transformers <
-    5.24, whose packed mask is causal over token indices)."""
-    ok = (seq == seq[:, :1]).all(-1)  # one sequence per row
-    if pos is not None:
-        ok = ok & (pos.diff(dim=-1) == 1).all(-1)  # with consecutive positions
-    bad = (~ok).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(
-            f"moa-flex: rows {bad} hold packed sequences (position_ids restart or jump inside the row); "
-            "the plan runs one sequence per row: pass an attention_mask, or one sequence per row"
-        )
-    return torch.ones_like(seq, dtype=torch.bool)
-
-
-@unpacked_rows.register_fake
-def _(seq, pos):  # noqa: ANN001, ANN202
-    return torch.empty_like(seq, dtype=torch.bool)
 
 
 def window_mask(q: torch.Tensor, padding: torch.Tensor | None, window: int) -> torch.Tensor:

@@ -44,11 +44,11 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-import moa_flex.kernels.linear  # noqa: F401  (registers torch.ops.moa_flex.grouped_linear / gated_mlp)
-from moa_flex.kernels.decode import FLOAT_DTYPES
+import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.grouped_linear / gated_mlp)
 from moa_flex.kernels.linear import MAX_WEIGHTS
+from moa_flex.kernels.triton_support import FLOAT_DTYPES
 
-from .attention_pass import node_layer
+from .nodes import node_layer
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
 SILU_TARGETS = (torch.nn.functional.silu, torch._C._nn.silu, torch.ops.aten.silu.default, torch.ops.aten.silu_.default)

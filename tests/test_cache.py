@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moa_flex import ModelShape, Plan
-from moa_flex.cache import MoaCache, slot_positions
+from moa_flex.plan import ModelShape, Plan
+from moa_flex.runtime.cache import MoaCache
+from moa_flex.runtime.slots import slot_positions
 
 
 def simulated(caps: list[list[int]], widths: list[int], sink: int, last: list[int]) -> torch.Tensor:
@@ -138,7 +139,7 @@ def test_bad_input() -> None:
 def test_dead_code_elimination_keeps_cache_writes() -> None:
     """Dynamo records custom ops by their OpOverloadPacket; the passes' dead-code elimination
     must keep such mutating calls even though nothing uses their (None) result."""
-    from moa_flex.passes.attention_pass import eliminate_dead_code, keeps_effects
+    from moa_flex.passes.nodes import eliminate_dead_code, keeps_effects
 
     graph = torch.fx.Graph()
     keys, values, length, k = (graph.placeholder(n) for n in ("keys", "values", "length", "k"))
@@ -163,7 +164,7 @@ needs_triton = pytest.mark.skipif(
 def test_triton_append_equals_twin(layout, start, dtype, D, strided) -> None:  # noqa: ANN001
     """The fused append kernel writes exactly the twin's slots and lengths, ring wrap-around
     included, from strided float32 [B, G, 1, D] inputs into float32 or bfloat16 caches."""
-    from moa_flex.cache import cache_append_reference
+    from moa_flex.runtime.slots import cache_append_reference
     from moa_flex.kernels.append import cache_append_triton
 
     B, G, sink, widths, caps, last = layout

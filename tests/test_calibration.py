@@ -11,11 +11,10 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moa_flex.calibration import (
-    PLAIN_QUESTION, Sample, answer_samples, calibration_set, format_sample, load_jsonl, synthetic_samples,
-)
-from moa_flex import synthetic as syn
-from moa_flex.synthetic import Task, answer_ids, make_sample, task_for_vocab
+from moa_flex.data.calibration import answer_samples, calibration_set, synthetic_samples
+from moa_flex.data.samples import PLAIN_QUESTION, Sample, format_sample, load_jsonl
+from moa_flex.data import synthetic as syn
+from moa_flex.data.synthetic import Task, answer_ids, make_sample, task_for_vocab
 
 WORDS = ("the cat sat on a mat and dog ran far away over hill where is it who what Question: Answer: "
          "<|user|> <|assistant|> <|end|> red blue green one two three").split()

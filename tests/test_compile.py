@@ -11,8 +11,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import moa_flex
-from moa_flex import ModelShape, Plan, reference_mask
-from moa_flex.attention import length_bucket
+from moa_flex.masks import reference_mask
+from moa_flex.plan import ModelShape, Plan
+from moa_flex.runtime.attention import length_bucket
 
 L, H, KVH, D = 2, 4, 2, 16
 SEQ = 300  # one length bucket (384) shared by most tests, to limit compiles
@@ -327,7 +328,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
 
 
 def test_op_rejects_bad_masks() -> None:
-    from moa_flex.attention import MoaRuntime
+    from moa_flex.runtime.attention import MoaRuntime
 
     runtime = MoaRuntime(sparse_plan(make_model("llama").config, "kv_head"))
     q, k = torch.randn(1, H, 8, D), torch.randn(1, KVH, 8, D)

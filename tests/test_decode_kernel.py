@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moa_flex.kernels import decode
+from moa_flex.kernels.triton_support import sm_count
 from moa_flex.kernels.decode import (
     decode_work_list,
     ragged_decode_reference,
@@ -249,7 +250,7 @@ def test_auto_work_list_one_round_of_equal_items(widths: list[int], batch: int, 
     it is the fixed-chunk list."""
     offsets = tuple([0, *torch.tensor(widths).cumsum(0).tolist()])
     dev = torch.device("cpu")
-    resident = decode.RESIDENT_PER_SM * decode._sm_count(dev)
+    resident = decode.RESIDENT_PER_SM * sm_count(dev)
     wl = decode.auto_work_list(offsets, batch, dev, block_n)
     assert decode.auto_work_list(offsets, batch, dev, block_n) is wl  # cached per allocation
     groups = _items_by_group(wl, offsets)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moa_flex.synthetic import QUESTION, REC, Task
+from moa_flex.data.synthetic import QUESTION, REC, Task
 from moa_flex.zoo import NEEDLE_DIR, load_needle_model
 from moa_flex.zoo.evaluate import retrieval_accuracy
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from moa_flex import ModelShape, Plan
-from moa_flex.attention import MoaRuntime
-from moa_flex.passes.attention_pass import PassReport, make_backend, rewrite_attention
+from moa_flex.plan import ModelShape, Plan
+from moa_flex.runtime.attention import MoaRuntime
+from moa_flex.passes.attention_pass import make_backend, rewrite_attention
+from moa_flex.passes.nodes import PassReport
 from moa_flex.passes.flex_pass import flex_nodes, prove_mask_mod, prove_score_mod
 from test_compile import D, H, KVH, L, SEQ, _many_compiles, ids_of, make_model, reference_logits, sparse_plan  # noqa: F401
 

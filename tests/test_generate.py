@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import moa_flex
-from moa_flex import Plan
-from moa_flex.cache import MoaCache
+from moa_flex.plan import Plan
+from moa_flex.runtime.cache import MoaCache
 from test_compile import make_model, reference_logits, sparse_plan
 
 PROMPT, NEW = 290, 10  # planned length 300: the FlexAttention bucket the compile tests use
@@ -170,7 +170,7 @@ def test_decode_loop_refuses_what_it_does_not_do() -> None:
     # model arguments transformers lets through for other families (Llama's generate refuses them first)
     from transformers import GenerationConfig
 
-    from moa_flex.decode_loop import _check_request
+    from moa_flex.runtime.decode_loop import _check_request
 
     with pytest.raises(NotImplementedError, match="token_type_ids"):
         _check_request(GenerationConfig(), {"token_type_ids": ids, "attention_mask": None}, synced_gpus=False)

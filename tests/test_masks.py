@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import flex_attention
 
-from moa_flex import ModelShape, Plan, block_mask, mask_mod, reference_mask
+from moa_flex.masks import block_mask, mask_mod, reference_mask
+from moa_flex.plan import ModelShape, Plan
 from moa_flex.masks import BLOCK_MASK_CACHE
 
 

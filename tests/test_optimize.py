@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moa_flex import ModelShape, Plan
-from moa_flex.lagrangian import Decomposition, supports
+from moa_flex.plan import ModelShape, Plan
+from moa_flex.optimize.decomposition import Decomposition, supports
 from moa_flex.optimize import (
     Budget,
     build_problem,

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moa_flex import FORMAT, ModelShape, Plan
+from moa_flex.plan import FORMAT, ModelShape, Plan
 from moa_flex import plans as shipped
 from moa_flex.plan import kept_pairs
 from moa_flex.plans import convert_upstream

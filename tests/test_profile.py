@@ -15,13 +15,17 @@ from hypothesis import strategies as st
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-import moa_flex.profile as prof
-from moa_flex import ModelShape
-from moa_flex.calibration import Sample, answer_samples, synthetic_samples
-from moa_flex.profile import (
-    ONE_MINUS_A_MIN, Profile, dropped_loss, influence_chunked, influence_histogram, influence_matrix,
-    influence_reference, profile_model,
+import moa_flex.profile.influence as influence
+import moa_flex.profile.instrument as instrument
+import moa_flex.profile.store as store
+from moa_flex.plan import ModelShape
+from moa_flex.data.calibration import answer_samples, synthetic_samples
+from moa_flex.data.samples import Sample
+from moa_flex.profile.influence import (
+    ONE_MINUS_A_MIN, dropped_loss, influence_chunked, influence_histogram, influence_matrix, influence_reference,
 )
+from moa_flex.profile.instrument import profile_model
+from moa_flex.profile.store import Profile
 
 L, H, KVH, D, VOCAB = 2, 4, 2, 16, 64
 SINK, SM = 4, 8
@@ -265,8 +269,8 @@ def test_profile_matches_reference_on_tiny_model(checkpointing):
 def test_checkpointing_recomputes_each_layer(monkeypatch):
     """With checkpointing every layer's attention forward runs twice (forward + recompute)."""
     calls = []
-    original = prof._InfluenceAttention.forward
-    monkeypatch.setattr(prof._InfluenceAttention, "forward", staticmethod(
+    original = instrument._InfluenceAttention.forward
+    monkeypatch.setattr(instrument._InfluenceAttention, "forward", staticmethod(
         lambda ctx, q, k, v, scale, layer: calls.append(layer) or original(ctx, q, k, v, scale, layer)))
     model = tiny_model()
     samples = calib(model, [30])
@@ -367,7 +371,7 @@ def test_profile_load_rejects_other_files(tmp_path):
 def test_profile_for_another_model_is_refused():
     model = tiny_model()
     p = small_profile()
-    p.fingerprint = prof.model_fingerprint(model)
+    p.fingerprint = store.model_fingerprint(model)
     p.check_model(model)
     p.check_model(model.config)
     other_shape = tiny_model(num_key_value_heads=4)
@@ -383,7 +387,7 @@ def test_resume_after_crash(tmp_path, monkeypatch):
     kw = dict(sink=SINK, span_multiple=SM, progress=False)
     straight = profile_model(model, samples, **kw)
 
-    real = prof._profile_length
+    real = instrument._profile_length
     done = []
 
     def crash_on_second(*args, **kwargs):
@@ -393,14 +397,14 @@ def test_resume_after_crash(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     ckpt = tmp_path / "ckpt.safetensors"
-    monkeypatch.setattr(prof, "_profile_length", crash_on_second)
+    monkeypatch.setattr(instrument, "_profile_length", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated crash"):
         profile_model(model, samples, checkpoint_path=ckpt, **kw)
     assert Profile.load(ckpt).lengths == [30]
     assert model.config._attn_implementation == "sdpa"  # restored despite the crash
 
     resumed_lengths = []
-    monkeypatch.setattr(prof, "_profile_length", lambda *a, **k: resumed_lengths.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(instrument, "_profile_length", lambda *a, **k: resumed_lengths.append(a[2]) or real(*a, **k))
     resumed = profile_model(model, samples, checkpoint_path=ckpt, **kw)
     assert resumed_lengths == [45]
     assert resumed.header() == straight.header()
@@ -433,7 +437,7 @@ def test_triton_matches_chunked(heads, N, Dh, sink, sm, block):
     assert hist.shape == ref_hist.shape and sink_share.shape == ref_sink.shape
     assert rel_err(hist, ref_hist) <= 1e-5
     assert rel_err(sink_share, ref_sink) <= 1e-5
-    assert torch.allclose(row_lse_triton(q, k, scale, block), prof.row_lse_chunked(q, k, scale), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(row_lse_triton(q, k, scale, block), influence.row_lse_chunked(q, k, scale), rtol=1e-5, atol=1e-5)
 
 
 @needs_triton

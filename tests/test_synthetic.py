@@ -12,7 +12,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from moa_flex.synthetic import (
+from moa_flex.data.synthetic import (
     BOS, EOS, QUESTION, REC, Batch, Task, answer_ids, batch_correct, exact_match, generated_correct,
     make_batch, make_induction_batch, make_sample, min_context, predicted_values, task_for_vocab, transition_table,
 )

@@ -12,10 +12,10 @@ import torch
 import transformers
 
 import moa_flex
-from moa_flex import ModelShape, Plan
-from moa_flex.calibration import answer_samples, synthetic_samples
+from moa_flex.plan import FORMAT, ModelShape, Plan
+from moa_flex.data.calibration import answer_samples, synthetic_samples
 from moa_flex.cli import main
-from moa_flex.validate import response_loss, validate
+from moa_flex.optimize.validate import response_loss, validate
 from test_compile import reference_logits
 
 L, H, KVH, D, VOCAB = 2, 4, 2, 16, 128
@@ -152,7 +152,7 @@ def test_compress_end_to_end(model_dir, tmp_path, capsys):
     moa_flex.Profile.load(tmp_path / "plan.json.profile.safetensors").check_model(make_model())
     assert "<- chosen" in text and "val_loss" in text
     assert len([ln for ln in text.splitlines() if ln.strip().startswith(tuple("0123456789"))]) == len(v["scores"])
-    assert json.loads(out.read_text())["format"] == moa_flex.FORMAT
+    assert json.loads(out.read_text())["format"] == FORMAT
 
 
 def test_compress_infeasible_density_names_the_smallest(model_dir, tmp_path, capsys):

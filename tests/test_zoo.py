@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moa_flex.synthetic import Task, make_batch
+from moa_flex.data.synthetic import Task, make_batch
 from moa_flex.zoo import load_needle_model
 from moa_flex.zoo.train import Batches, TrainConfig, length_schedule, lr_at, parse_args, step_batch, train
 

@@ -6,7 +6,7 @@ twin, :func:`moa_flex.cache.cache_append_reference`) takes about fifteen small k
 layer; on the GPU, inside a decode step's CUDA graph, those launches cost more than the
 write itself. :func:`cache_append_triton` does the same in one launch: one program per row
 loads the new K and V of all groups, the groups' caps and the row's position at once, writes
-K and V into each group's slot (slot map of DESIGN.md, "The KV cache"), then stores
+K and V into each group's slot (slot map of docs/DESIGN.md, "The KV cache"), then stores
 ``length + 1``; no other program touches the row,
 so there is no race on ``length``.
 
@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-from .decode import _pow2, interpreting, triton, tl
+from .triton_support import interpreting, pow2, tl, triton
 
 if triton is not None:
 
@@ -95,5 +95,5 @@ def cache_append_triton(
             k_new.stride(0), k_new.stride(1), k_new.stride(3),
             v_new.stride(0), v_new.stride(1), v_new.stride(3),
             *caps.stride(), G, sink,
-            G_PAD=_pow2(G, 1), D=D, D_PAD=_pow2(D, 16), DV=Dv, DV_PAD=_pow2(Dv, 16), num_warps=1,
+            G_PAD=pow2(G, 1), D=D, D_PAD=pow2(D, 16), DV=Dv, DV_PAD=pow2(Dv, 16), num_warps=1,
         )

@@ -1,6 +1,6 @@
 """Ragged MoA decode: one query token per batch row over the per-KV-group ragged KV cache.
 
-Layout (DESIGN.md, "The KV cache"), per layer:
+Layout (docs/DESIGN.md, "The KV cache"), per layer:
 
 * ``k`` ``[B, S, D]``, ``v`` ``[B, S, Dv]``: the slot axis concatenates the KV groups; group
   ``g`` owns slots ``offsets[g] .. offsets[g+1]-1`` (``offsets`` int32 ``[G+1]``, the
@@ -34,14 +34,13 @@ Three implementations:
   across requests and steps; caps, pos and spans are applied inside the kernel. On CPU
   tensors it runs in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is first
   imported: triton 3.9 reads it when ``@triton.jit`` decorates, its own library included).
-* ``torch.ops.moa_flex.ragged_decode``: the custom op (CUDA -> Triton, CPU -> twin) with a
-  fake implementation, for torch.compile and CUDA graphs.
+* ``torch.ops.moa_flex.ragged_decode`` (registered in :mod:`moa_flex.runtime.ops`): the custom
+  op (CUDA -> Triton, CPU -> twin) with a fake implementation, for torch.compile and CUDA graphs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -49,14 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-try:  # triton is a dev extra; the twin and the op's CPU path do not need it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-
-FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+from .triton_support import FLOAT_DTYPES, interpreting, pow2, sm_count, tl, triton
 LOG2E = 1.4426950408889634
 DEFAULT_BLOCK_N = 64  # slots per inner tile
 MAX_CHUNK = 8192  # slots per work item, upper bound of the fixed-chunk choice (auto_chunk)
@@ -255,17 +247,10 @@ def host_offsets(offsets: torch.Tensor, S: int) -> tuple[int, ...]:
     return offs
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    """Multiprocessors of a CUDA device (8 for the CPU interpreter); read once per device,
-    not per decode call."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-
-
 def auto_chunk(B: int, offsets: tuple[int, ...], device: torch.device, block_n: int = DEFAULT_BLOCK_N) -> int:
     """Slots per work item from the allocation alone: about 4 programs per SM (a power of two
     times block_n, at least 2 tiles, at most MAX_CHUNK slots)."""
-    sms = _sm_count(device)
+    sms = sm_count(device)
     total = B * offsets[-1]
     want = -(-total // (4 * sms))
     chunk = 2 * block_n
@@ -331,7 +316,7 @@ def auto_work_list(offsets: tuple[int, ...], batch: int, device: torch.device | 
     """
     device = torch.device(device)
     offsets = tuple(offsets)
-    resident = RESIDENT_PER_SM * _sm_count(device)
+    resident = RESIDENT_PER_SM * sm_count(device)
     key = ("auto", offsets, batch, block_n, resident, device)
     hit = _WORK_LISTS.get(key)
     if hit is not None:
@@ -493,19 +478,6 @@ if triton is not None:
         tl.store(out_ptr + b * stride_ob + h * stride_oh + dv * stride_od, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
-def interpreting() -> bool:
-    """True when the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_decode_partial_kernel, InterpretedFunction)
-
-
-def _pow2(n: int, least: int) -> int:
-    return max(least, 1 << max(0, (n - 1).bit_length()))
-
-
 def ragged_decode_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -563,7 +535,7 @@ def ragged_decode_triton(
         )
     if B == 0 or H == 0:
         return out
-    hpg_pad, d_pad, dv_pad = _pow2(hpg, 16), _pow2(D, 16), _pow2(Dv, 16)
+    hpg_pad, d_pad, dv_pad = pow2(hpg, 16), pow2(D, 16), pow2(Dv, 16)
     m = torch.empty(B, wl.n_items, hpg, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty(B, wl.n_items, hpg, dv_pad, device=q.device, dtype=torch.float32)
@@ -579,48 +551,7 @@ def ragged_decode_triton(
         )
         _decode_combine_kernel[(H, B)](
             m, l, acc, wl.group_items, out, *out.stride(), wl.n_items,
-            HPG=hpg, DV=Dv, DV_PAD=dv_pad, BLOCK_C=min(64, _pow2(wl.max_items_per_group, 16)),
+            HPG=hpg, DV=Dv, DV_PAD=dv_pad, BLOCK_C=min(64, pow2(wl.max_items_per_group, 16)),
             num_warps=4,
         )
     return out
-
-
-# ---------------------------------------------------------------------------------- the op
-@torch.library.custom_op("moa_flex::ragged_decode", mutates_args=())
-def ragged_decode(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    offsets: torch.Tensor,
-    caps: torch.Tensor,
-    spans: torch.Tensor,
-    pos: torch.Tensor,
-    sink: int,
-    window: int,
-    scale: float,
-    softcap: float,
-) -> torch.Tensor:
-    """Ragged MoA decode as a torch op: q [B, H, D] -> [B, H, Dv]. CUDA: Triton; CPU: the twin."""
-    if q.device.type == "cuda":
-        return ragged_decode_triton(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
-    if q.device.type == "cpu":
-        return ragged_decode_reference(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
-    raise ValueError(f"moa_flex::ragged_decode runs on CUDA or CPU tensors, got {q.device}")
-
-
-@ragged_decode.register_fake
-def _ragged_decode_fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    offsets: torch.Tensor,
-    caps: torch.Tensor,
-    spans: torch.Tensor,
-    pos: torch.Tensor,
-    sink: int,
-    window: int,
-    scale: float,
-    softcap: float,
-) -> torch.Tensor:
-    check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])

@@ -1,6 +1,6 @@
 """Triton kernels of the influence histogram (the profiler's GPU path).
 
-Twin of ``moa_flex.profile.influence_chunked`` (same formula, same edge cases: row 0 gets
+Twin of ``moa_flex.profile.influence.influence_chunked`` (same formula, same edge cases: row 0 gets
 E = 0, 1 - A floored at ``ONE_MINUS_A_MIN``), tested against it on the GPU, or on CPU
 tensors in Triton's interpreter (``TRITON_INTERPRET=1``).
 Two launches per attention call, like a FlashAttention backward that recomputes the scores:
@@ -27,10 +27,36 @@ import os
 
 import torch
 
-from ..profile import ONE_MINUS_A_MIN, _check_binning, _check_shapes, num_bins
-
 LOG2E = 1.4426950408889634
+ONE_MINUS_A_MIN = 1e-6  # floor of 1 - A_ij in the denominator of E_ij
 _KERNELS: dict = {}
+
+
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor) -> tuple[int, int, int]:
+    """q, o, do [H, N, D]; k, v [KVH, N, D] (one sample, no batch). Returns (H, KVH, N)."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"q, k, v must be [heads, N, D] (one sample), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    H, N, _ = q.shape
+    KVH = k.shape[0]
+    if KVH < 1 or H % KVH:
+        raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({KVH})")
+    if k.shape[1] != N or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"k, v must be [{KVH}, {N}, D] like q's length, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if o.shape != (H, N, v.shape[2]) or do.shape != o.shape:
+        raise ValueError(f"o and do must be [{H}, {N}, {v.shape[2]}], got {tuple(o.shape)}, {tuple(do.shape)}")
+    return H, KVH, N
+
+
+def check_binning(sink: int, span_multiple: int) -> None:
+    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+        raise ValueError(f"sink must be an integer >= 0 (tokens), got {sink!r}")
+    if isinstance(span_multiple, bool) or not isinstance(span_multiple, int) or span_multiple < 1:
+        raise ValueError(f"span_multiple must be an integer >= 1 (tokens), got {span_multiple!r}")
+
+
+def num_bins(N: int, span_multiple: int) -> int:
+    """Distance bins of a length-N histogram: ceil(N / span_multiple)."""
+    return -(-N // span_multiple)
 
 
 def _kernels() -> tuple:
@@ -155,8 +181,8 @@ def influence_triton(
     TF32). ``block`` (tokens, >= 16, power of 2) is the square tile; ``num_warps`` defaults to
     8 for head dims above 64, else 4. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     """
-    H, KVH, N = _check_shapes(q, k, v, o, do)
-    _check_binning(sink, span_multiple)
+    H, KVH, N = check_shapes(q, k, v, o, do)
+    check_binning(sink, span_multiple)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"influence_triton takes fp16, bf16 or fp32 tensors, got {q.dtype}")
     if block < 16 or block & (block - 1):

@@ -34,8 +34,9 @@ Three layers of API:
 * :func:`grouped_linear_triton` / :func:`gated_mlp_triton` (2-D ``x``, optional preallocated
   outputs and tiles); :func:`grouped_linear` / :func:`gated_mlp` (``x`` [..., K]: Triton on
   CUDA and in Triton's interpreter, else the twin);
-* the custom ops ``moa_flex::grouped_linear`` and ``moa_flex::gated_mlp`` (CUDA -> Triton,
-  CPU -> twin) with fake implementations, for torch.compile and CUDA graphs.
+* the custom ops ``moa_flex::grouped_linear`` and ``moa_flex::gated_mlp`` (registered in
+  :mod:`moa_flex.runtime.ops`; CUDA -> Triton, CPU -> twin) with fake implementations, for
+  torch.compile and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .decode import FLOAT_DTYPES, _pow2, _sm_count, interpreting, tl, triton
+from .triton_support import FLOAT_DTYPES, interpreting, pow2, sm_count, tl, triton
 
 MAX_WEIGHTS = 3  # weights fused into one launch
 MAX_BLOCK_M = 128  # rows of x per program: a decode step up to 128 tokens reads W once
@@ -158,9 +159,9 @@ def linear_config(
     """
     esize = torch.finfo(dtype).bits // 8
     planes = 2 if gated else 1
-    bm = min(MAX_BLOCK_M, _pow2(M, 16))
+    bm = min(MAX_BLOCK_M, pow2(M, 16))
     bn = block_n or (128 if bm >= 128 else 64)
-    bk = max(16, min(MAX_BLOCK_K, W_TILE_BYTES // (bn * esize), _pow2(K, 16)))
+    bk = max(16, min(MAX_BLOCK_K, W_TILE_BYTES // (bn * esize), pow2(K, 16)))
     programs = sum(_cdiv(n, bn) for n in widths) * _cdiv(M, bm)
     split = 1
     if split_k is not None:
@@ -359,7 +360,7 @@ def _outputs(x: torch.Tensor, widths: Sequence[int], out: Sequence[torch.Tensor]
 
 
 def _tiles(x: torch.Tensor, widths: Sequence[int], gated: bool, config: LinearConfig | None) -> LinearConfig:
-    cfg = config or linear_config(x.shape[0], widths, x.shape[1], x.dtype, _sm_count(x.device), gated)
+    cfg = config or linear_config(x.shape[0], widths, x.shape[1], x.dtype, sm_count(x.device), gated)
     cfg.check()
     return cfg
 
@@ -431,36 +432,3 @@ def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torc
         return gated_mlp_reference(x, w_gate, w_up)
     y = gated_mlp_triton(x.reshape(-1, x.shape[-1]), w_gate, w_up)
     return y.view(*x.shape[:-1], y.shape[-1])
-
-
-# ---------------------------------------------------------------------------------- the ops
-@torch.library.custom_op("moa_flex::grouped_linear", mutates_args=())
-def grouped_linear_op(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``[x @ w.T for w in weights]`` as a torch op, x [..., K] -> [..., N_i]. CUDA: Triton; CPU: the twin."""
-    if x.device.type == "cuda":
-        return grouped_linear(x, weights)
-    if x.device.type == "cpu":
-        return grouped_linear_reference(x, weights)
-    raise ValueError(f"moa_flex::grouped_linear runs on CUDA or CPU tensors, got {x.device}")
-
-
-@grouped_linear_op.register_fake
-def _grouped_linear_fake(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    check_linear_inputs(x, weights)
-    return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
-
-
-@torch.library.custom_op("moa_flex::gated_mlp", mutates_args=())
-def gated_mlp_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    """``silu(x @ w_gate.T) * (x @ w_up.T)`` as a torch op, x [..., K] -> [..., N]. CUDA: Triton; CPU: the twin."""
-    if x.device.type == "cuda":
-        return gated_mlp(x, w_gate, w_up)
-    if x.device.type == "cpu":
-        return gated_mlp_reference(x, w_gate, w_up)
-    raise ValueError(f"moa_flex::gated_mlp runs on CUDA or CPU tensors, got {x.device}")
-
-
-@gated_mlp_op.register_fake
-def _gated_mlp_fake(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    check_gated_inputs(x, w_gate, w_up)
-    return x.new_empty(*x.shape[:-1], w_gate.shape[0])

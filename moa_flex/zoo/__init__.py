@@ -1,4 +1,4 @@
-"""Small models that moa-flex trains on its own synthetic tasks (:mod:`moa_flex.synthetic`).
+"""Small models that moa-flex trains on its own synthetic tasks (:mod:`moa_flex.data.synthetic`).
 
 ``needle/`` (package data) is the shipped one: a small Llama trained by
 ``python -m moa_flex.zoo.train`` to continue Markov filler (local attention) and to answer
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..synthetic import Task
+from ..data.synthetic import Task
 
 NEEDLE_DIR = Path(__file__).resolve().parent / "needle"
 WEIGHTS = "model.safetensors"
@@ -25,7 +25,7 @@ TASK_FILE = "task.json"
 def load_needle_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> tuple:
     """(model, task): the Llama model of a trained folder (the shipped ``needle/`` when ``path``
     is None), in eval mode with sdpa attention and weights in ``dtype``, and the synthetic
-    :class:`~moa_flex.synthetic.Task` it was trained on. ValueError naming the missing file if
+    :class:`~moa_flex.data.synthetic.Task` it was trained on. ValueError naming the missing file if
     the folder lacks its config, weights or task."""
     from transformers import LlamaForCausalLM
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..synthetic import NUM_SPECIAL
+from ..data.synthetic import NUM_SPECIAL
 
 
 def _pct(x: float) -> str:
@@ -29,7 +29,7 @@ def _induction(cfg: dict) -> str:
     if not n:
         return ""
     return (f"The first {n} steps train content induction on {cfg['induction_length']}-token rows of random tokens "
-            "followed by a rotated copy (`moa_flex.synthetic.make_induction_batch`). ")
+            "followed by a rotated copy (`moa_flex.data.synthetic.make_induction_batch`). ")
 
 
 def render_card(log: dict) -> str:

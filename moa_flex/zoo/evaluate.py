@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..synthetic import Task, batch_correct, default_num_records, make_batch
+from ..data.synthetic import Task, batch_correct, default_num_records, make_batch
 
 EVAL_SEED_TAG = 1_000_003  # eval seeds are (seed, tag, length, depth index): never a training seed (seed, step)
 

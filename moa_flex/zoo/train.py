@@ -1,12 +1,12 @@
 """Train the needle model: a small Llama on a synthetic lookup task (``python -m moa_flex.zoo.train``).
 
 Two phases. The first ``induction_steps`` steps train content induction on rows of random
-tokens followed by a rotated copy of them (:func:`moa_flex.synthetic.make_induction_batch`):
+tokens followed by a rotated copy of them (:func:`moa_flex.data.synthetic.make_induction_batch`):
 the model learns to find the earlier occurrence of the current token and copy what followed
 it, which is exactly how a question's key finds its record's value. Then the task: every
 sequence is Markov filler with one key -> value record per ``record_spacing`` context tokens
 and one question (followed by its answer and EOS) per ``question_spacing`` tokens at the end
-(:func:`moa_flex.synthetic.make_batch`). The loss is ``filler_weight`` times the mean
+(:func:`moa_flex.data.synthetic.make_batch`). The loss is ``filler_weight`` times the mean
 cross-entropy of the chain-determined filler tokens (teaches local heads, distances 1-2) plus
 ``answer_weight`` times the mean cross-entropy of the answers' value and EOS tokens (teaches
 retrieval across the whole context). Both parts matter: without the induction phase, or with
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..synthetic import BOS, EOS, Batch, Task, batch_correct, default_num_records, make_batch, make_induction_batch
+from ..data.synthetic import BOS, EOS, Batch, Task, batch_correct, default_num_records, make_batch, make_induction_batch
 from . import NEEDLE_DIR, TASK_FILE
 from .card import render_card
 from .evaluate import eval_records, retrieval_accuracy

@@ -15,7 +15,7 @@ need and nothing else:
 * prefill: the prompt, its 2-D padding mask, its positions (``cumsum(mask) - 1``, as
   transformers derives them), the :class:`~moa_flex.cache.MoaCache`, ``logits_to_keep=1``;
 * decode: the new token of every row, its position (one more than the row's last), the cache;
-  with CUDA graphs, once ``moa_flex.step_graph`` has captured the step, the loop replays it
+  with CUDA graphs, once ``moa_flex.runtime.step_graph`` has captured the step, the loop replays it
   directly (``StepGraph.replay_static``: the new tokens and positions copied in, the logits
   read from the graph's own output) instead of going through the forward wrapper;
 * token selection as transformers does it: the last logits copied to fp32, the logits
@@ -35,7 +35,6 @@ multimodal inputs, ...).
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +42,15 @@ import torch
 from transformers import LogitsProcessorList
 from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
 
+from moa_flex.compat import generate_output
+
+from .forward import captured_step
+
 if TYPE_CHECKING:
     from transformers import GenerationConfig
     from transformers.generation.streamers import BaseStreamer
 
-    from .compile import CompiledState
+    from .state import CompiledState
 
 # model keyword arguments transformers' generate prepares itself; this loop derives its own
 _PREPARED = frozenset({"attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep",
@@ -79,15 +82,6 @@ def _positions(mask: torch.Tensor | None, batch: int, length: int, device: torch
     if mask is None:
         return torch.arange(length, device=device).unsqueeze(0).expand(batch, length)
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _generate_output(cache: Any, **fields: Any) -> Any:
-    """transformers' ``GenerateDecoderOnlyOutput``; its cache field is ``cache`` from 5.24 on,
-    ``past_key_values`` before."""
-    from transformers.generation.utils import GenerateDecoderOnlyOutput
-
-    names = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
-    return GenerateDecoderOnlyOutput(**fields, **{"cache" if "cache" in names else "past_key_values": cache})
 
 
 class _StopFlag:
@@ -145,8 +139,6 @@ def decode_loop(
     is read one step late on a GPU, so the host never waits for the step in flight; the step
     after the last is then run and discarded (the MoA cache holds its token too).
     """
-    from .compile import captured_step
-
     _check_request(generation_config, model_kwargs, synced_gpus)
     cache = model_kwargs.get(moa_state.cache_arg, model_kwargs.get("past_key_values"))
     if cache is None or cache is not moa_state.cache:
@@ -224,5 +216,5 @@ def decode_loop(
     sequences = sequences[:, :length]
     if not return_dict:
         return sequences
-    return _generate_output(cache, sequences=sequences, scores=scores, logits=raw_logits, attentions=None,
+    return generate_output(cache, sequences=sequences, scores=scores, logits=raw_logits, attentions=None,
                             hidden_states=None)

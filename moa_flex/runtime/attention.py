@@ -1,9 +1,9 @@
 """moa-flex attention at run time: the op the compile pass puts in place of each attention call.
 
-``torch.ops.moa_flex.attention(q, k, v, attn_mask, scale, layer, runtime_id, softcap)`` is a
-torch custom op (opaque to inductor, with a fake implementation for tracing). It looks up the
-:class:`MoaRuntime` that holds the plan, builds (or reuses) the layer's FlexAttention
-BlockMask for the call's lengths, and runs FlexAttention, compiled once per length bucket.
+``torch.ops.moa_flex.attention(q, k, v, attn_mask, scale, layer, runtime_id, softcap)`` (a
+custom op, :mod:`moa_flex.runtime.ops`) looks up the :class:`MoaRuntime` that holds the
+plan, builds (or reuses) the layer's FlexAttention BlockMask for the call's lengths, and runs
+FlexAttention, compiled once per length bucket.
 
 Lengths are padded at the end to a bucket (:func:`length_bucket`): padded keys come after
 every real query, so causality hides them, and the output is sliced back; FlexAttention thus
@@ -26,10 +26,11 @@ from typing import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .masks import block_mask_from_spans
-from .plan import Plan
+from moa_flex.masks import allowed_from_mask, block_mask_from_spans, padding_info
+from moa_flex.plan import Plan
 
-_RUNTIMES: dict[int, "MoaRuntime"] = {}
+from .ops import RUNTIMES
+
 _ids = itertools.count(1)
 _flex_compiled: Callable | None = None
 
@@ -44,18 +45,6 @@ def compiled_flex_attention() -> Callable:
     return _flex_compiled
 
 
-def is_causal_left_padded(allowed: torch.Tensor, pads: torch.Tensor, q_offset: int) -> bool:
-    """True if a bool mask [B, 1 or H, Q, K] is exactly causal with `pads` left-pad keys per row
-    (query rows at or before the pad may differ: their outputs are never used)."""
-    B, _, Q, K = allowed.shape
-    i = torch.arange(Q, device=allowed.device).view(1, Q, 1) + q_offset
-    j = torch.arange(K, device=allowed.device).view(1, 1, K)
-    p = pads.to(allowed.device).view(B, 1, 1)
-    expect = (j <= i) & (j >= p)
-    real_rows = (i >= p).expand(B, Q, K)
-    return bool(((allowed == expect.unsqueeze(1)) | ~real_rows.unsqueeze(1)).all())
-
-
 def softcap_score_mod(softcap: float) -> Callable:
     """score_mod of logit soft-capping: ``softcap * tanh(score / softcap)`` (Gemma 2)."""
 
@@ -63,13 +52,6 @@ def softcap_score_mod(softcap: float) -> Callable:
         return softcap * torch.tanh(score / softcap)
 
     return capped
-
-
-def allowed_from_mask(attn_mask: torch.Tensor) -> torch.Tensor:
-    """A model's attention mask as bool "may attend" (bool as is; additive: finite, not min)."""
-    if attn_mask.dtype == torch.bool:
-        return attn_mask
-    return attn_mask > torch.finfo(attn_mask.dtype).min / 2
 
 
 class MoaRuntime:
@@ -83,7 +65,7 @@ class MoaRuntime:
         self.id = next(_ids)
         self._spans: dict[int, torch.Tensor] = {}  # planned length -> head spans [L, H]
         self.warned_dense = False  # the dense-mask warning, once per runtime
-        _RUNTIMES[self.id] = self
+        RUNTIMES[self.id] = self
 
     def head_spans(self, N: int) -> torch.Tensor:
         """The plan's head spans [L, H] at planned length N (tokens), memoized."""
@@ -101,7 +83,7 @@ class MoaRuntime:
 
     def close(self) -> None:
         """Unregister (after which graphs that use this id fail loudly)."""
-        _RUNTIMES.pop(self.id, None)
+        RUNTIMES.pop(self.id, None)
 
     def block_mask(
         self, layer: int, q_len: int, kv_len: int, attn_mask: torch.Tensor | None, device: torch.device,
@@ -110,7 +92,7 @@ class MoaRuntime:
         """The layer's BlockMask for one call, over ``padded_len`` keys (index space).
 
         ``planned`` is the request's planned length N (tokens); ``info`` the mask's
-        :func:`mask_info` if the graph computed it already. Cached by spans and pads unless a
+        :func:`~moa_flex.masks.padding_info` if the graph computed it already. Cached by spans and pads unless a
         dense mask (beyond causal + left padding) must be ANDed in.
         """
         q_offset = kv_len - q_len
@@ -122,7 +104,7 @@ class MoaRuntime:
             raise ValueError(f"attention mask must be 2-D [B, K] or 4-D [B, 1 or H, Q, K], got {attn_mask.dim()}-D")
         if attn_mask.shape[-1] != kv_len or (attn_mask.dim() == 4 and attn_mask.shape[-2] != q_len):
             raise ValueError(f"attention mask of shape {tuple(attn_mask.shape)} does not match q/kv lengths {q_len}/{kv_len}")
-        info = (mask_info(attn_mask) if info is None else info).cpu()
+        info = (padding_info(attn_mask) if info is None else info).cpu()
         pads, simple = info[:-1], bool(info[-1])
         spans = torch.stack([self.head_spans(max(1, planned - p))[layer] for p in pads.tolist()])
         dense = None
@@ -187,50 +169,3 @@ def length_bucket(n: int, block: int = 128, steps_per_octave: int = 4) -> int:
         if bucket >= n:
             return bucket
         k += 1
-
-
-@torch.library.custom_op("moa_flex::mask_info", mutates_args=())
-def mask_info(attn_mask: torch.Tensor) -> torch.Tensor:
-    """A model's mask -> LongTensor [B + 1]: left-pad tokens of every row, then 1 if the mask is
-    exactly causal + left padding. The compile pass computes it once per mask, not per layer.
-
-    Accepts the 2-D padding mask [B, K] (1 = real token) or a 4-D attention mask
-    [B, 1 or H, Q, K] (bool or additive; queries are the last Q positions).
-    """
-    if attn_mask.dim() == 2:
-        real = attn_mask.bool()
-        pads = torch.where(real.any(-1), real.int().argmax(-1), torch.zeros_like(real[:, 0], dtype=torch.long))
-        j = torch.arange(real.shape[-1], device=real.device).view(1, -1)
-        simple = bool((real == (j >= pads.view(-1, 1))).all())
-        return torch.cat([pads, pads.new_tensor([int(simple)])])
-    allowed = allowed_from_mask(attn_mask)
-    q_offset = allowed.shape[-1] - allowed.shape[-2]
-    # Keys some query may see; rows that see everything are skipped: HF opens fully masked
-    # (pad) query rows to all keys so that SDPA returns no NaN.
-    visible = (allowed & ~allowed.all(dim=-1, keepdim=True)).any(dim=1).any(dim=1)  # [B, K]
-    pads = torch.where(visible.any(-1), visible.int().argmax(-1), torch.zeros_like(visible[:, 0], dtype=torch.long))
-    simple = is_causal_left_padded(allowed, pads, q_offset)
-    return torch.cat([pads, pads.new_tensor([int(simple)])])
-
-
-@mask_info.register_fake
-def _(attn_mask):  # noqa: ANN001, ANN202
-    return attn_mask.new_empty((attn_mask.shape[0] + 1,), dtype=torch.long)
-
-
-@torch.library.custom_op("moa_flex::attention", mutates_args=())
-def moa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-    scale: float, layer: int, runtime_id: int, softcap: float, info: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Custom op: moa-flex attention of ``layer`` under the plan of runtime ``runtime_id``;
-    ``info`` is ``mask_info(attn_mask)`` when the graph computed it."""
-    runtime = _RUNTIMES.get(runtime_id)
-    if runtime is None:
-        raise RuntimeError(f"moa-flex runtime {runtime_id} is gone (model uncompiled?); compile the model again")
-    return runtime.attention(q, k, v, attn_mask, scale, layer, softcap, info).contiguous()
-
-
-@moa_attention.register_fake
-def _(q, k, v, attn_mask, scale, layer, runtime_id, softcap, info=None):  # noqa: ANN001, ANN202
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -3,7 +3,7 @@
 Each plan of a Pareto set (:func:`moa_flex.optimize.optimize`) is run through
 ``moa_flex.compile`` (compiled once; plans are switched with ``model.moa_flex.set_plan``) on
 held-out answered samples, usually longer than the profiled lengths. The score is the
-profiler's loss (:func:`moa_flex.profile.answer_loss`): the mean cross-entropy of the dense
+profiler's loss (:func:`moa_flex.profile.instrument.answer_loss`): the mean cross-entropy of the dense
 model's own answer tokens, in nats per token, averaged over the samples. Every sample is one
 forward without cache, planned for its own length (prompt + answer tokens).
 """
@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
-from .calibration import Sample
-from .plan import Plan
-from .profile import answer_loss
+from moa_flex.data.samples import Sample
+from moa_flex.plan import Plan
+from moa_flex.profile.instrument import answer_loss
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def _check_samples(samples: Sequence[Sample]) -> list[Sample]:
         if not isinstance(s, Sample):
             raise TypeError(f"samples[{i}] must be a moa_flex.Sample, got {type(s).__name__}")
         if s.answer.numel() == 0:
-            raise ValueError(f"samples[{i}] has no answer tokens: answer it first (moa_flex.calibration.answer_samples "
+            raise ValueError(f"samples[{i}] has no answer tokens: answer it first (moa_flex.data.calibration.answer_samples "
                              "or calibration_set)")
     return samples
 
@@ -69,8 +69,8 @@ def validate(
     """
     from tqdm import tqdm
 
-    from .compile import compile as moa_compile
-    from .compile import uncompile
+    from moa_flex.runtime.compile import compile as moa_compile
+    from moa_flex.runtime.compile import uncompile
 
     plans = list(plans)
     if not plans:

@@ -1,4 +1,4 @@
-"""Calibration data of the profiler: (context, question) samples the dense model answers itself.
+"""Calibration samples as tokens, and the text sources that make them.
 
 A :class:`Sample` is four token sequences (1-D int64, CPU), in order:
 
@@ -7,17 +7,11 @@ A :class:`Sample` is four token sequences (1-D int64, CPU), in order:
     question  everything after the context up to the answer (question, template, "Answer:")
     answer    the dense model's own greedy answer (MoA's model alignment); empty until answered
 
-Sources: a JSONL file (:func:`load_jsonl`; one object per line, ``{"context": str,
+Text source: a JSONL file (:func:`load_jsonl`; one object per line, ``{"context": str,
 "question": str}``, other fields ignored), formatted with the tokenizer's chat template when
-it has one and the plain ``"{context}\\n\\nQuestion: {question}\\nAnswer:"`` otherwise; or
-:func:`synthetic_samples`, token-level key -> value lookups over Markov filler that need no
-tokenizer (:mod:`moa_flex.synthetic` defines the format).
-
-A sample is brought to a length by trimming the middle of its context (its start and end are
-kept). :func:`calibration_set` buckets samples by length: for each length N, every sample
-whose prompt reaches ``N - max_new_tokens`` tokens is trimmed to that prompt length and
-answered (greedy, at most ``max_new_tokens`` tokens), so each answered sample has at most N
-tokens. Samples are never padded.
+it has one and the plain ``"{context}\\n\\nQuestion: {question}\\nAnswer:"`` otherwise. A sample
+is brought to a length by trimming the middle of its context (its start and end are kept);
+samples are never padded.
 """
 
 from __future__ import annotations
@@ -25,12 +19,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
-
-if TYPE_CHECKING:
-    from .synthetic import Task
 
 CONTEXT_MARK = "\u2063MOA_FLEX_CONTEXT\u2063"  # placeholder split out of the rendered chat template
 PLAIN_QUESTION = "\n\nQuestion: {question}\nAnswer:"
@@ -145,81 +136,3 @@ def load_jsonl(path: str | os.PathLike, tokenizer: Any) -> list[Sample]:
     if not samples:
         raise ValueError(f"{path}: no samples")
     return samples
-
-
-# --------------------------------------------------------------------------------------------
-# Built-in synthetic long-context lookups (token level, no tokenizer)
-
-
-def synthetic_samples(vocab_size: int, length: int, n: int, seed: int = 0, *, num_records: int = 8,
-                      task: "Task | None" = None) -> list[Sample]:
-    """``n`` token-level lookup prompts of exactly ``length`` tokens each, from
-    :mod:`moa_flex.synthetic` (Markov filler with ``num_records`` key -> value records; one
-    question asking a record's key at a uniform depth): sample ``i`` is
-    ``make_sample(task, length, seed=(seed, i), num_records=num_records)``.
-
-    ``task`` defaults to :func:`moa_flex.synthetic.task_for_vocab` (the default task when it
-    fits in ``vocab_size``, so a model trained on it is calibrated on its own task; a scaled-down
-    one otherwise). ValueError if the vocabulary or the length is too small. Deterministic in ``seed``.
-    """
-    from .synthetic import make_sample, task_for_vocab
-
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if task is None:
-        task = task_for_vocab(vocab_size, num_records)
-    elif task.vocab_size > vocab_size:
-        raise ValueError(f"the task uses {task.vocab_size} tokens, more than vocab_size {vocab_size}")
-    return [make_sample(task, length, seed=(seed, i), num_records=num_records) for i in range(n)]
-
-
-# --------------------------------------------------------------------------------------------
-# The dense model's own answers
-
-
-@torch.no_grad()
-def answer_samples(model: Any, samples: Iterable[Sample], *, max_new_tokens: int = 64, progress: bool = True) -> list[Sample]:
-    """Each sample with the dense model's own greedy answer (1 to ``max_new_tokens`` tokens, EOS
-    included when generated), from the stock ``model.generate``, one sample at a time."""
-    from tqdm import tqdm
-
-    if getattr(model, "moa_flex", None) is not None:
-        raise ValueError("answers must come from the dense model: call moa_flex.uncompile(model) first")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = next(model.parameters()).device
-    gc = model.generation_config
-    pad = gc.pad_token_id if gc.pad_token_id is not None else gc.eos_token_id
-    if isinstance(pad, (list, tuple)):
-        pad = pad[0]
-    out = []
-    samples = list(samples)
-    for s in tqdm(samples, desc="answers", leave=False, disable=not progress):
-        ids = s.prompt_ids.to(device).unsqueeze(0)
-        gen = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, min_new_tokens=1,
-            do_sample=False, num_beams=1, pad_token_id=0 if pad is None else pad,
-        )
-        out.append(s.with_answer(gen[0, ids.shape[1]:].cpu()))
-    return out
-
-
-def calibration_set(
-    model: Any, samples: Sequence[Sample], lengths: Sequence[int], *, max_new_tokens: int = 64,
-    max_per_length: int | None = None, progress: bool = True,
-) -> dict[int, list[Sample]]:
-    """Length N (tokens) -> answered samples of at most N tokens: every sample whose prompt has
-    at least ``N - max_new_tokens`` tokens, trimmed to that (middle of the context removed) and
-    answered by the dense model (:func:`answer_samples`). At most ``max_per_length`` per length.
-    ValueError naming the length if none reaches it."""
-    result = {}
-    for N in sorted(int(n) for n in lengths):
-        P = N - max_new_tokens
-        if P < 1:
-            raise ValueError(f"length {N} leaves no prompt after max_new_tokens={max_new_tokens}")
-        bucket = [s.trimmed(P) for s in samples if s.prompt_len >= P][:max_per_length]
-        if not bucket:
-            longest = max((s.prompt_len for s in samples), default=0)
-            raise ValueError(f"no sample reaches length {N} (needs a prompt of {P} tokens; the longest has {longest})")
-        result[N] = answer_samples(model, bucket, max_new_tokens=max_new_tokens, progress=progress)
-    return result

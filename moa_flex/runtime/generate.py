@@ -1,10 +1,10 @@
 """``model.generate(...)`` after ``moa_flex.compile``: transformers' generate over a ragged MoA cache.
 
 The request is planned for ``N = prompt + max_new_tokens`` tokens (or compile's
-``max_length``); a :class:`~moa_flex.cache.MoaCache` is allocated for it (or the previous
+``max_length``); a :class:`~moa_flex.runtime.cache.MoaCache` is allocated for it (or the previous
 request's reused, when the layout is the same: static addresses for CUDA graphs) and handed
 to transformers' own ``generate`` as its cache, with moa-flex's decoding loop
-(:func:`moa_flex.decode_loop.decode_loop`) as ``custom_generate``: transformers resolves the
+(:func:`moa_flex.runtime.decode_loop.decode_loop`) as ``custom_generate``: transformers resolves the
 generation config and builds the logits processors and stopping criteria, and the output
 format is transformers'; the per-token loop is moa-flex's (far less host work per token).
 Every row of a left-padded batch is planned for its own real tokens. Beam search, several
@@ -17,37 +17,17 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import re
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from moa_flex.architecture import layer_placement
 
 from .cache import MoaCache
 from .decode_loop import decode_loop
 
 if TYPE_CHECKING:
-    from .compile import CompiledState
-
-_ATTN = re.compile(r"layers\.(\d+)\.self_attn$")
-
-
-def layer_placement(model: torch.nn.Module, num_layers: int) -> tuple[list[torch.device], torch.dtype]:
-    """Device of every decoder layer's attention (models spread with device_map) and the
-    attention weights' dtype, found through module paths ``...layers.N.self_attn``."""
-    devices: dict[int, torch.device] = {}
-    dtype = None
-    for name, module in model.named_modules():
-        m = _ATTN.search(name)
-        if m is None:
-            continue
-        param = next(module.parameters(), None)
-        if param is not None:
-            devices[int(m.group(1))] = param.device
-            dtype = dtype or param.dtype
-    if sorted(devices) != list(range(num_layers)):
-        fallback = next(model.parameters())
-        return [fallback.device] * num_layers, fallback.dtype
-    return [devices[layer] for layer in range(num_layers)], dtype or next(model.parameters()).dtype
+    from .state import CompiledState
 
 
 def _new_tokens(model: torch.nn.Module, prompt: int, kwargs: dict) -> int:

@@ -28,7 +28,7 @@ A sequence is ``BOS``, then a context of ``C`` tokens, then ``n`` questions. The
 filler with ``R`` records at non-overlapping places; the records' keys are distinct K-tuples
 of key tokens, their values independent uniform V-tuples of value tokens. Each question asks
 the key of a distinct record of the same sequence; in a training sequence (:func:`make_batch`)
-every question is followed by its answer and EOS. A calibration :class:`~moa_flex.calibration.Sample`
+every question is followed by its answer and EOS. A calibration :class:`~moa_flex.data.samples.Sample`
 (:func:`make_sample`) is ``head = [BOS]``, ``context`` = the C context tokens, ``question`` =
 the first ``n - 1`` questions with their answers and the last question without its answer;
 its ``answer`` is empty (the profiled model writes its own).
@@ -66,7 +66,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .calibration import Sample
+from .samples import Sample
 
 BOS, EOS, REC, QUESTION = 0, 1, 2, 3
 NUM_SPECIAL = 4

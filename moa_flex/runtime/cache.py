@@ -1,4 +1,4 @@
-"""The ragged per-head MoA KV cache (DESIGN.md, "The KV cache").
+"""The ragged per-head MoA KV cache (docs/DESIGN.md, "The KV cache").
 
 Per layer, per batch row, per KV-head group ``g``: ``C_g`` slots, ``C_g`` the group's cache
 span at the row's planned length (the largest span of its query heads). Logical position
@@ -15,127 +15,24 @@ shapes are static for a whole request (torch.compile and CUDA graphs see no chan
 to step). Keys are stored after RoPE. Pad tokens are never cached: rows of a left-padded
 batch start at their own first real token.
 
-Writes go through two custom ops, ``moa_flex::cache_prefill`` (the kept tokens of a prompt)
-and ``moa_flex::cache_append`` (one decoded token per row). Inside a graph compiled by
-``moa_flex.compile`` the pass finds each layer's ``cache_append`` node and rewrites that
-layer's attention into ``moa_flex::decode_attention`` over the cache tensors the append
-node mutated (``passes/decode_pass.py``).
+Writes go through two custom ops (:mod:`moa_flex.runtime.ops`), ``moa_flex::cache_prefill``
+(the kept tokens of a prompt) and ``moa_flex::cache_append`` (one decoded token per row).
+Inside a graph compiled by ``moa_flex.compile`` the pass finds each layer's ``cache_append``
+node and rewrites that layer's attention into ``moa_flex::ragged_decode`` over the cache
+tensors the append node mutated (``passes/decode_pass.py``).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .plan import Plan
+from moa_flex.kernels.decode import prepare_work
+from moa_flex.plan import Plan
 
-
-def cache_argument(forward: Callable) -> str:
-    """The name under which a transformers forward takes its ``Cache``: ``cache`` from
-    transformers 5.24 on (``past_key_values`` is its deprecated alias there), before that
-    ``past_key_values``."""
-    params = inspect.signature(forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def slot_positions(caps: torch.Tensor, offsets: torch.Tensor, sink: int, last: torch.Tensor) -> torch.Tensor:
-    """Logical position held by every slot once positions ``0 .. last[b]`` were written
-    through the slot map: LongTensor ``[B, S]``, -1 for a slot that holds nothing.
-
-    ``caps`` [B, G] slots used per row and group; ``offsets`` [G + 1] group starts in the flat
-    slot axis (S = offsets[-1]); ``last`` [B] the newest position per row (-1: nothing yet).
-    """
-    B, G = caps.shape
-    S = int(offsets[-1])
-    dev = caps.device
-    widths = (offsets[1:] - offsets[:-1]).to(dev)
-    group = torch.repeat_interleave(torch.arange(G, device=dev), widths, output_size=S)  # [S]
-    local = torch.arange(S, device=dev) - offsets[:-1].to(dev)[group]  # slot index inside its group
-    cap = caps.long()[:, group]  # [B, S]
-    i = last.long().view(B, 1)
-    s = local.view(1, S).expand(B, S)
-    ring = (cap - sink).clamp(min=1)
-    pos = torch.where(s < sink, s, i - torch.remainder(i - s, ring))
-    valid = (s < cap) & (s <= i)
-    return torch.where(valid, pos, torch.full_like(pos, -1))
-
-
-def _flat_group_index(offsets: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Group of every flat slot: LongTensor [S]."""
-    widths = (offsets[1:] - offsets[:-1]).to(device)
-    return torch.repeat_interleave(torch.arange(len(widths), device=device), widths, output_size=int(offsets[-1]))
-
-
-@torch.library.custom_op("moa_flex::cache_prefill", mutates_args=("keys", "values", "length"))
-def cache_prefill(
-    keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-    pads: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
-) -> None:
-    """Write the kept tokens of a prompt into an empty layer cache.
-
-    ``k_new``/``v_new`` [B, G, Q, D] (after RoPE; row b's first ``pads[b]`` tokens are padding),
-    ``keys``/``values`` [B, S, D] the layer's flat cache; ``length`` [B] becomes the real tokens
-    per row. Slots that end up holding nothing are zeroed.
-    """
-    B, G, Q, _ = k_new.shape
-    real = Q - pads.long()  # [B] real tokens per row
-    pos = slot_positions(caps, offsets, sink, real - 1)  # [B, S]
-    group = _flat_group_index(offsets, keys.device)  # [S]
-    src = (pads.long().view(B, 1) + pos.clamp(min=0)).clamp(max=Q - 1)  # padded index of each slot's token
-    for cache, new in ((keys, k_new), (values, v_new)):
-        rows = new[torch.arange(B, device=new.device).view(B, 1), group.view(1, -1), src]  # [B, S, D]
-        cache.copy_(torch.where((pos >= 0).unsqueeze(-1), rows, torch.zeros_like(rows)))
-    length.copy_(real)
-
-
-@cache_prefill.register_fake
-def _(keys, values, length, k_new, v_new, pads, caps, offsets, sink):  # noqa: ANN001, ANN202
-    return None
-
-
-def cache_append_reference(
-    keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-    caps: torch.Tensor, offsets: torch.Tensor, sink: int,
-) -> None:
-    """The twin of ``moa_flex::cache_append`` in plain torch (the CPU implementation and the
-    oracle of the Triton kernel, ``moa_flex.kernels.append``)."""
-    B, G = caps.shape
-    p = length.long().view(B, 1)  # [B, 1]
-    cap = caps.long()
-    slot = torch.where(p < sink, p, sink + torch.remainder(p - sink, (cap - sink).clamp(min=1)))  # [B, G]
-    flat = offsets[:-1].to(keys.device).long().view(1, G) + slot  # [B, G]
-    rows = torch.arange(B, device=keys.device).view(B, 1).expand(B, G)
-    keys[rows, flat] = k_new[:, :, 0].to(keys.dtype)
-    values[rows, flat] = v_new[:, :, 0].to(values.dtype)
-    length.add_(1)
-
-
-@torch.library.custom_op("moa_flex::cache_append", mutates_args=("keys", "values", "length"))
-def cache_append(
-    keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-    spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
-) -> None:
-    """Write one new token per row (``k_new``/``v_new`` [B, G, 1, D], logical position
-    ``length[b]``) into its slot of every group, then ``length += 1``. CUDA: one Triton
-    kernel (``moa_flex.kernels.append``); CPU: :func:`cache_append_reference`.
-
-    ``spans`` [B, H] is not used here: it is the layout the compile pass hands, with the
-    tensors this op mutated, to the layer's decode attention.
-    """
-    if keys.device.type == "cuda":
-        from .kernels.append import cache_append_triton
-
-        cache_append_triton(keys, values, length, k_new, v_new, caps, offsets, sink)
-    else:
-        cache_append_reference(keys, values, length, k_new, v_new, caps, offsets, sink)
-
-
-@cache_append.register_fake
-def _(keys, values, length, k_new, v_new, spans, caps, offsets, sink):  # noqa: ANN001, ANN202
-    return None
+from . import ops  # noqa: F401  (registers torch.ops.moa_flex.cache_prefill / cache_append)
 
 
 class MoaCacheLayer(CacheLayerMixin):
@@ -172,8 +69,6 @@ class MoaCacheLayer(CacheLayerMixin):
             for t in (self.keys, self.values, self.caps, self.spans, self.pads, self.length, self.offsets):
                 torch._dynamo.mark_static_address(t)
         if self.device.type == "cuda":
-            from .kernels.decode import prepare_work
-
             prepare_work(self.offsets, B)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

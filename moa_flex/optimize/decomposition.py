@@ -1,6 +1,6 @@
 """Layer decomposition of the MoA MILP: a certified lower bound and a near-optimal plan, fast.
 
-The optimizer's MILP (:mod:`moa_flex.optimize`) couples the layers only through a few rows:
+The optimizer's MILP (:mod:`moa_flex.optimize.problem`) couples the layers only through a few rows:
 the KV budget at every budget length, the loss bounds ``eps`` of Pareto points and the lower
 bound ``min_density``. With multipliers ``pi >= 0`` on those rows (the Lagrangian relaxation)
 the problem separates by layer, and each layer's subproblem -- one rule per group, at most
@@ -36,7 +36,7 @@ from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 from scipy.sparse import csr_matrix, hstack, identity
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .optimize import Problem
+    from .problem import Problem
 
 PENALTY = 1e4  # cost of one unit of violation of a coupling row in the master LP (keeps it feasible)
 

@@ -1,0 +1,189 @@
+"""``moa_flex.compile(model, plan)``: put a plan into an HF decoder through torch.compile.
+
+The model's forward is compiled with a backend that rewrites each attention call of the
+traced graph into moa-flex attention (see ``moa_flex.passes.attention_pass``), then hands
+the graph to inductor. Weights are untouched; ``moa_flex.uncompile(model)`` restores the
+original forward.
+
+Recompilation policy: the model's forward is traced once, with dynamic shapes. Inside the
+op, FlexAttention runs on lengths padded to a bucket (:func:`moa_flex.runtime.attention.length_bucket`:
+multiples of 128 on a grid of 4 per octave, <= 19% padding) and compiles once per bucket,
+plus once for the first call's tensors; no length within a seen bucket compiles again
+(tested with dynamo's counters). Compiling many models in one process may need
+``torch._dynamo.config.recompile_limit`` raised: all HF forwards share one wrapper.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+
+from moa_flex.architecture import model_windows, softcaps
+from moa_flex.compat import cache_argument
+from moa_flex.passes.attention_pass import make_backend
+from moa_flex.passes.decode_pass import make_decode_backend
+from moa_flex.plan import Plan
+
+from .attention import MoaRuntime
+from .forward import forward as _forward
+from .generate import generate as _generate
+from .state import CompiledState
+
+TRACED_ATTENTION = "moa_flex_traced"
+
+
+def _traced_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """What a soft-capping model (Gemma 2) traces instead of HF's sdpa, which refuses softcap:
+    HF's SDPA call without the cap. The pass rewrites every such call into moa-flex attention
+    with the cap taken from the config, so the uncapped SDPA never runs."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("softcap", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_traced_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(TRACED_ATTENTION, _traced_attention)
+    AttentionMaskInterface.register(TRACED_ATTENTION, sdpa_mask)
+
+
+def backend(plan: Plan, *, inner: str = "inductor", mode: str | None = None, config: Any = None,
+            partial_graphs: bool | None = None) -> Callable:
+    """A backend for ``torch.compile(model, backend=moa_flex.backend(plan))``.
+
+    The runtime it creates lives as long as the backend. ``config`` (the model's config)
+    supplies soft-capping and the model's own sliding windows; without it, every layer keeps
+    the model's mask as traced. ``partial_graphs``: accept graph pieces without attention;
+    by default on for models running flex_attention (HF's block-mask creation graph-breaks).
+    """
+    runtime = MoaRuntime(plan)
+    if partial_graphs is None:
+        partial_graphs = getattr(config, "_attn_implementation", None) == "flex_attention"
+    fn = make_backend(
+        plan, runtime.id, inner=inner, mode=mode,
+        softcaps=softcaps(config, plan.num_layers) if config else None,
+        windows=model_windows(config, plan.num_layers) if config else [1] * plan.num_layers,
+        partial_graphs=partial_graphs,
+    )
+    fn.runtime = runtime  # type: ignore[attr-defined]
+    return fn
+
+
+def compile(  # noqa: A001  (the verb of the API)
+    model: torch.nn.Module,
+    plan: Plan | None = None,
+    *,
+    max_length: int | None = None,
+    backend: str = "inductor",
+    mode: str | None = None,
+    fuse_linear: bool | None = None,
+) -> torch.nn.Module:
+    """Compile an HF causal LM so that every attention layer runs the plan. Returns the model.
+
+    ``plan`` None: the plan that travels with the model, ``moa_plan.json`` in the folder the
+    model was loaded from (``model.name_or_path``; :meth:`Plan.save_pretrained`), or a
+    ValueError saying none is there.
+
+    The model is switched to sdpa attention for tracing (models with logit soft-capping, like
+    Gemma 2, to a registered SDPA variant: the cap is applied by moa-flex attention).
+
+    ``max_length`` (tokens) fixes the planned length N for every call (inputs longer than it
+    raise); by default N is each call's input length. ``backend`` is 'inductor' or 'eager'
+    (debugging: the rewritten graph runs without inductor); ``mode`` is an inductor mode.
+    ``fuse_linear``: decode steps run each layer's q/k/v projections as one
+    ``moa_flex::grouped_linear`` and gate/up + SiLU as one ``moa_flex::gated_mlp`` (skinny-GEMM
+    Triton kernels, at most 16 rows; ``moa_flex.passes.linear_pass``); None (default) turns
+    this on for models on CUDA, True forces it (on CPU the ops run their fp32 twins).
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"{type(model).__name__} has no .config; moa_flex.compile expects a transformers model")
+    if plan is None:
+        plan = _plan_of(model)
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a moa_flex.Plan, got {type(plan).__name__}")
+    if getattr(model, "moa_flex", None) is not None:
+        raise ValueError("model is already compiled by moa_flex; call moa_flex.uncompile(model) first")
+    plan.check_model(config)
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be >= 1 tokens, got {max_length}")
+    if backend not in ("inductor", "eager"):
+        raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
+    hooked = [name for name, m in model.named_modules() if getattr(m, "_hf_hook", None) is not None]
+    if hooked:
+        raise ValueError(
+            f"the model carries accelerate hooks (device_map / offloading; first on {hooked[0] or 'the model'!r}), which "
+            "torch.compile cannot trace into one graph (they call torch.compiler.disable); load the model on one "
+            "device, or spread its layers with plain forward pre-hooks that move activations"
+        )
+    if model.training:
+        raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
+
+    impl = getattr(config, "_attn_implementation", None)
+    wanted = "sdpa"
+    if getattr(config, "attn_logit_softcapping", None):
+        _register_traced_attention()
+        wanted = TRACED_ATTENTION
+    if impl != wanted:
+        model.set_attn_implementation(wanted)
+    runtime = MoaRuntime(plan)
+    runtime.planned_length = max_length
+    state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
+                          cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward))
+    caps, windows = softcaps(config, plan.num_layers), model_windows(config, plan.num_layers)
+    prefill = make_backend(
+        plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
+        softcaps=caps, windows=windows,
+    )
+    decode = make_decode_backend(  # CUDA graphs of decode steps are moa-flex's own (step_graph.py)
+        plan, inner=backend, mode=_without_cudagraphs(mode), on_report=state.decode_reports.append, softcaps=caps, windows=windows,
+        fuse_linear=fuse_linear,
+    )
+    state.compiled_forward = torch.compile(state.original_forward, backend=prefill, dynamic=True, fullgraph=True)
+    state.compiled_decode = torch.compile(state.original_forward, backend=decode, dynamic=True, fullgraph=True)
+    model.forward = functools.wraps(state.original_forward)(functools.partial(_forward, state))
+    if state.original_generate is not None:
+        model.generate = functools.wraps(state.original_generate)(functools.partial(_generate, model, state))
+    model.moa_flex = state
+    return model
+
+
+def _plan_of(model: torch.nn.Module) -> Plan:
+    """The plan saved in the folder the model was loaded from (``moa_plan.json``)."""
+    folder = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or ""
+    if not folder:
+        raise ValueError("no plan given and the model was not loaded from a folder (name_or_path is empty): pass a "
+                         "plan, e.g. moa_flex.compile(model, moa_flex.plans.load(...)) or Plan.load(path)")
+    if not os.path.isdir(folder):
+        raise ValueError(f"no plan given and the model's name_or_path {folder!r} is not a local folder that could hold "
+                         "moa_plan.json: pass a plan")
+    return Plan.from_pretrained(folder)
+
+
+def uncompile(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo moa_flex.compile: original forward/generate and attention implementation."""
+    state: CompiledState | None = getattr(model, "moa_flex", None)
+    if state is None:
+        raise ValueError("model was not compiled by moa_flex.compile")
+    for name in ("forward", "generate"):
+        if name in model.__dict__:
+            del model.__dict__[name]
+    if state.original_attn_implementation and state.original_attn_implementation != model.config._attn_implementation:
+        model.set_attn_implementation(state.original_attn_implementation)
+    state.runtime.close()
+    state.release_cache()
+    del model.moa_flex
+    return model
+
+
+def _without_cudagraphs(mode: str | None) -> str | None:
+    """Inductor's mode without its CUDA graphs: prefill shapes change with every prompt, and
+    decode steps are captured whole by moa-flex (:mod:`moa_flex.runtime.step_graph`)."""
+    return {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode or "", mode)

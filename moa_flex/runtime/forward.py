@@ -1,0 +1,154 @@
+"""The compiled model's forward: a plain call (no cache, or a prefill) or a decode step.
+
+``moa_flex.compile`` replaces ``model.forward`` by :func:`forward` (bound to the model's
+:class:`~moa_flex.runtime.state.CompiledState`). Calls without a
+:class:`~moa_flex.runtime.cache.MoaCache` run the prefill graph; calls with one run the prefill
+graph once (planned for the cache's length), then one decode graph per step, replayed from a
+captured CUDA graph once the steps are steady (:mod:`moa_flex.runtime.step_graph`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from typing import Any
+
+import torch
+import torch.fx.experimental._config as fx_config
+
+from .cache import MoaCache
+from .state import CompiledState
+from .step_graph import StepGraph, graph_device, step_signature
+
+
+def dynamo_policy() -> Any:
+    """Around every compiled call: room for moa-flex's graphs (all HF forwards share one code
+    object, so several compiled models share dynamo's per-code recompile limit), an error
+    instead of dynamo's silent eager fallback (which would run dense attention), and no duck
+    sizing of the cache's shapes."""
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))
+    # No "duck sizing": equal cache widths across layers (a dense plan) must not become guards
+    # that a plan with other widths then fails, recompiling the model.
+    stack.enter_context(fx_config.patch(use_duck_shape=False))
+    return stack
+
+
+RECOMPILE_LIMIT = 64
+
+
+def forward(state: CompiledState, *args: Any, **kwargs: Any) -> Any:
+    """The compiled model's forward: plain (no cache / prefill) or a decode step over a MoaCache."""
+    if state.cache_arg != "past_key_values" and "past_key_values" in kwargs:  # the pre-5.24 name, still accepted
+        if kwargs.get(state.cache_arg) is not None:
+            raise ValueError(f"pass the cache once: got both past_key_values and {state.cache_arg}")
+        kwargs[state.cache_arg] = kwargs.pop("past_key_values")
+    cache = kwargs.get(state.cache_arg)
+    if isinstance(cache, MoaCache):
+        return _forward_with_cache(state, cache, args, kwargs)
+    with dynamo_policy():
+        return state.compiled_forward(*args, **kwargs)
+
+
+def _input_length(args: tuple, kwargs: dict) -> int:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if ids is None:
+        raise ValueError("forward needs input_ids or inputs_embeds")
+    return int(ids.shape[1])
+
+
+def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwargs: dict) -> Any:
+    if cache.plan is not state.plan and cache.plan != state.plan:
+        raise ValueError("the MoaCache was built for another plan than the model's (model.moa_flex.set_plan?)")
+    n = _input_length(args, kwargs)
+    if cache.seen_tokens + n > cache.planned_length:
+        raise ValueError(
+            f"generating past the planned length: {cache.seen_tokens} tokens seen + {n} new > planned length "
+            f"{cache.planned_length}; plan the request for more tokens (max_new_tokens, or compile's max_length)"
+        )
+    if cache.filled:
+        if n != 1:
+            raise NotImplementedError(
+                "moa-flex: a prefill of several tokens onto a filled MoA cache (multi-turn) is not supported; "
+                "generate again from the whole conversation"
+            )
+        out = _decode_step(state, cache, _as_kwargs(state, args, kwargs), n)
+    else:
+        before = state.runtime.planned_length
+        state.runtime.planned_length = cache.planned_length
+        try:
+            with dynamo_policy():
+                out = state.compiled_forward(*args, **kwargs)
+        finally:
+            state.runtime.planned_length = before
+    cache.mark_filled(n)
+    return out
+
+
+def _as_kwargs(state: CompiledState, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name (HF's generate passes names only; positional ones are
+    named from the original forward's signature)."""
+    if not args:
+        return dict(kwargs)
+    names = list(inspect.signature(state.original_forward).parameters)
+    if len(args) > len(names):
+        raise TypeError(f"forward takes at most {len(names)} positional arguments, got {len(args)}")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) -> Any:
+    """One decode step: compiled graph for the first steps of a request, then (CUDA graphs
+    on, one device) replays of a captured :class:`~moa_flex.step_graph.StepGraph`."""
+    kwargs.pop("attention_mask", None)  # the cache holds each row's padding
+    if kwargs.get("position_ids") is None and kwargs.get("cache_position") is None:
+        # HF's default (the cache's token count) as a tensor: a Python int would be baked in
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        kwargs["position_ids"] = torch.arange(cache.seen_tokens, cache.seen_tokens + n, device=ids.device).unsqueeze(0)
+    signature = step_signature(kwargs)
+    graph = cache.step_graph
+    if graph is not None and graph.signature == signature:
+        return graph(kwargs)
+    same = cache.decode_signature == signature
+    cache.decode_steps = cache.decode_steps + 1 if same else 1
+    cache.decode_signature = signature
+    cache.step_graph = None
+    if state.cudagraphs and cache.decode_steps == 3:  # once per run of same-signature steps, not every step
+        device = graph_device(kwargs, cache.tensors())
+        if device is not None:
+            with dynamo_policy():
+                cache.step_graph, out = StepGraph.capture(state.compiled_decode, kwargs, device)
+            return out
+        _warn_once(state, "decode steps run without CUDA graphs: the model's layers or inputs are on several "
+                          "devices (or not on a GPU); a CUDA graph is captured on one device only")
+    # steady steps (same cache, same signature) skip re-evaluating Dynamo's guards: every guarded
+    # property is as in the previous step (about 0.1 ms per layer of guard work, bench/RESULTS.md)
+    stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if cache.decode_steps >= 3 \
+        else contextlib.nullcontext()
+    with stance, dynamo_policy():
+        return state.compiled_decode(**kwargs)
+
+
+def captured_step(model: torch.nn.Module, state: CompiledState, cache: MoaCache, kwargs: dict) -> Any:
+    """The :class:`~moa_flex.step_graph.StepGraph` that ``model(**kwargs)`` would replay for this
+    decode step, or None (no graph captured yet, other arguments, or forward hooks on the
+    model, which run outside the graph). A caller holding it may replay it directly
+    (``replay_static``) for as long as it passes tensors of the same shapes, and must then call
+    ``cache.mark_filled(1)`` after each step, as the forward does."""
+    graph = cache.step_graph
+    if graph is None or not cache.filled or cache.plan is not state.plan:
+        return None
+    hooks = (model._forward_hooks, model._forward_pre_hooks, torch.nn.modules.module._global_forward_hooks,
+             torch.nn.modules.module._global_forward_pre_hooks)
+    if any(hooks):
+        return None
+    return graph if graph.signature == step_signature(kwargs) else None
+
+
+def _warn_once(state: CompiledState, message: str) -> None:
+    if message not in state.warned:
+        state.warned.add(message)
+        warnings.warn(f"moa-flex: {message}", stacklevel=4)

@@ -1,0 +1,191 @@
+"""Every torch.library op of moa-flex, registered in one place.
+
+The ops are what the compile passes put into traced graphs (``torch.ops.moa_flex.*``):
+opaque to inductor, each with a fake implementation for tracing. Their bodies dispatch to
+the pure-torch implementations (CPU, and the oracles of the tests) or to the Triton kernels
+(CUDA), which live with their concepts:
+
+=====================================  ==========================================================
+op                                     implementation
+=====================================  ==========================================================
+``moa_flex::attention``                :class:`moa_flex.runtime.attention.MoaRuntime` (FlexAttention)
+``moa_flex::mask_info``                :func:`moa_flex.masks.padding_info`
+``moa_flex::cache_prefill``            :func:`moa_flex.runtime.slots.cache_prefill_reference`
+``moa_flex::cache_append``             :mod:`moa_flex.kernels.append` / :func:`~moa_flex.runtime.slots.cache_append_reference`
+``moa_flex::ragged_decode``            :mod:`moa_flex.kernels.decode` (kernel and twin)
+``moa_flex::grouped_linear``           :mod:`moa_flex.kernels.linear` (kernel and twin)
+``moa_flex::gated_mlp``                :mod:`moa_flex.kernels.linear` (kernel and twin)
+``moa_flex::unpacked_rows``            :func:`unpacked_rows` (here: a check of HF's packed-sequence tensors)
+=====================================  ==========================================================
+
+``moa_flex::attention`` finds its plan through :data:`RUNTIMES`: graphs hold only a runtime's
+integer id, so a plan is data that can change without recompiling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moa_flex.kernels.append import cache_append_triton
+from moa_flex.kernels.decode import check_decode_inputs, ragged_decode_reference, ragged_decode_triton
+from moa_flex.kernels.linear import (
+    check_gated_inputs, check_linear_inputs, gated_mlp, gated_mlp_reference, grouped_linear, grouped_linear_reference,
+)
+from moa_flex.masks import padding_info
+
+from .slots import cache_append_reference, cache_prefill_reference
+
+RUNTIMES: dict[int, Any] = {}  # runtime id -> MoaRuntime (moa_flex.runtime.attention)
+
+
+def _device_error(op: str, device: torch.device) -> ValueError:
+    return ValueError(f"moa_flex::{op} runs on CUDA or CPU tensors, got {device}")
+
+
+# ------------------------------------------------------------------------------ attention
+@torch.library.custom_op("moa_flex::attention", mutates_args=())
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+    scale: float, layer: int, runtime_id: int, softcap: float, info: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """moa-flex attention of ``layer`` under the plan of runtime ``runtime_id``: q [B, H, Q, D],
+    k/v [B, KVH, K, D] -> [B, H, Q, Dv]; ``info`` is ``mask_info(attn_mask)`` when the graph
+    computed it."""
+    runtime = RUNTIMES.get(runtime_id)
+    if runtime is None:
+        raise RuntimeError(f"moa-flex runtime {runtime_id} is gone (model uncompiled?); compile the model again")
+    return runtime.attention(q, k, v, attn_mask, scale, layer, softcap, info).contiguous()
+
+
+@attention.register_fake
+def _(q, k, v, attn_mask, scale, layer, runtime_id, softcap, info=None):  # noqa: ANN001, ANN202
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("moa_flex::mask_info", mutates_args=())
+def mask_info(attn_mask: torch.Tensor) -> torch.Tensor:
+    """A model's mask -> LongTensor [B + 1]: left pads per row, then 1 if exactly causal + left
+    padding (:func:`moa_flex.masks.padding_info`)."""
+    return padding_info(attn_mask)
+
+
+@mask_info.register_fake
+def _(attn_mask):  # noqa: ANN001, ANN202
+    return attn_mask.new_empty((attn_mask.shape[0] + 1,), dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------ the cache
+@torch.library.custom_op("moa_flex::cache_prefill", mutates_args=("keys", "values", "length"))
+def cache_prefill(
+    keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+    pads: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
+) -> None:
+    """Write the kept tokens of a prompt (k_new/v_new [B, G, Q, D]) into an empty layer cache."""
+    cache_prefill_reference(keys, values, length, k_new, v_new, pads, caps, offsets, sink)
+
+
+@cache_prefill.register_fake
+def _(keys, values, length, k_new, v_new, pads, caps, offsets, sink):  # noqa: ANN001, ANN202
+    return None
+
+
+@torch.library.custom_op("moa_flex::cache_append", mutates_args=("keys", "values", "length"))
+def cache_append(
+    keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+    spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
+) -> None:
+    """Write one new token per row (``k_new``/``v_new`` [B, G, 1, D], logical position
+    ``length[b]``) into its slot of every group, then ``length += 1``. CUDA: one Triton
+    kernel; CPU: the torch twin.
+
+    ``spans`` [B, H] is not used here: it is the layout the compile pass hands, with the
+    tensors this op mutated, to the layer's decode attention.
+    """
+    if keys.device.type == "cuda":
+        cache_append_triton(keys, values, length, k_new, v_new, caps, offsets, sink)
+    else:
+        cache_append_reference(keys, values, length, k_new, v_new, caps, offsets, sink)
+
+
+@cache_append.register_fake
+def _(keys, values, length, k_new, v_new, spans, caps, offsets, sink):  # noqa: ANN001, ANN202
+    return None
+
+
+# ------------------------------------------------------------------------------ decode
+@torch.library.custom_op("moa_flex::ragged_decode", mutates_args=())
+def ragged_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, caps: torch.Tensor,
+    spans: torch.Tensor, pos: torch.Tensor, sink: int, window: int, scale: float, softcap: float,
+) -> torch.Tensor:
+    """Ragged MoA decode: q [B, H, D] -> [B, H, Dv]. CUDA: Triton; CPU: the twin."""
+    if q.device.type == "cuda":
+        return ragged_decode_triton(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+    if q.device.type == "cpu":
+        return ragged_decode_reference(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+    raise _device_error("ragged_decode", q.device)
+
+
+@ragged_decode.register_fake
+def _(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap):  # noqa: ANN001, ANN202
+    check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+# ------------------------------------------------------------------------------ linear layers
+@torch.library.custom_op("moa_flex::grouped_linear", mutates_args=())
+def grouped_linear_op(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[x @ w.T for w in weights]``, x [..., K] -> [..., N_i]. CUDA: Triton; CPU: the twin."""
+    if x.device.type == "cuda":
+        return grouped_linear(x, weights)
+    if x.device.type == "cpu":
+        return grouped_linear_reference(x, weights)
+    raise _device_error("grouped_linear", x.device)
+
+
+@grouped_linear_op.register_fake
+def _(x, weights):  # noqa: ANN001, ANN202
+    check_linear_inputs(x, weights)
+    return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+
+
+@torch.library.custom_op("moa_flex::gated_mlp", mutates_args=())
+def gated_mlp_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """``silu(x @ w_gate.T) * (x @ w_up.T)``, x [..., K] -> [..., N]. CUDA: Triton; CPU: the twin."""
+    if x.device.type == "cuda":
+        return gated_mlp(x, w_gate, w_up)
+    if x.device.type == "cpu":
+        return gated_mlp_reference(x, w_gate, w_up)
+    raise _device_error("gated_mlp", x.device)
+
+
+@gated_mlp_op.register_fake
+def _(x, w_gate, w_up):  # noqa: ANN001, ANN202
+    check_gated_inputs(x, w_gate, w_up)
+    return x.new_empty(*x.shape[:-1], w_gate.shape[0])
+
+
+# ------------------------------------------------------------------------------ HF packed sequences
+@torch.library.custom_op("moa_flex::unpacked_rows", mutates_args=())
+def unpacked_rows(seq: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    """HF's packed-sequence tensors [B, K] -> an all-true padding mask [B, K] (bool), after
+    checking every row holds one sequence with consecutive positions (so HF's packed mask is
+    exactly causal); ValueError otherwise. ``pos`` None: sequence ids only (transformers <
+    5.24, whose packed mask is causal over token indices)."""
+    ok = (seq == seq[:, :1]).all(-1)  # one sequence per row
+    if pos is not None:
+        ok = ok & (pos.diff(dim=-1) == 1).all(-1)  # with consecutive positions
+    bad = (~ok).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"moa-flex: rows {bad} hold packed sequences (position_ids restart or jump inside the row); "
+            "the plan runs one sequence per row: pass an attention_mask, or one sequence per row"
+        )
+    return torch.ones_like(seq, dtype=torch.bool)
+
+
+@unpacked_rows.register_fake
+def _(seq, pos):  # noqa: ANN001, ANN202
+    return torch.empty_like(seq, dtype=torch.bool)

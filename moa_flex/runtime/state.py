@@ -1,0 +1,51 @@
+"""What ``moa_flex.compile`` attaches to a model: ``model.moa_flex``, a :class:`CompiledState`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from moa_flex.plan import Plan
+
+from .attention import MoaRuntime
+from .cache import MoaCache
+
+
+@dataclass
+class CompiledState:
+    """What moa_flex.compile attached to a model (``model.moa_flex``)."""
+
+    plan: Plan
+    runtime: MoaRuntime
+    original_forward: Callable
+    original_generate: Callable | None
+    original_attn_implementation: str | None
+    max_length: int | None = None
+    reports: list = field(default_factory=list)
+    decode_reports: list = field(default_factory=list)
+    compiled_forward: Callable | None = None
+    compiled_decode: Callable | None = None
+    cache: MoaCache | None = None  # the last request's cache, reused when the next has the same layout
+    cudagraphs: bool = False  # decode steps replay a CUDA graph (mode "reduce-overhead"/"max-autotune")
+    cache_arg: str = "past_key_values"  # the forward's name for its Cache ("cache" from transformers 5.24 on)
+    warned: set = field(default_factory=set)
+
+    def release_cache(self) -> None:
+        """Free the KV cache kept from the last generate() call."""
+        self.cache = None
+
+    def set_plan(self, plan: Plan) -> None:
+        """Run another plan for the same model without recompiling (plans are data: the graph
+        holds only the runtime's id). The plan must fit the model; sink may differ."""
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a moa_flex.Plan, got {type(plan).__name__}")
+        plan.check_model(self.plan.model)
+        self.plan = plan
+        self.runtime.set_plan(plan)
+        self.cache = None
+
+    def report(self, N: int) -> str:
+        """Per layer: the node the pass rewrote and its spans at planned length N (tokens)."""
+        if not self.reports:
+            return "(nothing traced yet: run a forward first)"
+        return self.reports[-1].table(self.plan, N)

@@ -1,0 +1,89 @@
+"""What the passes share about traced graphs: attention nodes, their decoder layer, effects.
+
+Every attention call of a traced HF decoder is mapped to its layer through the node's
+``nn_module_stack`` metadata (``model.layers.7.self_attn`` -> layer 7). Dead-code
+elimination keeps the mutating custom ops (the cache writes) that FX would drop.
+:class:`PassReport` records what a pass rewrote.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from moa_flex.plan import Plan
+
+SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+_LAYER = re.compile(r"layers(?:\.|\[)'?(\d+)'?\]?")
+
+
+@dataclass
+class RewrittenNode:
+    """One attention call the pass replaced."""
+
+    layer: int
+    node: str
+    module: str
+
+
+@dataclass
+class PassReport:
+    """What the pass did to one traced graph."""
+
+    rewritten: list[RewrittenNode] = field(default_factory=list)
+    graph_module: torch.fx.GraphModule | None = None
+
+    def table(self, plan: Plan, N: int) -> str:
+        """Per layer: the node rewritten, its module and the spans at planned length N (tokens)."""
+        spans = plan.head_spans(N)
+        lines = [f"{'layer':>5}  {'node':<28} {'module':<34} spans@{N}"]
+        for r in sorted(self.rewritten, key=lambda r: r.layer):
+            s = spans[r.layer].tolist()
+            text = ",".join(map(str, s)) if len(set(s)) > 1 else f"{s[0]} (all heads)"
+            lines.append(f"{r.layer:>5}  {r.node:<28} {r.module:<34} {text}")
+        return "\n".join(lines)
+
+
+def keeps_effects(node: torch.fx.Node) -> bool:
+    """Whether dead-code elimination must keep ``node``: FX's own rule, plus calls of a
+    mutating op recorded through its ``OpOverloadPacket`` (how Dynamo records custom ops such
+    as ``moa_flex::cache_prefill``; torch 2.11's FX treats those as pure and drops them)."""
+    if node.is_impure():
+        return True
+    target = node.target
+    if node.op == "call_function" and isinstance(target, torch._ops.OpOverloadPacket):
+        return "default" in target.overloads() and target.default._schema.is_mutable
+    return False
+
+
+def eliminate_dead_code(graph: torch.fx.Graph) -> None:
+    """FX dead-code elimination that keeps every mutating call (:func:`keeps_effects`)."""
+    graph.eliminate_dead_code(is_impure_node=keeps_effects)
+
+
+def attention_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The scaled_dot_product_attention call nodes of a graph, in order."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+
+
+def node_layer(node: torch.fx.Node) -> tuple[int, str]:
+    """(decoder layer index, module path) of an attention node, from its module stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _type in reversed(list(stack.values())):
+        m = _LAYER.search(str(path))
+        if m:
+            return int(m.group(1)), str(path).replace("L['self'].", "")
+    raise ValueError(
+        f"attention node {node.name} has no decoder layer in its module stack ({list(stack.values())}); "
+        "moa-flex maps attention calls to layers through module paths like 'model.layers.7.self_attn'"
+    )
+
+
+def arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
