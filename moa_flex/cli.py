@@ -158,7 +158,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
             max_new_tokens=args.max_new_tokens, validation_length=args.validation_length,
             validation_samples=args.validation_samples, sink=args.sink, span_multiple=args.span_multiple,
             min_span=args.min_span, max_rules_per_layer=args.max_rules_per_layer, profile=profile_path,
-            time_limit=args.time_limit, progress=not args.quiet,
+            time_limit=args.time_limit, progress=not args.quiet, backend=args.backend,
         )
     finally:
         if bars:
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rules-per-layer", type=int, default=2, help="distinct rules per layer (MoA: 2)")
     p.add_argument("--device", default=None, help="torch device of the model (default: where it loads, the CPU)")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per optimizer solve")
+    p.add_argument("--backend", default="inductor", choices=["inductor", "eager"],
+                   help="moa_flex.compile backend of the validation runs (eager: no compile, for short samples)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
     p.add_argument("-o", "--output", default=None,
                    help="the plan JSON to write (also OUT.profile.safetensors); default: MODEL_DIR/moa_plan.json, where "
@@ -260,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", type=int, default=DemoConfig.sink, help="plans' sink tokens")
     p.add_argument("--span-multiple", type=int, default=DemoConfig.span_multiple, help="plans' span granularity (tokens)")
     p.add_argument("--min-span", type=int, default=DemoConfig.min_span, help="plans' smallest span (tokens)")
+    p.add_argument("--backend", default="inductor", choices=["inductor", "eager"],
+                   help="moa_flex.compile backend of the accuracy runs (eager: no compile, for short runs and debugging)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_demo)
     return ap
@@ -271,7 +275,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(DemoConfig(model_dir=args.model_dir, out=args.out, densities=args.densities, lengths=args.lengths,
                         depths=args.depths, samples=args.samples, profile_lengths=args.profile_lengths,
                         calibration_samples=args.calibration_samples, sink=args.sink, span_multiple=args.span_multiple,
-                        min_span=args.min_span, progress=not args.quiet))
+                        min_span=args.min_span, progress=not args.quiet, backend=args.backend))
 
 
 def main(argv: list[str] | None = None) -> int:

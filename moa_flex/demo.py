@@ -66,6 +66,7 @@ class DemoConfig:
     span_multiple: int = DEMO_SPAN_MULTIPLE
     min_span: int = DEMO_MIN_SPAN
     progress: bool = True
+    backend: str = "inductor"  # moa_flex.compile's backend for the accuracy runs ('eager': tests, debugging)
     timings: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -163,7 +164,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     say("[4/4] retrieval accuracy: MoA and uniform plans through moa_flex.compile")
     first = next(iter(plans.values()))
-    compile_model(model, first)
+    compile_model(model, first, backend=cfg.backend)
     try:
         for name, plan in plans.items():
             model.moa_flex.set_plan(plan)

@@ -159,6 +159,7 @@ def compress(
     profile: Profile | str | os.PathLike | None = None,
     time_limit: float = 60.0,
     progress: bool = True,
+    backend: str = "inductor",
 ) -> Plan:
     """The MoA plan of a dense HF causal LM (eval mode) under a KV budget.
 
@@ -187,7 +188,8 @@ def compress(
     ``profile``: a :class:`~moa_flex.profile.Profile` to reuse (no profiling), or a path: a
     profile there for this model, data and binning is reused, else the run profiles and
     writes it there (and resumes from ``<path>.partial`` after a crash). ``progress``: tqdm
-    bars and stage lines on stderr. The budget is checked in seconds, before any profiling: a
+    bars and stage lines on stderr. ``backend``: how validation runs the plans
+    (``moa_flex.compile``'s backend; 'eager' skips inductor's compile, for short samples). The budget is checked in seconds, before any profiling: a
     density no plan meets raises ValueError naming the smallest feasible one.
 
     Returns the selected plan; ``meta["compress"]`` records the run and every Pareto plan's
@@ -248,7 +250,7 @@ def compress(
 
     if validation_len:
         say(f"[4/4] validate {len(plans)} plan(s) on {len(val)} held-out samples of <= {validation_len} tokens")
-        best, _ = validate(model, plans, val, length=validation_len, progress=progress)
+        best, _ = validate(model, plans, val, length=validation_len, progress=progress, backend=backend)
         chosen_by = f"lowest validation loss at {validation_len} tokens"
     else:
         longest = str(max(lengths))

@@ -16,3 +16,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _many_compiles():  # noqa: ANN202
+    """Tests compile many fresh models; all HF forwards share one transformers wrapper code
+    object, so dynamo's per-code recompile limit (8) is raised for every test."""
+    with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
+        yield

@@ -15,25 +15,9 @@ from moa_flex.data.calibration import answer_samples, calibration_set, synthetic
 from moa_flex.data.samples import PLAIN_QUESTION, Sample, format_sample, load_jsonl
 from moa_flex.data import synthetic as syn
 from moa_flex.data.synthetic import Task, answer_ids, make_sample, task_for_vocab
-
-WORDS = ("the cat sat on a mat and dog ran far away over hill where is it who what Question: Answer: "
-         "<|user|> <|assistant|> <|end|> red blue green one two three").split()
-CHAT_TEMPLATE = ("{{ bos_token }} {% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def make_tokenizer(chat: bool) -> transformers.PreTrainedTokenizerFast:
-    """A local word-level tokenizer (whitespace split), BOS added to every encoding."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {w: i for i, w in enumerate(["[UNK]", "<s>", "</s>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
-    fast.chat_template = CHAT_TEMPLATE if chat else None
-    return fast
-
+from reference import greedy
+from tiny_models import tiny_model
+from word_tokenizers import make_tokenizer
 
 def ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
@@ -169,30 +153,13 @@ def test_synthetic_samples_refuse_impossible_requests():
         synthetic_samples(64, 200, 0)
 
 
-def tiny_model() -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=32,
-                                      intermediate_size=64, vocab_size=64, max_position_embeddings=512,
-                                      bos_token_id=0, eos_token_id=5)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def greedy(model, prompt: torch.Tensor, max_new_tokens: int, eos: int) -> list[int]:
-    """Independent greedy decoding: full forward per step, argmax, stop after EOS."""
-    seq = prompt.tolist()
-    out = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            nxt = int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax())
-            out.append(nxt)
-            seq.append(nxt)
-            if nxt == eos:
-                break
-    return out
+def calibration_model() -> transformers.PreTrainedModel:
+    """The tiny Llama with a 64-token vocabulary (the synthetic task's), EOS token 5."""
+    return tiny_model(heads=2, kv_heads=1, vocab=64, intermediate=64, max_positions=512, bos_token_id=0, eos_token_id=5)
 
 
 def test_answers_are_the_dense_models_greedy_continuation():
-    model = tiny_model()
+    model = calibration_model()
     prompts = synthetic_samples(64, 30, 4, seed=1, num_records=2)
     answered = answer_samples(model, prompts, max_new_tokens=7, progress=False)
     for p, a in zip(prompts, answered):
@@ -205,7 +172,7 @@ def test_answers_are_the_dense_models_greedy_continuation():
 
 
 def test_calibration_set_buckets_by_length():
-    model = tiny_model()
+    model = calibration_model()
     samples = [synthetic_samples(64, n, 1, seed=n, num_records=2)[0] for n in (30, 50, 80)]
     calib = calibration_set(model, samples, [64, 36], max_new_tokens=6, progress=False)
     assert sorted(calib) == [36, 64]

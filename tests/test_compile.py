@@ -2,134 +2,24 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import transformers
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import moa_flex
-from moa_flex.masks import reference_mask
 from moa_flex.plan import ModelShape, Plan
 from moa_flex.runtime.attention import length_bucket
+from reference import reference_logits
+from tiny_models import D, EAGER_ONLY, FAMILIES, H, KVH, L, SEQ, WINDOWED, dense_mask_nodes, ids_of, sparse_plan, tiny_model
 
-L, H, KVH, D = 2, 4, 2, 16
-SEQ = 300  # one length bucket (384) shared by most tests, to limit compiles
-
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": D}),
-    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"sliding_window": None, "pad_token_id": 0}),
-    # soft-capping, query_pre_attn_scalar scale, and every other layer a 128-token window of its own
-    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
-               {"head_dim": D, "sliding_window": 128, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 0.5}),
-}
-EAGER_ONLY = {"gemma2"}
-WINDOWED = {"gemma2"}  # layers with a window of the model's own keep the model's mask  # HF's sdpa refuses soft-capping: the stock model runs eager
-
-
-@pytest.fixture(autouse=True)
-def _many_compiles():
-    """Every test compiles fresh models; all HF forwards share one transformers wrapper code
-    object, so dynamo's per-code recompile limit (8) is raised for this module."""
-    with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
-        yield
-
-
-def make_model(family: str, kv_heads: int = KVH) -> transformers.PreTrainedModel:
-    config_cls, model_cls, extra = FAMILIES[family]
-    config = config_cls(
-        num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=kv_heads, hidden_size=H * D,
-        intermediate_size=128, vocab_size=128, max_position_embeddings=4096, **extra,
-    )
-    config._attn_implementation = "eager" if family in EAGER_ONLY else "sdpa"
-    torch.manual_seed(0)
-    return model_cls(config).eval()
-
-
-def sparse_plan(config: transformers.PretrainedConfig, granularity: str, seed: int = 0) -> Plan:
-    """Heterogeneous spans well below SEQ, so the masks really cut."""
-    shape = ModelShape.from_config(config)
-    g = shape.num_kv_heads if granularity == "kv_head" else shape.num_heads
-    gen = torch.Generator().manual_seed(seed)
-    alpha = (torch.randint(-2, 6, (shape.num_layers, g), generator=gen) * 16).double().tolist()
-    beta = (torch.randint(0, 5, (shape.num_layers, g), generator=gen) / 8).tolist()
-    return Plan(shape, alpha, beta, granularity=granularity, sink=16, min_span=32, span_multiple=16)
-
-
-_REF_PLAN: dict[str, Plan] = {}
-
-
-def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ANN201
-    """Independent eager attention: float64 softmax with reference_mask of the plan in _REF_PLAN,
-    ANDed with the model's own mask; left padding handled by shifting each row's positions.
-    The request is planned for _REF_PLAN["N"] tokens (default: the input length), each row for
-    that minus its left pad."""
-    plan = _REF_PLAN["plan"]
-    B, _, Q, _ = query.shape
-    K = key.shape[2]
-    group = query.shape[1] // key.shape[1]
-    k = key.repeat_interleave(group, 1).double()
-    v = value.repeat_interleave(group, 1).double()
-    scores = (query.double() @ k.transpose(-1, -2)) * (scaling or 1 / math.sqrt(query.shape[-1]))
-    if kwargs.get("softcap"):
-        scores = kwargs["softcap"] * torch.tanh(scores / kwargs["softcap"])
-    allowed = torch.ones(B, 1, Q, K, dtype=torch.bool, device=query.device) if attention_mask is None else (
-        attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    )
-    keep = torch.zeros(B, plan.num_heads, Q, K, dtype=torch.bool, device=query.device)
-    pads = _REF_PLAN.get("pads") or [0] * B
-    N = _REF_PLAN.get("N") or K
-    for b, pad in enumerate(pads):
-        n = K - pad  # real tokens of the row (a forward without cache: Q == K)
-        keep[b, :, pad:, pad:] = reference_mask(plan, module.layer_idx, N - pad, n, 0, n).to(query.device)
-    mask = keep & allowed
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
-    out = (probs @ v).to(query.dtype)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register("moa_reference", reference_attention)
-# The reference receives the mask HF builds for SDPA (causal, padding, the model's own window).
-AttentionMaskInterface.register("moa_reference", sdpa_mask)
-
-
-def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | None = None, **inputs) -> torch.Tensor:  # noqa: ANN001
-    """Logits with reference_attention, through the model's uncompiled forward; ``pads``:
-    left-pad tokens per row (from the 2-D mask); ``N``: planned length (default: input length)."""
-    _REF_PLAN.update(plan=plan, pads=pads, N=N)
-    before = model.config._attn_implementation
-    model.set_attn_implementation("moa_reference")
-    state = getattr(model, "moa_flex", None)
-    forward = state.original_forward if state is not None else model
-    try:
-        with torch.no_grad():
-            return forward(**inputs, use_cache=False).logits
-    finally:
-        model.set_attn_implementation(before)
-
-
-def dense_mask_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """Nodes of a graph that produce a 4-D bool tensor (a dense attention mask)."""
-    out = []
-    for n in gm.graph.nodes:
-        val = n.meta.get("val", n.meta.get("example_value"))
-        if isinstance(val, torch.Tensor) and val.dim() == 4 and val.dtype == torch.bool:
-            out.append(n)
-    return out
-
-
-def ids_of(length: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+EAGER = {"backend": "eager"}  # semantics tests: no inductor (its whole-model path is tested once per kind)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_dense_and_sparse_plans(family: str) -> None:
-    model = make_model(family)
+    """Dense plan == stock model, then (set_plan, same graph) sparse plan == the reference;
+    Llama through inductor (the whole-model prefill path), the other families with
+    backend='eager'."""
+    model = tiny_model(family)
     ids = ids_of(SEQ)
     with torch.no_grad():
         stock = model(input_ids=ids, use_cache=False).logits
@@ -137,33 +27,25 @@ def test_dense_and_sparse_plans(family: str) -> None:
     want = reference_logits(model, plan, input_ids=ids)
     assert (want - stock).abs().max() > 1e-3, "the sparse plan must change the logits"
 
-    moa_flex.compile(model, Plan.dense(model.config))
+    moa_flex.compile(model, Plan.dense(model.config), backend="inductor" if family == "llama" else "eager")
     with torch.no_grad():
         assert (model(input_ids=ids, use_cache=False).logits - stock).abs().max() <= 1e-5
-    report = model.moa_flex.reports[-1]
-    assert sorted(r.layer for r in report.rewritten) == list(range(L)), "one attention node per layer"
-    moa_flex.uncompile(model)
-
-    moa_flex.compile(model, plan)
-    with torch.no_grad():
+        report = model.moa_flex.reports[-1]
+        assert sorted(r.layer for r in report.rewritten) == list(range(L)), "one attention node per layer"
+        if family not in WINDOWED:
+            assert not dense_mask_nodes(report.graph_module), "no dense mask is built"
+        model.moa_flex.set_plan(plan)
         got = model(input_ids=ids, use_cache=False).logits
     assert (got - want).abs().max() <= 1e-4
-    if family not in WINDOWED:
-        assert not dense_mask_nodes(model.moa_flex.reports[-1].graph_module), "no dense mask is built"
+    assert len(model.moa_flex.reports) == 1, "one graph for both plans"
     moa_flex.uncompile(model)
     assert model.config._attn_implementation == ("eager" if family in EAGER_ONLY else "sdpa")
 
 
 def test_model_sliding_window_is_kept() -> None:
     """A model window (Mistral, 100 tokens < SEQ) is ANDed in: the plan never widens it."""
-    config_cls, model_cls, _ = FAMILIES["mistral"]
-    config = config_cls(
-        num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KVH, hidden_size=H * D,
-        intermediate_size=128, vocab_size=128, sliding_window=100,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = model_cls(config).eval()
+    model = tiny_model("mistral", sliding_window=100)
+    config = model.config
     ids = ids_of(SEQ)
     plan = sparse_plan(config, "kv_head", seed=7)
     want = reference_logits(model, plan, input_ids=ids)
@@ -171,20 +53,20 @@ def test_model_sliding_window_is_kept() -> None:
     with torch.no_grad():
         stock = model(input_ids=ids, use_cache=False).logits
     assert (dense_want - stock).abs().max() <= 1e-4, "reference sees the model's window"
-    moa_flex.compile(model, plan)
+    moa_flex.compile(model, plan, **EAGER)
     with pytest.warns(UserWarning, match="sliding"), torch.no_grad():
         got = model(input_ids=ids, use_cache=False).logits
     assert (got - want).abs().max() <= 1e-4
 
 
 def test_right_padding_takes_the_dense_path() -> None:
-    model = make_model("llama")
+    model = tiny_model("llama")
     plan = sparse_plan(model.config, "kv_head", seed=9)
     ids = ids_of(SEQ)
     mask = torch.ones(2, SEQ, dtype=torch.long)
     mask[1, SEQ - 40 :] = 0
     want = reference_logits(model, plan, [0, 0], input_ids=ids, attention_mask=mask)
-    moa_flex.compile(model, plan)
+    moa_flex.compile(model, plan, **EAGER)
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     assert (got[0] - want[0]).abs().max() <= 1e-4
@@ -194,25 +76,25 @@ def test_right_padding_takes_the_dense_path() -> None:
 @pytest.mark.parametrize("kv_heads,granularity", [(H, "head"), (KVH, "head")])
 def test_per_query_head_plans(kv_heads: int, granularity: str) -> None:
     """MHA, and per-query-head rules on a GQA model (MoA's own plans)."""
-    model = make_model("llama", kv_heads)
+    model = tiny_model("llama", kv_heads=kv_heads)
     ids = ids_of(SEQ)
     plan = sparse_plan(model.config, granularity, seed=3)
     want = reference_logits(model, plan, input_ids=ids)
-    moa_flex.compile(model, plan)
+    moa_flex.compile(model, plan, **EAGER)
     with torch.no_grad():
         got = model(input_ids=ids, use_cache=False).logits
     assert (got - want).abs().max() <= 1e-4
 
 
 def test_left_padded_batch_rows_equal_rows_alone() -> None:
-    model = make_model("llama")
+    model = tiny_model("llama")
     plan = sparse_plan(model.config, "kv_head", seed=5)
     lengths = [SEQ, SEQ - 57]
     ids = ids_of(SEQ)
     mask = torch.ones(2, SEQ, dtype=torch.long)
     mask[1, : SEQ - lengths[1]] = 0
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    moa_flex.compile(model, plan)
+    moa_flex.compile(model, plan, **EAGER)
     with torch.no_grad():
         batch = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
     gm = model.moa_flex.reports[-1].graph_module
@@ -234,7 +116,7 @@ def test_lengths_do_not_recompile_the_model() -> None:
     """Policy: the model graph compiles once (dynamic shapes); FlexAttention once per length bucket."""
     from torch._dynamo.utils import counters
 
-    model = make_model("llama")
+    model = tiny_model("llama")
     plan = sparse_plan(model.config, "kv_head")
     moa_flex.compile(model, plan)
     with torch.no_grad():
@@ -254,11 +136,11 @@ def test_lengths_do_not_recompile_the_model() -> None:
 
 
 def test_set_plan_switches_without_recompiling() -> None:
-    model = make_model("llama")
+    model = tiny_model("llama")
     first, second = sparse_plan(model.config, "kv_head", seed=1), sparse_plan(model.config, "head", seed=2)
     ids = ids_of(SEQ)
     want = reference_logits(model, second, input_ids=ids)
-    moa_flex.compile(model, first)
+    moa_flex.compile(model, first, **EAGER)
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
         model.moa_flex.set_plan(second)
@@ -270,23 +152,24 @@ def test_set_plan_switches_without_recompiling() -> None:
 
 
 def test_backend_in_a_torch_compile_workflow() -> None:
-    model = make_model("qwen2")
+    model = tiny_model("qwen2")
     plan = sparse_plan(model.config, "head", seed=6)
     ids = ids_of(SEQ)
     want = reference_logits(model, plan, input_ids=ids)
-    compiled = torch.compile(model, backend=moa_flex.backend(plan, config=model.config), dynamic=True, fullgraph=True)
+    compiled = torch.compile(model, backend=moa_flex.backend(plan, config=model.config, inner="eager"), dynamic=True,
+                             fullgraph=True)
     with torch.no_grad():
         got = compiled(input_ids=ids, use_cache=False).logits
     assert (got - want).abs().max() <= 1e-4
 
 
 def test_flex_attention_model_is_switched_to_sdpa() -> None:
-    model = make_model("llama")
+    model = tiny_model("llama")
     model.set_attn_implementation("flex_attention")
     plan = sparse_plan(model.config, "kv_head", seed=4)
     ids = ids_of(SEQ)
     want = reference_logits(model, plan, input_ids=ids)
-    moa_flex.compile(model, plan)
+    moa_flex.compile(model, plan, **EAGER)
     assert model.config._attn_implementation == "sdpa"
     with torch.no_grad():
         got = model(input_ids=ids, use_cache=False).logits
@@ -296,7 +179,7 @@ def test_flex_attention_model_is_switched_to_sdpa() -> None:
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
-    model = make_model("llama")
+    model = tiny_model("llama")
     wrong = Plan.dense(ModelShape(L + 1, H, KVH, D))
     with pytest.raises(ValueError, match="num_layers"):
         moa_flex.compile(model, wrong)
@@ -330,7 +213,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
 def test_op_rejects_bad_masks() -> None:
     from moa_flex.runtime.attention import MoaRuntime
 
-    runtime = MoaRuntime(sparse_plan(make_model("llama").config, "kv_head"))
+    runtime = MoaRuntime(sparse_plan(tiny_model("llama").config, "kv_head"))
     q, k = torch.randn(1, H, 8, D), torch.randn(1, KVH, 8, D)
     with pytest.raises(ValueError, match="2-D"):
         runtime.attention(q, k, k, torch.ones(1, 8, 8, dtype=torch.bool), -1.0, 0, 0.0)
@@ -342,7 +225,7 @@ def test_op_rejects_bad_masks() -> None:
 
 
 def test_generate_and_uncompile() -> None:
-    model = make_model("llama")
+    model = tiny_model("llama")
     original = model.forward
     moa_flex.compile(model, sparse_plan(model.config, "kv_head"))
     with pytest.raises(ValueError, match="already compiled"):

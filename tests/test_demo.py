@@ -10,7 +10,7 @@ import pytest
 from moa_flex.cli import main
 from moa_flex.plan import Plan
 from moa_flex.zoo.train import train
-from test_zoo import tiny
+from tiny_models import tiny_train_config as tiny
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,8 @@ def folder(tmp_path_factory):
 def test_demo_runs_end_to_end(folder, tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     code = main(["demo", "--model-dir", str(folder), "-o", str(out), "--densities", "0.5", "--lengths", "256", "384",
-                 "--depths", "0", "1", "--samples", "2", "--profile-lengths", "256", "--calibration-samples", "1", "--quiet"])
+                 "--depths", "0", "1", "--samples", "2", "--profile-lengths", "256", "--calibration-samples", "1", "--quiet",
+                 "--backend", "eager"])
     assert code == 0
     printed = capsys.readouterr().out
     for name in ("calibration.jsonl", "profile.safetensors", "plan-moa-0.5.json", "results.json", "results.md", "demo.png"):

@@ -10,46 +10,23 @@ import torch
 import moa_flex
 from moa_flex.plan import Plan
 from moa_flex.runtime.cache import MoaCache
-from test_compile import make_model, reference_logits, sparse_plan
+from reference import planned_logits
+from tiny_models import NEW, PROMPT, prompt_ids, run_generate, sparse_plan, tiny_model
+from word_tokenizers import numbered_tokenizer
 
-PROMPT, NEW = 290, 10  # planned length 300: the FlexAttention bucket the compile tests use
-
-
-@pytest.fixture(autouse=True)
-def _many_compiles():
-    with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
-        yield
-
-
-def planned_logits(model, plan: Plan, N: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-    """Logits at every position of ``ids`` from the independent reference of test_compile, for a
-    request planned for N tokens (padded width): the whole sequence so far, at every step."""
-    pads = (mask == 0).int().cumprod(1).sum(1).tolist()
-    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return reference_logits(model, plan, pads=pads, N=N, input_ids=ids, attention_mask=mask, position_ids=position_ids)
-
-
-def prompt_ids(batch: int = 2, length: int = PROMPT, seed: int = 5) -> torch.Tensor:
-    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def run_generate(model, ids: torch.Tensor, mask: torch.Tensor | None = None, new: int = NEW):  # noqa: ANN001, ANN201
-    with torch.no_grad():
-        return model.generate(
-            input_ids=ids, attention_mask=mask if mask is not None else torch.ones_like(ids), max_new_tokens=new,
-            do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0,
-        )
+EAGER = {"backend": "eager"}  # semantics tests: no inductor (its decode path: test_sparse_generate_is_token_exact)
 
 
 @pytest.mark.parametrize("granularity", ["kv_head", "head"])
 def test_sparse_generate_is_token_exact(granularity: str) -> None:
-    model = make_model("llama")
+    """kv_head through inductor (the whole-model prefill and decode graphs), head eagerly."""
+    model = tiny_model()
     plan = sparse_plan(model.config, granularity, seed=4)
     N = PROMPT + NEW
     assert plan.kv_density(N) < 0.6
     ids = prompt_ids()
     mask = torch.ones_like(ids)
-    moa_flex.compile(model, plan)
+    moa_flex.compile(model, plan, backend="inductor" if granularity == "kv_head" else "eager")
     out = run_generate(model, ids, mask)
     seq = out.sequences
     assert seq.shape == (2, N)
@@ -67,12 +44,12 @@ def test_sparse_generate_is_token_exact(granularity: str) -> None:
 
 
 def test_dense_plan_generates_stock_tokens() -> None:
-    model = make_model("llama")
+    model = tiny_model()
     ids = prompt_ids()
     with torch.no_grad():
         stock = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
                                do_sample=False, pad_token_id=0)
-    moa_flex.compile(model, Plan.dense(model.config))
+    moa_flex.compile(model, Plan.dense(model.config), **EAGER)
     assert torch.equal(run_generate(model, ids).sequences, stock)
 
 
@@ -90,30 +67,18 @@ class Collect:
         self.ended += 1
 
 
-def word_tokenizer(vocab: int = 128):  # noqa: ANN201
-    """A local word-level tokenizer whose token i is the word ``w<i>`` (the test models' vocab),
-    but for the last, ``abcdef`` (transformers' stop-string matching tokenizes that word)."""
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = {f"w{i}": i for i in range(vocab - 1)} | {"abcdef": vocab - 1}
-    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0")
-
-
 def test_decode_loop_matches_transformers_loop() -> None:
     """moa-flex's decoding loop against transformers' own (stock model, dense plan): greedy
     with EOS (a finished row gets pad tokens, and all rows finished stops early), logits
     processors, scores, logits and a streamer; sampling from the same seed; stop strings."""
-    model = make_model("llama")
+    model = tiny_model()
     ids = prompt_ids()
     with torch.no_grad():
         plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
                                do_sample=False, pad_token_id=0)
     eos = int(plain[0, PROMPT + 3])  # row 0 stops at its 4th new token (or earlier)
     stop_word = next(f"w{t}" for t in plain[1, PROMPT + 5:].tolist() if t != 127)
-    tokenizer = word_tokenizer()
+    tokenizer = numbered_tokenizer()
     requests = {
         "greedy, EOS, processors": dict(do_sample=False, eos_token_id=eos, min_new_tokens=2, no_repeat_ngram_size=3,
                                          return_dict_in_generate=True, output_scores=True, output_logits=True),
@@ -135,7 +100,7 @@ def test_decode_loop_matches_transformers_loop() -> None:
         return out, streamer
 
     stock = {name: run(request) for name, request in requests.items()}
-    moa_flex.compile(model, Plan.dense(model.config))
+    moa_flex.compile(model, Plan.dense(model.config), **EAGER)
     for name, request in requests.items():
         (want, want_stream), (got, got_stream) = stock[name], run(request)
         if request.get("return_dict_in_generate"):
@@ -154,8 +119,8 @@ def test_decode_loop_matches_transformers_loop() -> None:
 
 
 def test_decode_loop_refuses_what_it_does_not_do() -> None:
-    model = make_model("llama")
-    moa_flex.compile(model, Plan.dense(model.config))
+    model = tiny_model()
+    moa_flex.compile(model, Plan.dense(model.config), **EAGER)
     ids = prompt_ids()
     cases = [
         (NotImplementedError, "hidden_states", dict(return_dict_in_generate=True, output_hidden_states=True)),
@@ -179,9 +144,9 @@ def test_decode_loop_refuses_what_it_does_not_do() -> None:
 
 
 def test_left_padded_batch_rows_equal_rows_alone() -> None:
-    model = make_model("llama")
+    model = tiny_model()
     plan = sparse_plan(model.config, "head", seed=7)
-    moa_flex.compile(model, plan)
+    moa_flex.compile(model, plan, **EAGER)
     ids = prompt_ids(2)
     mask = torch.ones_like(ids)
     mask[1, :23] = 0
@@ -197,15 +162,15 @@ def test_left_padded_batch_rows_equal_rows_alone() -> None:
 
 def test_no_recompile_across_decode_steps() -> None:
     """After a warm-up, decode steps, new planned lengths (new cache layouts) and new prompt
-    lengths in the same FlexAttention bucket compile nothing; an identical layout reuses the
-    cache's tensors."""
+    lengths trace no new graph; an identical layout reuses the cache's tensors. (FlexAttention's
+    bucket policy, with inductor: test_compile.test_lengths_do_not_recompile_the_model.)"""
     from torch._dynamo.utils import counters
 
-    model = make_model("llama")
-    moa_flex.compile(model, sparse_plan(model.config, "kv_head"))
+    model = tiny_model()
+    moa_flex.compile(model, sparse_plan(model.config, "kv_head"), **EAGER)
     ids = prompt_ids()
-    run_generate(model, ids, new=3)  # compiles the prefill graph, the decode graph, FlexAttention
-    run_generate(model, ids, new=4)  # FlexAttention retraces once for tensors made outside the graph
+    run_generate(model, ids, new=3)  # traces the prefill graph and the decode graph
+    run_generate(model, ids, new=4)
     counters.clear()
     run_generate(model, ids, new=NEW)  # another planned length: another cache layout
     cache = model.moa_flex.cache
@@ -219,8 +184,8 @@ def test_set_plan_does_not_recompile() -> None:
     """A dense plan (every layer's cache as wide) then a heterogeneous one: the same graphs."""
     from torch._dynamo.utils import counters
 
-    model = make_model("llama")
-    moa_flex.compile(model, Plan.dense(model.config))
+    model = tiny_model()
+    moa_flex.compile(model, Plan.dense(model.config), **EAGER)
     ids = prompt_ids()
     run_generate(model, ids, new=3)
     counters.clear()
@@ -230,9 +195,9 @@ def test_set_plan_does_not_recompile() -> None:
 
 
 def test_limits_and_errors() -> None:
-    model = make_model("llama")
+    model = tiny_model()
     plan = sparse_plan(model.config, "kv_head")
-    moa_flex.compile(model, plan, max_length=PROMPT + 4)
+    moa_flex.compile(model, plan, max_length=PROMPT + 4, **EAGER)
     ids = prompt_ids()
     with pytest.raises(ValueError, match="max_length"):
         run_generate(model, ids, new=5)
@@ -263,7 +228,7 @@ def test_generate_on_gpu_matches_reference(mode: str | None) -> None:
     from torch._dynamo.utils import counters
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = make_model("llama").cuda()
+    model = tiny_model().cuda()
     plan = sparse_plan(model.config, "head", seed=4)
     N = PROMPT + NEW
     moa_flex.compile(model, plan, mode=mode)
@@ -289,7 +254,7 @@ def test_forward_decode_steps_replay_step_graph_on_gpu() -> None:
     from the cache's token count): the captured step graph replays them with the right
     positions; logits equal the reference over the whole sequence at every step."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = make_model("llama").cuda()
+    model = tiny_model().cuda()
     plan = sparse_plan(model.config, "kv_head", seed=6)
     N = PROMPT + NEW
     moa_flex.compile(model, plan, mode="reduce-overhead")
@@ -339,14 +304,14 @@ def test_generate_with_layers_on_two_gpus(mode: str | None) -> None:
     GPU. With CUDA graphs asked for, decoding says it runs without them (a graph is captured
     on one device)."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = make_model("llama").cuda(0)
+    model = tiny_model().cuda(0)
     plan = sparse_plan(model.config, "head", seed=4)
     ids = prompt_ids().cuda(0)
     moa_flex.compile(model, plan)
     one = run_generate(model, ids)
     moa_flex.uncompile(model)
 
-    model = spread_over_two_gpus(make_model("llama"))
+    model = spread_over_two_gpus(tiny_model())
     moa_flex.compile(model, plan, mode=mode)
     if mode is None:
         two = run_generate(model, ids)

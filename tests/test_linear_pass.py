@@ -19,22 +19,16 @@ from hypothesis import strategies as st
 
 import moa_flex
 from moa_flex.passes.linear_pass import GATED, GROUPED, LINEAR_TARGETS, LinearFusionReport, fuse_linears
-from test_compile import L, _many_compiles, make_model, sparse_plan  # noqa: F401
-from test_generate import NEW, PROMPT, prompt_ids, run_generate
+from tiny_models import L, NEW, PROMPT, prompt_ids, run_generate, sparse_plan, tiny_model
 
 GROUPED_OP = torch.ops.moa_flex.grouped_linear.default
 GATED_OP = torch.ops.moa_flex.gated_mlp.default
-LAYERS = L  # tiny_llama has as many layers as test_compile's make_model
+LAYERS = L
 
 
-def tiny_llama(**extra) -> transformers.LlamaForCausalLM:  # noqa: ANN003
-    config = transformers.LlamaConfig(
-        num_hidden_layers=LAYERS, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, **extra,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+def tiny_llama(**extra) -> transformers.PreTrainedModel:  # noqa: ANN003
+    """The shared tiny Llama (hidden 64: 4 heads of 16), config extras passed through."""
+    return tiny_model(max_positions=256, **extra)
 
 
 def capture(fn, *args, dynamic: bool = False) -> list[tuple[torch.fx.GraphModule, list]]:  # noqa: ANN001
@@ -349,9 +343,9 @@ def test_compiled_generate_with_fused_linears_is_token_exact() -> None:
     ids = prompt_ids()
     outs, reports = {}, {}
     for fuse in (True, False):
-        model = make_model("llama")
-        moa_flex.compile(model, sparse_plan(model.config, "kv_head"), fuse_linear=fuse)
-        run_generate(model, ids, new=2)  # compile prefill and decode outside the count
+        model = tiny_model()
+        moa_flex.compile(model, sparse_plan(model.config, "kv_head"), fuse_linear=fuse, backend="eager")
+        run_generate(model, ids, new=2)  # trace prefill and decode outside the count
         counts = count_ops(lambda: outs.__setitem__(fuse, run_generate(model, ids)))  # noqa: B023
         reports[fuse] = model.moa_flex.decode_reports[-1]
         decode_steps = NEW - 1  # the prefill gives the first token
@@ -376,7 +370,7 @@ def test_fused_decode_on_gpu_matches_unfused(mode: str | None) -> None:
     ids = prompt_ids().cuda()
     outs, reports = {}, {}
     for fuse in (None, False):
-        model = make_model("llama").cuda()
+        model = tiny_model().cuda()
         moa_flex.compile(model, sparse_plan(model.config, "kv_head"), mode=mode, fuse_linear=fuse)
         outs[fuse] = run_generate(model, ids)
         reports[fuse] = model.moa_flex.decode_reports[-1]

@@ -22,10 +22,11 @@ from moa_flex.plan import ModelShape
 from moa_flex.data.calibration import answer_samples, synthetic_samples
 from moa_flex.data.samples import Sample
 from moa_flex.profile.influence import (
-    ONE_MINUS_A_MIN, dropped_loss, influence_chunked, influence_histogram, influence_matrix, influence_reference,
+    dropped_loss, influence_chunked, influence_histogram, influence_matrix, influence_reference,
 )
 from moa_flex.profile.instrument import profile_model
 from moa_flex.profile.store import Profile
+from tiny_models import tiny_model as shared_tiny_model
 
 L, H, KVH, D, VOCAB = 2, 4, 2, 16, 64
 SINK, SM = 4, 8
@@ -202,13 +203,9 @@ AttentionInterface.register("moa_test_reference", _reference_attention)
 AttentionMaskInterface.register("moa_test_reference", sdpa_mask)
 
 
-def tiny_model(dtype=torch.float32, seed: int = 0, **extra) -> transformers.LlamaForCausalLM:
-    kw = dict(num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KVH, hidden_size=H * D,
-              intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=1024)
-    config = transformers.LlamaConfig(**{**kw, **extra})
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval().to(dtype)
+def tiny_model(dtype: torch.dtype = torch.float32, seed: int = 0, kv_heads: int = KVH) -> transformers.PreTrainedModel:
+    """The shared tiny Llama with this module's 64-token vocabulary."""
+    return shared_tiny_model(vocab=VOCAB, max_positions=1024, dtype=dtype, seed=seed, kv_heads=kv_heads)
 
 
 def calib(model, lengths, n=1, seed=0, max_new_tokens=5) -> dict[int, list[Sample]]:
@@ -374,7 +371,7 @@ def test_profile_for_another_model_is_refused():
     p.fingerprint = store.model_fingerprint(model)
     p.check_model(model)
     p.check_model(model.config)
-    other_shape = tiny_model(num_key_value_heads=4)
+    other_shape = tiny_model(kv_heads=4)
     with pytest.raises(ValueError, match="num_kv_heads is 4, the profile has 2"):
         p.check_model(other_shape)
     with pytest.raises(ValueError, match="weights fingerprint"):

@@ -9,33 +9,19 @@ import math
 
 import pytest
 import torch
-import transformers
 
 import moa_flex
 from moa_flex.plan import FORMAT, ModelShape, Plan
 from moa_flex.data.calibration import answer_samples, synthetic_samples
 from moa_flex.cli import main
 from moa_flex.optimize.validate import response_loss, validate
-from test_compile import reference_logits
+from reference import reference_logits
+from tiny_models import D, H, KVH, VOCAB
+from tiny_models import tiny_model as make_model
+from word_tokenizers import WORDS, make_tokenizer
 
-L, H, KVH, D, VOCAB = 2, 4, 2, 16, 128
-CONFIG = dict(num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KVH, hidden_size=H * D,
-              intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=4096)
-TINY = ["--sink", "16", "--span-multiple", "16", "--min-span", "32", "--max-new-tokens", "4"]
-
-
-@pytest.fixture(autouse=True)
-def _many_compiles():
-    """All HF forwards share one wrapper code object: room for this module's compiles."""
-    with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
-        yield
-
-
-def make_model(seed: int = 0) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(**CONFIG)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
+# plans for ~300-token samples, validation without inductor (its path: test_compile)
+TINY = ["--sink", "16", "--span-multiple", "16", "--min-span", "32", "--max-new-tokens", "4", "--backend", "eager"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +75,7 @@ def test_validate_scores_plans_and_restores_the_model():
     dense = Plan.dense(model.config, sink=16, span_multiple=16, min_span=32)
     assert response_loss(model, samples) == pytest.approx(stock, abs=1e-5)
 
-    best, losses = validate(model, [sparse, dense], samples, progress=False)
+    best, losses = validate(model, [sparse, dense], samples, progress=False, backend="eager")
 
     assert losses[1] == pytest.approx(stock, abs=1e-5)   # dense plan through moa_flex.compile == stock model
     assert losses[0] == pytest.approx(sparse_ref, abs=1e-4)  # sparse plan == independent masked attention
@@ -189,12 +175,10 @@ def test_show_plot_writes_png(tmp_path, capsys):
 def test_compress_with_jsonl_data(tmp_path, capsys):
     """--data: prompts from a JSONL file through the folder's tokenizer; the last long-enough
     samples are held out for validation."""
-    from test_calibration import WORDS, make_tokenizer
-
     folder = tmp_path / "model"
     make_model().save_pretrained(folder)
     tokenizer = make_tokenizer(chat=False)
-    assert len(tokenizer) <= CONFIG["vocab_size"]
+    assert len(tokenizer) <= VOCAB
     tokenizer.save_pretrained(folder)
     gen = torch.Generator().manual_seed(3)
     words = [w for w in WORDS if not w.startswith("<")]

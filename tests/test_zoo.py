@@ -13,16 +13,7 @@ from safetensors.torch import load_file
 from moa_flex.data.synthetic import Task, make_batch
 from moa_flex.zoo import load_needle_model
 from moa_flex.zoo.train import Batches, TrainConfig, length_schedule, lr_at, parse_args, step_batch, train
-
-
-def tiny(out, **kw) -> TrainConfig:
-    base = TrainConfig(
-        out=str(out), seed=0, steps=40, tokens_per_step=512, lengths=(64, 96), curriculum=0.5, record_spacing=16,
-        question_spacing=32, lr=3e-3, min_lr=3e-4, warmup=5, layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16,
-        intermediate=64, max_position=128, device="cpu", workers=0, eval_lengths=(64, 96), eval_depths=(0.0, 1.0),
-        eval_samples=4, log_every=5, progress=False, verbose=False, induction_steps=10, induction_length=33,
-    )
-    return replace(base, **kw)
+from tiny_models import tiny_train_config as tiny
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,7 @@ def validate(
     *,
     length: int | None = None,
     progress: bool = True,
+    backend: str = "inductor",
 ) -> tuple[Plan, list[float]]:
     """Score every plan by :func:`response_loss` on ``samples`` and return ``(best, losses)``.
 
@@ -63,9 +64,9 @@ def validate(
     ``"scores"``: every plan's index, loss, rank and kv_density at that length. ``dense_loss``
     is the stock model's loss (for a model already compiled by moa_flex: a dense plan's).
 
-    The model is compiled with ``moa_flex.compile(model, plans[0])`` unless it already is (then
-    its compile is reused and its plan put back at the end); a model this call compiled is
-    uncompiled at the end, also on error.
+    The model is compiled with ``moa_flex.compile(model, plans[0], backend=backend)`` unless it
+    already is (then its compile is reused and its plan put back at the end); a model this call
+    compiled is uncompiled at the end, also on error.
     """
     from tqdm import tqdm
 
@@ -96,7 +97,7 @@ def validate(
     ours = state is None
     if ours:
         dense = response_loss(model, samples, progress=progress, desc="dense")
-        moa_compile(model, plans[0])
+        moa_compile(model, plans[0], backend=backend)
         before = None
     else:
         before = state.plan

@@ -54,12 +54,34 @@ def softcap_score_mod(softcap: float) -> Callable:
     return capped
 
 
-class MoaRuntime:
-    """Holds a plan for the attention op; registered under an integer id used in graphs."""
+EAGER_MAX_TOKENS = 16384  # keys of one call: eager FlexAttention holds [B, H, Q, K] scores
 
-    def __init__(self, plan: Plan, block_size: int = 128) -> None:
+
+def eager_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """FlexAttention without compilation: its reference implementation, which evaluates the
+    mask_mod on every (query, key) pair and materializes the [B, H, Q, K] scores. What
+    ``backend="eager"`` runs (debugging, tests); refused above :data:`EAGER_MAX_TOKENS` keys."""
+    if k.shape[2] > EAGER_MAX_TOKENS:
+        raise ValueError(
+            f"moa-flex backend='eager' runs FlexAttention uncompiled, which holds [B, H, Q, K] scores; a call over "
+            f"{k.shape[2]} keys is above its limit of {EAGER_MAX_TOKENS}: compile with backend='inductor'"
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, **kwargs)
+
+
+class MoaRuntime:
+    """Holds a plan for the attention op; registered under an integer id used in graphs.
+
+    ``compiled``: FlexAttention compiled by inductor (one kernel per length bucket), or its
+    uncompiled reference implementation (:func:`eager_flex_attention`, ``backend="eager"``).
+    """
+
+    def __init__(self, plan: Plan, block_size: int = 128, *, compiled: bool = True) -> None:
         self.plan = plan
         self.block_size = block_size
+        self.compiled = compiled
         self.planned_length: int | None = None
         self.calls = 0
         self.id = next(_ids)
@@ -148,7 +170,8 @@ class MoaRuntime:
         extra = padded - kv_len
         if extra:
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
-        out = compiled_flex_attention()(
+        flex = compiled_flex_attention() if self.compiled else eager_flex_attention
+        out = flex(
             q, k, v,
             score_mod=softcap_score_mod(softcap) if softcap > 0 else None,
             block_mask=bm,

@@ -96,7 +96,9 @@ def compile(  # noqa: A001  (the verb of the API)
 
     ``max_length`` (tokens) fixes the planned length N for every call (inputs longer than it
     raise); by default N is each call's input length. ``backend`` is 'inductor' or 'eager'
-    (debugging: the rewritten graph runs without inductor); ``mode`` is an inductor mode.
+    (debugging and tests: the rewritten graph and FlexAttention run without inductor, in
+    seconds instead of a compile; FlexAttention's uncompiled form holds a call's [B, H, Q, K]
+    scores, so calls over more than 16384 keys are refused); ``mode`` is an inductor mode.
     ``fuse_linear``: decode steps run each layer's q/k/v projections as one
     ``moa_flex::grouped_linear`` and gate/up + SiLU as one ``moa_flex::gated_mlp`` (skinny-GEMM
     Triton kernels, at most 16 rows; ``moa_flex.passes.linear_pass``); None (default) turns
@@ -133,7 +135,7 @@ def compile(  # noqa: A001  (the verb of the API)
         wanted = TRACED_ATTENTION
     if impl != wanted:
         model.set_attn_implementation(wanted)
-    runtime = MoaRuntime(plan)
+    runtime = MoaRuntime(plan, compiled=backend == "inductor")
     runtime.planned_length = max_length
     state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
                           cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward))

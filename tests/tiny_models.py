@@ -1,0 +1,99 @@
+"""Tiny random-weight transformers models and inputs shared by the tests (CPU, fp32).
+
+One builder for every family the tests use (:func:`tiny_model`), with the default shape
+``L, H, KVH, D`` = 2 layers, 4 query / 2 KV heads of 16; ``SEQ`` = 300 tokens lies in one
+FlexAttention length bucket (384), shared by most tests to limit compiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import transformers
+
+from moa_flex.plan import ModelShape, Plan
+from moa_flex.zoo.train import TrainConfig
+
+L, H, KVH, D = 2, 4, 2, 16
+VOCAB = 128
+SEQ = 300
+PROMPT, NEW = 290, 10  # generate tests: planned length 300, the bucket of SEQ
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": D}),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"sliding_window": None, "pad_token_id": 0}),
+    # soft-capping, query_pre_attn_scalar scale, and every other layer a 128-token window of its own
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               {"head_dim": D, "sliding_window": 128, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 0.5}),
+}
+EAGER_ONLY = {"gemma2"}  # HF's sdpa refuses soft-capping: the stock model runs eager
+WINDOWED = {"gemma2"}  # layers with a window of the model's own keep the model's mask
+
+
+def tiny_model(family: str = "llama", *, layers: int = L, heads: int = H, kv_heads: int = KVH, head_dim: int = D,
+               vocab: int = VOCAB, intermediate: int = 128, max_positions: int = 4096, seed: int = 0,
+               dtype: torch.dtype = torch.float32, attn: str | None = None, **extra) -> transformers.PreTrainedModel:  # noqa: ANN003
+    """A tiny random model of ``family`` in eval mode, weights from ``seed``; ``attn``: the
+    attention implementation (default sdpa, eager for families whose sdpa refuses them)."""
+    config_cls, model_cls, family_extra = FAMILIES[family]
+    config = config_cls(
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        hidden_size=heads * head_dim, intermediate_size=intermediate, vocab_size=vocab,
+        max_position_embeddings=max_positions, **{**family_extra, **extra},
+    )
+    config._attn_implementation = attn or ("eager" if family in EAGER_ONLY else "sdpa")
+    torch.manual_seed(seed)
+    return model_cls(config).eval().to(dtype)
+
+
+def sparse_plan(config: transformers.PretrainedConfig | ModelShape, granularity: str, seed: int = 0) -> Plan:
+    """Heterogeneous spans well below SEQ, so the masks really cut (sink 16, spans in 16s)."""
+    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+    g = shape.num_kv_heads if granularity == "kv_head" else shape.num_heads
+    gen = torch.Generator().manual_seed(seed)
+    alpha = (torch.randint(-2, 6, (shape.num_layers, g), generator=gen) * 16).double().tolist()
+    beta = (torch.randint(0, 5, (shape.num_layers, g), generator=gen) / 8).tolist()
+    return Plan(shape, alpha, beta, granularity=granularity, sink=16, min_span=32, span_multiple=16)
+
+
+def ids_of(length: int, batch: int = 2, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
+    """Random token ids [batch, length] (no token 0, the pad of the generate tests)."""
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def prompt_ids(batch: int = 2, length: int = PROMPT, seed: int = 5) -> torch.Tensor:
+    return ids_of(length, batch, seed)
+
+
+def run_generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, new: int = NEW):  # noqa: ANN201
+    """Greedy generate returning the dict output with logits (pad token 0)."""
+    with torch.no_grad():
+        return model.generate(
+            input_ids=ids, attention_mask=mask if mask is not None else torch.ones_like(ids), max_new_tokens=new,
+            do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+        )
+
+
+def dense_mask_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """Nodes of a graph that produce a 4-D bool tensor (a dense attention mask)."""
+    out = []
+    for n in gm.graph.nodes:
+        val = n.meta.get("val", n.meta.get("example_value"))
+        if isinstance(val, torch.Tensor) and val.dim() == 4 and val.dtype == torch.bool:
+            out.append(n)
+    return out
+
+
+def tiny_train_config(out: object, **kw: object) -> TrainConfig:
+    """A needle-model training run small enough for the CPU (seconds): 2 layers, hidden 32."""
+    base = TrainConfig(
+        out=str(out), seed=0, steps=40, tokens_per_step=512, lengths=(64, 96), curriculum=0.5, record_spacing=16,
+        question_spacing=32, lr=3e-3, min_lr=3e-4, warmup=5, layers=2, hidden=32, heads=2, kv_heads=1, head_dim=16,
+        intermediate=64, max_position=128, device="cpu", workers=0, eval_lengths=(64, 96), eval_depths=(0.0, 1.0),
+        eval_samples=4, log_every=5, progress=False, verbose=False, induction_steps=10, induction_length=33,
+    )
+    return replace(base, **kw)
