@@ -15,7 +15,8 @@ timestamp at each step, the median of the differences is the step time (the firs
 which compile or capture CUDA graphs, are dropped). Rows marked "(forward)" time the model's
 decode step alone, without generate()'s loop: single-token forwards over a cache filled with
 random keys and values, each synchronized and timed alone. Floor: (weight bytes + KV bytes the step
-must read) / copy bandwidth measured in the same run. Max-batch case: caches filled with random
+must read) / copy bandwidth measured in the same run (harness.copy_bandwidth: read + write of
+4 GiB). Max-batch case: caches filled with random
 keys and values instead of a prefill, then decode steps through the model's forward.
 Kernel alone: bench/decode_kernel.py.
 """
@@ -24,20 +25,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import moa_flex
 from decode_kernel import plan_at_kv_density
+from harness import copy_bandwidth, llama3_8b_config, record
 from moa_flex import MoaCache
 from moa_flex.plan import ModelShape, Plan
-from prefill import llama3_8b_config
 
 
 class StepClock(LogitsProcessor):
@@ -55,19 +53,6 @@ class StepClock(LogitsProcessor):
     def step_ms(self, skip: int) -> float:
         gaps = [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:])][skip:]
         return statistics.median(gaps)
-
-
-def copy_bandwidth(device: str) -> float:
-    """Device copy bandwidth, bytes/s (read + write of a 4 GiB buffer)."""
-    if device != "cuda":
-        return float("nan")
-    import triton.testing
-
-    x = torch.empty(1 << 31, dtype=torch.int16, device=device)
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=5, rep=50, return_mode="median")
-    del x, y
-    return 2 * (1 << 32) / (ms * 1e-3)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -319,15 +304,14 @@ def main() -> None:
     for n in notes:
         print("-", n)
     if args.record:
-        hw = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke)"
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(
-                f"\n## Decode: whole model, ragged MoA cache vs HF eager generate (Llama-3-8B shape, {args.layers} layers)\n\n"
-                f"{datetime.date.today()}, {hw}, torch {torch.__version__}, moa-flex decode mode {args.mode}, "
-                f"linear fusion {'on' if args.fuse_linear else 'off'}. "
-                f"Command: `python {' '.join(sys.argv)}`. Step = median time of one decode step, each timed alone.\n\n"
-                + out + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-            )
+        record(
+            f"Decode: whole model, ragged MoA cache vs HF eager generate (Llama-3-8B shape, {args.layers} layers)",
+            out + "\n\n" + "\n".join(f"- {n}" for n in notes),
+            device=args.device,
+            details=("Smoke run: tiny model on the CPU, floor from a nominal 10 GB/s. " if args.smoke else "")
+            + f"moa-flex decode mode {args.mode}, linear fusion {'on' if args.fuse_linear else 'off'}. "
+            "Step = median time of one decode step, each timed alone.",
+        )
 
 
 if __name__ == "__main__":

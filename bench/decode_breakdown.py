@@ -1,6 +1,7 @@
 """Where a whole-model decode step's time goes: GPU kernels by family, gaps, host overhead.
 
     python bench/decode_breakdown.py [--case 4x65536] [--densities 1.0 0.25] [--generate-case 4x2048] [--record]
+    python bench/decode_breakdown.py --layers 8 --densities 0.5 --generate-case "" --host-ops   # host work too
 
 Llama-3-8B shape (32 layers, random bf16 weights), moa_flex.compile(mode="reduce-overhead").
 For each plan (density 1.0 = the dense plan): a MoA cache filled with random keys and values,
@@ -11,6 +12,9 @@ a few forwards so the step is captured as a CUDA graph (moa_flex.runtime.step_gr
   time of a step with no host gaps);
 * kernels: torch.profiler over 5 replays, kernel time per step by family (the ragged decode
   kernel, moa-flex linear kernels, cuBLAS, inductor's fused kernels, the append kernel).
+
+``--host-ops``: per plan also torch.profiler's operators by self CPU time over 6 forwards
+queued back to back (the host's work per step: input preparation, the replay, its launch).
 
 ``--generate-case``: the host side of ``generate()`` over a MoA cache (a short prompt, so that
 the prefill is quick): step time with a synchronizing logits processor, as bench/decode.py
@@ -23,21 +27,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import io
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import moa_flex
-from decode import StepClock, copy_bandwidth, decode_steps, random_moa_cache, weight_bytes
+from decode import StepClock, decode_steps, random_moa_cache, weight_bytes
 from decode_kernel import plan_at_kv_density
+from harness import copy_bandwidth, llama3_8b_config, record
+from moa_flex import MoaCache
 from moa_flex.plan import ModelShape, Plan
-from prefill import llama3_8b_config
 
 FAMILIES = (
     ("ragged decode (partial)", ("_decode_partial",)),
@@ -103,6 +106,22 @@ def layer_timeline(run, steps: int = 3) -> list[tuple[str, float, float]]:  # no
     return rows
 
 
+def host_ops(model: torch.nn.Module, cache: MoaCache, B: int, start: int, steps: int = 6) -> str:
+    """torch.profiler over `steps` forwards queued back to back (one synchronize at the end,
+    positions from `start`): its table of operators by self CPU time, the host's work around
+    the graph replay (input preparation, the replay call, cudaGraphLaunch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = torch.ones(B, 1, dtype=torch.long, device="cuda")
+    torch.cuda.synchronize()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for t in range(steps):
+            pos = torch.full((B, 1), start + t, dtype=torch.long, device="cuda")
+            model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+
+
 def replay_ms(graph: torch.cuda.CUDAGraph, n: int = 20) -> float:
     """GPU ms per replay, `n` replays queued back to back."""
     for _ in range(3):
@@ -129,7 +148,7 @@ def plan_for(shape: ModelShape, N: int, density: float) -> Plan:
 
 
 def forward_breakdown(model, shape: ModelShape, B: int, N: int, density: float, bw: float,  # noqa: ANN001
-                      wbytes: int) -> tuple[int, float]:
+                      wbytes: int, with_host_ops: bool = False) -> tuple[int, float]:
     """Prints the step's breakdown; returns (kept KV bytes, ragged decode ms per step)."""
     plan = plan_for(shape, N, density)
     use(model, plan)
@@ -165,6 +184,11 @@ def forward_breakdown(model, shape: ModelShape, B: int, N: int, density: float, 
     attn = sum(fams.get(f, (0, 0.0))[1] for f in ("ragged decode (partial)", "ragged decode (combine)")) / 1e3
     print(f"ragged decode: {attn:.3f} ms for {kv / 2**30:.2f} GiB kept KV -> {kv / (attn * 1e-3) / 1e12:.2f} TB/s "
           f"({kv / (attn * 1e-3) / bw:.0%} of copy)")
+    if with_host_ops:
+        steps = 6
+        print(f"host: operators by self CPU time over {steps} forwards queued back to back (totals over the {steps}; "
+              "torch.profiler):")
+        print(host_ops(model, cache, B, filled + 12, steps))  # after decode_steps' 12 positions
     del cache, graph
     model.moa_flex.release_cache()
     torch.cuda.empty_cache()
@@ -256,6 +280,8 @@ def main() -> None:
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.25])
     ap.add_argument("--generate-case", default="4x2048")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--host-ops", action="store_true",
+                    help="also torch.profiler's operators by self CPU time over a few forwards per plan (host work)")
     ap.add_argument("--record", action="store_true", help="append what it prints to bench/RESULTS.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -264,9 +290,10 @@ def main() -> None:
     with contextlib.redirect_stdout(Tee(sys.stdout, printed)):
         run(args)
     if args.record:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n## Decode step breakdown (bench/decode_breakdown.py)\n\n{datetime.date.today()}, "
-                    f"command: `python {' '.join(sys.argv)}`.\n\n```\n{printed.getvalue().strip()}\n```\n")
+        record("Decode step breakdown (bench/decode_breakdown.py)", f"```\n{printed.getvalue().strip()}\n```",
+               device="cuda", details="Kernel times from torch.profiler over 5 replays of the captured step; replay = "
+               "GPU time of a step with no host gap; step (sync) = one forward, synchronized before and after. "
+               "The script's output:")
 
 
 class Tee(io.TextIOBase):
@@ -299,7 +326,7 @@ def run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     attention = []
     for d in args.densities:
-        attention.append(forward_breakdown(model, shape, B, N, d, bw, weight_bytes(model)))
+        attention.append(forward_breakdown(model, shape, B, N, d, bw, weight_bytes(model), args.host_ops))
         print(f"({time.perf_counter() - t0:.0f} s)", flush=True)
     if len(attention) >= 2:  # ragged decode per layer = kept bytes / R + F, fitted on the two extremes
         (b1, t1), (b2, t2) = max(attention), min(attention)

@@ -2,7 +2,9 @@
 
     python bench/decode_kernel.py [--batches 1 8 32] [--lengths 16384 65536 131072]
                                   [--densities 0.25 0.5] [--repeats 50] [--record]
+    python bench/decode_kernel.py --sweep --batches 8 --lengths 65536   # also the kernel's tiling grid
     python bench/decode_kernel.py --smoke     # tiny shapes on the CPU (op -> twin): checks the script
+    TRITON_INTERPRET=1 python bench/decode_kernel.py --smoke --sweep   # the sweep too, in Triton's interpreter
 
 Llama-3-8B attention shape: 32 query / 8 KV heads, head dim 128, bf16. For each KV density a
 random kv_head plan (random alpha and beta per KV head, beta scaled so that
@@ -13,7 +15,8 @@ position (``pos = N - 1``: the ring has wrapped, every slot is read). Baselines:
 for one query so that its decoding kernel runs) and SDPA (default backend, and
 flash when it accepts the inputs). Bandwidth counts the bytes each method must read: kept K
 and V (sum of caps x D x 2 tensors x 2 bytes per row) for the kernel, the dense cache for the
-baselines. Copy bandwidth (a large ``copy_``) is measured in the same run.
+baselines. Copy bandwidth (read + write of a ``--copy-gib`` GiB ``copy_``, harness.copy_bandwidth)
+is measured in the same run.
 
 Timing: each method is captured in a CUDA graph (decode runs under CUDA graphs; this leaves
 out Python launch overhead, the same for every method) and replayed; before every replay a
@@ -21,27 +24,39 @@ out Python launch overhead, the same for every method) and replayed; before ever
 A method that cannot be captured is timed eagerly and marked so. Before timing, the kernel is
 checked against the twin on a small config, against FlexAttention with a dense plan on a
 large one, and under CUDA-graph replay with new caps/pos/spans values.
+
+``--sweep``: per (B, N, density) the Triton kernel at its default configuration and at every
+(block_n, num_warps, num_stages, chunk) of ``SWEEP_GRID`` (chunk: the default balanced work
+list, or fixed chunks of 0.5 / 1 / 2 times ``auto_chunk``), timed as above; a table of the
+default and the fastest ``SWEEP_TOP``. It also adds FlexAttention dense decode without a
+BlockMask to the baselines (it then runs its prefill kernel: the fair baseline is the one with).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import math
-import datetime
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from moa_flex.plan import ModelShape, Plan
+from harness import COPY_GIB, Timer, copy_bandwidth, record
 from moa_flex.kernels import decode
 from moa_flex.kernels.decode import ragged_decode_reference
+from moa_flex.kernels.triton_support import interpreting
+from moa_flex.plan import ModelShape, Plan
 
 BARS = {"bandwidth": 0.8, 0.25: 3.0, 0.5: 1.7}  # share of copy bandwidth; speed-up over flex dense
 BAR_AT = (8, 65536)  # (B, N) of the bandwidth bar
+# --sweep: the kernel's tiling grid. Chunk None is the default work list (auto_work_list: every
+# group cut into nearly equal items, one round of resident programs); a number x is fixed
+# chunks of x times auto_chunk's slots (decode_work_list).
+SWEEP_GRID = ((32, 64, 128), (4, 8), (2, 3, 4), (None, 0.5, 1, 2))  # block_n, num_warps, num_stages, chunk
+SWEEP_GRID_SMOKE = ((16, 32), (4,), (2,), (None, 1))
+SWEEP_TOP = 5  # configurations shown per layout, besides the default
 
 
 # ---------------------------------------------------------------------------------- set-up
@@ -77,65 +92,6 @@ def ragged_inputs(plan: Plan, B: int, N: int, D: int, dtype: torch.dtype, device
         q, k, v, offsets.to(device), caps_g.expand(B, -1).contiguous().to(device),
         spans_h.expand(B, -1).contiguous().to(device), torch.full((B,), N - 1, dtype=torch.int64, device=device),
     )
-
-
-# ---------------------------------------------------------------------------------- timing
-class Timer:
-    """Median GPU time (ms) of a callable, L2 flushed before each run; CPU: wall time."""
-
-    def __init__(self, device: str, repeats: int) -> None:
-        self.device, self.repeats = device, repeats
-        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if device == "cuda" else None
-
-    def __call__(self, fn, graph: bool = True) -> tuple[float, str]:  # noqa: ANN001
-        """(median ms, mode): mode 'graph' (CUDA-graph replay), 'eager' or 'cpu'."""
-        if self.device != "cuda":
-            fn()
-            times = []
-            for _ in range(self.repeats):
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-            return statistics.median(times), "cpu"
-        for _ in range(3):
-            fn()  # compile, autotune, warm up
-        torch.cuda.synchronize()
-        run, mode = fn, "eager"
-        if graph:
-            try:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    fn()
-                torch.cuda.current_stream().wait_stream(stream)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    fn()
-                run, mode = g.replay, "graph"
-            except Exception as e:  # noqa: BLE001 - report and fall back to eager timing
-                print(f"  note: CUDA-graph capture failed ({type(e).__name__}: {str(e)[:120]}); timing eagerly")
-                torch.cuda.synchronize()
-        for _ in range(3):
-            run()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
-        for s, e in zip(starts, ends):
-            self.flush.zero_()
-            s.record()
-            run()
-            e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)), mode
-
-
-def copy_bandwidth(timer: Timer, device: str, gib: float) -> float:
-    """Measured copy bandwidth (bytes/s): read + write of a `gib` GiB tensor."""
-    n = int(gib * 2**30)
-    x = torch.empty(n, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    ms, _ = timer(lambda: y.copy_(x), graph=False)
-    del x, y
-    return 2 * n / (ms * 1e-3)
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -217,7 +173,7 @@ def fits(device: str, nbytes: int) -> bool:
     return nbytes < 0.8 * free
 
 
-def bench(args: argparse.Namespace, rows: list, notes: list) -> None:
+def bench(args: argparse.Namespace, rows: list, notes: list, sweeps: list) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -239,7 +195,8 @@ def bench(args: argparse.Namespace, rows: list, notes: list) -> None:
                 vd = torch.randn(B, KVH, N, D, device=dev, dtype=dtype)
                 base = {}
                 # FlexAttention's decoding kernel needs a BlockMask built for one query: without one
-                # it runs its prefill kernel at about a third of the speed (bench/diag_decode_tuning.py)
+                # it runs its prefill kernel at about a third of the speed (RESULTS.md, "Ragged decode
+                # kernel", Tuning; --sweep times that form too)
                 full = create_block_mask(lambda b, h, qi, kv: kv >= 0, None, None, 1, N, device=dev) if dev == "cuda" else None
                 cases = [("flex dense", lambda: flex(q4, kd, vd, block_mask=full, enable_gqa=True)),
                          ("sdpa default", lambda: F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True))]
@@ -248,6 +205,8 @@ def bench(args: argparse.Namespace, rows: list, notes: list) -> None:
                         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
                             return F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True)
                     cases.append(("sdpa flash", sdpa_flash))
+                    if args.sweep:
+                        cases.append(("flex dense (no BlockMask)", lambda: flex(q4, kd, vd, enable_gqa=True)))
                 for name, fn in cases:
                     try:
                         ms, mode = timer(fn)
@@ -271,11 +230,57 @@ def bench(args: argparse.Namespace, rows: list, notes: list) -> None:
                     rows.append({"B": B, "N": N, "density": slots / (KVH * N), "method": f"moa-flex d={density}",
                                  "target": density, "ms": ms, "mode": mode, "bytes": B * slots * D * 2 * esize,
                                  "vs_flex": base.get("flex dense", float("nan")) / ms})
+                    if args.sweep_grid:
+                        sweeps.append({"B": B, "N": N, "density": slots / (KVH * N), "bytes": B * slots * D * 2 * esize,
+                                       "results": sweep(inputs, plan.sink, out, timer, args.sweep_grid)})
                     del inputs, out
             except torch.cuda.OutOfMemoryError:
                 notes.append(f"B={B}, N={N}: out of memory, skipped the rest of this config")
             if dev == "cuda":
                 torch.cuda.empty_cache()
+
+
+def sweep(inputs: tuple, sink: int, out: torch.Tensor, timer: Timer, grid: tuple) -> list[dict]:
+    """The Triton kernel on one layout at its default configuration and at every (block_n,
+    num_warps, num_stages, chunk) of `grid`: the default first, then the rest fastest first."""
+    B, _, D = inputs[0].shape
+    device = inputs[0].device
+    offs = decode.host_offsets(inputs[3], inputs[1].shape[1])
+    default = decode.DEFAULT_BLOCK_N if D <= 128 else 32
+    # the default (ragged_decode_triton's own: block_n None, 4 warps, 2 stages, chunk None) first, once
+    configs = [(None, 4, 2, None)] + [c for c in itertools.product(*grid) if c != (default, 4, 2, None)]
+    results = []
+    for block_n, warps, stages, mult in configs:
+        tile = block_n or default
+        chunk = None if mult is None else max(tile, int(decode.auto_chunk(B, offs, device, tile) * mult))
+        fn = functools.partial(decode.ragged_decode_triton, *inputs, sink, 0, D**-0.5, 0.0, out=out, chunk=chunk,
+                               block_n=block_n, num_warps=warps, num_stages=stages)
+        try:
+            ms, mode = timer(fn)
+        except Exception as e:  # noqa: BLE001 - a configuration that does not compile (shared memory)
+            print(f"  sweep: block_n={tile} warps={warps} stages={stages} chunk={chunk}: {type(e).__name__}")
+            continue
+        shown = chunk if chunk is not None else f"auto ({decode.auto_work_list(offs, B, device, tile).chunk})"
+        results.append({"config": "default" if block_n is None else "", "block_n": tile, "warps": warps,
+                        "stages": stages, "chunk": shown, "ms": ms, "mode": mode})
+    return [r for r in results if r["config"]] + sorted((r for r in results if not r["config"]), key=lambda r: r["ms"])
+
+
+def sweep_table(sweeps: list, copy_bw: float) -> str:
+    lines = [
+        "| B | N | kv density | config | block_n | warps | stages | chunk (slots) | time (ms) | timing | TB/s | % copy bw |",
+        "|---:|---:|---:|---|---:|---:|---:|---|---:|---|---:|---:|",
+    ]
+    for s in sweeps:
+        others = [r for r in s["results"] if r["config"] != "default"][:SWEEP_TOP]
+        shown = [r for r in s["results"] if r["config"] == "default"] + [dict(r, config=f"#{i}") for i, r in enumerate(others, 1)]
+        for r in shown:
+            bw = s["bytes"] / (r["ms"] * 1e-3)
+            lines.append(
+                f"| {s['B']} | {s['N']} | {s['density']:.3f} | {r['config']} | {r['block_n']} | {r['warps']} | "
+                f"{r['stages']} | {r['chunk']} | {r['ms']:.4f} | {r['mode']} | {bw / 1e12:.2f} | {100 * bw / copy_bw:.0f} |"
+            )
+    return "\n".join(lines)
 
 
 def table(rows: list, copy_bw: float) -> str:
@@ -310,11 +315,14 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--copy-gib", type=float, default=2.0)
+    ap.add_argument("--copy-gib", type=float, default=COPY_GIB, help="copy bandwidth buffer (GiB)")
     ap.add_argument("--chunk", type=int, default=None, help="kernel: slots per work item (default: automatic)")
     ap.add_argument("--block-n", type=int, default=None, help="kernel: slots per inner tile (default 64)")
     ap.add_argument("--num-warps", type=int, default=None)
     ap.add_argument("--num-stages", type=int, default=None)
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the kernel over a (block_n, warps, stages, chunk) grid per layout, and "
+                         "FlexAttention dense decode without a BlockMask")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run through the twin: checks the script")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
@@ -327,8 +335,13 @@ def main() -> None:
         args.repeats, args.copy_gib = 3, 0.05
     elif not torch.cuda.is_available():
         sys.exit("bench/decode_kernel.py needs a CUDA GPU (use --smoke for a CPU check of the script)")
+    args.sweep_grid = None
+    if args.sweep and args.smoke and not interpreting():
+        print("note: --sweep on the CPU runs the Triton kernel in its interpreter: set TRITON_INTERPRET=1; no sweep")
+    elif args.sweep:
+        args.sweep_grid = SWEEP_GRID_SMOKE if args.smoke else SWEEP_GRID
 
-    checks, notes, rows = [], [], []
+    checks, notes, rows, sweeps = [], [], [], []
     if args.device == "cuda":
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -344,34 +357,30 @@ def main() -> None:
     for line in checks:
         print("check:", line)
 
-    timer = Timer(args.device, args.repeats)
-    copy_bw = copy_bandwidth(timer, args.device, args.copy_gib)
+    copy_bw = copy_bandwidth(args.device, args.copy_gib, args.repeats)
     print(f"copy bandwidth: {copy_bw / 1e12:.2f} TB/s")
-    bench(args, rows, notes)
+    bench(args, rows, notes, sweeps)
     text = table(rows, copy_bw)
     print(text)
     for n in notes:
         print("note:", n)
+    if sweeps:
+        swept = (f"Tile sweep of the ragged decode kernel: per layout the default configuration and the {SWEEP_TOP} "
+                 "fastest of the grid:\n\n" + sweep_table(sweeps, copy_bw))
+        print("\n" + swept)
+        text += "\n\n" + swept
 
     if args.record:
-        import triton
-
-        hw = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke)"
-        section = [
-            f"\n## Ragged decode kernel vs FlexAttention dense decode and SDPA ({args.heads} q / {args.kv_heads} KV heads, D={args.head_dim}, bf16)\n",
-            f"{datetime.date.today().isoformat()}, {hw}, torch {torch.__version__}, triton {triton.__version__}. "
-            f"Command: `python {' '.join(sys.argv)}`. Median of {args.repeats}, L2 flushed, CUDA-graph replay "
-            f"unless marked eager. Copy bandwidth {copy_bw / 1e12:.2f} TB/s. Bars: kernel >= 80% of copy bandwidth at "
-            f"B={BAR_AT[0]}, N={BAR_AT[1]}; >= 3x faster than FlexAttention dense decode at KV density 0.25, >= 1.7x at 0.5.\n",
-            *[f"- check: {c}" for c in checks],
-            "",
-            text,
-            *[f"\n- note: {n}" for n in notes],
-        ]
-        path = Path(__file__).with_name("RESULTS.md")
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n".join(section) + "\n")
-        print(f"appended to {path}")
+        record(
+            f"Ragged decode kernel vs FlexAttention dense decode and SDPA ({args.heads} q / {args.kv_heads} KV heads, "
+            f"D={args.head_dim}, bf16)",
+            "\n".join([*[f"- check: {c}" for c in checks], "", text, *[f"\n- note: {n}" for n in notes]]),
+            device=args.device,
+            details=("Smoke run: tiny shapes on the CPU, the op's twin. " if args.smoke else "")
+            + f"Median of {args.repeats}, L2 flushed, CUDA-graph replay unless marked eager. Copy bandwidth "
+            f"{copy_bw / 1e12:.2f} TB/s ({args.copy_gib:g} GiB). Bars: kernel >= 80% of copy bandwidth at B={BAR_AT[0]}, "
+            f"N={BAR_AT[1]}; >= 3x faster than FlexAttention dense decode at KV density 0.25, >= 1.7x at 0.5.",
+        )
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ projections q, k, v [4096|1024|1024, 4096], o [4096, 4096], gate, up [14336, 409
   ``gated_mlp_triton`` (gate, up and the activation in one launch), tiles from
   ``linear_config`` unless overridden on the command line.
 
-Timing as bench/decode_kernel.py: each call is captured in a CUDA graph and replayed, a
-256 MiB buffer is zeroed before every replay (L2 flushed: the weights come from HBM), CUDA
-events around the replay, median of ``--repeats``. Bandwidth = weight bytes / time, and its
-share of the copy bandwidth measured in the same run (read + write of a 2 GiB ``copy_``).
+Timing as bench/decode_kernel.py (harness.Timer): each call is captured in a CUDA graph and
+replayed, a 256 MiB buffer is zeroed before every replay (L2 flushed: the weights come from
+HBM), CUDA events around the replay, median of ``--repeats``. Bandwidth = weight bytes / time,
+and its share of the copy bandwidth measured in the same run (harness.copy_bandwidth: read +
+write of a ``--copy-gib`` GiB ``copy_``, 4 GiB by default).
 Before timing, every (M, part) of (c) is checked against the fp32 twin on the GPU (and
 cuBLAS too, for scale), and a captured graph is replayed on new inputs.
 """
@@ -27,16 +28,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from decode_kernel import Timer, copy_bandwidth
+from harness import COPY_GIB, Timer, copy_bandwidth, record
 from moa_flex.kernels import linear
 from moa_flex.kernels.triton_support import sm_count as _sm_count
 from moa_flex.kernels.linear import (
@@ -295,7 +294,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 4, 8, 16, 32, 85], help="tokens per step")
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--copy-gib", type=float, default=2.0)
+    ap.add_argument("--copy-gib", type=float, default=COPY_GIB, help="copy bandwidth buffer (GiB)")
     ap.add_argument("--block-n", type=int, default=None, help="kernel: output columns per program (default: the rule)")
     ap.add_argument("--split-k", type=int, default=None, help="kernel: K splits (default: the rule)")
     ap.add_argument("--block-k", type=int, default=None)
@@ -326,7 +325,7 @@ def main() -> None:
         print("check:", line)
 
     timer = Timer(args.device, args.repeats)
-    copy_bw = copy_bandwidth(timer, args.device, args.copy_gib)
+    copy_bw = copy_bandwidth(args.device, args.copy_gib, args.repeats)
     print(f"copy bandwidth: {copy_bw / 1e12:.2f} TB/s")
     tables = [
         "Layer parts (weights read from HBM; 'layer' is the sum of the four parts):\n\n"
@@ -342,24 +341,16 @@ def main() -> None:
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
 
     if args.record:
-        import triton
-
-        hw = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke, interpreter)"
         tuning = ", ".join(f"{k}={v}" for k, v in args.tuning.items()) or "the rule (linear_config)"
-        section = [
-            "\n## Skinny linear kernels vs cuBLAS at decode batch sizes (Llama-3-8B projections, bf16)\n",
-            f"{datetime.date.today().isoformat()}, {hw}, torch {torch.__version__}, triton {triton.__version__}. "
-            f"Command: `python {' '.join(sys.argv)}`. Median of {args.repeats}, L2 flushed, CUDA-graph replay. "
-            f"Copy bandwidth {copy_bw / 1e12:.2f} TB/s. Kernel tiles: {tuning}; tiles column: "
-            "m/n/k = block_m/n/k, s = K splits, w = warps, st = pipeline stages.\n",
-            *[f"- check: {c}" for c in checks],
-            "",
-            "\n\n".join(tables),
-        ]
-        path = Path(__file__).with_name("RESULTS.md")
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n".join(section) + "\n")
-        print(f"appended to {path}")
+        record(
+            "Skinny linear kernels vs cuBLAS at decode batch sizes (Llama-3-8B projections, bf16)",
+            "\n".join([*[f"- check: {c}" for c in checks], "", "\n\n".join(tables)]),
+            device=args.device,
+            details=("Smoke run: tiny shapes on the CPU, Triton's interpreter. " if args.smoke else "")
+            + f"Median of {args.repeats}, L2 flushed, CUDA-graph replay. Copy bandwidth {copy_bw / 1e12:.2f} TB/s "
+            f"({args.copy_gib:g} GiB). Kernel tiles: {tuning}; tiles column: "
+            "m/n/k = block_m/n/k, s = K splits, w = warps, st = pipeline stages.",
+        )
 
 
 if __name__ == "__main__":

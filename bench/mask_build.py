@@ -10,19 +10,14 @@ allocator's peak on GPU. ``--record`` appends the table to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-from moa_flex.masks import block_mask
+from moa_flex.masks import BLOCK_MASK_CACHE, block_mask
 from moa_flex.plan import ModelShape, Plan
-from moa_flex.masks import BLOCK_MASK_CACHE
 
 LENGTHS = (8192, 16384, 32768, 65536, 131072)
 
@@ -103,23 +98,19 @@ def main() -> None:
     for N in LENGTHS:
         sec, extra, density = measure(plan, N, args.device, args.repeats)
         rows.append((N, sec, extra, density))
-    hw = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     lines = [
-        f"| N (tokens) | build (ms) | peak extra memory (MiB) | block density |",
-        f"|---:|---:|---:|---:|",
+        "| N (tokens) | build (ms) | peak extra memory (MiB) | block density |",
+        "|---:|---:|---:|---:|",
         *(f"| {N} | {sec * 1e3:.0f} | {extra / 2**20:.0f} | {d:.3f} |" for N, sec, extra, d in rows),
     ]
     table = "\n".join(lines)
     print(table)
     if args.record:
-        cmd = "python " + " ".join(sys.argv)
-        head = (
-            f"\n## Block-mask build, H={args.heads} distinct spans, {args.device}\n\n"
-            f"{datetime.date.today()}, {hw}, torch {torch.__version__}, threads {torch.get_num_threads()}. "
-            f"Command: `{cmd}` (median of {args.repeats}).\n\n"
-        )
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(head + table + "\n")
+        # imported here, not at the top: tests/test_masks.py loads this file by path, bench/ not on sys.path
+        from harness import record
+
+        record(f"Block-mask build, H={args.heads} distinct spans, {args.device}", table, device=args.device,
+               details=f"Torch threads {torch.get_num_threads()}; median of {args.repeats}.")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ binned by span_multiple as the profiler does. Default rules: ``rule_grid(lengths
 
 Without ``--pareto`` one MILP per shape: the loss at the longest length minimized under the
 budget at every length (one anchor of the Pareto set); with it, the whole Pareto set.
-Solves go through the layer decomposition first (moa_flex/lagrangian.py), which returns its
-plan when its certified gap is <= 0.1%, else warm-starts the MILP solver; ``--no-decompose``
-solves the plain MILP. Columns: problem (losses, pruning), model (PuLP build, 0 when no MILP
+Solves go through the layer decomposition first (moa_flex/optimize/decomposition.py), which
+returns its plan when its certified gap is <= 0.1%, else warm-starts the MILP solver;
+``--no-decompose`` solves the plain MILP. Columns: problem (losses, pruning), model (PuLP build, 0 when no MILP
 was needed), solve (wall seconds of all solves, build included), gap (largest certified
 relative gap). ``--record`` appends to bench/RESULTS.md.
 """
@@ -21,13 +21,9 @@ relative gap). ``--record`` appends to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pulp
@@ -38,12 +34,21 @@ from moa_flex.optimize import build_problem, pareto
 from moa_flex.optimize.milp import solver_name as _solver_name
 from moa_flex.optimize.solve import Solver as _Solver
 
-SHAPES = {
-    "8b-kv": (ModelShape(32, 32, 8, 128, "Llama-3-8B"), "kv_head"),
-    "8b-head": (ModelShape(32, 32, 8, 128, "Llama-3-8B"), "head"),
-    "70b-kv": (ModelShape(80, 64, 8, 128, "Llama-3-70B"), "kv_head"),
-    "70b-head": (ModelShape(80, 64, 8, 128, "Llama-3-70B"), "head"),
+SHAPES = {  # --shapes name: (model, granularity); the models' shapes are harness.LLAMA3_8B / LLAMA3_70B
+    "8b-kv": ("8b", "kv_head"),
+    "8b-head": ("8b", "head"),
+    "70b-kv": ("70b", "kv_head"),
+    "70b-head": ("70b", "head"),
 }
+
+
+def shape_of(name: str) -> tuple[ModelShape, str]:
+    """(model shape, granularity) of a --shapes name."""
+    # imported here, not at the top: tests/test_optimize.py loads this file by path, bench/ not on sys.path
+    import harness
+
+    model, granularity = SHAPES[name]
+    return {"8b": harness.LLAMA3_8B, "70b": harness.LLAMA3_70B}[model], granularity
 
 
 def random_hist(shape: ModelShape, lengths: list[int], sink: int = 64, mult: int = 64, seed: int = 0) -> dict:
@@ -68,7 +73,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     try:
         return _run(name, args)
     except RuntimeError as e:  # the solver stopped (time limit) before finding any solution
-        shape, gran = SHAPES[name]
+        shape, gran = shape_of(name)
         return {
             "shape": name, "groups": shape.num_layers * (shape.num_kv_heads if gran == "kv_head" else shape.num_heads),
             "rules": float("nan"), "x": float("nan"), "solves": 0, "problem": float("nan"), "model": float("nan"),
@@ -78,7 +83,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
 
 
 def _run(name: str, args: argparse.Namespace) -> dict:
-    shape, gran = SHAPES[name]
+    shape, gran = shape_of(name)
     hist = random_hist(shape, args.lengths)
     t = time.perf_counter()
     prob = build_problem(hist, shape, args.density, granularity=gran, max_rules_per_layer=args.max_rules)
@@ -150,24 +155,19 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        cpu = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
+        # imported here, not at the top: tests/test_optimize.py loads this file by path, bench/ not on sys.path
+        from harness import record
+
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        head = (
-            f"\n## Optimizer: {'Pareto set' if args.pareto else 'one MILP (loss at the longest length)'}, "
-            f"density {args.density}, lengths {args.lengths}, K={args.max_rules}\n\n"
-            f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores (shared; 1-min load {load:.1f} at the end), "
-            f"torch {torch.__version__}, pulp {pulp.__version__}, numpy {np.__version__}. "
-            f"Command: `python {' '.join(sys.argv)}`. Solves single-threaded, gap target 0.1%, "
-            f"time limit {args.time_limit:g} s per solve, "
-            f"{'plain MILP' if args.no_decompose else 'layer decomposition first (moa_flex/lagrangian.py)'}.\n\n"
+        record(
+            f"Optimizer: {'Pareto set' if args.pareto else 'one MILP (loss at the longest length)'}, "
+            f"density {args.density}, lengths {args.lengths}, K={args.max_rules}",
+            table,
+            device="cpu",
+            details=f"Shared machine, 1-min load {load:.1f} at the end; pulp {pulp.__version__}, numpy {np.__version__}. "
+            f"Solves single-threaded, gap target 0.1%, time limit {args.time_limit:g} s per solve, "
+            f"{'plain MILP' if args.no_decompose else 'layer decomposition first (moa_flex/optimize/decomposition.py)'}.",
         )
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(head + table + "\n")
 
 
 if __name__ == "__main__":

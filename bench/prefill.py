@@ -18,11 +18,8 @@ rewritten graph is checked to build no dense [B, 1, Q, K] mask.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +27,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 import moa_flex
-from moa_flex.masks import block_mask, reference_mask
+from harness import llama3_8b_config, record
+from moa_flex.masks import BLOCK_MASK_CACHE, block_mask, reference_mask
 from moa_flex.plan import ModelShape, Plan
-from moa_flex.masks import BLOCK_MASK_CACHE
 
 
 def plan_at_density(shape: ModelShape, N: int, density: float, seed: int = 0) -> Plan:
@@ -135,18 +132,6 @@ def bench_attention(args: argparse.Namespace, shape: ModelShape, rows: list, che
             checks.append(f"{name} at N={N}: relative error vs SDPA with reference mask {err:.2e}")
             del ref_mask, ref, k_rep, v_rep
         del q, k, v
-
-
-def llama3_8b_config(layers: int, smoke: bool):  # noqa: ANN201
-    from transformers import LlamaConfig
-
-    if smoke:
-        return LlamaConfig(num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-                           intermediate_size=128, vocab_size=256, max_position_embeddings=1 << 20)
-    return LlamaConfig(
-        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096,
-        intermediate_size=14336, vocab_size=128256, max_position_embeddings=1 << 20, rope_theta=500000.0,
-    )
 
 
 def bench_model(args: argparse.Namespace, rows: list, checks: list) -> None:
@@ -252,14 +237,13 @@ def main() -> None:
     for b in bars:
         print(b)
     if args.record:
-        hw = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke)"
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(
-                f"\n## Prefill: MoA plans vs dense FlexAttention and SDPA flash (Llama-3-8B shapes, {args.layers} layers)\n\n"
-                f"{datetime.date.today()}, {hw}, torch {torch.__version__}. Command: `python {' '.join(sys.argv)}`. "
-                f"'x ref' is the time over dense FlexAttention causal (attention) or over HF sdpa eager (model).\n\n"
-                + out + "\n\n" + "\n".join(f"- {c}" for c in checks + bars) + "\n"
-            )
+        record(
+            f"Prefill: MoA plans vs dense FlexAttention and SDPA flash (Llama-3-8B shapes, {args.layers} layers)",
+            out + "\n\n" + "\n".join(f"- {c}" for c in checks + bars),
+            device=args.device,
+            details=("Smoke run: tiny shapes on the CPU. " if args.smoke else "")
+            + "'x ref' is the time over dense FlexAttention causal (attention) or over HF sdpa eager (model).",
+        )
 
 
 if __name__ == "__main__":

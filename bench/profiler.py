@@ -3,10 +3,10 @@
     python bench/profiler.py [--lengths 8192 16384 32768] [--layers 32] [--record]
     python bench/profiler.py --smoke        # tiny model on the CPU: checks the script runs
 
-Llama-3-8B shape (32 layers, 32 query / 8 KV heads, head dim 128, hidden 4096, intermediate
-14336, vocab 128256), random weights built directly in bf16 on the GPU. Per length: one
-synthetic lookup sample (prompt of N - max_new_tokens tokens, answered greedily by the model
-itself), then ``profile_model`` on it (sink 64, span_multiple 64, Triton influence kernel,
+Llama-3-8B shape (harness.llama3_8b_config: 32 layers, 32 query / 8 KV heads, head dim 128,
+hidden 4096, intermediate 14336, vocab 128256), random weights built directly in bf16 on the
+GPU. Per length: one synthetic lookup sample (prompt of N - max_new_tokens tokens, answered
+greedily by the model itself), then ``profile_model`` on it (sink 64, span_multiple 64, Triton influence kernel,
 per-layer activation checkpointing). Seconds: wall time of the profile call (synchronized),
 after a warm-up length that compiles the kernels. Peak: the CUDA allocator's peak during the
 call, in GiB, absolute and above the resident weights. Also the influence kernels alone on
@@ -17,14 +17,12 @@ Bars: 32K fits on one H200; 16K takes under 60 s per sample.
 from __future__ import annotations
 
 import argparse
-import datetime
-import sys
 import time
-from pathlib import Path
 
 import torch
 import transformers
 
+from harness import llama3_8b_config, record
 from moa_flex.data.calibration import answer_samples, synthetic_samples
 from moa_flex.profile import influence_histogram, profile_model
 
@@ -32,15 +30,7 @@ GIB = 2**30
 
 
 def build_model(args: argparse.Namespace) -> transformers.PreTrainedModel:
-    if args.smoke:
-        config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          hidden_size=64, intermediate_size=128, vocab_size=512,
-                                          max_position_embeddings=4096)
-    else:
-        config = transformers.LlamaConfig(
-            num_hidden_layers=args.layers, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096,
-            intermediate_size=14336, vocab_size=128256, max_position_embeddings=max(args.lengths), rope_theta=500000.0,
-            bos_token_id=128000, eos_token_id=128001)
+    config = llama3_8b_config(args.layers, args.smoke)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -115,7 +105,7 @@ def main() -> None:
     ap.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     args = ap.parse_args()
     if args.smoke:
-        args.device, args.dtype, args.lengths, args.warmup = "cpu", torch.float32, [256, 512], 128
+        args.device, args.dtype, args.lengths, args.warmup, args.layers = "cpu", torch.float32, [256, 512], 128, 2
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench/profiler.py needs a GPU (or --smoke)")
@@ -148,17 +138,14 @@ def main() -> None:
     for b in bars:
         print(b)
     if args.record:
-        import triton
-
-        hw = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (smoke)"
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(
-                f"\n## Profiler: one sample per length (Llama-3-8B shape, {args.layers} layers, random bf16 weights)\n\n"
-                f"{datetime.date.today()}, {hw}, torch {torch.__version__}, transformers {transformers.__version__}, "
-                f"triton {triton.__version__}. Command: `python {' '.join(sys.argv)}`. Sink {args.sink}, span_multiple "
-                f"{args.span_multiple}, answers of up to {args.max_new_tokens} tokens written by the model; peak is the "
-                "CUDA allocator's peak during profile_model.\n\n" + out + "\n\n" + "\n".join(f"- {b}" for b in bars) + "\n"
-            )
+        record(
+            f"Profiler: one sample per length (Llama-3-8B shape, {args.layers} layers, random bf16 weights)",
+            out + "\n\n" + "\n".join(f"- {b}" for b in bars),
+            device=args.device,
+            details=("Smoke run: tiny model on the CPU. " if args.smoke else "")
+            + f"Sink {args.sink}, span_multiple {args.span_multiple}, answers of up to {args.max_new_tokens} tokens "
+            "written by the model; peak is the CUDA allocator's peak during profile_model.",
+        )
 
 
 if __name__ == "__main__":
