@@ -40,7 +40,14 @@ RECOMPILE_LIMIT = 64
 
 
 def forward(state: CompiledState, *args: Any, **kwargs: Any) -> Any:
-    """The compiled model's forward: plain (no cache / prefill) or a decode step over a MoaCache."""
+    """The compiled model's forward: plain (no cache / prefill) or a decode step over a
+    MoaCache. Inference only: it runs without autograd (the attention op has no backward),
+    whether or not the caller holds ``torch.no_grad()``."""
+    with torch.no_grad():
+        return _forward(state, args, kwargs)
+
+
+def _forward(state: CompiledState, args: tuple, kwargs: dict) -> Any:
     if state.cache_arg != "past_key_values" and "past_key_values" in kwargs:  # the pre-5.24 name, still accepted
         if kwargs.get(state.cache_arg) is not None:
             raise ValueError(f"pass the cache once: got both past_key_values and {state.cache_arg}")
