@@ -230,7 +230,7 @@ def compress(
         if missing:
             raise ValueError(f"the calibration set has no samples for lengths {missing}")
     else:
-        say("[1/4] calibration: the dense model answers its prompts")
+        say("compress [1/4] calibration: the dense model answers its prompts")
         calib = calibration_set(model, calib_prompts, lengths, max_new_tokens=max_new_tokens,
                                 max_per_length=samples_per_length, progress=progress)
     val = []
@@ -241,15 +241,15 @@ def compress(
             val += calibration_set(model, unanswered, [validation_len], max_new_tokens=max_new_tokens,
                                    max_per_length=validation_samples, progress=progress)[validation_len]
 
-    say("[2/4] profile")
+    say("compress [2/4] profile")
     prof = _profile(model, calib, lengths, sink, span_multiple, profile, progress)
 
-    say("[3/4] optimize")
+    say("compress [3/4] optimize")
     plans = optimize({n: prof.hist[n] for n in lengths}, model.config, budget, time_limit=time_limit,
                      progress=progress, **opt_kw)
 
     if validation_len:
-        say(f"[4/4] validate {len(plans)} plan(s) on {len(val)} held-out samples of <= {validation_len} tokens")
+        say(f"compress [4/4] validate {len(plans)} plan(s) on {len(val)} held-out samples of <= {validation_len} tokens")
         best, _ = validate(model, plans, val, length=validation_len, progress=progress, backend=backend)
         chosen_by = f"lowest validation loss at {validation_len} tokens"
     else:
