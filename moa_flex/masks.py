@@ -240,30 +240,50 @@ def _build_side(
     _write_ordered(lo, full_end, counts[1], indices[1])
 
 
-class _MaskCache:
-    """Small LRU of built BlockMasks keyed by (spans, sink, lengths, blocks, device)."""
+def mask_bytes(mask: BlockMask) -> int:
+    """Bytes held by a BlockMask's index tensors."""
+    tensors = (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+               mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def __init__(self, maxsize: int = 32) -> None:
-        self.maxsize = maxsize
-        self._store: OrderedDict[tuple, BlockMask] = OrderedDict()
+
+MASK_CACHE_BYTES = 512 * 2**20  # default bound of the shared BlockMask cache (bytes, on any device)
+
+
+class _MaskCache:
+    """LRU of built BlockMasks keyed by (spans, sink, lengths, blocks, device), bounded by the
+    bytes its masks hold (:data:`MASK_CACHE_BYTES` unless ``max_bytes`` says otherwise): the
+    least recently used go first, and a mask larger than the bound is not kept."""
+
+    def __init__(self, max_bytes: int = MASK_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._store: OrderedDict[tuple, tuple[BlockMask, int]] = OrderedDict()
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
 
     def get(self, key: tuple) -> BlockMask | None:
-        mask = self._store.get(key)
-        if mask is not None:
-            self._store.move_to_end(key)
-            self.hits += 1
-        return mask
+        hit = self._store.get(key)
+        if hit is None:
+            return None
+        self._store.move_to_end(key)
+        self.hits += 1
+        return hit[0]
 
     def put(self, key: tuple, mask: BlockMask) -> None:
         self.misses += 1
-        self._store[key] = mask
-        while len(self._store) > self.maxsize:
-            self._store.popitem(last=False)
+        size = mask_bytes(mask)
+        if size > self.max_bytes:
+            return
+        self._store[key] = (mask, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, old) = self._store.popitem(last=False)
+            self.bytes -= old
 
     def clear(self) -> None:
         self._store.clear()
+        self.bytes = 0
         self.hits = self.misses = 0
 
 

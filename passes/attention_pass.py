@@ -19,7 +19,6 @@ attention must still hold one call per layer).
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Sequence
 
 import torch
@@ -30,17 +29,10 @@ from moa_flex.plan import Plan
 
 from .flex_pass import flex_nodes, rewrite_flex_attention
 from .inner import compile_graph
-from .nodes import PassReport, RewrittenNode, arg, attention_nodes, eliminate_dead_code, node_layer
-
-
-def _padding_mask_input(graph: torch.fx.Graph) -> torch.fx.Node | None:
-    """The graph input holding the forward's 2-D ``attention_mask`` (None if not passed)."""
-    for node in graph.nodes:
-        if node.op == "placeholder" and re.search(r"(^|_)attention_mask_?$", str(node.target)):
-            val = node.meta.get("example_value", node.meta.get("val"))
-            if val is None or getattr(val, "dim", lambda: 0)() == 2:
-                return node
-    return None
+from .prefill_pass import extend_nodes, rewrite_prefill
+from .nodes import (
+    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, node_layer, padding_mask_input,
+)
 
 
 def rewrite_attention(
@@ -50,12 +42,15 @@ def rewrite_attention(
     """Replace every SDPA (or flex_attention) node of ``gm`` by moa-flex attention for its
     layer; validate first.
 
-    ``windows``: per layer, the model's own sliding window (tokens) or None. Layers without
-    one get the forward's 2-D padding mask; the others keep the model's mask, ANDed in
+    ``windows``: per layer, the model's own sliding window (tokens) or None; ``windows=None``
+    (unknown: no config) keeps every layer's traced mask. Layers without a window get the
+    forward's 2-D padding mask; the others keep the model's mask, ANDed in
     (flex_attention graphs: the window is the one the call's mask_mod is proven to apply).
     ``partial_graphs``: a graph without any attention call is returned unchanged (empty
     report) instead of raising.
     """
+    if extend_nodes(gm.graph):  # a prefill over a MoaCache (chunks, later turns)
+        return rewrite_prefill(gm, plan, softcaps, windows)
     nodes = attention_nodes(gm.graph)
     flex = flex_nodes(gm.graph)
     if flex and nodes:
@@ -80,17 +75,14 @@ def rewrite_attention(
             f"the traced graph has attention calls for layers {found} but the plan has "
             f"num_layers = {plan.num_layers} (expected one call per layer 0..{plan.num_layers - 1})"
         )
-    for node in nodes:
-        dropout = arg(node, 4, "dropout_p", 0.0)
-        if isinstance(dropout, (int, float)) and dropout != 0.0:
-            raise ValueError(f"attention node {node.name} uses dropout_p={dropout}; moa-flex runs attention in eval mode only")
-    padding_mask = _padding_mask_input(gm.graph)
+    check_no_dropout(nodes)
+    padding_mask = padding_mask_input(gm.graph)
     report = PassReport(graph_module=gm)
     infos: dict[torch.fx.Node, torch.fx.Node] = {}  # one mask_info per mask node, shared by its layers
     for node, (layer, path) in zip(nodes, layers):
         q, k, v = node.args[:3]
         mask = arg(node, 3, "attn_mask", None)
-        if not (windows and windows[layer]):
+        if windows is not None and not windows[layer]:
             # No window of the model's own: causal + the 2-D padding mask says everything,
             # and the model's dense [B, 1, Q, K] mask becomes dead code.
             mask = padding_mask

@@ -25,7 +25,9 @@ from moa_flex.plan import Plan
 
 from .inner import compile_graph
 from .linear_pass import LinearFusionReport, fuse_linears
-from .nodes import PassReport, RewrittenNode, arg, attention_nodes, eliminate_dead_code, node_layer
+from .nodes import (
+    PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code, head_dim,
+)
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
 
@@ -44,30 +46,7 @@ def append_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
 
 def _append_args(node: torch.fx.Node) -> tuple:
     """The append node's arguments in schema order (Dynamo may record some as kwargs)."""
-    names = ("keys", "values", "length", "k_new", "v_new", "spans", "caps", "offsets", "sink")
-    args = list(node.args) + [node.kwargs[name] for name in names[len(node.args):]]
-    return tuple(args)
-
-
-def _by_layer(nodes: list[torch.fx.Node], what: str, num_layers: int) -> dict[int, tuple[torch.fx.Node, str]]:
-    found: dict[int, tuple[torch.fx.Node, str]] = {}
-    for node in nodes:
-        layer, path = node_layer(node)
-        if layer in found:
-            raise ValueError(f"decode graph: two {what} nodes for layer {layer} ({found[layer][0].name}, {node.name})")
-        found[layer] = (node, path)
-    if sorted(found) != list(range(num_layers)):
-        raise ValueError(
-            f"decode graph: {what} nodes for layers {sorted(found)}, but the plan has num_layers = {num_layers}"
-        )
-    return found
-
-
-def _head_dim(q: torch.fx.Node) -> int:
-    val = q.meta.get("val", q.meta.get("example_value"))
-    if val is None:
-        raise ValueError(f"decode graph: no shape recorded for query node {q.name}")
-    return int(val.shape[-1])
+    return call_args(node, ("keys", "values", "length", "k_new", "v_new", "spans", "caps", "offsets", "sink"))
 
 
 def rewrite_decode(
@@ -79,12 +58,9 @@ def rewrite_decode(
     ``softcaps``/``windows``: per layer, the model's logit soft-cap and own sliding window
     (tokens), or 0/None.
     """
-    appends = _by_layer(append_nodes(gm.graph), "cache_append", plan.num_layers)
-    attns = _by_layer(attention_nodes(gm.graph), "attention", plan.num_layers)
-    for layer, (node, _) in attns.items():
-        dropout = arg(node, 4, "dropout_p", 0.0)
-        if isinstance(dropout, (int, float)) and dropout != 0.0:
-            raise ValueError(f"attention node {node.name} uses dropout_p={dropout}; moa-flex runs attention in eval mode only")
+    appends = by_layer(append_nodes(gm.graph), "cache_append", plan.num_layers, "decode")
+    attns = by_layer(attention_nodes(gm.graph), "attention", plan.num_layers, "decode")
+    check_no_dropout([node for node, _ in attns.values()])
     report = DecodeReport(graph_module=gm)
     for layer in range(plan.num_layers):
         node, path = attns[layer]
@@ -93,7 +69,7 @@ def rewrite_decode(
         q = node.args[0]
         scale = arg(node, 6, "scale", None)
         if scale is None:
-            scale = _head_dim(q) ** -0.5
+            scale = head_dim(q) ** -0.5
         softcap = float(softcaps[layer]) if softcaps else 0.0
         window = int(windows[layer] or 0) if windows else 0
         with gm.graph.inserting_before(node):

@@ -87,3 +87,50 @@ def arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def call_args(node: torch.fx.Node, names: tuple[str, ...]) -> tuple:
+    """A call node's arguments in schema order (Dynamo may record some as keyword arguments)."""
+    return tuple(list(node.args) + [node.kwargs[name] for name in names[len(node.args):]])
+
+
+def by_layer(nodes: list[torch.fx.Node], what: str, num_layers: int, graph: str) -> dict[int, tuple[torch.fx.Node, str]]:
+    """Layer -> (node, module path) for nodes of which each layer must have exactly one;
+    ValueError naming the layers otherwise (``graph``: what graph this is, for the message)."""
+    found: dict[int, tuple[torch.fx.Node, str]] = {}
+    for node in nodes:
+        layer, path = node_layer(node)
+        if layer in found:
+            raise ValueError(f"{graph} graph: two {what} nodes for layer {layer} ({found[layer][0].name}, {node.name})")
+        found[layer] = (node, path)
+    if sorted(found) != list(range(num_layers)):
+        raise ValueError(
+            f"{graph} graph: {what} nodes for layers {sorted(found)}, but the plan has num_layers = {num_layers}"
+        )
+    return found
+
+
+def head_dim(q: torch.fx.Node) -> int:
+    """The last dimension of a query node's recorded value."""
+    val = q.meta.get("val", q.meta.get("example_value"))
+    if val is None:
+        raise ValueError(f"no shape recorded for query node {q.name}")
+    return int(val.shape[-1])
+
+
+def padding_mask_input(graph: torch.fx.Graph) -> torch.fx.Node | None:
+    """The graph input holding the forward's 2-D ``attention_mask`` (None if not passed)."""
+    for node in graph.nodes:
+        if node.op == "placeholder" and re.search(r"(^|_)attention_mask_?$", str(node.target)):
+            val = node.meta.get("example_value", node.meta.get("val"))
+            if val is None or getattr(val, "dim", lambda: 0)() == 2:
+                return node
+    return None
+
+
+def check_no_dropout(nodes: list[torch.fx.Node]) -> None:
+    """ValueError if an attention node uses dropout (moa-flex runs attention in eval mode)."""
+    for node in nodes:
+        dropout = arg(node, 4, "dropout_p", 0.0)
+        if isinstance(dropout, (int, float)) and dropout != 0.0:
+            raise ValueError(f"attention node {node.name} uses dropout_p={dropout}; moa-flex runs attention in eval mode only")

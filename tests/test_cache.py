@@ -54,8 +54,9 @@ def test_slot_positions_match_simulated_writes(layout) -> None:  # noqa: ANN001
 @settings(max_examples=60, deadline=None)
 @given(layouts(), st.integers(0, 4), st.integers(1, 20))
 def test_prefill_then_appends_equal_one_prefill(layout, pad_max, steps) -> None:  # noqa: ANN001
-    """Writing a prompt then tokens one by one leaves the cache exactly as a prefill of the
-    whole sequence, and every slot holds the K of the position the slot map says."""
+    """Writing a prompt (one cache_extend) then tokens one by one (cache_append) leaves the
+    cache exactly as one cache_extend of the whole sequence, and every slot holds the K of the
+    position the slot map says (slots that never held a token keep what they held)."""
     B, G, sink, widths, caps, _ = layout
     D = 3
     gen = torch.Generator().manual_seed(B * 100 + G)
@@ -73,14 +74,15 @@ def test_prefill_then_appends_equal_one_prefill(layout, pad_max, steps) -> None:
         return torch.full((B, S, D), 7.0, dtype=torch.float64), torch.full((B, S, D), 7.0, dtype=torch.float64), torch.zeros(B, dtype=torch.long)
 
     keys, values, length = fresh()
-    torch.ops.moa_flex.cache_prefill(keys, values, length, k_all[:, :, :prompt], v_all[:, :, :prompt], pads, caps_t, offsets, sink)
+    torch.ops.moa_flex.cache_extend(keys, values, length, k_all[:, :, :prompt], v_all[:, :, :prompt], pads, spans, caps_t,
+                                    offsets, sink)
     assert torch.equal(length, prompt - pads)
     for t in range(prompt, total):
         torch.ops.moa_flex.cache_append(keys, values, length, k_all[:, :, t:t + 1], v_all[:, :, t:t + 1], spans, caps_t, offsets, sink)
     assert torch.equal(length, total - pads)
 
     k1, v1, l1 = fresh()
-    torch.ops.moa_flex.cache_prefill(k1, v1, l1, k_all, v_all, pads, caps_t, offsets, sink)
+    torch.ops.moa_flex.cache_extend(k1, v1, l1, k_all, v_all, pads, spans, caps_t, offsets, sink)
     assert torch.equal(keys, k1) and torch.equal(values, v1)
 
     held = simulated(caps, widths, sink, (total - pads - 1).tolist())
@@ -88,7 +90,7 @@ def test_prefill_then_appends_equal_one_prefill(layout, pad_max, steps) -> None:
         for s in range(int(offsets[-1])):
             g = int(torch.searchsorted(offsets, s, right=True)) - 1
             p = int(held[b, s])
-            want = torch.zeros(D, dtype=torch.float64) if p < 0 else k_all[b, g, int(pads[b]) + p]
+            want = torch.full((D,), 7.0, dtype=torch.float64) if p < 0 else k_all[b, g, int(pads[b]) + p]
             assert torch.equal(keys[b, s], want), (b, s, p)
 
 

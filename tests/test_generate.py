@@ -127,7 +127,8 @@ def test_decode_loop_refuses_what_it_does_not_do() -> None:
         (NotImplementedError, "attentions", dict(return_dict_in_generate=True, output_attentions=True)),
         (NotImplementedError, "custom_generate", dict(custom_generate=lambda *a, **k: None)),
         (ValueError, "tokenizer", dict(stop_strings=["w1"])),
-        (ValueError, "own MoA cache", dict(past_key_values=MoaCache(Plan.dense(model.config), 2, PROMPT + 2))),
+        (ValueError, "another plan", dict(past_key_values=MoaCache(sparse_plan(model.config, "head"), 2, PROMPT + 2))),
+        (ValueError, "own MoaCache", dict(past_key_values=object())),
     ]
     for error, match, kwargs in cases:
         with pytest.raises(error, match=match), torch.no_grad():
@@ -215,9 +216,14 @@ def test_limits_and_errors() -> None:
         with pytest.raises(ValueError, match="planned length"):
             model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
     cache2 = MoaCache(plan, 2, PROMPT + 4)
-    with pytest.raises(NotImplementedError, match="multi-turn"), torch.no_grad():
+    with torch.no_grad():
         model(input_ids=ids, past_key_values=cache2, use_cache=True)
-        model(input_ids=ids[:, :2], past_key_values=cache2, use_cache=True)
+        with pytest.raises(ValueError, match="left padding the cache was built with"):
+            model(input_ids=ids[:, :2], attention_mask=torch.zeros_like(ids[:, :2]), past_key_values=cache2)
+        with pytest.raises(ValueError, match=r"attention_mask must be \[batch, new tokens\]"):
+            model(input_ids=ids[:, :2], attention_mask=torch.ones_like(ids[:, :3]), past_key_values=cache2)
+        model(input_ids=ids[:, :2], past_key_values=cache2, use_cache=True)  # a second turn of 2 tokens
+    assert cache2.seen_tokens == PROMPT + 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton decode kernel, CUDA graphs)")

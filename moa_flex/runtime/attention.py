@@ -78,10 +78,14 @@ class MoaRuntime:
     uncompiled reference implementation (:func:`eager_flex_attention`, ``backend="eager"``).
     """
 
-    def __init__(self, plan: Plan, block_size: int = 128, *, compiled: bool = True) -> None:
+    def __init__(self, plan: Plan, block_size: int = 128, *, compiled: bool = True,
+                 query_chunk: int | None = None) -> None:
         self.plan = plan
         self.block_size = block_size
         self.compiled = compiled
+        # queries per FlexAttention call (rounded up to blocks): a call's block masks hold
+        # [B, H, query_chunk / block, keys / block] indices, linear in the keys (None: all queries at once)
+        self.query_chunk = query_chunk
         self.planned_length: int | None = None
         self.calls = 0
         self.id = next(_ids)
@@ -109,19 +113,23 @@ class MoaRuntime:
 
     def block_mask(
         self, layer: int, q_len: int, kv_len: int, attn_mask: torch.Tensor | None, device: torch.device,
-        planned: int, padded_len: int, info: torch.Tensor | None = None,
+        planned: int, padded_len: int, info: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
     ) -> BlockMask:
-        """The layer's BlockMask for one call, over ``padded_len`` keys (index space).
+        """The layer's BlockMask for one call, over ``padded_len`` keys (index space), for the
+        query rows ``rows`` = [r0, r1) of the padded queries (default all ``q_len + padding``).
 
         ``planned`` is the request's planned length N (tokens); ``info`` the mask's
-        :func:`~moa_flex.masks.padding_info` if the graph computed it already. Cached by spans and pads unless a
-        dense mask (beyond causal + left padding) must be ANDed in.
+        :func:`~moa_flex.masks.padding_info` if the graph computed it already. No q-side indices
+        (only a backward pass reads them). Cached by spans and pads unless a dense mask (beyond
+        causal + left padding) must be ANDed in.
         """
         q_offset = kv_len - q_len
         extra = padded_len - kv_len
+        r0, r1 = rows if rows is not None else (0, q_len + extra)
         if attn_mask is None:
             spans = self.head_spans(planned)[layer]
-            return block_mask_from_spans(spans, self.plan.sink, q_len + extra, q_offset, padded_len, self.block_size, device)
+            return block_mask_from_spans(spans, self.plan.sink, r1 - r0, q_offset + r0, padded_len, self.block_size,
+                                         device, compute_q_blocks=False)
         if attn_mask.dim() not in (2, 4):
             raise ValueError(f"attention mask must be 2-D [B, K] or 4-D [B, 1 or H, Q, K], got {attn_mask.dim()}-D")
         if attn_mask.shape[-1] != kv_len or (attn_mask.dim() == 4 and attn_mask.shape[-2] != q_len):
@@ -144,9 +152,11 @@ class MoaRuntime:
                     "window, right padding?); it is ANDed in densely, without full blocks.",
                     stacklevel=2,
                 )
-            dense = torch.nn.functional.pad(allowed, (0, extra, 0, extra), value=False)
+            dense = torch.nn.functional.pad(allowed, (0, extra, 0, extra), value=False)[:, :, r0:r1]
+            dense = torch.nn.functional.pad(dense, (0, 0, 0, r1 - r0 - dense.shape[2]), value=False)  # rows past the end
         return block_mask_from_spans(
-            spans, self.plan.sink, q_len + extra, q_offset, padded_len, self.block_size, device, pads=pads, dense_mask=dense
+            spans, self.plan.sink, r1 - r0, q_offset + r0, padded_len, self.block_size, device, compute_q_blocks=False,
+            pads=pads, dense_mask=dense,
         )
 
     def attention(
@@ -166,18 +176,22 @@ class MoaRuntime:
             raise ValueError(f"input of {kv_len} tokens exceeds the planned length max_length={planned}")
         self.calls += 1
         padded = length_bucket(kv_len)
-        bm = self.block_mask(layer, q_len, kv_len, attn_mask, q.device, planned, padded, info)
         extra = padded - kv_len
         if extra:
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
+        rows = q.shape[2]
+        step = rows if self.query_chunk is None else min(rows, -(-self.query_chunk // self.block_size) * self.block_size)
         flex = compiled_flex_attention() if self.compiled else eager_flex_attention
-        out = flex(
-            q, k, v,
-            score_mod=softcap_score_mod(softcap) if softcap > 0 else None,
-            block_mask=bm,
-            scale=scale if scale > 0 else 1.0 / math.sqrt(q.shape[-1]),
-            enable_gqa=k.shape[1] != q.shape[1],
-        )
+        kwargs = dict(score_mod=softcap_score_mod(softcap) if softcap > 0 else None,
+                      scale=scale if scale > 0 else 1.0 / math.sqrt(q.shape[-1]), enable_gqa=k.shape[1] != q.shape[1])
+        outs = []
+        for r0 in range(0, rows, step):  # every call has `step` query rows: one compile per key bucket
+            qc = q[:, :, r0:r0 + step]
+            if qc.shape[2] < step:
+                qc = torch.nn.functional.pad(qc, (0, 0, 0, step - qc.shape[2]))
+            bm = self.block_mask(layer, q_len, kv_len, attn_mask, q.device, planned, padded, info, rows=(r0, r0 + step))
+            outs.append(flex(qc, k, v, block_mask=bm, **kwargs))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out[:, :, :q_len]
 
 

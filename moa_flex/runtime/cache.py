@@ -15,11 +15,13 @@ shapes are static for a whole request (torch.compile and CUDA graphs see no chan
 to step). Keys are stored after RoPE. Pad tokens are never cached: rows of a left-padded
 batch start at their own first real token.
 
-Writes go through two custom ops (:mod:`moa_flex.runtime.ops`), ``moa_flex::cache_prefill``
-(the kept tokens of a prompt) and ``moa_flex::cache_append`` (one decoded token per row).
-Inside a graph compiled by ``moa_flex.compile`` the pass finds each layer's ``cache_append``
-node and rewrites that layer's attention into ``moa_flex::ragged_decode`` over the cache
-tensors the append node mutated (``passes/decode_pass.py``).
+Writes go through two custom ops (:mod:`moa_flex.runtime.ops`): ``moa_flex::cache_extend``
+(what the sinks and rings keep of a chunk of several tokens: a prompt, one of its chunks, a
+later turn) and ``moa_flex::cache_append`` (one decoded token per row). Inside a graph
+compiled by ``moa_flex.compile`` the passes find each layer's write and rewrite that layer's
+attention: ``moa_flex::chunk_prefill`` (``passes/prefill_pass.py``: the chunk's attention over
+the cache, then its write, in one op) or ``moa_flex::ragged_decode`` after the append
+(``passes/decode_pass.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from moa_flex.kernels.decode import prepare_work
 from moa_flex.plan import Plan
 
-from . import ops  # noqa: F401  (registers torch.ops.moa_flex.cache_prefill / cache_append)
+from . import ops  # noqa: F401  (registers torch.ops.moa_flex.cache_extend / cache_append)
 
 
 class MoaCacheLayer(CacheLayerMixin):
@@ -76,25 +78,24 @@ class MoaCacheLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill (first call): cache the prompt's kept tokens, return the prompt's K/V for
-        prefill attention. Decode (one token per row): write it, return it; the compile pass
-        turns the layer's attention into ragged decode over this cache."""
+        """One token per row (decode): write it (``moa_flex::cache_append``) and return it; the
+        decode pass turns the layer's attention into ragged decode over this cache. Several
+        tokens (a prefill chunk, a later turn): record the write (``moa_flex::cache_extend``)
+        and return the chunk's K/V; the prefill pass replaces the write and the layer's
+        attention by one ``moa_flex::chunk_prefill`` (attention over the cache as it was, then
+        the write). The branch depends on the shape only, so each graph is traced once."""
         if not torch.compiler.is_compiling():
             raise RuntimeError(
                 "a MoaCache is only usable by a model compiled with moa_flex.compile (its attention runs in the "
                 "rewritten graph); this forward ran eagerly"
             )
-        if key_states.shape[-2] == 1 and self.filled:
+        if key_states.shape[-2] == 1:
             torch.ops.moa_flex.cache_append(self.keys, self.values, self.length, key_states, value_states,
                                             self.spans, self.caps, self.offsets, self.sink)
-        elif not self.filled:
-            torch.ops.moa_flex.cache_prefill(self.keys, self.values, self.length, key_states, value_states,
-                                             self.pads, self.caps, self.offsets, self.sink)
         else:
-            raise NotImplementedError(
-                "moa-flex: a prefill of several tokens onto a filled MoA cache (multi-turn) is not supported; "
-                "generate again from the whole conversation"
-            )
+            torch.ops.moa_flex.cache_extend(self.keys, self.values, self.length, key_states, value_states,
+                                            torch.zeros_like(self.length), self.spans, self.caps, self.offsets,
+                                            self.sink)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

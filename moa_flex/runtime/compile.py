@@ -33,6 +33,7 @@ from .generate import generate as _generate
 from .state import CompiledState
 
 TRACED_ATTENTION = "moa_flex_traced"
+DEFAULT_PREFILL_CHUNK = 16384  # tokens; bench/longctx.py --chunks measured it (bench/RESULTS.md)
 
 
 def _traced_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -69,7 +70,7 @@ def backend(plan: Plan, *, inner: str = "inductor", mode: str | None = None, con
     fn = make_backend(
         plan, runtime.id, inner=inner, mode=mode,
         softcaps=softcaps(config, plan.num_layers) if config else None,
-        windows=model_windows(config, plan.num_layers) if config else [1] * plan.num_layers,
+        windows=model_windows(config, plan.num_layers) if config else None,
         partial_graphs=partial_graphs,
     )
     fn.runtime = runtime  # type: ignore[attr-defined]
@@ -84,6 +85,7 @@ def compile(  # noqa: A001  (the verb of the API)
     backend: str = "inductor",
     mode: str | None = None,
     fuse_linear: bool | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> torch.nn.Module:
     """Compile an HF causal LM so that every attention layer runs the plan. Returns the model.
 
@@ -103,6 +105,12 @@ def compile(  # noqa: A001  (the verb of the API)
     ``moa_flex::grouped_linear`` and gate/up + SiLU as one ``moa_flex::gated_mlp`` (skinny-GEMM
     Triton kernels, at most 16 rows; ``moa_flex.passes.linear_pass``); None (default) turns
     this on for models on CUDA, True forces it (on CPU the ops run their fp32 twins).
+    ``prefill_chunk``: tokens per chunk when a prompt (or a later turn) is prefilled onto a
+    MoaCache (``generate``, or a forward with ``past_key_values``): each chunk attends what the
+    cache keeps plus itself, exactly as one-shot prefill would (docs/DESIGN.md, "Long
+    contexts"), and activations are bounded by the chunk; None runs the prompt as one chunk.
+    A forward without a cache runs its attention ``prefill_chunk`` queries per FlexAttention
+    call, so block masks hold ``[B, H, prefill_chunk / 128, N / 128]`` indices, linear in N.
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -116,6 +124,9 @@ def compile(  # noqa: A001  (the verb of the API)
     plan.check_model(config)
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be >= 1 tokens, got {max_length}")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 2):
+        raise ValueError(f"prefill_chunk must be an integer >= 2 (tokens) or None, got {prefill_chunk!r}")
     if backend not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
     hooked = [name for name, m in model.named_modules() if getattr(m, "_hf_hook", None) is not None]
@@ -135,9 +146,10 @@ def compile(  # noqa: A001  (the verb of the API)
         wanted = TRACED_ATTENTION
     if impl != wanted:
         model.set_attn_implementation(wanted)
-    runtime = MoaRuntime(plan, compiled=backend == "inductor")
+    runtime = MoaRuntime(plan, compiled=backend == "inductor", query_chunk=prefill_chunk)
     runtime.planned_length = max_length
     state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
+                          prefill_chunk=prefill_chunk,
                           cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward))
     caps, windows = softcaps(config, plan.num_layers), model_windows(config, plan.num_layers)
     prefill = make_backend(

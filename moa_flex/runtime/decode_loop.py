@@ -12,8 +12,10 @@ whole sequence), 0.5-1.2 ms of host time per token on an H200 host, during which
 waits (bench/RESULTS.md, "Decode step breakdown"). Here a step is what the compiled graphs
 need and nothing else:
 
-* prefill: the prompt, its 2-D padding mask, its positions (``cumsum(mask) - 1``, as
-  transformers derives them), the :class:`~moa_flex.cache.MoaCache`, ``logits_to_keep=1``;
+* prefill: the prompt (of a later turn, the tokens the cache has not seen), its 2-D padding
+  mask, its positions (``cumsum(mask) - 1``, as transformers derives them), the
+  :class:`~moa_flex.runtime.cache.MoaCache`, ``logits_to_keep=1``; the forward prefills it in
+  chunks (``moa_flex.compile(..., prefill_chunk=...)``);
 * decode: the new token of every row, its position (one more than the row's last), the cache;
   with CUDA graphs, once ``moa_flex.runtime.step_graph`` has captured the step, the loop replays it
   directly (``StepGraph.replay_static``: the new tokens and positions copied in, the logits
@@ -142,7 +144,7 @@ def decode_loop(
     _check_request(generation_config, model_kwargs, synced_gpus)
     cache = model_kwargs.get(moa_state.cache_arg, model_kwargs.get("past_key_values"))
     if cache is None or cache is not moa_state.cache:
-        raise RuntimeError("moa-flex decode_loop runs inside moa-flex's generate, which allocates the MoA cache")
+        raise RuntimeError("moa-flex decode_loop runs inside moa-flex's generate, which hands it the MoA cache")
     B, prompt = input_ids.shape
     device = input_ids.device
     max_length, others = _split_criteria(stopping_criteria, generation_config.max_length)
@@ -164,7 +166,8 @@ def decode_loop(
     length = prompt
     mask = model_kwargs.get("attention_mask")
     positions = _positions(mask, B, prompt, device)
-    outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **call)
+    seen = cache.seen_tokens  # a later turn: the cache holds the conversation's first tokens already
+    outputs = model(input_ids=input_ids[:, seen:], attention_mask=mask, position_ids=positions[:, seen:], **call)
     position = positions[:, -1:] + 1  # [B, 1] the next token's position per row
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     stop = _StopFlag(device)

@@ -69,31 +69,97 @@ def _input_length(args: tuple, kwargs: dict) -> int:
 
 
 def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwargs: dict) -> Any:
-    if cache.plan is not state.plan and cache.plan != state.plan:
-        raise ValueError("the MoaCache was built for another plan than the model's (model.moa_flex.set_plan?)")
-    n = _input_length(args, kwargs)
+    check_cache(state, cache)
+    kwargs = _as_kwargs(state, args, kwargs)
+    n = _input_length((), kwargs)
     if cache.seen_tokens + n > cache.planned_length:
         raise ValueError(
-            f"generating past the planned length: {cache.seen_tokens} tokens seen + {n} new > planned length "
+            f"past the planned length: {cache.seen_tokens} tokens seen + {n} new > planned length "
             f"{cache.planned_length}; plan the request for more tokens (max_new_tokens, or compile's max_length)"
         )
-    if cache.filled:
-        if n != 1:
-            raise NotImplementedError(
-                "moa-flex: a prefill of several tokens onto a filled MoA cache (multi-turn) is not supported; "
-                "generate again from the whole conversation"
-            )
-        out = _decode_step(state, cache, _as_kwargs(state, args, kwargs), n)
+    if n == 1:
+        out = _decode_step(state, cache, kwargs, n)
     else:
-        before = state.runtime.planned_length
-        state.runtime.planned_length = cache.planned_length
-        try:
-            with dynamo_policy():
-                out = state.compiled_forward(*args, **kwargs)
-        finally:
-            state.runtime.planned_length = before
+        out = _prefill(state, cache, kwargs, n)
     cache.mark_filled(n)
     return out
+
+
+def check_cache(state: CompiledState, cache: MoaCache) -> None:
+    """ValueError unless ``cache`` was built for the model's plan."""
+    if cache.plan is not state.plan and cache.plan != state.plan:
+        raise ValueError("the MoaCache was built for another plan than the model's (model.moa_flex.set_plan?)")
+
+
+def _chunk_mask(cache: MoaCache, kwargs: dict, n: int, device: torch.device) -> torch.Tensor | None:
+    """The 2-D padding mask of the ``n`` new tokens, checked against the cache's left padding:
+    HF's convention (a mask over past + new tokens) and the new tokens' own mask are both
+    taken. ValueError if it is not the padding the cache was built with."""
+    mask = kwargs.pop("attention_mask", None)
+    seen = cache.seen_tokens
+    expect = (torch.arange(seen, seen + n).view(1, n) >= cache.pads.view(-1, 1)).long()  # [B, n]
+    if mask is None:
+        if not bool(expect.all()):
+            raise ValueError(f"the cache's rows are left-padded ({cache.pads.tolist()} tokens): pass the attention_mask")
+        return None
+    if mask.dim() != 2 or mask.shape[0] != cache.batch_size or mask.shape[1] not in (n, seen + n):
+        raise ValueError(f"attention_mask must be [batch, new tokens] or [batch, past + new tokens] = "
+                         f"[{cache.batch_size}, {n} or {seen + n}], got {tuple(mask.shape)}")
+    mask = mask[:, -n:]
+    if not torch.equal(mask.detach().long().cpu(), expect):
+        raise ValueError("attention_mask is not the left padding the cache was built with (moa-flex takes left padding "
+                         f"only, {cache.pads.tolist()} tokens per row, the same in every turn)")
+    return mask.to(device)
+
+
+def _prefill(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) -> Any:
+    """Tokens onto the cache, ``state.prefill_chunk`` at a time (a prompt, a later turn): each
+    chunk runs the prefill graph (chunk attention over the cache, then the chunk's write); a
+    last chunk of one token runs a decode step. Logits: as ``logits_to_keep`` asks, over all
+    ``n`` tokens."""
+    for name in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(name):
+            raise NotImplementedError(f"moa-flex: {name} over a MoaCache is not supported")
+    ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    mask = _chunk_mask(cache, kwargs, n, ids.device)
+    if kwargs.get("position_ids") is None and kwargs.get("cache_position") is None:
+        # HF's default (the cache's token count) as a tensor: a Python int would be baked in
+        kwargs["position_ids"] = torch.arange(cache.seen_tokens, cache.seen_tokens + n, device=ids.device).unsqueeze(0)
+    size = state.prefill_chunk or n
+    bounds = [(a, min(a + size, n)) for a in range(0, n, size)]
+    keep = kwargs.get("logits_to_keep", 0)
+    last = bounds[-1][1] - bounds[-1][0]
+    whole = not (isinstance(keep, int) and 0 < keep <= last)  # logits beyond the last chunk: keep every chunk's
+    logits, out = [], None
+    for a, b in bounds:
+        step = {k: _slice_tokens(v, a, b, n) for k, v in kwargs.items()}
+        if whole:
+            step["logits_to_keep"] = 0
+        if mask is not None:
+            step["attention_mask"] = mask[:, a:b]
+        if b - a == 1:
+            out = _decode_step(state, cache, step, 1)
+        else:
+            with dynamo_policy():
+                out = state.compiled_forward(**step)
+        if whole:
+            logits.append(out.logits)
+    if whole:
+        out.logits = torch.cat(logits, dim=1) if len(logits) > 1 else logits[0]
+        if isinstance(keep, int) and keep > 0:
+            out.logits = out.logits[:, -keep:]
+        elif isinstance(keep, torch.Tensor):
+            out.logits = out.logits[:, keep]
+    return out
+
+
+def _slice_tokens(value: Any, a: int, b: int, n: int) -> Any:
+    """A per-token argument cut to tokens [a, b) of the ``n`` new ones (others as they are)."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == n:
+        return value[:, a:b]
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == n:  # cache_position
+        return value[a:b]
+    return value
 
 
 def _as_kwargs(state: CompiledState, args: tuple, kwargs: dict) -> dict:
@@ -110,7 +176,7 @@ def _as_kwargs(state: CompiledState, args: tuple, kwargs: dict) -> dict:
 def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) -> Any:
     """One decode step: compiled graph for the first steps of a request, then (CUDA graphs
     on, one device) replays of a captured :class:`~moa_flex.step_graph.StepGraph`."""
-    kwargs.pop("attention_mask", None)  # the cache holds each row's padding
+    kwargs.pop("attention_mask", None)  # the cache holds each row's padding (new tokens are real)
     if kwargs.get("position_ids") is None and kwargs.get("cache_position") is None:
         # HF's default (the cache's token count) as a tensor: a Python int would be baked in
         ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))

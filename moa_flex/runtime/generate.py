@@ -7,9 +7,12 @@ to transformers' own ``generate`` as its cache, with moa-flex's decoding loop
 (:func:`moa_flex.runtime.decode_loop.decode_loop`) as ``custom_generate``: transformers resolves the
 generation config and builds the logits processors and stopping criteria, and the output
 format is transformers'; the per-token loop is moa-flex's (far less host work per token).
-Every row of a left-padded batch is planned for its own real tokens. Beam search, several
-sequences per prompt and other decoding modes are refused (the cache is allocated per
-prompt row).
+Every row of a left-padded batch is planned for its own real tokens. A later turn passes the
+earlier turn's cache back (``past_key_values``, or ``cache`` from transformers 5.24 on) with
+the whole conversation as ``input_ids``: only the tokens the cache has not seen are prefilled,
+and the conversation stays planned for the cache's length (compile's ``max_length``). Beam
+search, several sequences per prompt and other decoding modes are refused (the cache is
+allocated per prompt row).
 """
 
 from __future__ import annotations
@@ -75,21 +78,24 @@ def generate(model: torch.nn.Module, state: "CompiledState", *args: Any, **kwarg
             raise NotImplementedError(f"moa-flex generate supports {name}=1 only, got {value}")
     if params.get("assistant_model") is not None:
         raise NotImplementedError("moa-flex generate does not support assisted generation")
-    for name in ("past_key_values", "cache"):
-        if params.get(name) is not None:
-            raise ValueError(f"moa-flex generate allocates its own MoA cache; do not pass {name}")
+    given = [params.pop(name) for name in ("past_key_values", "cache") if params.get(name) is not None]
+    if len(given) > 1:
+        raise ValueError("pass the cache once: got both past_key_values and cache")
     if params.get("custom_generate") is not None:
         raise NotImplementedError("moa-flex generate runs its own decoding loop; custom_generate cannot replace it")
     B, prompt = inputs.shape
     new = _new_tokens(model, prompt, params)
-    planned = state.max_length or prompt + new
-    if prompt + new > planned:
-        raise ValueError(f"prompt ({prompt}) + max_new_tokens ({new}) exceeds compile's max_length={planned}")
     mask = params.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs)
     pads = _left_pads(mask)
-    cache = _cache_for(model, state, B, planned, pads)
+    if given:
+        cache = _next_turn(model, state, given[0], inputs, pads, new)
+    else:
+        planned = state.max_length or prompt + new
+        if prompt + new > planned:
+            raise ValueError(f"prompt ({prompt}) + max_new_tokens ({new}) exceeds compile's max_length={planned}")
+        cache = _cache_for(model, state, B, planned, pads)
     streamer = params.pop("streamer", None)  # transformers hands no streamer to a callable custom_generate
     _stop_strings_to_criteria(params, config)
     params.update(attention_mask=mask, max_new_tokens=new, **{state.cache_arg: cache})
@@ -98,6 +104,38 @@ def generate(model: torch.nn.Module, state: "CompiledState", *args: Any, **kwarg
     params.pop("input_ids", None)
     params["inputs"] = inputs
     return state.original_generate(**params)
+
+
+def _next_turn(model: torch.nn.Module, state: "CompiledState", cache: Any, inputs: torch.Tensor, pads: torch.Tensor,
+               new: int) -> MoaCache:
+    """The cache of an earlier turn, checked for this one: ``inputs`` is the whole conversation
+    so far (transformers' convention), of which the cache has seen the first
+    ``cache.seen_tokens``; only the rest is prefilled. ValueError naming the mismatch, before
+    anything is written (the cache stays usable)."""
+    if not isinstance(cache, MoaCache):
+        raise ValueError(f"moa-flex generate continues a conversation from its own MoaCache (model.moa_flex.cache or "
+                         f"the cache the previous output returned), got {type(cache).__name__}")
+    if cache.plan is not state.plan and cache.plan != state.plan:
+        raise ValueError("the MoaCache was built for another plan than the model's")
+    devices, dtype = layer_placement(model, state.plan.num_layers)
+    if cache.dtype != dtype or [layer.device for layer in cache.layers] != [torch.device(d) for d in devices]:
+        raise ValueError(f"the MoaCache was built for another model: {cache.dtype} on "
+                         f"{sorted({str(layer.device) for layer in cache.layers})}, the model is {dtype} on "
+                         f"{sorted({str(d) for d in devices})}")
+    B, total = inputs.shape
+    if cache.batch_size != B:
+        raise ValueError(f"the MoaCache holds a batch of {cache.batch_size} rows, this turn has {B}")
+    if total <= cache.seen_tokens:
+        raise ValueError(f"input_ids must be the whole conversation: {total} tokens, but the cache has seen "
+                         f"{cache.seen_tokens}")
+    if not torch.equal(pads, cache.pads):
+        raise ValueError(f"the conversation's left padding {pads.tolist()} is not the cache's {cache.pads.tolist()}")
+    if total + new > cache.planned_length:
+        raise ValueError(f"this turn would pass the planned length: {total} tokens + max_new_tokens {new} > "
+                         f"{cache.planned_length}; compile with a larger max_length (every turn of a conversation "
+                         "is planned for it)")
+    state.cache = cache
+    return cache
 
 
 def _stop_strings_to_criteria(params: dict, config: Any) -> None:

@@ -10,9 +10,10 @@ op                                     implementation
 =====================================  ==========================================================
 ``moa_flex::attention``                :class:`moa_flex.runtime.attention.MoaRuntime` (FlexAttention)
 ``moa_flex::mask_info``                :func:`moa_flex.masks.padding_info`
-``moa_flex::cache_prefill``            :func:`moa_flex.runtime.slots.cache_prefill_reference`
+``moa_flex::cache_extend``             :func:`moa_flex.runtime.slots.cache_extend_reference`
 ``moa_flex::cache_append``             :mod:`moa_flex.kernels.append` / :func:`~moa_flex.runtime.slots.cache_append_reference`
 ``moa_flex::ragged_decode``            :mod:`moa_flex.kernels.decode` (kernel and twin)
+``moa_flex::chunk_prefill``            :mod:`moa_flex.kernels.chunk` (kernel and twin), then ``cache_extend``
 ``moa_flex::grouped_linear``           :mod:`moa_flex.kernels.linear` (kernel and twin)
 ``moa_flex::gated_mlp``                :mod:`moa_flex.kernels.linear` (kernel and twin)
 ``moa_flex::unpacked_rows``            :func:`unpacked_rows` (here: a check of HF's packed-sequence tensors)
@@ -29,13 +30,14 @@ from typing import Any
 import torch
 
 from moa_flex.kernels.append import cache_append_triton
+from moa_flex.kernels.chunk import check_chunk_inputs, chunk_attention_reference, chunk_attention_triton
 from moa_flex.kernels.decode import check_decode_inputs, ragged_decode_reference, ragged_decode_triton
 from moa_flex.kernels.linear import (
     check_gated_inputs, check_linear_inputs, gated_mlp, gated_mlp_reference, grouped_linear, grouped_linear_reference,
 )
 from moa_flex.masks import padding_info
 
-from .slots import cache_append_reference, cache_prefill_reference
+from .slots import cache_append_reference, cache_extend_reference
 
 RUNTIMES: dict[int, Any] = {}  # runtime id -> MoaRuntime (moa_flex.runtime.attention)
 
@@ -77,17 +79,27 @@ def _(attn_mask):  # noqa: ANN001, ANN202
 
 
 # ------------------------------------------------------------------------------ the cache
-@torch.library.custom_op("moa_flex::cache_prefill", mutates_args=("keys", "values", "length"))
-def cache_prefill(
+def chunk_start(length: torch.Tensor, chunk_pads: torch.Tensor) -> torch.Tensor:
+    """Logical position of a chunk's index 0 per row: the row's cached real tokens, minus the
+    chunk's leading left padding (tokens)."""
+    return length - chunk_pads.to(length.device, torch.long)
+
+
+@torch.library.custom_op("moa_flex::cache_extend", mutates_args=("keys", "values", "length"))
+def cache_extend(
     keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-    pads: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
+    chunk_pads: torch.Tensor, spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
 ) -> None:
-    """Write the kept tokens of a prompt (k_new/v_new [B, G, Q, D]) into an empty layer cache."""
-    cache_prefill_reference(keys, values, length, k_new, v_new, pads, caps, offsets, sink)
+    """Write a chunk's real tokens (``k_new``/``v_new`` [B, G, C, D]) into a layer's cache:
+    what the sinks and rings keep of them, after what the cache held; ``length`` advances by
+    the chunk's real tokens. ``chunk_pads`` [B]: the chunk's leading left padding per row.
+    ``spans`` [B, H] is not used here: it is the layout the prefill pass hands, with the
+    tensors this op mutates, to the layer's chunk attention."""
+    cache_extend_reference(keys, values, length, k_new, v_new, chunk_start(length, chunk_pads), caps, offsets, sink)
 
 
-@cache_prefill.register_fake
-def _(keys, values, length, k_new, v_new, pads, caps, offsets, sink):  # noqa: ANN001, ANN202
+@cache_extend.register_fake
+def _(keys, values, length, k_new, v_new, chunk_pads, spans, caps, offsets, sink):  # noqa: ANN001, ANN202
     return None
 
 
@@ -132,6 +144,35 @@ def ragged_decode(
 def _(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap):  # noqa: ANN001, ANN202
     check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+@torch.library.custom_op("moa_flex::chunk_prefill", mutates_args=("keys", "values", "length"))
+def chunk_prefill(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    length: torch.Tensor, chunk_pads: torch.Tensor, spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor,
+    sink: int, window: int, scale: float, softcap: float,
+) -> torch.Tensor:
+    """One prefill chunk of a layer: its queries q [B, H, C, D] over the cache as the chunks
+    before left it plus the chunk's own keys (-> [B, H, C, Dv]), then the chunk's write into
+    the cache (``cache_extend``). One op, so the write can never be ordered before the read.
+    ``chunk_pads`` [B]: the chunk's leading left padding per row. CUDA: Triton; CPU: the twin."""
+    start = chunk_start(length, chunk_pads)
+    if q.device.type == "cuda":
+        out = chunk_attention_triton(q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink, window,
+                                     scale, softcap)
+    elif q.device.type == "cpu":
+        out = chunk_attention_reference(q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink,
+                                        window, scale, softcap)
+    else:
+        raise _device_error("chunk_prefill", q.device)
+    cache_extend_reference(keys, values, length, k_new, v_new, start, caps, offsets, sink)
+    return out
+
+
+@chunk_prefill.register_fake
+def _(q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale, softcap):  # noqa: ANN001, ANN202
+    check_chunk_inputs(q, k_new, v_new, keys, values, offsets, caps, spans, length, length, sink, window, scale, softcap)
+    return q.new_empty(*q.shape[:3], v_new.shape[3])
 
 
 # ------------------------------------------------------------------------------ linear layers

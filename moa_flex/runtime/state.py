@@ -21,6 +21,7 @@ class CompiledState:
     original_generate: Callable | None
     original_attn_implementation: str | None
     max_length: int | None = None
+    prefill_chunk: int | None = None  # tokens per prefill chunk over a MoaCache (None: one chunk)
     reports: list = field(default_factory=list)
     decode_reports: list = field(default_factory=list)
     compiled_forward: Callable | None = None

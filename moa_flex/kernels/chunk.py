@@ -1,0 +1,324 @@
+"""Chunk attention: the queries of a prefill chunk over the ragged MoA cache plus the chunk itself.
+
+Chunked prefill (docs/DESIGN.md, "Long contexts") runs a prompt through the model a chunk of
+``C`` tokens at a time. In every layer the chunk's queries attend what the cache keeps (each
+group's sink and ring, written by the chunks before) and the chunk's own keys, under the keep
+rule; only then are the chunk's kept tokens written into the cache. This module computes that
+attention straight from the cache's flat layout, in place: nothing is gathered into a dense
+K/V, no mask tensor exists.
+
+Inputs, per layer (shapes of the ragged decode kernel, :mod:`moa_flex.kernels.decode`):
+
+* ``q`` ``[B, H, C, D]``: the chunk's queries; ``k_new`` ``[B, G, C, D]``, ``v_new``
+  ``[B, G, C, Dv]``: the chunk's keys (after RoPE) and values per KV group;
+* ``k`` ``[B, S, D]``, ``v`` ``[B, S, Dv]``: the layer's flat cache before this chunk,
+  ``offsets`` int32 ``[G+1]``, ``caps`` int32 ``[B, G]``, ``spans`` int32 ``[B, H]`` (tokens);
+* ``length`` int64 ``[B]``: real tokens in the cache per row (``n``); the cache holds logical
+  positions ``0 .. n-1`` through the slot map;
+* ``start`` int64 ``[B]``: logical position of the chunk's index 0 per row (negative where the
+  chunk begins with left padding: index ``c`` is padding iff ``start + c < 0``).
+
+Query ``c`` of row ``b`` is at logical position ``i = start[b] + c`` (a padding query gives
+zeros). It sees (a) the cache slots of its group: slot ``s < min(cap, n)`` holds ``p = s`` if
+``s < sink``, else ``p = (n-1) - ((n-1-s) mod (cap - sink))``; and (b) the chunk's keys ``c' <= c``
+at ``j = start + c'`` (``j >= 0``). A key at position ``p`` is kept iff ``p < sink or i - p <
+span - sink`` and, with a model window (``window > 0``), ``i - p < window``. Scores are ``scale *
+q.k`` (soft-capped if ``softcap > 0``), softmax over kept keys.
+
+Implementations:
+
+* :func:`chunk_attention_reference`: the twin, float64, every key's position and keep flag from
+  the definition above (queries in tiles to bound memory); the CPU path and the tests' oracle.
+* :func:`chunk_attention_triton`: one program per (block of ``BLOCK_Q`` queries, KV group,
+  row); its rows are (query, head) pairs of all heads of the group, so each K/V tile is read
+  once for them. It walks only key ranges that some query of the block can keep: the cache's
+  sink slots, the ring's positions from ``i_min - reach`` on (in position order, so the ring's
+  wrap needs no special case), the chunk's sink keys and its causal window; online softmax in
+  fp32, per-element masks. Runs compiled on CUDA, in Triton's interpreter on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from .slot_map import slot_positions
+from .triton_support import FLOAT_DTYPES, interpreting, pow2, tl, triton
+
+BLOCK_ROWS = 128  # (query, head) rows per program: BLOCK_Q = BLOCK_ROWS / heads per group
+QUERY_TILE = 256  # queries per step of the reference (bounds its float64 score tile)
+
+
+def check_chunk_inputs(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
+    sink: int, window: int, scale: float, softcap: float, float_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+) -> None:
+    """Validate shapes, dtypes and devices (metadata only: never syncs a device)."""
+    named = (("q", q), ("k_new", k_new), ("v_new", v_new), ("k", k), ("v", v), ("offsets", offsets), ("caps", caps),
+             ("spans", spans), ("length", length), ("start", start))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dtype not in float_dtypes:
+        raise TypeError(f"q must be one of {', '.join(str(d).removeprefix('torch.') for d in float_dtypes)}, got {q.dtype}")
+    for name, t in (("k_new", k_new), ("v_new", v_new), ("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {t.dtype}")
+    for name, t, dt in (("offsets", offsets, torch.int32), ("caps", caps, torch.int32), ("spans", spans, torch.int32),
+                        ("length", length, torch.int64), ("start", start, torch.int64)):
+        if t.dtype != dt:
+            raise TypeError(f"{name} must be {dt}, got {t.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, C, D], got shape {tuple(q.shape)}")
+    B, H, C, D = q.shape
+    if offsets.dim() != 1 or offsets.shape[0] < 2:
+        raise ValueError(f"offsets must be 1-D [G+1] with G >= 1, got shape {tuple(offsets.shape)}")
+    G = offsets.shape[0] - 1
+    if H % G:
+        raise ValueError(f"query heads H = {H} must be divisible by the KV groups G = {G}")
+    if k_new.shape != (B, G, C, D) or v_new.dim() != 4 or v_new.shape[:3] != (B, G, C):
+        raise ValueError(f"k_new must be [B, G, C, D] = {[B, G, C, D]} and v_new [B, G, C, Dv], got "
+                         f"{tuple(k_new.shape)} and {tuple(v_new.shape)}")
+    Dv = v_new.shape[3]
+    if k.dim() != 3 or k.shape[0] != B or k.shape[2] != D or v.shape != (B, k.shape[1], Dv):
+        raise ValueError(f"k and v must be [B, S, D] and [B, S, Dv] with B = {B}, D = {D}, Dv = {Dv}, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    for name, t, shape in (("caps", caps, (B, G)), ("spans", spans, (B, H)), ("length", length, (B,)),
+                           ("start", start, (B,))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)}, got {tuple(t.shape)}")
+    for name, t in named[1:]:
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device")
+    for name, x in (("sink", sink), ("window", window)):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (tokens), got {x!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
+
+
+def chunk_attention_reference(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
+    sink: int, window: int, scale: float, softcap: float,
+) -> torch.Tensor:
+    """The twin: keys of the cache and of the chunk with their logical positions, the keep rule
+    evaluated on every (query, key), float64 softmax. [B, H, C, Dv] in q's dtype."""
+    check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap,
+                       (*FLOAT_DTYPES, torch.float64))
+    B, H, C, _ = q.shape
+    G = offsets.shape[0] - 1
+    hpg = H // G
+    offs = [int(x) for x in offsets.tolist()]
+    pos = slot_positions(caps, offsets, sink, length - 1)  # [B, S]: the position each slot holds
+    out = torch.zeros(B, H, C, v_new.shape[3], dtype=torch.float64, device=q.device)
+    for b in range(B):
+        j = start[b] + torch.arange(C, device=q.device)  # chunk keys' positions
+        for g in range(G):
+            p_cache = pos[b, offs[g]:offs[g + 1]]
+            keys = torch.cat([k[b, offs[g]:offs[g + 1]], k_new[b, g]]).double()
+            vals = torch.cat([v[b, offs[g]:offs[g + 1]], v_new[b, g]]).double()
+            p = torch.cat([p_cache, j])  # [W + C]
+            valid = torch.cat([p_cache >= 0, j >= 0])
+            heads = slice(g * hpg, (g + 1) * hpg)
+            win = (spans[b, heads].to(torch.int64) - sink).view(hpg, 1, 1)
+            for c0 in range(0, C, QUERY_TILE):
+                i = (start[b] + torch.arange(c0, min(c0 + QUERY_TILE, C), device=q.device)).view(1, -1, 1)
+                dist = i - p.view(1, 1, -1)
+                keep = valid.view(1, 1, -1) & (dist >= 0) & (i >= 0) & ((p.view(1, 1, -1) < sink) | (dist < win))
+                if window > 0:
+                    keep &= dist < window
+                x = scale * (q[b, heads, c0:c0 + QUERY_TILE].double() @ keys.T)
+                if softcap > 0:
+                    x = softcap * torch.tanh(x / softcap)
+                probs = torch.softmax(x.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
+                out[b, heads, c0:c0 + QUERY_TILE] = probs @ vals
+    return out.to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_tile(
+        m_i, l_i, acc, qt, k_base, v_base, p, key_ok, i, win, sink, window_lim, qk_scale, softcap,
+        stride_kn, stride_kd, stride_vn, stride_vd, d, dv,
+        D: tl.constexpr, DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """One tile of keys at positions ``p`` [N] (rows ``k_base + n * stride``): masks, scores
+        and the online-softmax update of (m_i, l_i, acc) for the program's rows."""
+        dist = i[:, None] - p[None, :]
+        keep = key_ok[None, :] & (dist >= 0) & ((p[None, :] < sink) | (dist < win[:, None])) & (dist < window_lim)
+        kt = tl.load(k_base[:, None] + d[None, :] * stride_kd, mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+        if IEEE:
+            x = tl.dot(qt, tl.trans(kt), input_precision="ieee")
+        else:
+            x = tl.dot(qt, tl.trans(kt))
+        x = x * qk_scale
+        if HAS_SOFTCAP:
+            y = x / softcap
+            e = tl.exp2(-2.8853900817779268 * tl.abs(y))  # exp(-2|y|)
+            t = (1.0 - e) / (1.0 + e)
+            x = softcap * tl.where(y < 0, -t, t)
+        x = tl.where(keep, x * 1.4426950408889634, float("-inf"))  # log2 units from here on
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(x - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        vt = tl.load(v_base[:, None] + dv[None, :] * stride_vd, mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        pv = pr.to(vt.dtype)
+        if DOT_F32:
+            pv = pv.to(tl.float32)
+            vt = vt.to(tl.float32)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pv, vt)
+        return m_new, l_i, acc
+
+    @triton.jit(do_not_specialize=["C", "sink", "window_lim"])
+    def _chunk_kernel(
+        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, offsets_ptr, caps_ptr, spans_ptr, length_ptr, start_ptr, out_ptr,
+        stride_qb, stride_qh, stride_qc, stride_qd,
+        stride_knb, stride_kng, stride_knc, stride_knd,
+        stride_vnb, stride_vng, stride_vnc, stride_vnd,
+        stride_kb, stride_ks, stride_kd,
+        stride_vb, stride_vs, stride_vd,
+        stride_cb, stride_cg, stride_sb, stride_sh,
+        stride_ob, stride_oh, stride_oc, stride_od,
+        C, sink, window_lim, qk_scale, softcap,
+        HPG: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """One (query block, group, row): all heads of the group over the keys the block can keep."""
+        qb = tl.program_id(0)
+        g = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        r = tl.arange(0, BLOCK_Q * HPG_PAD)
+        hh = r % HPG_PAD
+        c = (qb * BLOCK_Q + r // HPG_PAD).to(tl.int64)  # chunk index of each row's query
+        head = (g * HPG + hh).to(tl.int64)
+        row_ok = (hh < HPG) & (c < C)
+        start = tl.load(start_ptr + b)
+        n = tl.load(length_ptr + b)
+        i = start + c  # logical position of each row's query (< 0: padding)
+        span = tl.load(spans_ptr + b * stride_sb + head * stride_sh, mask=row_ok, other=0)
+        win = span - sink
+        d = tl.arange(0, D_PAD)
+        dv = tl.arange(0, DV_PAD)
+        qt = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + c[:, None] * stride_qc + d[None, :] * stride_qd,
+                     mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        if DOT_F32:
+            qt = qt.to(tl.float32)
+        i = tl.where(row_ok & (i >= 0), i, -1)  # padding rows see nothing (dist < 0 for every key)
+        m_i = tl.full([BLOCK_Q * HPG_PAD], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_Q * HPG_PAD], 0.0, tl.float32)
+        acc = tl.full([BLOCK_Q * HPG_PAD, DV_PAD], 0.0, tl.float32)
+
+        c_last = tl.minimum(qb.to(tl.int64) * BLOCK_Q + BLOCK_Q, C) - 1
+        i_lo = start + qb.to(tl.int64) * BLOCK_Q  # smallest query position of the block (may be padding)
+        i_hi = start + c_last
+        reach = tl.minimum(tl.max(tl.where(row_ok, win, 0), 0), window_lim)  # kept non-sink keys: p > i - reach
+        p_from = i_lo - reach + 1
+        n_real = i_hi >= 0
+        cap = tl.load(caps_ptr + b * stride_cb + g * stride_cg).to(tl.int64)
+        base = tl.load(offsets_ptr + g).to(tl.int64)
+        ring = tl.maximum(cap - sink, 1)
+        filled = tl.minimum(cap, n)
+        kc_base = k_ptr + b * stride_kb
+        vc_base = v_ptr + b * stride_vb
+        # (a) the cache's sink slots: position = slot
+        sink_end = tl.where(n_real, tl.minimum(filled, sink), 0)
+        for s0 in range(0, sink_end, BLOCK_N):
+            p = s0 + tl.arange(0, BLOCK_N)
+            ok = p < sink_end
+            rows = base + p
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc_base + rows * stride_ks, vc_base + rows * stride_vs, p, ok,
+                                         i, win, sink, window_lim, qk_scale, softcap, stride_ks, stride_kd, stride_vs,
+                                         stride_vd, d, dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+        # (b) the ring, walked in position order: positions [max(sink, n - ring, p_from), n)
+        ring_lo = tl.maximum(tl.maximum(sink, n - ring), p_from)
+        ring_hi = tl.where(n_real & (cap > sink), n, ring_lo)
+        for p0 in range(ring_lo, ring_hi, BLOCK_N):
+            p = p0 + tl.arange(0, BLOCK_N)
+            ok = p < ring_hi
+            rows = base + sink + (p - sink) % ring
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc_base + rows * stride_ks, vc_base + rows * stride_vs, p, ok,
+                                         i, win, sink, window_lim, qk_scale, softcap, stride_ks, stride_kd, stride_vs,
+                                         stride_vd, d, dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+        # (c) the chunk's own keys: its sink keys, then its window up to the block's last query
+        kn_base = kn_ptr + b * stride_knb + g.to(tl.int64) * stride_kng
+        vn_base = vn_ptr + b * stride_vnb + g.to(tl.int64) * stride_vng
+        first = tl.maximum(-start, 0)  # first real key of the chunk
+        c_end = tl.where(n_real, c_last + 1, first)
+        sink_hi = tl.minimum(tl.maximum(sink - start, first), c_end)
+        for k0 in range(first, sink_hi, BLOCK_N):
+            kk = k0 + tl.arange(0, BLOCK_N)
+            ok = kk < sink_hi
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn_base + kk * stride_knc, vn_base + kk * stride_vnc,
+                                         start + kk, ok, i, win, sink, window_lim, qk_scale, softcap, stride_knc,
+                                         stride_knd, stride_vnc, stride_vnd, d, dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+        win_lo = tl.maximum(sink_hi, p_from - start)
+        for k0 in range(win_lo, c_end, BLOCK_N):
+            kk = k0 + tl.arange(0, BLOCK_N)
+            ok = kk < c_end
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn_base + kk * stride_knc, vn_base + kk * stride_vnc,
+                                         start + kk, ok, i, win, sink, window_lim, qk_scale, softcap, stride_knc,
+                                         stride_knd, stride_vnc, stride_vnd, d, dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # nothing kept (padding) -> zeros
+        tl.store(out_ptr + b * stride_ob + head[:, None] * stride_oh + c[:, None] * stride_oc + dv[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+
+
+def chunk_attention_triton(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
+    sink: int, window: int, scale: float, softcap: float, *, out: torch.Tensor | None = None,
+    block_rows: int = BLOCK_ROWS, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+) -> torch.Tensor:
+    """The Triton kernel: [B, H, C, Dv] in q's dtype (``out`` written entirely). CUDA tensors
+    run compiled; CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is
+    first imported). Reads no tensor value on the host: safe inside a CUDA graph."""
+    if triton is None:
+        raise RuntimeError("chunk_attention_triton needs triton (pip install 'moa-flex[dev]')")
+    check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap)
+    if q.device.type == "cpu" and not interpreting():
+        raise RuntimeError("chunk_attention_triton on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is first imported")
+    B, H, C, D = q.shape
+    G, Dv = offsets.shape[0] - 1, v_new.shape[3]
+    hpg = H // G
+    hpg_pad = pow2(hpg, 1)
+    block_q = max(1, block_rows // hpg_pad)
+    if block_q * hpg_pad < 16 or block_q & (block_q - 1):
+        raise ValueError(f"block_rows must be a power of two >= 16 and >= the heads per group ({hpg_pad}), got {block_rows}")
+    if block_n is None:
+        block_n = 64 if max(D, Dv) <= 128 else 32
+    if out is None:
+        out = torch.empty(B, H, C, Dv, device=q.device, dtype=q.dtype)
+    elif out.shape != (B, H, C, Dv) or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be [B, H, C, Dv] = {[B, H, C, Dv]} {q.dtype} on {q.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if B == 0 or C == 0:
+        return out
+    interp = interpreting()
+    warps = num_warps or (8 if block_q * hpg_pad >= 128 else 4)
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _chunk_kernel[(triton.cdiv(C, block_q), G, B)](
+            q, k_new, v_new, k, v, offsets, caps, spans, length, start, out,
+            *q.stride(), *k_new.stride(), *v_new.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(),
+            *out.stride(),
+            C, sink, window if window > 0 else 2**31 - 1, float(scale), float(softcap) if softcap > 0 else 1.0,
+            HPG=hpg, HPG_PAD=hpg_pad, BLOCK_Q=block_q, D=D, D_PAD=pow2(D, 16), DV=Dv, DV_PAD=pow2(Dv, 16),
+            BLOCK_N=block_n, HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32,
+            num_warps=warps, num_stages=num_stages,
+        )
+    return out

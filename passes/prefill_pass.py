@@ -1,0 +1,88 @@
+"""FX graph pass for prefill over the ragged MoA cache: chunked prefill and later turns.
+
+A forward of several tokens with a :class:`moa_flex.runtime.cache.MoaCache` traces, in every
+layer, a ``moa_flex::cache_extend`` node (the cache write of the chunk's keys and values) and
+the layer's SDPA node over the chunk. The pass maps both to their layer, checks there is
+exactly one of each per layer, and replaces the pair by one ``moa_flex::chunk_prefill`` node:
+the chunk's queries over the cache as the chunks before left it, plus the chunk's own keys,
+under the keep rule (docs/DESIGN.md, "Long contexts"), then the chunk's write. One op, so no
+scheduler can order the write before the read (and inductor need not copy the cache to keep
+its old value). The forward's 2-D padding mask (the chunk's slice) gives
+every row's leading left padding through one ``moa_flex::mask_info`` node; a model's own
+sliding window and soft-cap are passed as numbers, so HF's dense [B, 1, C, C] mask becomes
+dead code. Nothing is rewritten unless every layer matches.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.fx
+
+import moa_flex.runtime.ops  # noqa: F401  (registers cache_extend / chunk_prefill / mask_info)
+from moa_flex.plan import Plan
+
+from .nodes import (
+    PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
+    head_dim, padding_mask_input,
+)
+
+EXTEND = (torch.ops.moa_flex.cache_extend, torch.ops.moa_flex.cache_extend.default)
+EXTEND_ARGS = ("keys", "values", "length", "k_new", "v_new", "chunk_pads", "spans", "caps", "offsets", "sink")
+
+
+def extend_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The ``moa_flex::cache_extend`` nodes of a graph (one per layer in a prefill over a cache)."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in EXTEND]
+
+
+def rewrite_prefill(
+    gm: torch.fx.GraphModule, plan: Plan, softcaps: Sequence[float] | None = None,
+    windows: Sequence[int | None] | None = None,
+) -> PassReport:
+    """Replace each layer's cache write and SDPA node by one chunk prefill over its MoA cache.
+
+    ``softcaps``/``windows``: per layer, the model's logit soft-cap and own sliding window
+    (tokens), or 0/None; ``windows=None`` (unknown) is refused.
+    """
+    if windows is None:
+        raise ValueError("a prefill over a MoaCache needs each layer's own sliding window: compile with "
+                         "moa_flex.compile(model, plan), or pass config= to moa_flex.backend")
+    extends = by_layer(extend_nodes(gm.graph), "cache_extend", plan.num_layers, "prefill")
+    attns = by_layer(attention_nodes(gm.graph), "attention", plan.num_layers, "prefill")
+    check_no_dropout([node for node, _ in attns.values()])
+    graph = gm.graph
+    mask = padding_mask_input(graph)
+    pads = None  # the chunk's leading left padding per row, from its 2-D mask (mask_info's first B entries)
+    if mask is not None:
+        with graph.inserting_after(mask):
+            info = graph.call_function(torch.ops.moa_flex.mask_info.default, (mask,))
+        with graph.inserting_after(info):
+            pads = graph.call_function(torch.ops.aten.slice.Tensor, (info, 0, 0, -1))
+    report = PassReport(graph_module=gm)
+    for layer in range(plan.num_layers):
+        node, path = attns[layer]
+        extend = extends[layer][0]
+        keys, values, length, k_new, v_new, zeros, spans, caps, offsets, _sink = call_args(extend, EXTEND_ARGS)
+        chunk_pads = zeros if pads is None else pads
+        q = node.args[0]
+        scale = arg(node, 6, "scale", None)
+        scale = head_dim(q) ** -0.5 if scale is None else scale
+        softcap = float(softcaps[layer]) if softcaps else 0.0
+        window = int(windows[layer] or 0)
+        with graph.inserting_before(node):
+            new = graph.call_function(
+                torch.ops.moa_flex.chunk_prefill.default,
+                (q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, plan.sink, window,
+                 scale if isinstance(scale, torch.fx.Node) else float(scale), softcap),
+            )
+        new.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        graph.erase_node(extend)  # chunk_prefill writes after it reads
+        report.rewritten.append(RewrittenNode(layer, new.name, path))
+    eliminate_dead_code(graph)
+    graph.lint()
+    gm.recompile()
+    return report

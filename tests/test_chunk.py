@@ -1,0 +1,170 @@
+"""Chunk attention over the ragged MoA cache (moa_flex.kernels.chunk) and the cache's chunk
+write (moa_flex.runtime.slots.cache_extend_reference): a prompt prefilled chunk by chunk gives
+what attention over the whole prompt gives, by a brute-force reference that never sees a cache;
+the Triton kernel (Triton's interpreter on the CPU) equals the twin."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moa_flex.kernels.chunk import chunk_attention_reference, chunk_attention_triton
+from moa_flex.kernels.triton_support import interpreting, triton
+from moa_flex.runtime.slots import cache_extend_reference
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel = pytest.mark.skipif(triton is None or (KERNEL_DEVICE == "cpu" and not interpreting()),
+                                  reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def whole_prompt_attention(q, k, v, pads, spans, sink, window, scale, softcap):  # noqa: ANN001, ANN201
+    """Brute force over the whole prompt, no cache: q [B, H, T, D], k/v [B, G, T, D] at padded
+    indices; row b's index t is logical position t - pads[b] (negative: padding, zeros out).
+    Keep rule with each head's span, the model window, soft-capping; float64."""
+    B, H, T, _ = q.shape
+    G = k.shape[1]
+    kk = k.repeat_interleave(H // G, 1).double()
+    vv = v.repeat_interleave(H // G, 1).double()
+    pos = torch.arange(T).view(1, T) - torch.as_tensor(pads).view(B, 1)  # [B, T]
+    i = pos.view(B, 1, T, 1)
+    j = pos.view(B, 1, 1, T)
+    dist = i - j
+    keep = (j >= 0) & (i >= 0) & (dist >= 0) & ((j < sink) | (dist < (spans.long() - sink).view(B, H, 1, 1)))
+    if window > 0:
+        keep &= dist < window
+    x = scale * (q.double() @ kk.transpose(-1, -2))
+    if softcap > 0:
+        x = softcap * torch.tanh(x / softcap)
+    return torch.softmax(x.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0) @ vv
+
+
+@st.composite
+def layouts(draw):  # noqa: ANN001, ANN201
+    """A batch of prompts with left padding, a group/head layout, per-row spans and caps (the
+    cache holds each group's largest span), a chunk size, sink, window and soft-cap."""
+    B = draw(st.integers(1, 2))
+    G = draw(st.integers(1, 2))
+    hpg = draw(st.sampled_from([1, 2, 3]))
+    H = G * hpg
+    sink = draw(st.sampled_from([0, 3, 8]))
+    T = draw(st.integers(1, 70))
+    pads = [draw(st.integers(0, min(T - 1, 9))) for _ in range(B)]
+    spans = torch.tensor([[draw(st.integers(1, T)) for _ in range(H)] for _ in range(B)], dtype=torch.int32)
+    caps = torch.stack([spans[:, g * hpg:(g + 1) * hpg].amax(1) for g in range(G)], 1)  # [B, G]
+    caps = torch.maximum(caps, torch.full_like(caps, sink + 1))  # plans: spans >= min_span > sink
+    extra = [draw(st.integers(0, 4)) for _ in range(G)]  # allocation wider than the widest row
+    widths = (caps.amax(0) + torch.tensor(extra, dtype=torch.int32)).tolist()
+    return dict(B=B, G=G, H=H, sink=sink, T=T, pads=pads, spans=spans, caps=caps.to(torch.int32),
+                offsets=torch.tensor([0, *torch.tensor(widths).cumsum(0).tolist()], dtype=torch.int32),
+                chunk=draw(st.integers(1, T + 5)), window=draw(st.sampled_from([0, 0, 5, 23])),
+                softcap=draw(st.sampled_from([0.0, 0.0, 1.5])), D=draw(st.sampled_from([8, 16])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def tensors(lay: dict, dtype: torch.dtype = torch.float32) -> tuple:
+    gen = torch.Generator().manual_seed(lay["seed"])
+    B, G, H, T, D = lay["B"], lay["G"], lay["H"], lay["T"], lay["D"]
+    q = torch.randn(B, H, T, D, generator=gen).to(dtype)
+    k = torch.randn(B, G, T, D, generator=gen).to(dtype)
+    v = torch.randn(B, G, T, D, generator=gen).to(dtype)
+    return q, k, v
+
+
+def chunked(lay: dict, q, k, v, attend) -> torch.Tensor:  # noqa: ANN001
+    """Prefill chunk by chunk: attention of each chunk over the cache, then the cache write."""
+    B, T, C = lay["B"], lay["T"], lay["chunk"]
+    S = int(lay["offsets"][-1])
+    keys = torch.zeros(B, S, q.shape[-1], dtype=q.dtype)
+    values = torch.zeros_like(keys)
+    length = torch.zeros(B, dtype=torch.long)
+    pads = torch.tensor(lay["pads"])
+    outs = []
+    scale = 1 / math.sqrt(q.shape[-1])
+    for a in range(0, T, C):
+        b = min(a + C, T)
+        start = length - (pads - a).clamp(min=0, max=b - a)  # logical position of chunk index 0
+        kn, vn = k[:, :, a:b].contiguous(), v[:, :, a:b].contiguous()
+        outs.append(attend(q[:, :, a:b].contiguous(), kn, vn, keys, values, lay["offsets"], lay["caps"], lay["spans"],
+                           length.clone(), start, lay["sink"], lay["window"], scale, lay["softcap"]))
+        cache_extend_reference(keys, values, length, kn, vn, start, lay["caps"], lay["offsets"], lay["sink"])
+    assert length.tolist() == [T - p for p in lay["pads"]]
+    return torch.cat(outs, dim=2)
+
+
+def real_rows(x: torch.Tensor, pads: list[int]) -> list[torch.Tensor]:
+    return [x[b, :, p:] for b, p in enumerate(pads)]
+
+
+@HYP
+@given(lay=layouts())
+def test_chunked_prefill_equals_whole_prompt_attention(lay: dict) -> None:
+    """The twin, chunk by chunk over the cache it writes, equals attention over the whole
+    prompt: the cache's sinks and rings hold every key a later query keeps."""
+    q, k, v = tensors(lay, torch.float64)
+    scale = 1 / math.sqrt(lay["D"])
+    want = whole_prompt_attention(q, k, v, lay["pads"], lay["spans"], lay["sink"], lay["window"], scale, lay["softcap"])
+    got = chunked(lay, q, k, v, chunk_attention_reference)
+    for g, w in zip(real_rows(got, lay["pads"]), real_rows(want, lay["pads"])):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    for b, p in enumerate(lay["pads"]):
+        assert not got[b, :, :p].any(), "padding queries give zeros"
+
+
+@needs_kernel
+@HYP
+@given(lay=layouts(), rows=st.sampled_from([16, 32, 128]), block_n=st.sampled_from([16, 64]))
+def test_kernel_equals_twin_at_every_chunk(lay: dict, rows: int, block_n: int) -> None:
+    """The Triton kernel in the chunked schedule, output poisoned first, against the twin."""
+    q, k, v = tensors(lay)
+
+    def kernel(*args):  # noqa: ANN002, ANN202
+        qq = args[0]
+        out = torch.full_like(qq, float("nan"))
+        hpg_pad = 1 << max(0, (lay["H"] // lay["G"] - 1).bit_length())
+        return chunk_attention_triton(*(a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args),
+                                      out=out, block_rows=max(rows, 16 * hpg_pad), block_n=block_n).cpu()
+
+    def twin(*args):  # noqa: ANN002, ANN202
+        return chunk_attention_reference(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+
+    lay_cpu = dict(lay)
+    got = chunked(lay_cpu, q.cpu(), k.cpu(), v.cpu(), kernel)
+    want = chunked(lay_cpu, q.cpu(), k.cpu(), v.cpu(), twin)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_extend_writes_only_the_newest_and_keeps_the_rest() -> None:
+    """A known case: one group, cap 6 with sink 2 (ring 4), positions 0..8 written in chunks of
+    3 and 6: slots hold 0, 1 (sink) and 5..8 on the ring (slot 2 + (p - 2) mod 4)."""
+    caps = torch.tensor([[6]], dtype=torch.int32)
+    offsets = torch.tensor([0, 6], dtype=torch.int32)
+    keys = torch.zeros(1, 6, 1)
+    values = torch.zeros(1, 6, 1)
+    length = torch.zeros(1, dtype=torch.long)
+    tokens = torch.arange(9.0).view(1, 1, 9, 1)  # key value = its position
+    for a, b in ((0, 3), (3, 9)):
+        cache_extend_reference(keys, values, length, tokens[:, :, a:b], tokens[:, :, a:b], length.clone(), caps, offsets, 2)
+    assert keys.flatten().tolist() == [0, 1, 6, 7, 8, 5] and length.tolist() == [9]
+
+
+def test_bad_inputs_are_named() -> None:
+    q = torch.randn(1, 4, 5, 8)
+    kn = torch.randn(1, 2, 5, 8)
+    cache = torch.zeros(1, 10, 8)
+    offsets = torch.tensor([0, 5, 10], dtype=torch.int32)
+    caps = torch.full((1, 2), 5, dtype=torch.int32)
+    spans = torch.full((1, 4), 5, dtype=torch.int32)
+    n = torch.zeros(1, dtype=torch.long)
+    args = [q, kn, kn, cache, cache, offsets, caps, spans, n, n.clone(), 2, 0, 0.3, 0.0]
+    chunk_attention_reference(*args)
+    for index, bad, match in ((1, torch.randn(1, 3, 5, 8), "k_new"), (7, spans[:, :3], "spans"),
+                              (8, n.int(), "length"), (5, torch.tensor([0, 3, 6, 10], dtype=torch.int32), "divisible")):
+        broken = list(args)
+        broken[index] = bad
+        with pytest.raises((ValueError, TypeError), match=match):
+            chunk_attention_reference(*broken)
