@@ -136,7 +136,7 @@ def _prefill(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) -> Any
         if whole:
             step["logits_to_keep"] = 0
         if mask is not None:
-            step["attention_mask"] = mask[:, a:b]
+            step["attention_mask"] = _fresh(mask[:, a:b])
         if b - a == 1:
             out = _decode_step(state, cache, step, 1)
         else:
@@ -156,10 +156,17 @@ def _prefill(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) -> Any
 def _slice_tokens(value: Any, a: int, b: int, n: int) -> Any:
     """A per-token argument cut to tokens [a, b) of the ``n`` new ones (others as they are)."""
     if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == n:
-        return value[:, a:b]
+        return _fresh(value[:, a:b])
     if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == n:  # cache_position
-        return value[a:b]
+        return _fresh(value[a:b])
     return value
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A copy with standard strides: a slice keeps its parent's strides (even on size-1 dims,
+    which .contiguous() leaves alone), and Dynamo guards on strides, so a slice would recompile
+    the graph an unsliced input compiled."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _as_kwargs(state: CompiledState, args: tuple, kwargs: dict) -> dict:
