@@ -29,12 +29,14 @@ Implementations:
 
 * :func:`chunk_attention_reference`: the twin, float64, every key's position and keep flag from
   the definition above (queries in tiles to bound memory); the CPU path and the tests' oracle.
-* :func:`chunk_attention_triton`: one program per (block of ``BLOCK_Q`` queries, KV group,
-  row); its rows are (query, head) pairs of all heads of the group, so each K/V tile is read
-  once for them. It walks only key ranges that some query of the block can keep: the cache's
-  sink slots, the ring's positions from ``i_min - reach`` on (in position order, so the ring's
-  wrap needs no special case), the chunk's sink keys and its causal window; online softmax in
-  fp32, per-element masks. Runs compiled on CUDA, in Triton's interpreter on CPU tensors.
+* :func:`chunk_attention_triton`: one program per (block of ``BLOCK_Q`` queries, query head,
+  row), like a FlashAttention forward: prefill is compute-bound, so each head walks only the
+  key ranges its own span can keep (heads of one group can have very different spans), and K/V
+  tiles are re-read per head from L2. The ranges: the cache's sink slots, the ring's positions
+  from ``i_min - reach`` on (in position order, so the ring's wrap needs no special case), the
+  chunk's sink keys and its causal window; online softmax in fp32, per-element masks, int32
+  position arithmetic (positions < 2**31). Runs compiled on CUDA, in Triton's interpreter on
+  CPU tensors.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import torch
 from .slot_map import slot_positions
 from .triton_support import FLOAT_DTYPES, interpreting, pow2, tl, triton
 
-BLOCK_ROWS = 128  # (query, head) rows per program: BLOCK_Q = BLOCK_ROWS / heads per group
+BLOCK_Q = 128  # queries per program
 QUERY_TILE = 256  # queries per step of the reference (bounds its float64 score tile)
 
 
@@ -145,15 +147,15 @@ if triton is not None:
 
     @triton.jit
     def _attend_tile(
-        m_i, l_i, acc, qt, k_base, v_base, p, key_ok, i, win, sink, window_lim, qk_scale, softcap,
-        stride_kn, stride_kd, stride_vn, stride_vd, d, dv,
+        m_i, l_i, acc, qt, k_rows, v_rows, p, key_ok, i, win, sink, window_lim, qk_scale, softcap,
+        stride_kd, stride_vd, d, dv,
         D: tl.constexpr, DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     ):
-        """One tile of keys at positions ``p`` [N] (rows ``k_base + n * stride``): masks, scores
-        and the online-softmax update of (m_i, l_i, acc) for the program's rows."""
+        """One tile of keys at positions ``p`` [N] (int32; K rows at pointers ``k_rows``): masks,
+        scores and the online-softmax update of (m_i, l_i, acc) for the program's queries ``i``."""
         dist = i[:, None] - p[None, :]
-        keep = key_ok[None, :] & (dist >= 0) & ((p[None, :] < sink) | (dist < win[:, None])) & (dist < window_lim)
-        kt = tl.load(k_base[:, None] + d[None, :] * stride_kd, mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
+        keep = key_ok[None, :] & (dist >= 0) & ((p[None, :] < sink) | (dist < win)) & (dist < window_lim)
+        kt = tl.load(k_rows[:, None] + d[None, :] * stride_kd, mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
         if DOT_F32:
             kt = kt.to(tl.float32)
         if IEEE:
@@ -172,7 +174,7 @@ if triton is not None:
         alpha = tl.exp2(m_i - m_safe)
         pr = tl.exp2(x - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(pr, 1)
-        vt = tl.load(v_base[:, None] + dv[None, :] * stride_vd, mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        vt = tl.load(v_rows[:, None] + dv[None, :] * stride_vd, mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
         pv = pr.to(vt.dtype)
         if DOT_F32:
             pv = pv.to(tl.float32)
@@ -194,95 +196,94 @@ if triton is not None:
         stride_cb, stride_cg, stride_sb, stride_sh,
         stride_ob, stride_oh, stride_oc, stride_od,
         C, sink, window_lim, qk_scale, softcap,
-        HPG: tl.constexpr, HPG_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        HPG: tl.constexpr, BLOCK_Q: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
     ):
-        """One (query block, group, row): all heads of the group over the keys the block can keep."""
+        """One (query block, head, row): the head's queries over the keys its span can keep."""
         qb = tl.program_id(0)
-        g = tl.program_id(1)
+        h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        r = tl.arange(0, BLOCK_Q * HPG_PAD)
-        hh = r % HPG_PAD
-        c = (qb * BLOCK_Q + r // HPG_PAD).to(tl.int64)  # chunk index of each row's query
-        head = (g * HPG + hh).to(tl.int64)
-        row_ok = (hh < HPG) & (c < C)
-        start = tl.load(start_ptr + b)
-        n = tl.load(length_ptr + b)
-        i = start + c  # logical position of each row's query (< 0: padding)
-        span = tl.load(spans_ptr + b * stride_sb + head * stride_sh, mask=row_ok, other=0)
-        win = span - sink
+        g = h // HPG
+        c = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)  # chunk index of each query (int32)
+        row_ok = c < C
+        start = tl.load(start_ptr + b).to(tl.int32)
+        n = tl.load(length_ptr + b).to(tl.int32)
+        i = start + c  # logical position of each query (< 0: padding)
+        i = tl.where(row_ok & (i >= 0), i, -1)  # padding rows see nothing (dist < 0 for every key)
+        win = tl.load(spans_ptr + b * stride_sb + h * stride_sh) - sink  # the head's window (a kept key: dist < win)
         d = tl.arange(0, D_PAD)
         dv = tl.arange(0, DV_PAD)
-        qt = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + c[:, None] * stride_qc + d[None, :] * stride_qd,
-                     mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        qt = tl.load(q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh + c[:, None].to(tl.int64) * stride_qc
+                     + d[None, :] * stride_qd, mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
         if DOT_F32:
             qt = qt.to(tl.float32)
-        i = tl.where(row_ok & (i >= 0), i, -1)  # padding rows see nothing (dist < 0 for every key)
-        m_i = tl.full([BLOCK_Q * HPG_PAD], float("-inf"), tl.float32)
-        l_i = tl.full([BLOCK_Q * HPG_PAD], 0.0, tl.float32)
-        acc = tl.full([BLOCK_Q * HPG_PAD, DV_PAD], 0.0, tl.float32)
+        m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_Q], 0.0, tl.float32)
+        acc = tl.full([BLOCK_Q, DV_PAD], 0.0, tl.float32)
 
-        c_last = tl.minimum(qb.to(tl.int64) * BLOCK_Q + BLOCK_Q, C) - 1
-        i_lo = start + qb.to(tl.int64) * BLOCK_Q  # smallest query position of the block (may be padding)
+        c_last = tl.minimum(qb * BLOCK_Q + BLOCK_Q, C) - 1
+        i_lo = start + qb * BLOCK_Q  # smallest query position of the block (may be padding)
         i_hi = start + c_last
-        reach = tl.minimum(tl.max(tl.where(row_ok, win, 0), 0), window_lim)  # kept non-sink keys: p > i - reach
+        reach = tl.minimum(win, window_lim)  # kept non-sink keys: p > i - reach
         p_from = i_lo - reach + 1
-        n_real = i_hi >= 0
-        cap = tl.load(caps_ptr + b * stride_cb + g * stride_cg).to(tl.int64)
-        base = tl.load(offsets_ptr + g).to(tl.int64)
+        any_real = i_hi >= 0
+        cap = tl.load(caps_ptr + b * stride_cb + g * stride_cg)
+        base = tl.load(offsets_ptr + g)
         ring = tl.maximum(cap - sink, 1)
         filled = tl.minimum(cap, n)
-        kc_base = k_ptr + b * stride_kb
-        vc_base = v_ptr + b * stride_vb
+        kc = k_ptr + b * stride_kb
+        vc = v_ptr + b * stride_vb
         # (a) the cache's sink slots: position = slot
-        sink_end = tl.where(n_real, tl.minimum(filled, sink), 0)
+        sink_end = tl.where(any_real, tl.minimum(filled, sink), 0)
         for s0 in range(0, sink_end, BLOCK_N):
             p = s0 + tl.arange(0, BLOCK_N)
             ok = p < sink_end
-            rows = base + p
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc_base + rows * stride_ks, vc_base + rows * stride_vs, p, ok,
-                                         i, win, sink, window_lim, qk_scale, softcap, stride_ks, stride_kd, stride_vs,
-                                         stride_vd, d, dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+            rows = (base + p).to(tl.int64)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, ok, i, win,
+                                         sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
         # (b) the ring, walked in position order: positions [max(sink, n - ring, p_from), n)
         ring_lo = tl.maximum(tl.maximum(sink, n - ring), p_from)
-        ring_hi = tl.where(n_real & (cap > sink), n, ring_lo)
+        ring_hi = tl.where(any_real & (cap > sink), n, ring_lo)
         for p0 in range(ring_lo, ring_hi, BLOCK_N):
             p = p0 + tl.arange(0, BLOCK_N)
             ok = p < ring_hi
-            rows = base + sink + (p - sink) % ring
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc_base + rows * stride_ks, vc_base + rows * stride_vs, p, ok,
-                                         i, win, sink, window_lim, qk_scale, softcap, stride_ks, stride_kd, stride_vs,
-                                         stride_vd, d, dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+            rows = (base + sink + (p - sink) % ring).to(tl.int64)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, ok, i, win,
+                                         sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
         # (c) the chunk's own keys: its sink keys, then its window up to the block's last query
-        kn_base = kn_ptr + b * stride_knb + g.to(tl.int64) * stride_kng
-        vn_base = vn_ptr + b * stride_vnb + g.to(tl.int64) * stride_vng
+        kn = kn_ptr + b * stride_knb + g.to(tl.int64) * stride_kng
+        vn = vn_ptr + b * stride_vnb + g.to(tl.int64) * stride_vng
         first = tl.maximum(-start, 0)  # first real key of the chunk
-        c_end = tl.where(n_real, c_last + 1, first)
+        c_end = tl.where(any_real, c_last + 1, first)
         sink_hi = tl.minimum(tl.maximum(sink - start, first), c_end)
         for k0 in range(first, sink_hi, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             ok = kk < sink_hi
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn_base + kk * stride_knc, vn_base + kk * stride_vnc,
-                                         start + kk, ok, i, win, sink, window_lim, qk_scale, softcap, stride_knc,
-                                         stride_knd, stride_vnc, stride_vnd, d, dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+            rows = kk.to(tl.int64)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
+                                         i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
         win_lo = tl.maximum(sink_hi, p_from - start)
         for k0 in range(win_lo, c_end, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             ok = kk < c_end
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn_base + kk * stride_knc, vn_base + kk * stride_vnc,
-                                         start + kk, ok, i, win, sink, window_lim, qk_scale, softcap, stride_knc,
-                                         stride_knd, stride_vnc, stride_vnd, d, dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+            rows = kk.to(tl.int64)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
+                                         i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # nothing kept (padding) -> zeros
-        tl.store(out_ptr + b * stride_ob + head[:, None] * stride_oh + c[:, None] * stride_oc + dv[None, :] * stride_od,
-                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+        tl.store(out_ptr + b * stride_ob + h.to(tl.int64) * stride_oh + c[:, None].to(tl.int64) * stride_oc
+                 + dv[None, :] * stride_od, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
 
 
 def chunk_attention_triton(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
     sink: int, window: int, scale: float, softcap: float, *, out: torch.Tensor | None = None,
-    block_rows: int = BLOCK_ROWS, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+    block_q: int = BLOCK_Q, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 3,
 ) -> torch.Tensor:
     """The Triton kernel: [B, H, C, Dv] in q's dtype (``out`` written entirely). CUDA tensors
     run compiled; CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is
@@ -295,11 +296,8 @@ def chunk_attention_triton(
                            "before triton is first imported")
     B, H, C, D = q.shape
     G, Dv = offsets.shape[0] - 1, v_new.shape[3]
-    hpg = H // G
-    hpg_pad = pow2(hpg, 1)
-    block_q = max(1, block_rows // hpg_pad)
-    if block_q * hpg_pad < 16 or block_q & (block_q - 1):
-        raise ValueError(f"block_rows must be a power of two >= 16 and >= the heads per group ({hpg_pad}), got {block_rows}")
+    if block_q < 16 or block_q & (block_q - 1):
+        raise ValueError(f"block_q must be a power of two >= 16 (queries), got {block_q}")
     if block_n is None:
         block_n = 64 if max(D, Dv) <= 128 else 32
     if out is None:
@@ -310,15 +308,14 @@ def chunk_attention_triton(
     if B == 0 or C == 0:
         return out
     interp = interpreting()
-    warps = num_warps or (8 if block_q * hpg_pad >= 128 else 4)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _chunk_kernel[(triton.cdiv(C, block_q), G, B)](
+        _chunk_kernel[(triton.cdiv(C, block_q), H, B)](
             q, k_new, v_new, k, v, offsets, caps, spans, length, start, out,
             *q.stride(), *k_new.stride(), *v_new.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(),
             *out.stride(),
             C, sink, window if window > 0 else 2**31 - 1, float(scale), float(softcap) if softcap > 0 else 1.0,
-            HPG=hpg, HPG_PAD=hpg_pad, BLOCK_Q=block_q, D=D, D_PAD=pow2(D, 16), DV=Dv, DV_PAD=pow2(Dv, 16),
+            HPG=H // G, BLOCK_Q=block_q, D=D, D_PAD=pow2(D, 16), DV=Dv, DV_PAD=pow2(Dv, 16),
             BLOCK_N=block_n, HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32,
-            num_warps=warps, num_stages=num_stages,
+            num_warps=num_warps or (8 if block_q >= 128 else 4), num_stages=num_stages,
         )
     return out
