@@ -32,9 +32,10 @@ import gc
 import time
 
 import torch
-from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import LlamaForCausalLM, LogitsProcessorList
 
 import moa_flex
+from decode import StepClock
 from decode_kernel import plan_at_kv_density
 from harness import LLAMA3_8B, copy_bandwidth, llama3_8b_config, record
 from moa_flex import MoaCache
@@ -43,19 +44,6 @@ from moa_flex.runtime.compile import DEFAULT_PREFILL_CHUNK
 
 GiB = 2**30
 FILLED_TAIL = 16384  # tokens of real prefill after a random-filled cache
-
-
-class Clock(LogitsProcessor):
-    """Synchronizes and timestamps every generated token."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.stamps = device, []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
-        return scores
 
 
 def plan_named(name: str, shape: ModelShape, N: int, smoke: bool) -> Plan:
@@ -68,7 +56,7 @@ def plan_named(name: str, shape: ModelShape, N: int, smoke: bool) -> Plan:
 
 def timed(model, ids: torch.Tensor, steps: int, dev: str, cache: MoaCache | None = None) -> dict:  # noqa: ANN001
     """First-token seconds, median decode ms, peak bytes of one generate."""
-    clock = Clock(dev)
+    clock = StepClock(dev)
     if dev == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

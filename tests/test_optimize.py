@@ -36,7 +36,7 @@ HYP = settings(max_examples=12, deadline=None, suppress_health_check=[HealthChec
 
 
 def keep(N: int, span: int, sink: int) -> torch.Tensor:
-    """Brute-force keep rule [N, N] (DESIGN.md), j <= i and (j < sink or i - j < span - sink)."""
+    """Brute-force keep rule [N, N] (docs/DESIGN.md), j <= i and (j < sink or i - j < span - sink)."""
     i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
     return (j <= i) & ((j < sink) | (i - j < span - sink))
 

@@ -1,7 +1,7 @@
 """Tests of the plan (moa_flex/plan.py) and the shipped plans (moa_flex.plans).
 
 Every expected value is computed independently of the library: spans with plain Python from
-the formula in DESIGN.md, densities by brute-force counting, upstream spans straight from the
+the formula in docs/DESIGN.md, densities by brute-force counting, upstream spans straight from the
 MoA authors' JSON files.
 """
 
@@ -39,7 +39,7 @@ MODEL_SHAPES = {
 
 # ---------------------------------------------------------------------------- brute force
 def ref_span(alpha: float, beta: float, N: int, sink: int, m: int, min_span: int) -> int:
-    """DESIGN.md: min(N, max(min_span, ceil_to_multiple(alpha + beta * N, m))), plain Python."""
+    """docs/DESIGN.md: min(N, max(min_span, ceil_to_multiple(alpha + beta * N, m))), plain Python."""
     del sink
     return min(N, max(min_span, math.ceil((alpha + beta * N) / m) * m))
 

@@ -135,7 +135,7 @@ def test_rows_with_all_mass_on_one_key_stay_finite():
        span_blocks=st.lists(st.integers(0, 12), min_size=1, max_size=4), seed=st.integers(0, 2**16))
 def test_dropped_loss_is_the_sum_over_dropped_pairs(N, sink_blocks, sm, span_blocks, seed):
     """Suffix sums of the histogram equal the brute-force sum of |E| over the pairs that the
-    keep rule (DESIGN.md) drops, for sink and span - sink multiples of span_multiple."""
+    keep rule (docs/DESIGN.md) drops, for sink and span - sink multiples of span_multiple."""
     sink = sink_blocks * sm
     q, k, v, o, do, scale = random_attention(2, 1, N, 4, seed, dtype=torch.float64)
     hist, _ = influence_reference(q, k, v, o, do, scale=scale, sink=sink, span_multiple=sm)
