@@ -103,7 +103,6 @@ def main() -> None:
                     print(f"  block_q {bq} block_n {bn} warps {w} stages {st}: {type(e).__name__}")
                     continue
                 sweeps.append((t, N, name, bq, bn, w, st))
-        del x
     text = "\n".join(lines)
     if sweeps:
         sweeps.sort()
