@@ -34,9 +34,8 @@ Implementations:
   key ranges its own span can keep (heads of one group can have very different spans), and K/V
   tiles are re-read per head from L2. The ranges: the cache's sink slots, the ring's positions
   from ``i_min - reach`` on (in position order, so the ring's wrap needs no special case), the
-  chunk's sink keys and its causal window; online softmax in fp32, int32 position arithmetic
-  (positions < 2**31). Tiles whose every key every query of the block keeps (the interior of
-  the window, for blocks without padding) skip the masks, like FlexAttention's full blocks. Runs compiled on CUDA, in Triton's interpreter on
+  chunk's sink keys and its causal window; online softmax in fp32, per-element masks, int32
+  position arithmetic (positions < 2**31). Runs compiled on CUDA, in Triton's interpreter on
   CPU tensors.
 """
 
@@ -151,14 +150,11 @@ if triton is not None:
         m_i, l_i, acc, qt, k_rows, v_rows, p, key_ok, i, win, sink, window_lim, qk_scale, softcap,
         stride_kd, stride_vd, d, dv,
         D: tl.constexpr, DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        MASKED: tl.constexpr,
     ):
         """One tile of keys at positions ``p`` [N] (int32; K rows at pointers ``k_rows``): masks,
-        scores and the online-softmax update of (m_i, l_i, acc) for the program's queries ``i``.
-        ``MASKED=False``: a full tile (every key valid and kept for every query): no masks."""
-        if MASKED:
-            dist = i[:, None] - p[None, :]
-            keep = key_ok[None, :] & (dist >= 0) & ((p[None, :] < sink) | (dist < win)) & (dist < window_lim)
+        scores and the online-softmax update of (m_i, l_i, acc) for the program's queries ``i``."""
+        dist = i[:, None] - p[None, :]
+        keep = key_ok[None, :] & (dist >= 0) & ((p[None, :] < sink) | (dist < win)) & (dist < window_lim)
         kt = tl.load(k_rows[:, None] + d[None, :] * stride_kd, mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
         if DOT_F32:
             kt = kt.to(tl.float32)
@@ -172,9 +168,7 @@ if triton is not None:
             e = tl.exp2(-2.8853900817779268 * tl.abs(y))  # exp(-2|y|)
             t = (1.0 - e) / (1.0 + e)
             x = softcap * tl.where(y < 0, -t, t)
-        x = x * 1.4426950408889634  # log2 units from here on
-        if MASKED:
-            x = tl.where(keep, x, float("-inf"))
+        x = tl.where(keep, x * 1.4426950408889634, float("-inf"))  # log2 units from here on
         m_new = tl.maximum(m_i, tl.max(x, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -248,34 +242,17 @@ if triton is not None:
             rows = (base + p).to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, ok, i, win,
                                          sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
-        # (b) the ring, walked in position order: positions [max(sink, n - ring, p_from), n); the
-        # keys from f0 on are kept by every query of a block without padding: full tiles, no masks
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+        # (b) the ring, walked in position order: positions [max(sink, n - ring, p_from), n)
         ring_lo = tl.maximum(tl.maximum(sink, n - ring), p_from)
         ring_hi = tl.where(any_real & (cap > sink), n, ring_lo)
-        block_full = (i_lo >= 0) & (qb * BLOCK_Q + BLOCK_Q <= C)
-        f0 = tl.minimum(tl.where(block_full, tl.maximum(ring_lo, i_hi - reach + 1), ring_hi), ring_hi)
-        f1 = f0 + (ring_hi - f0) // BLOCK_N * BLOCK_N
-        for p0 in range(ring_lo, f0, BLOCK_N):
-            p = p0 + tl.arange(0, BLOCK_N)
-            ok = p < f0
-            rows = (base + sink + (p - sink) % ring).to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, ok, i, win,
-                                         sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
-        for p0 in range(f0, f1, BLOCK_N):
-            p = p0 + tl.arange(0, BLOCK_N)
-            rows = (base + sink + (p - sink) % ring).to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, p >= 0, i,
-                                         win, sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False)
-        for p0 in range(f1, ring_hi, BLOCK_N):
+        for p0 in range(ring_lo, ring_hi, BLOCK_N):
             p = p0 + tl.arange(0, BLOCK_N)
             ok = p < ring_hi
             rows = (base + sink + (p - sink) % ring).to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, ok, i, win,
                                          sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
         # (c) the chunk's own keys: its sink keys, then its window up to the block's last query
         kn = kn_ptr + b * stride_knb + g.to(tl.int64) * stride_kng
         vn = vn_ptr + b * stride_vnb + g.to(tl.int64) * stride_vng
@@ -288,32 +265,15 @@ if triton is not None:
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
                                          i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
-        # its window: keys up to the block's first query and from i_hi - reach + 1 on are kept by
-        # every query of a block without padding: full tiles there, masked tiles around them
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
         win_lo = tl.maximum(sink_hi, p_from - start)
-        g0 = tl.minimum(tl.where(block_full, tl.maximum(win_lo, i_hi - reach + 1 - start), c_end), c_end)
-        g1 = g0 + tl.maximum(tl.minimum(c_end, qb * BLOCK_Q + 1) - g0, 0) // BLOCK_N * BLOCK_N
-        for k0 in range(win_lo, g0, BLOCK_N):
-            kk = k0 + tl.arange(0, BLOCK_N)
-            ok = kk < g0
-            rows = kk.to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
-                                         i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
-        for k0 in range(g0, g1, BLOCK_N):
-            kk = k0 + tl.arange(0, BLOCK_N)
-            rows = kk.to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk,
-                                         kk >= 0, i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d,
-                                         dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False)
-        for k0 in range(g1, c_end, BLOCK_N):
+        for k0 in range(win_lo, c_end, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             ok = kk < c_end
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
                                          i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # nothing kept (padding) -> zeros
         tl.store(out_ptr + b * stride_ob + h.to(tl.int64) * stride_oh + c[:, None].to(tl.int64) * stride_oc
                  + dv[None, :] * stride_od, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
