@@ -21,11 +21,23 @@ def softcaps(config: Any, num_layers: int) -> list[float]:
     return [float(cap) if cap else 0.0] * num_layers
 
 
+MODELED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def model_windows(config: Any, num_layers: int) -> list[int | None]:
     """Per layer, the model's own sliding window (tokens) or None, from its config
-    (``sliding_window`` and, where present, ``layer_types``)."""
+    (``sliding_window`` and, where present, ``layer_types``). ValueError for an attention
+    pattern moa-flex does not model (chunked local attention, linear attention layers): the
+    passes would replace the model's mask by causal + window and answer wrongly."""
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
+    if getattr(config, "attention_chunk_size", None):
+        raise ValueError(f"{type(config).__name__} has attention_chunk_size={config.attention_chunk_size} (chunked "
+                         "local attention), which moa-flex does not model")
+    other = sorted({t for t in (types or [])[:num_layers] if t not in MODELED_LAYER_TYPES})
+    if other:
+        raise ValueError(f"{type(config).__name__} has layers of type {other}; moa-flex models "
+                         f"{list(MODELED_LAYER_TYPES)} only")
     if not window:
         return [None] * num_layers
     if types is None:

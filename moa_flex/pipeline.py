@@ -13,6 +13,7 @@ the table the CLI prints.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -207,7 +208,7 @@ def compress(
         validation_len = int(validation_length or 2 * max(lengths))
         if validation_len <= max_new_tokens:
             raise ValueError(f"validation_length {validation_len} leaves no prompt after max_new_tokens {max_new_tokens}")
-    say = (lambda text: tqdm.write(text)) if progress else (lambda text: None)  # noqa: E731
+    say = (lambda text: tqdm.write(text, file=sys.stderr)) if progress else (lambda text: None)  # noqa: E731
     opt_kw = dict(sink=sink, span_multiple=span_multiple, min_span=min_span, max_rules_per_layer=max_rules_per_layer,
                   granularity=granularity)
     # the budget depends on spans only: check it before any profiling (with zero losses)
@@ -258,7 +259,8 @@ def compress(
         chosen_by = f"lowest profiled loss at {longest} tokens"
     best.meta["compress"] = {
         "selected_by": chosen_by, "budget": budget.to_dict(), "lengths": lengths,
-        "data": data if isinstance(data, str) else ("synthetic" if data is None else type(data).__name__),
+        "data": os.fspath(data) if isinstance(data, (str, os.PathLike)) else ("synthetic" if data is None
+                                                                              else type(data).__name__),
         "samples": {str(n): len(calib[n]) for n in lengths}, "max_new_tokens": max_new_tokens,
         "validation_length": validation_len, "profile": str(profile) if isinstance(profile, (str, os.PathLike)) else None,
         "index": plans.index(best), "plans": _scores(plans, lengths, validation_len),

@@ -193,6 +193,16 @@ def test_bad_inputs_raise_clear_errors() -> None:
         moa_flex.compile(model, Plan.dense(ModelShape(L, H, KVH, D)))
     del model.model.layers[1]._hf_hook
     assert getattr(model, "moa_flex", None) is None
+    # attention patterns moa-flex does not model are refused, not replaced by causal + window
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(ValueError, match="linear_attention"):
+        moa_flex.compile(model, Plan.dense(model.config))
+    model.config.layer_types = None
+    model.config.attention_chunk_size = 64
+    with pytest.raises(ValueError, match="chunked local attention"):
+        moa_flex.compile(model, Plan.dense(model.config))
+    model.config.attention_chunk_size = None
+    assert getattr(model, "moa_flex", None) is None
 
     from moa_flex.passes.attention_pass import make_backend
 

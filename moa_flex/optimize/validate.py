@@ -39,7 +39,7 @@ def _check_samples(samples: Sequence[Sample]) -> list[Sample]:
         raise ValueError("validation needs at least one sample, got none")
     for i, s in enumerate(samples):
         if not isinstance(s, Sample):
-            raise TypeError(f"samples[{i}] must be a moa_flex.Sample, got {type(s).__name__}")
+            raise TypeError(f"samples[{i}] must be a moa_flex.data.Sample, got {type(s).__name__}")
         if s.answer.numel() == 0:
             raise ValueError(f"samples[{i}] has no answer tokens: answer it first (moa_flex.data.calibration.answer_samples "
                              "or calibration_set)")

@@ -139,12 +139,13 @@ class MoaRuntime:
         spans = torch.stack([self.head_spans(max(1, planned - p))[layer] for p in pads.tolist()])
         dense = None
         if not simple:
+            q0, q1 = min(r0, q_len), min(r1, q_len)  # this call's real query rows
             if attn_mask.dim() == 2:  # causal AND the padding mask, as the model would build it
-                i = torch.arange(q_len, device=attn_mask.device).view(-1, 1) + q_offset
+                i = torch.arange(q0, q1, device=attn_mask.device).view(-1, 1) + q_offset
                 j = torch.arange(kv_len, device=attn_mask.device).view(1, -1)
-                allowed = (j <= i).view(1, 1, q_len, kv_len) & attn_mask.bool().view(-1, 1, 1, kv_len)
+                allowed = (j <= i).view(1, 1, q1 - q0, kv_len) & attn_mask.bool().view(-1, 1, 1, kv_len)
             else:
-                allowed = allowed_from_mask(attn_mask)
+                allowed = allowed_from_mask(attn_mask[:, :, q0:q1])
             if not self.warned_dense:
                 self.warned_dense = True
                 warnings.warn(
@@ -152,8 +153,8 @@ class MoaRuntime:
                     "window, right padding?); it is ANDed in densely, without full blocks.",
                     stacklevel=2,
                 )
-            dense = torch.nn.functional.pad(allowed, (0, extra, 0, extra), value=False)[:, :, r0:r1]
-            dense = torch.nn.functional.pad(dense, (0, 0, 0, r1 - r0 - dense.shape[2]), value=False)  # rows past the end
+            # padded keys and query rows past the real ones: never allowed
+            dense = torch.nn.functional.pad(allowed, (0, extra, 0, (r1 - r0) - (q1 - q0)), value=False)
         return block_mask_from_spans(
             spans, self.plan.sink, r1 - r0, q_offset + r0, padded_len, self.block_size, device, compute_q_blocks=False,
             pads=pads, dense_mask=dense,

@@ -42,15 +42,16 @@ class MoaCacheLayer(CacheLayerMixin):
 
     ``caps`` [B, G] slots per row and group, ``spans`` [B, H] per-row query-head spans,
     ``offsets`` [G + 1] group starts, ``length`` [B] real tokens cached per row (the logical
-    position of the next token), ``pads`` [B] left-pad tokens of the prompt per row.
+    position of the next token). The rows' left padding is the cache's (``MoaCache.pads``): the
+    prefill pass reads each chunk's from its mask.
     """
 
     is_compileable = False  # HF must neither auto-compile nor build 4-D masks for it
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, caps: torch.Tensor, spans: torch.Tensor, pads: torch.Tensor, sink: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, caps: torch.Tensor, spans: torch.Tensor, sink: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
         super().__init__()
         widths = caps.max(dim=0).values.long()
         B = caps.shape[0]
@@ -63,12 +64,11 @@ class MoaCacheLayer(CacheLayerMixin):
         self.values = torch.zeros(B, S, head_dim, dtype=dtype, device=self.device)
         self.caps = caps.to(self.device, torch.int32).contiguous()
         self.spans = spans.to(self.device, torch.int32).contiguous()
-        self.pads = pads.to(self.device, torch.long).contiguous()
         self.length = torch.zeros(B, dtype=torch.long, device=self.device)
         self.filled = False
         self.is_initialized = True
         if not torch.compiler.is_compiling():
-            for t in (self.keys, self.values, self.caps, self.spans, self.pads, self.length, self.offsets):
+            for t in (self.keys, self.values, self.caps, self.spans, self.length, self.offsets):
                 torch._dynamo.mark_static_address(t)
         if self.device.type == "cuda":
             prepare_work(self.offsets, B)
@@ -148,7 +148,7 @@ class MoaCache(Cache):
         rows = [planned_length - int(p) for p in pads]
         caps = torch.stack([plan.cache_spans(n) for n in rows], dim=1)  # [L, B, G]
         spans = torch.stack([plan.head_spans(n) for n in rows], dim=1)  # [L, B, H]
-        layers = [MoaCacheLayer(caps[l], spans[l], pads, plan.sink, head_dim, dtype, devices[l])
+        layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dim, dtype, devices[l])
                   for l in range(plan.num_layers)]
         super().__init__(layers=layers)
         self.plan = plan
@@ -166,7 +166,7 @@ class MoaCache(Cache):
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of every layer (storage and layout)."""
         return [t for layer in self.layers
-                for t in (layer.keys, layer.values, layer.caps, layer.spans, layer.pads, layer.length, layer.offsets)]
+                for t in (layer.keys, layer.values, layer.caps, layer.spans, layer.length, layer.offsets)]
 
     @property
     def filled(self) -> bool:

@@ -139,6 +139,8 @@ def compile(  # noqa: A001  (the verb of the API)
     if model.training:
         raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
 
+    # may refuse the model: before anything is changed
+    caps, windows = softcaps(config, plan.num_layers), model_windows(config, plan.num_layers)
     impl = getattr(config, "_attn_implementation", None)
     wanted = "sdpa"
     if getattr(config, "attn_logit_softcapping", None):
@@ -151,7 +153,6 @@ def compile(  # noqa: A001  (the verb of the API)
     state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
                           prefill_chunk=prefill_chunk,
                           cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward))
-    caps, windows = softcaps(config, plan.num_layers), model_windows(config, plan.num_layers)
     prefill = make_backend(
         plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
         softcaps=caps, windows=windows,

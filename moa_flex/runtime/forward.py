@@ -163,9 +163,15 @@ def _slice_tokens(value: Any, a: int, b: int, n: int) -> Any:
 
 
 def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """A copy with standard strides: a slice keeps its parent's strides (even on size-1 dims,
-    which .contiguous() leaves alone), and Dynamo guards on strides, so a slice would recompile
-    the graph an unsliced input compiled."""
+    """``t`` with standard strides (copied only when it has others): a slice keeps its
+    parent's strides (even on size-1 dims, which .contiguous() leaves alone), and Dynamo
+    guards on strides, so a slice would recompile the graph an unsliced input compiled."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= size
+    if tuple(t.stride()) == tuple(reversed(expected)):
+        return t
     return t.clone(memory_format=torch.contiguous_format)
 
 
