@@ -76,8 +76,8 @@ def main() -> None:
         args.lengths, args.chunk, args.repeats = [256], 64, 1
     timer = Timer(dev, args.repeats)
     flex = torch.compile(flex_attention, dynamic=False)
-    lines = ["| N | chunk | plan | kept pairs (G) | moa-flex chunk kernel (ms) | TFLOP/s | FlexAttention (ms) | "
-             "TFLOP/s | kernel / flex |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| N | chunk | plan | kept pairs (G) | moa-flex chunk kernel (ms) | TFLOP/s | every tile masked (ms) | "
+             "FlexAttention (ms) | TFLOP/s | kernel / flex |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     sweeps = []
     for N, name in itertools.product(args.lengths, args.plans):
         plan = layer_plan(name, N)
@@ -86,12 +86,13 @@ def main() -> None:
         call = (x["q"], x["k_new"], x["v_new"], x["keys"], x["values"], x["offsets"], x["caps"], x["spans"], x["n"],
                 x["n"].clone(), x["sink"], 0, scale, 0.0)
         ms, _ = timer(lambda: chunk_attention_triton(*call), graph=False)
+        mms, _ = timer(lambda: chunk_attention_triton(*call, full_tiles=False), graph=False)
         bm = block_mask_from_spans(x["spans"][0].long(), x["sink"], C, N - C, N, 128, dev, compute_q_blocks=False)
         fms, _ = timer(lambda: flex(x["q"], x["k_all"], x["v_all"], block_mask=bm, scale=scale, enable_gqa=True),
                        graph=False)
         p = pairs(plan, N, C, heads)
         flops = 4 * D * p
-        lines.append(f"| {N} | {C} | {name} | {p / 1e9:.2f} | {ms:.2f} | {flops / ms / 1e9:.0f} | {fms:.2f} | "
+        lines.append(f"| {N} | {C} | {name} | {p / 1e9:.2f} | {ms:.2f} | {flops / ms / 1e9:.0f} | {mms:.2f} | {fms:.2f} | "
                      f"{flops / fms / 1e9:.0f} | {ms / fms:.2f} |")
         print(lines[-1], flush=True)
         if args.sweep:

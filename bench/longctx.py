@@ -4,7 +4,7 @@
     python bench/longctx.py --lengths 131072 --chunks 4096 8192 16384 32768 --plans 262k   # chunk size sweep
     python bench/longctx.py --lengths 524288 --plans d0.25 262k                            # real chunked prefill
     python bench/longctx.py --filled 1048576 --plans d0.25 262k    # cache of random K/V, then a real 16K chunk
-    python bench/longctx.py --longest --plans d0.25                # longest context that fits (random K/V)
+    python bench/longctx.py --longest d0.25                        # longest context that fits (random K/V)
     python bench/longctx.py --smoke                                # tiny model on the CPU: the script runs
 
 Llama-3-8B shape (32 layers, 32 query / 8 KV heads of 128, bf16, random weights). Plans: the
@@ -170,8 +170,11 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                     help="prefill_chunk (tokens); 0: one chunk")
     ap.add_argument("--chunks", type=int, nargs="*", default=[], help="a sweep of prefill_chunk values instead")
+    ap.add_argument("--chunks-at", type=int, nargs="*", default=None,
+                    help="the lengths the --chunks sweep runs at (default: all); others use --chunk")
     ap.add_argument("--filled", type=int, nargs="*", default=[], help="lengths with a random-filled cache")
-    ap.add_argument("--longest", action="store_true", help="the longest context that fits (random-filled cache)")
+    ap.add_argument("--longest", nargs="*", default=None, metavar="PLAN",
+                    help="the longest context that fits (random-filled cache) for these plans (default: --plans)")
     ap.add_argument("--warmup", type=int, default=8192, help="tokens of the warm-up request")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script)")
@@ -181,8 +184,8 @@ def main() -> None:
     args.dtype = torch.float32 if args.smoke else torch.bfloat16
     if args.smoke:  # a tiny model, lengths a CPU runs in seconds
         args.warmup, args.steps, args.lengths = 64, 4, [640]
-        args.chunk, args.filled = 128, [1024] if args.filled or args.longest else []
-        args.longest = False
+        args.chunk, args.filled = 128, [1024] if args.filled or args.longest is not None else []
+        args.longest = None
     config = llama3_8b_config(args.layers, smoke=args.smoke)
     config._attn_implementation = "sdpa"
     with torch.device(args.device):
@@ -206,15 +209,16 @@ def main() -> None:
             show(row("HF eager sdpa", N, r, wbytes, bw))
         for name in args.plans:
             plan = plan_named(name, shape, N, args.smoke)
-            for c in args.chunks or [chunk]:
+            sweep = args.chunks if args.chunks and (args.chunks_at is None or N in args.chunks_at) else [chunk]
+            for c in sweep:
                 r = moa_case(model, plan, N, args, c)
                 show(row(f"moa-flex {name}, chunk {c or 'none'}", N, r, wbytes, bw))
                 if r["warm_s"]:
                     notes.append(f"compile and warm-up request ({args.warmup} tokens): {r['warm_s']:.0f} s")
     filled = list(args.filled)
     picks = []
-    if args.longest:
-        for name in args.plans:
+    if args.longest is not None:
+        for name in args.longest or args.plans:
             found = longest(name, shape, wbytes, args.device, args.smoke)
             if found:
                 picks.append((found[0], name, found[1]))

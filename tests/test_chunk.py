@@ -167,3 +167,26 @@ def test_bad_inputs_are_named() -> None:
         broken[index] = bad
         with pytest.raises((ValueError, TypeError), match=match):
             chunk_attention_reference(*broken)
+
+
+@needs_kernel
+@pytest.mark.parametrize("full_tiles", [True, False])
+@pytest.mark.parametrize("granularity_spans", [[200, 200], [200, 40]])
+def test_kernel_full_tiles_equal_twin(granularity_spans: list[int], full_tiles: bool) -> None:
+    """Wide spans over a long filled ring and a chunk of 4 query blocks: most tiles are full
+    (kept by every query of the block) and run without masks; the result equals the twin."""
+    G, hpg, D, sink, C = 1, 2, 16, 4, 64
+    caps = torch.tensor([[200]], dtype=torch.int32)
+    offsets = torch.tensor([0, 200], dtype=torch.int32)
+    spans = torch.tensor([granularity_spans], dtype=torch.int32)
+    length = torch.tensor([170])  # ring of 196 holds positions 4..169, sink 0..3
+    start = length.clone()
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, G * hpg, C, D, generator=gen)
+    k_new, v_new = torch.randn(1, G, C, D, generator=gen), torch.randn(1, G, C, D, generator=gen)
+    keys, values = torch.randn(1, 200, D, generator=gen), torch.randn(1, 200, D, generator=gen)
+    args = (q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink, 0, 0.25, 0.0)
+    want = chunk_attention_reference(*args)
+    dev = [a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    got = chunk_attention_triton(*dev, block_q=16, block_n=16, full_tiles=full_tiles).cpu()
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)

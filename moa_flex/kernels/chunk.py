@@ -34,8 +34,9 @@ Implementations:
   key ranges its own span can keep (heads of one group can have very different spans), and K/V
   tiles are re-read per head from L2. The ranges: the cache's sink slots, the ring's positions
   from ``i_min - reach`` on (in position order, so the ring's wrap needs no special case), the
-  chunk's sink keys and its causal window; online softmax in fp32, per-element masks, int32
-  position arithmetic (positions < 2**31). Runs compiled on CUDA, in Triton's interpreter on
+  chunk's sink keys and its causal window; online softmax in fp32, int32 position arithmetic
+  (positions < 2**31). Tiles whose every key every query of the block keeps (the interior of
+  the window, for blocks without padding) skip the masks, like FlexAttention's full blocks. Runs compiled on CUDA, in Triton's interpreter on
   CPU tensors.
 """
 
@@ -51,6 +52,7 @@ from .triton_support import FLOAT_DTYPES, interpreting, pow2, tl, triton
 
 BLOCK_Q = 128  # queries per program
 QUERY_TILE = 256  # queries per step of the reference (bounds its float64 score tile)
+LOG2E = 1.4426950408889634
 
 
 def check_chunk_inputs(
@@ -150,11 +152,14 @@ if triton is not None:
         m_i, l_i, acc, qt, k_rows, v_rows, p, key_ok, i, win, sink, window_lim, qk_scale, softcap,
         stride_kd, stride_vd, d, dv,
         D: tl.constexpr, DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+        MASKED: tl.constexpr,
     ):
         """One tile of keys at positions ``p`` [N] (int32; K rows at pointers ``k_rows``): masks,
-        scores and the online-softmax update of (m_i, l_i, acc) for the program's queries ``i``."""
-        dist = i[:, None] - p[None, :]
-        keep = key_ok[None, :] & (dist >= 0) & ((p[None, :] < sink) | (dist < win)) & (dist < window_lim)
+        scores and the online-softmax update of (m_i, l_i, acc) for the program's queries ``i``.
+        ``MASKED=False``: a full tile (every key valid and kept for every query): no masks."""
+        if MASKED:
+            dist = i[:, None] - p[None, :]
+            keep = key_ok[None, :] & (dist >= 0) & ((p[None, :] < sink) | (dist < win)) & (dist < window_lim)
         kt = tl.load(k_rows[:, None] + d[None, :] * stride_kd, mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
         if DOT_F32:
             kt = kt.to(tl.float32)
@@ -162,13 +167,14 @@ if triton is not None:
             x = tl.dot(qt, tl.trans(kt), input_precision="ieee")
         else:
             x = tl.dot(qt, tl.trans(kt))
-        x = x * qk_scale
+        x = x * qk_scale  # without a softcap qk_scale carries log2(e): log2 units from here on
         if HAS_SOFTCAP:
             y = x / softcap
             e = tl.exp2(-2.8853900817779268 * tl.abs(y))  # exp(-2|y|)
             t = (1.0 - e) / (1.0 + e)
-            x = softcap * tl.where(y < 0, -t, t)
-        x = tl.where(keep, x * 1.4426950408889634, float("-inf"))  # log2 units from here on
+            x = softcap * tl.where(y < 0, -t, t) * 1.4426950408889634
+        if MASKED:
+            x = tl.where(keep, x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -199,6 +205,7 @@ if triton is not None:
         HPG: tl.constexpr, BLOCK_Q: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+        FULL_TILES: tl.constexpr,
     ):
         """One (query block, head, row): the head's queries over the keys its span can keep."""
         qb = tl.program_id(0)
@@ -242,17 +249,34 @@ if triton is not None:
             rows = (base + p).to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, ok, i, win,
                                          sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
-        # (b) the ring, walked in position order: positions [max(sink, n - ring, p_from), n)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+        # (b) the ring, walked in position order: positions [max(sink, n - ring, p_from), n); the
+        # keys from f0 on are kept by every query of a block without padding: full tiles, no masks
         ring_lo = tl.maximum(tl.maximum(sink, n - ring), p_from)
         ring_hi = tl.where(any_real & (cap > sink), n, ring_lo)
-        for p0 in range(ring_lo, ring_hi, BLOCK_N):
+        block_full = (i_lo >= 0) & (qb * BLOCK_Q + BLOCK_Q <= C) & FULL_TILES
+        f0 = tl.minimum(tl.where(block_full, tl.maximum(ring_lo, i_hi - reach + 1), ring_hi), ring_hi)
+        f1 = f0 + (ring_hi - f0) // BLOCK_N * BLOCK_N
+        for p0 in range(ring_lo, f0, BLOCK_N):
+            p = p0 + tl.arange(0, BLOCK_N)
+            ok = p < f0
+            rows = (base + sink + (p - sink) % ring).to(tl.int64)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, ok, i, win,
+                                         sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+        for p0 in range(f0, f1, BLOCK_N):
+            p = p0 + tl.arange(0, BLOCK_N)
+            rows = (base + sink + (p - sink) % ring).to(tl.int64)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, p >= 0, i,
+                                         win, sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False)
+        for p0 in range(f1, ring_hi, BLOCK_N):
             p = p0 + tl.arange(0, BLOCK_N)
             ok = p < ring_hi
             rows = (base + sink + (p - sink) % ring).to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, ok, i, win,
                                          sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
         # (c) the chunk's own keys: its sink keys, then its window up to the block's last query
         kn = kn_ptr + b * stride_knb + g.to(tl.int64) * stride_kng
         vn = vn_ptr + b * stride_vnb + g.to(tl.int64) * stride_vng
@@ -265,15 +289,32 @@ if triton is not None:
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
                                          i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+        # its window: keys up to the block's first query and from i_hi - reach + 1 on are kept by
+        # every query of a block without padding: full tiles there, masked tiles around them
         win_lo = tl.maximum(sink_hi, p_from - start)
-        for k0 in range(win_lo, c_end, BLOCK_N):
+        g0 = tl.minimum(tl.where(block_full, tl.maximum(win_lo, i_hi - reach + 1 - start), c_end), c_end)
+        g1 = g0 + tl.maximum(tl.minimum(c_end, qb * BLOCK_Q + 1) - g0, 0) // BLOCK_N * BLOCK_N
+        for k0 in range(win_lo, g0, BLOCK_N):
+            kk = k0 + tl.arange(0, BLOCK_N)
+            ok = kk < g0
+            rows = kk.to(tl.int64)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
+                                         i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+        for k0 in range(g0, g1, BLOCK_N):
+            kk = k0 + tl.arange(0, BLOCK_N)
+            rows = kk.to(tl.int64)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk,
+                                         kk >= 0, i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d,
+                                         dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False)
+        for k0 in range(g1, c_end, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             ok = kk < c_end
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
                                          i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # nothing kept (padding) -> zeros
         tl.store(out_ptr + b * stride_ob + h.to(tl.int64) * stride_oh + c[:, None].to(tl.int64) * stride_oc
                  + dv[None, :] * stride_od, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
@@ -284,10 +325,12 @@ def chunk_attention_triton(
     offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
     sink: int, window: int, scale: float, softcap: float, *, out: torch.Tensor | None = None,
     block_q: int = BLOCK_Q, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 3,
+    full_tiles: bool = True,
 ) -> torch.Tensor:
     """The Triton kernel: [B, H, C, Dv] in q's dtype (``out`` written entirely). CUDA tensors
     run compiled; CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is
-    first imported). Reads no tensor value on the host: safe inside a CUDA graph."""
+    first imported). Reads no tensor value on the host: safe inside a CUDA graph.
+    ``full_tiles=False`` masks every tile (the same result; for tests and the benchmark)."""
     if triton is None:
         raise RuntimeError("chunk_attention_triton needs triton (pip install 'moa-flex[dev]')")
     check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap)
@@ -313,9 +356,11 @@ def chunk_attention_triton(
             q, k_new, v_new, k, v, offsets, caps, spans, length, start, out,
             *q.stride(), *k_new.stride(), *v_new.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(),
             *out.stride(),
-            C, sink, window if window > 0 else 2**31 - 1, float(scale), float(softcap) if softcap > 0 else 1.0,
+            C, sink, window if window > 0 else 2**31 - 1, float(scale) * (1.0 if softcap > 0 else LOG2E),
+            float(softcap) if softcap > 0 else 1.0,
             HPG=H // G, BLOCK_Q=block_q, D=D, D_PAD=pow2(D, 16), DV=Dv, DV_PAD=pow2(Dv, 16),
             BLOCK_N=block_n, HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32,
+            FULL_TILES=full_tiles,
             num_warps=num_warps or (8 if block_q >= 128 else 4), num_stages=num_stages,
         )
     return out
