@@ -18,6 +18,7 @@ mask (right padding, a model's own sliding window) is ANDed in densely.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -30,9 +31,11 @@ from moa_flex.masks import allowed_from_mask, block_mask_from_spans, padding_inf
 from moa_flex.plan import Plan
 
 from .ops import RUNTIMES
+from .startup_log import StartupLog
 
 _ids = itertools.count(1)
 _flex_compiled: Callable | None = None
+_flex_shapes: set[tuple] = set()  # the shapes the process-wide compiled FlexAttention has seen
 
 
 def compiled_flex_attention() -> Callable:
@@ -91,6 +94,7 @@ class MoaRuntime:
         self.id = next(_ids)
         self._spans: dict[int, torch.Tensor] = {}  # planned length -> head spans [L, H]
         self.warned_dense = False  # the dense-mask warning, once per runtime
+        self.log: StartupLog | None = None  # start-up lines (set by moa_flex.compile)
         RUNTIMES[self.id] = self
 
     def head_spans(self, N: int) -> torch.Tensor:
@@ -185,15 +189,29 @@ class MoaRuntime:
         flex = compiled_flex_attention() if self.compiled else eager_flex_attention
         kwargs = dict(score_mod=softcap_score_mod(softcap) if softcap > 0 else None,
                       scale=scale if scale > 0 else 1.0 / math.sqrt(q.shape[-1]), enable_gqa=k.shape[1] != q.shape[1])
+        shape = (tuple(q.shape[:2]), step, tuple(k.shape), q.dtype, q.device, softcap > 0)
+        first = self.compiled and self.log is not None and shape not in _flex_shapes
+        _flex_shapes.add(shape)
+        phase = self.log.phase(f"compiling FlexAttention for {padded}-key calls") if first else contextlib.nullcontext()
         outs = []
-        for r0 in range(0, rows, step):  # every call has `step` query rows: one compile per key bucket
-            qc = q[:, :, r0:r0 + step]
-            if qc.shape[2] < step:
-                qc = torch.nn.functional.pad(qc, (0, 0, 0, step - qc.shape[2]))
-            bm = self.block_mask(layer, q_len, kv_len, attn_mask, q.device, planned, padded, info, rows=(r0, r0 + step))
-            outs.append(flex(qc, k, v, block_mask=bm, **kwargs))
+        with phase:
+            outs.append(self._flex_rows(flex, q, k, v, 0, step, layer, q_len, kv_len, attn_mask, planned, padded, info,
+                                        kwargs))
+        for r0 in range(step, rows, step):
+            outs.append(self._flex_rows(flex, q, k, v, r0, step, layer, q_len, kv_len, attn_mask, planned, padded, info,
+                                        kwargs))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out[:, :, :q_len]
+
+    def _flex_rows(self, flex: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r0: int, step: int,
+                   layer: int, q_len: int, kv_len: int, attn_mask: torch.Tensor | None, planned: int, padded: int,
+                   info: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+        """One FlexAttention call: padded query rows [r0, r0 + step) over all keys."""
+        qc = q[:, :, r0:r0 + step]
+        if qc.shape[2] < step:
+            qc = torch.nn.functional.pad(qc, (0, 0, 0, step - qc.shape[2]))
+        bm = self.block_mask(layer, q_len, kv_len, attn_mask, q.device, planned, padded, info, rows=(r0, r0 + step))
+        return flex(qc, k, v, block_mask=bm, **kwargs)
 
 
 def length_bucket(n: int, block: int = 128, steps_per_octave: int = 4) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,7 @@ from moa_flex.plan import Plan
 from .attention import MoaRuntime
 from .forward import forward as _forward
 from .generate import generate as _generate
+from .startup_log import StartupLog
 from .state import CompiledState
 
 TRACED_ATTENTION = "moa_flex_traced"
@@ -86,6 +88,7 @@ def compile(  # noqa: A001  (the verb of the API)
     mode: str | None = None,
     fuse_linear: bool | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    progress: bool = True,
 ) -> torch.nn.Module:
     """Compile an HF causal LM so that every attention layer runs the plan. Returns the model.
 
@@ -111,6 +114,10 @@ def compile(  # noqa: A001  (the verb of the API)
     contexts"), and activations are bounded by the chunk; None runs the prompt as one chunk.
     A forward without a cache runs its attention ``prefill_chunk`` queries per FlexAttention
     call, so block masks hold ``[B, H, prefill_chunk / 128, N / 128]`` indices, linear in N.
+    ``progress``: one line on stderr per start-up phase (tracing, compiling, FlexAttention per
+    key bucket, CUDA-graph capture) with its seconds (:mod:`moa_flex.runtime.startup_log`;
+    also silenced by ``MOA_FLEX_QUIET=1``). ``model.moa_flex.warmup(batch_size, max_length)``
+    runs them ahead of the first request.
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -148,11 +155,14 @@ def compile(  # noqa: A001  (the verb of the API)
         wanted = TRACED_ATTENTION
     if impl != wanted:
         model.set_attn_implementation(wanted)
+    log = StartupLog(progress)
     runtime = MoaRuntime(plan, compiled=backend == "inductor", query_chunk=prefill_chunk)
     runtime.planned_length = max_length
+    runtime.log = log
     state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
                           prefill_chunk=prefill_chunk,
-                          cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward))
+                          cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward),
+                          log=log, model_ref=weakref.ref(model))
     prefill = make_backend(
         plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
         softcaps=caps, windows=windows,
@@ -161,6 +171,9 @@ def compile(  # noqa: A001  (the verb of the API)
         plan, inner=backend, mode=_without_cudagraphs(mode), on_report=state.decode_reports.append, softcaps=caps, windows=windows,
         fuse_linear=fuse_linear,
     )
+    layers = f"{plan.num_layers} layers"
+    prefill = _logged(prefill, log, f"prefill graph ({layers})", backend)
+    decode = _logged(decode, log, f"decode-step graph ({layers})", backend)
     state.compiled_forward = torch.compile(state.original_forward, backend=prefill, dynamic=True, fullgraph=True)
     state.compiled_decode = torch.compile(state.original_forward, backend=decode, dynamic=True, fullgraph=True)
     model.forward = functools.wraps(state.original_forward)(functools.partial(_forward, state))
@@ -168,6 +181,18 @@ def compile(  # noqa: A001  (the verb of the API)
         model.generate = functools.wraps(state.original_generate)(functools.partial(_generate, model, state))
     model.moa_flex = state
     return model
+
+
+def _logged(backend: Callable, log: StartupLog, what: str, inner: str) -> Callable:
+    """``backend`` with start-up lines: Dynamo's tracing time when it hands the graph over,
+    then the rewrite and compile's."""
+
+    def logged_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        log.traced(what, len(gm.graph.nodes))
+        with log.phase(f"{what}: compiled ({inner})", announce=False):
+            return backend(gm, example_inputs)
+
+    return logged_backend
 
 
 def _plan_of(model: torch.nn.Module) -> Plan:

@@ -55,6 +55,7 @@ def _forward(state: CompiledState, args: tuple, kwargs: dict) -> Any:
     cache = kwargs.get(state.cache_arg)
     if isinstance(cache, MoaCache):
         return _forward_with_cache(state, cache, args, kwargs)
+    state.log.calling()
     with dynamo_policy():
         return state.compiled_forward(*args, **kwargs)
 
@@ -140,6 +141,7 @@ def _prefill(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) -> Any
         if b - a == 1:
             out = _decode_step(state, cache, step, 1)
         else:
+            state.log.calling()
             with dynamo_policy():
                 out = state.compiled_forward(**step)
         if whole:
@@ -205,7 +207,7 @@ def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) ->
     if state.cudagraphs and cache.decode_steps == 3:  # once per run of same-signature steps, not every step
         device = graph_device(kwargs, cache.tensors())
         if device is not None:
-            with dynamo_policy():
+            with dynamo_policy(), state.log.phase("capturing the decode step's CUDA graph"):
                 cache.step_graph, out = StepGraph.capture(state.compiled_decode, kwargs, device)
             return out
         _warn_once(state, "decode steps run without CUDA graphs: the model's layers or inputs are on several "
@@ -214,6 +216,7 @@ def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) ->
     # property is as in the previous step (about 0.1 ms per layer of guard work, bench/RESULTS.md)
     stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if cache.decode_steps >= 3 \
         else contextlib.nullcontext()
+    state.log.calling()
     with stance, dynamo_policy():
         return state.compiled_decode(**kwargs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -9,6 +10,7 @@ from moa_flex.plan import Plan
 
 from .attention import MoaRuntime
 from .cache import MoaCache
+from .startup_log import StartupLog
 
 
 @dataclass
@@ -30,6 +32,8 @@ class CompiledState:
     cudagraphs: bool = False  # decode steps replay a CUDA graph (mode "reduce-overhead"/"max-autotune")
     cache_arg: str = "past_key_values"  # the forward's name for its Cache ("cache" from transformers 5.24 on)
     warned: set = field(default_factory=set)
+    log: StartupLog = field(default_factory=StartupLog)  # start-up phase lines on stderr
+    model_ref: weakref.ref | None = None  # the compiled model (weak: the model holds this state)
 
     def release_cache(self) -> None:
         """Free the KV cache kept from the last generate() call."""
@@ -44,6 +48,17 @@ class CompiledState:
         self.plan = plan
         self.runtime.set_plan(plan)
         self.cache = None
+
+    def warmup(self, batch_size: int = 1, max_length: int | None = None) -> float:
+        """Compile and capture everything a request of ``batch_size`` rows planned for
+        ``max_length`` tokens needs, before the first request (servers); returns the seconds it
+        took. See :func:`moa_flex.runtime.warmup.warmup`."""
+        from .warmup import warmup
+
+        model = self.model_ref() if self.model_ref is not None else None
+        if model is None:
+            raise RuntimeError("the compiled model is gone (warmup needs model.moa_flex of a live model)")
+        return warmup(model, self, batch_size, max_length)
 
     def report(self, N: int) -> str:
         """Per layer: the node the pass rewrote and its spans at planned length N (tokens)."""
