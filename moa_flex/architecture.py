@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-_ATTN = re.compile(r"layers\.(\d+)\.self_attn$")
+_ATTN = re.compile(r"(?:layers|\bh|blocks)\.(\d+)\.(?:self_attn|attn|attention|self_attention)$")
 
 
 def softcaps(config: Any, num_layers: int) -> list[float]:

@@ -164,7 +164,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     say("[4/4] retrieval accuracy: MoA and uniform plans through moa_flex.compile")
     first = next(iter(plans.values()))
-    compile_model(model, first, backend=cfg.backend)
+    compile_model(model, first, backend=cfg.backend, progress=cfg.progress)
     try:
         for name, plan in plans.items():
             model.moa_flex.set_plan(plan)

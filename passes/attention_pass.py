@@ -28,16 +28,17 @@ import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.attenti
 from moa_flex.plan import Plan
 
 from .flex_pass import flex_nodes, rewrite_flex_attention
-from .inner import compile_graph
+from .inner import checked_first_call, compile_graph, copy_graph_module
 from .prefill_pass import extend_nodes, rewrite_prefill
 from .nodes import (
-    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, node_layer, padding_mask_input,
+    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, node_layer,
+    padding_mask_input,
 )
 
 
 def rewrite_attention(
     gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, softcaps: Sequence[float] | None = None,
-    windows: Sequence[int | None] | None = None, partial_graphs: bool = False,
+    windows: Sequence[int | None] | None = None, partial_graphs: bool = False, verify_id: int | None = None,
 ) -> PassReport:
     """Replace every SDPA (or flex_attention) node of ``gm`` by moa-flex attention for its
     layer; validate first.
@@ -47,10 +48,13 @@ def rewrite_attention(
     forward's 2-D padding mask; the others keep the model's mask, ANDed in
     (flex_attention graphs: the window is the one the call's mask_mod is proven to apply).
     ``partial_graphs``: a graph without any attention call is returned unchanged (empty
-    report) instead of raising.
+    report) instead of raising. ``verify_id``: the graph of the first-call check
+    (:mod:`moa_flex.runtime.verify`): each SDPA node stays beside its replacement, and a
+    ``moa_flex::verify_attention`` node (under runtime ``verify_id``, a dense plan) compares
+    them; flex_attention graphs are not checked (their mods are proven by evaluation).
     """
     if extend_nodes(gm.graph):  # a prefill over a MoaCache (chunks, later turns)
-        return rewrite_prefill(gm, plan, softcaps, windows)
+        return rewrite_prefill(gm, plan, softcaps, windows, verify=verify_id is not None)
     nodes = attention_nodes(gm.graph)
     flex = flex_nodes(gm.graph)
     if flex and nodes:
@@ -79,6 +83,7 @@ def rewrite_attention(
     padding_mask = padding_mask_input(gm.graph)
     report = PassReport(graph_module=gm)
     infos: dict[torch.fx.Node, torch.fx.Node] = {}  # one mask_info per mask node, shared by its layers
+    roots: list[torch.fx.Node] = []  # inputs of erased nodes: the model's dense mask may be dead now
     for node, (layer, path) in zip(nodes, layers):
         q, k, v = node.args[:3]
         mask = arg(node, 3, "attn_mask", None)
@@ -102,9 +107,16 @@ def rewrite_attention(
             )
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        if verify_id is None:
+            erase_with_inputs(gm.graph, node, roots)
+        else:  # the check: the model's call stays, compared with moa-flex attention under a dense plan
+            with gm.graph.inserting_after(new):
+                gm.graph.call_function(
+                    torch.ops.moa_flex.verify_attention.default,
+                    (q, k, v, mask, -1.0 if scale is None else scale, layer, verify_id, info, node, padding_mask),
+                )
         report.rewritten.append(RewrittenNode(layer, new.name, path))
-    eliminate_dead_code(gm.graph)
+    eliminate_dead_code(gm.graph, roots)
     gm.graph.lint()
     gm.recompile()
     return report
@@ -113,19 +125,27 @@ def rewrite_attention(
 def make_backend(
     plan: Plan, runtime_id: int, *, inner: str = "inductor", mode: str | None = None,
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
-    windows: Sequence[int | None] | None = None, partial_graphs: bool = False,
+    windows: Sequence[int | None] | None = None, partial_graphs: bool = False, verify_id: int | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Callable:
     """A torch.compile backend: rewrite attention, then hand the graph to inductor (or run eagerly).
 
     ``partial_graphs``: accept graph pieces without attention (graph breaks, as in models
     running flex_attention); ``on_report`` is called only for pieces that had attention.
+    ``verify_id``: a runtime with a dense plan: the first call of each graph runs the
+    first-call check (:mod:`moa_flex.runtime.verify`) instead of the compiled graph, once;
+    ``say`` hears its outcome.
     """
     if inner not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
 
     def moa_flex_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        checked = copy_graph_module(gm) if verify_id is not None else None
         report = rewrite_attention(gm, plan, runtime_id, softcaps, windows, partial_graphs)
         compiled = compile_graph(gm, example_inputs, inner, mode)
+        if checked is not None and report.rewritten and not flex_nodes(checked.graph):
+            rewrite_attention(checked, plan, runtime_id, softcaps, windows, partial_graphs, verify_id=verify_id)
+            compiled = checked_first_call(checked, compiled, say)
         # Reported only once compiled: dynamo may restart an analysis (and call us again).
         if on_report is not None and report.rewritten:
             on_report(report)

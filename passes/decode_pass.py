@@ -26,7 +26,8 @@ from moa_flex.plan import Plan
 from .inner import compile_graph
 from .linear_pass import LinearFusionReport, fuse_linears
 from .nodes import (
-    PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code, head_dim,
+    PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
+    erase_with_inputs, head_dim,
 )
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
@@ -62,10 +63,12 @@ def rewrite_decode(
     attns = by_layer(attention_nodes(gm.graph), "attention", plan.num_layers, "decode")
     check_no_dropout([node for node, _ in attns.values()])
     report = DecodeReport(graph_module=gm)
+    roots: list[torch.fx.Node] = []
     for layer in range(plan.num_layers):
         node, path = attns[layer]
         append = appends[layer][0]
-        keys, values, length, _k, _v, spans, caps, offsets, _sink = _append_args(append)
+        # the cache's own sink (a guarded constant of the traced cache), not the compile-time plan's
+        keys, values, length, _k, _v, spans, caps, offsets, sink = _append_args(append)
         q = node.args[0]
         scale = arg(node, 6, "scale", None)
         if scale is None:
@@ -77,15 +80,18 @@ def rewrite_decode(
             q1 = gm.graph.call_function(torch.ops.aten.select.int, (q, 2, 0))
             out = gm.graph.call_function(
                 torch.ops.moa_flex.ragged_decode.default,
-                (q1, keys, values, offsets, caps, spans, pos, plan.sink, window, scale if isinstance(scale, torch.fx.Node) else float(scale), softcap),
+                (q1, keys, values, offsets, caps, spans, pos, sink, window, scale if isinstance(scale, torch.fx.Node) else float(scale), softcap),
             )
             new = gm.graph.call_function(torch.ops.aten.unsqueeze.default, (out, 2))
         for n in (pos, q1, out, new):
             n.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
+        # the replaced node's output (same shape): AOTAutograd's cache needs example values on
+        # the nodes that tensor methods are called on, and bypasses the graph without them
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val")})
         node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        erase_with_inputs(gm.graph, node, roots)
         report.rewritten.append(RewrittenNode(layer, out.name, path))
-    eliminate_dead_code(gm.graph)
+    eliminate_dead_code(gm.graph, roots)
     gm.graph.lint()
     gm.recompile()
     return report

@@ -47,7 +47,7 @@ import torch.fx
 import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.attention / mask_info / unpacked_rows)
 from moa_flex.plan import Plan
 
-from .nodes import PassReport, RewrittenNode, eliminate_dead_code, node_layer
+from .nodes import PassReport, RewrittenNode, eliminate_dead_code, erase_with_inputs, node_layer
 
 FLEX_ATTENTION = torch.ops.higher_order.flex_attention
 DYNAMIC_HORIZON = 1 << 20  # tokens: distances probed when the traced key length is symbolic
@@ -355,8 +355,8 @@ def rewrite_flex_attention(
     (module docstring) before anything changes. ``softcaps``: per layer, the config's logit
     soft-cap (0 = none), checked against the score_mod; None skips that check.
     """
-    eliminate_dead_code(gm.graph)  # drop unused outputs (log-sum-exp) before checking users
     nodes = flex_nodes(gm.graph)
+    eliminate_dead_code(gm.graph, [u for n in nodes for u in n.users])  # unused outputs (log-sum-exp) before checking users
     try:
         calls = [_Call(n, *node_layer(n)) for n in nodes]
     except ValueError as e:
@@ -408,6 +408,7 @@ def _rewrite(gm: torch.fx.GraphModule, calls: list[_Call], runtime_id: int) -> P
     windowed: dict[tuple, torch.fx.Node] = {}  # one dense mask per (padding, window)
     infos: dict[torch.fx.Node, torch.fx.Node] = {}
     report = PassReport(graph_module=gm)
+    roots: list[torch.fx.Node] = []  # inputs of erased nodes: the masks and mods they alone used
 
     def meta_of(node: torch.fx.Node) -> dict:
         return {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
@@ -455,9 +456,9 @@ def _rewrite(gm: torch.fx.GraphModule, calls: list[_Call], runtime_id: int) -> P
                 new.meta.update({k_: v_ for k_, v_ in user.meta.items() if k_ in ("example_value", "val", "tensor_meta")})
                 user.replace_all_uses_with(new)
             graph.erase_node(user)
-        graph.erase_node(node)
+        erase_with_inputs(graph, node, roots)
         report.rewritten.append(RewrittenNode(c.layer, new.name, c.path))
-    eliminate_dead_code(graph)
+    eliminate_dead_code(graph, roots)
     gm.delete_all_unused_submodules()
     graph.lint()
     gm.recompile()

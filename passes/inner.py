@@ -1,10 +1,15 @@
-"""Where a rewritten graph goes: inductor (with an inductor mode) or eager execution."""
+"""Where a rewritten graph goes: inductor (with an inductor mode) or eager execution; and the
+first-call check's eager run (:mod:`moa_flex.runtime.verify`)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
+import torch
 import torch.fx
+
+from moa_flex.runtime.verify import CURRENT, Outcome, VerifyError
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, inner: str, mode: str | None) -> Callable:
@@ -15,3 +20,51 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, inner: str, mo
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """An independent copy of a traced graph (same attributes, its own nodes), to rewrite
+    differently from the original."""
+    return torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def checked_first_call(checked: torch.fx.GraphModule, compiled: Callable,
+                       say: Callable[[str], None] | None) -> Callable:
+    """``compiled``, except that its first call runs ``checked`` (the graph with the
+    first-call checks) eagerly instead, once; its checks raise if attention differs, and
+    then every later call raises the same error."""
+    pending = [checked]
+    failed: list[BaseException] = []
+
+    def run(*args: object) -> object:
+        if failed:  # a graph that failed its check never runs
+            raise failed[0]
+        if not pending:
+            return compiled(*args)
+        graph = pending.pop()
+        outcome = Outcome()
+        CURRENT.append(outcome)
+        try:
+            with torch.no_grad():
+                out = graph(*args)
+        except VerifyError as e:
+            failed.append(e)
+            raise
+        finally:
+            CURRENT.pop()
+        if say is not None:
+            _tell(say, outcome)
+        return out
+
+    return run
+
+
+def _tell(say: Callable[[str], None], outcome: Outcome) -> None:
+    if outcome.checked:
+        worst = max(diff for _, diff in outcome.checked)
+        say(f"verify: {len(outcome.checked)} layers' attention equals the model's own on this call "
+            f"(max difference {worst:.2g})")
+    if outcome.skipped:
+        layers = sorted({layer for layer, _ in outcome.skipped})
+        say(f"verify: not checked on this call for layers {layers} ({outcome.skipped[0][1]}); the check runs on the "
+            "first call of each graph: warm up with a short one (model.moa_flex.warmup)")

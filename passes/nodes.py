@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.fx
@@ -18,7 +18,9 @@ import torch.fx
 from moa_flex.plan import Plan
 
 SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
-_LAYER = re.compile(r"layers(?:\.|\[)'?(\d+)'?\]?")
+# the decoder-layer list: ``model.layers.7`` (Llama and most), ``transformer.h.7`` (GPT-2 style),
+# ``blocks.7``; Dynamo's module paths may index it as ``layers[7]`` or ``layers['7']``
+_LAYER = re.compile(r"(?:layers|\bh|blocks)(?:\.|\[)'?(\d+)'?\]?")
 
 
 @dataclass
@@ -49,20 +51,60 @@ class PassReport:
 
 
 def keeps_effects(node: torch.fx.Node) -> bool:
-    """Whether dead-code elimination must keep ``node``: FX's own rule, plus calls of a
-    mutating op recorded through its ``OpOverloadPacket`` (how Dynamo records custom ops such
-    as ``moa_flex::cache_prefill``; torch 2.11's FX treats those as pure and drops them)."""
+    """Whether dead-code elimination must keep ``node`` although nothing uses its value: FX's
+    own rule; in-place calls (``out.add_(x)``, ``torch.Tensor.add_``, ``aten.add_``: a name
+    ending in one underscore), whose effect is on their argument, which FX's rule does not see
+    for Dynamo's ``call_method`` nodes (it dropped a MoE layer's shared-expert sum); and calls
+    of a mutating op recorded through its ``OpOverloadPacket`` (how Dynamo records custom ops
+    such as ``moa_flex::cache_prefill``; torch 2.11's FX treats those as pure)."""
     if node.is_impure():
         return True
     target = node.target
-    if node.op == "call_function" and isinstance(target, torch._ops.OpOverloadPacket):
+    if node.op == "call_method":
+        return _in_place_name(target) or "out" in node.kwargs
+    if node.op != "call_function":
+        return False
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    if isinstance(target, torch._ops.OpOverloadPacket):
         return "default" in target.overloads() and target.default._schema.is_mutable
-    return False
+    name = getattr(target, "__name__", "")
+    if getattr(target, "__objclass__", None) in (torch.Tensor, torch._C.TensorBase):  # torch.Tensor.add_
+        return _in_place_name(name)
+    if _in_place_name(name) and str(getattr(target, "__module__", "") or "").startswith("torch"):  # torch.relu_
+        return True
+    return "out" in node.kwargs or node.kwargs.get("inplace") is True  # F.relu(x, inplace=True)
 
 
-def eliminate_dead_code(graph: torch.fx.Graph) -> None:
-    """FX dead-code elimination that keeps every mutating call (:func:`keeps_effects`)."""
-    graph.eliminate_dead_code(is_impure_node=keeps_effects)
+def _in_place_name(name: object) -> bool:
+    """A tensor method's in-place form: one trailing underscore (``add_``; not ``__and__``)."""
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+def eliminate_dead_code(graph: torch.fx.Graph, roots: Iterable[Any]) -> None:
+    """Erase what a rewrite made dead, and nothing else: starting from ``roots`` (the inputs
+    of the nodes the pass erased), every node that nothing uses any more and that has no
+    effect (:func:`keeps_effects`), then its own inputs, transitively. A node the pass did not
+    disconnect stays, even if unused: the graph outside attention is the model's."""
+    work = [n for n in roots if isinstance(n, torch.fx.Node)]
+    gone: set[torch.fx.Node] = set()
+    while work:
+        node = work.pop()
+        if node in gone or node.op not in ("call_function", "call_method", "get_attr") or node.users:
+            continue
+        if keeps_effects(node):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        gone.add(node)
+        work.extend(inputs)
+
+
+def erase_with_inputs(graph: torch.fx.Graph, node: torch.fx.Node, roots: list[torch.fx.Node]) -> None:
+    """Erase ``node`` (its users already rewired) and note its inputs in ``roots`` for
+    :func:`eliminate_dead_code`."""
+    roots.extend(node.all_input_nodes)
+    graph.erase_node(node)
 
 
 def attention_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:

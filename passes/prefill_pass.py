@@ -25,6 +25,7 @@ from moa_flex.plan import Plan
 
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
+    erase_with_inputs,
     head_dim, padding_mask_input,
 )
 
@@ -39,12 +40,15 @@ def extend_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
 
 def rewrite_prefill(
     gm: torch.fx.GraphModule, plan: Plan, softcaps: Sequence[float] | None = None,
-    windows: Sequence[int | None] | None = None,
+    windows: Sequence[int | None] | None = None, verify: bool = False,
 ) -> PassReport:
     """Replace each layer's cache write and SDPA node by one chunk prefill over its MoA cache.
 
     ``softcaps``/``windows``: per layer, the model's logit soft-cap and own sliding window
-    (tokens), or 0/None; ``windows=None`` (unknown) is refused.
+    (tokens), or 0/None; ``windows=None`` (unknown) is refused. ``verify``: the graph of the
+    first-call check (:mod:`moa_flex.runtime.verify`): each SDPA node stays, and a
+    ``moa_flex::verify_chunk`` node between it and the chunk prefill compares them (before the
+    chunk is written).
     """
     if windows is None:
         raise ValueError("a prefill over a MoaCache needs each layer's own sliding window: compile with "
@@ -61,28 +65,43 @@ def rewrite_prefill(
         with graph.inserting_after(info):
             pads = graph.call_function(torch.ops.aten.slice.Tensor, (info, 0, 0, -1))
     report = PassReport(graph_module=gm)
+    roots: list[torch.fx.Node] = []
     for layer in range(plan.num_layers):
         node, path = attns[layer]
         extend = extends[layer][0]
-        keys, values, length, k_new, v_new, zeros, spans, caps, offsets, _sink = call_args(extend, EXTEND_ARGS)
+        # the cache's own sink (a guarded constant of the traced cache), not the compile-time
+        # plan's: set_plan may switch to a plan with another sink
+        keys, values, length, k_new, v_new, zeros, spans, caps, offsets, sink = call_args(extend, EXTEND_ARGS)
         chunk_pads = zeros if pads is None else pads
         q = node.args[0]
         scale = arg(node, 6, "scale", None)
         scale = head_dim(q) ** -0.5 if scale is None else scale
         softcap = float(softcaps[layer]) if softcaps else 0.0
         window = int(windows[layer] or 0)
-        with graph.inserting_before(node):
+        scale = scale if isinstance(scale, torch.fx.Node) else float(scale)
+        check = None
+        if verify:
+            with graph.inserting_after(node):
+                check = graph.call_function(
+                    torch.ops.moa_flex.verify_chunk.default,
+                    (q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer,
+                     node),
+                )
+        with graph.inserting_after(node) if check is None else graph.inserting_after(check):
             new = graph.call_function(
                 torch.ops.moa_flex.chunk_prefill.default,
-                (q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, plan.sink, window,
-                 scale if isinstance(scale, torch.fx.Node) else float(scale), softcap),
+                (q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale,
+                 softcap),
             )
-        new.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        graph.erase_node(extend)  # chunk_prefill writes after it reads
+        # the replaced node's output (same shape): AOTAutograd's cache needs example values on
+        # the nodes that tensor methods are called on, and bypasses the graph without them
+        new.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "example_value", "val")}
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not check)
+        if check is None:
+            erase_with_inputs(graph, node, roots)
+        erase_with_inputs(graph, extend, roots)  # chunk_prefill writes after it reads
         report.rewritten.append(RewrittenNode(layer, new.name, path))
-    eliminate_dead_code(graph)
+    eliminate_dead_code(graph, roots)
     graph.lint()
     gm.recompile()
     return report

@@ -16,6 +16,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# moa-flex's persistent compile cache stays out of the suite's way (no files in ~/.cache);
+# tests/test_startup.py turns it on where it is the subject
+os.environ.setdefault("MOA_FLEX_COMPILE_CACHE", "0")
 
 import pytest  # noqa: E402
 

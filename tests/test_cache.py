@@ -140,7 +140,8 @@ def test_bad_input() -> None:
 
 def test_dead_code_elimination_keeps_cache_writes() -> None:
     """Dynamo records custom ops by their OpOverloadPacket; the passes' dead-code elimination
-    must keep such mutating calls even though nothing uses their (None) result."""
+    must keep such mutating calls even though nothing uses their (None) result (both nodes
+    are given as roots: only the pure one goes)."""
     from moa_flex.passes.nodes import eliminate_dead_code, keeps_effects
 
     graph = torch.fx.Graph()
@@ -149,7 +150,7 @@ def test_dead_code_elimination_keeps_cache_writes() -> None:
     dead = graph.call_function(torch.ops.aten.add, (k, 1))
     graph.output(k)
     assert keeps_effects(write) and not keeps_effects(dead)
-    eliminate_dead_code(graph)
+    eliminate_dead_code(graph, [write, dead])
     targets = [n.target for n in graph.nodes if n.op == "call_function"]
     assert targets == [torch.ops.moa_flex.cache_append]
 

@@ -329,3 +329,24 @@ def test_generate_with_layers_on_two_gpus(mode: str | None) -> None:
     assert devices == [torch.device("cuda", 0), torch.device("cuda", 1)]
     assert torch.equal(one.sequences.cpu(), two.sequences.cpu())
     assert (torch.stack(one.logits, 1).cpu() - torch.stack(two.logits, 1).cpu()).abs().max() <= 1e-3
+
+
+def test_set_plan_with_another_sink_before_and_after_the_cache_graphs() -> None:
+    """The cache graphs take the sink from the cache they trace (a guarded constant), not from
+    the plan given to compile: a plan with another sink, switched in before the first
+    generate or between two, decodes token-exact against the reference (the support matrix
+    found the compile-time sink baked in, silently wrong)."""
+    model = tiny_model()
+    first = Plan.dense(model.config)  # sink 64 by default: not the sparse plan's 16
+    second = sparse_plan(model.config, "kv_head", seed=4)
+    assert first.sink != second.sink
+    N = PROMPT + NEW
+    ids = prompt_ids()
+    mask = torch.ones_like(ids)
+    model.generation_config.eos_token_id = None  # every row runs its NEW tokens
+    moa_flex.compile(model, first, **EAGER)
+    for plan in (second, first, second):
+        model.moa_flex.set_plan(plan)
+        seq = run_generate(model, ids, mask).sequences
+        want = planned_logits(model, plan, N, seq[:, :-1], torch.ones_like(seq)[:, :-1])[:, PROMPT - 1:]
+        assert torch.equal(seq[:, PROMPT:], want.argmax(-1))

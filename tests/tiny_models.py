@@ -29,6 +29,12 @@ FAMILIES = {
     # soft-capping, query_pre_attn_scalar scale, and every other layer a 128-token window of its own
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
                {"head_dim": D, "sliding_window": 128, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 0.5}),
+    # MoE: every layer routes to 4 experts and adds a shared expert in place (out.add_), which
+    # the passes once dropped; full attention (its chunked local attention is refused)
+    "llama4_moe": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM,
+                   {"head_dim": D, "intermediate_size_mlp": 128, "num_local_experts": 4, "attention_chunk_size": None}),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                {"sliding_window": None, "num_local_experts": 4}),
 }
 EAGER_ONLY = {"gemma2"}  # HF's sdpa refuses soft-capping: the stock model runs eager
 WINDOWED = {"gemma2"}  # layers with a window of the model's own keep the model's mask

@@ -97,7 +97,7 @@ def validate(
     ours = state is None
     if ours:
         dense = response_loss(model, samples, progress=progress, desc="dense")
-        moa_compile(model, plans[0], backend=backend)
+        moa_compile(model, plans[0], backend=backend, progress=progress)
         before = None
     else:
         before = state.plan

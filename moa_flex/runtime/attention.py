@@ -197,6 +197,8 @@ class MoaRuntime:
         with phase:
             outs.append(self._flex_rows(flex, q, k, v, 0, step, layer, q_len, kv_len, attn_mask, planned, padded, info,
                                         kwargs))
+        if first:
+            self.log.compiles += 1
         for r0 in range(step, rows, step):
             outs.append(self._flex_rows(flex, q, k, v, r0, step, layer, q_len, kv_len, attn_mask, planned, padded, info,
                                         kwargs))

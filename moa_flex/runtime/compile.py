@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from moa_flex.architecture import model_windows, softcaps
+from moa_flex.architecture import layer_placement, model_windows, softcaps
 from moa_flex.compat import cache_argument
 from moa_flex.passes.attention_pass import make_backend
 from moa_flex.passes.decode_pass import make_decode_backend
@@ -31,6 +31,7 @@ from moa_flex.plan import Plan
 from .attention import MoaRuntime
 from .forward import forward as _forward
 from .generate import generate as _generate
+from .compile_cache import CompileCache, artifact_key, cache_enabled
 from .startup_log import StartupLog
 from .state import CompiledState
 
@@ -89,6 +90,8 @@ def compile(  # noqa: A001  (the verb of the API)
     fuse_linear: bool | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     progress: bool = True,
+    compile_cache: bool | None = None,
+    verify: bool = True,
 ) -> torch.nn.Module:
     """Compile an HF causal LM so that every attention layer runs the plan. Returns the model.
 
@@ -118,6 +121,13 @@ def compile(  # noqa: A001  (the verb of the API)
     key bucket, CUDA-graph capture) with its seconds (:mod:`moa_flex.runtime.startup_log`;
     also silenced by ``MOA_FLEX_QUIET=1``). ``model.moa_flex.warmup(batch_size, max_length)``
     runs them ahead of the first request.
+    ``compile_cache``: keep the compiled code in moa-flex's cache folder and start from it in
+    the next process (:mod:`moa_flex.runtime.compile_cache`); None (default): on, unless the
+    environment sets ``MOA_FLEX_COMPILE_CACHE=0``. Not used with ``backend="eager"``.
+    ``verify``: the first call of each prefill graph runs once eagerly with every layer's
+    rewritten attention, under a dense plan, compared with the model's own attention call on
+    that call's inputs; a difference raises :class:`moa_flex.runtime.verify.VerifyError` naming
+    the layer (:mod:`moa_flex.runtime.verify`: what is compared, the cost, the limits).
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -136,6 +146,8 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError(f"prefill_chunk must be an integer >= 2 (tokens) or None, got {prefill_chunk!r}")
     if backend not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
+    if not isinstance(verify, bool):
+        raise ValueError(f"verify must be True or False, got {verify!r}")
     hooked = [name for name, m in model.named_modules() if getattr(m, "_hf_hook", None) is not None]
     if hooked:
         raise ValueError(
@@ -163,14 +175,24 @@ def compile(  # noqa: A001  (the verb of the API)
                           prefill_chunk=prefill_chunk,
                           cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward),
                           log=log, model_ref=weakref.ref(model))
+    if verify:  # the first-call check's dense plan (moa_flex.runtime.verify)
+        state.verify_runtime = MoaRuntime(Plan.dense(plan.model), compiled=False)
+        state.verify_runtime.planned_length = max_length
     prefill = make_backend(
         plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
-        softcaps=caps, windows=windows,
+        softcaps=caps, windows=windows, verify_id=state.verify_runtime.id if verify else None, say=log.say,
     )
     decode = make_decode_backend(  # CUDA graphs of decode steps are moa-flex's own (step_graph.py)
         plan, inner=backend, mode=_without_cudagraphs(mode), on_report=state.decode_reports.append, softcaps=caps, windows=windows,
         fuse_linear=fuse_linear,
     )
+    if backend == "inductor" and cache_enabled(compile_cache):
+        devices, dtype = layer_placement(model, plan.num_layers)
+        options = {"mode": mode, "fuse_linear": fuse_linear, "prefill_chunk": prefill_chunk, "max_length": max_length}
+        state.compile_cache = CompileCache(artifact_key(config, plan, dtype, devices[0], options))
+        if state.compile_cache.load():
+            log.say(f"compile cache: loaded {state.compile_cache.loaded_bytes / 2**20:.1f} MiB of compiled code from "
+                    f"{state.compile_cache.folder}")
     layers = f"{plan.num_layers} layers"
     prefill = _logged(prefill, log, f"prefill graph ({layers})", backend)
     decode = _logged(decode, log, f"decode-step graph ({layers})", backend)
@@ -190,7 +212,9 @@ def _logged(backend: Callable, log: StartupLog, what: str, inner: str) -> Callab
     def logged_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         log.traced(what, len(gm.graph.nodes))
         with log.phase(f"{what}: compiled ({inner})", announce=False):
-            return backend(gm, example_inputs)
+            compiled = backend(gm, example_inputs)
+        log.compiles += 1
+        return compiled
 
     return logged_backend
 
@@ -218,6 +242,8 @@ def uncompile(model: torch.nn.Module) -> torch.nn.Module:
     if state.original_attn_implementation and state.original_attn_implementation != model.config._attn_implementation:
         model.set_attn_implementation(state.original_attn_implementation)
     state.runtime.close()
+    if state.verify_runtime is not None:
+        state.verify_runtime.close()
     state.release_cache()
     del model.moa_flex
     return model

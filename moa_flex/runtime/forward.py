@@ -29,7 +29,10 @@ def dynamo_policy() -> Any:
     sizing of the cache's shapes."""
     limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     stack = contextlib.ExitStack()
-    stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))
+    # specialize_float: a float (an attention scale) left symbolic makes AOTAutograd restart the whole
+    # analysis once (TensorifyScalarRestartAnalysis), tracing every graph twice
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True,
+                                                   specialize_float=True))
     # No "duck sizing": equal cache widths across layers (a dense plan) must not become guards
     # that a plan with other widths then fails, recompiling the model.
     stack.enter_context(fx_config.patch(use_duck_shape=False))

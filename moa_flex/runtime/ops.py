@@ -17,6 +17,8 @@ op                                     implementation
 ``moa_flex::grouped_linear``           :mod:`moa_flex.kernels.linear` (kernel and twin)
 ``moa_flex::gated_mlp``                :mod:`moa_flex.kernels.linear` (kernel and twin)
 ``moa_flex::unpacked_rows``            :func:`unpacked_rows` (here: a check of HF's packed-sequence tensors)
+``moa_flex::verify_attention``         :func:`moa_flex.runtime.verify.check_close` over ``moa_flex::attention``
+``moa_flex::verify_chunk``             :func:`moa_flex.runtime.verify.check_close` over the chunk twin / kernel
 =====================================  ==========================================================
 
 ``moa_flex::attention`` finds its plan through :data:`RUNTIMES`: graphs hold only a runtime's
@@ -38,6 +40,7 @@ from moa_flex.kernels.linear import (
 from moa_flex.masks import padding_info
 
 from .slots import cache_append_reference, cache_extend_reference
+from .verify import check_close, record_skip, too_large
 
 RUNTIMES: dict[int, Any] = {}  # runtime id -> MoaRuntime (moa_flex.runtime.attention)
 
@@ -173,6 +176,59 @@ def chunk_prefill(
 def _(q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale, softcap):  # noqa: ANN001, ANN202
     check_chunk_inputs(q, k_new, v_new, keys, values, offsets, caps, spans, length, length, sink, window, scale, softcap)
     return q.new_empty(*q.shape[:3], v_new.shape[3])
+
+
+# ------------------------------------------------------------------------------ first-call checks
+DENSE_SPAN = 2**30  # tokens: a span that keeps every key
+
+
+@torch.library.custom_op("moa_flex::verify_attention", mutates_args=())
+def verify_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float, layer: int,
+    runtime_id: int, info: torch.Tensor | None, want: torch.Tensor, padding: torch.Tensor | None,
+) -> None:
+    """The first-call check of a plain forward's layer (:mod:`moa_flex.runtime.verify`):
+    ``moa_flex::attention`` under runtime ``runtime_id`` (a dense plan), without soft-cap,
+    against ``want``, the model's own SDPA output; ``padding`` [B, K]: the 2-D padding mask
+    (real query rows: its last Q columns), or None."""
+    if too_large(layer, q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
+        return
+    got = RUNTIMES[runtime_id].attention(q, k, v, attn_mask, scale, layer, 0.0, info)
+    real = None if padding is None else padding[:, -q.shape[2]:]
+    check_close(got, want, real, layer, "moa_flex::attention")
+
+
+@verify_attention.register_fake
+def _(q, k, v, attn_mask, scale, layer, runtime_id, info, want, padding):  # noqa: ANN001, ANN202
+    return None
+
+
+@torch.library.custom_op("moa_flex::verify_chunk", mutates_args=())
+def verify_chunk(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    length: torch.Tensor, chunk_pads: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
+    window: int, scale: float, layer: int, want: torch.Tensor,
+) -> None:
+    """The first-call check of a prefill chunk's layer: when the cache is empty (the first
+    chunk), the chunk attention with dense spans, without soft-cap, against ``want``, the
+    model's own SDPA output over the chunk; real rows: positions >= 0. Reads ``length`` on
+    the host (once per graph)."""
+    if int(length.max()) > 0:
+        record_skip(layer, "the cache was not empty (only a first chunk is compared)")
+        return
+    if too_large(layer, q.shape[0], q.shape[1], q.shape[2], q.shape[2]):
+        return
+    start = chunk_start(length, chunk_pads)
+    spans = torch.full((q.shape[0], q.shape[1]), DENSE_SPAN, dtype=torch.int32, device=q.device)
+    args = (q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink, window, scale, 0.0)
+    got = chunk_attention_triton(*args) if q.device.type == "cuda" else chunk_attention_reference(*args)
+    real = (start.view(-1, 1) + torch.arange(q.shape[2], device=q.device).view(1, -1)) >= 0
+    check_close(got, want, real, layer, "moa_flex::chunk_prefill")
+
+
+@verify_chunk.register_fake
+def _(q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer, want):  # noqa: ANN001, ANN202
+    return None
 
 
 # ------------------------------------------------------------------------------ linear layers

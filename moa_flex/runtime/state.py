@@ -10,6 +10,7 @@ from moa_flex.plan import Plan
 
 from .attention import MoaRuntime
 from .cache import MoaCache
+from .compile_cache import CompileCache
 from .startup_log import StartupLog
 
 
@@ -34,6 +35,16 @@ class CompiledState:
     warned: set = field(default_factory=set)
     log: StartupLog = field(default_factory=StartupLog)  # start-up phase lines on stderr
     model_ref: weakref.ref | None = None  # the compiled model (weak: the model holds this state)
+    compile_cache: CompileCache | None = None  # moa-flex's persistent compile cache (None: off)
+    verify_runtime: MoaRuntime | None = None  # the dense plan of the first-call check (None: verify=False)
+
+    def save_compiled(self) -> None:
+        """Write the compile cache now if this process compiled something new (also done at exit)."""
+        if self.compile_cache is not None:
+            written = self.compile_cache.save()
+            if written:
+                self.log.say(f"compile cache: saved {written / 2**20:.1f} MiB of compiled code to "
+                             f"{self.compile_cache.folder}")
 
     def release_cache(self) -> None:
         """Free the KV cache kept from the last generate() call."""

@@ -12,21 +12,19 @@ layout (rows, planned length, padding) reuses it and its captured step graph.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from moa_flex.architecture import layer_placement
 
-if TYPE_CHECKING:
-    from .state import CompiledState
-
 WARMUP_PROMPT = 64  # tokens: long enough for a real prefill chunk, short enough to cost nothing
 WARMUP_NEW = 5  # generated tokens: prefill + 4 decode steps (the step graph is captured at the third)
 
 
-def warmup(model: torch.nn.Module, state: "CompiledState", batch_size: int = 1, max_length: int | None = None) -> float:
-    """Run one warm-up request; returns its seconds.
+def warmup(model: torch.nn.Module, state: Any, batch_size: int = 1, max_length: int | None = None) -> float:
+    """Run one warm-up request; returns its seconds. ``state``: the model's
+    :class:`~moa_flex.runtime.state.CompiledState` (not imported here: it calls this).
 
     ``max_length``: compile's ``max_length`` (checked; None takes it). A model compiled
     without one plans each request for its own length and allocates its cache per request:
@@ -50,4 +48,5 @@ def warmup(model: torch.nn.Module, state: "CompiledState", batch_size: int = 1, 
     with state.log.phase(f"warm-up request ({batch_size} x {prompt} tokens, planned for {planned or prompt + WARMUP_NEW})"):
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=WARMUP_NEW,
                        min_new_tokens=WARMUP_NEW, do_sample=False, pad_token_id=0)
+    state.save_compiled()
     return time.perf_counter() - t0

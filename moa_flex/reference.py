@@ -1,0 +1,89 @@
+"""Independent oracles of a plan inside a model: an eager attention implementation (float64
+softmax under :func:`moa_flex.masks.reference_mask`, the brute-force keep rule), registered
+with transformers as ``attn_implementation="moa_reference"``, and greedy decoding by full
+forwards. Slow and obviously right: the tests' oracle and the support matrix's
+(:mod:`moa_flex.support`); nothing in the fast paths uses it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from moa_flex.masks import reference_mask
+from moa_flex.plan import Plan
+
+_REF_PLAN: dict[str, Plan] = {}
+
+
+def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ANN201
+    """Independent eager attention: float64 softmax with reference_mask of the plan in _REF_PLAN,
+    ANDed with the model's own mask; left padding handled by shifting each row's positions.
+    The request is planned for _REF_PLAN["N"] tokens (default: the input length), each row for
+    that minus its left pad."""
+    plan = _REF_PLAN["plan"]
+    B, _, Q, _ = query.shape
+    K = key.shape[2]
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, 1).double()
+    v = value.repeat_interleave(group, 1).double()
+    scores = (query.double() @ k.transpose(-1, -2)) * (scaling or 1 / math.sqrt(query.shape[-1]))
+    if kwargs.get("softcap"):
+        scores = kwargs["softcap"] * torch.tanh(scores / kwargs["softcap"])
+    allowed = torch.ones(B, 1, Q, K, dtype=torch.bool, device=query.device) if attention_mask is None else (
+        attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    )
+    keep = torch.zeros(B, plan.num_heads, Q, K, dtype=torch.bool, device=query.device)
+    pads = _REF_PLAN.get("pads") or [0] * B
+    N = _REF_PLAN.get("N") or K
+    for b, pad in enumerate(pads):
+        n = K - pad  # real tokens of the row (a forward without cache: Q == K)
+        keep[b, :, pad:, pad:] = reference_mask(plan, module.layer_idx, N - pad, n, 0, n).to(query.device)
+    mask = keep & allowed
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+    out = (probs @ v).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("moa_reference", reference_attention)
+# The reference receives the mask HF builds for SDPA (causal, padding, the model's own window).
+AttentionMaskInterface.register("moa_reference", sdpa_mask)
+
+
+def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | None = None, **inputs) -> torch.Tensor:  # noqa: ANN001
+    """Logits with reference_attention, through the model's uncompiled forward; ``pads``:
+    left-pad tokens per row (from the 2-D mask); ``N``: planned length (default: input length)."""
+    _REF_PLAN.update(plan=plan, pads=pads, N=N)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("moa_reference")
+    state = getattr(model, "moa_flex", None)
+    forward = state.original_forward if state is not None else model
+    try:
+        with torch.no_grad():
+            return forward(**inputs, use_cache=False).logits
+    finally:
+        model.set_attn_implementation(before)
+
+
+def planned_logits(model, plan: Plan, N: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """Reference logits at every position of ``ids`` for a request planned for N tokens
+    (padded width): what decoding must give at every step of the request."""
+    pads = (mask == 0).int().cumprod(1).sum(1).tolist()
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return reference_logits(model, plan, pads=pads, N=N, input_ids=ids, attention_mask=mask, position_ids=position_ids)
+
+
+def greedy(model, prompt: torch.Tensor, max_new_tokens: int, eos: int | None = None) -> list[int]:  # noqa: ANN001
+    """Independent greedy decoding of one prompt [T]: a full forward per step, argmax, stop after EOS."""
+    seq = prompt.tolist()
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax())
+            out.append(nxt)
+            seq.append(nxt)
+            if nxt == eos:
+                break
+    return out

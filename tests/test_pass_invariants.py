@@ -1,0 +1,97 @@
+"""The passes change attention and nothing else (docs/DESIGN.md, "Running a plan").
+
+A pass may replace attention calls and erase what only they used (the model's dense mask);
+every other node of the model's graph stays, with the same target, even when nothing uses its
+value (an in-place call like ``out.add_(x)``: Llama 4's MoE adds its shared expert so, and an
+earlier dead-code elimination dropped it, silently).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx
+
+import moa_flex
+from moa_flex.plan import Plan
+from moa_flex.passes import attention_pass
+from moa_flex.passes.attention_pass import rewrite_attention
+from moa_flex.passes.nodes import SDPA_TARGETS, eliminate_dead_code, keeps_effects
+from tiny_models import FAMILIES, SEQ, ids_of, tiny_model
+
+
+def _attention_only(graph: torch.fx.Graph) -> set[str]:
+    """Nodes whose value reaches nothing but attention calls (their masks): what a rewrite may drop."""
+    only: set[str] = set()
+    for node in reversed(list(graph.nodes)):
+        if node.op in ("placeholder", "output") or keeps_effects(node) or not node.users:
+            continue
+        if all(u.target in SDPA_TARGETS or u.name in only for u in node.users):
+            only.add(node.name)
+    return only
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_attention_pass_leaves_every_other_node(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefill pass on each family's traced graph: the nodes it removed are attention
+    calls and what fed only them; every other node is still there with its target; and the
+    compiled model with a dense plan equals the stock model (fp32, 1e-5)."""
+    model = tiny_model(family)
+    ids = ids_of(SEQ, batch=1)
+    with torch.no_grad():
+        stock = model(input_ids=ids, use_cache=False).logits
+    seen: list[tuple[dict, dict, set]] = []
+
+    def watched(gm: torch.fx.GraphModule, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        before = {n.name: n.target for n in gm.graph.nodes}
+        only = _attention_only(gm.graph)
+        report = rewrite_attention(gm, *args, **kwargs)
+        seen.append((before, {n.name: n.target for n in gm.graph.nodes}, only))
+        return report
+
+    monkeypatch.setattr(attention_pass, "rewrite_attention", watched)
+    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, verify=False)
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits
+    (before, after, only), = seen
+    removed = before.keys() - after.keys()
+    attention = {name for name, target in before.items() if target in SDPA_TARGETS}
+    assert attention and attention <= removed
+    assert removed <= attention | only, f"removed nodes that were not attention's alone: {removed - attention - only}"
+    assert all(after[name] == before[name] for name in before.keys() - removed)
+    assert (got - stock).abs().max() <= 1e-5
+
+
+def test_dead_code_elimination_keeps_in_place_calls_and_what_it_was_not_given() -> None:
+    """From the roots given, unused pure nodes go (transitively); an unused in-place call and
+    an unused node the rewrite did not disconnect stay. FX's own rule would drop both."""
+
+    def f(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        out = x * 2
+        mask = (m > 0).logical_not()  # used only by the erased call: dead after the rewrite
+        out.add_(x)  # an effect on `out`; its own value is unused
+        x + 1  # unused, but not the rewrite's doing
+        return out + mask.sum()
+
+    gm = torch.fx.symbolic_trace(f)
+    graph = gm.graph
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    add_mask = out_node.args[0]
+    summed = add_mask.args[1]
+    with graph.inserting_before(out_node):
+        new = graph.call_function(torch.add, (add_mask.args[0], 0))
+    add_mask.replace_all_uses_with(new)
+    roots = list(add_mask.all_input_nodes)
+    graph.erase_node(add_mask)
+    eliminate_dead_code(graph, roots)
+    names = {n.name for n in graph.nodes}
+    assert summed.name not in names and not any(n.target == "logical_not" for n in graph.nodes), "the dead mask goes"
+    assert any(n.op == "call_method" and n.target == "add_" for n in graph.nodes), "the in-place call stays"
+    assert any(n.op == "call_function" and n.args[1:] == (1,) for n in graph.nodes if n.args), "x + 1 stays"
+    gm.recompile()
+    x, m = torch.randn(3), torch.randn(3)
+    assert torch.equal(gm(x, m), x * 2 + x)
+
+    plain = torch.fx.symbolic_trace(f)
+    plain.graph.eliminate_dead_code()
+    assert not any(n.target == "add_" for n in plain.graph.nodes), "FX's own rule drops the in-place call"
