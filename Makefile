@@ -2,13 +2,14 @@
 #   make demo      create .venv, install, run the main job (moa-flex demo, CPU, ~4 min)
 #   make test      create .venv, install, run the test suite (CPU)
 #   make test-slow the slow tests kept out of the default run
+#   make support   the support matrix over every causal-LM type (writes docs/SUPPORT.md)
 #   make bench-masks  block-mask build benchmark (append to bench/RESULTS.md)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Without a GPU take the local CPU build of torch; with one, the registry's CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.11" || echo "torch==2.13.0")
 
-.PHONY: setup demo test test-slow bench-masks clean
+.PHONY: setup demo test test-slow support bench-masks clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +28,9 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+support: setup
+	$(PY) -m moa_flex.support
 
 bench-masks: setup
 	$(PY) bench/mask_build.py --record

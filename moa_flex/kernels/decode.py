@@ -116,6 +116,8 @@ def check_decode_inputs(
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device")
     for name, x in (("sink", sink), ("window", window)):
+        if isinstance(x, torch.SymInt):  # tracing with a symbolic value (the cache's sink): checked when it runs
+            continue
         if isinstance(x, bool) or not isinstance(x, int) or x < 0:
             raise ValueError(f"{name} must be an integer >= 0 (tokens), got {x!r}")
     if not math.isfinite(scale):

@@ -1,0 +1,43 @@
+"""The support matrix (moa_flex.support) on a representative subset: what CI runs of `make support`."""
+
+from __future__ import annotations
+
+import pytest
+
+from moa_flex.support import Result, causal_lm_types, check_type, main, markdown, tiny_config
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2", "qwen3"])
+def test_softmax_decoders_are_supported(model_type: str) -> None:
+    """Dense == stock, sparse == reference, generate token-exact: plain, MoE, GPT-2 layout (h.N), QK-norm."""
+    r = check_type(model_type)
+    assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
+
+
+def test_a_model_without_softmax_attention_is_refused_by_name() -> None:
+    r = check_type("mamba")
+    assert r.status == "refused" and "num_attention_heads" in r.detail
+
+
+def test_chunked_local_attention_is_refused_at_compile() -> None:
+    r = check_type("llama4_text")
+    assert r.status == "refused" and "attention_chunk_size" in r.detail
+
+
+def test_tiny_configs_keep_one_layer_of_each_kind() -> None:
+    config = tiny_config("gemma2")
+    assert config.num_hidden_layers == len(config.layer_types) == 2
+    assert set(config.layer_types) == {"sliding_attention", "full_attention"}
+    assert "llama" in causal_lm_types() and len(causal_lm_types()) > 100
+
+
+def test_markdown_and_cli(tmp_path, capsys) -> None:  # noqa: ANN001
+    text = markdown([Result("a", "supported", "ok"), Result("b", "refused", "x | y")], "cmd")
+    assert "2 causal-LM model types: 1 supported, 1 refused, 0 fails, 0 not built." in text
+    assert "| b | refused | x / y |" in text
+    out = tmp_path / "S.md"
+    assert main(["--types", "llama", "--out", str(out), "--quiet"]) == 0
+    assert "| llama | supported |" in out.read_text()
+    with pytest.raises(SystemExit):
+        main(["--types", "not-a-type"])
+    assert "not causal-LM model types" in capsys.readouterr().err
