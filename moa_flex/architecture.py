@@ -31,7 +31,7 @@ def model_windows(config: Any, num_layers: int) -> list[int | None]:
     passes would replace the model's mask by causal + window and answer wrongly."""
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
-    if getattr(config, "attention_chunk_size", None):
+    if getattr(config, "attention_chunk_size", None) and (types is None or "chunked_attention" in types[:num_layers]):
         raise ValueError(f"{type(config).__name__} has attention_chunk_size={config.attention_chunk_size} (chunked "
                          "local attention), which moa-flex does not model")
     other = sorted({t for t in (types or [])[:num_layers] if t not in MODELED_LAYER_TYPES})

@@ -140,6 +140,11 @@ def check_type(model_type: str) -> Result:
         return Result(model_type, "not built", f"stock forward: {_short(e)}", time.perf_counter() - t0)
     try:
         moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, compile_cache=False)
+    except (ValueError, NotImplementedError, TypeError) as e:  # declined before anything changed
+        return Result(model_type, "refused", _short(e), time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001
+        return Result(model_type, "fails", f"compile: {type(e).__name__}: {_short(e)}", time.perf_counter() - t0)
+    try:
         with torch.no_grad():
             dense = model(input_ids=ids, use_cache=False).logits
     except Exception as e:  # noqa: BLE001
@@ -175,17 +180,27 @@ def check_type(model_type: str) -> Result:
 
 
 def _refused_or_failed(e: BaseException) -> tuple[str, str]:
-    """moa-flex's own refusals (ValueError / NotImplementedError raised by moa-flex, naming
-    what it does not model) vs anything else (a failure: a bug)."""
+    """After compile: moa-flex's own refusals (a ValueError / NotImplementedError raised in
+    moa-flex's code, naming what it does not model; at the first call, when the pass sees the
+    traced graph: said so) vs anything else (a failure: a bug)."""
     from moa_flex.runtime.verify import VerifyError
 
-    if isinstance(e, VerifyError):
-        return "fails", _short(e)
-    tb = traceback.extract_tb(e.__traceback__)
-    ours = bool(tb) and "moa_flex" in tb[-1].filename and "/torch/" not in tb[-1].filename
-    if isinstance(e, (ValueError, NotImplementedError, TypeError)) and ours:
-        return "refused", _short(e)
-    return "fails", f"{type(e).__name__}: {_short(e)}"
+    inner = getattr(e, "inner_exception", None) or e.__cause__ or e  # Dynamo wraps the backend's error
+    if isinstance(inner, VerifyError):
+        return "fails", _short(inner)
+    tb = traceback.extract_tb(inner.__traceback__)
+    ours = bool(tb) and any(Path(tb[-1].filename).resolve().is_relative_to(root) for root in _package_roots())
+    if isinstance(inner, (ValueError, NotImplementedError)) and ours:
+        return "refused", f"(at the first call) {_short(inner)}"
+    return "fails", f"{type(inner).__name__}: {_short(inner)}"
+
+
+def _package_roots() -> list[Path]:
+    """Where moa-flex's own code lives (the passes are a package of their own folder)."""
+    import moa_flex
+    import moa_flex.passes
+
+    return [Path(moa_flex.__file__).resolve().parent, Path(moa_flex.passes.__file__).resolve().parent]
 
 
 def _short(e: BaseException, n: int = 300) -> str:

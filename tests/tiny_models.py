@@ -32,7 +32,9 @@ FAMILIES = {
     # MoE: every layer routes to 4 experts and adds a shared expert in place (out.add_), which
     # the passes once dropped; full attention (its chunked local attention is refused)
     "llama4_moe": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM,
-                   {"head_dim": D, "intermediate_size_mlp": 128, "num_local_experts": 4, "attention_chunk_size": None}),
+                   # a chunk size (transformers 5.17 builds the chunked mask whatever the layers) but no chunked layer
+                   {"head_dim": D, "intermediate_size_mlp": 128, "num_local_experts": 4, "attention_chunk_size": 8192,
+                    "layer_types": lambda layers: ["full_attention"] * layers}),
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
                 {"sliding_window": None, "num_local_experts": 4}),
 }
@@ -46,6 +48,7 @@ def tiny_model(family: str = "llama", *, layers: int = L, heads: int = H, kv_hea
     """A tiny random model of ``family`` in eval mode, weights from ``seed``; ``attn``: the
     attention implementation (default sdpa, eager for families whose sdpa refuses them)."""
     config_cls, model_cls, family_extra = FAMILIES[family]
+    family_extra = {k: v(layers) if callable(v) else v for k, v in family_extra.items()}  # per-depth values
     config = config_cls(
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         hidden_size=heads * head_dim, intermediate_size=intermediate, vocab_size=vocab,
@@ -85,9 +88,20 @@ def run_generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor |
 
 
 def dense_mask_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """Nodes of a graph that produce a 4-D bool tensor (a dense attention mask)."""
+    """Nodes of a graph that produce a 4-D bool tensor (a dense attention mask) the graph's
+    output depends on (a mask the model builds and never uses, like transformers 5.17's
+    Llama 4 chunked mask without chunked layers, is dead code inductor drops)."""
+    live: set[torch.fx.Node] = set()
+    work = [n for n in gm.graph.nodes if n.op == "output"]
+    while work:
+        node = work.pop()
+        if node not in live:
+            live.add(node)
+            work.extend(node.all_input_nodes)
     out = []
     for n in gm.graph.nodes:
+        if n not in live:
+            continue
         val = n.meta.get("val", n.meta.get("example_value"))
         if isinstance(val, torch.Tensor) and val.dim() == 4 and val.dtype == torch.bool:
             out.append(n)
