@@ -32,6 +32,7 @@ from .attention import MoaRuntime
 from .forward import forward as _forward
 from .generate import generate as _generate
 from .compile_cache import CompileCache, artifact_key, cache_enabled
+from .placement import check_placement, hooked_modules, replace_hooks, restore_hooks
 from .startup_log import StartupLog
 from .state import CompiledState
 
@@ -148,13 +149,8 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
     if not isinstance(verify, bool):
         raise ValueError(f"verify must be True or False, got {verify!r}")
-    hooked = [name for name, m in model.named_modules() if getattr(m, "_hf_hook", None) is not None]
-    if hooked:
-        raise ValueError(
-            f"the model carries accelerate hooks (device_map / offloading; first on {hooked[0] or 'the model'!r}), which "
-            "torch.compile cannot trace into one graph (they call torch.compiler.disable); load the model on one "
-            "device, or spread its layers with plain forward pre-hooks that move activations"
-        )
+    if hooked_modules(model):  # accelerate's device_map: refused if it offloads, else its hooks are swapped below
+        check_placement(model)
     if model.training:
         raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
 
@@ -165,6 +161,7 @@ def compile(  # noqa: A001  (the verb of the API)
     if getattr(config, "attn_logit_softcapping", None):
         _register_traced_attention()
         wanted = TRACED_ATTENTION
+    swapped = replace_hooks(model) if hooked_modules(model) else []  # traceable device moves (placement.py)
     if impl != wanted:
         model.set_attn_implementation(wanted)
     log = StartupLog(progress)
@@ -174,7 +171,7 @@ def compile(  # noqa: A001  (the verb of the API)
     state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
                           prefill_chunk=prefill_chunk,
                           cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward),
-                          log=log, model_ref=weakref.ref(model))
+                          log=log, model_ref=weakref.ref(model), accelerate_hooks=swapped)
     if verify:  # the first-call check's dense plan (moa_flex.runtime.verify)
         state.verify_runtime = MoaRuntime(Plan.dense(plan.model), compiled=False)
         state.verify_runtime.planned_length = max_length
@@ -242,6 +239,8 @@ def uncompile(model: torch.nn.Module) -> torch.nn.Module:
     if state.original_attn_implementation and state.original_attn_implementation != model.config._attn_implementation:
         model.set_attn_implementation(state.original_attn_implementation)
     state.runtime.close()
+    if state.accelerate_hooks:
+        restore_hooks(state.accelerate_hooks)
     if state.verify_runtime is not None:
         state.verify_runtime.close()
     state.release_cache()

@@ -37,6 +37,7 @@ class CompiledState:
     model_ref: weakref.ref | None = None  # the compiled model (weak: the model holds this state)
     compile_cache: CompileCache | None = None  # moa-flex's persistent compile cache (None: off)
     verify_runtime: MoaRuntime | None = None  # the dense plan of the first-call check (None: verify=False)
+    accelerate_hooks: list = field(default_factory=list)  # accelerate hooks swapped for device moves (placement.py)
 
     def save_compiled(self) -> None:
         """Write the compile cache now if this process compiled something new (also done at exit)."""

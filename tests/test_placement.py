@@ -1,0 +1,52 @@
+"""Models placed by accelerate (device_map): hooks swapped for traceable moves, offload refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moa_flex
+from moa_flex.plan import Plan
+from moa_flex.runtime.placement import hooked_modules
+from tiny_models import SEQ, ids_of, sparse_plan, tiny_model
+
+accelerate = pytest.importorskip("accelerate")
+
+DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+              "model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+
+def _logits_and_tokens(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+        tokens = model.generate(input_ids=ids[:, :40], attention_mask=torch.ones_like(ids[:, :40]), max_new_tokens=4,
+                                do_sample=False, pad_token_id=0)
+    return logits, tokens
+
+
+def test_dispatched_model_compiles_and_equals_the_plain_one() -> None:
+    """accelerate's own dispatch (hooks on every module): compile swaps them for device moves;
+    logits and generated tokens equal the same model compiled without dispatch; uncompile puts
+    accelerate's hooks back."""
+    plan = sparse_plan(tiny_model("llama").config, "kv_head")
+    ids = ids_of(SEQ, batch=1)
+    plain = moa_flex.compile(tiny_model("llama"), plan, backend="eager", progress=False)
+    want = _logits_and_tokens(plain, ids)
+    model = accelerate.dispatch_model(tiny_model("llama"), device_map=DEVICE_MAP, force_hooks=True)
+    hooked = [name for name, _ in hooked_modules(model)]
+    assert "model.layers.1.self_attn" in hooked
+    moa_flex.compile(model, plan, backend="eager", progress=False)
+    assert not hooked_modules(model)
+    got = _logits_and_tokens(model, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    moa_flex.uncompile(model)
+    assert [name for name, _ in hooked_modules(model)] == hooked
+
+
+def test_offloaded_model_is_refused_naming_the_module(tmp_path) -> None:  # noqa: ANN001
+    model = accelerate.dispatch_model(tiny_model("llama"), device_map={**DEVICE_MAP, "model.layers.1": "disk"},
+                                      offload_dir=str(tmp_path), main_device="cpu")
+    before = [name for name, _ in hooked_modules(model)]
+    with pytest.raises(ValueError, match="offloaded by accelerate.*'model.layers.1"):
+        moa_flex.compile(model, Plan.dense(model.config))
+    assert getattr(model, "moa_flex", None) is None and [name for name, _ in hooked_modules(model)] == before
