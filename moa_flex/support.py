@@ -90,10 +90,18 @@ def tiny_config(model_type: str) -> Any:
     return cls(**kwargs)
 
 
+MAX_PARAMETERS = 20_000_000  # a "tiny" model above this kept a size field the tool does not set
+
+
 def _build(model_type: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(model_type)
+    with torch.device("meta"):  # count first: a config with an unset size field could fill the memory
+        count = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"the tiny config still has {count / 1e6:.0f}M parameters (a size field this tool does not "
+                         "set)")
     torch.manual_seed(0)
     try:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
