@@ -255,7 +255,8 @@ def markdown(results: Sequence[Result], command: str) -> str:
         f"{len(results)} causal-LM model types: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".", "",
         "- supported: a dense plan equals the stock model (1e-5), a random sparse plan equals the independent "
         "reference (1e-4), and greedy generate of a left-padded batch is token-exact against the reference.",
-        "- refused: moa-flex declines the type with the reason shown, at compile time or (where marked) at the first call, before any result (nothing is rewritten).",
+        "- refused: moa-flex declines the type with the reason shown, at compile time or (where marked) at the first "
+        "call, before any result (nothing is rewritten).",
         "- fails: a check disagrees or an error past compile: an open bug.",
         "- not built: no tiny model could be made from the type's config on the CPU (the reason shown).", "",
         "| model type | status | detail |", "|---|---|---|",
