@@ -127,6 +127,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two fresh processes, each compiling with cold caches (~50 s): make test-slow
 def test_a_second_process_starts_from_the_compile_cache(tmp_path: Path) -> None:
     """Two fresh processes, each with an empty inductor cache of its own: the first compiles
     and saves into moa-flex's folder, the second loads it and compiles nothing."""
