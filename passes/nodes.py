@@ -8,6 +8,7 @@ elimination keeps the mutating custom ops (the cache writes) that FX would drop.
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -105,6 +106,48 @@ def erase_with_inputs(graph: torch.fx.Graph, node: torch.fx.Node, roots: list[to
     :func:`eliminate_dead_code`."""
     roots.extend(node.all_input_nodes)
     graph.erase_node(node)
+
+
+# what may stand between the keys a layer writes to its cache and its attention call: HF's
+# grouped expansion (repeat_kv: a None-index, expand, reshape) and dtype casts
+_GROUPING = {"expand", "reshape", "view", "contiguous", "to", "float", "type_as", "unsqueeze"}
+
+
+def reads_cached(value: Any, cached: Any) -> bool:
+    """Whether ``value`` (an attention call's keys or values) is ``cached`` (what the layer
+    wrote to its cache) or HF's grouped expansion of it. Anything else in between (JetMoE
+    tiles its KV heads with ``.repeat``) changes which query head reads which cached group."""
+    node = value
+    while isinstance(node, torch.fx.Node):
+        if node is cached:
+            return True
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if node.op in ("call_method", "call_function") and name in _GROUPING and node.args:
+            node = node.args[0]
+        elif node.op == "call_function" and node.target is operator.getitem and _adds_axes_only(node.args[1]):
+            node = node.args[0]
+        else:
+            return False
+    return False
+
+
+def _adds_axes_only(index: Any) -> bool:
+    """An index of full slices and Nones only (``x[:, :, None]``): new axes, nothing selected."""
+    items = index if isinstance(index, tuple) else (index,)
+    return any(i is None for i in items) and all(
+        i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in items)
+
+
+def check_reads_cache(node: torch.fx.Node, k_new: Any, v_new: Any, layer: int) -> None:
+    """ValueError unless the attention call ``node`` attends the keys and values its layer
+    wrote to the cache (:func:`reads_cached`); checked for every layer before a rewrite."""
+    for what, value, cached in (("keys", node.args[1], k_new), ("values", node.args[2], v_new)):
+        if not reads_cached(value, cached):
+            raise ValueError(
+                f"layer {layer}: the attention call's {what} are not what the layer wrote to its cache (nor HF's "
+                f"grouped expansion of them, repeat_kv): the model transforms them in between (JetMoE, for one, tiles "
+                "its KV heads with .repeat), which moa-flex's ragged cache does not model"
+            )
 
 
 def attention_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:

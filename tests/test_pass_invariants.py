@@ -16,7 +16,7 @@ import moa_flex
 from moa_flex.plan import Plan
 from moa_flex.passes import attention_pass
 from moa_flex.passes.attention_pass import rewrite_attention
-from moa_flex.passes.nodes import SDPA_TARGETS, eliminate_dead_code, keeps_effects
+from moa_flex.passes.nodes import SDPA_TARGETS, eliminate_dead_code, keeps_effects, reads_cached
 from tiny_models import FAMILIES, SEQ, ids_of, tiny_model
 
 
@@ -95,3 +95,24 @@ def test_dead_code_elimination_keeps_in_place_calls_and_what_it_was_not_given() 
     plain = torch.fx.symbolic_trace(f)
     plain.graph.eliminate_dead_code()
     assert not any(n.target == "add_" for n in plain.graph.nodes), "FX's own rule drops the in-place call"
+
+
+def test_reads_cached_takes_hf_grouping_and_refuses_tiling() -> None:
+    """HF's repeat_kv (a None-index, expand, reshape) and dtype casts keep query head h on
+    group h // (H / G); JetMoE's .repeat tiles the groups (h % G), which the cache does not model."""
+
+    def grouped(k: torch.Tensor) -> torch.Tensor:
+        b, g, s, d = k.shape
+        return k[:, :, None, :, :].expand(b, g, 2, s, d).reshape(b, g * 2, s, d).float()
+
+    def tiled(k: torch.Tensor) -> torch.Tensor:
+        return k.repeat(1, 2, 1, 1)
+
+    def selected(k: torch.Tensor) -> torch.Tensor:
+        return k[:, :1]
+
+    for fn, want in ((grouped, True), (tiled, False), (selected, False), (lambda k: k, True)):
+        graph = torch.fx.symbolic_trace(fn).graph
+        k = next(n for n in graph.nodes if n.op == "placeholder")
+        out = next(n for n in graph.nodes if n.op == "output").args[0]
+        assert reads_cached(out, k) is want, fn

@@ -19,6 +19,13 @@ def test_a_model_without_softmax_attention_is_refused_by_name() -> None:
     assert r.status == "refused" and "num_attention_heads" in r.detail
 
 
+def test_tiled_kv_heads_are_refused_before_a_wrong_token() -> None:
+    """JetMoE tiles its KV heads (.repeat) between the cache write and attention: the cache
+    passes refuse it naming layer 0 (the first-call guard caught it as a wrong answer before)."""
+    r = check_type("jetmoe")
+    assert r.status == "refused" and "layer 0" in r.detail and ".repeat" in r.detail
+
+
 def test_chunked_local_attention_is_refused_at_compile() -> None:
     r = check_type("llama4_text")
     assert r.status == "refused" and "attention_chunk_size" in r.detail
