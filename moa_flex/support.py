@@ -193,7 +193,7 @@ def _refused_or_failed(e: BaseException) -> tuple[str, str]:
     traced graph: said so) vs anything else (a failure: a bug)."""
     from moa_flex.runtime.verify import VerifyError
 
-    inner = getattr(e, "inner_exception", None) or e.__cause__ or e  # Dynamo wraps the backend's error
+    inner = getattr(e, "inner_exception", None) or e  # Dynamo wraps the backend's error (BackendCompilerFailed)
     if isinstance(inner, VerifyError):
         return "fails", _short(inner)
     tb = traceback.extract_tb(inner.__traceback__)

@@ -26,6 +26,11 @@ def test_tiled_kv_heads_are_refused_before_a_wrong_token() -> None:
     assert r.status == "refused" and "layer 0" in r.detail and ".repeat" in r.detail
 
 
+def test_a_model_dynamo_cannot_trace_is_refused_by_name() -> None:
+    r = check_type("ctrl")  # Dynamo: "Unsupported python_type() call" in CTRL's forward
+    assert r.status == "refused" and "cannot trace this model's forward" in r.detail
+
+
 def test_chunked_local_attention_is_refused_at_compile() -> None:
     r = check_type("llama4_text")
     assert r.status == "refused" and "attention_chunk_size" in r.detail

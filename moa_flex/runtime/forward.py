@@ -36,7 +36,21 @@ def dynamo_policy() -> Any:
     # No "duck sizing": equal cache widths across layers (a dense plan) must not become guards
     # that a plan with other widths then fails, recompiling the model.
     stack.enter_context(fx_config.patch(use_duck_shape=False))
+    stack.enter_context(_untraceable_named())
     return stack
+
+
+@contextlib.contextmanager
+def _untraceable_named() -> Any:
+    """Dynamo's "cannot trace" as moa-flex's refusal: the rewrite needs the whole forward as
+    one graph (fullgraph), so a model Dynamo cannot trace is one moa-flex cannot compile."""
+    try:
+        yield
+    except torch._dynamo.exc.Unsupported as e:
+        raise NotImplementedError(
+            "moa-flex compiles the model's forward as one graph, and torch.compile (Dynamo) cannot trace this "
+            f"model's forward: {' '.join(str(e).split())[:400]}"
+        ) from e
 
 
 RECOMPILE_LIMIT = 64
