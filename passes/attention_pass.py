@@ -140,10 +140,10 @@ def make_backend(
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
 
     def moa_flex_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        checked = copy_graph_module(gm) if verify_id is not None else None
+        checked = copy_graph_module(gm) if verify_id is not None and not flex_nodes(gm.graph) else None
         report = rewrite_attention(gm, plan, runtime_id, softcaps, windows, partial_graphs)
         compiled = compile_graph(gm, example_inputs, inner, mode)
-        if checked is not None and report.rewritten and not flex_nodes(checked.graph):
+        if checked is not None and report.rewritten:
             rewrite_attention(checked, plan, runtime_id, softcaps, windows, partial_graphs, verify_id=verify_id)
             compiled = checked_first_call(checked, compiled, say)
         # Reported only once compiled: dynamo may restart an analysis (and call us again).

@@ -32,7 +32,7 @@ from .attention import MoaRuntime
 from .forward import forward as _forward
 from .generate import generate as _generate
 from .compile_cache import CompileCache, artifact_key, cache_enabled
-from .placement import check_placement, hooked_modules, replace_hooks, restore_hooks
+from .placement import hooked_modules, replace_hooks, restore_hooks
 from .startup_log import StartupLog
 from .state import CompiledState
 
@@ -149,8 +149,6 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
     if not isinstance(verify, bool):
         raise ValueError(f"verify must be True or False, got {verify!r}")
-    if hooked_modules(model):  # accelerate's device_map: refused if it offloads, else its hooks are swapped below
-        check_placement(model)
     if model.training:
         raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
 
@@ -161,7 +159,9 @@ def compile(  # noqa: A001  (the verb of the API)
     if getattr(config, "attn_logit_softcapping", None):
         _register_traced_attention()
         wanted = TRACED_ATTENTION
-    swapped = replace_hooks(model) if hooked_modules(model) else []  # traceable device moves (placement.py)
+    # accelerate's device_map: refused if it offloads (checked before anything changes), else its
+    # hooks become traceable device moves (placement.py)
+    swapped = replace_hooks(model) if hooked_modules(model) else []
     if impl != wanted:
         model.set_attn_implementation(wanted)
     log = StartupLog(progress)

@@ -3,13 +3,13 @@
 torch.compile keeps inductor's compiled graphs, AOTAutograd's results, Triton kernels and
 autotuning results in local caches (``/tmp/torchinductor_<user>`` by default: lost with the
 machine's temporary files, and never carried to another machine). moa-flex also keeps
-them, as one file of torch's portable cache artifacts
-(``torch.compiler.save_cache_artifacts``), in its own folder: ``$MOA_FLEX_CACHE_DIR``, or
-``~/.cache/moa-flex``. The file is keyed by what the compiled code depends on: the model's
-config (its shape and type; not its name), the plan's layout (granularity, sink; not its
-spans, which are data), dtype, device kind and name, the compile options, and the versions of
-Python, torch, triton, transformers and moa-flex. ``moa_flex.compile`` loads the file when
-it exists; after a call that compiled something new, the artifacts are written back.
+them, as torch's portable cache artifacts (``torch.compiler.save_cache_artifacts``), in its
+own folder: ``$MOA_FLEX_CACHE_DIR``, or ``~/.cache/moa-flex``, one sub-folder per key of
+what the compiled code depends on: the model's config (its shape and type; not its name),
+the plan's layout (granularity, sink; not its spans, which are data), dtype, device kind and
+name, the compile options, and the versions of Python, torch, triton, transformers and
+moa-flex. ``moa_flex.compile`` loads every file of its sub-folder; a process that compiled
+something new (cache misses) adds one content-named file after ``warmup()`` and at exit.
 Turn it off with ``moa_flex.compile(..., compile_cache=False)``. (docs/DESIGN.md, "Start-up")
 """
 
@@ -18,12 +18,12 @@ from __future__ import annotations
 import atexit
 import hashlib
 import importlib.metadata
-import weakref
 import json
 import os
 import platform
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 

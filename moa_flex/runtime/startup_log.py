@@ -27,7 +27,7 @@ class StartupLog:
         self.enabled = enabled and os.environ.get("MOA_FLEX_QUIET", "") in ("", "0")
         self.call_started = time.perf_counter()  # set before each compiled call: Dynamo's tracing starts there
         self.lines: list[str] = []  # everything said, also when silent (tests, warmup's summary)
-        self.compiles = 0  # graphs and kernels compiled so far (the compile cache saves when it grows)
+        self.compiles = 0  # graphs and FlexAttention shapes compiled so far (warmup's "nothing left" check)
 
     def say(self, text: str) -> None:
         line = f"moa-flex: {text}"
