@@ -22,32 +22,64 @@ def softcaps(config: Any, num_layers: int) -> list[float]:
 
 
 MODELED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# layers without softmax attention (linear attention, Mamba and other state-space layers,
+# convolutions, MLP-only layers): a plan gives them no rules and their state stays transformers'
+STATE_LAYER_TYPES = ("linear_attention", "conv", "mamba", "mlp", "moe", "dummy")
 
 
-def model_windows(config: Any, num_layers: int) -> list[int | None]:
-    """Per layer, the model's own sliding window (tokens) or None, from its config
-    (``sliding_window`` and, where present, ``layer_types``). ValueError for an attention
-    pattern moa-flex does not model (chunked local attention, linear attention layers): the
-    passes would replace the model's mask by causal + window and answer wrongly."""
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def layer_types(config: Any, num_layers: int) -> list[str] | None:
+    """The (text) config's ``layer_types`` for its first ``num_layers`` layers, or None."""
+    types = getattr(_text_config(config), "layer_types", None)
+    return [str(t) for t in types[:num_layers]] if isinstance(types, (list, tuple)) else None
+
+
+def attention_layers(config: Any, num_layers: int) -> tuple[int, ...] | None:
+    """Decoder-layer indices of a hybrid's softmax-attention layers (all but
+    :data:`STATE_LAYER_TYPES`); None when every layer attends. TypeError for a model with no
+    softmax-attention layer at all (nothing for a plan to rule)."""
+    types = layer_types(config, num_layers)
+    if not types or not any(t in STATE_LAYER_TYPES for t in types):
+        return None
+    layers = tuple(i for i, t in enumerate(types) if t not in STATE_LAYER_TYPES)
+    if not layers:
+        raise TypeError(f"{type(_text_config(config)).__name__} has no softmax-attention layer (layer types "
+                        f"{sorted(set(types))}): a MoA plan has nothing to rule")
+    return layers
+
+
+def model_windows(config: Any, shape: Any) -> list[int | None]:
+    """Per planned layer (``shape``: the plan's :class:`~moa_flex.plan.ModelShape`), the model's
+    own sliding window (tokens) or None, from its config (``sliding_window`` and, where present,
+    ``layer_types``). ValueError for an attention pattern moa-flex does not model (chunked local
+    attention, attention layers of other kinds): the passes would replace the model's mask by
+    causal + window and answer wrongly."""
+    config = _text_config(config)
     window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if getattr(config, "attention_chunk_size", None) and (types is None or "chunked_attention" in types[:num_layers]):
+    types = layer_types(config, shape.model_layers)
+    planned = None if types is None else [types[i] for i in shape.layer_indices]
+    if getattr(config, "attention_chunk_size", None) and (planned is None or "chunked_attention" in planned):
         raise ValueError(f"{type(config).__name__} has attention_chunk_size={config.attention_chunk_size} (chunked "
                          "local attention), which moa-flex does not model")
-    other = sorted({t for t in (types or [])[:num_layers] if t not in MODELED_LAYER_TYPES})
+    other = sorted({t for t in planned or [] if t not in MODELED_LAYER_TYPES})
     if other:
-        raise ValueError(f"{type(config).__name__} has layers of type {other}; moa-flex models "
-                         f"{list(MODELED_LAYER_TYPES)} only")
+        raise ValueError(f"{type(config).__name__} has layers of type {other}; moa-flex plans "
+                         f"{list(MODELED_LAYER_TYPES)} layers and leaves {list(STATE_LAYER_TYPES)} layers to "
+                         "transformers, nothing else")
     if not window:
-        return [None] * num_layers
-    if types is None:
-        return [int(window)] * num_layers
-    return [int(window) if t == "sliding_attention" else None for t in types[:num_layers]]
+        return [None] * shape.num_layers
+    if planned is None:
+        return [int(window)] * shape.num_layers
+    return [int(window) if t == "sliding_attention" else None for t in planned]
 
 
-def layer_placement(model: torch.nn.Module, num_layers: int) -> tuple[list[torch.device], torch.dtype]:
-    """Device of every decoder layer's attention (models spread with device_map) and the
-    attention weights' dtype, found through module paths ``...layers.N.self_attn``."""
+def layer_placement(model: torch.nn.Module, shape: Any) -> tuple[list[torch.device], torch.dtype]:
+    """Device of every planned layer's attention (``shape``: the plan's
+    :class:`~moa_flex.plan.ModelShape`; models spread with device_map) and the attention
+    weights' dtype, found through module paths ``...layers.N.self_attn``."""
     devices: dict[int, torch.device] = {}
     dtype = None
     for name, module in model.named_modules():
@@ -58,7 +90,8 @@ def layer_placement(model: torch.nn.Module, num_layers: int) -> tuple[list[torch
         if param is not None:
             devices[int(m.group(1))] = param.device
             dtype = dtype or param.dtype
-    if sorted(devices) != list(range(num_layers)):
+    wanted = shape.layer_indices
+    if not set(wanted) <= set(devices):
         fallback = next(model.parameters())
-        return [fallback.device] * num_layers, fallback.dtype
-    return [devices[layer] for layer in range(num_layers)], dtype or next(model.parameters()).dtype
+        return [fallback.device] * shape.num_layers, fallback.dtype
+    return [devices[layer] for layer in wanted], dtype or next(model.parameters()).dtype

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from moa_flex.architecture import attention_layers
+
 FORMAT = "moa-flex.plan/1"
 PLAN_FILE = "moa_plan.json"  # a plan beside a model's config.json (Plan.save_pretrained)
 GRANULARITIES = ("kv_head", "head")
@@ -30,13 +32,42 @@ DEFAULT_MIN_SPAN = 128
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Attention shape of a decoder model: layers, query heads, KV heads, head dim."""
+    """Attention shape of a decoder model: layers, query heads, KV heads, head dim.
+
+    ``num_layers`` counts the softmax-attention layers, the ones a plan gives rules. In a
+    hybrid (layers of linear attention, Mamba or convolutions between them) ``layers`` names
+    the model's decoder-layer index of each of them and ``total_layers`` counts all decoder
+    layers; for a model whose every layer attends both are None.
+    """
 
     num_layers: int
     num_heads: int
     num_kv_heads: int
     head_dim: int | None = None
     name: str = ""
+    layers: tuple[int, ...] | None = None
+    total_layers: int | None = None
+
+    @property
+    def layer_indices(self) -> tuple[int, ...]:
+        """The model's decoder-layer index of every planned layer, in plan order."""
+        return self.layers if self.layers is not None else tuple(range(self.num_layers))
+
+    @property
+    def model_layers(self) -> int:
+        """Decoder layers of the model, planned or not."""
+        return self.total_layers if self.total_layers is not None else self.num_layers
+
+    def plan_layer(self, model_layer: int) -> int:
+        """The plan's layer index of the model's decoder layer ``model_layer``; ValueError for a
+        layer without softmax attention (or past the model)."""
+        if self.layers is None:
+            if 0 <= model_layer < self.num_layers:
+                return model_layer
+        elif model_layer in self.layers:
+            return self.layers.index(model_layer)
+        raise ValueError(f"decoder layer {model_layer} is not a planned attention layer (the plan covers decoder "
+                         f"layers {list(self.layer_indices)})")
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelShape":
@@ -56,7 +87,11 @@ class ModelShape:
         if head_dim is None and getattr(config, "hidden_size", None):
             head_dim = int(config.hidden_size) // num_heads
         name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")
-        return cls(num_layers, num_heads, int(num_kv_heads), head_dim, str(name))
+        layers = attention_layers(config, num_layers)
+        if layers is None:
+            return cls(num_layers, num_heads, int(num_kv_heads), head_dim, str(name))
+        return cls(len(layers), num_heads, int(num_kv_heads), head_dim, str(name), layers=layers,
+                   total_layers=num_layers)
 
 
 def _ceil_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -69,6 +104,25 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _check_layers(model: ModelShape) -> None:
+    """ValueError unless a hybrid's ``layers`` / ``total_layers`` are consistent: both or
+    neither, ``num_layers`` distinct increasing indices below ``total_layers``."""
+    if model.layers is None and model.total_layers is None:
+        return
+    if model.layers is None or model.total_layers is None:
+        raise ValueError("plan.model.layers and plan.model.total_layers come together (a hybrid model's planned "
+                         "layers and its decoder-layer count)")
+    total = _check_int("plan.model.total_layers", model.total_layers, 1)
+    layers = list(model.layers)
+    if len(layers) != model.num_layers:
+        raise ValueError(f"plan.model.layers has {len(layers)} entries, expected num_layers = {model.num_layers}")
+    for i in layers:
+        _check_int("plan.model.layers[]", i, 0)
+    if layers != sorted(set(layers)) or layers[-1] >= total:
+        raise ValueError(f"plan.model.layers must be increasing decoder-layer indices below total_layers = {total}, "
+                         f"got {layers}")
 
 
 def _rule_matrix(name: str, value: Any, rows: int, cols: int, why: str) -> torch.Tensor:
@@ -117,6 +171,7 @@ class Plan:
             _check_int("plan.model.head_dim", model.head_dim, 1)
         if not isinstance(model.name, str):
             raise ValueError(f"plan.model.name must be a string, got {model.name!r}")
+        _check_layers(model)
         if model.num_heads % model.num_kv_heads:
             raise ValueError(
                 f"plan.model.num_heads ({model.num_heads}) must be divisible by "
@@ -202,11 +257,15 @@ class Plan:
         for key in ("num_layers", "num_heads", "num_kv_heads"):
             if key not in m:
                 raise ValueError(f"plan.model.{key} is missing")
-        unknown = set(m) - {"num_layers", "num_heads", "num_kv_heads", "head_dim", "name"}
+        unknown = set(m) - {"num_layers", "num_heads", "num_kv_heads", "head_dim", "name", "layers", "total_layers"}
         if unknown:
             raise ValueError(f"plan.model has unknown fields {sorted(unknown)}")
+        layers = m.get("layers")
+        if layers is not None and not isinstance(layers, list):
+            raise ValueError(f"plan.model.layers must be a list of decoder-layer indices, got {type(layers).__name__}")
         shape = ModelShape(
-            m["num_layers"], m["num_heads"], m["num_kv_heads"], m.get("head_dim"), m.get("name", "")
+            m["num_layers"], m["num_heads"], m["num_kv_heads"], m.get("head_dim"), m.get("name", ""),
+            layers=None if layers is None else tuple(layers), total_layers=m.get("total_layers"),
         )
         return cls(
             shape,
@@ -329,6 +388,7 @@ class Plan:
                 "num_kv_heads": m.num_kv_heads,
                 "head_dim": m.head_dim,
                 "name": m.name,
+                **({} if m.layers is None else {"layers": list(m.layers), "total_layers": m.total_layers}),
             },
             "granularity": self.granularity,
             "sink": self.sink,
@@ -428,6 +488,8 @@ class Plan:
         ]
         if self.model.head_dim is not None and shape.head_dim is not None:
             pairs.append(("head_dim", "head_dim", self.model.head_dim, shape.head_dim))
+        if self.model.layer_indices != shape.layer_indices:
+            pairs.append(("layers", "attention layers", list(self.model.layer_indices), list(shape.layer_indices)))
         wrong = [
             f"plan.model.{mine} = {ours} but the model has {theirs_name} = {theirs}"
             for mine, theirs_name, ours, theirs in pairs

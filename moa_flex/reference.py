@@ -40,7 +40,7 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     N = _REF_PLAN.get("N") or K
     for b, pad in enumerate(pads):
         n = K - pad  # real tokens of the row (a forward without cache: Q == K)
-        keep[b, :, pad:, pad:] = reference_mask(plan, module.layer_idx, N - pad, n, 0, n).to(query.device)
+        keep[b, :, pad:, pad:] = reference_mask(plan, plan.model.plan_layer(module.layer_idx), N - pad, n, 0, n).to(query.device)
     mask = keep & allowed
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
     out = (probs @ v).to(query.dtype)

@@ -31,7 +31,7 @@ from .flex_pass import flex_nodes, rewrite_flex_attention
 from .inner import checked_first_call, compile_graph, copy_graph_module
 from .prefill_pass import extend_nodes, rewrite_prefill
 from .nodes import (
-    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, node_layer,
+    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, node_layer, plan_layers,
     padding_mask_input,
 )
 
@@ -72,13 +72,9 @@ def rewrite_attention(
             "graph; is this a decoder model running with attn_implementation='sdpa'? (For a model that "
             "graph-breaks, e.g. one running flex_attention, pass partial_graphs=True.)"
         )
-    layers = [node_layer(n) for n in nodes]
-    found = sorted(layer for layer, _ in layers)
-    if found != list(range(plan.num_layers)):
-        raise ValueError(
-            f"the traced graph has attention calls for layers {found} but the plan has "
-            f"num_layers = {plan.num_layers} (expected one call per layer 0..{plan.num_layers - 1})"
-        )
+    located = [node_layer(n) for n in nodes]
+    planned = plan_layers([layer for layer, _ in located], plan.model, "the traced graph has attention calls")
+    layers = [(p, path) for p, (_, path) in zip(planned, located)]
     check_no_dropout(nodes)
     padding_mask = padding_mask_input(gm.graph)
     report = PassReport(graph_module=gm)

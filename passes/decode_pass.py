@@ -59,8 +59,8 @@ def rewrite_decode(
     ``softcaps``/``windows``: per layer, the model's logit soft-cap and own sliding window
     (tokens), or 0/None.
     """
-    appends = by_layer(append_nodes(gm.graph), "cache_append", plan.num_layers, "decode")
-    attns = by_layer(attention_nodes(gm.graph), "attention", plan.num_layers, "decode")
+    appends = by_layer(append_nodes(gm.graph), "cache_append", plan.model, "decode")
+    attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "decode")
     check_no_dropout([node for node, _ in attns.values()])
     for layer in range(plan.num_layers):  # everything checked before anything changes
         append_args = _append_args(appends[layer][0])

@@ -47,7 +47,7 @@ import torch.fx
 import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.attention / mask_info / unpacked_rows)
 from moa_flex.plan import Plan
 
-from .nodes import PassReport, RewrittenNode, eliminate_dead_code, erase_with_inputs, node_layer
+from .nodes import PassReport, RewrittenNode, eliminate_dead_code, erase_with_inputs, node_layer, plan_layers
 
 FLEX_ATTENTION = torch.ops.higher_order.flex_attention
 DYNAMIC_HORIZON = 1 << 20  # tokens: distances probed when the traced key length is symbolic
@@ -364,12 +364,9 @@ def rewrite_flex_attention(
             f"{e}. (This graph calls flex_attention outside an HF decoder layer; for a model, "
             "moa_flex.compile(model, plan) traces it with attn_implementation='sdpa'.)"
         ) from e
-    found = sorted(c.layer for c in calls)
-    if found != list(range(plan.num_layers)):
-        raise ValueError(
-            f"the traced graph has flex_attention calls for layers {found} but the plan has "
-            f"num_layers = {plan.num_layers} (expected one call per layer 0..{plan.num_layers - 1})"
-        )
+    planned = plan_layers([c.layer for c in calls], plan.model, "the traced graph has flex_attention calls")
+    for c, layer in zip(calls, planned):
+        c.layer = layer
     proven: dict[tuple, MaskSemantics] = {}
     for c in calls:
         _check_node(c)

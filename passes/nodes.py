@@ -179,20 +179,31 @@ def call_args(node: torch.fx.Node, names: tuple[str, ...]) -> tuple:
     return tuple(list(node.args) + [node.kwargs[name] for name in names[len(node.args):]])
 
 
-def by_layer(nodes: list[torch.fx.Node], what: str, num_layers: int, graph: str) -> dict[int, tuple[torch.fx.Node, str]]:
-    """Layer -> (node, module path) for nodes of which each layer must have exactly one;
-    ValueError naming the layers otherwise (``graph``: what graph this is, for the message)."""
+def plan_layers(model_layers: list[int], shape: Any, what: str) -> list[int]:
+    """The plan's layer index of each decoder layer in ``model_layers`` (``shape``: the plan's
+    :class:`~moa_flex.plan.ModelShape`); ValueError unless they are the planned layers, each
+    exactly once (``what``: which calls, for the message)."""
+    wanted = list(shape.layer_indices)
+    if sorted(model_layers) != wanted:
+        covers = (f"num_layers = {shape.num_layers}" if shape.layers is None
+                  else f"decoder layers {wanted} (its attention layers)")
+        raise ValueError(f"{what} for layers {sorted(model_layers)} but the plan has {covers} (expected one call per "
+                         "planned layer)")
+    return [shape.plan_layer(layer) for layer in model_layers]
+
+
+def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str) -> dict[int, tuple[torch.fx.Node, str]]:
+    """Plan layer -> (node, module path) for nodes of which each planned layer must have
+    exactly one (``shape``: the plan's ModelShape); ValueError naming the layers otherwise
+    (``graph``: what graph this is, for the message)."""
     found: dict[int, tuple[torch.fx.Node, str]] = {}
     for node in nodes:
         layer, path = node_layer(node)
         if layer in found:
             raise ValueError(f"{graph} graph: two {what} nodes for layer {layer} ({found[layer][0].name}, {node.name})")
         found[layer] = (node, path)
-    if sorted(found) != list(range(num_layers)):
-        raise ValueError(
-            f"{graph} graph: {what} nodes for layers {sorted(found)}, but the plan has num_layers = {num_layers}"
-        )
-    return found
+    planned = plan_layers(list(found), shape, f"{graph} graph: {what} nodes")
+    return {p: found[m] for p, m in zip(planned, found)}
 
 
 def head_dim(q: torch.fx.Node) -> int:

@@ -53,8 +53,8 @@ def rewrite_prefill(
     if windows is None:
         raise ValueError("a prefill over a MoaCache needs each layer's own sliding window: compile with "
                          "moa_flex.compile(model, plan), or pass config= to moa_flex.backend")
-    extends = by_layer(extend_nodes(gm.graph), "cache_extend", plan.num_layers, "prefill")
-    attns = by_layer(attention_nodes(gm.graph), "attention", plan.num_layers, "prefill")
+    extends = by_layer(extend_nodes(gm.graph), "cache_extend", plan.model, "prefill")
+    attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "prefill")
     check_no_dropout([node for node, _ in attns.values()])
     for layer in range(plan.num_layers):  # everything checked before anything changes
         extend_args = call_args(extends[layer][0], EXTEND_ARGS)

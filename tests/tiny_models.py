@@ -37,6 +37,13 @@ FAMILIES = {
                     "layer_types": lambda layers: ["full_attention"] * layers}),
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
                 {"sliding_window": None, "num_local_experts": 4}),
+    # a hybrid: gated-delta-net linear attention in layers 0 and 2, softmax attention in 1 and 3
+    # (a depth of 2 keeps one of each); MoE feed-forward
+    "qwen3_next": (transformers.Qwen3NextConfig, transformers.Qwen3NextForCausalLM,
+                   {"head_dim": D, "linear_key_head_dim": D, "linear_value_head_dim": D, "linear_num_key_heads": 2,
+                    "linear_num_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+                    "layer_types": lambda layers: ["linear_attention", "full_attention"] * (layers // 2)}),
 }
 EAGER_ONLY = {"gemma2"}  # HF's sdpa refuses soft-capping: the stock model runs eager
 WINDOWED = {"gemma2"}  # layers with a window of the model's own keep the model's mask

@@ -176,8 +176,12 @@ def _check_profilable(model: torch.nn.Module, max_len: int) -> None:
         raise ValueError("profile_model expects model.eval() (no dropout)")
     if getattr(config, "attn_logit_softcapping", None):
         raise ValueError("moa-flex profiling does not support attention logit soft-capping (config.attn_logit_softcapping)")
-    L = ModelShape.from_config(config).num_layers
-    for layer, w in enumerate(model_windows(config, L)):
+    shape = ModelShape.from_config(config)
+    if shape.layers is not None:
+        raise NotImplementedError(
+            f"profiling a hybrid model (softmax attention only in decoder layers {list(shape.layers)}) is not "
+            "supported yet; plans for it can be written by hand or made uniform (Plan.uniform)")
+    for layer, w in enumerate(model_windows(config, shape)):
         if w is not None and w < max_len:
             raise ValueError(f"layer {layer} has its own sliding window of {w} tokens < profiled length {max_len}; "
                              "profiling supports plain causal attention only")

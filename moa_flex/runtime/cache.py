@@ -125,12 +125,18 @@ class MoaCache(Cache):
     Allocated once for the planned length ``planned_length`` (tokens: prompt + new tokens, or
     compile's ``max_length``) with static shapes. ``pads`` [B]: left-pad tokens of each row
     of the prompt; each row is planned for its own ``planned_length - pads[b]`` tokens.
-    ``devices``: one device per layer (layers spread with device_map), or one for all.
+    ``devices``: one device per planned layer (layers spread with device_map), or one for all.
+
+    A hybrid model's cache (the plan names its attention layers, ``plan.model.layers``) holds
+    one layer per decoder layer, as transformers indexes them: a :class:`MoaCacheLayer` for
+    each planned layer, and transformers' own cache layer (built from ``config``, which is then
+    required) for each linear-attention, Mamba or convolution layer, whose state moa-flex
+    leaves to the model. :attr:`moa_layers` lists the planned ones in plan order.
     """
 
     def __init__(self, plan: Plan, batch_size: int, planned_length: int, *, pads: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float32, devices: Sequence[torch.device | str] | torch.device | str = "cpu",
-                 head_dim: int | None = None) -> None:
+                 head_dim: int | None = None, config: Any = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if planned_length < 1:
@@ -148,9 +154,9 @@ class MoaCache(Cache):
         rows = [planned_length - int(p) for p in pads]
         caps = torch.stack([plan.cache_spans(n) for n in rows], dim=1)  # [L, B, G]
         spans = torch.stack([plan.head_spans(n) for n in rows], dim=1)  # [L, B, H]
-        layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dim, dtype, devices[l])
-                  for l in range(plan.num_layers)]
-        super().__init__(layers=layers)
+        self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dim, dtype, devices[l])
+                           for l in range(plan.num_layers)]
+        super().__init__(layers=_model_layers(plan, self.moa_layers, config))
         self.plan = plan
         self.planned_length = planned_length
         self.pads = pads
@@ -165,16 +171,23 @@ class MoaCache(Cache):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of every layer (storage and layout)."""
-        return [t for layer in self.layers
+        return [t for layer in self.moa_layers
                 for t in (layer.keys, layer.values, layer.caps, layer.spans, layer.length, layer.offsets)]
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The conv and recurrent state tensors of a hybrid's non-attention layers (transformers'
+        layers; allocated by the model's first forward over the cache)."""
+        return [t for layer in self.layers if not isinstance(layer, MoaCacheLayer)
+                for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {}))
+                for t in states.values() if isinstance(t, torch.Tensor)]
 
     @property
     def filled(self) -> bool:
-        return all(layer.filled for layer in self.layers)
+        return all(layer.filled for layer in self.moa_layers)
 
     def mark_filled(self, tokens: int) -> None:
         """Called after each forward by moa_flex's forward wrapper (outside any graph)."""
-        for layer in self.layers:
+        for layer in self.moa_layers:
             layer.filled = True
         self.seen_tokens += tokens
 
@@ -197,7 +210,7 @@ class MoaCache(Cache):
 
     def memory_bytes(self) -> int:
         """Bytes of all K and V storage, measured on the tensors."""
-        return sum(layer.memory_bytes() for layer in self.layers)
+        return sum(layer.memory_bytes() for layer in self.moa_layers)
 
     def dense_memory_bytes(self) -> int:
         """Bytes a dense cache of the same batch and planned length would take (K and V)."""
@@ -206,4 +219,23 @@ class MoaCache(Cache):
 
     def slots(self) -> int:
         """Slots allocated per row, summed over layers and groups."""
-        return sum(int(layer.offsets[-1]) for layer in self.layers)
+        return sum(int(layer.offsets[-1]) for layer in self.moa_layers)
+
+
+def _model_layers(plan: Plan, moa_layers: list[MoaCacheLayer], config: Any) -> list[CacheLayerMixin]:
+    """One cache layer per decoder layer: the planned layers' MoA layers, and for a hybrid's
+    other layers the cache layers transformers itself builds for them from ``config``."""
+    shape = plan.model
+    if shape.layers is None:
+        return list(moa_layers)
+    if config is None:
+        raise ValueError(f"the plan covers decoder layers {list(shape.layers)} of {shape.total_layers} (a hybrid): "
+                         "MoaCache needs config= (the model's config) to build the other layers' caches")
+    from transformers.cache_utils import DynamicCache
+
+    own = DynamicCache(config=config).layers  # transformers' layer for each decoder layer, nothing allocated yet
+    if len(own) < shape.total_layers:
+        raise ValueError(f"transformers builds {len(own)} cache layers for this config, the plan expects "
+                         f"{shape.total_layers} decoder layers")
+    planned = dict(zip(shape.layers, moa_layers))
+    return [planned.get(i, own[i]) for i in range(shape.total_layers)]

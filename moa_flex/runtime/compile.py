@@ -74,7 +74,7 @@ def backend(plan: Plan, *, inner: str = "inductor", mode: str | None = None, con
     fn = make_backend(
         plan, runtime.id, inner=inner, mode=mode,
         softcaps=softcaps(config, plan.num_layers) if config else None,
-        windows=model_windows(config, plan.num_layers) if config else None,
+        windows=model_windows(config, plan.model) if config else None,
         partial_graphs=partial_graphs,
     )
     fn.runtime = runtime  # type: ignore[attr-defined]
@@ -153,7 +153,7 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
 
     # may refuse the model: before anything is changed
-    caps, windows = softcaps(config, plan.num_layers), model_windows(config, plan.num_layers)
+    caps, windows = softcaps(config, plan.num_layers), model_windows(config, plan.model)
     impl = getattr(config, "_attn_implementation", None)
     wanted = "sdpa"
     if getattr(config, "attn_logit_softcapping", None):
@@ -184,7 +184,7 @@ def compile(  # noqa: A001  (the verb of the API)
         fuse_linear=fuse_linear,
     )
     if backend == "inductor" and cache_enabled(compile_cache):
-        devices, dtype = layer_placement(model, plan.num_layers)
+        devices, dtype = layer_placement(model, plan.model)
         options = {"mode": mode, "fuse_linear": fuse_linear, "prefill_chunk": prefill_chunk, "max_length": max_length}
         state.compile_cache = CompileCache(artifact_key(config, plan, dtype, devices[0], options))
         if state.compile_cache.load():

@@ -222,7 +222,7 @@ def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) ->
     cache.decode_signature = signature
     cache.step_graph = None
     if state.cudagraphs and cache.decode_steps == 3:  # once per run of same-signature steps, not every step
-        device = graph_device(kwargs, cache.tensors())
+        device = graph_device(kwargs, cache.tensors() + cache.state_tensors())
         if device is not None:
             with dynamo_policy(), state.log.phase("capturing the decode step's CUDA graph"):
                 cache.step_graph, out = StepGraph.capture(state.compiled_decode, kwargs, device)

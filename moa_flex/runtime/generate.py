@@ -117,10 +117,10 @@ def _next_turn(model: torch.nn.Module, state: "CompiledState", cache: Any, input
                          f"the cache the previous output returned), got {type(cache).__name__}")
     if cache.plan is not state.plan and cache.plan != state.plan:
         raise ValueError("the MoaCache was built for another plan than the model's")
-    devices, dtype = layer_placement(model, state.plan.num_layers)
-    if cache.dtype != dtype or [layer.device for layer in cache.layers] != [torch.device(d) for d in devices]:
+    devices, dtype = layer_placement(model, state.plan.model)
+    if cache.dtype != dtype or [layer.device for layer in cache.moa_layers] != [torch.device(d) for d in devices]:
         raise ValueError(f"the MoaCache was built for another model: {cache.dtype} on "
-                         f"{sorted({str(layer.device) for layer in cache.layers})}, the model is {dtype} on "
+                         f"{sorted({str(layer.device) for layer in cache.moa_layers})}, the model is {dtype} on "
                          f"{sorted({str(d) for d in devices})}")
     B, total = inputs.shape
     if cache.batch_size != B:
@@ -160,13 +160,14 @@ def _stop_strings_to_criteria(params: dict, config: Any) -> None:
 
 def _cache_for(model: torch.nn.Module, state: "CompiledState", batch: int, planned: int, pads: torch.Tensor) -> MoaCache:
     """The previous request's cache if its layout matches (reset), else a new one."""
-    devices, dtype = layer_placement(model, state.plan.num_layers)
+    devices, dtype = layer_placement(model, state.plan.model)
     old = state.cache
     if (old is not None and old.plan is state.plan and old.batch_size == batch and old.planned_length == planned
             and torch.equal(old.pads, pads) and old.dtype == dtype
-            and [layer.device for layer in old.layers] == [torch.device(d) for d in devices]):
+            and [layer.device for layer in old.moa_layers] == [torch.device(d) for d in devices]):
         old.reset()
         return old
     state.cache = None  # free the old one before allocating
-    state.cache = MoaCache(state.plan, batch, planned, pads=pads, dtype=dtype, devices=devices)
+    state.cache = MoaCache(state.plan, batch, planned, pads=pads, dtype=dtype, devices=devices,
+                           config=model.config)
     return state.cache

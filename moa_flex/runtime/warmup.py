@@ -40,7 +40,7 @@ def warmup(model: torch.nn.Module, state: Any, batch_size: int = 1, max_length: 
         raise ValueError(f"compile's max_length={planned} leaves no room for a warm-up request "
                          f"(>= {WARMUP_NEW + 2} tokens)")
     prompt = WARMUP_PROMPT if planned is None else min(WARMUP_PROMPT, planned - WARMUP_NEW)
-    devices, _ = layer_placement(model, state.plan.num_layers)
+    devices, _ = layer_placement(model, state.plan.model)
     device = model.get_input_embeddings().weight.device if hasattr(model, "get_input_embeddings") else devices[0]
     vocab = int(model.config.vocab_size)
     ids = torch.randint(1, vocab, (batch_size, prompt), device=device, generator=torch.Generator(device).manual_seed(0))

@@ -1,0 +1,95 @@
+"""Hybrid models: softmax attention in some decoder layers, linear attention (or Mamba,
+convolutions) in the others. The plan rules the attention layers only and names them; the
+MoA cache holds those layers and leaves the others' state to transformers (tiny Qwen3-Next,
+CPU, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moa_flex
+from moa_flex.plan import ModelShape, Plan
+from moa_flex.runtime.cache import MoaCache, MoaCacheLayer
+from reference import planned_logits
+from test_longctx import generate, reference_greedy
+from tiny_models import ids_of, sparse_plan, tiny_model
+
+LAYERS = 4  # linear, attention, linear, attention
+
+
+def test_a_hybrid_plan_rules_its_attention_layers_only(tmp_path) -> None:  # noqa: ANN001
+    config = tiny_model("qwen3_next", layers=LAYERS).config
+    shape = ModelShape.from_config(config)
+    assert (shape.num_layers, shape.layers, shape.total_layers) == (2, (1, 3), LAYERS)
+    assert [shape.plan_layer(i) for i in (1, 3)] == [0, 1]
+    with pytest.raises(ValueError, match="decoder layer 2 is not a planned attention layer"):
+        shape.plan_layer(2)
+    plan = sparse_plan(config, "kv_head")
+    assert tuple(plan.alpha.shape) == (2, shape.num_kv_heads), "rules for the attention layers only"
+    plan.save(tmp_path / "p.json")
+    again = Plan.load(tmp_path / "p.json")
+    assert again.model == shape and again == plan
+    plan.check_model(config)
+    other = tiny_model("qwen3_next", layers=LAYERS, layer_types=["full_attention", "linear_attention"] * 2).config
+    with pytest.raises(ValueError, match=r"plan\.model\.layers = \[1, 3\] but the model has attention layers = \[0, 2\]"):
+        plan.check_model(other)
+
+
+@pytest.mark.parametrize("layers,total,why", [
+    ((1,), None, "come together"), ((2, 1), 4, "increasing"), ((1, 4), 4, "below total_layers"), ((1,), 4, "has 1 entries, expected num_layers = 2"),
+])
+def test_inconsistent_hybrid_layers_are_refused(layers: tuple, total: int | None, why: str) -> None:
+    data = Plan.dense(ModelShape(2, 4, 2, 16)).to_dict()
+    data["model"].update(layers=list(layers), total_layers=total)
+    with pytest.raises(ValueError, match=why):
+        Plan.from_dict(data)
+
+
+def test_the_cache_holds_moa_layers_for_attention_and_transformers_layers_for_the_rest() -> None:
+    model = tiny_model("qwen3_next", layers=LAYERS)
+    plan = sparse_plan(model.config, "kv_head")
+    with pytest.raises(ValueError, match="needs config="):
+        MoaCache(plan, 1, 100)
+    cache = MoaCache(plan, 1, 100, config=model.config)
+    assert len(cache.layers) == LAYERS and cache.moa_layers == [cache.layers[1], cache.layers[3]]
+    assert not any(isinstance(cache.layers[i], MoaCacheLayer) for i in (0, 2))
+    assert cache.memory_bytes() == sum(layer.memory_bytes() for layer in cache.moa_layers)
+
+
+def test_a_hybrid_conversation_in_chunks_equals_the_reference() -> None:
+    """Two turns on a left-padded batch, prefilled in chunks of 48 (the linear layers carry
+    their state from chunk to chunk and turn to turn in transformers' own cache layers): tokens
+    and logits equal step-by-step reference decoding of the whole conversation planned for N."""
+    N = 300
+    model = tiny_model("qwen3_next", layers=LAYERS)
+    plan = sparse_plan(model.config, "head", seed=3)
+    ids = ids_of(150, seed=2)
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    ids[1, :11] = 0
+    dense = planned_logits(model, Plan.dense(model.config), N, ids, mask)
+    assert (planned_logits(model, plan, N, ids, mask) - dense)[0].abs().max() > 1e-3, "the plan really cuts"
+    moa_flex.compile(model, plan, max_length=N, prefill_chunk=48, backend="eager", progress=False)
+    cache = None
+    for turn, user in enumerate((None, 30)):
+        if user is not None:
+            ids = torch.cat([ids, ids_of(user, seed=20 + turn)], 1)
+            mask = torch.cat([mask, torch.ones(2, user, dtype=mask.dtype)], 1)
+        out = generate(model, ids, mask, 8, cache)
+        want_seq, want_logits = reference_greedy(model, plan, N, ids, mask, 8)
+        assert torch.equal(out.sequences, want_seq), f"turn {turn}"
+        assert (torch.stack(out.logits, 1) - want_logits).abs().max() <= 1e-4, f"turn {turn}"
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        assert cache.state_tensors(), "the linear layers' states live in the cache"
+        ids, mask = out.sequences, torch.cat([mask, torch.ones(2, 8, dtype=mask.dtype)], 1)
+
+
+def test_layer_kinds_moa_flex_does_not_plan_are_refused_at_compile() -> None:
+    """A layer type that is neither softmax attention moa-flex models nor a state layer it
+    can leave alone (here: chunked local attention) is refused before anything changes."""
+    model = tiny_model("qwen3_next", layers=2, layer_types=["linear_attention", "chunked_attention"],
+                       attention_chunk_size=64)
+    with pytest.raises(ValueError, match="chunked local attention"):
+        moa_flex.compile(model, Plan.dense(model.config), backend="eager")
+    assert getattr(model, "moa_flex", None) is None
