@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-_ATTN = re.compile(r"(?:layers|\bh|blocks)\.(\d+)\.(?:self_attn|attn|attention|self_attention)$")
+_IN_LAYER = re.compile(r"(?:layers|\bh|blocks|\blayer)\.\d+\.")
+_CROSS = re.compile(r"(?:encoder_attn|crossattention|cross_attn|cross_attention)(?:\.|$)")
+_ATTN = re.compile(r"(?:layers|\bh|blocks|\blayer)\.(\d+)\.(?:self_attn|attn|attention|self_attention)$")
 
 
 def softcaps(config: Any, num_layers: int) -> list[float]:
@@ -74,6 +76,15 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
     if planned is None:
         return [int(window)] * shape.num_layers
     return [int(window) if t == "sliding_attention" else None for t in planned]
+
+
+def bidirectional_attention(model: torch.nn.Module) -> list[str]:
+    """Module paths of self-attention modules in decoder layers that declare ``is_causal = False``
+    (an encoder's bidirectional attention, BERT-style models without ``is_decoder``). Cross-
+    attention modules are not listed: a causal LM built from a decoder stack never runs them."""
+    return [name for name, m in model.named_modules()
+            if getattr(m, "is_causal", None) is False and _IN_LAYER.search(name) and not _CROSS.search(name)
+            and not getattr(m, "is_cross_attention", False)]
 
 
 def layer_placement(model: torch.nn.Module, shape: Any) -> tuple[list[torch.device], torch.dtype]:

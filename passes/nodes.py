@@ -21,7 +21,7 @@ from moa_flex.plan import Plan
 SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 # the decoder-layer list: ``model.layers.7`` (Llama and most), ``transformer.h.7`` (GPT-2 style),
 # ``blocks.7``; Dynamo's module paths may index it as ``layers[7]`` or ``layers['7']``
-_LAYER = re.compile(r"(?:layers|\bh|blocks)(?:\.|\[)'?(\d+)'?\]?")
+_LAYER = re.compile(r"(?:layers|\bh|blocks|\blayer)(?:\.|\[)'?(\d+)'?\]?")
 
 
 @dataclass

@@ -244,3 +244,25 @@ def test_generate_and_uncompile() -> None:
     assert model.forward == original and not hasattr(model, "moa_flex")
     out = model.generate(input_ids=ids_of(8), max_new_tokens=2, do_sample=False)
     assert out.shape == (2, 10)
+
+
+def test_bidirectional_attention_is_refused_at_compile() -> None:
+    """An encoder's causal-LM head without is_decoder attends both ways: refused by name before
+    anything changes (the first-call guard caught it as a 0.49 difference before); with
+    is_decoder=True the same architecture is a causal decoder and compiles."""
+    import transformers
+
+    config = transformers.BertConfig(num_hidden_layers=L, num_attention_heads=H, hidden_size=H * D, intermediate_size=64,
+                                     vocab_size=128, attn_implementation="sdpa")
+    model = transformers.BertLMHeadModel(config).eval()
+    with pytest.raises(ValueError, match=r"bidirectional \(bert\.encoder\.layer\.0\.attention\.self has is_causal=False"):
+        moa_flex.compile(model, Plan.dense(config), **EAGER)
+    assert getattr(model, "moa_flex", None) is None and model.config._attn_implementation == "sdpa"
+    config.is_decoder = True
+    model = transformers.BertLMHeadModel(config).eval()
+    ids = ids_of(40)
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+    moa_flex.compile(model, Plan.dense(config), **EAGER)
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - stock).abs().max() <= 1e-5

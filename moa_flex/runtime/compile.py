@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from moa_flex.architecture import layer_placement, model_windows, softcaps
+from moa_flex.architecture import bidirectional_attention, layer_placement, model_windows, softcaps
 from moa_flex.compat import cache_argument
 from moa_flex.passes.attention_pass import make_backend
 from moa_flex.passes.decode_pass import make_decode_backend
@@ -153,6 +153,13 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
 
     # may refuse the model: before anything is changed
+    bidirectional = bidirectional_attention(model)
+    if bidirectional:
+        raise ValueError(
+            f"{type(model).__name__}'s attention is bidirectional ({bidirectional[0]} has is_causal=False"
+            f"{f', and {len(bidirectional) - 1} more' if len(bidirectional) > 1 else ''}): an encoder, which a MoA plan "
+            "does not model (it rules causal attention). For a causal LM of this architecture load it with "
+            "is_decoder=True.")
     caps, windows = softcaps(config, plan.num_layers), model_windows(config, plan.model)
     impl = getattr(config, "_attn_implementation", None)
     wanted = "sdpa"
