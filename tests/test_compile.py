@@ -266,3 +266,20 @@ def test_bidirectional_attention_is_refused_at_compile() -> None:
     moa_flex.compile(model, Plan.dense(config), **EAGER)
     with torch.no_grad():
         assert (model(input_ids=ids).logits - stock).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type,match", [
+    ("bloom", "computes attention in its own code"),  # ALiBi in its own matmuls: no sdpa call to rewrite
+    ("gpt_oss", "learned attention sinks"),
+])
+def test_attention_moa_flex_cannot_rewrite_is_refused_at_compile(model_type: str, match: str) -> None:
+    import transformers
+
+    from moa_flex.support import tiny_config
+
+    config = tiny_config(model_type)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match=match):
+        moa_flex.compile(model, Plan.dense(config), **EAGER)
+    assert getattr(model, "moa_flex", None) is None and model.config._attn_implementation == before

@@ -153,6 +153,14 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
 
     # may refuse the model: before anything is changed
+    if getattr(model, "_supports_sdpa", True) is False and getattr(model, "_supports_attention_backend", True) is False:
+        raise ValueError(
+            f"{type(model).__name__} computes attention in its own code (transformers marks it as supporting neither "
+            "sdpa nor the attention-function interface), so there is no attention call for moa-flex to rewrite")
+    if getattr(model, "_supports_sdpa", True) is False and _has_learned_sinks(model):
+        raise ValueError(
+            f"{type(model).__name__} adds learned attention sinks to the softmax (transformers runs it without sdpa "
+            "for that reason); moa-flex's attention has no learned sinks yet")
     bidirectional = bidirectional_attention(model)
     if bidirectional:
         raise ValueError(
@@ -207,6 +215,11 @@ def compile(  # noqa: A001  (the verb of the API)
         model.generate = functools.wraps(state.original_generate)(functools.partial(_generate, model, state))
     model.moa_flex = state
     return model
+
+
+def _has_learned_sinks(model: torch.nn.Module) -> bool:
+    """Whether an attention module holds learned sink logits (GPT-OSS's ``sinks``)."""
+    return any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules())
 
 
 def _logged(backend: Callable, log: StartupLog, what: str, inner: str) -> Callable:
