@@ -24,6 +24,9 @@ def softcaps(config: Any, num_layers: int) -> list[float]:
 
 
 MODELED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# layers holding softmax attention and a linear-attention / Mamba state side by side (Falcon-H1,
+# Zamba): planned as the attention type named, their state left to transformers
+WITH_STATE_LAYER_TYPES = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
 # layers without softmax attention (linear attention, Mamba and other state-space layers,
 # convolutions, MLP-only layers): a plan gives them no rules and their state stays transformers'
 STATE_LAYER_TYPES = ("linear_attention", "conv", "mamba", "mlp", "moe", "dummy")
@@ -60,9 +63,17 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
     attention, attention layers of other kinds): the passes would replace the model's mask by
     causal + window and answer wrongly."""
     config = _text_config(config)
+    if getattr(config, "kv_lora_rank", None):
+        raise ValueError(f"{type(config).__name__} uses multi-head latent attention (kv_lora_rank="
+                         f"{config.kv_lora_rank}: one compressed latent per token, shared by all heads, is what the "
+                         "model caches and expands into keys and values at every call); moa-flex's cache keeps each KV "
+                         "head's keys and values and does not model a latent cache")
+    if getattr(config, "num_kv_shared_layers", 0):
+        raise ValueError(f"{type(config).__name__} has num_kv_shared_layers={config.num_kv_shared_layers} (its last "
+                         "layers attend other layers' keys and values), which moa-flex's per-layer cache does not model")
     window = getattr(config, "sliding_window", None)
     types = layer_types(config, shape.model_layers)
-    planned = None if types is None else [types[i] for i in shape.layer_indices]
+    planned = None if types is None else [WITH_STATE_LAYER_TYPES.get(types[i], types[i]) for i in shape.layer_indices]
     if getattr(config, "attention_chunk_size", None) and (planned is None or "chunked_attention" in planned):
         raise ValueError(f"{type(config).__name__} has attention_chunk_size={config.attention_chunk_size} (chunked "
                          "local attention), which moa-flex does not model")
@@ -80,9 +91,12 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
 
 def bidirectional_attention(model: torch.nn.Module) -> list[str]:
     """Module paths of self-attention modules in decoder layers that declare ``is_causal = False``
-    (an encoder's bidirectional attention, BERT-style models without ``is_decoder``). Cross-
-    attention modules are not listed: a causal LM built from a decoder stack never runs them."""
-    return [name for name, m in model.named_modules()
+    (an encoder's bidirectional attention, BERT-style models without ``is_decoder``), looked for
+    in the language model (``get_decoder()``: a vision or audio tower's encoder layers are
+    bidirectional by design). Cross-attention modules are not listed: a causal LM built from a
+    decoder stack never runs them."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return [name for name, m in (decoder if isinstance(decoder, torch.nn.Module) else model).named_modules()
             if getattr(m, "is_causal", None) is False and _IN_LAYER.search(name) and not _CROSS.search(name)
             and not getattr(m, "is_cross_attention", False)]
 

@@ -76,22 +76,48 @@ class ModelShape:
             config = config.get_text_config()
         try:
             num_layers = int(config.num_hidden_layers)
-            num_heads = int(config.num_attention_heads)
+            layers = attention_layers(config, num_layers)
+            planned = layers if layers is not None else range(num_layers)
+            num_heads = int(per_layer_value(config, "num_attention_heads", planned))
         except AttributeError as e:
             raise TypeError(
                 f"config {type(config).__name__} has no num_hidden_layers/num_attention_heads;"
                 " expected a transformers decoder config"
             ) from e
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(config, "head_dim", None)
-        if head_dim is None and getattr(config, "hidden_size", None):
+        num_kv_heads = per_layer_value(config, "num_key_value_heads", planned) or num_heads
+        head_dim = per_layer_value(config, "head_dim", planned, varies_ok=True)
+        if head_dim is VARIES:  # each layer's cache takes its own (MoaCache reads it from the config)
+            head_dim = None
+        elif head_dim is None and getattr(config, "hidden_size", None):
             head_dim = int(config.hidden_size) // num_heads
         name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")
-        layers = attention_layers(config, num_layers)
         if layers is None:
             return cls(num_layers, num_heads, int(num_kv_heads), head_dim, str(name))
         return cls(len(layers), num_heads, int(num_kv_heads), head_dim, str(name), layers=layers,
                    total_layers=num_layers)
+
+
+VARIES = object()  # per_layer_value's answer for a value that differs between layers
+
+
+def per_layer_value(config: Any, name: str, layers: Iterable[int], varies_ok: bool = False) -> Any:
+    """``config.<name>``, or for a config with per-layer values (transformers' heterogeneous
+    configs: Gemma 4, dots3) the planned layers' common value. Where they differ: :data:`VARIES`
+    for ``varies_ok`` (head_dim: each layer's cache takes its own), else TypeError (a plan has
+    one head layout)."""
+    try:
+        return getattr(config, name, None)
+    except RuntimeError as e:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        per_layer = getattr(config, "per_layer_config", None)
+        if per_layer is None:
+            raise
+        values = {i: getattr(per_layer[i], name, None) for i in layers}
+        if len(set(values.values())) == 1:
+            return next(iter(values.values()))
+        if varies_ok:
+            return VARIES
+        raise TypeError(f"{type(config).__name__}'s {name} differs between attention layers ({values}); a moa-flex "
+                        "plan has one head layout for every layer") from e
 
 
 def _ceil_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:

@@ -15,6 +15,17 @@ layer types), the model in fp32 on the CPU, and three checks through
 3. generate: greedy ``generate`` of a left-padded batch is token-exact against the reference's
    argmax at every step, planned for the request's length.
 
+The tiny config (:func:`tiny_config`) sets the :data:`TINY` fields a config has (encoder and decoder
+sizes of encoder-decoder configs, MLA ranks and head parts, ...), and keeps it consistent: fields
+a default config ties stay tied (:data:`TIED`: an MLA head_dim is its rotary part, latent attention
+stays MHA), a feature off stays off (:data:`KEEP_OFF`), sizes a default leaves None are filled
+(:data:`FILL_NONE`), aliases defer to their real field, read-only properties are left alone,
+per-layer overrides (``per_layer_config``) scale with the tiny sizes, token ids stay ints where
+the field takes no None, every sub-config (text / vision / audio) is made tiny alike, and a few
+types take :data:`OVERRIDES` (each with its reason). A causal-LM class taking a sub-config
+(MusicGen's decoder) is built on it. Greedy generate runs with the generation config's logits
+processors (forced EOS, suppressed tokens) off (:data:`GREEDY_OFF`).
+
 Status per type: ``supported`` (all three pass), ``refused`` (moa-flex declines it at compile
 time, with the reason it gives), ``fails`` (a check disagrees, or an error past compile: a
 bug to fix), ``not built`` (no tiny model could be made from the config: the reason).
@@ -23,25 +34,82 @@ bug to fix), ``not built`` (no tiny model could be made from the config: the rea
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import inspect
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-TINY = {  # config fields set when the type's config has them
+TINY = {  # config fields set where the type's config (or one of its sub-configs) has them
     "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "hidden_size": 64, "n_embd": 64, "d_model": 64,
     "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
     "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32, "intermediate_size_mlp": 128, "num_experts": 4, "num_local_experts": 4,
     "n_routed_experts": 4, "num_experts_per_tok": 2, "vocab_size": 128, "max_position_embeddings": 512,
     "n_positions": 512, "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None, "tie_word_embeddings": False,
+    "is_decoder": True,  # an encoder architecture's causal-LM head (BERT family) is a decoder only with it
+    # encoder-decoder configs (the causal LM is the decoder; the encoder shrinks alike)
+    "encoder_layers": 2, "decoder_layers": 2, "num_encoder_layers": 2, "num_decoder_layers": 2,
+    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "num_encoder_attention_heads": 4,
+    "num_decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+    # latent attention (MLA): q/kv low-rank projections, a rotary and a no-rotary part per head
+    "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+    "qk_head_dim": 24,
+    # other size fields: partial rotary, FFN widths under other names, index heads, MoE groups, per-layer inputs
+    "rotary_dim": 8, "ffn_hidden_size": 128, "expert_ffn_hidden_size": 32, "n_group": 1, "topk_group": 1,
+    "num_expert_group": 1, "index_n_heads": 2, "index_num_heads": 2, "index_head_dim": 16,
+    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16, "hidden_size_global": 64,
+    "encoder_hash_byte_group_vocab": 128,
+    # a multimodal adapter maps between two hidden sizes (all tiny: 64)
+    "adapter_in_dim": 64, "adapter_input_size": 64, "adapter_out_dim": 64,
 }
+KEEP_OFF = {  # None or 0 switches a feature off (no q projection rank, full rotary, no groups): kept
+    "q_lora_rank", "rotary_dim", "n_group", "topk_group", "num_expert_group", "vocab_size_per_layer_input",
+    "hidden_size_per_layer_input",
+}
+FILL_NONE = {  # sizes a default config leaves None though its model needs them: set only where None
+    "n_shared_experts": 1, "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
+    "indexer_compress_ratio": 4,
+}
+TIED = {  # field: the field whose tiny value it takes where the default config has the two equal
+    "head_dim": "qk_rope_head_dim",  # MLA configs whose head_dim is the rotary part
+    "num_key_value_heads": "num_attention_heads",  # latent attention expands K/V per query head (MHA stays MHA)
+}
+TIED_IF = {"num_key_value_heads": "kv_lora_rank"}  # a tie applied only where the config has this field too
+TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2}  # where the config's field takes no None
+LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+OVERRIDES: dict[str, dict[str, Any]] = {  # per model type (sub-configs too): what no generic rule derives
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # attention_layers is expanded from this pattern
+    "dots3_note_text": {"head_dim": 32},  # sliding layers: head_dim = their qk_nope_head_dim (24) + qk_rope_head_dim
+    "mamba2": {"head_dim": 32, "n_groups": 1},  # SSM heads: num_heads * head_dim = expand (2) * hidden_size
+    "musicgen_decoder": {"num_codebooks": 1},  # input_ids are (batch x codebooks, length): one codebook, plain ids
+    "musicgen_melody_decoder": {"num_codebooks": 1},
+    "zaya": {"num_experts_per_tok": 1},  # ZAYA validates top-1 routing only
+    "reformer": {"is_decoder": True, "axial_pos_embds_dim": [16, 48], "attn_layers": ["local", "lsh"]},  # its LM
+    # head asserts is_decoder; the axial position embedding parts sum to hidden_size; the layer count is attn_layers
+    "xmod": {"default_language": "en_XX"},  # the forward needs a language for its adapters
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},  # DbrxAttentionConfig has
+    # no rope_theta, and its model clamps by clip_qkv (None fails)
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},  # default layer_types is None
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    # the default's rope_parameters is {} (no entry per layer type)
+}
+NOT_DECODERS = {  # types the matrix cannot check standalone: why
+    "gemma4_assistant": "a draft model: its forward reads the target model's shared KV states",
+    "gemma4_unified_assistant": "a draft model: its forward reads the target model's shared KV states",
+}
+GREEDY_OFF = (  # generation-config logits processors of seq2seq-derived configs (forced EOS at the last step, ...)
+    "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids",
+)
 PROMPT, NEW, BATCH = 40, 4, 2
 DENSE_TOL, SPARSE_TOL = 1e-5, 1e-4
 
@@ -68,48 +136,201 @@ def causal_lm_types() -> list[str]:
 
 
 def tiny_config(model_type: str) -> Any:
-    """A tiny config of ``model_type`` (the fields of :data:`TINY` it has; one layer of each of
-    a hybrid's layer types, at least two layers)."""
+    """A tiny config of ``model_type`` (:func:`_tiny` of its default config)."""
     from transformers import CONFIG_MAPPING
 
+    if model_type in NOT_DECODERS:
+        raise ValueError(NOT_DECODERS[model_type])
     cls = CONFIG_MAPPING[model_type]
-    default = cls()
-    kwargs = {k: v for k, v in TINY.items() if hasattr(default, k)}
-    types = getattr(default, "layer_types", None)
-    if isinstance(types, (list, tuple)) and types:
+    return _tiny(cls, cls())
+
+
+def _tiny(cls: type, default: Any) -> Any:
+    """A tiny ``cls`` from its ``default`` instance: :func:`_tiny_fields`, one layer of each of a hybrid's
+    layer kinds (at least two layers; twice where layers share KV), per-layer overrides scaled alike."""
+    kwargs = _tiny_fields(cls, default)
+    field = getattr(cls, "attribute_map", {}).get("layer_types", "layer_types")  # Zamba's: layers_block_type
+    types = _value(default, field)
+    if _is_kinds(types) and field not in kwargs:
         picked = list(dict.fromkeys(types))  # one layer of each kind, in order of appearance
         picked = (picked * 2)[:max(2, len(picked))]
-        hybrid = {**kwargs, "layer_types": picked}
-        for name in ("num_hidden_layers", "n_layer", "num_layers"):
-            if name in hybrid:
-                hybrid[name] = len(picked)
+        if _value(default, "num_kv_shared_layers"):  # the second half reads the KV of the first
+            picked = picked * 2
+            kwargs["num_kv_shared_layers"] = len(picked) // 2
+        hybrid = {**kwargs, field: picked, **{n: len(picked) for n in LAYER_COUNTS if n in kwargs}}
+        hybrid.update(_tiny_per_layer(default, hybrid, [types.index(t) for t in picked]))
         try:
             return cls(**hybrid)
-        except (TypeError, ValueError, AttributeError):  # layer_types derived by the config itself
-            pass
-    return cls(**kwargs)
+        except (TypeError, ValueError, AttributeError):  # layer kinds derived by the config itself
+            kwargs.pop("num_kv_shared_layers", None)
+    layers = next((kwargs[n] for n in LAYER_COUNTS if n in kwargs), 2)
+    return cls(**kwargs, **_tiny_per_layer(default, kwargs, list(range(layers))))
+
+
+def _tiny_fields(cls: type, default: Any) -> dict[str, Any]:
+    """The tiny fields of ``cls``: the :data:`TINY` ones it has (:data:`KEEP_OFF`, :data:`TIED`,
+    :data:`TOKEN_IDS` applied), :data:`FILL_NONE`, each sub-config made tiny, the type's :data:`OVERRIDES`."""
+    kwargs = {k: _tiny_value(cls, default, k) for k in TINY if _settable(cls, default, k)}
+    kwargs = {k: v for k, v in kwargs.items() if v is not _SKIP and not _shadowed(cls, k, kwargs)}
+    kwargs.update({k: TINY[v] for k, v in TIED.items() if k in kwargs and _tied(default, k, v)})
+    kwargs.update({k: v for k, v in FILL_NONE.items() if _has(default, k) and _value(default, k) is None})
+    kwargs.update({k: _tiny(type(sub), sub) for k, sub in _sub_configs(default).items()})
+    kwargs.update(OVERRIDES.get(getattr(default, "model_type", ""), {}))
+    return kwargs
+
+
+_SKIP = object()  # a TINY field left at the config's default
+
+
+def _shadowed(cls: type, name: str, kwargs: dict[str, Any]) -> bool:
+    """Whether ``name`` is an alias (the config's attribute_map) of a field ``kwargs`` sets by its own name or
+    by an earlier alias (Whisper's num_key_value_heads and num_attention_heads both alias encoder_attention_heads)."""
+    aliases = getattr(cls, "attribute_map", {})
+    real = aliases.get(name)
+    earlier = list(kwargs)[:list(kwargs).index(name)]
+    return real is not None and (real in kwargs or any(aliases.get(k) == real for k in earlier))
+
+
+def _is_kinds(value: Any) -> bool:
+    """Whether ``value`` is a per-layer list of layer kinds (strings)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(t, str) for t in value)
+
+
+def _has(config: Any, name: str) -> bool:
+    """Whether ``config`` has ``name`` (a per-layer attribute of a heterogeneous config counts)."""
+    try:
+        return hasattr(config, name)
+    except RuntimeError:  # transformers refuses a global read of an attribute that varies per layer
+        return True
+
+
+def _value(config: Any, name: str) -> Any:
+    """``config.name`` (None if absent), read globally even where it varies per layer."""
+    read = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    try:
+        return read(name, None) if read else getattr(config, name, None)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _settable(cls: type, default: Any, name: str) -> bool:
+    """``default`` has ``name`` and it is no property of ``cls`` that refuses a value (Falcon's
+    head_dim has no setter; ProphetNet's num_hidden_layers, XLNet's max_position_embeddings raise)."""
+    if not _has(default, name) or _derived(cls, name):
+        return False
+    prop = inspect.getattr_static(cls, name, None)
+    if not isinstance(prop, property):
+        return True
+    try:
+        prop.__set__(copy.copy(default), _value(default, name))
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _derived(cls: type, name: str) -> bool:
+    """Whether ``name`` is an attribute a dataclass config computes itself (no field, no alias: Falcon's
+    num_key_value_heads, from multi_query): setting it would contradict the config."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cls):
+        return False
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return name not in fields and name not in getattr(cls, "attribute_map", {})
+
+
+def _tiny_value(cls: type, default: Any, name: str) -> Any:
+    """TINY's value of ``name`` for ``cls``: :data:`KEEP_OFF` fields stay off where the default has them
+    off, a token id TINY leaves None is a small int where the field takes no None."""
+    value = TINY[name]
+    if name in KEEP_OFF and not _value(default, name):
+        return _SKIP
+    if value is None and name in TOKEN_IDS and not _takes_none(cls, name):
+        return TOKEN_IDS[name]
+    return value
+
+
+def _takes_none(cls: type, name: str) -> bool:
+    """Whether the dataclass field ``name`` of ``cls`` is typed to accept None (untyped: assume so)."""
+    import dataclasses
+    import typing
+
+    fields = {f.name: f.type for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    kind = fields.get(name)
+    return kind is None or isinstance(kind, str) or kind is type(None) or type(None) in typing.get_args(kind)
+
+
+def _tied(default: Any, name: str, source: str) -> bool:
+    """Whether the default config has ``name`` equal to ``source`` (both set; :data:`TIED_IF` there)."""
+    a, b = _value(default, name), _value(default, source)
+    return a is not None and a == b and source in TINY and _has(default, TIED_IF.get(name, source))
+
+
+def _sub_configs(config: Any) -> dict[str, Any]:
+    """The config's sub-configs (text_config, vision_config, ...), by attribute name."""
+    from transformers import PretrainedConfig
+
+    return {k: v for k, v in vars(config).items() if isinstance(v, PretrainedConfig) and not k.startswith("_")}
+
+
+def _tiny_per_layer(default: Any, kwargs: dict[str, Any], source: list[int]) -> dict[str, Any]:
+    """``per_layer_config`` for the tiny layers (``source[i]``: the default layer tiny layer i stands
+    for): that layer's overrides, a tiny field scaled by the override's ratio to the default's global value."""
+    overrides = {int(k): v for k, v in (default.to_dict().get("per_layer_config") or {}).items()}
+    if not overrides:
+        return {}
+    tiny = {}
+    for i, j in enumerate(source):
+        layer = {}
+        for name, v in overrides.get(j, {}).items():
+            base = _value(default, name)
+            scaled = isinstance(kwargs.get(name), int) and isinstance(v, int) and isinstance(base, int) and base > 0
+            layer[name] = max(1, round(kwargs[name] * v / base)) if scaled else v
+        if layer:
+            tiny[i] = layer
+    return {"per_layer_config": tiny}
 
 
 MAX_PARAMETERS = 20_000_000  # a "tiny" model above this kept a size field the tool does not set
 
 
 def _build(model_type: str) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(model_type)
+    """The tiny model of ``model_type`` in fp32, eval mode (its parameters counted first, on the meta device)."""
+    make, config = _causal_lm(tiny_config(model_type))
     with torch.device("meta"):  # count first: a config with an unset size field could fill the memory
-        count = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        count = sum(p.numel() for p in make(config).parameters())
     if count > MAX_PARAMETERS:
         raise ValueError(f"the tiny config still has {count / 1e6:.0f}M parameters (a size field this tool does not "
                          "set)")
     torch.manual_seed(0)
     try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = make(config, attn_implementation="sdpa")
     except (ValueError, ImportError):  # no sdpa: its eager attention (moa_flex.compile switches to sdpa or refuses)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        model = make(config, attn_implementation="eager")
     model.generation_config.eos_token_id = None  # greedy runs its NEW tokens (an EOS would end a row early)
+    for name in GREEDY_OFF:  # greedy is the plain argmax the reference predicts
+        if getattr(model.generation_config, name, None) is not None:
+            setattr(model.generation_config, name, None)
     return model.float().eval()
+
+
+def _causal_lm(config: Any) -> tuple[Callable[..., Any], Any]:
+    """How to build the causal LM of ``config``: AutoModelForCausalLM on it, or, where that fails and the
+    causal-LM class takes one of its sub-configs (MusicGen's decoder), that class on the sub-config."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config, config
+    except (AttributeError, TypeError):
+        wanted = getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "config_class", None)
+        sub = next((c for c in _sub_configs(config).values() if wanted and isinstance(c, wanted)), None)
+        if sub is None:
+            raise
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]._from_config, sub
 
 
 def _ids(vocab: int, length: int, batch: int, seed: int) -> torch.Tensor:
@@ -249,14 +470,14 @@ def markdown(results: Sequence[Result], command: str) -> str:
     counts = {s: sum(r.status == s for r in results) for s in ("supported", "refused", "fails", "not built")}
     lines = [
         "# Support matrix", "",
-        f"Generated by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with "
-        f"transformers {transformers.__version__} and torch {torch.__version__} (CPU, fp32, tiny random configs; "
-        "what each check does: `moa_flex/support.py`).", "",
+        (f"Generated by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with "
+         f"transformers {transformers.__version__} and torch {torch.__version__} (CPU, fp32, tiny random configs; "
+         "what each check does: `moa_flex/support.py`)."), "",
         f"{len(results)} causal-LM model types: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".", "",
-        "- supported: a dense plan equals the stock model (1e-5), a random sparse plan equals the independent "
-        "reference (1e-4), and greedy generate of a left-padded batch is token-exact against the reference.",
-        "- refused: moa-flex declines the type with the reason shown, at compile time or (where marked) at the first "
-        "call, before any result (nothing is rewritten).",
+        ("- supported: a dense plan equals the stock model (1e-5), a random sparse plan equals the independent "
+         "reference (1e-4), and greedy generate of a left-padded batch is token-exact against the reference."),
+        ("- refused: moa-flex declines the type with the reason shown, at compile time or (where marked) at the first "
+         "call, before any result (nothing is rewritten)."),
         "- fails: a check disagrees or an error past compile: an open bug.",
         "- not built: no tiny model could be made from the type's config on the CPU (the reason shown).", "",
         "| model type | status | detail |", "|---|---|---|",

@@ -31,7 +31,7 @@ from .flex_pass import flex_nodes, rewrite_flex_attention
 from .inner import checked_first_call, compile_graph, copy_graph_module
 from .prefill_pass import extend_nodes, rewrite_prefill
 from .nodes import (
-    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, node_layer, plan_layers,
+    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, node_layer, plan_layers, check_heads,
     padding_mask_input,
 )
 
@@ -76,6 +76,8 @@ def rewrite_attention(
     planned = plan_layers([layer for layer, _ in located], plan.model, "the traced graph has attention calls")
     layers = [(p, path) for p, (_, path) in zip(planned, located)]
     check_no_dropout(nodes)
+    for node, (layer, _) in zip(nodes, layers):
+        check_heads(node, plan.model, layer)
     padding_mask = padding_mask_input(gm.graph)
     report = PassReport(graph_module=gm)
     infos: dict[torch.fx.Node, torch.fx.Node] = {}  # one mask_info per mask node, shared by its layers

@@ -27,7 +27,7 @@ from .inner import compile_graph
 from .linear_pass import LinearFusionReport, fuse_linears
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_reads_cache, erase_with_inputs, head_dim,
+    check_heads, check_reads_cache, erase_with_inputs, head_dim,
 )
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
@@ -62,6 +62,8 @@ def rewrite_decode(
     appends = by_layer(append_nodes(gm.graph), "cache_append", plan.model, "decode")
     attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "decode")
     check_no_dropout([node for node, _ in attns.values()])
+    for layer, (node, _) in attns.items():
+        check_heads(node, plan.model, layer)
     for layer in range(plan.num_layers):  # everything checked before anything changes
         append_args = _append_args(appends[layer][0])
         check_reads_cache(attns[layer][0], append_args[3], append_args[4], layer)

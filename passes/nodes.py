@@ -206,6 +206,21 @@ def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str) -> d
     return {p: found[m] for p, m in zip(planned, found)}
 
 
+def check_heads(node: torch.fx.Node, shape: Any, layer: int) -> None:
+    """ValueError unless an attention call's query and key heads are the plan's (``shape``:
+    its ModelShape): a model whose layers differ from its config's head counts (per-layer
+    heads) would otherwise index the plan's rules out of range."""
+    q, k = (a.meta.get("val", a.meta.get("example_value")) if isinstance(a, torch.fx.Node) else None
+            for a in node.args[:2])
+    if q is None or k is None:
+        return
+    # keys come as the KV heads, or expanded to the query heads by HF's repeat_kv
+    if int(q.shape[1]) != shape.num_heads or int(k.shape[1]) not in (shape.num_kv_heads, shape.num_heads):
+        raise ValueError(f"layer {layer}: the attention call has {int(q.shape[1])} query and {int(k.shape[1])} key heads, "
+                         f"the plan {shape.num_heads} and {shape.num_kv_heads} (the config's); moa-flex needs every "
+                         "planned layer to have the config's head counts")
+
+
 def head_dim(q: torch.fx.Node) -> int:
     """The last dimension of a query node's recorded value."""
     val = q.meta.get("val", q.meta.get("example_value"))

@@ -25,7 +25,7 @@ from moa_flex.plan import Plan
 
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_reads_cache, erase_with_inputs,
+    check_heads, check_reads_cache, erase_with_inputs,
     head_dim, padding_mask_input,
 )
 
@@ -56,6 +56,8 @@ def rewrite_prefill(
     extends = by_layer(extend_nodes(gm.graph), "cache_extend", plan.model, "prefill")
     attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "prefill")
     check_no_dropout([node for node, _ in attns.values()])
+    for layer, (node, _) in attns.items():
+        check_heads(node, plan.model, layer)
     for layer in range(plan.num_layers):  # everything checked before anything changes
         extend_args = call_args(extends[layer][0], EXTEND_ARGS)
         check_reads_cache(attns[layer][0], extend_args[3], extend_args[4], layer)

@@ -57,12 +57,27 @@ def test_the_cache_holds_moa_layers_for_attention_and_transformers_layers_for_th
     assert cache.memory_bytes() == sum(layer.memory_bytes() for layer in cache.moa_layers)
 
 
-def test_a_hybrid_conversation_in_chunks_equals_the_reference() -> None:
-    """Two turns on a left-padded batch, prefilled in chunks of 48 (the linear layers carry
-    their state from chunk to chunk and turn to turn in transformers' own cache layers): tokens
-    and logits equal step-by-step reference decoding of the whole conversation planned for N."""
+def hybrid_model(kind: str) -> torch.nn.Module:
+    """Qwen3-Next (linear-attention layers between attention layers) or Falcon-H1 (attention
+    and Mamba side by side in every layer), tiny and random."""
+    if kind == "qwen3_next":
+        return tiny_model("qwen3_next", layers=LAYERS)
+    import transformers
+
+    from moa_flex.support import tiny_config
+
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_next", "falcon_h1"])
+def test_a_hybrid_conversation_in_chunks_equals_the_reference(kind: str) -> None:
+    """Two turns on a left-padded batch, prefilled in chunks of 48 (the linear / Mamba states
+    go from chunk to chunk and turn to turn in transformers' own cache layers, or beside the
+    MoA K/V): tokens and logits equal step-by-step reference decoding of the whole
+    conversation planned for N."""
     N = 300
-    model = tiny_model("qwen3_next", layers=LAYERS)
+    model = hybrid_model(kind)
     plan = sparse_plan(model.config, "head", seed=3)
     ids = ids_of(150, seed=2)
     mask = torch.ones_like(ids)
@@ -93,3 +108,12 @@ def test_layer_kinds_moa_flex_does_not_plan_are_refused_at_compile() -> None:
     with pytest.raises(ValueError, match="chunked local attention"):
         moa_flex.compile(model, Plan.dense(model.config), backend="eager")
     assert getattr(model, "moa_flex", None) is None
+
+
+def test_layers_whose_heads_differ_from_the_config_are_refused() -> None:
+    """Inkling's attention layers run more heads than its config's num_attention_heads: the
+    passes refuse it naming the counts (it once failed with an IndexError in the mask)."""
+    from moa_flex.support import check_type
+
+    r = check_type("inkling_text")
+    assert r.status == "refused" and "query and" in r.detail and "config's head counts" in r.detail

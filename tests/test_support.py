@@ -16,7 +16,7 @@ def test_softmax_decoders_are_supported(model_type: str) -> None:
 
 def test_a_model_without_softmax_attention_is_refused_by_name() -> None:
     r = check_type("mamba")
-    assert r.status == "refused" and "num_attention_heads" in r.detail
+    assert r.status == "refused" and "no softmax-attention layer" in r.detail
 
 
 def test_tiled_kv_heads_are_refused_before_a_wrong_token() -> None:
@@ -53,3 +53,36 @@ def test_markdown_and_cli(tmp_path, capsys) -> None:  # noqa: ANN001
     with pytest.raises(SystemExit):
         main(["--types", "not-a-type"])
     assert "not causal-LM model types" in capsys.readouterr().err
+
+
+def test_tiny_configs_derive_consistent_sizes() -> None:
+    """Encoder-decoder-derived decoders get 2 decoder layers; MLA sizes agree (MHA kept, head_dim the
+    rotary part); a read-only property (Falcon's head_dim) and a per-layer head_dim (Gemma 4) are handled."""
+    bart = tiny_config("bart")
+    assert bart.decoder_layers == bart.encoder_layers == 2 and bart.decoder_attention_heads == 4
+    mla = tiny_config("deepseek_v3")
+    assert mla.num_key_value_heads == mla.num_attention_heads and mla.head_dim == mla.qk_rope_head_dim
+    assert mla.qk_head_dim == mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    assert tiny_config("falcon").hidden_size == 64
+    gemma4 = tiny_config("gemma4_text")
+    assert gemma4.num_hidden_layers == 2 and gemma4.hidden_size_per_layer_input == 16
+
+
+@pytest.mark.parametrize("model_type,words", [
+    ("deepseek_v3", "multi-head latent attention"),  # MLA: a latent cache shared by all heads
+    ("gemma3n_text", "num_kv_shared_layers"),  # layers reading other layers' KV
+    ("dots3_note_text", "differs between attention layers"),  # per-layer head counts
+])
+def test_layouts_the_cache_does_not_model_are_refused_at_compile(model_type: str, words: str) -> None:
+    r = check_type(model_type)
+    assert r.status == "refused" and not r.detail.startswith("(at the first call)") and words in r.detail
+
+
+def test_layers_with_their_own_head_dims_are_supported() -> None:
+    """Gemma 4: sliding layers with head_dim 16, full ones with 32 (tiny); the plan leaves
+    head_dim open and each layer's cache takes its own from the config."""
+    from moa_flex.plan import ModelShape
+
+    assert ModelShape.from_config(tiny_config("gemma4_text")).head_dim is None
+    r = check_type("gemma4_text")
+    assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")

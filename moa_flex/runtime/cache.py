@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from moa_flex.architecture import WITH_STATE_LAYER_TYPES, layer_types
 from moa_flex.kernels.decode import prepare_work
 from moa_flex.plan import Plan
 
@@ -144,9 +145,7 @@ class MoaCache(Cache):
         pads = torch.zeros(batch_size, dtype=torch.long) if pads is None else pads.detach().to("cpu", torch.long)
         if pads.shape != (batch_size,) or bool((pads < 0).any()) or bool((pads >= planned_length).any()):
             raise ValueError(f"pads must be [batch_size={batch_size}] in [0, planned_length), got {pads.tolist()}")
-        head_dim = head_dim or plan.model.head_dim
-        if not head_dim:
-            raise ValueError("the plan has no head_dim; pass head_dim=")
+        head_dims = _head_dims(plan, head_dim, config)
         if isinstance(devices, (str, torch.device)):
             devices = [devices] * plan.num_layers
         if len(devices) != plan.num_layers:
@@ -154,13 +153,13 @@ class MoaCache(Cache):
         rows = [planned_length - int(p) for p in pads]
         caps = torch.stack([plan.cache_spans(n) for n in rows], dim=1)  # [L, B, G]
         spans = torch.stack([plan.head_spans(n) for n in rows], dim=1)  # [L, B, H]
-        self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dim, dtype, devices[l])
+        self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dims[l], dtype, devices[l])
                            for l in range(plan.num_layers)]
         super().__init__(layers=_model_layers(plan, self.moa_layers, config))
         self.plan = plan
         self.planned_length = planned_length
         self.pads = pads
-        self.head_dim = head_dim
+        self.head_dims = head_dims  # per planned layer
         self.dtype = dtype
         self.seen_tokens = 0  # tokens (padded width) run through the model so far; Python-side only
         self.decode_steps = 0  # decode steps in a row with the same call signature (moa_flex.compile)
@@ -175,9 +174,9 @@ class MoaCache(Cache):
                 for t in (layer.keys, layer.values, layer.caps, layer.spans, layer.length, layer.offsets)]
 
     def state_tensors(self) -> list[torch.Tensor]:
-        """The conv and recurrent state tensors of a hybrid's non-attention layers (transformers'
-        layers; allocated by the model's first forward over the cache)."""
-        return [t for layer in self.layers if not isinstance(layer, MoaCacheLayer)
+        """The conv and recurrent state tensors of a hybrid's layers (transformers' own, or beside
+        the MoA K/V in a layer that has both; allocated by the model's first forward over the cache)."""
+        return [t for layer in self.layers
                 for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {}))
                 for t in states.values() if isinstance(t, torch.Tensor)]
 
@@ -215,27 +214,86 @@ class MoaCache(Cache):
     def dense_memory_bytes(self) -> int:
         """Bytes a dense cache of the same batch and planned length would take (K and V)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.plan.num_layers * self.batch_size * self.plan.num_kv_heads * self.planned_length * self.head_dim * elem
+        return 2 * sum(self.head_dims) * self.batch_size * self.plan.num_kv_heads * self.planned_length * elem
 
     def slots(self) -> int:
         """Slots allocated per row, summed over layers and groups."""
         return sum(int(layer.offsets[-1]) for layer in self.moa_layers)
 
 
+def _head_dims(plan: Plan, head_dim: int | None, config: Any) -> list[int]:
+    """Head dim of every planned layer: ``head_dim``, the plan's, or (a config whose layers
+    differ in it, Gemma 4) each layer's own from ``config``."""
+    if head_dim or plan.model.head_dim:
+        return [int(head_dim or plan.model.head_dim)] * plan.num_layers
+    per_layer = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    per_layer = getattr(per_layer, "per_layer_config", None)
+    if per_layer is None:
+        raise ValueError("the plan has no head_dim (its layers differ in it): pass head_dim= or the model's config=")
+    return [int(per_layer[i].head_dim) for i in plan.model.layer_indices]
+
+
+def _with_state(config: Any, num_layers: int) -> bool:
+    """Whether some decoder layer holds attention and a recurrent state side by side."""
+    types = layer_types(config, num_layers) if config is not None else None
+    return bool(types) and any(t in WITH_STATE_LAYER_TYPES for t in types)
+
+
 def _model_layers(plan: Plan, moa_layers: list[MoaCacheLayer], config: Any) -> list[CacheLayerMixin]:
-    """One cache layer per decoder layer: the planned layers' MoA layers, and for a hybrid's
-    other layers the cache layers transformers itself builds for them from ``config``."""
+    """One cache layer per decoder layer: the planned layers' MoA layers (with transformers'
+    conv/recurrent state beside them where the layer has both: such layers replace their entry
+    of ``moa_layers`` in place), and for a hybrid's other layers the cache layers transformers
+    itself builds for them from ``config``."""
     shape = plan.model
-    if shape.layers is None:
+    if shape.layers is None and not _with_state(config, shape.num_layers):
         return list(moa_layers)
     if config is None:
-        raise ValueError(f"the plan covers decoder layers {list(shape.layers)} of {shape.total_layers} (a hybrid): "
-                         "MoaCache needs config= (the model's config) to build the other layers' caches")
-    from transformers.cache_utils import DynamicCache
+        raise ValueError(f"the plan covers decoder layers {list(shape.layer_indices)} of {shape.model_layers} (a "
+                         "hybrid): MoaCache needs config= (the model's config) to build the other layers' caches")
+    from transformers.cache_utils import DynamicCache, LinearAttentionCacheLayerMixin
 
     own = DynamicCache(config=config).layers  # transformers' layer for each decoder layer, nothing allocated yet
-    if len(own) < shape.total_layers:
+    if len(own) < shape.model_layers:
         raise ValueError(f"transformers builds {len(own)} cache layers for this config, the plan expects "
-                         f"{shape.total_layers} decoder layers")
-    planned = dict(zip(shape.layers, moa_layers))
-    return [planned.get(i, own[i]) for i in range(shape.total_layers)]
+                         f"{shape.model_layers} decoder layers")
+    layers: list[CacheLayerMixin] = list(own[:shape.model_layers])
+    for p, i in enumerate(shape.layer_indices):
+        if isinstance(own[i], LinearAttentionCacheLayerMixin):  # attention and a state in one layer
+            moa_layers[p] = _state_layer_class()(moa_layers[p], own[i].number_of_states)
+        layers[i] = moa_layers[p]
+    return layers
+
+
+def _state_layer_class() -> type:
+    """:class:`MoaCacheLayer` with transformers' linear-attention state beside it (a class made
+    on first use: transformers' ``LinearAttentionLayer`` is imported lazily)."""
+    global _STATE_LAYER_CLASS
+    if _STATE_LAYER_CLASS is None:
+        from transformers.cache_utils import LinearAttentionLayer
+
+        class MoaStateCacheLayer(MoaCacheLayer, LinearAttentionLayer):
+            """A planned layer that also holds a linear-attention / Mamba state (``hybrid`` layer
+            types): the MoA K/V of :class:`MoaCacheLayer` and transformers' conv / recurrent states,
+            which the model updates through the state methods it inherits."""
+
+            def __init__(self, moa: MoaCacheLayer, number_of_states: int) -> None:
+                LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+                self.__dict__.update(moa.__dict__)  # the MoA layer's tensors, device and dtype
+                # the token count lives on the layer's device (a decode step's graph adds to it)
+                self.cumulative_length_linear = self.cumulative_length_linear.to(self.device)
+                if not torch.compiler.is_compiling():
+                    torch._dynamo.mark_static_address(self.cumulative_length_linear)
+
+            def lazy_initialization(self, *args: Any, **kwargs: Any) -> None:
+                if kwargs:  # a state's first update (the MoA storage is allocated up front)
+                    LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+            def reset(self) -> None:
+                MoaCacheLayer.reset(self)
+                LinearAttentionLayer.reset(self)
+
+        _STATE_LAYER_CLASS = MoaStateCacheLayer
+    return _STATE_LAYER_CLASS
+
+
+_STATE_LAYER_CLASS: type | None = None

@@ -46,7 +46,7 @@ def _untraceable_named() -> Any:
     one graph (fullgraph), so a model Dynamo cannot trace is one moa-flex cannot compile."""
     try:
         yield
-    except torch._dynamo.exc.Unsupported as e:
+    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:  # UserError: data-dependent control flow
         raise NotImplementedError(
             "moa-flex compiles the model's forward as one graph, and torch.compile (Dynamo) cannot trace this "
             f"model's forward: {' '.join(str(e).split())[:400]}"

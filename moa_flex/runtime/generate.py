@@ -103,7 +103,15 @@ def generate(model: torch.nn.Module, state: "CompiledState", *args: Any, **kwarg
     params.pop("max_length", None)
     params.pop("input_ids", None)
     params["inputs"] = inputs
-    return state.original_generate(**params)
+    try:
+        return state.original_generate(**params)
+    except ValueError as e:
+        if "custom_generate" not in str(e):
+            raise
+        raise NotImplementedError(  # a generate of the model's own (MusicGen's) that validates its keyword arguments
+            f"{type(model).__name__} has a generate() of its own that does not run transformers' custom_generate hook, "
+            "through which moa-flex decodes; call the compiled model's forward with a moa_flex.MoaCache instead"
+        ) from e
 
 
 def _next_turn(model: torch.nn.Module, state: "CompiledState", cache: Any, inputs: torch.Tensor, pads: torch.Tensor,
