@@ -99,6 +99,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {  # per model type (sub-configs too): wh
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},  # DbrxAttentionConfig has
     # no rope_theta, and its model clamps by clip_qkv (None fails)
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},  # default layer_types is None
+    # hybrids whose defaults put no attention layer among the first two (or none at all: pure Mamba)
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     # the default's rope_parameters is {} (no entry per layer type)
 }

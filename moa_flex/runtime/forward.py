@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import warnings
 from typing import Any
 
@@ -47,9 +48,11 @@ def _untraceable_named() -> Any:
     try:
         yield
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:  # UserError: data-dependent control flow
+        raised = re.search(r"raised exception (.+)", str(e))  # the model's own error, met while tracing
+        why = raised.group(1) if raised else " ".join(str(e).split())
         raise NotImplementedError(
             "moa-flex compiles the model's forward as one graph, and torch.compile (Dynamo) cannot trace this "
-            f"model's forward: {' '.join(str(e).split())[:400]}"
+            f"model's forward: {why[:400]}"
         ) from e
 
 
