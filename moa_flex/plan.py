@@ -12,6 +12,7 @@ and query head ``h`` of that group keeps key ``j`` for query ``i`` iff
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -453,6 +454,24 @@ class Plan:
             raise ValueError(f"{folder} {what}: no moa-flex plan travels with this model; make one with "
                              f"`moa-flex compress {folder}` (or moa_flex.compress(model, ...).save_pretrained(folder))")
         return cls.load(path)
+
+    def shard(self, index: int, count: int) -> "Plan":
+        """The plan of shard ``index`` of ``count`` under tensor parallelism (heads split in
+        contiguous slices, as colwise-sharded q/k/v projections split them): the shard's query
+        and KV heads and its groups' rules. ValueError unless the heads split evenly."""
+        _check_int("count", count, 1)
+        if not 0 <= index < count:
+            raise ValueError(f"shard index must be in [0, {count}), got {index}")
+        if self.num_heads % count or self.num_kv_heads % count:
+            raise ValueError(f"a plan of {self.num_heads} query / {self.num_kv_heads} KV heads cannot be split evenly "
+                             f"over {count} tensor-parallel shards")
+        g = self.num_groups // count
+        cols = slice(index * g, (index + 1) * g)
+        shape = dataclasses.replace(self.model, num_heads=self.num_heads // count,
+                                    num_kv_heads=self.num_kv_heads // count)
+        meta = {**copy.deepcopy(self.meta), "shard": [index, count]}
+        return Plan(shape, self.alpha[:, cols].tolist(), self.beta[:, cols].tolist(), granularity=self.granularity,
+                    sink=self.sink, span_multiple=self.span_multiple, min_span=self.min_span, meta=meta)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Plan) and self.to_dict() == other.to_dict()

@@ -32,6 +32,7 @@ from .attention import MoaRuntime
 from .forward import forward as _forward
 from .generate import generate as _generate
 from .compile_cache import CompileCache, artifact_key, cache_enabled
+from .parallel import tensor_parallel_shard
 from .placement import hooked_modules, replace_hooks, restore_hooks
 from .startup_log import StartupLog
 from .state import CompiledState
@@ -140,6 +141,9 @@ def compile(  # noqa: A001  (the verb of the API)
     if getattr(model, "moa_flex", None) is not None:
         raise ValueError("model is already compiled by moa_flex; call moa_flex.uncompile(model) first")
     plan.check_model(config)
+    shard = tensor_parallel_shard(model)  # tp_plan: this rank runs its slice of the heads
+    if shard is not None:
+        plan = plan.shard(*shard)
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be >= 1 tokens, got {max_length}")
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
@@ -186,7 +190,7 @@ def compile(  # noqa: A001  (the verb of the API)
     state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
                           prefill_chunk=prefill_chunk,
                           cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward),
-                          log=log, model_ref=weakref.ref(model), accelerate_hooks=swapped)
+                          log=log, model_ref=weakref.ref(model), accelerate_hooks=swapped, shard=shard)
     if verify:  # the first-call check's dense plan (moa_flex.runtime.verify)
         state.verify_runtime = MoaRuntime(Plan.dense(plan.model), compiled=False)
         state.verify_runtime.planned_length = max_length
@@ -200,7 +204,8 @@ def compile(  # noqa: A001  (the verb of the API)
     )
     if backend == "inductor" and cache_enabled(compile_cache):
         devices, dtype = layer_placement(model, plan.model)
-        options = {"mode": mode, "fuse_linear": fuse_linear, "prefill_chunk": prefill_chunk, "max_length": max_length}
+        options = {"mode": mode, "fuse_linear": fuse_linear, "prefill_chunk": prefill_chunk, "max_length": max_length,
+                   "shard": shard}
         state.compile_cache = CompileCache(artifact_key(config, plan, dtype, devices[0], options))
         if state.compile_cache.load():
             log.say(f"compile cache: loaded {state.compile_cache.loaded_bytes / 2**20:.1f} MiB of compiled code from "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -38,6 +40,7 @@ class CompiledState:
     compile_cache: CompileCache | None = None  # moa-flex's persistent compile cache (None: off)
     verify_runtime: MoaRuntime | None = None  # the dense plan of the first-call check (None: verify=False)
     accelerate_hooks: list = field(default_factory=list)  # accelerate hooks swapped for device moves (placement.py)
+    shard: tuple[int, int] | None = None  # (index, count) of this rank's heads under tensor parallelism (parallel.py)
 
     def save_compiled(self) -> None:
         """Write the compile cache now if this process compiled something new (also done at exit)."""
@@ -56,7 +59,13 @@ class CompiledState:
         holds only the runtime's id). The plan must fit the model; sink may differ."""
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a moa_flex.Plan, got {type(plan).__name__}")
-        plan.check_model(self.plan.model)
+        if self.shard is None:
+            plan.check_model(self.plan.model)
+        else:  # a whole model's plan: this rank runs its heads' share
+            index, count = self.shard
+            plan.check_model(dataclasses.replace(self.plan.model, num_heads=self.plan.num_heads * count,
+                                                 num_kv_heads=self.plan.num_kv_heads * count))
+            plan = plan.shard(index, count)
         self.plan = plan
         self.runtime.set_plan(plan)
         self.cache = None
