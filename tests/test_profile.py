@@ -230,7 +230,7 @@ def reference_profile(model, sample: Sample) -> tuple[torch.Tensor, torch.Tensor
         torch.nn.functional.cross_entropy(logits.double(), sample.answer).backward()
         model.zero_grad(set_to_none=True)
         hists, sinks, Es = [], [], {}
-        for layer in range(L):
+        for layer in sorted(key for key in _CAPTURE if isinstance(key, int)):  # attention layers (a hybrid: some)
             q, k, v, o = (t[0].detach() for t in _CAPTURE[layer])
             do = _CAPTURE[layer][3].grad[0]
             scale = model.model.layers[layer].self_attn.scaling

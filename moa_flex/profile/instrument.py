@@ -27,8 +27,10 @@ PROFILE_ATTENTION = "moa_flex_profile"
 class _Session:
     """Per-sample histogram buffers [L, H, nbins] and [L, H] the attention backward adds to."""
 
-    def __init__(self, L: int, H: int, nbins: int, sink: int, span_multiple: int, impl: str, device: torch.device) -> None:
+    def __init__(self, shape: ModelShape, nbins: int, sink: int, span_multiple: int, impl: str, device: torch.device) -> None:
         self.sink, self.span_multiple, self.nbins, self.impl = sink, span_multiple, nbins, impl
+        self.shape = shape  # a hybrid's attention layers map to plan layers (shape.plan_layer)
+        L, H = shape.num_layers, shape.num_heads
         self.hist = torch.zeros(L, H, nbins, dtype=torch.float64, device=device)
         self.sink_share = torch.zeros(L, H, dtype=torch.float64, device=device)
         self.calls = torch.zeros(L, dtype=torch.long)
@@ -96,7 +98,8 @@ def _profile_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if dropout:
         raise ValueError(f"attention dropout must be 0 while profiling, got {dropout}")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    out = _InfluenceAttention.apply(query, key, value, scale, int(module.layer_idx))
+    layer = _SESSION.shape.plan_layer(int(module.layer_idx)) if _SESSION is not None else int(module.layer_idx)
+    out = _InfluenceAttention.apply(query, key, value, scale, layer)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -177,10 +180,6 @@ def _check_profilable(model: torch.nn.Module, max_len: int) -> None:
     if getattr(config, "attn_logit_softcapping", None):
         raise ValueError("moa-flex profiling does not support attention logit soft-capping (config.attn_logit_softcapping)")
     shape = ModelShape.from_config(config)
-    if shape.layers is not None:
-        raise NotImplementedError(
-            f"profiling a hybrid model (softmax attention only in decoder layers {list(shape.layers)}) is not "
-            "supported yet; plans for it can be written by hand or made uniform (Plan.uniform)")
     for layer, w in enumerate(model_windows(config, shape)):
         if w is not None and w < max_len:
             raise ValueError(f"layer {layer} has its own sliding window of {w} tokens < profiled length {max_len}; "
@@ -200,7 +199,7 @@ def _profile_length(model: torch.nn.Module, samples: Sequence[Sample], N: int, s
     for sample in tqdm(samples, desc=f"N={N} samples", leave=False, disable=not progress):
         if sample.num_tokens > N:
             raise ValueError(f"a sample of {sample.num_tokens} tokens is in the bucket of length {N}")
-        _SESSION = session = _Session(shape.num_layers, shape.num_heads, num_bins(N, span_multiple), sink, span_multiple, impl, device)
+        _SESSION = session = _Session(shape, num_bins(N, span_multiple), sink, span_multiple, impl, device)
         try:
             answer_loss(model, sample).backward()
         finally:

@@ -83,7 +83,7 @@ class Profile:
             fp = model_fingerprint(model)
         else:
             shape = ModelShape.from_config(model)
-        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "layer_indices"):
             mine, theirs = getattr(self.model, name), getattr(shape, name)
             if mine != theirs:
                 raise ValueError(f"profile is for another model: model.{name} is {theirs}, the profile has {mine} "
@@ -98,7 +98,8 @@ class Profile:
         return {
             "format": FORMAT,
             "model": {"num_layers": m.num_layers, "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads,
-                      "head_dim": m.head_dim, "name": m.name},
+                      "head_dim": m.head_dim, "name": m.name,
+                      **({} if m.layers is None else {"layers": list(m.layers), "total_layers": m.total_layers})},
             "sink": self.sink, "span_multiple": self.span_multiple, "lengths": self.lengths,
             "num_samples": {str(n): self.num_samples[n] for n in self.lengths},
             "data_hash": self.data_hash, "fingerprint": self.fingerprint, "dtype": "float64",
@@ -138,7 +139,7 @@ class Profile:
             hist = {N: f.get_tensor(f"hist/{N}") for N in lengths}
             sink_share = {N: f.get_tensor(f"sink/{N}") for N in lengths}
         return cls(
-            ModelShape(**header["model"]), int(header["sink"]), int(header["span_multiple"]), hist, sink_share,
+            _shape(header["model"]), int(header["sink"]), int(header["span_multiple"]), hist, sink_share,
             {int(n): int(c) for n, c in header["num_samples"].items()}, header.get("data_hash", ""),
             header.get("fingerprint", ""), header.get("meta", {}),
         )
@@ -165,3 +166,9 @@ def data_hash(samples: Mapping[int, Sequence[Sample]]) -> str:
                 h.update(part.to(torch.int64).numpy().tobytes())
                 h.update(b"|")
     return h.hexdigest()[:16]
+
+
+def _shape(model: dict) -> ModelShape:
+    """The ModelShape of a profile header (a hybrid's layers as a tuple)."""
+    layers = model.get("layers")
+    return ModelShape(**{**model, "layers": None if layers is None else tuple(layers)})
