@@ -101,6 +101,22 @@ def bidirectional_attention(model: torch.nn.Module) -> list[str]:
             and not getattr(m, "is_cross_attention", False)]
 
 
+def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, int]]:
+    """(decoder layer, its KV heads) for planned attention layers whose module runs another
+    number of KV heads than the config's (``num_key_value_groups`` of HF attention modules:
+    MiMo-V2's sliding layers double them in code)."""
+    found = []
+    for name, module in model.named_modules():
+        m = _ATTN.search(name)
+        groups = getattr(module, "num_key_value_groups", None)
+        if m is None or not isinstance(groups, int) or groups < 1 or int(m.group(1)) not in shape.layer_indices:
+            continue
+        kv = shape.num_heads // groups
+        if kv != shape.num_kv_heads:
+            found.append((int(m.group(1)), kv))
+    return found
+
+
 def layer_placement(model: torch.nn.Module, shape: Any) -> tuple[list[torch.device], torch.dtype]:
     """Device of every planned layer's attention (``shape``: the plan's
     :class:`~moa_flex.plan.ModelShape`; models spread with device_map) and the attention

@@ -42,7 +42,13 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
         n = K - pad  # real tokens of the row (a forward without cache: Q == K)
         keep[b, :, pad:, pad:] = reference_mask(plan, plan.model.plan_layer(module.layer_idx), N - pad, n, 0, n).to(query.device)
     mask = keep & allowed
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sinks = kwargs.get("s_aux")  # learned sink logits [H] (GPT-OSS): one more softmax term, no value
+    if sinks is None:
+        probs = scores.softmax(-1).nan_to_num(0.0)
+    else:
+        col = sinks.double().view(1, -1, 1, 1).expand(B, -1, Q, 1)
+        probs = torch.cat([scores, col], dim=-1).softmax(-1)[..., :-1]
     out = (probs @ v).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 

@@ -31,7 +31,7 @@ from .flex_pass import flex_nodes, rewrite_flex_attention
 from .inner import checked_first_call, compile_graph, copy_graph_module
 from .prefill_pass import extend_nodes, rewrite_prefill
 from .nodes import (
-    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, node_layer, plan_layers, check_heads,
+    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, node_layer, plan_layers, check_heads, sinks_of,
     padding_mask_input,
 )
 
@@ -101,7 +101,7 @@ def rewrite_attention(
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(
                 torch.ops.moa_flex.attention.default,
-                (q, k, v, mask, -1.0 if scale is None else scale, layer, runtime_id, softcap, info),
+                (q, k, v, mask, -1.0 if scale is None else scale, layer, runtime_id, softcap, info, sinks_of(node)),
             )
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
@@ -111,7 +111,8 @@ def rewrite_attention(
             with gm.graph.inserting_after(new):
                 gm.graph.call_function(
                     torch.ops.moa_flex.verify_attention.default,
-                    (q, k, v, mask, -1.0 if scale is None else scale, layer, verify_id, info, node, padding_mask),
+                    (q, k, v, mask, -1.0 if scale is None else scale, layer, verify_id, info, node, padding_mask,
+                     sinks_of(node)),
                 )
         report.rewritten.append(RewrittenNode(layer, new.name, path))
     eliminate_dead_code(gm.graph, roots)

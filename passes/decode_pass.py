@@ -27,7 +27,7 @@ from .inner import compile_graph
 from .linear_pass import LinearFusionReport, fuse_linears
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_heads, check_reads_cache, erase_with_inputs, head_dim,
+    check_heads, check_reads_cache, erase_with_inputs, head_dim, sinks_of,
 )
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
@@ -85,7 +85,8 @@ def rewrite_decode(
             q1 = gm.graph.call_function(torch.ops.aten.select.int, (q, 2, 0))
             out = gm.graph.call_function(
                 torch.ops.moa_flex.ragged_decode.default,
-                (q1, keys, values, offsets, caps, spans, pos, sink, window, scale if isinstance(scale, torch.fx.Node) else float(scale), softcap),
+                (q1, keys, values, offsets, caps, spans, pos, sink, window,
+                 scale if isinstance(scale, torch.fx.Node) else float(scale), softcap, sinks_of(node)),
             )
             new = gm.graph.call_function(torch.ops.aten.unsqueeze.default, (out, 2))
         for n in (pos, q1, out, new):

@@ -16,9 +16,18 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
+import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.sdpa_sinks)
 from moa_flex.plan import Plan
 
-SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+# SDPA calls, and what a model with learned sinks traces instead (SDPA's arguments, then sinks)
+SINK_TARGETS = (torch.ops.moa_flex.sdpa_sinks, torch.ops.moa_flex.sdpa_sinks.default)
+SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
+                *SINK_TARGETS)
+
+
+def sinks_of(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The learned sink logits an attention node carries (``moa_flex::sdpa_sinks``), or None."""
+    return arg(node, 8, "sinks", None) if node.target in SINK_TARGETS else None
 # the decoder-layer list: ``model.layers.7`` (Llama and most), ``transformer.h.7`` (GPT-2 style),
 # ``blocks.7``; Dynamo's module paths may index it as ``layers[7]`` or ``layers['7']``
 _LAYER = re.compile(r"(?:layers|\bh|blocks|\blayer)(?:\.|\[)'?(\d+)'?\]?")

@@ -25,7 +25,7 @@ from moa_flex.plan import Plan
 
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_heads, check_reads_cache, erase_with_inputs,
+    check_heads, check_reads_cache, erase_with_inputs, sinks_of,
     head_dim, padding_mask_input,
 )
 
@@ -90,13 +90,13 @@ def rewrite_prefill(
                 check = graph.call_function(
                     torch.ops.moa_flex.verify_chunk.default,
                     (q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer,
-                     node),
+                     node, sinks_of(node)),
                 )
         with graph.inserting_after(node) if check is None else graph.inserting_after(check):
             new = graph.call_function(
                 torch.ops.moa_flex.chunk_prefill.default,
                 (q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale,
-                 softcap),
+                 softcap, sinks_of(node)),
             )
         # the replaced node's output (same shape): AOTAutograd's cache needs example values on
         # the nodes that tensor methods are called on, and bypasses the graph without them

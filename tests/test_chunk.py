@@ -5,6 +5,7 @@ the Triton kernel (Triton's interpreter on the CPU) equals the twin."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -22,10 +23,11 @@ needs_kernel = pytest.mark.skipif(triton is None or (KERNEL_DEVICE == "cpu" and 
 HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def whole_prompt_attention(q, k, v, pads, spans, sink, window, scale, softcap):  # noqa: ANN001, ANN201
+def whole_prompt_attention(q, k, v, pads, spans, sink, window, scale, softcap, sinks=None):  # noqa: ANN001, ANN201
     """Brute force over the whole prompt, no cache: q [B, H, T, D], k/v [B, G, T, D] at padded
     indices; row b's index t is logical position t - pads[b] (negative: padding, zeros out).
-    Keep rule with each head's span, the model window, soft-capping; float64."""
+    Keep rule with each head's span, the model window, soft-capping, learned sink logits
+    ``sinks`` [H] (a softmax column without a value); float64."""
     B, H, T, _ = q.shape
     G = k.shape[1]
     kk = k.repeat_interleave(H // G, 1).double()
@@ -40,7 +42,12 @@ def whole_prompt_attention(q, k, v, pads, spans, sink, window, scale, softcap): 
     x = scale * (q.double() @ kk.transpose(-1, -2))
     if softcap > 0:
         x = softcap * torch.tanh(x / softcap)
-    return torch.softmax(x.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0) @ vv
+    x = x.masked_fill(~keep, float("-inf"))
+    if sinks is None:
+        return torch.softmax(x, -1).nan_to_num(0.0) @ vv
+    col = sinks.double().view(1, H, 1, 1).expand(B, H, T, 1)
+    out = torch.softmax(torch.cat([x, col], -1), -1)[..., :-1] @ vv
+    return out * (i >= 0)  # padding queries give zeros
 
 
 @st.composite
@@ -113,6 +120,41 @@ def test_chunked_prefill_equals_whole_prompt_attention(lay: dict) -> None:
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
     for b, p in enumerate(lay["pads"]):
         assert not got[b, :, :p].any(), "padding queries give zeros"
+
+
+def layout_sinks(lay: dict) -> torch.Tensor:
+    return torch.randn(lay["H"], generator=torch.Generator().manual_seed(lay["seed"] + 3), dtype=torch.float64) * 3
+
+
+@HYP
+@given(lay=layouts())
+def test_chunked_prefill_with_learned_sinks_equals_whole_prompt_attention(lay: dict) -> None:
+    q, k, v = tensors(lay, torch.float64)
+    sinks = layout_sinks(lay)
+    scale = 1 / math.sqrt(lay["D"])
+    want = whole_prompt_attention(q, k, v, lay["pads"], lay["spans"], lay["sink"], lay["window"], scale, lay["softcap"],
+                                  sinks)
+    got = chunked(lay, q, k, v, functools.partial(chunk_attention_reference, sinks=sinks))
+    for g, w in zip(real_rows(got, lay["pads"]), real_rows(want, lay["pads"])):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@needs_kernel
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lay=layouts())
+def test_kernel_with_learned_sinks_equals_twin(lay: dict) -> None:
+    q, k, v = tensors(lay)
+    sinks = layout_sinks(lay).float()
+
+    def kernel(*args):  # noqa: ANN002, ANN202
+        out = torch.full(args[0].shape[:3] + args[2].shape[3:], float("nan"), device=KERNEL_DEVICE)
+        return chunk_attention_triton(*(a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args),
+                                      out=out, block_q=16, block_n=16, sinks=sinks.to(KERNEL_DEVICE)).cpu()
+
+    got = chunked(dict(lay), q, k, v, kernel)
+    want = chunked(dict(lay), q, k, v, functools.partial(chunk_attention_reference, sinks=sinks))
+    for g, w in zip(real_rows(got, lay["pads"]), real_rows(want, lay["pads"])):
+        assert (g - w).abs().max().item() <= 1e-5
 
 
 @needs_kernel

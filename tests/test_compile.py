@@ -270,7 +270,7 @@ def test_bidirectional_attention_is_refused_at_compile() -> None:
 
 @pytest.mark.parametrize("model_type,match", [
     ("bloom", "computes attention in its own code"),  # ALiBi in its own matmuls: no sdpa call to rewrite
-    ("gpt_oss", "learned attention sinks"),
+    ("mimo_v2_flash", "runs 4 KV heads, the config"),  # sliding layers double their KV heads in code
 ])
 def test_attention_moa_flex_cannot_rewrite_is_refused_at_compile(model_type: str, match: str) -> None:
     import transformers
@@ -283,3 +283,12 @@ def test_attention_moa_flex_cannot_rewrite_is_refused_at_compile(model_type: str
     with pytest.raises(ValueError, match=match):
         moa_flex.compile(model, Plan.dense(config), **EAGER)
     assert getattr(model, "moa_flex", None) is None and model.config._attn_implementation == before
+
+
+def test_learned_sinks_on_the_cpu_need_the_eager_backend() -> None:
+    """Inductor's CPU FlexAttention returns no log-sum-exp, from which the sinks are applied:
+    refused at compile time by name, not failed at the first call."""
+    model = tiny_model("gpt_oss")
+    with pytest.raises(NotImplementedError, match="backend='eager'"):
+        moa_flex.compile(model, Plan.dense(model.config))
+    assert getattr(model, "moa_flex", None) is None

@@ -110,8 +110,9 @@ def cached_positions(cap: int, sink: int, i: int) -> list[int | None]:
     return slots
 
 
-def naive_decode(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap) -> torch.Tensor:  # noqa: ANN001
-    """Per (row, head): the kept cached positions, then softmax attention over them, float64."""
+def naive_decode(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=None) -> torch.Tensor:  # noqa: ANN001
+    """Per (row, head): the kept cached positions, then softmax attention over them, float64
+    (``sinks``: each head's learned logit, one more softmax term without a value)."""
     B, H, _ = q.shape
     G = offsets.numel() - 1
     hpg = H // G
@@ -134,7 +135,10 @@ def naive_decode(q, k, v, offsets, caps, spans, pos, sink, window, scale, softca
             x = scale * (k[b, kept].double() @ q[b, h].double())
             if softcap > 0:
                 x = softcap * torch.tanh(x / softcap)
-            out[b, h] = torch.softmax(x, 0) @ v[b, kept].double()
+            if sinks is not None:
+                x = torch.cat([x, sinks[h].double().view(1)])
+            p = torch.softmax(x, 0)
+            out[b, h] = p[:len(kept)] @ v[b, kept].double()
     return out
 
 
@@ -176,6 +180,35 @@ def test_twin_nothing_kept_is_zero() -> None:
 
 
 # ---------------------------------------------------------------------------------- the kernel
+def lay_sinks(lay: dict, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Learned sink logits [H] for a layout: around the scores' range, some far above it."""
+    gen = torch.Generator().manual_seed(lay.get("seed", 0) + 7)
+    return (torch.randn(lay["G"] * lay["hpg"], generator=gen) * 3).to(dtype)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts())
+def test_twin_with_learned_sinks_matches_cache_simulation(lay: dict) -> None:
+    args = tensors(lay, torch.float64)
+    sinks = lay_sinks(lay)
+    got = ragged_decode_reference(*args, *scalars(lay), sinks=sinks)
+    want = naive_decode(*args, *scalars(lay), sinks=sinks)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernel
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lay=layouts(max_b=2, max_g=2, max_hpg=3, max_width=40, dims=(16, 32)), chunk=st.sampled_from([16, None]))
+def test_kernel_with_learned_sinks_matches_twin(lay: dict, chunk: int | None) -> None:
+    args = tensors(lay, torch.float32, KERNEL_DEVICE)
+    sinks = lay_sinks(lay, torch.float32)
+    out = torch.full((lay["B"], lay["G"] * lay["hpg"], lay["Dv"]), float("nan"), device=KERNEL_DEVICE)
+    ragged_decode_triton(*args, *scalars(lay), out=out, chunk=chunk, block_n=16, sinks=sinks.to(KERNEL_DEVICE))
+    want = ragged_decode_reference(*(a.cpu() for a in args), *scalars(lay), sinks=sinks)
+    assert not out.isnan().any()
+    assert (out.cpu() - want).abs().max().item() <= 1e-5
+
+
 def run_kernel(lay: dict, dtype: torch.dtype, chunk: int | None, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel output (into a NaN-poisoned buffer) and the twin on the same values (float32)."""
     args = tensors(lay, dtype, KERNEL_DEVICE)

@@ -97,6 +97,7 @@ CASES = {  # (model kwargs, granularity, chunk, left pads): chunks dividing the 
     "longer than spans, MHA": ({"kv_heads": 4}, "head", 200, [11, 0]),
     "one chunk": ({}, "kv_head", 512, [0, 7]),
     "model window": ({"family": "mistral", "sliding_window": 120}, "kv_head", 64, [0, 9]),
+    "learned sinks": ({"family": "gpt_oss"}, "head", 48, [0, 6]),
 }
 
 
@@ -160,11 +161,13 @@ def generate(model, ids: torch.Tensor, mask: torch.Tensor, new: int, cache: MoaC
                               return_dict_in_generate=True, output_logits=True, **kw)
 
 
-def test_a_conversation_equals_one_request_planned_for_n() -> None:
+@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+def test_a_conversation_equals_one_request_planned_for_n(family: str) -> None:
     """Three turns on a left-padded batch, prefilled in chunks: each turn's tokens and logits
-    equal step-by-step reference decoding of the whole conversation planned for N."""
+    equal step-by-step reference decoding of the whole conversation planned for N (GPT-OSS:
+    learned sinks in prefill, chunks and decode steps, and windows of its own)."""
     N = 360
-    model = tiny_model()
+    model = tiny_model(family)
     plan = sparse_plan(model.config, "head", seed=8)
     moa_flex.compile(model, plan, max_length=N, prefill_chunk=48, **EAGER)
     ids = ids_of(200, seed=3)

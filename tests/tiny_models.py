@@ -44,9 +44,14 @@ FAMILIES = {
                     "linear_num_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
                     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
                     "layer_types": lambda layers: ["linear_attention", "full_attention"] * (layers // 2)}),
+    # learned attention sinks (a softmax term per head without a value), every other layer a
+    # 128-token window of its own, MoE
+    "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM,
+                {"head_dim": D, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 128,
+                 "layer_types": lambda layers: ["sliding_attention", "full_attention"] * (layers // 2)}),
 }
-EAGER_ONLY = {"gemma2"}  # HF's sdpa refuses soft-capping: the stock model runs eager
-WINDOWED = {"gemma2"}  # layers with a window of the model's own keep the model's mask
+EAGER_ONLY = {"gemma2", "gpt_oss"}  # HF's sdpa refuses soft-capping and learned sinks: the stock model runs eager
+WINDOWED = {"gemma2", "gpt_oss"}  # layers with a window of the model's own keep the model's mask
 
 
 def tiny_model(family: str = "llama", *, layers: int = L, heads: int = H, kv_heads: int = KVH, head_dim: int = D,

@@ -47,6 +47,7 @@ import math
 
 import torch
 
+from .decode import check_sinks, softmax_with_sinks
 from .slot_map import slot_positions
 from .triton_support import FLOAT_DTYPES, interpreting, pow2, tl, triton
 
@@ -111,12 +112,14 @@ def check_chunk_inputs(
 def chunk_attention_reference(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
-    sink: int, window: int, scale: float, softcap: float,
+    sink: int, window: int, scale: float, softcap: float, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The twin: keys of the cache and of the chunk with their logical positions, the keep rule
-    evaluated on every (query, key), float64 softmax. [B, H, C, Dv] in q's dtype."""
+    evaluated on every (query, key), float64 softmax (``sinks`` [H]: learned sink logits, a
+    softmax term with no value). [B, H, C, Dv] in q's dtype."""
     check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap,
                        (*FLOAT_DTYPES, torch.float64))
+    check_sinks(sinks, q.shape[1], q.device)
     B, H, C, _ = q.shape
     G = offsets.shape[0] - 1
     hpg = H // G
@@ -142,7 +145,8 @@ def chunk_attention_reference(
                 x = scale * (q[b, heads, c0:c0 + QUERY_TILE].double() @ keys.T)
                 if softcap > 0:
                     x = softcap * torch.tanh(x / softcap)
-                probs = torch.softmax(x.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
+                probs = softmax_with_sinks(x.masked_fill(~keep, float("-inf")).unsqueeze(0),
+                                           None if sinks is None else sinks[heads])[0]
                 out[b, heads, c0:c0 + QUERY_TILE] = probs @ vals
     return out.to(q.dtype)
 
@@ -195,7 +199,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["C", "sink", "window_lim"])
     def _chunk_kernel(
-        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, offsets_ptr, caps_ptr, spans_ptr, length_ptr, start_ptr, out_ptr,
+        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, offsets_ptr, caps_ptr, spans_ptr, length_ptr, start_ptr, sinks_ptr, out_ptr,
         stride_qb, stride_qh, stride_qc, stride_qd,
         stride_knb, stride_kng, stride_knc, stride_knd,
         stride_vnb, stride_vng, stride_vnc, stride_vnd,
@@ -207,7 +211,7 @@ if triton is not None:
         HPG: tl.constexpr, BLOCK_Q: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        FULL_TILES: tl.constexpr,
+        FULL_TILES: tl.constexpr, HAS_SINKS: tl.constexpr,
     ):
         """One (query block, head, row): the head's queries over the keys its span can keep."""
         qb = tl.program_id(0)
@@ -317,6 +321,9 @@ if triton is not None:
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
                                          i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
                                          D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+        if HAS_SINKS:  # m_i is in log2 units: the head's sink adds exp2(sink log2 e - m) to the denominator
+            m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
+            l_i += tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634 - m_fin)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # nothing kept (padding) -> zeros
         tl.store(out_ptr + b * stride_ob + h.to(tl.int64) * stride_oh + c[:, None].to(tl.int64) * stride_oc
                  + dv[None, :] * stride_od, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
@@ -327,15 +334,17 @@ def chunk_attention_triton(
     offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
     sink: int, window: int, scale: float, softcap: float, *, out: torch.Tensor | None = None,
     block_q: int = BLOCK_Q, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 3,
-    full_tiles: bool = True,
+    full_tiles: bool = True, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton kernel: [B, H, C, Dv] in q's dtype (``out`` written entirely). CUDA tensors
+    """The Triton kernel: [B, H, C, Dv] in q's dtype (``out`` written entirely; ``sinks`` [H]:
+    learned sink logits, as in the twin). CUDA tensors
     run compiled; CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is
     first imported). Reads no tensor value on the host: safe inside a CUDA graph.
     ``full_tiles=False`` masks every tile (the same result; for tests and the benchmark)."""
     if triton is None:
         raise RuntimeError("chunk_attention_triton needs triton (pip install 'moa-flex[dev]')")
     check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap)
+    check_sinks(sinks, q.shape[1], q.device)
     if q.device.type == "cpu" and not interpreting():
         raise RuntimeError("chunk_attention_triton on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
                            "before triton is first imported")
@@ -355,14 +364,14 @@ def chunk_attention_triton(
     interp = interpreting()
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _chunk_kernel[(triton.cdiv(C, block_q), H, B)](
-            q, k_new, v_new, k, v, offsets, caps, spans, length, start, out,
+            q, k_new, v_new, k, v, offsets, caps, spans, length, start, length if sinks is None else sinks, out,
             *q.stride(), *k_new.stride(), *v_new.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(),
             *out.stride(),
             C, sink, window if window > 0 else 2**31 - 1, float(scale) * (1.0 if softcap > 0 else LOG2E),
             float(softcap) if softcap > 0 else 1.0,
             HPG=H // G, BLOCK_Q=block_q, D=D, D_PAD=pow2(D, 16), DV=Dv, DV_PAD=pow2(Dv, 16),
             BLOCK_N=block_n, HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32,
-            FULL_TILES=full_tiles,
+            FULL_TILES=full_tiles, HAS_SINKS=sinks is not None,
             num_warps=num_warps or (8 if block_q >= 128 else 4), num_stages=num_stages,
         )
     return out

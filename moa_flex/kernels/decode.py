@@ -163,14 +163,16 @@ def ragged_decode_reference(
     window: int,
     scale: float,
     softcap: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The obviously-right twin: every slot's logical position and keep flag, float64 softmax.
 
-    q [B, H, D], k [B, S, D], v [B, S, Dv] -> [B, H, Dv] in q's dtype. Also checks values
-    (offsets, caps, spans, pos), which reads them; accepts float64 too. Memory: O(B * H * S)
-    float64.
+    q [B, H, D], k [B, S, D], v [B, S, Dv] -> [B, H, Dv] in q's dtype. ``sinks`` [H]: learned
+    sink logits, each a softmax term with no value (GPT-OSS). Also checks values (offsets,
+    caps, spans, pos), which reads them; accepts float64 too. Memory: O(B * H * S) float64.
     """
     check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, (*FLOAT_DTYPES, torch.float64))
+    check_sinks(sinks, q.shape[1], q.device)
     check_decode_values(k, offsets, caps, spans, pos)
     B, H, _ = q.shape
     S, G = k.shape[1], offsets.shape[0] - 1
@@ -194,8 +196,29 @@ def ragged_decode_reference(
     if softcap > 0:
         x = softcap * torch.tanh(x / softcap)
     x = x.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(x, dim=-1).nan_to_num(0.0)  # rows with nothing kept -> zeros
+    probs = softmax_with_sinks(x, sinks)
     return torch.einsum("bhs,bsd->bhd", probs, v.double()).to(q.dtype)
+
+
+def check_sinks(sinks: torch.Tensor | None, H: int, device: torch.device) -> None:
+    """ValueError unless ``sinks`` is None or a float tensor [H] on ``device``."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor) or sinks.shape != (H,) or not sinks.is_floating_point():
+        raise ValueError(f"sinks must be a float tensor [H] = [{H}] (a learned logit per query head), got "
+                         f"{getattr(sinks, 'shape', sinks)!r}")
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
+
+
+def softmax_with_sinks(x: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis of float64 scores ``x`` [B, H, ..., K] (-inf: not kept), with
+    each head's learned sink logit as one more term that has no value; rows with nothing kept
+    (and no sink) give zeros."""
+    if sinks is None:
+        return torch.softmax(x, dim=-1).nan_to_num(0.0)
+    col = sinks.double().view(1, -1, *([1] * (x.dim() - 2))).expand(*x.shape[:-1], 1)
+    return torch.softmax(torch.cat([x, col], dim=-1), dim=-1)[..., :-1]
 
 
 # ---------------------------------------------------------------------------------- work list
@@ -445,11 +468,12 @@ if triton is not None:
 
     @triton.jit
     def _decode_combine_kernel(
-        m_ptr, l_ptr, acc_ptr, group_items_ptr, out_ptr,
+        m_ptr, l_ptr, acc_ptr, group_items_ptr, sinks_ptr, out_ptr,
         stride_ob, stride_oh, stride_od, n_items,
-        HPG: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+        HPG: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SINKS: tl.constexpr,
     ):
-        """One (head, row): merge the partial (max, sum, acc) of the group's chunks."""
+        """One (head, row): merge the partial (max, sum, acc) of the group's chunks; with
+        ``HAS_SINKS``, the head's learned sink adds exp(sink) to the denominator."""
         h = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         g = h // HPG
@@ -476,6 +500,8 @@ if triton is not None:
             part = tl.load(acc_ptr + row[:, None] * DV_PAD + dv[None, :], mask=ok[:, None], other=0.0)
             acc += w[:, None] * part
         total = tl.sum(l_run, 0)
+        if HAS_SINKS:  # m is in log2 units: the sink's term is exp2(sink log2 e - m)
+            total += tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634 - m_safe)
         o = tl.sum(acc, 0) / tl.where(total > 0, total, 1.0)  # nothing kept -> zeros
         tl.store(out_ptr + b * stride_ob + h * stride_oh + dv * stride_od, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
@@ -498,8 +524,10 @@ def ragged_decode_triton(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype).
+    """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype);
+    ``sinks`` [H]: learned sink logits (as in the twin).
 
     ``chunk`` (slots per work item; default: :func:`auto_work_list`, from the allocation, the
     batch and the GPU's SM count) and
@@ -511,6 +539,7 @@ def ragged_decode_triton(
     if triton is None:
         raise RuntimeError("ragged_decode_triton needs triton (pip install 'moa-flex[dev]')")
     check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+    check_sinks(sinks, q.shape[1], q.device)
     if q.device.type == "cpu" and not interpreting():
         raise RuntimeError(
             "ragged_decode_triton on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
@@ -552,8 +581,8 @@ def ragged_decode_triton(
             num_warps=num_warps, num_stages=num_stages,
         )
         _decode_combine_kernel[(H, B)](
-            m, l, acc, wl.group_items, out, *out.stride(), wl.n_items,
+            m, l, acc, wl.group_items, m if sinks is None else sinks, out, *out.stride(), wl.n_items,
             HPG=hpg, DV=Dv, DV_PAD=dv_pad, BLOCK_C=min(64, pow2(wl.max_items_per_group, 16)),
-            num_warps=4,
+            HAS_SINKS=sinks is not None, num_warps=4,
         )
     return out

@@ -27,6 +27,11 @@ from typing import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+try:  # FlexAttention's auxiliary outputs (torch >= 2.9); older torch has return_lse only
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # pragma: no cover - depends on the torch version
+    AuxRequest = None
+
 from moa_flex.masks import allowed_from_mask, block_mask_from_spans, padding_info
 from moa_flex.plan import Plan
 
@@ -166,9 +171,11 @@ class MoaRuntime:
 
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-        scale: float, layer: int, softcap: float, info: torch.Tensor | None = None,
+        scale: float, layer: int, softcap: float, info: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sparse attention of one layer: q [B, H, Q, D], k/v [B, KVH, K, D] -> [B, H, Q, Dv]."""
+        """Sparse attention of one layer: q [B, H, Q, D], k/v [B, KVH, K, D] -> [B, H, Q, Dv].
+        ``sinks`` [H]: learned sink logits (GPT-OSS), one more term ``exp(sink)`` in each
+        softmax's denominator: the output times ``sigmoid(lse - sink)``."""
         q_len, kv_len = q.shape[2], k.shape[2]
         if q_len != kv_len and self.planned_length is None:
             raise NotImplementedError(
@@ -189,31 +196,38 @@ class MoaRuntime:
         flex = compiled_flex_attention() if self.compiled else eager_flex_attention
         kwargs = dict(score_mod=softcap_score_mod(softcap) if softcap > 0 else None,
                       scale=scale if scale > 0 else 1.0 / math.sqrt(q.shape[-1]), enable_gqa=k.shape[1] != q.shape[1])
-        shape = (tuple(q.shape[:2]), step, tuple(k.shape), q.dtype, q.device, softcap > 0)
+        if sinks is not None:  # the log-sum-exp comes back beside the output
+            kwargs.update({"return_aux": AuxRequest(lse=True)} if AuxRequest is not None else {"return_lse": True})
+        shape = (tuple(q.shape[:2]), step, tuple(k.shape), q.dtype, q.device, softcap > 0, sinks is not None)
         first = self.compiled and self.log is not None and shape not in _flex_shapes
         _flex_shapes.add(shape)
         phase = self.log.phase(f"compiling FlexAttention for {padded}-key calls") if first else contextlib.nullcontext()
         outs = []
         with phase:
             outs.append(self._flex_rows(flex, q, k, v, 0, step, layer, q_len, kv_len, attn_mask, planned, padded, info,
-                                        kwargs))
+                                        kwargs, sinks))
         if first:
             self.log.compiles += 1
         for r0 in range(step, rows, step):
             outs.append(self._flex_rows(flex, q, k, v, r0, step, layer, q_len, kv_len, attn_mask, planned, padded, info,
-                                        kwargs))
+                                        kwargs, sinks))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out[:, :, :q_len]
 
     def _flex_rows(self, flex: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r0: int, step: int,
                    layer: int, q_len: int, kv_len: int, attn_mask: torch.Tensor | None, planned: int, padded: int,
-                   info: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
-        """One FlexAttention call: padded query rows [r0, r0 + step) over all keys."""
+                   info: torch.Tensor | None, kwargs: dict, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """One FlexAttention call: padded query rows [r0, r0 + step) over all keys (``sinks``:
+        learned sink logits [H], applied from the call's log-sum-exp)."""
         qc = q[:, :, r0:r0 + step]
         if qc.shape[2] < step:
             qc = torch.nn.functional.pad(qc, (0, 0, 0, step - qc.shape[2]))
         bm = self.block_mask(layer, q_len, kv_len, attn_mask, q.device, planned, padded, info, rows=(r0, r0 + step))
-        return flex(qc, k, v, block_mask=bm, **kwargs)
+        if sinks is None:
+            return flex(qc, k, v, block_mask=bm, **kwargs)
+        out, aux = flex(qc, k, v, block_mask=bm, **kwargs)
+        lse = aux.lse if AuxRequest is not None else aux  # [B, H, rows], natural log
+        return out * torch.sigmoid(lse.float() - sinks.view(1, -1, 1).float())[..., None].to(out.dtype)
 
 
 def length_bucket(n: int, block: int = 128, steps_per_octave: int = 4) -> int:

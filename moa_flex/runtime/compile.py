@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from moa_flex.architecture import bidirectional_attention, layer_placement, model_windows, softcaps
+from moa_flex.architecture import bidirectional_attention, kv_head_mismatches, layer_placement, model_windows, softcaps
 from moa_flex.compat import cache_argument
 from moa_flex.passes.attention_pass import make_backend
 from moa_flex.passes.decode_pass import make_decode_backend
@@ -43,13 +43,22 @@ DEFAULT_PREFILL_CHUNK = 16384  # tokens; bench/longctx.py --chunks measured it (
 
 def _traced_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """What a soft-capping model (Gemma 2) traces instead of HF's sdpa, which refuses softcap:
-    HF's SDPA call without the cap. The pass rewrites every such call into moa-flex attention
-    with the cap taken from the config, so the uncapped SDPA never runs."""
+    """What a model whose attention SDPA cannot run traces instead of HF's sdpa. Soft-capping
+    (Gemma 2): HF's SDPA call without the cap; the pass rewrites every such call into moa-flex
+    attention with the cap taken from the config, so the uncapped SDPA never runs. Learned
+    sinks (GPT-OSS, ``s_aux``): ``moa_flex::sdpa_sinks``, SDPA's arguments plus the sinks,
+    which the pass hands to moa-flex attention."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kwargs.pop("softcap", None)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    sinks = kwargs.pop("s_aux", None)
+    if sinks is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    mask = None if attention_mask is None else attention_mask[:, :, :, :key.shape[-2]]
+    causal = mask is None and query.shape[2] > 1
+    out = torch.ops.moa_flex.sdpa_sinks(query, key, value, mask, float(kwargs.get("dropout", 0.0)), causal,
+                                        kwargs.get("scaling"), key.shape[1] != query.shape[1], sinks)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _register_traced_attention() -> None:
@@ -161,10 +170,11 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError(
             f"{type(model).__name__} computes attention in its own code (transformers marks it as supporting neither "
             "sdpa nor the attention-function interface), so there is no attention call for moa-flex to rewrite")
-    if getattr(model, "_supports_sdpa", True) is False and _has_learned_sinks(model):
-        raise ValueError(
-            f"{type(model).__name__} adds learned attention sinks to the softmax (transformers runs it without sdpa "
-            "for that reason); moa-flex's attention has no learned sinks yet")
+    mismatched = kv_head_mismatches(model, plan.model)
+    if mismatched:
+        layer, kv = mismatched[0]
+        raise ValueError(f"decoder layer {layer} of {type(model).__name__} runs {kv} KV heads, the config (and the "
+                         f"plan) {plan.num_kv_heads}: a plan has one head layout for every layer")
     bidirectional = bidirectional_attention(model)
     if bidirectional:
         raise ValueError(
@@ -175,7 +185,13 @@ def compile(  # noqa: A001  (the verb of the API)
     caps, windows = softcaps(config, plan.num_layers), model_windows(config, plan.model)
     impl = getattr(config, "_attn_implementation", None)
     wanted = "sdpa"
-    if getattr(config, "attn_logit_softcapping", None):
+    sinks = _has_learned_sinks(model)
+    if sinks and backend == "inductor" and next(model.parameters()).device.type == "cpu":
+        raise NotImplementedError(
+            f"{type(model).__name__} has learned attention sinks, which moa-flex applies from FlexAttention's "
+            "log-sum-exp; inductor's CPU FlexAttention does not return it (torch 2.13): on the CPU compile with "
+            "backend='eager', or run the model on a GPU")
+    if getattr(config, "attn_logit_softcapping", None) or sinks:
         _register_traced_attention()
         wanted = TRACED_ATTENTION
     # accelerate's device_map: refused if it offloads (checked before anything changes), else its

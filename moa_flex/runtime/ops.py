@@ -9,6 +9,7 @@ the pure-torch implementations (CPU, and the oracles of the tests) or to the Tri
 op                                     implementation
 =====================================  ==========================================================
 ``moa_flex::attention``                :class:`moa_flex.runtime.attention.MoaRuntime` (FlexAttention)
+``moa_flex::sdpa_sinks``               here: SDPA with learned sinks, what sink models trace (dense, the check's reference)
 ``moa_flex::mask_info``                :func:`moa_flex.masks.padding_info`
 ``moa_flex::cache_extend``             :func:`moa_flex.runtime.slots.cache_extend_reference`
 ``moa_flex::cache_append``             :mod:`moa_flex.kernels.append` / :func:`~moa_flex.runtime.slots.cache_append_reference`
@@ -54,18 +55,50 @@ def _device_error(op: str, device: torch.device) -> ValueError:
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
     scale: float, layer: int, runtime_id: int, softcap: float, info: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """moa-flex attention of ``layer`` under the plan of runtime ``runtime_id``: q [B, H, Q, D],
     k/v [B, KVH, K, D] -> [B, H, Q, Dv]; ``info`` is ``mask_info(attn_mask)`` when the graph
-    computed it."""
+    computed it; ``sinks`` [H]: learned sink logits (GPT-OSS)."""
     runtime = RUNTIMES.get(runtime_id)
     if runtime is None:
         raise RuntimeError(f"moa-flex runtime {runtime_id} is gone (model uncompiled?); compile the model again")
-    return runtime.attention(q, k, v, attn_mask, scale, layer, softcap, info).contiguous()
+    return runtime.attention(q, k, v, attn_mask, scale, layer, softcap, info, sinks).contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, scale, layer, runtime_id, softcap, info=None):  # noqa: ANN001, ANN202
+def _(q, k, v, attn_mask, scale, layer, runtime_id, softcap, info=None, sinks=None):  # noqa: ANN001, ANN202
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("moa_flex::sdpa_sinks", mutates_args=())
+def sdpa_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
+    is_causal: bool, scale: float | None, enable_gqa: bool, sinks: torch.Tensor,
+) -> torch.Tensor:
+    """What a model with learned attention sinks (GPT-OSS) traces in place of SDPA: SDPA's
+    arguments in SDPA's order, plus ``sinks`` [H], each head's learned logit as one more softmax
+    term without a value, as transformers' eager attention computes it (dense scores, fp32;
+    the passes replace it by moa-flex attention, so it runs only as the first-call check's
+    reference)."""
+    if dropout_p:
+        raise ValueError("moa_flex::sdpa_sinks runs inference only (dropout_p must be 0)")
+    B, H, Q, _ = q.shape
+    if k.shape[1] != H:
+        k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
+    x = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if is_causal:
+        x = x.masked_fill(~torch.ones(Q, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - Q),
+                          float("-inf"))
+    if attn_mask is not None:
+        x = x.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else x + attn_mask.float()
+    col = sinks.float().view(1, H, 1, 1).expand(B, H, Q, 1)
+    probs = torch.softmax(torch.cat([x, col], dim=-1), dim=-1)[..., :-1]
+    return (probs @ v.float()).to(q.dtype)
+
+
+@sdpa_sinks.register_fake
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, sinks):  # noqa: ANN001, ANN202
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -134,17 +167,19 @@ def _(keys, values, length, k_new, v_new, spans, caps, offsets, sink):  # noqa: 
 def ragged_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, caps: torch.Tensor,
     spans: torch.Tensor, pos: torch.Tensor, sink: int, window: int, scale: float, softcap: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Ragged MoA decode: q [B, H, D] -> [B, H, Dv]. CUDA: Triton; CPU: the twin."""
+    """Ragged MoA decode: q [B, H, D] -> [B, H, Dv] (``sinks`` [H]: learned sink logits).
+    CUDA: Triton; CPU: the twin."""
     if q.device.type == "cuda":
-        return ragged_decode_triton(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+        return ragged_decode_triton(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=sinks)
     if q.device.type == "cpu":
-        return ragged_decode_reference(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+        return ragged_decode_reference(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks)
     raise _device_error("ragged_decode", q.device)
 
 
 @ragged_decode.register_fake
-def _(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap):  # noqa: ANN001, ANN202
+def _(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=None):  # noqa: ANN001, ANN202
     check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
 
@@ -153,19 +188,20 @@ def _(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap):  # noqa
 def chunk_prefill(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     length: torch.Tensor, chunk_pads: torch.Tensor, spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor,
-    sink: int, window: int, scale: float, softcap: float,
+    sink: int, window: int, scale: float, softcap: float, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One prefill chunk of a layer: its queries q [B, H, C, D] over the cache as the chunks
     before left it plus the chunk's own keys (-> [B, H, C, Dv]), then the chunk's write into
     the cache (``cache_extend``). One op, so the write can never be ordered before the read.
-    ``chunk_pads`` [B]: the chunk's leading left padding per row. CUDA: Triton; CPU: the twin."""
+    ``chunk_pads`` [B]: the chunk's leading left padding per row; ``sinks`` [H]: learned sink
+    logits. CUDA: Triton; CPU: the twin."""
     start = chunk_start(length, chunk_pads)
     if q.device.type == "cuda":
         out = chunk_attention_triton(q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink, window,
-                                     scale, softcap)
+                                     scale, softcap, sinks=sinks)
     elif q.device.type == "cpu":
         out = chunk_attention_reference(q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink,
-                                        window, scale, softcap)
+                                        window, scale, softcap, sinks)
     else:
         raise _device_error("chunk_prefill", q.device)
     cache_extend_reference(keys, values, length, k_new, v_new, start, caps, offsets, sink)
@@ -173,7 +209,8 @@ def chunk_prefill(
 
 
 @chunk_prefill.register_fake
-def _(q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale, softcap):  # noqa: ANN001, ANN202
+def _(q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale, softcap,  # noqa: ANN001, ANN202
+      sinks=None):
     check_chunk_inputs(q, k_new, v_new, keys, values, offsets, caps, spans, length, length, sink, window, scale, softcap)
     return q.new_empty(*q.shape[:3], v_new.shape[3])
 
@@ -186,6 +223,7 @@ DENSE_SPAN = 2**30  # tokens: a span that keeps every key
 def verify_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float, layer: int,
     runtime_id: int, info: torch.Tensor | None, want: torch.Tensor, padding: torch.Tensor | None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """The first-call check of a plain forward's layer (:mod:`moa_flex.runtime.verify`):
     ``moa_flex::attention`` under runtime ``runtime_id`` (a dense plan), without soft-cap,
@@ -193,13 +231,13 @@ def verify_attention(
     (real query rows: its last Q columns), or None."""
     if too_large(layer, q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
         return
-    got = RUNTIMES[runtime_id].attention(q, k, v, attn_mask, scale, layer, 0.0, info)
+    got = RUNTIMES[runtime_id].attention(q, k, v, attn_mask, scale, layer, 0.0, info, sinks)
     real = None if padding is None else padding[:, -q.shape[2]:]
     check_close(got, want, real, layer, "moa_flex::attention")
 
 
 @verify_attention.register_fake
-def _(q, k, v, attn_mask, scale, layer, runtime_id, info, want, padding):  # noqa: ANN001, ANN202
+def _(q, k, v, attn_mask, scale, layer, runtime_id, info, want, padding, sinks=None):  # noqa: ANN001, ANN202
     return None
 
 
@@ -207,7 +245,7 @@ def _(q, k, v, attn_mask, scale, layer, runtime_id, info, want, padding):  # noq
 def verify_chunk(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     length: torch.Tensor, chunk_pads: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
-    window: int, scale: float, layer: int, want: torch.Tensor,
+    window: int, scale: float, layer: int, want: torch.Tensor, sinks: torch.Tensor | None = None,
 ) -> None:
     """The first-call check of a prefill chunk's layer: when the cache is empty (the first
     chunk), the chunk attention with dense spans, without soft-cap, against ``want``, the
@@ -221,13 +259,15 @@ def verify_chunk(
     start = chunk_start(length, chunk_pads)
     spans = torch.full((q.shape[0], q.shape[1]), DENSE_SPAN, dtype=torch.int32, device=q.device)
     args = (q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink, window, scale, 0.0)
-    got = chunk_attention_triton(*args) if q.device.type == "cuda" else chunk_attention_reference(*args)
+    got = (chunk_attention_triton(*args, sinks=sinks) if q.device.type == "cuda"
+           else chunk_attention_reference(*args, sinks=sinks))
     real = (start.view(-1, 1) + torch.arange(q.shape[2], device=q.device).view(1, -1)) >= 0
     check_close(got, want, real, layer, "moa_flex::chunk_prefill")
 
 
 @verify_chunk.register_fake
-def _(q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer, want):  # noqa: ANN001, ANN202
+def _(q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer, want,  # noqa: ANN001, ANN202
+      sinks=None):
     return None
 
 
