@@ -9,20 +9,27 @@
                                            (moa_flex.compress): calibration -> profile ->
                                            optimize -> validate; default output MODEL_DIR/moa_plan.json
     moa-flex demo                          the main job on the shipped needle model (moa_flex.demo)
+    moa-flex eval MODEL_DIR [--plans P ...] [--uniform D ...]
+                                           bits per byte, far-copy tokens and effective context on
+                                           held-out text (moa_flex.zoo.text_eval)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import moa_flex.plans as shipped_plans
 
 from .plan import DEFAULT_MIN_SPAN, DEFAULT_SINK, DEFAULT_SPAN_MULTIPLE, PLAN_FILE, Plan
+from .zoo.text_eval import DEFAULT_K, DEFAULT_WINDOW
 
 
 def resolve_plan(ref: str) -> Plan:
@@ -266,7 +273,68 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moa_flex.compile backend of the accuracy runs (eager: no compile, for short runs and debugging)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_demo)
+    p = sub.add_parser("eval", help="bits per byte, far-copy tokens and effective context of plans on held-out text",
+                       description="Scores a local causal LM with its tokenizer on held-out text cut into documents of "
+                                   "each length: the dense model, the given plans and uniform sink + window plans "
+                                   "(moa_flex.zoo.text_eval). Held-out text: the Python standard library by default.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="local transformers causal LM folder with its tokenizer")
+    p.add_argument("--plans", nargs="*", default=[], metavar="PLAN", help="plan JSON files (named by file name)")
+    p.add_argument("--uniform", type=float, nargs="*", default=[], metavar="D",
+                   help="KV densities of uniform sink + window plans to compare")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="document lengths (tokens)")
+    p.add_argument("--docs", type=int, default=8, help="documents per length")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="tokens of context a far copy must match")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="a far copy's source lies further back (tokens)")
+    p.add_argument("--text-dir", default=None, help="held-out text: every file under this folder, sorted "
+                                                    "(default: the standard library's .py files)")
+    p.add_argument("--sink", type=int, default=DEFAULT_SINK, help="the uniform plans' sink tokens")
+    p.add_argument("--device", default=None, help="torch device of the model (default: where it loads, the CPU)")
+    p.add_argument("--backend", default="inductor", choices=["inductor", "eager"], help="moa_flex.compile backend")
+    p.add_argument("-o", "--out", default="moa-flex-eval", help="output folder (text_eval.json, text_eval.png)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=_cmd_eval)
     return ap
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    """Score the dense model, the plans and the uniform plans; print the table, write JSON and PNG."""
+    from transformers import AutoTokenizer
+
+    from .zoo.text_eval import documents, evaluate, plot
+
+    if args.docs < 1 or any(n < 2 for n in args.lengths):
+        raise ValueError("--docs must be >= 1 and every --lengths >= 2 tokens")
+    if any(not 0 < d <= 1 for d in args.uniform):
+        raise ValueError(f"--uniform densities must be in (0, 1], got {args.uniform}")
+    model = _load_model(args.model_dir, args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    plans = {Path(p).name: Plan.load(p) for p in args.plans}
+    for d in args.uniform:
+        plans[f"uniform d={d}"] = Plan.uniform(model.config, alpha=0.0, beta=d, sink=args.sink)
+    docs = {n: documents(tokenizer, _texts(args.text_dir), n, args.docs) for n in args.lengths}
+    short = [n for n, d in docs.items() if len(d) < args.docs]
+    if short:
+        raise ValueError(f"the held-out text gives fewer than {args.docs} documents at lengths {short} tokens")
+    result = evaluate(model, tokenizer, plans, docs, k=args.k, window=args.window, backend=args.backend,
+                      progress=not args.quiet)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "text_eval.json"), "w") as f:
+        json.dump(result.to_dict(), f, indent=1)
+    plot(result, os.path.join(args.out, "text_eval.png"))
+    print(result.table())
+    print(f"wrote {args.out}/text_eval.json and text_eval.png")
+
+
+def _texts(folder: str | None) -> Iterator[str]:
+    """Held-out texts: every file under ``folder`` (sorted; not UTF-8: skipped), or the standard library."""
+    from .data.code_corpus import heldout_files
+
+    paths = heldout_files() if folder is None else sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    for path in paths:
+        try:
+            yield path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

@@ -73,3 +73,31 @@ def test_scores_equal_independent_sums_for_dense_and_sparse_plans() -> None:
             assert math.isclose(s.nats, nats, rel_tol=1e-5) and math.isclose(s.far_nats, far_nats, rel_tol=1e-5)
             assert math.isclose(s.bits_per_byte, nats / math.log(2) / nbytes, rel_tol=1e-5)
     assert result.scores["sparse"][160].nats != result.scores["dense"][160].nats, "the plan really cuts"
+
+
+def test_cli_eval_writes_the_table_json_and_png(tmp_path, capsys) -> None:  # noqa: ANN001
+    import json
+
+    from moa_flex.cli import main
+
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    numbered_tokenizer().save_pretrained(folder)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    gen = torch.Generator().manual_seed(5)
+    for i in range(3):
+        words = torch.randint(1, 120, (50,), generator=gen).tolist() * 3
+        (texts / f"f{i}.txt").write_text(" ".join(f"w{w}" for w in words))
+    plan = tmp_path / "sparse.json"
+    sparse_plan(tiny_model().config, "kv_head", seed=1).save(plan)
+    out = tmp_path / "out"
+    assert main(["eval", str(folder), "--plans", str(plan), "--uniform", "0.5", "--lengths", "64", "128", "--docs",
+                 "2", "--k", "3", "--window", "30", "--text-dir", str(texts), "--backend", "eager", "--quiet",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "sparse.json" in printed and "uniform d=0.5" in printed and "effective context" in printed
+    data = json.loads((out / "text_eval.json").read_text())
+    assert set(data["plans"]) == {"dense", "sparse.json", "uniform d=0.5"} and data["lengths"] == [64, 128]
+    assert data["plans"]["dense"]["128"]["documents"] == 2 and (out / "text_eval.png").stat().st_size > 0
+    assert main(["eval", str(folder), "--lengths", "100000", "--text-dir", str(texts), "--docs", "1"]) == 2
