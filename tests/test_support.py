@@ -7,9 +7,10 @@ import pytest
 from moa_flex.support import Result, causal_lm_types, check_type, main, markdown, tiny_config
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2", "qwen3", "falcon_h1"])
 def test_softmax_decoders_are_supported(model_type: str) -> None:
-    """Dense == stock, sparse == reference, generate token-exact: plain, MoE, GPT-2 layout (h.N), QK-norm."""
+    """Dense == stock, sparse == reference, generate token-exact: plain, MoE, GPT-2 layout (h.N),
+    QK-norm, attention and Mamba side by side in every layer (Falcon-H1)."""
     r = check_type(model_type)
     assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
 
@@ -20,10 +21,11 @@ def test_a_model_without_softmax_attention_is_refused_by_name() -> None:
 
 
 def test_tiled_kv_heads_are_refused_before_a_wrong_token() -> None:
-    """JetMoE tiles its KV heads (.repeat) between the cache write and attention: the cache
-    passes refuse it naming layer 0 (the first-call guard caught it as a wrong answer before)."""
+    """JetMoE tiles its KV heads (.repeat) between the cache write and attention, so its layers
+    run more KV heads than the config: refused at compile time naming layer 0 (the first-call
+    guard once caught it as a wrong answer)."""
     r = check_type("jetmoe")
-    assert r.status == "refused" and "layer 0" in r.detail and ".repeat" in r.detail
+    assert r.status == "refused" and "decoder layer 0" in r.detail and "runs 4 KV heads" in r.detail
 
 
 def test_a_model_dynamo_cannot_trace_is_refused_by_name() -> None:

@@ -44,9 +44,16 @@ def dynamo_policy() -> Any:
 @contextlib.contextmanager
 def _untraceable_named() -> Any:
     """Dynamo's "cannot trace" as moa-flex's refusal: the rewrite needs the whole forward as
-    one graph (fullgraph), so a model Dynamo cannot trace is one moa-flex cannot compile."""
+    one graph (fullgraph), so a model Dynamo cannot trace is one moa-flex cannot compile. A
+    refusal of the passes reaches the caller as itself, not wrapped in Dynamo's
+    BackendCompilerFailed."""
     try:
         yield
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # the passes' own refusal, unwrapped
+        inner = getattr(e, "inner_exception", None)
+        if isinstance(inner, (ValueError, NotImplementedError, TypeError)):
+            raise inner from e
+        raise
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:  # UserError: data-dependent control flow
         raised = re.search(r"raised exception (.+)", str(e))  # the model's own error, met while tracing
         why = raised.group(1) if raised else " ".join(str(e).split())
