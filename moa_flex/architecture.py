@@ -117,6 +117,33 @@ def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, in
     return found
 
 
+_LAYER_OF = re.compile(r"(?:layers|\bh|blocks|\blayer)\.(\d+)\.")
+
+
+def attention_layer_problem(model: torch.nn.Module) -> str:
+    """Why the model's attention modules do not map one to one to decoder layers ("" if they
+    do): a module whose ``layer_idx`` is not the index of the decoder layer holding it (Zamba's
+    block shared by several layers), or two attention modules answering to one layer index
+    (HRM's two stacks). The passes and the cache find a call's layer through both."""
+    seen: dict[int, str] = {}
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None  # not a vision or audio tower
+    for name, module in (decoder if isinstance(decoder, torch.nn.Module) else model).named_modules():
+        if ("Attention" not in type(module).__name__ or not hasattr(module, "layer_idx") or _CROSS.search(name)
+                or getattr(module, "is_cross_attention", False)):
+            continue
+        m = _LAYER_OF.search(name + ".")
+        idx = module.layer_idx
+        if m is None:
+            continue
+        if not isinstance(idx, int) or idx != int(m.group(1)):
+            return (f"{name} answers to layer_idx {idx!r} inside decoder layer {m.group(1)} (an attention block shared "
+                    "by several layers)")
+        if idx in seen:
+            return f"{seen[idx]} and {name} both answer to layer_idx {idx} (several attention stacks)"
+        seen[idx] = name
+    return ""
+
+
 def layer_placement(model: torch.nn.Module, shape: Any) -> tuple[list[torch.device], torch.dtype]:
     """Device of every planned layer's attention (``shape``: the plan's
     :class:`~moa_flex.plan.ModelShape`; models spread with device_map) and the attention

@@ -80,7 +80,7 @@ class ModelShape:
             layers = attention_layers(config, num_layers)
             planned = layers if layers is not None else range(num_layers)
             num_heads = int(per_layer_value(config, "num_attention_heads", planned))
-        except AttributeError as e:
+        except (AttributeError, TypeError) as e:  # TypeError: a None head count (RWKV, xLSTM)
             raise TypeError(
                 f"config {type(config).__name__} has no num_hidden_layers/num_attention_heads;"
                 " expected a transformers decoder config"

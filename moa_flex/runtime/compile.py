@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from moa_flex.architecture import bidirectional_attention, kv_head_mismatches, layer_placement, model_windows, softcaps
+from moa_flex.architecture import attention_layer_problem, bidirectional_attention, kv_head_mismatches, layer_placement, model_windows, softcaps
 from moa_flex.compat import cache_argument
 from moa_flex.passes.attention_pass import make_backend
 from moa_flex.passes.decode_pass import make_decode_backend
@@ -170,6 +170,9 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError(
             f"{type(model).__name__} computes attention in its own code (transformers marks it as supporting neither "
             "sdpa nor the attention-function interface), so there is no attention call for moa-flex to rewrite")
+    problem = attention_layer_problem(model)
+    if problem:
+        raise ValueError(f"{type(model).__name__}: {problem}; a MoA plan rules one attention per decoder layer")
     mismatched = kv_head_mismatches(model, plan.model)
     if mismatched:
         layer, kv = mismatched[0]
