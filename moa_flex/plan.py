@@ -79,8 +79,11 @@ class ModelShape:
             num_layers = int(config.num_hidden_layers)
             layers = attention_layers(config, num_layers)
             planned = layers if layers is not None else range(num_layers)
-            num_heads = int(per_layer_value(config, "num_attention_heads", planned))
-        except (AttributeError, TypeError) as e:  # TypeError: a None head count (RWKV, xLSTM)
+            num_heads = per_layer_value(config, "num_attention_heads", planned)
+            if num_heads is None:  # RWKV, xLSTM: the field exists, unset
+                raise AttributeError("num_attention_heads")
+            num_heads = int(num_heads)
+        except AttributeError as e:
             raise TypeError(
                 f"config {type(config).__name__} has no num_hidden_layers/num_attention_heads;"
                 " expected a transformers decoder config"
