@@ -128,7 +128,7 @@ def attention_layer_problem(model: torch.nn.Module) -> str:
     seen: dict[int, str] = {}
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None  # not a vision or audio tower
     for name, module in (decoder if isinstance(decoder, torch.nn.Module) else model).named_modules():
-        if ("Attention" not in type(module).__name__ or not hasattr(module, "layer_idx") or _CROSS.search(name)
+        if (not type(module).__name__.endswith("Attention") or not hasattr(module, "layer_idx") or _CROSS.search(name)
                 or getattr(module, "is_cross_attention", False)):
             continue
         m = _LAYER_OF.search(name + ".")
