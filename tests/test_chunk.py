@@ -140,7 +140,7 @@ def test_chunked_prefill_with_learned_sinks_equals_whole_prompt_attention(lay: d
 
 
 @needs_kernel
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(lay=layouts())
 def test_kernel_with_learned_sinks_equals_twin(lay: dict) -> None:
     q, k, v = tensors(lay)

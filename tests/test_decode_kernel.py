@@ -197,7 +197,7 @@ def test_twin_with_learned_sinks_matches_cache_simulation(lay: dict) -> None:
 
 
 @needs_kernel
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(lay=layouts(max_b=2, max_g=2, max_hpg=3, max_width=40, dims=(16, 32)), chunk=st.sampled_from([16, None]))
 def test_kernel_with_learned_sinks_matches_twin(lay: dict, chunk: int | None) -> None:
     args = tensors(lay, torch.float32, KERNEL_DEVICE)

@@ -161,7 +161,7 @@ def generate(model, ids: torch.Tensor, mask: torch.Tensor, new: int, cache: MoaC
                               return_dict_in_generate=True, output_logits=True, **kw)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt_oss", marks=pytest.mark.slow)])
 def test_a_conversation_equals_one_request_planned_for_n(family: str) -> None:
     """Three turns on a left-padded batch, prefilled in chunks: each turn's tokens and logits
     equal step-by-step reference decoding of the whole conversation planned for N (GPT-OSS:

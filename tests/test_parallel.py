@@ -29,6 +29,7 @@ def test_shards_keep_their_heads_rules(granularity: str) -> None:
         plan.shard(2, 2)
 
 
+@pytest.mark.slow  # two torchrun processes: about 40 s on the CI machine (make test-slow)
 def test_two_tensor_parallel_processes_equal_one(tmp_path) -> None:  # noqa: ANN001
     """torchrun, 2 ranks: logits (every real position) and greedy tokens of a left-padded batch
     prefilled in chunks equal the one-process model's, for kv_head and head plans."""

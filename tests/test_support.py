@@ -7,10 +7,11 @@ import pytest
 from moa_flex.support import Result, causal_lm_types, check_type, main, markdown, tiny_config
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2", "qwen3", "falcon_h1"])
+@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2", "qwen3", "falcon_h1", "qwen3_next"])
 def test_softmax_decoders_are_supported(model_type: str) -> None:
     """Dense == stock, sparse == reference, generate token-exact: plain, MoE, GPT-2 layout (h.N),
-    QK-norm, attention and Mamba side by side in every layer (Falcon-H1)."""
+    QK-norm, attention and Mamba side by side in every layer (Falcon-H1), linear-attention layers
+    between attention layers (Qwen3-Next)."""
     r = check_type(model_type)
     assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
 
@@ -82,6 +83,7 @@ def test_layouts_the_cache_does_not_model_are_refused_at_compile(model_type: str
     assert r.status == "refused" and not r.detail.startswith("(at the first call)") and words in r.detail
 
 
+@pytest.mark.slow  # about 8 s (make test-slow)
 def test_layers_with_their_own_head_dims_are_supported() -> None:
     """Gemma 4: sliding layers with head_dim 16, full ones with 32 (tiny); the plan leaves
     head_dim open and each layer's cache takes its own from the config."""
