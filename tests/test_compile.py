@@ -14,7 +14,7 @@ from tiny_models import D, EAGER_ONLY, FAMILIES, H, KVH, L, SEQ, WINDOWED, dense
 EAGER = {"backend": "eager"}  # semantics tests: no inductor (its whole-model path is tested once per kind)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen3_next"])  # Qwen3-Next: the support subset
 def test_dense_and_sparse_plans(family: str) -> None:
     """Dense plan == stock model, then (set_plan, same graph) sparse plan == the reference;
     Llama through inductor (the whole-model prefill path), the other families with
