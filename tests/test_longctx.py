@@ -101,7 +101,7 @@ CASES = {  # (model kwargs, granularity, chunk, left pads): chunks dividing the 
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "learned sinks" else c for c in CASES])
 def test_chunked_prefill_equals_one_shot_and_the_reference(case: str) -> None:
     """Logits at every position (hence at every chunk boundary) of a prefill in chunks equal
     the independent reference planned for N and a prefill in one chunk."""
