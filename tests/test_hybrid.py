@@ -127,3 +127,21 @@ def test_attention_calls_whose_heads_are_not_the_plans_are_refused() -> None:
     moa_flex.compile(model, Plan.dense(config), backend="eager", progress=False)
     with pytest.raises(ValueError, match="the attention call has 4 query and [24] key heads, the plan 8 and 4"):
         model(input_ids=ids_of(40))
+
+
+@pytest.mark.slow  # profiling a hybrid (make test-slow)
+def test_a_hybrid_profile_has_its_attention_layers_and_equals_the_reference() -> None:
+    """Profiling a hybrid: one histogram per attention layer (plan order), equal to the
+    reference built from an independent eager attention's q, k, v, O and dO; the linear
+    layers take part in the backward untouched."""
+    from moa_flex.profile import profile_model
+    from test_profile import SINK, SM, calib, reference_profile
+
+    model = hybrid_model("qwen3_next")
+    samples = calib(model, [48], n=1)
+    profile = profile_model(model, samples, sink=SINK, span_multiple=SM, progress=False, impl="chunked")
+    assert profile.model.layers == (1, 3) and profile.hist[48].shape[0] == 2
+    hist, sink, _ = reference_profile(model, samples[48][0])
+    assert torch.allclose(profile.hist[48], hist, rtol=1e-5, atol=1e-12)
+    assert torch.allclose(profile.sink_share[48], sink, rtol=1e-5, atol=1e-12)
+    assert float(profile.hist[48].abs().sum()) > 0
