@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-_IN_LAYER = re.compile(r"(?:layers|\bh|blocks|\blayer)\.\d+\.")
+_LAYER_OF = re.compile(r"(?:layers|\bh|blocks|\blayer)\.(\d+)\.")  # a module inside decoder layer N
 _CROSS = re.compile(r"(?:encoder_attn|crossattention|cross_attn|cross_attention)(?:\.|$)")
 _ATTN = re.compile(r"(?:layers|\bh|blocks|\blayer)\.(\d+)\.(?:self_attn|attn|attention|self_attention)$")
 
@@ -32,13 +32,20 @@ WITH_STATE_LAYER_TYPES = {"hybrid": "full_attention", "hybrid_sliding": "sliding
 STATE_LAYER_TYPES = ("linear_attention", "conv", "mamba", "mlp", "moe", "dummy")
 
 
-def _text_config(config: Any) -> Any:
+def text_config(config: Any) -> Any:
+    """The config of the language model (a multimodal config's text config)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (``get_decoder()``), not a vision or audio tower, or the model itself."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
 def layer_types(config: Any, num_layers: int) -> list[str] | None:
     """The (text) config's ``layer_types`` for its first ``num_layers`` layers, or None."""
-    types = getattr(_text_config(config), "layer_types", None)
+    types = getattr(text_config(config), "layer_types", None)
     return [str(t) for t in types[:num_layers]] if isinstance(types, (list, tuple)) else None
 
 
@@ -51,7 +58,7 @@ def attention_layers(config: Any, num_layers: int) -> tuple[int, ...] | None:
         return None
     layers = tuple(i for i, t in enumerate(types) if t not in STATE_LAYER_TYPES)
     if not layers:
-        raise TypeError(f"{type(_text_config(config)).__name__} has no softmax-attention layer (layer types "
+        raise TypeError(f"{type(text_config(config)).__name__} has no softmax-attention layer (layer types "
                         f"{sorted(set(types))}): a MoA plan has nothing to rule")
     return layers
 
@@ -62,7 +69,7 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
     ``layer_types``). ValueError for an attention pattern moa-flex does not model (chunked local
     attention, attention layers of other kinds): the passes would replace the model's mask by
     causal + window and answer wrongly."""
-    config = _text_config(config)
+    config = text_config(config)
     if getattr(config, "kv_lora_rank", None):
         raise ValueError(f"{type(config).__name__} uses multi-head latent attention (kv_lora_rank="
                          f"{config.kv_lora_rank}: one compressed latent per token, shared by all heads, is what the "
@@ -95,9 +102,8 @@ def bidirectional_attention(model: torch.nn.Module) -> list[str]:
     in the language model (``get_decoder()``: a vision or audio tower's encoder layers are
     bidirectional by design). Cross-attention modules are not listed: a causal LM built from a
     decoder stack never runs them."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    return [name for name, m in (decoder if isinstance(decoder, torch.nn.Module) else model).named_modules()
-            if getattr(m, "is_causal", None) is False and _IN_LAYER.search(name) and not _CROSS.search(name)
+    return [name for name, m in _language_model(model).named_modules()
+            if getattr(m, "is_causal", None) is False and _LAYER_OF.search(name) and not _CROSS.search(name)
             and not getattr(m, "is_cross_attention", False)]
 
 
@@ -117,17 +123,13 @@ def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, in
     return found
 
 
-_LAYER_OF = re.compile(r"(?:layers|\bh|blocks|\blayer)\.(\d+)\.")
-
-
 def attention_layer_problem(model: torch.nn.Module) -> str:
     """Why the model's attention modules do not map one to one to decoder layers ("" if they
     do): a module whose ``layer_idx`` is not the index of the decoder layer holding it (Zamba's
     block shared by several layers), or two attention modules answering to one layer index
     (HRM's two stacks). The passes and the cache find a call's layer through both."""
     seen: dict[int, str] = {}
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None  # not a vision or audio tower
-    for name, module in (decoder if isinstance(decoder, torch.nn.Module) else model).named_modules():
+    for name, module in _language_model(model).named_modules():
         if (not type(module).__name__.endswith("Attention") or not hasattr(module, "layer_idx") or _CROSS.search(name)
                 or getattr(module, "is_cross_attention", False)):
             continue
@@ -142,6 +144,36 @@ def attention_layer_problem(model: torch.nn.Module) -> str:
             return f"{seen[idx]} and {name} both answer to layer_idx {idx} (several attention stacks)"
         seen[idx] = name
     return ""
+
+
+def has_learned_sinks(model: torch.nn.Module) -> bool:
+    """Whether an attention module holds learned sink logits (GPT-OSS's ``sinks``)."""
+    return any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules())
+
+
+def check_supported(model: torch.nn.Module, shape: Any) -> None:
+    """ValueError naming why, for a model whose attention a plan cannot rule (``shape``: the
+    plan's ModelShape): attention in the model's own code, attention modules that do not map one
+    to one to decoder layers, layers running other KV heads than the config, bidirectional
+    attention. Checked at compile time, before anything changes."""
+    name = type(model).__name__
+    if getattr(model, "_supports_sdpa", True) is False and getattr(model, "_supports_attention_backend", True) is False:
+        raise ValueError(f"{name} computes attention in its own code (transformers marks it as supporting neither sdpa "
+                         "nor the attention-function interface), so there is no attention call for moa-flex to rewrite")
+    problem = attention_layer_problem(model)
+    if problem:
+        raise ValueError(f"{name}: {problem}; a MoA plan rules one attention per decoder layer")
+    mismatched = kv_head_mismatches(model, shape)
+    if mismatched:
+        layer, kv = mismatched[0]
+        raise ValueError(f"decoder layer {layer} of {name} runs {kv} KV heads, the config (and the plan) "
+                         f"{shape.num_kv_heads}: a plan has one head layout for every layer")
+    both_ways = bidirectional_attention(model)
+    if both_ways:
+        more = f", and {len(both_ways) - 1} more" if len(both_ways) > 1 else ""
+        raise ValueError(f"{name}'s attention is bidirectional ({both_ways[0]} has is_causal=False{more}): an encoder, "
+                         "which a MoA plan does not model (it rules causal attention). For a causal LM of this "
+                         "architecture load it with is_decoder=True.")
 
 
 def layer_placement(model: torch.nn.Module, shape: Any) -> tuple[list[torch.device], torch.dtype]:

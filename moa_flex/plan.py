@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from moa_flex.architecture import attention_layers
+from moa_flex.architecture import attention_layers, text_config
 
 FORMAT = "moa-flex.plan/1"
 PLAN_FILE = "moa_plan.json"  # a plan beside a model's config.json (Plan.save_pretrained)
@@ -73,8 +73,7 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: Any) -> "ModelShape":
         """Read the shape from a transformers ``PretrainedConfig`` (text config if nested)."""
-        if hasattr(config, "get_text_config"):
-            config = config.get_text_config()
+        config = text_config(config)
         try:
             num_layers = int(config.num_hidden_layers)
             layers = attention_layers(config, num_layers)

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from moa_flex.architecture import WITH_STATE_LAYER_TYPES, layer_types
+from moa_flex.architecture import WITH_STATE_LAYER_TYPES, layer_types, text_config
 from moa_flex.kernels.decode import prepare_work
 from moa_flex.plan import Plan
 
@@ -226,8 +226,7 @@ def _head_dims(plan: Plan, head_dim: int | None, config: Any) -> list[int]:
     differ in it, Gemma 4) each layer's own from ``config``."""
     if head_dim or plan.model.head_dim:
         return [int(head_dim or plan.model.head_dim)] * plan.num_layers
-    per_layer = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    per_layer = getattr(per_layer, "per_layer_config", None)
+    per_layer = getattr(text_config(config), "per_layer_config", None) if config is not None else None
     if per_layer is None:
         raise ValueError("the plan has no head_dim (its layers differ in it): pass head_dim= or the model's config=")
     return [int(per_layer[i].head_dim) for i in plan.model.layer_indices]

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from moa_flex.architecture import attention_layer_problem, bidirectional_attention, kv_head_mismatches, layer_placement, model_windows, softcaps
+from moa_flex.architecture import check_supported, has_learned_sinks, layer_placement, model_windows, softcaps
 from moa_flex.compat import cache_argument
 from moa_flex.passes.attention_pass import make_backend
 from moa_flex.passes.decode_pass import make_decode_backend
@@ -166,29 +166,11 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
 
     # may refuse the model: before anything is changed
-    if getattr(model, "_supports_sdpa", True) is False and getattr(model, "_supports_attention_backend", True) is False:
-        raise ValueError(
-            f"{type(model).__name__} computes attention in its own code (transformers marks it as supporting neither "
-            "sdpa nor the attention-function interface), so there is no attention call for moa-flex to rewrite")
-    problem = attention_layer_problem(model)
-    if problem:
-        raise ValueError(f"{type(model).__name__}: {problem}; a MoA plan rules one attention per decoder layer")
-    mismatched = kv_head_mismatches(model, plan.model)
-    if mismatched:
-        layer, kv = mismatched[0]
-        raise ValueError(f"decoder layer {layer} of {type(model).__name__} runs {kv} KV heads, the config (and the "
-                         f"plan) {plan.num_kv_heads}: a plan has one head layout for every layer")
-    bidirectional = bidirectional_attention(model)
-    if bidirectional:
-        raise ValueError(
-            f"{type(model).__name__}'s attention is bidirectional ({bidirectional[0]} has is_causal=False"
-            f"{f', and {len(bidirectional) - 1} more' if len(bidirectional) > 1 else ''}): an encoder, which a MoA plan "
-            "does not model (it rules causal attention). For a causal LM of this architecture load it with "
-            "is_decoder=True.")
+    check_supported(model, plan.model)
     caps, windows = softcaps(config, plan.num_layers), model_windows(config, plan.model)
     impl = getattr(config, "_attn_implementation", None)
     wanted = "sdpa"
-    sinks = _has_learned_sinks(model)
+    sinks = has_learned_sinks(model)
     if sinks and backend == "inductor" and next(model.parameters()).device.type == "cpu":
         raise NotImplementedError(
             f"{type(model).__name__} has learned attention sinks, which moa-flex applies from FlexAttention's "
@@ -239,11 +221,6 @@ def compile(  # noqa: A001  (the verb of the API)
         model.generate = functools.wraps(state.original_generate)(functools.partial(_generate, model, state))
     model.moa_flex = state
     return model
-
-
-def _has_learned_sinks(model: torch.nn.Module) -> bool:
-    """Whether an attention module holds learned sink logits (GPT-OSS's ``sinks``)."""
-    return any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules())
 
 
 def _logged(backend: Callable, log: StartupLog, what: str, inner: str) -> Callable:
