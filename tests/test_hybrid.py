@@ -12,7 +12,7 @@ import moa_flex
 from moa_flex.plan import ModelShape, Plan
 from moa_flex.runtime.cache import MoaCache, MoaCacheLayer
 from reference import planned_logits
-from test_longctx import generate, reference_greedy
+from test_longctx import converse
 from tiny_models import ids_of, sparse_plan, tiny_model
 
 LAYERS = 4  # linear, attention, linear, attention
@@ -87,18 +87,8 @@ def test_a_hybrid_conversation_in_chunks_equals_the_reference(kind: str) -> None
     dense = planned_logits(model, Plan.dense(model.config), N, ids, mask)
     assert (planned_logits(model, plan, N, ids, mask) - dense)[0].abs().max() > 1e-3, "the plan really cuts"
     moa_flex.compile(model, plan, max_length=N, prefill_chunk=48, backend="eager", progress=False)
-    cache = None
-    for turn, user in enumerate((None, 30)):
-        if user is not None:
-            ids = torch.cat([ids, ids_of(user, seed=20 + turn)], 1)
-            mask = torch.cat([mask, torch.ones(2, user, dtype=mask.dtype)], 1)
-        out = generate(model, ids, mask, 8, cache)
-        want_seq, want_logits = reference_greedy(model, plan, N, ids, mask, 8)
-        assert torch.equal(out.sequences, want_seq), f"turn {turn}"
-        assert (torch.stack(out.logits, 1) - want_logits).abs().max() <= 1e-4, f"turn {turn}"
-        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+    for cache in converse(model, plan, N, ids, mask, (None, 30), 8, seed=20):
         assert cache.state_tensors(), "the linear layers' states live in the cache"
-        ids, mask = out.sequences, torch.cat([mask, torch.ones(2, 8, dtype=mask.dtype)], 1)
 
 
 def test_layer_kinds_moa_flex_does_not_plan_are_refused_at_compile() -> None:

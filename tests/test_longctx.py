@@ -174,18 +174,28 @@ def test_a_conversation_equals_one_request_planned_for_n(family: str) -> None:
     mask = torch.ones_like(ids)
     mask[1, :17] = 0
     ids[1, :17] = 0
-    cache = None
-    for turn, user in enumerate((None, 40, 33)):
+    caches = converse(model, plan, N, ids, mask, (None, 40, 33), 12, seed=10)
+    assert all(cache is model.moa_flex.cache for cache in caches)
+
+
+def converse(model, plan: Plan, N: int, ids: torch.Tensor, mask: torch.Tensor, turns: tuple, new: int,  # noqa: ANN001
+             seed: int) -> list[MoaCache]:
+    """Turns of a conversation on a compiled model (``turns``: the user's new tokens per turn,
+    None for the first): each turn's tokens and logits must equal step-by-step reference
+    decoding of the whole conversation planned for N. Returns each turn's cache."""
+    cache, caches = None, []
+    for turn, user in enumerate(turns):
         if user is not None:  # the user's next message, appended to the conversation so far
-            ids = torch.cat([ids, ids_of(user, seed=10 + turn)], 1)
-            mask = torch.cat([mask, torch.ones(2, user, dtype=mask.dtype)], 1)
-        out = generate(model, ids, mask, 12, cache)
-        want_seq, want_logits = reference_greedy(model, plan, N, ids, mask, 12)
+            ids = torch.cat([ids, ids_of(user, seed=seed + turn)], 1)
+            mask = torch.cat([mask, torch.ones(ids.shape[0], user, dtype=mask.dtype)], 1)
+        out = generate(model, ids, mask, new, cache)
+        want_seq, want_logits = reference_greedy(model, plan, N, ids, mask, new)
         assert torch.equal(out.sequences, want_seq), f"turn {turn}"
         assert (torch.stack(out.logits, 1) - want_logits).abs().max() <= 1e-4, f"turn {turn}"
         cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
-        assert cache is model.moa_flex.cache
-        ids, mask = out.sequences, torch.cat([mask, torch.ones(2, 12, dtype=mask.dtype)], 1)
+        caches.append(cache)
+        ids, mask = out.sequences, torch.cat([mask, torch.ones(ids.shape[0], new, dtype=mask.dtype)], 1)
+    return caches
 
 
 def test_turns_that_do_not_fit_are_refused_and_the_cache_stays_usable() -> None:
