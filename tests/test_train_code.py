@@ -170,3 +170,34 @@ def test_bad_config_names_the_field(flags: list[str], field: str) -> None:
         check_config(cfg)
     with pytest.raises(ValueError, match=field):
         train_code.train(cfg)
+
+
+def test_steps_within_fits_the_schedule_to_the_budget() -> None:
+    cfg = CodeTrainConfig(steps=200, lengths=(64, 128, 256), curriculum=0.5, warmup=5)
+    per = {64: 0.01, 128: 0.03, 256: 0.1}
+
+    def cost(n: int) -> float:  # brute force: the schedule of n steps, step by step
+        return 1.1 * sum(per[L] for L in schedule(CodeTrainConfig(steps=n, lengths=cfg.lengths, curriculum=0.5)))
+
+    for budget in (0.5, 2.0, 7.5, 100.0):
+        if cost(10) > budget:
+            with pytest.raises(ValueError, match="--max-minutes"):
+                train_code.steps_within(cfg, per, budget)
+            continue
+        n = train_code.steps_within(cfg, per, budget)
+        assert n == max(k for k in range(cfg.steps + 1) if cost(k) <= budget)
+
+
+def test_reproduce_command_gives_the_same_config(runs: tuple[Path, Path, list[str]]) -> None:
+    out, _, argv = runs
+    log = json.loads((out / "train_log.json").read_text())
+    fitted = log["fitted_steps"]  # the default --max-minutes fits the steps: 20 tiny steps fit
+    assert fitted["steps"] == fitted["requested_steps"] == 20 and set(fitted["step_seconds"]) == {"64", "128"}
+    command = log["reproduce"]
+    assert command.startswith("python -m moa_flex.zoo.train_code ") and "--max-minutes 0" in command
+    again = parse_args(command.split()[3:])
+    ran = parse_args(argv)
+    for f in ("out", "max_minutes", "progress", "verbose"):
+        setattr(again, f, getattr(ran, f))
+    assert again == ran
+    assert command in (out / "README.md").read_text()

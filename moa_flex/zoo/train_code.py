@@ -132,6 +132,8 @@ class CodeTrainConfig:
     max_corpus_bytes: int = _opt("keep at most this many bytes of training documents (0: all)", default=0)
     max_minutes: float = _opt("wall-clock budget in minutes from the run's start to the end of the training loop (0: none)",
                               default=7.5)
+    fit_steps: bool = _opt("with --max-minutes: time each training length first and lower --steps so that the whole "
+                           "schedule (curriculum and learning-rate decay) ends within the budget", default=True)
     val_length: int = _opt("held-out validation document length (tokens)", default=2048)
     val_docs: int = _opt("held-out validation documents (scored at every logged row)", default=4)
     eval_lengths: tuple[int, ...] = _opt("final held-out evaluation lengths (tokens)", default=(2048, 16384))
@@ -405,6 +407,48 @@ def fit(cfg: CodeTrainConfig, model: torch.nn.Module, stream: torch.Tensor, val:
     return {"log": rows, "steps_done": steps_done, "stopped_by": stopped, "tokens": tokens, "seconds": time.perf_counter() - t0}
 
 
+def time_lengths(cfg: CodeTrainConfig, model: torch.nn.Module, stream: torch.Tensor, amp_dtype: torch.dtype | None,
+                 repeats: int = 2) -> dict[int, float]:
+    """Seconds of one training step (forward + backward; the optimizer step is not run) at each
+    training length, the median of ``repeats`` timed steps after one untimed. The gradients are
+    dropped: the weights and the batches of the real run are unchanged."""
+    sync = torch.cuda.synchronize if stream.device.type == "cuda" else (lambda: None)
+    out: dict[int, float] = {}
+    for L in sorted(set(cfg.lengths)):
+        inputs, targets = step_batch(stream, cfg, 0, L)
+        times = []
+        for i in range(repeats + 1):
+            sync()
+            t = time.perf_counter()
+            with torch.autocast(inputs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(input_ids=inputs, use_cache=False).logits
+            F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+            del logits
+            sync()
+            if i:
+                times.append(time.perf_counter() - t)
+        model.zero_grad(set_to_none=True)
+        out[L] = sorted(times)[len(times) // 2]
+    return out
+
+
+def steps_within(cfg: CodeTrainConfig, step_seconds: dict[int, float], seconds: float, overhead: float = 1.1) -> int:
+    """The most steps (at most ``cfg.steps``) whose whole schedule, at ``step_seconds`` per step of
+    each length times ``overhead`` (optimizer, validation rows), fits in ``seconds``."""
+    def cost(steps: int) -> float:
+        sched = schedule(dataclasses.replace(cfg, steps=steps))
+        return overhead * sum(step_seconds[L] for L in sched)
+
+    lo, hi = 0, cfg.steps
+    while lo < hi:  # the cost grows with the step count: bisect
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= seconds else (lo, mid - 1)
+    if lo < max(cfg.warmup + 1, 10):
+        raise ValueError(f"only {lo} training steps fit in --max-minutes {cfg.max_minutes} (measured seconds per step by "
+                         f"length: {step_seconds}); raise --max-minutes or lower --tokens-per-step")
+    return lo
+
+
 # --------------------------------------------------------------------------------------------
 # The card and the run
 
@@ -445,6 +489,17 @@ def package_table(manifest: dict, top: int = 15) -> str:
         rows.append(f"| {len(rest)} others | | {sum(e['files'] for _, e in rest)} | "
                     f"{sum(e['bytes'] for _, e in rest) / 2 ** 20:.1f} |")
     return "\n".join(rows)
+
+
+def fitted_note(log: dict) -> str:
+    """A line on the step count fitted to the time budget (empty when none was)."""
+    f = log.get("fitted_steps")
+    if not f:
+        return ""
+    per = ", ".join(f"{k}: {v:.3f}" for k, v in f["step_seconds"].items())
+    return (f"\nThe run fitted its step count to `--max-minutes {log['config']['max_minutes']:g}` before training: "
+            f"{f['steps']} of {f['requested_steps']} requested steps, from the measured seconds per step by length "
+            f"({per}); the command above fixes that count.\n")
 
 
 def render_card(log: dict, manifest: dict) -> str:
@@ -526,10 +581,31 @@ k = {log['eval_k']}).
 
 On a machine with the same installed packages (same corpus hash) and the same standard library:
 
-    {log['command']}
+    {log.get('reproduce') or log['command']}
+{fitted_note(log)}
 
 All numbers on this page come from this run's `train_log.json` and `corpus_manifest.json`.
 """
+
+
+def reproduce_command(cfg: CodeTrainConfig, fitted: bool) -> str:
+    """The command that retrains this model: the run's flags, with the fitted step count fixed and
+    no time budget when the steps were fitted to one."""
+    argv = [a for f in dataclasses.fields(CodeTrainConfig) if getattr(cfg, f.name) != f.default
+            for a in _as_flags(f, getattr(cfg, f.name))]
+    if fitted:
+        argv += ["--max-minutes", "0"]
+    return PROG + ("" if not argv else " " + shlex.join(argv))
+
+
+def _as_flags(f: dataclasses.Field, value: Any) -> list[str]:
+    if f.name in ("out", "max_minutes", "progress", "verbose"):
+        return []
+    if isinstance(value, bool):
+        return [_flag(f.name) if value else "--no-" + _flag(f.name)[2:]]
+    if isinstance(value, tuple):
+        return [_flag(f.name), *map(str, value)]
+    return [_flag(f.name), str(value)]
 
 
 def write_outputs(out: Path, model: torch.nn.Module, tokenizer: Any, manifest: dict, log: dict, save_dtype: torch.dtype) -> None:
@@ -584,6 +660,18 @@ def train(cfg: CodeTrainConfig, argv: Sequence[str] | None = None) -> tuple[torc
     timings["stream"] = time.perf_counter() - t
 
     model = build_model(cfg, len(tokenizer), device)
+    fitted = None
+    if deadline is not None and cfg.fit_steps:
+        t = time.perf_counter()
+        step_seconds = time_lengths(cfg, model, stream, amp_dtype)
+        steps = steps_within(cfg, step_seconds, deadline - time.perf_counter())
+        fitted = {"requested_steps": cfg.steps, "steps": steps,
+                  "step_seconds": {str(k): round(v, 4) for k, v in step_seconds.items()}}
+        timings["step_timing"] = time.perf_counter() - t
+        if steps < cfg.steps:
+            print(f"train_code: {steps} of {cfg.steps} steps fit in --max-minutes {cfg.max_minutes} "
+                  f"(seconds per step by length: {fitted['step_seconds']})", file=sys.stderr, flush=True)
+        cfg = dataclasses.replace(cfg, steps=steps)
     run = fit(cfg, model, stream, val, amp_dtype, deadline)
     save_dtype = DTYPES[cfg.save_dtype]
     round_weights(model, save_dtype)
@@ -593,6 +681,8 @@ def train(cfg: CodeTrainConfig, argv: Sequence[str] | None = None) -> tuple[torc
     n_docs = len(corpus.files)
     log = {
         "command": PROG + ("" if not argv else " " + shlex.join(argv)),
+        "reproduce": reproduce_command(cfg, fitted is not None),
+        "fitted_steps": fitted,
         "config": dataclasses.asdict(cfg), "seed": cfg.seed,
         "params": sum(p.numel() for p in model.parameters()),
         "data": {"documents": n_docs, "bytes": corpus.nbytes, "capped_documents": capped, "corpus_sha256": corpus.sha256,
