@@ -96,7 +96,7 @@ def moa_case(model, plan: Plan, N: int, args, chunk: int | None, filled: int | N
     dev = args.device
     warm_s = 0.0
     if getattr(model, "moa_flex", None) is None:  # compiled once; plans and chunk sizes change without recompiling
-        moa_flex.compile(model, plan, mode="reduce-overhead", prefill_chunk=chunk)
+        moa_flex.compile(model, plan, mode="reduce-overhead", prefill_chunk=chunk, regional=args.regional == "on")
         warm = random_prompt(model, args.warmup, dev)
         t0 = time.perf_counter()
         with torch.no_grad():  # compiles the prefill and decode graphs
@@ -165,6 +165,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", type=int, nargs="*", default=[131072, 262144], help="planned lengths N (tokens)")
     ap.add_argument("--plans", nargs="+", default=["262k", "d0.25"], help="262k (shipped) and/or d<density>")
+    ap.add_argument("--plans-at", nargs=2, action="append", default=[], metavar=("N", "PLANS"),
+                    help="the plans (comma-separated) at length N instead of --plans, e.g. --plans-at 524288 d0.25")
     ap.add_argument("--hf", action="store_true", help="also HF eager sdpa at every length")
     ap.add_argument("--steps", type=int, default=32, help="generated tokens per request")
     ap.add_argument("--chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
@@ -176,6 +178,7 @@ def main() -> None:
     ap.add_argument("--longest", nargs="*", default=None, metavar="PLAN",
                     help="the longest context that fits (random-filled cache) for these plans (default: --plans)")
     ap.add_argument("--warmup", type=int, default=8192, help="tokens of the warm-up request")
+    ap.add_argument("--regional", choices=["on", "off"], default="on", help="moa_flex.compile(regional=...)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script)")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
@@ -202,12 +205,13 @@ def main() -> None:
         print(text, flush=True)
 
     chunk = args.chunk or None
+    plans_at = {int(n): names.split(",") for n, names in args.plans_at}
     for N in args.lengths:
         if args.hf:
             r = hf_case(model, N, args.steps, args.device)
             r["hf_kv"] = 2 * shape.num_layers * shape.num_kv_heads * N * shape.head_dim * 2
             show(row("HF eager sdpa", N, r, wbytes, bw))
-        for name in args.plans:
+        for name in plans_at.get(N, args.plans):
             plan = plan_named(name, shape, N, args.smoke)
             sweep = args.chunks if args.chunks and (args.chunks_at is None or N in args.chunks_at) else [chunk]
             for c in sweep:

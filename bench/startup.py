@@ -67,7 +67,7 @@ def child(args: argparse.Namespace) -> dict:
     plan = moa_flex.Plan.uniform(config, alpha=64, beta=args.beta) if args.beta < 1 else moa_flex.Plan.dense(config)
     out["build_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    moa_flex.compile(model, plan, mode=args.mode, max_length=args.prompt + args.new)
+    moa_flex.compile(model, plan, mode=args.mode, max_length=args.prompt + args.new, regional=args.regional[0] == "on")
     out["compile_call_s"] = time.perf_counter() - t
     ids = torch.randint(1, config.vocab_size, (args.batch, args.prompt), device=args.device,
                         generator=torch.Generator(args.device).manual_seed(1))
@@ -92,8 +92,8 @@ def child(args: argparse.Namespace) -> dict:
     return out
 
 
-def run_child(args: argparse.Namespace, layers: int, cache_dir: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--layers", str(layers), "--heads", str(args.heads), "--hidden",
+def run_child(args: argparse.Namespace, layers: int, cache_dir: str, regional: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--layers", str(layers), "--regional", regional, "--heads", str(args.heads), "--hidden",
            str(args.hidden), "--prompt", str(args.prompt), "--new", str(args.new), "--batch", str(args.batch),
            "--device", args.device, "--beta", str(args.beta)]
     cmd += ["--mode", args.mode] if args.mode else []
@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--llama3-8b", action="store_true", help="Llama-3-8B shape (--layers still sets the depth)")
     ap.add_argument("--smoke", action="store_true", help="2 layers, 40-token prompt: the script runs")
+    ap.add_argument("--regional", nargs="+", default=["on"], choices=["on", "off"],
+                    help="moa_flex.compile(regional=...): on (one compile per distinct layer), off (whole graphs), or both")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="show the children's stderr (moa-flex's progress lines)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -136,26 +138,28 @@ def main() -> None:
         args.layers, args.prompt, args.new = [2], 40, 4
     cols = ["import", "compile_call", "first_token", "first_request", "second_request", "dynamo", "aot", "inductor",
             "codegen", "triton", "cudagraph", "autotune"]
-    lines = ["| layers | caches | " + " | ".join(c.replace("_", " ") + " (s)" for c in cols)
-             + " | start-up (s) | FX cache hit/miss |", "|---|---|" + "---:|" * (len(cols) + 2)]
+    lines = ["| layers | regional | caches | " + " | ".join(c.replace("_", " ") + " (s)" for c in cols)
+             + " | start-up (s) | FX cache hit/miss |", "|---|---|---|" + "---:|" * (len(cols) + 2)]
     rows = {}
-    for layers in args.layers:
-        with tempfile.TemporaryDirectory(prefix="moa-flex-startup-") as cache_dir:
-            for which in ("cold", "warm"):
-                r = run_child(args, layers, cache_dir)
-                rows[layers, which] = r
-                start = r["first_request_s"] - r["second_request_s"]
-                lines.append(f"| {layers} | {which} | " + " | ".join(f"{r[c + '_s']:.1f}" for c in cols)
-                             + f" | {start:.1f} | {r['fx_cache_hits']}/{r['fx_cache_misses']} |")
-                print(lines[-1], flush=True)
+    for regional in args.regional:
+        for layers in args.layers:
+            with tempfile.TemporaryDirectory(prefix="moa-flex-startup-") as cache_dir:
+                for which in ("cold", "warm"):
+                    r = run_child(args, layers, cache_dir, regional)
+                    rows[layers, regional, which] = r
+                    start = r["first_request_s"] - r["second_request_s"]
+                    lines.append(f"| {layers} | {regional} | {which} | " + " | ".join(f"{r[c + '_s']:.1f}" for c in cols)
+                                 + f" | {start:.1f} | {r['fx_cache_hits']}/{r['fx_cache_misses']} |")
+                    print(lines[-1], flush=True)
     notes = []
-    if len(args.layers) >= 2:
-        lo, hi = min(args.layers), max(args.layers)
-        notes.append(f"first token, cold: {hi} layers / {lo} layers = "
-                     f"{rows[hi, 'cold']['first_token_s'] / rows[lo, 'cold']['first_token_s']:.2f}x")
-    for layers in args.layers:
-        notes.append(f"{layers} layers: first token warm / cold = "
-                     f"{rows[layers, 'warm']['first_token_s'] / rows[layers, 'cold']['first_token_s']:.2f}x")
+    for regional in args.regional:
+        if len(args.layers) >= 2:
+            lo, hi = min(args.layers), max(args.layers)
+            notes.append(f"regional {regional}: first token, cold: {hi} layers / {lo} layers = "
+                         f"{rows[hi, regional, 'cold']['first_token_s'] / rows[lo, regional, 'cold']['first_token_s']:.2f}x")
+        for layers in args.layers:
+            notes.append(f"regional {regional}, {layers} layers: first token warm / cold = "
+                         f"{rows[layers, regional, 'warm']['first_token_s'] / rows[layers, regional, 'cold']['first_token_s']:.2f}x")
     text = "\n".join(lines + [""] + [f"- {n}" for n in notes])
     print(text)
     if args.record:

@@ -160,8 +160,13 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     try:
         t0 = time.time()
         model = _load_model(args.model_dir, args.device)
+        data = args.data
+        if args.code_data:
+            if data is not None:
+                raise ValueError("pass --data or --code-data, not both")
+            data = _code_data(args)
         best = compress(
-            model, density=args.density, lengths=args.lengths, data=args.data, samples_per_length=args.samples,
+            model, density=args.density, lengths=args.lengths, data=data, samples_per_length=args.samples,
             max_new_tokens=args.max_new_tokens, validation_length=args.validation_length,
             validation_samples=args.validation_samples, sink=args.sink, span_multiple=args.span_multiple,
             min_span=args.min_span, max_rules_per_layer=args.max_rules_per_layer, profile=profile_path,
@@ -174,6 +179,19 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     best.save(plan_path)
     print(compress_table(best))
     print(f"wrote {plan_path} (plan {best.meta['compress']['index']}) and {profile_path} in {time.time() - t0:.0f} s")
+
+
+def _code_data(args: argparse.Namespace) -> list:
+    """``--code-data``: prompts of real Python from this machine's installed packages, as long as
+    the validation length, enough for the calibration and the held-out samples."""
+    from transformers import AutoTokenizer
+
+    from .data import code_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
+    longest = args.validation_length or 2 * max(args.lengths)
+    return code_samples(tokenizer, longest - args.max_new_tokens, args.samples + args.validation_samples,
+                        progress=not args.quiet)
 
 
 def compress_table(best: Plan) -> str:
@@ -233,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-length", type=int, default=None, help="held-out length (tokens; default 2 x the longest profiled)")
     p.add_argument("--data", default=None, metavar="JSONL",
                    help='{"context": str, "question": str} per line (needs the folder\'s tokenizer); default: synthetic lookups')
+    p.add_argument("--code-data", action="store_true",
+                   help="calibrate on this machine's installed Python sources (site-packages, not the standard "
+                        "library; moa_flex.data.code_samples): the code model's training distribution")
     p.add_argument("--samples", type=int, default=8, help="calibration samples per length")
     p.add_argument("--validation-samples", type=int, default=4, help="held-out samples")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens of each answer the dense model writes")

@@ -29,6 +29,7 @@ from moa_flex.plan import Plan
 
 from .flex_pass import flex_nodes, rewrite_flex_attention
 from .inner import checked_first_call, compile_graph, copy_graph_module
+from .regional import RegionReport
 from .prefill_pass import extend_nodes, rewrite_prefill
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, node_layer, plan_layers, check_heads, sinks_of,
@@ -125,7 +126,8 @@ def make_backend(
     plan: Plan, runtime_id: int, *, inner: str = "inductor", mode: str | None = None,
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, partial_graphs: bool = False, verify_id: int | None = None,
-    say: Callable[[str], None] | None = None,
+    say: Callable[[str], None] | None = None, regional: bool = False,
+    on_regions: Callable[[RegionReport], None] | None = None,
 ) -> Callable:
     """A torch.compile backend: rewrite attention, then hand the graph to inductor (or run eagerly).
 
@@ -133,7 +135,8 @@ def make_backend(
     running flex_attention); ``on_report`` is called only for pieces that had attention.
     ``verify_id``: a runtime with a dense plan: the first call of each graph runs the
     first-call check (:mod:`moa_flex.runtime.verify`) instead of the compiled graph, once;
-    ``say`` hears its outcome.
+    ``say`` hears its outcome. ``regional``: decoder layers with equal graphs share one
+    inductor compile (:mod:`moa_flex.passes.regional`; ``on_regions`` hears what it did).
     """
     if inner not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
@@ -141,7 +144,7 @@ def make_backend(
     def moa_flex_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         checked = copy_graph_module(gm) if verify_id is not None and not flex_nodes(gm.graph) else None
         report = rewrite_attention(gm, plan, runtime_id, softcaps, windows, partial_graphs)
-        compiled = compile_graph(gm, example_inputs, inner, mode)
+        compiled = compile_graph(gm, example_inputs, inner, mode, regional and bool(report.rewritten), on_regions)
         if checked is not None and report.rewritten:
             rewrite_attention(checked, plan, runtime_id, softcaps, windows, partial_graphs, verify_id=verify_id)
             compiled = checked_first_call(checked, compiled, say)

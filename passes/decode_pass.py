@@ -24,6 +24,7 @@ import moa_flex.runtime.ops  # noqa: F401  (registers the cache ops and torch.op
 from moa_flex.plan import Plan
 
 from .inner import compile_graph
+from .regional import RegionReport
 from .linear_pass import LinearFusionReport, fuse_linears
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
@@ -115,14 +116,16 @@ def fuses_linears(fuse_linear: bool | None, example_inputs: list) -> bool:
 def make_decode_backend(
     plan: Plan, *, inner: str = "inductor", mode: str | None = None,
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
-    windows: Sequence[int | None] | None = None, fuse_linear: bool | None = None,
+    windows: Sequence[int | None] | None = None, fuse_linear: bool | None = None, regional: bool = False,
+    on_regions: Callable[[RegionReport], None] | None = None,
 ) -> Callable:
     """A torch.compile backend for decode steps: :func:`rewrite_decode`, then (``fuse_linear``)
     :func:`~moa_flex.passes.linear_pass.fuse_linears`, then inductor (or eager).
     ``mode="reduce-overhead"`` runs the step under CUDA graphs (the cache has static addresses).
     ``fuse_linear``: True / False, or None for "on when the example inputs are CUDA tensors";
     the reports passed to ``on_report`` are :class:`DecodeReport` (``linear_fusion`` is None
-    when the fusion did not run)."""
+    when the fusion did not run). ``regional``/``on_regions``: as for the prefill backend
+    (:func:`moa_flex.passes.attention_pass.make_backend`)."""
     if inner not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
     if fuse_linear is not None and not isinstance(fuse_linear, bool):
@@ -132,7 +135,7 @@ def make_decode_backend(
         report = rewrite_decode(gm, plan, softcaps, windows)
         if fuses_linears(fuse_linear, example_inputs):
             report.linear_fusion = fuse_linears(gm)
-        compiled = compile_graph(gm, example_inputs, inner, mode)
+        compiled = compile_graph(gm, example_inputs, inner, mode, regional, on_regions)
         if on_report is not None:
             on_report(report)
         return compiled

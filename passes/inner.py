@@ -11,15 +11,30 @@ import torch.fx
 
 from moa_flex.runtime.verify import CURRENT, Outcome, VerifyError
 
+from .regional import RegionReport, compile_regions
 
-def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, inner: str, mode: str | None) -> Callable:
-    """A rewritten graph, compiled by inductor (with an inductor ``mode``) or run eagerly."""
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, inner: str, mode: str | None,
+                  regional: bool = False, on_regions: Callable[[RegionReport], None] | None = None) -> Callable:
+    """A rewritten graph, compiled by inductor (with an inductor ``mode``) or run eagerly.
+    ``regional``: decoder layers with equal graphs share one compile
+    (:mod:`moa_flex.passes.regional`); ``on_regions`` hears what it did."""
     if inner == "eager":
         return gm.forward
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+    patches = list_mode_options(mode) if mode else None
+    if regional:
+        report = RegionReport()
+        on_gpu = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
+        split = compile_regions(gm, example_inputs, lambda part, args: compile_fx(part, args, config_patches=patches),
+                                report, compile_outer=on_gpu)
+        if split is not None:
+            if on_regions is not None:
+                on_regions(report)
+            return split
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

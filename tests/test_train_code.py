@@ -201,3 +201,24 @@ def test_reproduce_command_gives_the_same_config(runs: tuple[Path, Path, list[st
         setattr(again, f, getattr(ran, f))
     assert again == ran
     assert command in (out / "README.md").read_text()
+
+
+def test_code_samples_are_windows_of_whole_files(runs: tuple[Path, Path, list[str]], fake_site: Path) -> None:
+    from moa_flex.data import code_samples
+
+    tok = AutoTokenizer.from_pretrained(runs[0])
+    samples = code_samples(tok, 256, 4, seed=3, roots=[str(fake_site)])
+    assert len(samples) == 4 and all(s.prompt_len == 256 and not s.head.numel() and not s.question.numel()
+                                     for s in samples)
+    stream = torch.cat([s.context for s in samples]).tolist()
+    assert stream[0] == tok.bos_token_id
+    files = {p.read_text() for p in fake_site.glob("fakepkg/mod_*.py")}
+    text = tok.decode(stream)
+    pieces = text.split("<|eos|><|bos|>")
+    assert all(p in files for p in pieces[1:-1]) and len(pieces) >= 3  # whole files between the marks
+    again = code_samples(tok, 256, 4, seed=3, roots=[str(fake_site)])
+    assert all(torch.equal(a.context, b.context) for a, b in zip(samples, again))
+    other = code_samples(tok, 256, 4, seed=4, roots=[str(fake_site)])
+    assert not all(torch.equal(a.context, b.context) for a, b in zip(samples, other))
+    with pytest.raises(ValueError, match="fill only"):
+        code_samples(tok, 256, 10_000, roots=[str(fake_site)])

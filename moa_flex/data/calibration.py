@@ -48,6 +48,43 @@ def synthetic_samples(vocab_size: int, length: int, n: int, seed: int = 0, *, nu
 
 
 @torch.no_grad()
+# --------------------------------------------------------------------------------------------
+# Real code (the code model's training distribution)
+
+
+def code_samples(tokenizer: Any, length: int, n: int, seed: int = 0, *,
+                 roots: Sequence[str] | None = None, progress: bool = False) -> list[Sample]:
+    """``n`` prompts of ``length`` tokens of real Python: the installed packages' sources
+    (:func:`moa_flex.data.code_corpus.training_files` of ``roots``, default this interpreter's
+    site-packages; the standard library excluded, filtered and deduplicated by
+    :func:`~moa_flex.data.code_corpus.build_corpus`), in a seeded order, each file as
+    ``bos tokens eos`` as the code model was trained, concatenated and cut into consecutive
+    pieces. Each sample is all context (empty head and question): the dense model's answer
+    is its own continuation of the code. ValueError if the files do not fill ``n`` prompts."""
+    import numpy as np
+
+    from .code_corpus import build_corpus, file_hashes, heldout_files, training_files
+
+    if n < 1 or length < 2:
+        raise ValueError(f"need n >= 1 and length >= 2 tokens, got n={n}, length={length}")
+    corpus = build_corpus(training_files(roots), exclude_sha256=file_hashes(heldout_files()), roots=roots,
+                          progress=progress)
+    texts = list(corpus.documents())
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out: list[Sample] = []
+    buf: list[int] = []
+    for i in np.random.default_rng([seed, 0xC0DE]).permutation(len(texts)).tolist():
+        ids = tokenizer.encode(texts[i], add_special_tokens=False)
+        buf += ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
+        while len(buf) >= length and len(out) < n:
+            out.append(Sample(torch.zeros(0, dtype=torch.long), torch.tensor(buf[:length]), torch.zeros(0, dtype=torch.long)))
+            buf = buf[length:]
+        if len(out) == n:
+            return out
+    raise ValueError(f"the installed Python sources ({len(texts)} files) fill only {len(out)} of {n} prompts of "
+                     f"{length} tokens")
+
+
 def answer_samples(model: Any, samples: Iterable[Sample], *, max_new_tokens: int = 64, progress: bool = True) -> list[Sample]:
     """Each sample with the dense model's own greedy answer (1 to ``max_new_tokens`` tokens, EOS
     included when generated), from the stock ``model.generate``, one sample at a time."""

@@ -100,6 +100,9 @@ class MoaRuntime:
         self._spans: dict[int, torch.Tensor] = {}  # planned length -> head spans [L, H]
         self.warned_dense = False  # the dense-mask warning, once per runtime
         self.log: StartupLog | None = None  # start-up lines (set by moa_flex.compile)
+        # the layer a call with layer -1 runs as: code compiled once for several layers
+        # (moa_flex.passes.regional) is told which one by its caller
+        self.current_layer = -1
         RUNTIMES[self.id] = self
 
     def head_spans(self, N: int) -> torch.Tensor:
@@ -175,7 +178,12 @@ class MoaRuntime:
     ) -> torch.Tensor:
         """Sparse attention of one layer: q [B, H, Q, D], k/v [B, KVH, K, D] -> [B, H, Q, Dv].
         ``sinks`` [H]: learned sink logits (GPT-OSS), one more term ``exp(sink)`` in each
-        softmax's denominator: the output times ``sigmoid(lse - sink)``."""
+        softmax's denominator: the output times ``sigmoid(lse - sink)``. ``layer`` -1: the
+        runtime's ``current_layer`` (regional compilation sets it before each layer's code)."""
+        if layer < 0:
+            layer = self.current_layer
+            if layer < 0:
+                raise RuntimeError("moa-flex attention of a shared compiled layer was called before its layer was set")
         q_len, kv_len = q.shape[2], k.shape[2]
         if q_len != kv_len and self.planned_length is None:
             raise NotImplementedError(

@@ -103,6 +103,7 @@ def compile(  # noqa: A001  (the verb of the API)
     progress: bool = True,
     compile_cache: bool | None = None,
     verify: bool = True,
+    regional: bool = True,
 ) -> torch.nn.Module:
     """Compile an HF causal LM so that every attention layer runs the plan. Returns the model.
 
@@ -139,6 +140,10 @@ def compile(  # noqa: A001  (the verb of the API)
     rewritten attention, under a dense plan, compared with the model's own attention call on
     that call's inputs; a difference raises :class:`moa_flex.runtime.verify.VerifyError` naming
     the layer (:mod:`moa_flex.runtime.verify`: what is compared, the cost, the limits).
+    ``regional``: inductor compiles one decoder layer and runs its code for every layer with
+    an equal graph (:mod:`moa_flex.passes.regional`), so compile time does not grow with depth;
+    decode steps are compiled so only when they replay CUDA graphs (one GPU, ``mode`` with CUDA
+    graphs): uncaptured, each layer's call costs host time. False compiles every graph whole.
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -160,8 +165,9 @@ def compile(  # noqa: A001  (the verb of the API)
         raise ValueError(f"prefill_chunk must be an integer >= 2 (tokens) or None, got {prefill_chunk!r}")
     if backend not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {backend!r}")
-    if not isinstance(verify, bool):
-        raise ValueError(f"verify must be True or False, got {verify!r}")
+    for name, flag in (("verify", verify), ("regional", regional)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if model.training:
         raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
 
@@ -198,15 +204,17 @@ def compile(  # noqa: A001  (the verb of the API)
     prefill = make_backend(
         plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
         softcaps=caps, windows=windows, verify_id=state.verify_runtime.id if verify else None, say=log.say,
+        regional=regional, on_regions=state.region_reports.append,
     )
     decode = make_decode_backend(  # CUDA graphs of decode steps are moa-flex's own (step_graph.py)
         plan, inner=backend, mode=_without_cudagraphs(mode), on_report=state.decode_reports.append, softcaps=caps, windows=windows,
-        fuse_linear=fuse_linear,
+        fuse_linear=fuse_linear, regional=regional and _steps_captured(model, plan, state.cudagraphs),
+        on_regions=state.region_reports.append,
     )
     if backend == "inductor" and cache_enabled(compile_cache):
         devices, dtype = layer_placement(model, plan.model)
         options = {"mode": mode, "fuse_linear": fuse_linear, "prefill_chunk": prefill_chunk, "max_length": max_length,
-                   "shard": shard}
+                   "shard": shard, "regional": regional}
         state.compile_cache = CompileCache(artifact_key(config, plan, dtype, devices[0], options))
         if state.compile_cache.load():
             log.say(f"compile cache: loaded {state.compile_cache.loaded_bytes / 2**20:.1f} MiB of compiled code from "
@@ -221,6 +229,14 @@ def compile(  # noqa: A001  (the verb of the API)
         model.generate = functools.wraps(state.original_generate)(functools.partial(_generate, model, state))
     model.moa_flex = state
     return model
+
+
+def _steps_captured(model: torch.nn.Module, plan: Plan, cudagraphs: bool) -> bool:
+    """Whether decode steps will replay a CUDA graph (one GPU, CUDA graphs on): only then is the
+    decode graph compiled by region, since each region's call costs host time (about 0.3 ms
+    per layer on our CPU) that a captured step does not pay."""
+    devices, _ = layer_placement(model, plan.model)
+    return cudagraphs and len(set(devices)) == 1 and devices[0].type == "cuda"
 
 
 def _logged(backend: Callable, log: StartupLog, what: str, inner: str) -> Callable:

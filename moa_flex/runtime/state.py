@@ -41,6 +41,7 @@ class CompiledState:
     verify_runtime: MoaRuntime | None = None  # the dense plan of the first-call check (None: verify=False)
     accelerate_hooks: list = field(default_factory=list)  # accelerate hooks swapped for device moves (placement.py)
     shard: tuple[int, int] | None = None  # (index, count) of this rank's heads under tensor parallelism (parallel.py)
+    region_reports: list = field(default_factory=list)  # regional compilation, per compiled graph (passes/regional.py)
 
     def save_compiled(self) -> None:
         """Write the compile cache now if this process compiled something new (also done at exit)."""
