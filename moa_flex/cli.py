@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the plan JSON to write (also OUT.profile.safetensors); default: MODEL_DIR/moa_plan.json, where "
                         "moa_flex.compile(model) finds it (and MODEL_DIR/moa_profile.safetensors)")
     p.set_defaults(fn=_cmd_compress)
+    from .code_demo import DEFAULT_LENGTHS as CODE_LENGTHS
+    from .code_demo import DEFAULT_PROFILE_LENGTHS as CODE_PROFILE_LENGTHS
     from .demo import DEFAULT_DENSITIES, DEFAULT_DEPTHS, DEFAULT_LENGTHS, DEFAULT_PROFILE_LENGTHS, DemoConfig
 
     p = sub.add_parser("demo", help="the whole job on the shipped needle model: calibrate, profile, optimize, compile, "
@@ -277,16 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Calibrates, profiles and optimizes MoA plans for the shipped needle model (a small "
                                    "Llama trained on moa_flex.data.synthetic), then measures retrieval accuracy by length and "
                                    "needle depth for the dense model, the MoA plans and uniform plans of the same KV density.")
-    p.add_argument("--model-dir", default=None, help="a folder written by `python -m moa_flex.zoo.train` (default: the shipped one)")
-    p.add_argument("-o", "--out", default="moa-flex-demo", help="output folder (plans, profile, results, demo.png)")
+    p.add_argument("--model", choices=["needle", "code"], default="needle",
+                   help="needle: the synthetic retrieval model (moa_flex.demo); code: the code model on real text, "
+                        "calibrated on installed Python sources and scored on the standard library (moa_flex.code_demo)")
+    p.add_argument("--model-dir", default=None, help="a folder written by `python -m moa_flex.zoo.train` (or "
+                                                     "`train_code` with --model code; default: the shipped one)")
+    p.add_argument("-o", "--out", default=None, help="output folder (plans, profile, results, demo.png; default "
+                                                     "moa-flex-demo or moa-flex-demo-code)")
     p.add_argument("--densities", type=float, nargs="+", default=list(DEFAULT_DENSITIES), help="KV densities")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="evaluation lengths (tokens)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help=f"evaluation lengths (tokens; default {list(DEFAULT_LENGTHS)}, code: {list(CODE_LENGTHS)})")
     p.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS), help="needle depths in [0, 1]")
-    p.add_argument("--samples", type=int, default=DemoConfig.samples,
-                   help="evaluation sequences per length (each asks one question per depth)")
-    p.add_argument("--profile-lengths", type=int, nargs="+", default=list(DEFAULT_PROFILE_LENGTHS), help="profiled lengths (tokens)")
-    p.add_argument("--calibration-samples", type=int, default=DemoConfig.calibration_samples,
-                   help="calibration samples per profiled length (needle depths spread evenly)")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"evaluation sequences per length (each asks one question per depth; default {DemoConfig.samples}); "
+                        "code: held-out documents per length (default 4)")
+    p.add_argument("--profile-lengths", type=int, nargs="+", default=None,
+                   help=f"profiled lengths (tokens; default {list(DEFAULT_PROFILE_LENGTHS)}, code: {list(CODE_PROFILE_LENGTHS)})")
+    p.add_argument("--calibration-samples", type=int, default=None,
+                   help=f"calibration samples per profiled length (needle depths spread evenly; default "
+                        f"{DemoConfig.calibration_samples}, code: 4)")
     p.add_argument("--sink", type=int, default=DemoConfig.sink, help="plans' sink tokens")
     p.add_argument("--span-multiple", type=int, default=DemoConfig.span_multiple, help="plans' span granularity (tokens)")
     p.add_argument("--min-span", type=int, default=DemoConfig.min_span, help="plans' smallest span (tokens)")
@@ -358,12 +369,30 @@ def _texts(folder: str | None) -> Iterator[str]:
             continue
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import DemoConfig, run_demo
+def _given(value: Any, default: Any) -> Any:
+    """A demo flag's value, or the chosen model's default when the flag was not given."""
+    return default if value is None else value
 
-    run_demo(DemoConfig(model_dir=args.model_dir, out=args.out, densities=args.densities, lengths=args.lengths,
-                        depths=args.depths, samples=args.samples, profile_lengths=args.profile_lengths,
-                        calibration_samples=args.calibration_samples, sink=args.sink, span_multiple=args.span_multiple,
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    if args.model == "code":
+        from .code_demo import DEFAULT_LENGTHS, DEFAULT_PROFILE_LENGTHS, CodeDemoConfig, run_code_demo
+
+        run_code_demo(CodeDemoConfig(
+            model_dir=args.model_dir, out=args.out or "moa-flex-demo-code", densities=args.densities,
+            lengths=_given(args.lengths, DEFAULT_LENGTHS), docs=_given(args.samples, CodeDemoConfig.docs),
+            profile_lengths=_given(args.profile_lengths, DEFAULT_PROFILE_LENGTHS),
+            calibration_samples=_given(args.calibration_samples, CodeDemoConfig.calibration_samples),
+            progress=not args.quiet, backend=args.backend))
+        return
+    from .demo import DEFAULT_LENGTHS, DEFAULT_PROFILE_LENGTHS, DemoConfig, run_demo
+
+    run_demo(DemoConfig(model_dir=args.model_dir, out=args.out or "moa-flex-demo", densities=args.densities,
+                        lengths=_given(args.lengths, DEFAULT_LENGTHS),
+                        depths=args.depths, samples=_given(args.samples, DemoConfig.samples),
+                        profile_lengths=_given(args.profile_lengths, DEFAULT_PROFILE_LENGTHS),
+                        calibration_samples=_given(args.calibration_samples, DemoConfig.calibration_samples),
+                        sink=args.sink, span_multiple=args.span_multiple,
                         min_span=args.min_span, progress=not args.quiet, backend=args.backend))
 
 

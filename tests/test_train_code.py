@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moa_flex.plan import Plan
 from moa_flex.zoo import train_code
 from moa_flex.zoo.train_code import (
     CodeTrainConfig,
@@ -222,3 +223,27 @@ def test_code_samples_are_windows_of_whole_files(runs: tuple[Path, Path, list[st
     assert not all(torch.equal(a.context, b.context) for a, b in zip(samples, other))
     with pytest.raises(ValueError, match="fill only"):
         code_samples(tok, 256, 10_000, roots=[str(fake_site)])
+
+
+def test_code_demo_runs_the_whole_job(runs: tuple[Path, Path, list[str]], fake_site: Path, tmp_path: Path) -> None:
+    """`moa-flex demo --model code` on a tiny trained code model: calibration on the fake
+    site-packages, compress, held-out standard-library evaluation, outputs and bars."""
+    from moa_flex.code_demo import CodeDemoConfig, run_code_demo
+
+    cfg = CodeDemoConfig(model_dir=str(runs[0]), out=str(tmp_path / "demo"), densities=(0.5,), lengths=(64, 128),
+                         docs=1, profile_lengths=(64, 96), calibration_samples=2, validation_samples=1,
+                         max_new_tokens=8, roots=(str(fake_site),), backend="eager", progress=False,
+                         spans={"sink": 8, "span_multiple": 8, "min_span": 16})
+    summary = run_code_demo(cfg)
+    out = tmp_path / "demo"
+    for name in ("results.json", "results.md", "plan-moa-0.5.json", "profile.safetensors"):
+        assert (out / name).is_file(), name
+    plans = summary["results"]["plans"]
+    assert set(plans) == {"dense", "MoA d=0.5", "uniform d=0.5"}
+    for by in plans.values():
+        assert set(by) == {"64", "128"} and all(0 < s["bits_per_byte"] < 20 for s in by.values())
+    moa = Plan.load(out / "plan-moa-0.5.json")
+    assert moa.kv_density(96) <= 0.5 + 1e-9
+    assert len(summary["bars"]) == 1 and summary["bars"][0].startswith("d=0.5 at 128 tokens")
+    with pytest.raises(ValueError, match="profile_lengths"):
+        run_code_demo(CodeDemoConfig(model_dir=str(runs[0]), profile_lengths=(8,), max_new_tokens=8))

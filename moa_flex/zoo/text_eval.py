@@ -113,6 +113,29 @@ class TextEval:
             f"{name} {self.effective_context(name)}" for name in self.scores))
         return "\n".join(rows)
 
+    def bars(self, densities: Sequence[float], length: int) -> list[str]:
+        """The code-model issue's quality bars per density, at ``length`` tokens, for plans named
+        ``"MoA d=<d>"`` and ``"uniform d=<d>"``: MoA's bits per byte within 3% of dense, its
+        far-copy accuracy at least 90% of dense, its far-copy loss increase at most a third of
+        the uniform plan's, and its effective context at least twice the uniform plan's."""
+        dense = self.scores["dense"][length]
+        out = []
+        for d in densities:
+            moa, uni = self.scores.get(f"MoA d={d}", {}).get(length), self.scores.get(f"uniform d={d}", {}).get(length)
+            if moa is None or uni is None:
+                continue
+            bpb = moa.bits_per_byte / dense.bits_per_byte - 1
+            acc = moa.far_accuracy / dense.far_accuracy if dense.far_accuracy else float("nan")
+            rise, uni_rise = moa.far_loss - dense.far_loss, uni.far_loss - dense.far_loss
+            ctx, uni_ctx = self.effective_context(f"MoA d={d}"), self.effective_context(f"uniform d={d}")
+            out.append(
+                f"d={d} at {length} tokens: bits/byte {moa.bits_per_byte:.4f} vs dense {dense.bits_per_byte:.4f} "
+                f"({bpb:+.1%}; bar <= +3%: {'met' if bpb <= 0.03 else 'missed'}); far-copy accuracy {moa.far_accuracy:.3f} "
+                f"= {acc:.0%} of dense (bar >= 90%: {'met' if acc >= 0.9 else 'missed'}); far-copy loss rise {rise:+.3f} "
+                f"vs uniform's {uni_rise:+.3f} nats (bar <= 1/3: {'met' if rise <= uni_rise / 3 else 'missed'}); "
+                f"effective context {ctx} vs uniform's {uni_ctx} (bar >= 2x: {'met' if ctx >= 2 * uni_ctx and ctx else 'missed'})")
+        return out
+
     def to_dict(self) -> dict:
         return {"lengths": self.lengths, "k": self.k, "window": self.window,
                 "plans": {name: {str(n): {**vars(s), "bits_per_byte": s.bits_per_byte, "far_accuracy": s.far_accuracy,
