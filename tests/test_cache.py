@@ -189,3 +189,20 @@ def test_triton_append_equals_twin(layout, start, dtype, D, strided) -> None:  #
         cache_append_triton(keys, values, length, k_new, v_new, caps_t, offsets, sink)
         cache_append_reference(*twin, k_new, v_new, caps_t, offsets, sink)
         assert torch.equal(keys, twin[0]) and torch.equal(values, twin[1]) and torch.equal(length, twin[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: 'cuda' names the current one")
+def test_cache_records_the_concrete_device() -> None:
+    """A cache built for "cuda" records the device its tensors are on ("cuda:0"), what a
+    model's parameters report: a later turn on that cache is accepted (the long-context bench
+    once failed on "cuda" != "cuda:0")."""
+    cache = MoaCache(plan_for(), 1, 64, devices="cuda")
+    here = torch.device("cuda", torch.cuda.current_device())
+    assert {layer.device for layer in cache.moa_layers} == {here}
+    assert {layer.keys.device for layer in cache.moa_layers} == {here}
+
+
+def test_cache_devices_as_strings_or_devices() -> None:
+    a = MoaCache(plan_for(), 1, 64, devices="cpu")
+    b = MoaCache(plan_for(), 1, 64, devices=[torch.device("cpu")] * 3)
+    assert [layer.device for layer in a.moa_layers] == [layer.device for layer in b.moa_layers] == [torch.device("cpu")] * 3

@@ -150,6 +150,10 @@ class MoaCache(Cache):
             devices = [devices] * plan.num_layers
         if len(devices) != plan.num_layers:
             raise ValueError(f"devices: expected one per layer ({plan.num_layers}), got {len(devices)}")
+        # "cuda" names the current GPU: the cache records the device its tensors live on ("cuda:0"),
+        # which is what a model's parameters report
+        concrete = {str(d): torch.empty(0, device=d).device for d in set(map(str, devices))}
+        devices = [concrete[str(d)] for d in devices]
         rows = [planned_length - int(p) for p in pads]
         caps = torch.stack([plan.cache_spans(n) for n in rows], dim=1)  # [L, B, G]
         spans = torch.stack([plan.head_spans(n) for n in rows], dim=1)  # [L, B, H]
