@@ -78,8 +78,9 @@ def load_code_model(path: str | None = None) -> tuple[Any, Any]:
     return model.float().eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def run_code_demo(cfg: CodeDemoConfig) -> dict:
-    """Run the code demo (module docstring); returns what ``results.json`` holds."""
+def run_code_demo(cfg: CodeDemoConfig, bars_at: int | None = None) -> dict:
+    """Run the code demo (module docstring); returns what ``results.json`` holds. ``bars_at``:
+    the length (tokens) of the quality bars (default the longest evaluated)."""
     from .data import code_samples
     from .data.code_corpus import heldout_files
     from .pipeline import compress
@@ -121,7 +122,7 @@ def run_code_demo(cfg: CodeDemoConfig) -> dict:
     result = evaluate(model, tokenizer, plans, docs, backend=cfg.backend, progress=cfg.progress)
     lap("evaluate")
 
-    bars = result.bars(cfg.densities, max(docs))
+    bars = result.bars(cfg.densities, bars_at or max(docs))
     summary = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items() if k != "timings"},
                "results": result.to_dict(), "bars": bars, "timings_s": cfg.timings,
                "seconds": round(time.time() - t0, 1)}

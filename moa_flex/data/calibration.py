@@ -74,7 +74,7 @@ def code_samples(tokenizer: Any, length: int, n: int, seed: int = 0, *,
     out: list[Sample] = []
     buf: list[int] = []
     for i in np.random.default_rng([seed, 0xC0DE]).permutation(len(texts)).tolist():
-        ids = tokenizer.encode(texts[i], add_special_tokens=False)
+        ids = _encode(tokenizer, texts[i])
         buf += ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
         while len(buf) >= length and len(out) < n:
             out.append(Sample(torch.zeros(0, dtype=torch.long), torch.tensor(buf[:length]), torch.zeros(0, dtype=torch.long)))
@@ -83,6 +83,15 @@ def code_samples(tokenizer: Any, length: int, n: int, seed: int = 0, *,
             return out
     raise ValueError(f"the installed Python sources ({len(texts)} files) fill only {len(out)} of {n} prompts of "
                      f"{length} tokens")
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a whole file (no special tokens), without transformers' warning about
+    texts longer than the model's context: prompts are cut to length afterwards."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def answer_samples(model: Any, samples: Iterable[Sample], *, max_new_tokens: int = 64, progress: bool = True) -> list[Sample]:
