@@ -101,6 +101,62 @@ def plot_plan(plan: Plan, path: str | os.PathLike, *, length: int | None = None)
     return length
 
 
+def influence_shares(hist: Any) -> Any:
+    """[heads, bins]: each head's cumulative share of its influence out to each distance bin
+    (rows of a profile's ``hist[N]`` [L, H, bins] flattened layer-major; a head without
+    influence is 0). Local heads reach 1 within a few bins, retrieval heads only far away."""
+    h = hist.reshape(-1, hist.shape[-1]).clamp_min(0).cumsum(-1)
+    total = h[:, -1:].clone()
+    total[total == 0] = 1
+    return h / total
+
+
+def plot_profile(profile: Any, path: str | os.PathLike, *, length: int | None = None) -> int:
+    """Write a PNG of a profile at ``length`` (default its longest): per query head (rows,
+    layer by layer), the cumulative share of its influence out to each attention distance,
+    and each head's share at a quarter of the length. Returns the length."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ValueError(f"plotting needs matplotlib: {PLOT_HINT}") from e
+    N = max(profile.lengths) if length is None else int(length)
+    if N not in profile.hist:
+        raise ValueError(f"length {N} was not profiled; profiled: {profile.lengths}")
+    shares = influence_shares(profile.hist[N])
+    L, H = profile.model.num_layers, profile.model.num_heads
+    quarter = shares[:, min(shares.shape[1] - 1, max(0, (N // 4) // profile.span_multiple - 1))]
+    fig = Figure(figsize=(11, 0.16 * L * H + 1.6), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[3, 1])
+    extent = (0, shares.shape[1] * profile.span_multiple, L * H - 0.5, -0.5)
+    im = ax1.imshow(shares.numpy(), aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=1, extent=extent)
+    ax1.set_yticks([l * H for l in range(L)], [f"layer {l}" for l in range(L)])
+    ax1.set_xlabel("attention distance (tokens)")
+    ax1.set_title(f"cumulative share of each head's influence, N={N}")
+    fig.colorbar(im, ax=ax1, label="share within distance")
+    ax2.barh(range(L * H), quarter.numpy(), color="0.3")
+    ax2.set_ylim(L * H - 0.5, -0.5)
+    ax2.set_yticks([l * H for l in range(L)], [])
+    ax2.set_xlim(0, 1)
+    ax2.set_xlabel(f"share within {N // 4} tokens")
+    fig.suptitle(f"moa-flex profile: {profile.model.name or '(unnamed)'}")
+    fig.savefig(os.fspath(path), dpi=110)
+    return N
+
+
+def _cmd_show_profile(args: argparse.Namespace) -> None:
+    from .profile.store import Profile
+
+    profile = Profile.load(args.profile)
+    for N in profile.lengths:
+        shares = influence_shares(profile.hist[N])
+        local = int((shares[:, min(shares.shape[1] - 1, max(0, (N // 8) // profile.span_multiple - 1))] >= 0.9).sum())
+        print(f"N={N}: {profile.num_samples[N]} samples; {local} of {shares.shape[0]} heads have 90% of their influence "
+              f"within N/8 = {N // 8} tokens")
+    if args.plot:
+        N = plot_profile(profile, args.plot, length=args.length)
+        print(f"wrote {args.plot} (influence by distance per head at {N} tokens)")
+
+
 def validation_table(plan: Plan) -> str:
     """The validation scores the plan's meta holds (written by moa_flex.optimize.validate)."""
     v = plan.meta["validation"]
@@ -233,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-length", type=int, default=None, metavar="N",
                    help="length (tokens) of the heatmap (default: the plan's largest profiled length, else 16384)")
     p.set_defaults(fn=_cmd_show)
+    p = sub.add_parser("show-profile", help="summarize a profile file (how far each head's influence reaches)")
+    p.add_argument("profile", help="a profile written by `moa-flex compress` (*.safetensors)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help=f"also write a picture: per head, the cumulative share of its influence by distance ({PLOT_HINT})")
+    p.add_argument("--length", type=int, default=None, help="profiled length (tokens) to plot (default: the longest)")
+    p.set_defaults(fn=_cmd_show_profile)
     p = sub.add_parser("import-moa", help="convert an upstream MoA alpha/beta file to a moa-flex plan")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True)

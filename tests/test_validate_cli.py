@@ -197,3 +197,25 @@ def test_compress_with_jsonl_data(tmp_path, capsys):
     assert plan.meta["compress"]["data"] == str(data)
     assert plan.meta["validation"]["samples"] == 2 and plan.meta["validation"]["length"] == 300
     assert plan.meta["compress"]["samples"] == {"128": 2, "256": 2}
+
+
+def test_show_profile_shares_and_picture(tmp_path, capsys) -> None:  # noqa: ANN001
+    """Per head, the cumulative share of its influence by distance, against a hand count."""
+    from moa_flex.cli import influence_shares
+    from moa_flex.profile.store import Profile
+
+    hist = torch.zeros(2, 2, 4, dtype=torch.float64)  # N=256, bins of 64 tokens
+    hist[0, 0, 0] = 2.0  # local
+    hist[0, 1, 3] = 1.0  # far only
+    hist[1, 0] = torch.tensor([1.0, 1.0, 1.0, 1.0])  # uniform; head [1, 1] has no influence
+    shares = influence_shares(hist)
+    want = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 1], [0.25, 0.5, 0.75, 1], [0, 0, 0, 0]], dtype=torch.float64)
+    assert torch.equal(shares, want)
+    profile = Profile(ModelShape(2, 2, 2, 16, name="toy"), 64, 64, {256: hist}, {256: torch.zeros(2, 2)}, {256: 3})
+    profile.save(tmp_path / "p.safetensors")
+    png = tmp_path / "p.png"
+    assert main(["show-profile", str(tmp_path / "p.safetensors"), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "N=256: 3 samples; 1 of 4 heads have 90% of their influence within N/8 = 32 tokens" in out
+    assert png.stat().st_size > 1000
+    assert main(["show-profile", str(tmp_path / "p.safetensors"), "--plot", str(png), "--length", "512"]) == 2
