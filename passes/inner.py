@@ -30,9 +30,9 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list, inner: str, mo
         on_gpu = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
         split = compile_regions(gm, example_inputs, lambda part, args: compile_fx(part, args, config_patches=patches),
                                 report, compile_outer=on_gpu)
+        if on_regions is not None:
+            on_regions(report)
         if split is not None:
-            if on_regions is not None:
-                on_regions(report)
             return split
     return compile_fx(gm, example_inputs, config_patches=patches)
 

@@ -53,6 +53,7 @@ class RegionReport:
     compiles: int = 0
     shared: dict[int, int] = field(default_factory=dict)  # layer -> the layer whose compiled code it runs
     guards_moved: int = 0
+    whole: str = ""  # why the graph was compiled whole instead (empty: it was not)
 
 
 def node_region(node: torch.fx.Node) -> int | None:
@@ -91,14 +92,22 @@ def compile_regions(gm: torch.fx.GraphModule, example_inputs: list,
     region = regions(gm.graph)
     order = _ordered(region.values())
     layers = [r for r in order if r not in (PRE, POST)]
-    if len(layers) < 2 or len(set(layers)) != len(layers):
-        return None  # one layer, or a layer split in two (interleaved): nothing to share
+    if len(layers) < 2:
+        return None  # nothing to share
+    if len(set(layers)) != len(layers):
+        report.whole = "a decoder layer's nodes are interleaved with another layer's"
+        return None
     fake_mode, shape_env = _fake_mode()
     if fake_mode is None:
+        report.whole = "no fake tensors to compile parts with (not inside a Dynamo backend call)"
         return None
     rank = {r: i for i, r in enumerate(order)}
-    split = split_module(gm, gm, lambda n: rank[region[n]], keep_original_order=True)
-    part_args = _part_inputs(gm, split, _fake_inputs(example_inputs, fake_mode), fake_mode)
+    try:  # the cut itself: a graph it cannot take compiles whole (same code as regional=False)
+        split = split_module(gm, gm, lambda n: rank[region[n]], keep_original_order=True)
+        part_args = _part_inputs(gm, split, _fake_inputs(example_inputs, fake_mode), fake_mode)
+    except Exception as e:  # noqa: BLE001  (split_module or fake propagation refusing this graph)
+        report.whole = f"the graph could not be cut by layer ({type(e).__name__}: {str(e)[:200]})"
+        return None
     compiled: dict[tuple, tuple[int, Callable, dict, list]] = {}  # key -> (layer, code, symbols, new guards)
     for node in split.graph.nodes:
         if node.op != "call_module":

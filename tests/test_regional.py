@@ -204,3 +204,26 @@ def test_hybrid_layers_share_by_kind() -> None:
     torch.testing.assert_close(logits, eager_logits, rtol=0, atol=5e-5)
     for r in reports:
         assert r.layers == [0, 1, 2, 3] and r.compiles <= 3 and r.shared.get(3) == 1
+
+
+def test_a_graph_that_cannot_be_cut_compiles_whole(four_layers: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the cut itself fails, the graph compiles whole (what regional=False runs), the
+    report says why and a start-up line says it; the result is unchanged."""
+    import moa_flex.passes.regional as regional
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("no cut today")
+
+    model, plan, ids = four_layers
+    monkeypatch.setattr(regional, "split_module", refuse)
+    moa_flex.compile(model, plan, compile_cache=False)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        reports, lines = list(model.moa_flex.region_reports), list(model.moa_flex.log.lines)
+    finally:
+        moa_flex.uncompile(model)
+    assert len(reports) == 1 and "no cut today" in reports[0].whole and reports[0].compiles == 0
+    assert any("compiles whole" in line and "no cut today" in line for line in lines)
+    eager = _run(model, plan, ids, backend="eager")[0]
+    torch.testing.assert_close(logits, eager, rtol=0, atol=2e-5)

@@ -204,12 +204,12 @@ def compile(  # noqa: A001  (the verb of the API)
     prefill = make_backend(
         plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
         softcaps=caps, windows=windows, verify_id=state.verify_runtime.id if verify else None, say=log.say,
-        regional=regional, on_regions=state.region_reports.append,
+        regional=regional, on_regions=functools.partial(_regions_said, state),
     )
     decode = make_decode_backend(  # CUDA graphs of decode steps are moa-flex's own (step_graph.py)
         plan, inner=backend, mode=_without_cudagraphs(mode), on_report=state.decode_reports.append, softcaps=caps, windows=windows,
         fuse_linear=fuse_linear, regional=regional and _steps_captured(model, plan, state.cudagraphs),
-        on_regions=state.region_reports.append,
+        on_regions=functools.partial(_regions_said, state),
     )
     if backend == "inductor" and cache_enabled(compile_cache):
         devices, dtype = layer_placement(model, plan.model)
@@ -229,6 +229,13 @@ def compile(  # noqa: A001  (the verb of the API)
         model.generate = functools.wraps(state.original_generate)(functools.partial(_generate, model, state))
     model.moa_flex = state
     return model
+
+
+def _regions_said(state: CompiledState, report: Any) -> None:
+    """Keep a graph's regional-compilation report; say when a graph was compiled whole instead."""
+    state.region_reports.append(report)
+    if report.whole:
+        state.log.say(f"regional compilation: this graph compiles whole: {report.whole}")
 
 
 def _steps_captured(model: torch.nn.Module, plan: Plan, cudagraphs: bool) -> bool:
