@@ -31,13 +31,17 @@ def test_far_copy_positions_equal_brute_force(ids: list[int], k: int, window: in
     assert far_copy_positions(ids, k, window).tolist() == brute_far(ids, k, window)
 
 
-def test_effective_context_is_the_longest_length_within_the_fraction() -> None:
+def test_effective_context_is_where_accuracy_stays_within_the_fraction() -> None:
     result = TextEval([256, 512, 1024], 4, 64)
-    acc = {"dense": [0.8, 0.8, 0.8], "a": [0.8, 0.73, 0.7], "b": [0.5, 0.8, 0.8]}
+    acc = {"dense": [0.8, 0.8, 0.8], "a": [0.8, 0.73, 0.7], "b": [0.5, 0.8, 0.8], "c": [0.8, 0.6, 0.8]}
     for name, values in acc.items():
         result.scores[name] = {n: Scores(far_tokens=100, far_correct=round(100 * v)) for n, v in zip(result.lengths, values)}
-    assert [result.effective_context(n) for n in ("dense", "a", "b")] == [1024, 512, 1024]
+    # b falls short at the first length, c in the middle: neither stays past it
+    assert [result.effective_context(n) for n in ("dense", "a", "b", "c")] == [1024, 512, 0, 256]
     assert "effective context" in result.table() and result.to_dict()["effective_context"]["a"] == 512
+    for name in acc:  # a length with too few far-copy tokens to tell does not count
+        result.scores[name][256] = Scores(far_tokens=20, far_correct=20 if name == "dense" else 5)
+    assert [result.effective_context(n) for n in ("dense", "a", "b", "c")] == [1024, 512, 1024, 0]
 
 
 def test_scores_equal_independent_sums_for_dense_and_sparse_plans() -> None:

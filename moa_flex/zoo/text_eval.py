@@ -10,8 +10,9 @@ code model: the Python standard library) cut into documents of ``L`` tokens:
   ``t``: ``g`` occurred earlier, ending at some ``e`` with ``t - e > window`` and followed by the
   target token (``ids[e] == ids[t]``), and ``g`` did not occur ending within ``window`` tokens of
   ``t`` (:func:`far_copy_positions`). Their mean loss (nats) and top-1 accuracy.
-* **effective context** of a plan: the longest evaluated length at which its far-copy accuracy
-  is at least ``fraction`` (0.9) of the dense model's at that length.
+* **effective context** of a plan: the longest evaluated length up to which its far-copy
+  accuracy stays at least ``fraction`` (0.9) of the dense model's at every length, lengths with
+  fewer than ``MIN_FAR_TOKENS`` far-copy tokens skipped.
 
 Every plan runs through one ``moa_flex.compile`` (``set_plan`` between plans), each document
 as one plain forward planned for its length.
@@ -28,6 +29,7 @@ import torch
 
 DEFAULT_K = 6  # tokens of context a copy must match
 DEFAULT_WINDOW = 1024  # tokens: a far copy's source lies further back than this
+MIN_FAR_TOKENS = 100  # far-copy tokens (dense model, all documents of a length) for a length to count
 
 
 def far_copy_positions(ids: Sequence[int], k: int = DEFAULT_K, window: int = DEFAULT_WINDOW) -> torch.Tensor:
@@ -88,16 +90,20 @@ class TextEval:
     window: int
     scores: dict[str, dict[int, Scores]] = field(default_factory=dict)
 
-    def effective_context(self, name: str, fraction: float = 0.9, dense: str = "dense") -> int:
-        """The longest length at which ``name``'s far-copy accuracy is at least ``fraction``
-        of the dense model's (0 if none; lengths without far-copy tokens are skipped)."""
+    def effective_context(self, name: str, fraction: float = 0.9, dense: str = "dense",
+                          min_far_tokens: int = MIN_FAR_TOKENS) -> int:
+        """The longest evaluated length up to which ``name``'s far-copy accuracy stays at least
+        ``fraction`` of the dense model's at every length (0 if it falls short at the first).
+        Lengths where the dense model has fewer than ``min_far_tokens`` far-copy tokens are
+        skipped (too few to tell a difference), as are lengths without any."""
         best = 0
         for n in self.lengths:
-            mine, ref = self.scores[name][n].far_accuracy, self.scores[dense][n].far_accuracy
-            if math.isnan(ref) or math.isnan(mine):
+            mine, ref = self.scores[name][n], self.scores[dense][n]
+            if ref.far_tokens < max(1, min_far_tokens) or math.isnan(mine.far_accuracy):
                 continue
-            if mine >= fraction * ref:
-                best = n
+            if mine.far_accuracy < fraction * ref.far_accuracy:
+                break
+            best = n
         return best
 
     def table(self) -> str:
@@ -109,7 +115,8 @@ class TextEval:
                 s = by_length[n]
                 rows.append(f"{name:<22} {n:>7} {s.documents:>5} {s.bits_per_byte:>10.4f} {s.far_tokens:>10} "
                             f"{s.far_accuracy:>8.3f} {s.far_loss:>9.3f}")
-        rows.append("effective context (far-copy accuracy >= 90% of dense): " + ", ".join(
+        rows.append(f"effective context (far-copy accuracy stays >= 90% of dense; lengths with < {MIN_FAR_TOKENS} far-copy "
+                    "tokens skipped): " + ", ".join(
             f"{name} {self.effective_context(name)}" for name in self.scores))
         return "\n".join(rows)
 
