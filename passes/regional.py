@@ -116,9 +116,10 @@ def compile_regions(gm: torch.fx.GraphModule, example_inputs: list,
         r = order[int(str(node.target).rsplit("_", 1)[1])]
         args = part_args[node]
         single = _tuple_output(part)
-        key, symbols, inputs_order = canonical_key(part, args)
+        attention_layers = _attention_layers(part)
+        key, symbols, inputs_order = canonical_key(part, args, shape_env)
         code, perm = None, None
-        if key in compiled and r not in (PRE, POST) and len(_attention_layers(part)) <= 1:
+        if key in compiled and r not in (PRE, POST) and len(attention_layers) <= 1:
             owner, shared, owner_symbols, guards, owner_order = compiled[key]
             if _guards_hold(guards, owner_symbols, symbols, shape_env):
                 code, report.shared[r] = shared, owner
@@ -128,7 +129,6 @@ def compile_regions(gm: torch.fx.GraphModule, example_inputs: list,
                     perm[j] = inputs_order[c]
         if code is None and r in (PRE, POST) and not compile_outer:
             code = part.forward  # run as traced: no compile for the few ops around the layers
-        attention_layers = _attention_layers(part)
         if code is None:
             if len(attention_layers) == 1:
                 _free_layer(part)
@@ -266,11 +266,14 @@ def _free_layer(part: torch.fx.GraphModule) -> None:
 
 
 # ------------------------------------------------------------------------------ equal graphs
-def canonical_key(part: torch.fx.GraphModule, args: list) -> tuple[tuple, dict[str, sympy.Symbol], list[int]]:
+def canonical_key(part: torch.fx.GraphModule, args: list,
+                  shape_env: Any = None) -> tuple[tuple, dict[str, sympy.Symbol], list[int]]:
     """(key, symbols, order): equal keys mean equal graphs over inputs equal up to a renaming of
     size symbols. Inputs are compared in order of first use (split_module's input order varies
     between equal parts); ``order`` lists this part's input positions in that order, and
-    ``symbols`` maps each canonical name (``c0``, ``c1``, ...) to this part's symbol."""
+    ``symbols`` maps each canonical name (``c0``, ``c1``, ...) to this part's symbol. With a
+    ``shape_env``, what it already knows of each symbol (its value range, a replacement) is part
+    of the key too: a compile may rely on that without adding a guard."""
     nodes = list(part.graph.nodes)
     holders = [n for n in nodes if n.op == "placeholder"]
     first_use: dict[torch.fx.Node, tuple[int, int]] = {}  # (node, argument position) of its first read
@@ -297,7 +300,16 @@ def canonical_key(part: torch.fx.GraphModule, args: list) -> tuple[tuple, dict[s
             a[LAYER_ARG] = "layer"
         body.append((n.op, _target(n.target), _value_key(tuple(a), index, names),
                      _value_key(dict(n.kwargs), index, names)))
-    return (inputs, tuple(body)), {str(c): s for s, c in names.items()}, order
+    return (inputs, tuple(body), _known(names, shape_env)), {str(c): s for s, c in names.items()}, order
+
+
+def _known(names: dict, shape_env: Any) -> tuple:
+    """Per canonical symbol: its value range and replacement (renamed) in ``shape_env``."""
+    if shape_env is None:
+        return ()
+    ranges, replaced = getattr(shape_env, "var_to_range", {}), getattr(shape_env, "replacements", {})
+    return tuple((str(c), str(ranges.get(sym)), _sym(replaced[sym], dict(names)) if sym in replaced else "")
+                 for sym, c in list(names.items()))
 
 
 def _target(target: Any) -> str:

@@ -227,3 +227,14 @@ def test_a_graph_that_cannot_be_cut_compiles_whole(four_layers: tuple, monkeypat
     assert any("compiles whole" in line and "no cut today" in line for line in lines)
     eager = _run(model, plan, ids, backend="eager")[0]
     torch.testing.assert_close(logits, eager, rtol=0, atol=2e-5)
+
+
+def test_what_the_shape_env_knows_of_a_symbol_is_in_the_key() -> None:
+    """A compile may rely on a symbol's known range without adding a guard: parts whose
+    symbols have different ranges must not share code."""
+    env, mode = _env()
+    a, b = _fakes(env, mode, 5, "a"), _fakes(env, mode, 7, "b")
+    assert canonical_key(_traced(_mlp), a, env)[0] == canonical_key(_traced(_mlp), b, env)[0]
+    env.constrain_symbol_range(b[0].shape[0].node.expr, compiler_min=2, compiler_max=64)
+    assert canonical_key(_traced(_mlp), a, env)[0] != canonical_key(_traced(_mlp), b, env)[0]
+    assert canonical_key(_traced(_mlp), a)[0] == canonical_key(_traced(_mlp), b)[0]  # without the env: graph only
