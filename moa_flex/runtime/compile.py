@@ -240,8 +240,8 @@ def _regions_said(state: CompiledState, report: Any) -> None:
 
 def _steps_captured(model: torch.nn.Module, plan: Plan, cudagraphs: bool) -> bool:
     """Whether decode steps will replay a CUDA graph (one GPU, CUDA graphs on): only then is the
-    decode graph compiled by region, since each region's call costs host time (about 0.3 ms
-    per layer on our CPU) that a captured step does not pay."""
+    decode graph compiled by region, since each region's call costs host time (a runtime
+    wrapper per layer) that a captured step does not pay."""
     devices, _ = layer_placement(model, plan.model)
     return cudagraphs and len(set(devices)) == 1 and devices[0].type == "cuda"
 
