@@ -6,9 +6,14 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
+from moa_flex.kernels.quant import KV_DTYPES, bytes_per_vector, kv_dtype as parse_kv_dtype
 from moa_flex.plan import ModelShape
 
 GB = 10**9  # bytes in the GB of absolute budgets
+DEFAULT_DTYPE_BYTES = 2  # bf16/fp16 values, no scales: the byte count before kv_dtype existed
+KV_DTYPE_NAMES = {d: name for name, d in KV_DTYPES.items()}  # torch dtype -> "bf16", "fp8", ...
 
 
 @dataclass(frozen=True)
@@ -19,7 +24,18 @@ class Budget:
       profiled length. Measured as :meth:`Plan.kv_density` (``measure="memory"``).
     - ``tokens``: total KV slots per sequence, summed over layers and KV heads, at ``length``.
     - ``gb``: cache bytes (10**9 per GB) for ``batch_size`` sequences of ``length`` tokens:
-      ``2 (K and V) * head_dim * dtype_bytes * batch_size * slots``.
+      ``2 (K and V) * bytes_per_vector * batch_size * slots``, where a stored head vector (one
+      token x one KV head) takes ``head_dim * dtype_bytes`` bytes, or, with ``kv_dtype``, what
+      the runtime's cache of that dtype stores (:func:`moa_flex.kernels.quant.bytes_per_vector`):
+      ``head_dim * 2`` for bf16/fp16, ``head_dim * 4`` for fp32, ``head_dim + 4`` for fp8
+      (one byte per value plus a float32 scale), so fp8 buys ``2 * head_dim / (head_dim + 4)``
+      times the slots of bf16.
+
+    ``kv_dtype``: the cache's storage dtype (a torch dtype or ``"bf16"``, ``"fp16"``, ``"fp32"``,
+    ``"fp8"``; stored as the torch dtype), as passed to ``moa_flex.compile(..., kv_dtype=)``.
+    None (default): ``dtype_bytes`` per value and no scales. Give ``kv_dtype`` or a non-default
+    ``dtype_bytes``, not both. Density and token budgets count slots, not bytes: there
+    ``kv_dtype`` is validated and recorded (:meth:`to_dict`) but changes no limit.
     """
 
     density: float | None = None
@@ -27,7 +43,8 @@ class Budget:
     gb: float | None = None
     length: int | None = None
     batch_size: int = 1
-    dtype_bytes: int = 2
+    dtype_bytes: int = DEFAULT_DTYPE_BYTES
+    kv_dtype: torch.dtype | str | None = None
 
     def __post_init__(self) -> None:
         given = [k for k in ("density", "tokens", "gb") if getattr(self, k) is not None]
@@ -46,6 +63,22 @@ class Budget:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"budget {k} must be an integer >= 1, got {v!r}")
+        if self.kv_dtype is not None:
+            if self.dtype_bytes != DEFAULT_DTYPE_BYTES:
+                # two sources for one byte count: refuse rather than silently prefer one
+                raise ValueError(f"give budget kv_dtype or dtype_bytes, not both (got kv_dtype={self.kv_dtype!r}, "
+                                 f"dtype_bytes={self.dtype_bytes})")
+            object.__setattr__(self, "kv_dtype", parse_kv_dtype(self.kv_dtype))  # frozen: normalize once
+
+    def vector_bytes(self, head_dim: int) -> int:
+        """Bytes of one stored head vector (a key or a value of one token and KV head)."""
+        if self.kv_dtype is None:
+            return head_dim * self.dtype_bytes
+        return bytes_per_vector(self.kv_dtype, head_dim)
+
+    def slot_bytes(self, head_dim: int) -> int:
+        """Cache bytes of one KV slot (K and V of one token and KV head) over the whole batch."""
+        return 2 * self.vector_bytes(head_dim) * self.batch_size
 
     def slot_limits(self, lengths: Sequence[int], model: ModelShape, cache_groups: int) -> dict[int, float]:
         """{length: max KV slots per sequence summed over layers and cache groups}."""
@@ -56,8 +89,13 @@ class Budget:
             return {self.length: float(self.tokens)}
         if model.head_dim is None:
             raise ValueError("a budget in GB needs model.head_dim")
-        per_slot = 2 * model.head_dim * self.dtype_bytes * self.batch_size
-        return {self.length: self.gb * GB / per_slot}
+        return {self.length: self.gb * GB / self.slot_bytes(model.head_dim)}
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        """The given fields, JSON-clean (``kv_dtype`` by name; ``dtype_bytes`` left out when
+        ``kv_dtype`` replaces it); ``Budget(**to_dict())`` is the same budget."""
+        out = {k: v for k, v in self.__dict__.items() if v is not None}
+        if self.kv_dtype is not None:
+            out["kv_dtype"] = KV_DTYPE_NAMES[self.kv_dtype]
+            del out["dtype_bytes"]
+        return out

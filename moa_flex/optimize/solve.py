@@ -174,7 +174,8 @@ def infeasible_error(prob: Problem, solver: str, time_limit: float, threads: int
     elif b.tokens is not None:
         what = f"the smallest feasible budget is {math.ceil(t * b.tokens * (1 - 1e-12))} tokens at length {b.length}"
     else:
-        what = f"the smallest feasible budget is {up(t * b.gb):g} GB for batch {b.batch_size} at length {b.length}"
+        cache = f" with kv_dtype {b.to_dict()['kv_dtype']}" if b.kv_dtype is not None else ""
+        what = f"the smallest feasible budget is {up(t * b.gb):g} GB for batch {b.batch_size} at length {b.length}{cache}"
     extra = []
     if prob.min_density:
         extra.append(f"min_density {prob.min_density}")
