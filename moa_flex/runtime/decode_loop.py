@@ -14,8 +14,9 @@ need and nothing else:
 
 * prefill: the prompt (of a later turn, the tokens the cache has not seen), its 2-D padding
   mask, its positions (``cumsum(mask) - 1``, as transformers derives them), the
-  :class:`~moa_flex.runtime.cache.MoaCache`, ``logits_to_keep=1``; the forward prefills it in
-  chunks (``moa_flex.compile(..., prefill_chunk=...)``);
+  :class:`~moa_flex.runtime.cache.MoaCache`, ``logits_to_keep=1``, and the request's
+  multimodal inputs (below); the forward prefills it in chunks
+  (``moa_flex.compile(..., prefill_chunk=...)``);
 * decode: the new token of every row, its position (one more than the row's last), the cache;
   with CUDA graphs, once ``moa_flex.runtime.step_graph`` has captured the step, the loop replays it
   directly (``StepGraph.replay_static``: the new tokens and positions copied in, the logits
@@ -24,6 +25,20 @@ need and nothing else:
   processors, argmax (greedy) or ``multinomial(softmax)`` (sampling), the pad token for rows
   already finished, the stopping criteria. Sequences grow in a buffer allocated once.
 
+Multimodal wrappers (Gemma 3 and 4, Fuyu, GOT-OCR2, ...): transformers' ``generate`` encodes
+the images before the loop and hands it ``mm_encoder_outputs`` (``{}`` for a text-only
+request, which is left out: it reads as none). Its own loop passes these and the other
+prefill-only inputs (transformers' ``MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL``: pixels,
+audio features, their sizes and masks) to the prefill only, where the model merges the
+features into the placeholders' embeddings, and so does this loop; decode steps get none.
+The token types of Gemma 3 (``token_type_ids``) and Gemma 4 (``mm_token_type_ids``) reach the
+prefill too (decode steps get none, as in those models' ``prepare_inputs_for_generation``),
+but where they make the image (or video) tokens attend each other in both directions (Gemma
+3 always, Gemma 4 with ``use_bidirectional_attention="vision"``), the request is refused:
+MoA's masks are causal and cannot reproduce that block. Multimodal inputs are refused too
+where the prompt would be prefilled in several chunks (the features cannot be split); a
+prompt without images runs as a text model's (tests/test_multimodal.py).
+
 Greedy decoding and multinomial sampling give exactly what transformers' loop gives for the
 same logits and random state (tests/test_generate.py compares them). ``max_length`` is the
 loop's own bound; the other stopping criteria (EOS, stop strings, the user's) run at every
@@ -31,8 +46,8 @@ token, and whether they left every row finished is read one step late (on a GPU 
 pinned copy, so the host queues the next step without waiting for the GPU); the step after
 the last is then run and discarded. Not supported, with a clear error: other decoding modes
 (beam search, contrastive search, ...), attentions or hidden states in the output,
-``synced_gpus``, model keyword arguments other than the padding mask (``token_type_ids``,
-multimodal inputs, ...).
+``synced_gpus``, model keyword arguments other than the padding mask and the inputs above
+(the token types of other families, such as BERT's segment ids; encoder states; ...).
 """
 
 from __future__ import annotations
@@ -42,11 +57,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import LogitsProcessorList
+from transformers.generation import utils as generation_utils
 from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
 
 from moa_flex.compat import generate_output
 
 from .forward import captured_step
+from .multimodal import BLOCKS, blocks_of, check_causal
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -58,9 +75,17 @@ if TYPE_CHECKING:
 _PREPARED = frozenset({"attention_mask", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep",
                        "cache_position", "return_dict"})
 _OUTPUTS_ALLOWED = ("output_attentions", "output_hidden_states")
+# multimodal inputs transformers' loop passes to the prefill only (with a cache): pre-encoded features
+# (``mm_encoder_outputs``), raw pixels, audio features, their sizes and masks
+_PREFILL_ONLY = frozenset(getattr(generation_utils, "MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL",
+                                  ("mm_encoder_outputs", "pixel_values", "pixel_values_videos", "image_sizes")))
 
 
-def _check_request(generation_config: "GenerationConfig", model_kwargs: dict, synced_gpus: bool) -> None:
+def _check_request(generation_config: "GenerationConfig", model_kwargs: dict, synced_gpus: bool,
+                   model: torch.nn.Module | None = None) -> None:
+    """NotImplementedError for what this loop does not do. Model keyword arguments: the padding
+    mask, the prefill's multimodal inputs and, for a family of :data:`~moa_flex.runtime.multimodal.BLOCKS` (``model``), its
+    token types; anything else would be dropped, changing the result."""
     from transformers.generation.configuration_utils import GenerationMode
 
     mode = generation_config.get_generation_mode()
@@ -74,9 +99,35 @@ def _check_request(generation_config: "GenerationConfig", model_kwargs: dict, sy
                 f"moa-flex generate does not return {name.removeprefix('output_')}: ragged decode attends a sparse cache "
                 "and keeps no attention weights or per-layer states for the output"
             )
-    extra = sorted(k for k, v in model_kwargs.items() if k not in _PREPARED and k not in _OUTPUTS_ALLOWED and v is not None)
+    blocks = blocks_of(model)
+    passed = _PREPARED | _PREFILL_ONLY | set(_OUTPUTS_ALLOWED) | ({blocks.argument} if blocks else set())
+    extra = sorted(k for k, v in model_kwargs.items() if k not in passed and v is not None)
     if extra:
-        raise NotImplementedError(f"moa-flex generate passes no model keyword arguments other than the padding mask; got {extra}")
+        raise NotImplementedError(
+            "moa-flex generate passes no model keyword arguments other than the padding mask, the prompt's multimodal "
+            "inputs and the token types of the multimodal families it knows (" + ", ".join(
+                f"{t}: {b.argument}" for t, b in BLOCKS.items()) + f"); got {extra}")
+
+
+def _prefill_inputs(model: torch.nn.Module, model_kwargs: dict, new: int, chunk: int | None) -> dict:
+    """The request's model inputs for the prefill of its ``new`` tokens besides ids, mask, positions
+    and cache, as transformers' loop passes them: its multimodal inputs (decode steps get none),
+    the token types of a :data:`~moa_flex.runtime.multimodal.BLOCKS` family (whole, as its own ``prepare_inputs_for_generation``
+    passes them; decode steps get none either) once :func:`~moa_flex.runtime.multimodal.check_causal` has found no
+    bidirectional block. An empty ``mm_encoder_outputs`` (transformers' ``{}`` for a text-only
+    request) reads as none: it is left out so text-only requests run the text graph."""
+    inputs = {k: v for k, v in model_kwargs.items()
+              if k in _PREFILL_ONLY and v is not None and not (isinstance(v, dict) and not v)}
+    if inputs and chunk is not None and new > chunk:
+        raise NotImplementedError(
+            f"the prompt's multimodal inputs {sorted(inputs)} cannot be split between prefill chunks ({new} tokens to "
+            f"prefill, prefill_chunk={chunk}): compile with prefill_chunk >= {new} or prefill_chunk=None")
+    blocks = blocks_of(model)
+    types = model_kwargs.get(blocks.argument) if blocks else None
+    if types is not None:
+        check_causal(model, blocks, types)
+        inputs[blocks.argument] = types
+    return inputs
 
 
 def _positions(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -141,7 +192,7 @@ def decode_loop(
     is read one step late on a GPU, so the host never waits for the step in flight; the step
     after the last is then run and discarded (the MoA cache holds its token too).
     """
-    _check_request(generation_config, model_kwargs, synced_gpus)
+    _check_request(generation_config, model_kwargs, synced_gpus, model)
     cache = model_kwargs.get(moa_state.cache_arg, model_kwargs.get("past_key_values"))
     if cache is None or cache is not moa_state.cache:
         raise RuntimeError("moa-flex decode_loop runs inside moa-flex's generate, which hands it the MoA cache")
@@ -167,7 +218,9 @@ def decode_loop(
     mask = model_kwargs.get("attention_mask")
     positions = _positions(mask, B, prompt, device)
     seen = cache.seen_tokens  # a later turn: the cache holds the conversation's first tokens already
-    outputs = model(input_ids=input_ids[:, seen:], attention_mask=mask, position_ids=positions[:, seen:], **call)
+    extra = _prefill_inputs(model, model_kwargs, prompt - seen, moa_state.prefill_chunk)
+    outputs = model(input_ids=input_ids[:, seen:], attention_mask=mask, position_ids=positions[:, seen:], **extra,
+                    **call)
     position = positions[:, -1:] + 1  # [B, 1] the next token's position per row
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     stop = _StopFlag(device)

@@ -1,0 +1,66 @@
+"""Multimodal requests: which token types make some prompt tokens attend each other in both
+directions (Gemma 3 and 4's image and video tokens), refused because MoA's masks are causal.
+
+Used by generate's loop (:mod:`moa_flex.runtime.decode_loop`, which passes the token types to
+the prefill) and by the compiled forward (a plain forward or a prefill called directly), so no
+path answers such a request with causal attention instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """A family whose prefill lets each run of some token types attend itself in both directions
+    (transformers 5.25, ``get_block_sequence_ids_for_mask``); its ``prepare_inputs_for_generation``
+    passes the token types to the prefill only."""
+
+    argument: str  # the forward's token-type input
+    types: tuple[int, ...]  # the token types whose runs are bidirectional blocks
+    switch: tuple[str, Any] | None = None  # (text-config field, value) that turns the blocks on; None: always on
+
+
+BLOCKS = {  # model type: its blocks; token types of any other family are refused
+    "gemma3": _Blocks("token_type_ids", (1,)),  # image tokens, on every layer
+    "gemma4": _Blocks("mm_token_type_ids", (1, 2), ("use_bidirectional_attention", "vision")),  # image, video tokens
+    "gemma4_unified": _Blocks("mm_token_type_ids", (1, 2), ("use_bidirectional_attention", "vision")),
+}
+
+
+def blocks_of(model: torch.nn.Module | None) -> _Blocks | None:
+    config = getattr(model, "config", None)
+    return BLOCKS.get(getattr(config, "model_type", None))
+
+
+
+def check_token_types(model: torch.nn.Module | None, kwargs: dict) -> None:
+    """:func:`check_causal` on the token types a forward's ``kwargs`` carry, if the model's
+    family has bidirectional blocks (:data:`BLOCKS`)."""
+    blocks = blocks_of(model)
+    if blocks is not None and kwargs.get(blocks.argument) is not None:
+        check_causal(model, blocks, kwargs[blocks.argument])
+
+
+def check_causal(model: torch.nn.Module, blocks: _Blocks, types: torch.Tensor) -> None:
+    """NotImplementedError if the model's prefill would let two tokens of the prompt attend each
+    other both ways: a run of two or more tokens of the block types (a single one attends only
+    itself, as causally), with the config's switch on. MoA's masks are causal, so moa-flex cannot
+    reproduce such a block: refused rather than a different result."""
+    if blocks.switch is not None:
+        field, value = blocks.switch
+        if getattr(model.config.get_text_config(), field, None) != value:
+            return  # this config keeps every token causal
+    if not isinstance(types, torch.Tensor) or types.dim() != 2:
+        raise ValueError(f"{blocks.argument} must be a [batch, tokens] tensor, got "
+                         f"{tuple(types.shape) if isinstance(types, torch.Tensor) else type(types).__name__}")
+    inside = torch.isin(types, torch.tensor(blocks.types, device=types.device, dtype=types.dtype))
+    if bool((inside[:, 1:] & inside[:, :-1]).any()):
+        raise NotImplementedError(
+            f"{type(model).__name__} lets each run of tokens with {blocks.argument} in {list(blocks.types)} (image or "
+            "video tokens) attend itself in both directions at prefill, a non-causal mask; moa-flex's MoA masks are "
+            "causal and cannot reproduce it, so this request is refused rather than answered differently")
