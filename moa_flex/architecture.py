@@ -23,7 +23,7 @@ def softcaps(config: Any, num_layers: int) -> list[float]:
     return [float(cap) if cap else 0.0] * num_layers
 
 
-MODELED_LAYER_TYPES = ("full_attention", "sliding_attention")
+MODELED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 # layers holding softmax attention and a linear-attention / Mamba state side by side (Falcon-H1,
 # Zamba): planned as the attention type named, their state left to transformers
 WITH_STATE_LAYER_TYPES = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
@@ -65,10 +65,12 @@ def attention_layers(config: Any, num_layers: int) -> tuple[int, ...] | None:
 
 def model_windows(config: Any, shape: Any) -> list[int | None]:
     """Per planned layer (``shape``: the plan's :class:`~moa_flex.plan.ModelShape`), the model's
-    own sliding window (tokens) or None, from its config (``sliding_window`` and, where present,
-    ``layer_types``). ValueError for an attention pattern moa-flex does not model (chunked local
-    attention, attention layers of other kinds): the passes would replace the model's mask by
-    causal + window and answer wrongly."""
+    own attention pattern as one integer (the kernels' ``window``): its sliding window (tokens,
+    > 0), ``-attention_chunk_size`` for chunked local attention (Llama 4: a query attends its own
+    chunk of that many positions), or None (plain causal); from the config (``sliding_window``,
+    ``attention_chunk_size`` and, where present, ``layer_types``). ValueError for an attention
+    pattern moa-flex does not model (latent or shared KV, attention layers of other kinds): the
+    passes would replace the model's mask by causal + window and answer wrongly."""
     config = text_config(config)
     if getattr(config, "kv_lora_rank", None):
         raise ValueError(f"{type(config).__name__} uses multi-head latent attention (kv_lora_rank="
@@ -81,19 +83,35 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
     window = getattr(config, "sliding_window", None)
     types = layer_types(config, shape.model_layers)
     planned = None if types is None else [WITH_STATE_LAYER_TYPES.get(types[i], types[i]) for i in shape.layer_indices]
-    if getattr(config, "attention_chunk_size", None) and (planned is None or "chunked_attention" in planned):
-        raise ValueError(f"{type(config).__name__} has attention_chunk_size={config.attention_chunk_size} (chunked "
-                         "local attention), which moa-flex does not model")
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk and planned is None:
+        raise ValueError(f"{type(config).__name__} has attention_chunk_size={chunk} but no layer_types saying which "
+                         "layers attend in chunks")
     other = sorted({t for t in planned or [] if t not in MODELED_LAYER_TYPES})
     if other:
         raise ValueError(f"{type(config).__name__} has layers of type {other}; moa-flex plans "
                          f"{list(MODELED_LAYER_TYPES)} layers and leaves {list(STATE_LAYER_TYPES)} layers to "
                          "transformers, nothing else")
-    if not window:
-        return [None] * shape.num_layers
     if planned is None:
-        return [int(window)] * shape.num_layers
-    return [int(window) if t == "sliding_attention" else None for t in planned]
+        return [int(window) if window else None] * shape.num_layers
+    if "chunked_attention" in planned and not chunk:
+        raise ValueError(f"{type(config).__name__} has chunked_attention layers but no attention_chunk_size")
+    own = {"sliding_attention": int(window or 0) or None, "chunked_attention": -int(chunk or 0) or None}
+    return [own.get(t) for t in planned]
+
+
+def reads_token_count(config: Any) -> str | None:
+    """Why the model's forward reads its cache's token count (``get_seq_length``) as a number,
+    or None. Llama 4 scales the queries of its NoPE layers by a function of the position it
+    derives from that count (``attn_temperature_tuning``): moa-flex's cache advances the count
+    chunk by chunk and step by step, which a compiled graph reads as an input, but a captured
+    CUDA graph would replay the number it was captured with."""
+    config = text_config(config)
+    nope = [i for i, rope in enumerate(getattr(config, "no_rope_layers", None) or []) if not rope]
+    if getattr(config, "attn_temperature_tuning", False) and nope:
+        return (f"{type(config).__name__}'s NoPE layers {nope} scale their queries by a function of the cache's token "
+                "count (attn_temperature_tuning)")
+    return None
 
 
 def bidirectional_attention(model: torch.nn.Module) -> list[str]:

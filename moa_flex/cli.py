@@ -5,6 +5,7 @@
                                            summary of a plan (shipped name or JSON path), and a picture
     moa-flex import-moa FILE -o OUT.json   convert an upstream MoA {"alphas", "betas"} file
     moa-flex compress MODEL_DIR --density D [-o OUT.json]
+    moa-flex compress MODEL_DIR --gb G --budget-length N [--batch-size B] [--kv-dtype fp8]
                                            the whole pipeline on a local transformers model
                                            (moa_flex.compress): calibration -> profile ->
                                            optimize -> validate; default output MODEL_DIR/moa_plan.json
@@ -28,6 +29,8 @@ from typing import Any
 
 import moa_flex.plans as shipped_plans
 
+from .kernels.quant import KV_DTYPES
+from .optimize.budget import Budget
 from .plan import DEFAULT_MIN_SPAN, DEFAULT_SINK, DEFAULT_SPAN_MULTIPLE, PLAN_FILE, Plan
 from .zoo.text_eval import DEFAULT_K, DEFAULT_WINDOW
 
@@ -205,8 +208,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
 
     from .pipeline import compress
 
-    if not (isinstance(args.density, float) and 0 < args.density <= 1):
-        raise ValueError(f"--density must be in (0, 1], got {args.density}")
+    budget = _budget(args)
     if args.sink % args.span_multiple:
         raise ValueError(f"--sink ({args.sink}) must be a multiple of --span-multiple ({args.span_multiple})")
     plan_path, profile_path = _outputs(args)
@@ -222,7 +224,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
                 raise ValueError("pass --data or --code-data, not both")
             data = _code_data(args)
         best = compress(
-            model, density=args.density, lengths=args.lengths, data=data, samples_per_length=args.samples,
+            model, density=budget, lengths=args.lengths, data=data, samples_per_length=args.samples,
             max_new_tokens=args.max_new_tokens, validation_length=args.validation_length,
             validation_samples=args.validation_samples, sink=args.sink, span_multiple=args.span_multiple,
             min_span=args.min_span, max_rules_per_layer=args.max_rules_per_layer, profile=profile_path,
@@ -235,6 +237,24 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     best.save(plan_path)
     print(compress_table(best))
     print(f"wrote {plan_path} (plan {best.meta['compress']['index']}) and {profile_path} in {time.time() - t0:.0f} s")
+
+
+def _budget(args: argparse.Namespace) -> Budget:
+    """compress's KV budget from --density / --tokens / --gb, --budget-length, --batch-size and
+    --kv-dtype; ValueError naming the flag at fault."""
+    if args.density is not None and not 0 < args.density <= 1:
+        raise ValueError(f"--density must be in (0, 1], got {args.density}")
+    if args.density is None and args.budget_length is None:
+        raise ValueError(f"--{'gb' if args.gb is not None else 'tokens'} needs --budget-length (tokens)")
+    for flag, v in (("--tokens", args.tokens), ("--gb", args.gb)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{flag} must be a finite number > 0, got {v}")
+    if args.budget_length is not None and args.budget_length < 1:
+        raise ValueError(f"--budget-length must be >= 1 (tokens), got {args.budget_length}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return Budget(density=args.density, tokens=args.tokens, gb=args.gb, length=args.budget_length,
+                  batch_size=args.batch_size, kv_dtype=args.kv_dtype)
 
 
 def _code_data(args: argparse.Namespace) -> list:
@@ -308,7 +328,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the optimizer finds the Pareto plans under the KV budget, and the plan with the "
                                    "lowest response loss on held-out samples at the validation length is saved.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="local transformers causal LM folder (save_pretrained)")
-    p.add_argument("--density", type=float, required=True, help="KV-cache budget relative to dense, in (0, 1], at every profiled length")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--density", type=float, default=None,
+                      help="KV-cache budget relative to dense, in (0, 1], at every profiled length (or at --budget-length)")
+    size.add_argument("--tokens", type=float, default=None,
+                      help="KV-cache budget in slots per sequence (tokens summed over layers and KV heads) at --budget-length")
+    size.add_argument("--gb", type=float, default=None,
+                      help="KV-cache budget in GB (10**9 bytes) for --batch-size sequences of --budget-length tokens, "
+                           "K and V in --kv-dtype")
+    p.add_argument("--budget-length", type=int, default=None, metavar="N",
+                   help="length (tokens) at which the budget holds; needed by --tokens and --gb")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences the --gb budget holds (default 1)")
+    p.add_argument("--kv-dtype", default=None, choices=list(KV_DTYPES),
+                   help="the cache dtype the plan will run with (moa_flex.compile's kv_dtype): with --gb it sets the "
+                        "bytes per slot (fp8: one byte per value plus a 4-byte scale per head vector, about twice "
+                        "the slots of bf16); with --density or --tokens (slots, no bytes) it is only recorded in the "
+                        "plan and does not change the solve. Default: 2 bytes per value, no scales")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="profiled lengths (tokens)")
     p.add_argument("--validation-length", type=int, default=None, help="held-out length (tokens; default 2 x the longest profiled)")
     p.add_argument("--data", default=None, metavar="JSONL",
@@ -352,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=int, nargs="+", default=None,
                    help=f"evaluation lengths (tokens; default {list(DEFAULT_LENGTHS)}, code: {list(CODE_LENGTHS)})")
     p.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS), help="needle depths in [0, 1]")
+    p.add_argument("--kv-dtype", default=None, choices=["fp8"],
+                   help="also score every MoA plan with its answers read from a MoA cache of this dtype (needle model)")
     p.add_argument("--samples", type=int, default=None,
                    help=f"evaluation sequences per length (each asks one question per depth; default {DemoConfig.samples}); "
                         "code: held-out documents per length (default 4)")
@@ -438,6 +475,8 @@ def _given(value: Any, default: Any) -> Any:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     if args.model == "code":
+        if args.kv_dtype is not None:
+            raise ValueError("--kv-dtype scores the needle model's retrieval; the code demo does not take it")
         from .code_demo import DEFAULT_LENGTHS, DEFAULT_PROFILE_LENGTHS, CodeDemoConfig, run_code_demo
 
         run_code_demo(CodeDemoConfig(
@@ -455,7 +494,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                         profile_lengths=_given(args.profile_lengths, DEFAULT_PROFILE_LENGTHS),
                         calibration_samples=_given(args.calibration_samples, DemoConfig.calibration_samples),
                         sink=args.sink, span_multiple=args.span_multiple,
-                        min_span=args.min_span, progress=not args.quiet, backend=args.backend))
+                        min_span=args.min_span, progress=not args.quiet, backend=args.backend,
+                        kv_dtype=args.kv_dtype))
 
 
 def main(argv: list[str] | None = None) -> int:

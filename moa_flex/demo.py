@@ -67,6 +67,7 @@ class DemoConfig:
     min_span: int = DEMO_MIN_SPAN
     progress: bool = True
     backend: str = "inductor"  # moa_flex.compile's backend for the accuracy runs ('eager': tests, debugging)
+    kv_dtype: str | None = None  # also score each MoA plan through a cache of this dtype ("fp8"; None: no)
     timings: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -170,6 +171,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             model.moa_flex.set_plan(plan)
             results[name] = retrieval_accuracy(model, task, **acc_kw)
             results[name]["kv_density"] = [plan.kv_density(int(n)) for n in cfg.lengths]
+            if cfg.kv_dtype is not None and name.startswith("MoA"):  # the same plan, answers read from the cache
+                results[f"{name} {cfg.kv_dtype} cache"] = retrieval_accuracy(model, task, **acc_kw, kv_dtype=cfg.kv_dtype)
+                results[f"{name} {cfg.kv_dtype} cache"]["kv_density"] = results[name]["kv_density"]
     finally:
         uncompile(model)
     lap("accuracy plans")
@@ -217,6 +221,13 @@ def bars(results: dict[str, dict], cfg: DemoConfig) -> list[str]:
         ratio = moa / uni if uni else float("inf")
         out.append(f"d={d} at {n} tokens: MoA {moa:.1%} = {keep:.0%} of dense ({dense:.1%}); uniform {uni:.1%}; "
                    f"MoA / uniform = {ratio:.2f}x" + (" (bars at d=0.25: >= 90% of dense, >= 1.5x uniform)" if d == 0.25 else ""))
+        quant = results.get(f"MoA d={d} {cfg.kv_dtype} cache")
+        if quant is not None:
+            worse = [(n, dep) for n, a, b in zip(cfg.lengths, quant["accuracy"], results[f"MoA d={d}"]["accuracy"])
+                     for dep, x, y in zip(cfg.depths, a, b) if x < y]
+            out.append(f"d={d}, {cfg.kv_dtype} cache: {quant['overall']:.1%} overall against {results[f'MoA d={d}']['overall']:.1%}; "
+                       + ("as accurate at every length and depth" if not worse else
+                          f"lower at (length, depth) {worse}"))
     return out
 
 

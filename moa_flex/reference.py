@@ -12,18 +12,22 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from moa_flex.kernels.quant import dequantize_fp8, is_quantized, quantize_fp8
 from moa_flex.masks import reference_mask
 from moa_flex.plan import Plan
 
-_REF_PLAN: dict[str, Plan] = {}
+_REF_PLAN: dict[str, object] = {}
 
 
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ANN201
     """Independent eager attention: float64 softmax with reference_mask of the plan in _REF_PLAN,
     ANDed with the model's own mask; left padding handled by shifting each row's positions.
     The request is planned for _REF_PLAN["N"] tokens (default: the input length), each row for
-    that minus its left pad."""
+    that minus its left pad. ``_REF_PLAN["kv_dtype"]`` FP8: keys and values as an FP8 cache
+    holds them (quantized and dequantized per token and KV head)."""
     plan = _REF_PLAN["plan"]
+    if _REF_PLAN.get("kv_dtype") is not None and is_quantized(_REF_PLAN["kv_dtype"]):
+        key, value = (dequantize_fp8(*quantize_fp8(t)) for t in (key, value))
     B, _, Q, _ = query.shape
     K = key.shape[2]
     group = query.shape[1] // key.shape[1]
@@ -58,10 +62,12 @@ AttentionInterface.register("moa_reference", reference_attention)
 AttentionMaskInterface.register("moa_reference", sdpa_mask)
 
 
-def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | None = None, **inputs) -> torch.Tensor:  # noqa: ANN001
+def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | None = None,  # noqa: ANN001
+                     kv_dtype: torch.dtype | None = None, **inputs) -> torch.Tensor:
     """Logits with reference_attention, through the model's uncompiled forward; ``pads``:
-    left-pad tokens per row (from the 2-D mask); ``N``: planned length (default: input length)."""
-    _REF_PLAN.update(plan=plan, pads=pads, N=N)
+    left-pad tokens per row (from the 2-D mask); ``N``: planned length (default: input length);
+    ``kv_dtype``: attend keys and values as a cache of that dtype stores them (FP8)."""
+    _REF_PLAN.update(plan=plan, pads=pads, N=N, kv_dtype=kv_dtype)
     before = model.config._attn_implementation
     model.set_attn_implementation("moa_reference")
     state = getattr(model, "moa_flex", None)
@@ -73,12 +79,15 @@ def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | 
         model.set_attn_implementation(before)
 
 
-def planned_logits(model, plan: Plan, N: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+def planned_logits(model, plan: Plan, N: int, ids: torch.Tensor, mask: torch.Tensor,  # noqa: ANN001
+                   kv_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Reference logits at every position of ``ids`` for a request planned for N tokens
-    (padded width): what decoding must give at every step of the request."""
+    (padded width): what decoding must give at every step of the request (over a cache of
+    ``kv_dtype``, FP8 included)."""
     pads = (mask == 0).int().cumprod(1).sum(1).tolist()
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return reference_logits(model, plan, pads=pads, N=N, input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    return reference_logits(model, plan, pads=pads, N=N, kv_dtype=kv_dtype, input_ids=ids, attention_mask=mask,
+                            position_ids=position_ids)
 
 
 def greedy(model, prompt: torch.Tensor, max_new_tokens: int, eos: int | None = None) -> list[int]:  # noqa: ANN001

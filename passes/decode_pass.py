@@ -48,7 +48,8 @@ def append_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
 
 def _append_args(node: torch.fx.Node) -> tuple:
     """The append node's arguments in schema order (Dynamo may record some as kwargs)."""
-    return call_args(node, ("keys", "values", "length", "k_new", "v_new", "spans", "caps", "offsets", "sink"))
+    return call_args(node, ("keys", "values", "length", "k_new", "v_new", "spans", "caps", "offsets", "sink",
+                            "k_scale", "v_scale"), optional=("k_scale", "v_scale"))
 
 
 def rewrite_decode(
@@ -74,7 +75,7 @@ def rewrite_decode(
         node, path = attns[layer]
         append = appends[layer][0]
         # the cache's own sink (a guarded constant of the traced cache), not the compile-time plan's
-        keys, values, length, _k, _v, spans, caps, offsets, sink = _append_args(append)
+        keys, values, length, _k, _v, spans, caps, offsets, sink, k_scale, v_scale = _append_args(append)
         q = node.args[0]
         scale = arg(node, 6, "scale", None)
         if scale is None:
@@ -87,7 +88,7 @@ def rewrite_decode(
             out = gm.graph.call_function(
                 torch.ops.moa_flex.ragged_decode.default,
                 (q1, keys, values, offsets, caps, spans, pos, sink, window,
-                 scale if isinstance(scale, torch.fx.Node) else float(scale), softcap, sinks_of(node)),
+                 scale if isinstance(scale, torch.fx.Node) else float(scale), softcap, sinks_of(node), k_scale, v_scale),
             )
             new = gm.graph.call_function(torch.ops.aten.unsqueeze.default, (out, 2))
         for n in (pos, q1, out, new):

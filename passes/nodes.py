@@ -183,9 +183,11 @@ def arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
     return node.kwargs.get(name, default)
 
 
-def call_args(node: torch.fx.Node, names: tuple[str, ...]) -> tuple:
-    """A call node's arguments in schema order (Dynamo may record some as keyword arguments)."""
-    return tuple(list(node.args) + [node.kwargs[name] for name in names[len(node.args):]])
+def call_args(node: torch.fx.Node, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> tuple:
+    """A call node's arguments in schema order (Dynamo may record some as keyword arguments);
+    ``optional`` names not given are None."""
+    return tuple(list(node.args) + [node.kwargs[name] if name in node.kwargs or name not in optional else None
+                                    for name in names[len(node.args):]])
 
 
 def plan_layers(model_layers: list[int], shape: Any, what: str) -> list[int]:

@@ -30,7 +30,9 @@ from .nodes import (
 )
 
 EXTEND = (torch.ops.moa_flex.cache_extend, torch.ops.moa_flex.cache_extend.default)
-EXTEND_ARGS = ("keys", "values", "length", "k_new", "v_new", "chunk_pads", "spans", "caps", "offsets", "sink")
+EXTEND_ARGS = ("keys", "values", "length", "k_new", "v_new", "chunk_pads", "spans", "caps", "offsets", "sink", "k_scale",
+               "v_scale")
+SCALE_ARGS = ("k_scale", "v_scale")  # an FP8 cache's (None otherwise)
 
 
 def extend_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
@@ -59,7 +61,7 @@ def rewrite_prefill(
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)
     for layer in range(plan.num_layers):  # everything checked before anything changes
-        extend_args = call_args(extends[layer][0], EXTEND_ARGS)
+        extend_args = call_args(extends[layer][0], EXTEND_ARGS, SCALE_ARGS)
         check_reads_cache(attns[layer][0], extend_args[3], extend_args[4], layer)
     graph = gm.graph
     mask = padding_mask_input(graph)
@@ -76,7 +78,8 @@ def rewrite_prefill(
         extend = extends[layer][0]
         # the cache's own sink (a guarded constant of the traced cache), not the compile-time
         # plan's: set_plan may switch to a plan with another sink
-        keys, values, length, k_new, v_new, zeros, spans, caps, offsets, sink = call_args(extend, EXTEND_ARGS)
+        keys, values, length, k_new, v_new, zeros, spans, caps, offsets, sink, k_scale, v_scale = call_args(
+            extend, EXTEND_ARGS, SCALE_ARGS)
         chunk_pads = zeros if pads is None else pads
         q = node.args[0]
         scale = arg(node, 6, "scale", None)
@@ -90,13 +93,13 @@ def rewrite_prefill(
                 check = graph.call_function(
                     torch.ops.moa_flex.verify_chunk.default,
                     (q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer,
-                     node, sinks_of(node)),
+                     node, sinks_of(node), k_scale, v_scale),
                 )
         with graph.inserting_after(node) if check is None else graph.inserting_after(check):
             new = graph.call_function(
                 torch.ops.moa_flex.chunk_prefill.default,
                 (q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale,
-                 softcap, sinks_of(node)),
+                 softcap, sinks_of(node), k_scale, v_scale),
             )
         # the replaced node's output (same shape): AOTAutograd's cache needs example values on
         # the nodes that tensor methods are called on, and bypasses the graph without them

@@ -39,6 +39,8 @@ def whole_prompt_attention(q, k, v, pads, spans, sink, window, scale, softcap, s
     keep = (j >= 0) & (i >= 0) & (dist >= 0) & ((j < sink) | (dist < (spans.long() - sink).view(B, H, 1, 1)))
     if window > 0:
         keep &= dist < window
+    elif window < 0:  # chunked local attention: the query's own chunk of -window positions
+        keep &= torch.div(j, -window, rounding_mode="floor") == torch.div(i, -window, rounding_mode="floor")
     x = scale * (q.double() @ kk.transpose(-1, -2))
     if softcap > 0:
         x = softcap * torch.tanh(x / softcap)
@@ -68,7 +70,7 @@ def layouts(draw):  # noqa: ANN001, ANN201
     widths = (caps.amax(0) + torch.tensor(extra, dtype=torch.int32)).tolist()
     return dict(B=B, G=G, H=H, sink=sink, T=T, pads=pads, spans=spans, caps=caps.to(torch.int32),
                 offsets=torch.tensor([0, *torch.tensor(widths).cumsum(0).tolist()], dtype=torch.int32),
-                chunk=draw(st.integers(1, T + 5)), window=draw(st.sampled_from([0, 0, 5, 23])),
+                chunk=draw(st.integers(1, T + 5)), window=draw(st.sampled_from([0, 0, 5, 23, -7, -16])),
                 softcap=draw(st.sampled_from([0.0, 0.0, 1.5])), D=draw(st.sampled_from([8, 16])),
                 seed=draw(st.integers(0, 2**16)))
 

@@ -66,7 +66,7 @@ def layouts(
     return {
         "B": B, "G": G, "hpg": hpg, "sink": sink, "widths": widths, "caps": caps, "spans": spans,
         "pos": pos, "D": D, "Dv": D if draw(st.booleans()) else draw(st.sampled_from([16, 32])),
-        "window": draw(st.one_of(st.just(0), st.integers(1, 30))),
+        "window": draw(st.one_of(st.just(0), st.integers(1, 30), st.integers(-30, -1))),
         "softcap": draw(st.sampled_from([0.0, 0.0, 0.7, 5.0, 30.0])),
         "scale": draw(st.sampled_from([0.25, 1.0 / math.sqrt(D), 1.3])),
         "seed": draw(st.integers(0, 2**16)),
@@ -128,7 +128,8 @@ def naive_decode(q, k, v, offsets, caps, spans, pos, sink, window, scale, softca
                 for s, p in enumerate(held)
                 if p is not None
                 and (p < sink or i - p < span - sink)
-                and (window == 0 or i - p < window)
+                and (window <= 0 or i - p < window)
+                and (window >= 0 or p // -window == i // -window)  # chunked local attention: one chunk
             ]
             if not kept:
                 continue
@@ -233,7 +234,9 @@ def test_kernel_matches_twin(lay: dict, dtype: torch.dtype, chunk: int | None, b
     got, want = run_kernel(lay, dtype, chunk, block_n)
     assert not got.isnan().any(), "output not fully written"
     err = (got.float() - want).abs().max().item() if got.numel() else 0.0
-    assert err <= (1e-5 if dtype == torch.float32 else 2e-2), f"max abs error {err}"
+    # bf16: probabilities enter the MMA in bf16 (2^-8 relative), so the bound scales with the output
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    assert err <= (1e-5 if dtype == torch.float32 else 2e-2 * scale), f"max abs error {err}"
 
 
 @needs_kernel
@@ -395,7 +398,7 @@ def test_bad_input_errors(what: str, exc: type, text: str) -> None:
 
 def test_bad_scalars() -> None:
     args = tensors(OP_LAYOUT)
-    for sink, window, scale, softcap, text in [(-1, 0, 1.0, 0.0, "sink"), (0, -2, 1.0, 0.0, "window"),
+    for sink, window, scale, softcap, text in [(-1, 0, 1.0, 0.0, "sink"), (0, 2.5, 1.0, 0.0, "window"),
                                                 (0, 0, float("nan"), 0.0, "scale"), (0, 0, 1.0, -1.0, "softcap")]:
         with pytest.raises(ValueError, match=text):
             ragged_decode_reference(*args, sink, window, scale, softcap)

@@ -30,7 +30,8 @@ FAMILIES = {
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
                {"head_dim": D, "sliding_window": 128, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 0.5}),
     # MoE: every layer routes to 4 experts and adds a shared expert in place (out.add_), which
-    # the passes once dropped; full attention (its chunked local attention is refused)
+    # the passes once dropped; full attention in every layer (tests/test_chunked_attention.py
+    # takes its chunked local attention)
     "llama4_moe": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM,
                    # a chunk size (transformers 5.17 builds the chunked mask whatever the layers) but no chunked layer
                    {"head_dim": D, "intermediate_size_mlp": 128, "num_local_experts": 4, "attention_chunk_size": 8192,

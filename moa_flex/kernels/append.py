@@ -10,6 +10,11 @@ K and V into each group's slot (slot map of docs/DESIGN.md, "The KV cache"), the
 ``length + 1``; no other program touches the row,
 so there is no race on ``length``.
 
+An FP8 cache (``keys.dtype`` float8_e4m3fn) is quantized on write, per token and group, into
+the same bits as :func:`moa_flex.kernels.quant.quantize_fp8` (the scale by the same float32
+multiplication, the quotient by round-to-nearest division), and the scales go to
+``k_scale``/``v_scale`` [B, S].
+
 On CPU tensors the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1`` set before
 triton is first imported), which is how the tests compare it with the twin.
 """
@@ -20,20 +25,46 @@ import contextlib
 
 import torch
 
+from .quant import FP8_MAX, INV_FP8_MAX, SCALE_DTYPE, is_quantized
 from .triton_support import interpreting, pow2, tl, triton
 
 if triton is not None:
+    _FP8_MAX = tl.constexpr(FP8_MAX)
+    _INV_FP8_MAX = tl.constexpr(INV_FP8_MAX)
+
+    @triton.jit
+    def _quantize(x, ok, QUANT: tl.constexpr):
+        """(values to store, scale) of [G, D] vectors ``x``: as quantize_fp8 (QUANT), else (x, 1)."""
+        if QUANT:
+            amax = tl.max(tl.where(ok, tl.abs(x.to(tl.float32)), 0.0), axis=1)
+            scale = tl.where(amax > 0, amax * _INV_FP8_MAX, 1.0)
+            y = tl.math.div_rn(x.to(tl.float32), scale[:, None])
+            return _round_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)), scale
+        return x, tl.full([x.shape[0]], 1.0, tl.float32)
+
+    @triton.jit
+    def _round_e4m3(y):
+        """``y`` (float32, |y| <= 448) rounded to nearest even on the e4m3 grid, still float32,
+        so the cast to FP8 that follows is exact. The GPU's conversion rounds the same way
+        itself; Triton's interpreter (how CI runs this kernel) does not when the rounding
+        carries into the exponent (124.7 becomes 64), so the kernel rounds first everywhere."""
+        e = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # exponent; subnormals: -6
+        step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # grid spacing 2^(e-3): 3 mantissa bits
+        inv = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)
+        t = y * inv  # exact (a power of two), |t| <= 16
+        return ((t + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: float32 addition rounds t to an integer, ties even
 
     @triton.jit
     def _append_kernel(
-        keys_ptr, values_ptr, length_ptr, k_ptr, v_ptr, caps_ptr, offsets_ptr,
+        keys_ptr, values_ptr, length_ptr, k_ptr, v_ptr, caps_ptr, offsets_ptr, ks_ptr, vs_ptr,
         stride_kb, stride_ks, stride_kd,
         stride_vb, stride_vs, stride_vd,
         stride_nkb, stride_nkg, stride_nkd,
         stride_nvb, stride_nvg, stride_nvd,
-        stride_cb, stride_cg,
+        stride_cb, stride_cg, stride_ksb, stride_vsb,
         G, sink,
         G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+        QUANT: tl.constexpr,
     ):
         """One row: all G groups at once (one [G, D] load and store each for K and V), so the
         row costs a few memory round trips, not a few per group."""
@@ -53,6 +84,13 @@ if triton is not None:
         ring = tl.maximum(cap - sink, 1)
         slot = tl.where(p < sink, p, sink + (p - sink) % ring)
         flat = base + slot  # [G_PAD], slots of the flat cache
+        k_ok = g_ok[:, None] & (d[None, :] < D)
+        v_ok = g_ok[:, None] & (dv[None, :] < DV)
+        k, k_scale = _quantize(k, k_ok, QUANT)
+        v, v_scale = _quantize(v, v_ok, QUANT)
+        if QUANT:
+            tl.store(ks_ptr + b * stride_ksb + flat, k_scale, mask=g_ok)
+            tl.store(vs_ptr + b * stride_vsb + flat, v_scale, mask=g_ok)
         tl.store(keys_ptr + b * stride_kb + flat[:, None] * stride_ks + d[None, :] * stride_kd,
                  k.to(keys_ptr.dtype.element_ty), mask=g_ok[:, None] & (d[None, :] < D))
         tl.store(values_ptr + b * stride_vb + flat[:, None] * stride_vs + dv[None, :] * stride_vd,
@@ -63,11 +101,13 @@ if triton is not None:
 def cache_append_triton(
     keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     caps: torch.Tensor, offsets: torch.Tensor, sink: int,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """The kernel: same arguments and effect as ``moa_flex::cache_append`` (``spans`` aside).
 
     ``keys`` [B, S, D], ``values`` [B, S, Dv] (the layer's flat cache), ``length`` int64 [B],
-    ``k_new`` [B, G, 1, D], ``v_new`` [B, G, 1, Dv], ``caps`` [B, G], ``offsets`` [G + 1].
+    ``k_new`` [B, G, 1, D], ``v_new`` [B, G, 1, Dv], ``caps`` [B, G], ``offsets`` [G + 1];
+    an FP8 cache also ``k_scale``/``v_scale`` float32 [B, S] (contiguous slots).
     """
     if triton is None:
         raise RuntimeError("cache_append_triton needs triton (pip install 'moa-flex[dev]')")
@@ -85,15 +125,24 @@ def cache_append_triton(
         raise ValueError("cache_append_triton: all tensors must be on one device")
     if dev.type == "cpu" and not interpreting():
         raise RuntimeError("cache_append_triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    quant = is_quantized(keys.dtype)
+    if quant != is_quantized(values.dtype):
+        raise ValueError(f"keys and values must both be FP8 or neither, got {keys.dtype} and {values.dtype}")
+    if quant:
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if t is None or t.shape != keys.shape[:2] or t.dtype != SCALE_DTYPE or t.stride(1) != 1 or t.device != dev:
+                raise ValueError(f"an FP8 cache needs {name} float32 [B, S] = {list(keys.shape[:2])} with unit slot "
+                                 f"stride on {dev}, got {None if t is None else (t.dtype, tuple(t.shape), t.stride())}")
     if B == 0:
         return
     D, Dv = keys.shape[2], values.shape[2]
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         _append_kernel[(B,)](
             keys, values, length, k_new, v_new, caps, offsets,
+            k_scale if quant else length, v_scale if quant else length,
             *keys.stride(), *values.stride(),
             k_new.stride(0), k_new.stride(1), k_new.stride(3),
             v_new.stride(0), v_new.stride(1), v_new.stride(3),
-            *caps.stride(), G, sink,
-            G_PAD=pow2(G, 1), D=D, D_PAD=pow2(D, 16), DV=Dv, DV_PAD=pow2(Dv, 16), num_warps=1,
+            *caps.stride(), k_scale.stride(0) if quant else 0, v_scale.stride(0) if quant else 0, G, sink,
+            G_PAD=pow2(G, 1), D=D, D_PAD=pow2(D, 16), DV=Dv, DV_PAD=pow2(Dv, 16), QUANT=quant, num_warps=1,
         )

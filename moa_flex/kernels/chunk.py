@@ -18,11 +18,19 @@ Inputs, per layer (shapes of the ragged decode kernel, :mod:`moa_flex.kernels.de
 * ``start`` int64 ``[B]``: logical position of the chunk's index 0 per row (negative where the
   chunk begins with left padding: index ``c`` is padding iff ``start + c < 0``).
 
+An FP8 cache (:mod:`moa_flex.kernels.quant`) passes ``k``/``v`` as float8_e4m3fn with
+``k_scale``/``v_scale`` float32 ``[B, S]``; the chunk's own keys may be FP8 too (``k_new``/
+``v_new`` with ``kn_scale``/``vn_scale`` ``[B, G, C]``: what the chunk's write will store, so
+the chunk's queries see the values later queries will see). Keys and values read are
+``x8 * scale``; the kernel folds the scales into scores and probabilities in registers.
+
 Query ``c`` of row ``b`` is at logical position ``i = start[b] + c`` (a padding query gives
 zeros). It sees (a) the cache slots of its group: slot ``s < min(cap, n)`` holds ``p = s`` if
 ``s < sink``, else ``p = (n-1) - ((n-1-s) mod (cap - sink))``; and (b) the chunk's keys ``c' <= c``
 at ``j = start + c'`` (``j >= 0``). A key at position ``p`` is kept iff ``p < sink or i - p <
-span - sink`` and, with a model window (``window > 0``), ``i - p < window``. Scores are ``scale *
+span - sink`` and the model's own pattern keeps it (``window`` > 0: a sliding window, ``i - p <
+window``; < 0: chunked local attention in chunks of ``-window`` tokens, ``p // C == i // C``;
+:func:`moa_flex.kernels.decode.window_limit`). Scores are ``scale *
 q.k`` (soft-capped if ``softcap > 0``), softmax over kept keys.
 
 Implementations:
@@ -47,8 +55,9 @@ import math
 
 import torch
 
-from .decode import check_sinks, softmax_with_sinks
+from .decode import cache_values, check_cache_dtypes, check_sink_and_window, check_sinks, softmax_with_sinks, window_limit
 from .slot_map import slot_positions
+from .quant import is_quantized
 from .triton_support import FLOAT_DTYPES, interpreting, pow2, tl, triton
 
 BLOCK_Q = 128  # queries per program
@@ -60,8 +69,11 @@ def check_chunk_inputs(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
     sink: int, window: int, scale: float, softcap: float, float_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None,
 ) -> None:
-    """Validate shapes, dtypes and devices (metadata only: never syncs a device)."""
+    """Validate shapes, dtypes and devices (metadata only: never syncs a device); FP8 K/V need
+    their scales."""
     named = (("q", q), ("k_new", k_new), ("v_new", v_new), ("k", k), ("v", v), ("offsets", offsets), ("caps", caps),
              ("spans", spans), ("length", length), ("start", start))
     for name, t in named:
@@ -69,9 +81,9 @@ def check_chunk_inputs(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dtype not in float_dtypes:
         raise TypeError(f"q must be one of {', '.join(str(d).removeprefix('torch.') for d in float_dtypes)}, got {q.dtype}")
-    for name, t in (("k_new", k_new), ("v_new", v_new), ("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {t.dtype}")
+    check_cache_dtypes(q, k, v, k_scale, v_scale)
+    check_cache_dtypes(q, k_new.flatten(1, 2), v_new.flatten(1, 2), None if kn_scale is None else kn_scale.flatten(1),
+                       None if vn_scale is None else vn_scale.flatten(1))
     for name, t, dt in (("offsets", offsets, torch.int32), ("caps", caps, torch.int32), ("spans", spans, torch.int32),
                         ("length", length, torch.int64), ("start", start, torch.int64)):
         if t.dtype != dt:
@@ -98,11 +110,7 @@ def check_chunk_inputs(
     for name, t in named[1:]:
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device")
-    for name, x in (("sink", sink), ("window", window)):
-        if isinstance(x, torch.SymInt):  # tracing with a symbolic value (the cache's sink): checked when it runs
-            continue
-        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
-            raise ValueError(f"{name} must be an integer >= 0 (tokens), got {x!r}")
+    check_sink_and_window(sink, window)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r}")
     if not math.isfinite(softcap) or softcap < 0:
@@ -113,12 +121,17 @@ def chunk_attention_reference(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
     sink: int, window: int, scale: float, softcap: float, sinks: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The twin: keys of the cache and of the chunk with their logical positions, the keep rule
     evaluated on every (query, key), float64 softmax (``sinks`` [H]: learned sink logits, a
-    softmax term with no value). [B, H, C, Dv] in q's dtype."""
+    softmax term with no value); FP8 keys and values dequantized first. [B, H, C, Dv] in q's
+    dtype."""
     check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap,
-                       (*FLOAT_DTYPES, torch.float64))
+                       (*FLOAT_DTYPES, torch.float64), k_scale, v_scale, kn_scale, vn_scale)
+    k, v = cache_values(k, k_scale), cache_values(v, v_scale)
+    k_new, v_new = cache_values(k_new, kn_scale), cache_values(v_new, vn_scale)
     check_sinks(sinks, q.shape[1], q.device)
     B, H, C, _ = q.shape
     G = offsets.shape[0] - 1
@@ -140,8 +153,9 @@ def chunk_attention_reference(
                 i = (start[b] + torch.arange(c0, min(c0 + QUERY_TILE, C), device=q.device)).view(1, -1, 1)
                 dist = i - p.view(1, 1, -1)
                 keep = valid.view(1, 1, -1) & (dist >= 0) & (i >= 0) & ((p.view(1, 1, -1) < sink) | (dist < win))
-                if window > 0:
-                    keep &= dist < window
+                limit = window_limit(window, i)
+                if limit is not None:
+                    keep &= dist < limit
                 x = scale * (q[b, heads, c0:c0 + QUERY_TILE].double() @ keys.T)
                 if softcap > 0:
                     x = softcap * torch.tanh(x / softcap)
@@ -155,25 +169,30 @@ if triton is not None:
 
     @triton.jit
     def _attend_tile(
-        m_i, l_i, acc, qt, k_rows, v_rows, p, key_ok, i, win, sink, window_lim, qk_scale, softcap,
+        m_i, l_i, acc, qt, k_rows, v_rows, ks_rows, vs_rows, p, key_ok, i, win, sink, q_lim, qk_scale, softcap,
         stride_kd, stride_vd, d, dv,
         D: tl.constexpr, DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        MASKED: tl.constexpr,
+        MASKED: tl.constexpr, QUANT: tl.constexpr,
     ):
         """One tile of keys at positions ``p`` [N] (int32; K rows at pointers ``k_rows``): masks,
         scores and the online-softmax update of (m_i, l_i, acc) for the program's queries ``i``.
-        ``MASKED=False``: a full tile (every key valid and kept for every query): no masks."""
+        ``MASKED=False``: a full tile (every key valid and kept for every query): no masks.
+        ``QUANT``: FP8 rows with their scales at ``ks_rows``/``vs_rows``."""
         if MASKED:
             dist = i[:, None] - p[None, :]
-            keep = key_ok[None, :] & (dist >= 0) & ((p[None, :] < sink) | (dist < win)) & (dist < window_lim)
+            keep = key_ok[None, :] & (dist >= 0) & ((p[None, :] < sink) | (dist < win)) & (dist < q_lim[:, None])
         kt = tl.load(k_rows[:, None] + d[None, :] * stride_kd, mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
-        if DOT_F32:
-            kt = kt.to(tl.float32)
+        if DOT_F32 or QUANT:
+            kt = kt.to(qt.dtype)  # FP8 -> q's dtype is exact
         if IEEE:
             x = tl.dot(qt, tl.trans(kt), input_precision="ieee")
         else:
             x = tl.dot(qt, tl.trans(kt))
-        x = x * qk_scale  # without a softcap qk_scale carries log2(e): log2 units from here on
+        # without a softcap qk_scale carries log2(e): log2 units from here on
+        if QUANT:
+            x = x * (qk_scale * tl.load(ks_rows, mask=key_ok, other=0.0))[None, :]
+        else:
+            x = x * qk_scale
         if HAS_SOFTCAP:
             y = x / softcap
             e = tl.exp2(-2.8853900817779268 * tl.abs(y))  # exp(-2|y|)
@@ -187,7 +206,11 @@ if triton is not None:
         pr = tl.exp2(x - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(pr, 1)
         vt = tl.load(v_rows[:, None] + dv[None, :] * stride_vd, mask=key_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        pv = pr.to(vt.dtype)
+        if QUANT:  # the value scale rides on the probabilities
+            pv = (pr * tl.load(vs_rows, mask=key_ok, other=0.0)[None, :]).to(qt.dtype)
+            vt = vt.to(qt.dtype)
+        else:
+            pv = pr.to(vt.dtype)
         if DOT_F32:
             pv = pv.to(tl.float32)
             vt = vt.to(tl.float32)
@@ -197,9 +220,10 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(pv, vt)
         return m_new, l_i, acc
 
-    @triton.jit(do_not_specialize=["C", "sink", "window_lim"])
+    @triton.jit(do_not_specialize=["C", "sink", "window_lim", "local_chunk"])
     def _chunk_kernel(
         q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, offsets_ptr, caps_ptr, spans_ptr, length_ptr, start_ptr, sinks_ptr, out_ptr,
+        ks_ptr, vs_ptr, kns_ptr, vns_ptr,
         stride_qb, stride_qh, stride_qc, stride_qd,
         stride_knb, stride_kng, stride_knc, stride_knd,
         stride_vnb, stride_vng, stride_vnc, stride_vnd,
@@ -207,11 +231,12 @@ if triton is not None:
         stride_vb, stride_vs, stride_vd,
         stride_cb, stride_cg, stride_sb, stride_sh,
         stride_ob, stride_oh, stride_oc, stride_od,
-        C, sink, window_lim, qk_scale, softcap,
+        stride_ksb, stride_vsb, stride_knsb, stride_knsg, stride_vnsb, stride_vnsg,
+        C, sink, window_lim, local_chunk, qk_scale, softcap,
         HPG: tl.constexpr, BLOCK_Q: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        FULL_TILES: tl.constexpr, HAS_SINKS: tl.constexpr,
+        FULL_TILES: tl.constexpr, HAS_SINKS: tl.constexpr, QUANT: tl.constexpr, QUANT_NEW: tl.constexpr,
     ):
         """One (query block, head, row): the head's queries over the keys its span can keep."""
         qb = tl.program_id(0)
@@ -240,6 +265,11 @@ if triton is not None:
         i_hi = start + c_last
         reach = tl.minimum(win, window_lim)  # kept non-sink keys: p > i - reach
         p_from = i_lo - reach + 1
+        # the model's pattern per query: a key at distance d is kept iff d < q_lim (window_lim, or
+        # with chunked local attention the query's own chunk, d < i mod C + 1; window_lim is then C)
+        chunk_c = tl.maximum(local_chunk, 1)
+        q_lim = tl.where(local_chunk > 0, i % chunk_c + 1, window_lim)
+        full_lo = tl.where(local_chunk > 0, i_hi - i_hi % chunk_c, -2147483647)  # keys every query's chunk holds
         any_real = i_hi >= 0
         cap = tl.load(caps_ptr + b * stride_cb + g * stride_cg)
         base = tl.load(offsets_ptr + g)
@@ -247,45 +277,49 @@ if triton is not None:
         filled = tl.minimum(cap, n)
         kc = k_ptr + b * stride_kb
         vc = v_ptr + b * stride_vb
+        ksc = ks_ptr + b * stride_ksb  # the cache's scales (QUANT)
+        vsc = vs_ptr + b * stride_vsb
         # (a) the cache's sink slots: position = slot
         sink_end = tl.where(any_real, tl.minimum(filled, sink), 0)
         for s0 in range(0, sink_end, BLOCK_N):
             p = s0 + tl.arange(0, BLOCK_N)
             ok = p < sink_end
             rows = (base + p).to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, ok, i, win,
-                                         sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, ok, i, win,
+                                         sink, q_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT)
         # (b) the ring, walked in position order: positions [max(sink, n - ring, p_from), n); the
         # keys from f0 on are kept by every query of a block without padding: full tiles, no masks
         ring_lo = tl.maximum(tl.maximum(sink, n - ring), p_from)
         ring_hi = tl.where(any_real & (cap > sink), n, ring_lo)
         block_full = (i_lo >= 0) & (qb * BLOCK_Q + BLOCK_Q <= C) & FULL_TILES
-        f0 = tl.minimum(tl.where(block_full, tl.maximum(ring_lo, i_hi - reach + 1), ring_hi), ring_hi)
+        f0 = tl.minimum(tl.where(block_full, tl.maximum(ring_lo, tl.maximum(i_hi - reach + 1, full_lo)), ring_hi), ring_hi)
         f1 = f0 + (ring_hi - f0) // BLOCK_N * BLOCK_N
         for p0 in range(ring_lo, f0, BLOCK_N):
             p = p0 + tl.arange(0, BLOCK_N)
             ok = p < f0
             rows = (base + sink + (p - sink) % ring).to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, ok, i, win,
-                                         sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, ok, i, win,
+                                         sink, q_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT)
         for p0 in range(f0, f1, BLOCK_N):
             p = p0 + tl.arange(0, BLOCK_N)
             rows = (base + sink + (p - sink) % ring).to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, p >= 0, i,
-                                         win, sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, p >= 0, i,
+                                         win, sink, q_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False, QUANT)
         for p0 in range(f1, ring_hi, BLOCK_N):
             p = p0 + tl.arange(0, BLOCK_N)
             ok = p < ring_hi
             rows = (base + sink + (p - sink) % ring).to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, p, ok, i, win,
-                                         sink, window_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, ok, i, win,
+                                         sink, q_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT)
         # (c) the chunk's own keys: its sink keys, then its window up to the block's last query
         kn = kn_ptr + b * stride_knb + g.to(tl.int64) * stride_kng
         vn = vn_ptr + b * stride_vnb + g.to(tl.int64) * stride_vng
+        kns = kns_ptr + b * stride_knsb + g.to(tl.int64) * stride_knsg  # the chunk's scales (QUANT_NEW)
+        vns = vns_ptr + b * stride_vnsb + g.to(tl.int64) * stride_vnsg
         first = tl.maximum(-start, 0)  # first real key of the chunk
         c_end = tl.where(any_real, c_last + 1, first)
         sink_hi = tl.minimum(tl.maximum(sink - start, first), c_end)
@@ -293,34 +327,39 @@ if triton is not None:
             kk = k0 + tl.arange(0, BLOCK_N)
             ok = kk < sink_hi
             rows = kk.to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
-                                         i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
+                                         start + kk, ok,
+                                         i, win, sink, q_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW)
         # its window: keys up to the block's first query and from i_hi - reach + 1 on are kept by
         # every query of a block without padding: full tiles there, masked tiles around them
         win_lo = tl.maximum(sink_hi, p_from - start)
-        g0 = tl.minimum(tl.where(block_full, tl.maximum(win_lo, i_hi - reach + 1 - start), c_end), c_end)
+        g0 = tl.minimum(tl.where(block_full, tl.maximum(win_lo, tl.maximum(i_hi - reach + 1, full_lo) - start), c_end),
+                        c_end)
         g1 = g0 + tl.maximum(tl.minimum(c_end, qb * BLOCK_Q + 1) - g0, 0) // BLOCK_N * BLOCK_N
         for k0 in range(win_lo, g0, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             ok = kk < g0
             rows = kk.to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
-                                         i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
+                                         start + kk, ok,
+                                         i, win, sink, q_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW)
         for k0 in range(g0, g1, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             rows = kk.to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk,
-                                         kk >= 0, i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d,
-                                         dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
+                                         start + kk,
+                                         kk >= 0, i, win, sink, q_lim, qk_scale, softcap, stride_knd, stride_vnd, d,
+                                         dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False, QUANT_NEW)
         for k0 in range(g1, c_end, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             ok = kk < c_end
             rows = kk.to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, start + kk, ok,
-                                         i, win, sink, window_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True)
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
+                                         start + kk, ok,
+                                         i, win, sink, q_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW)
         if HAS_SINKS:  # m_i is in log2 units: the head's sink adds exp2(sink log2 e - m) to the denominator
             m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
             l_i += tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634 - m_fin)
@@ -335,16 +374,25 @@ def chunk_attention_triton(
     sink: int, window: int, scale: float, softcap: float, *, out: torch.Tensor | None = None,
     block_q: int = BLOCK_Q, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 3,
     full_tiles: bool = True, sinks: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton kernel: [B, H, C, Dv] in q's dtype (``out`` written entirely; ``sinks`` [H]:
     learned sink logits, as in the twin). CUDA tensors
     run compiled; CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is
     first imported). Reads no tensor value on the host: safe inside a CUDA graph.
-    ``full_tiles=False`` masks every tile (the same result; for tests and the benchmark)."""
+    ``full_tiles=False`` masks every tile (the same result; for tests and the benchmark).
+    FP8 cache / chunk: ``k_scale``/``v_scale`` [B, S], ``kn_scale``/``vn_scale`` [B, G, C]
+    (float32, unit stride along slots / tokens)."""
     if triton is None:
         raise RuntimeError("chunk_attention_triton needs triton (pip install 'moa-flex[dev]')")
-    check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap)
+    check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap,
+                       FLOAT_DTYPES, k_scale, v_scale, kn_scale, vn_scale)
     check_sinks(sinks, q.shape[1], q.device)
+    quant, quant_new = is_quantized(k.dtype), is_quantized(k_new.dtype)
+    for t in (k_scale, v_scale, kn_scale, vn_scale):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError("the FP8 scales must have unit stride along the slots / tokens")
     if q.device.type == "cpu" and not interpreting():
         raise RuntimeError("chunk_attention_triton on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
                            "before triton is first imported")
@@ -365,13 +413,17 @@ def chunk_attention_triton(
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _chunk_kernel[(triton.cdiv(C, block_q), H, B)](
             q, k_new, v_new, k, v, offsets, caps, spans, length, start, length if sinks is None else sinks, out,
+            *(k_scale, v_scale) if quant else (length, length), *(kn_scale, vn_scale) if quant_new else (length, length),
             *q.stride(), *k_new.stride(), *v_new.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(),
             *out.stride(),
-            C, sink, window if window > 0 else 2**31 - 1, float(scale) * (1.0 if softcap > 0 else LOG2E),
+            *(k_scale.stride(0), v_scale.stride(0)) if quant else (0, 0),
+            *(kn_scale.stride(0), kn_scale.stride(1), vn_scale.stride(0), vn_scale.stride(1)) if quant_new else (0,) * 4,
+            C, sink, window if window > 0 else -window if window < 0 else 2**31 - 1, max(-window, 0),
+            float(scale) * (1.0 if softcap > 0 else LOG2E),
             float(softcap) if softcap > 0 else 1.0,
             HPG=H // G, BLOCK_Q=block_q, D=D, D_PAD=pow2(D, 16), DV=Dv, DV_PAD=pow2(Dv, 16),
             BLOCK_N=block_n, HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32,
-            FULL_TILES=full_tiles, HAS_SINKS=sinks is not None,
+            FULL_TILES=full_tiles, HAS_SINKS=sinks is not None, QUANT=quant, QUANT_NEW=quant_new,
             num_warps=num_warps or (8 if block_q >= 128 else 4), num_stages=num_stages,
         )
     return out

@@ -13,12 +13,20 @@ Layout (docs/DESIGN.md, "The KV cache"), per layer:
 Logical position held by local slot ``s`` of a group with cap ``C`` (``R = C - sink``):
 ``s >= C`` unused; ``s < sink``: ``p = s``, valid iff ``p <= i``; otherwise valid iff
 ``s <= i`` and then ``p = i - ((i - s) mod R)``. Head ``h`` keeps a valid slot iff
-``p < sink or i - p < span - sink`` and, if ``window > 0``, ``i - p < window``. Scores are
+``p < sink or i - p < span - sink`` and the model's own attention pattern keeps it: ``window >
+0`` a sliding window, ``i - p < window``; ``window < 0`` chunked local attention in chunks of
+``C = -window`` tokens (Llama 4), ``p // C == i // C``, i.e. ``i - p < i mod C + 1``;
+``window == 0`` nothing more (:func:`window_limit`). Scores are
 ``scale * q.k`` (soft-capped ``softcap * tanh(x / softcap)`` if ``softcap > 0``), softmax over
 kept slots, times ``v``; a head with no kept slot gives zeros.
 
 Shapes of the op: ``q`` ``[B, H, D]`` (one query token per row, no q-length axis) ->
 ``out`` ``[B, H, Dv]`` in ``q``'s dtype.
+
+An FP8 cache (:mod:`moa_flex.kernels.quant`): ``k``/``v`` float8_e4m3fn with ``k_scale``/
+``v_scale`` float32 ``[B, S]`` (one per slot); the keys and values read are ``k * k_scale`` and
+``v * v_scale``. The kernel reads the FP8 bytes and folds the scales into the scores and the
+probabilities, in registers.
 
 Three implementations:
 
@@ -48,6 +56,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .quant import SCALE_DTYPE, dequantize_fp8, is_quantized
 from .triton_support import FLOAT_DTYPES, interpreting, pow2, sm_count, tl, triton
 LOG2E = 1.4426950408889634
 DEFAULT_BLOCK_N = 64  # slots per inner tile
@@ -73,8 +82,11 @@ def check_decode_inputs(
     scale: float,
     softcap: float,
     float_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Validate shapes, dtypes and devices (metadata only: never syncs a device).
+    """Validate shapes, dtypes and devices (metadata only: never syncs a device); an FP8 ``k``
+    and ``v`` need ``k_scale``/``v_scale``.
 
     Raises TypeError for a wrong dtype, ValueError for a wrong shape, device or scalar.
     """
@@ -84,9 +96,7 @@ def check_decode_inputs(
     if q.dtype not in float_dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in float_dtypes)
         raise TypeError(f"q must be one of {names}, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {t.dtype}")
+    check_cache_dtypes(q, k, v, k_scale, v_scale)
     for name, t, dt in (("offsets", offsets, torch.int32), ("caps", caps, torch.int32), ("spans", spans, torch.int32), ("pos", pos, torch.int64)):
         if t.dtype != dt:
             raise TypeError(f"{name} must be {dt}, got {t.dtype}")
@@ -115,15 +125,55 @@ def check_decode_inputs(
     for name, t in (("k", k), ("v", v), ("offsets", offsets), ("caps", caps), ("spans", spans), ("pos", pos)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device")
-    for name, x in (("sink", sink), ("window", window)):
-        if isinstance(x, torch.SymInt):  # tracing with a symbolic value (the cache's sink): checked when it runs
-            continue
-        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
-            raise ValueError(f"{name} must be an integer >= 0 (tokens), got {x!r}")
+    check_sink_and_window(sink, window)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r}")
     if not math.isfinite(softcap) or softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
+
+
+def check_sink_and_window(sink: int, window: int) -> None:
+    """ValueError unless ``sink`` is an integer >= 0 and ``window`` an integer (tokens; > 0 a
+    sliding window, 0 none, < 0 chunked local attention of ``-window`` tokens)."""
+    for name, x, low in (("sink", sink, 0), ("window", window, None)):
+        if isinstance(x, torch.SymInt):  # tracing with a symbolic value (the cache's sink): checked when it runs
+            continue
+        if isinstance(x, bool) or not isinstance(x, int) or (low is not None and x < low):
+            raise ValueError(f"{name} must be an integer{' >= 0' if low is not None else ''} (tokens), got {x!r}")
+
+
+def window_limit(window: int, i: torch.Tensor) -> torch.Tensor | None:
+    """The model's own pattern at query positions ``i``: a key at distance ``d = i - p`` is kept
+    iff ``d < limit`` ([i's shape]; None: no pattern of its own). A sliding window keeps
+    ``d < window``; chunked local attention of ``C = -window`` tokens keeps the query's own chunk,
+    ``d < i mod C + 1`` (with ``0 <= d``)."""
+    if window > 0:
+        return torch.full_like(i, window)
+    if window < 0:
+        return torch.remainder(i, -window) + 1
+    return None
+
+
+def check_cache_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None,
+                       v_scale: torch.Tensor | None) -> None:
+    """K/V [B, S, D] in q's dtype, or both FP8 with float32 scales [B, S] on q's device."""
+    if is_quantized(k.dtype) or is_quantized(v.dtype):
+        if k.dtype != v.dtype:
+            raise TypeError(f"an FP8 cache keeps K and V both in FP8, got {k.dtype} and {v.dtype}")
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if (not isinstance(t, torch.Tensor) or t.dtype != SCALE_DTYPE or tuple(t.shape) != tuple(k.shape[:2])
+                    or t.device != q.device):
+                raise ValueError(f"an FP8 cache needs {name} float32 [B, S] = {list(k.shape[:2])} on {q.device}, got "
+                                 f"{(t.dtype, tuple(t.shape), str(t.device)) if isinstance(t, torch.Tensor) else t!r}")
+        return
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}) or be float8_e4m3fn, got {t.dtype}")
+
+
+def cache_values(k: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """What a reader sees of cached K or V: float64, dequantized if FP8 (the twins' input)."""
+    return dequantize_fp8(k, scale) if is_quantized(k.dtype) else k.double()
 
 
 def _check_offsets_values(offsets: list[int], S: int) -> None:
@@ -164,14 +214,18 @@ def ragged_decode_reference(
     scale: float,
     softcap: float,
     sinks: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The obviously-right twin: every slot's logical position and keep flag, float64 softmax.
 
     q [B, H, D], k [B, S, D], v [B, S, Dv] -> [B, H, Dv] in q's dtype. ``sinks`` [H]: learned
-    sink logits, each a softmax term with no value (GPT-OSS). Also checks values (offsets,
-    caps, spans, pos), which reads them; accepts float64 too. Memory: O(B * H * S) float64.
+    sink logits, each a softmax term with no value (GPT-OSS). FP8 k/v: dequantized with
+    ``k_scale``/``v_scale`` [B, S] first. Also checks values (offsets, caps, spans, pos),
+    which reads them; accepts float64 too. Memory: O(B * H * S) float64.
     """
-    check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, (*FLOAT_DTYPES, torch.float64))
+    check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, (*FLOAT_DTYPES, torch.float64),
+                        k_scale, v_scale)
     check_sinks(sinks, q.shape[1], q.device)
     check_decode_values(k, offsets, caps, spans, pos)
     B, H, _ = q.shape
@@ -190,14 +244,15 @@ def ragged_decode_reference(
     head_group = torch.arange(H, device=dev) // (H // G)
     keep = valid.view(B, 1, S) & (group.view(1, 1, S) == head_group.view(1, H, 1))
     keep &= (p.view(B, 1, S) < sink) | (dist < (spans.to(torch.int64) - sink).view(B, H, 1))
-    if window > 0:
-        keep &= dist < window
-    x = scale * torch.einsum("bhd,bsd->bhs", q.double(), k.double())
+    limit = window_limit(window, pos.view(B, 1, 1))
+    if limit is not None:
+        keep &= dist < limit
+    x = scale * torch.einsum("bhd,bsd->bhs", q.double(), cache_values(k, k_scale))
     if softcap > 0:
         x = softcap * torch.tanh(x / softcap)
     x = x.masked_fill(~keep, float("-inf"))
     probs = softmax_with_sinks(x, sinks)
-    return torch.einsum("bhs,bsd->bhd", probs, v.double()).to(q.dtype)
+    return torch.einsum("bhs,bsd->bhd", probs, cache_values(v, v_scale)).to(q.dtype)
 
 
 def check_sinks(sinks: torch.Tensor | None, H: int, device: torch.device) -> None:
@@ -375,20 +430,22 @@ def prepare_work(offsets: torch.Tensor, batch: int, block_n: int = DEFAULT_BLOCK
 # ---------------------------------------------------------------------------------- Triton
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["sink", "window_lim"])
+    @triton.jit(do_not_specialize=["sink", "window_lim", "local_chunk"])
     def _decode_partial_kernel(
-        q_ptr, k_ptr, v_ptr, items_ptr, caps_ptr, spans_ptr, pos_ptr,
+        q_ptr, k_ptr, v_ptr, items_ptr, caps_ptr, spans_ptr, pos_ptr, ks_ptr, vs_ptr,
         m_ptr, l_ptr, acc_ptr,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kd,
         stride_vb, stride_vs, stride_vd,
-        stride_cb, stride_cg, stride_sb, stride_sh, stride_pb,
-        n_items, sink, window_lim, qk_scale, softcap,
+        stride_cb, stride_cg, stride_sb, stride_sh, stride_pb, stride_ksb, stride_vsb,
+        n_items, sink, window_lim, local_chunk, qk_scale, softcap,
         HPG: tl.constexpr, HPG_PAD: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+        QUANT: tl.constexpr,
     ):
-        """One (work item, row): online softmax of all HPG heads of a group over a chunk of slots."""
+        """One (work item, row): online softmax of all HPG heads of a group over a chunk of slots.
+        ``QUANT``: FP8 K/V, dequantized in registers (scales folded into scores and probabilities)."""
         item = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         g = tl.load(items_ptr + item * 4)
@@ -401,6 +458,8 @@ if triton is not None:
         # slots past the cap, past the query, or past the chunk are never read
         hi = tl.minimum(tl.minimum(stop, cap), i + 1)
         ring = tl.maximum(cap - sink, 1)
+        # chunked local attention (local_chunk > 0): the query's own chunk, d < i mod C + 1
+        window_lim = tl.where(local_chunk > 0, i % tl.maximum(local_chunk, 1) + 1, window_lim)
 
         r = tl.arange(0, HPG_PAD)
         head_ok = r < HPG
@@ -430,13 +489,17 @@ if triton is not None:
                 k_ptr + b * stride_kb + rows[:, None] * stride_ks + d[None, :] * stride_kd,
                 mask=valid[:, None] & (d[None, :] < D), other=0.0,
             )
-            if DOT_F32:
-                kt = kt.to(tl.float32)
+            if DOT_F32 or QUANT:
+                kt = kt.to(qt.dtype)  # FP8 -> q's dtype is exact
             if IEEE:
                 x = tl.dot(qt, tl.trans(kt), input_precision="ieee")
             else:
                 x = tl.dot(qt, tl.trans(kt))
-            x = x * qk_scale
+            if QUANT:
+                k_sc = tl.load(ks_ptr + b * stride_ksb + rows, mask=valid, other=0.0)
+                x = x * (qk_scale * k_sc)[None, :]
+            else:
+                x = x * qk_scale
             if HAS_SOFTCAP:
                 y = x / softcap
                 e = tl.exp2(-2.8853900817779268 * tl.abs(y))  # exp(-2|y|)
@@ -452,7 +515,12 @@ if triton is not None:
                 v_ptr + b * stride_vb + rows[:, None] * stride_vs + dv[None, :] * stride_vd,
                 mask=valid[:, None] & (dv[None, :] < DV), other=0.0,
             )
-            pv = pr.to(vt.dtype)  # probabilities in V's dtype, as the GPU MMA takes them
+            if QUANT:  # the value scale rides on the probabilities: acc += (p * v_scale) . v8
+                v_sc = tl.load(vs_ptr + b * stride_vsb + rows, mask=valid, other=0.0)
+                pv = (pr * v_sc[None, :]).to(qt.dtype)
+                vt = vt.to(qt.dtype)
+            else:
+                pv = pr.to(vt.dtype)  # probabilities in V's dtype, as the GPU MMA takes them
             if DOT_F32:
                 pv = pv.to(tl.float32)
                 vt = vt.to(tl.float32)
@@ -525,9 +593,12 @@ def ragged_decode_triton(
     num_warps: int = 4,
     num_stages: int = 2,
     sinks: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype);
-    ``sinks`` [H]: learned sink logits (as in the twin).
+    ``sinks`` [H]: learned sink logits (as in the twin); FP8 k/v with ``k_scale``/``v_scale``
+    float32 [B, S] (unit slot stride).
 
     ``chunk`` (slots per work item; default: :func:`auto_work_list`, from the allocation, the
     batch and the GPU's SM count) and
@@ -538,8 +609,11 @@ def ragged_decode_triton(
     """
     if triton is None:
         raise RuntimeError("ragged_decode_triton needs triton (pip install 'moa-flex[dev]')")
-    check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+    check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, FLOAT_DTYPES, k_scale, v_scale)
     check_sinks(sinks, q.shape[1], q.device)
+    quant = is_quantized(k.dtype)
+    if quant and (k_scale.stride(1) != 1 or v_scale.stride(1) != 1):
+        raise ValueError("k_scale and v_scale must have unit stride along the slots")
     if q.device.type == "cpu" and not interpreting():
         raise RuntimeError(
             "ragged_decode_triton on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
@@ -573,11 +647,13 @@ def ragged_decode_triton(
     interp = interpreting()
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _decode_partial_kernel[(wl.n_items, B)](
-            q, k, v, wl.items, caps, spans, pos, m, l, acc,
+            q, k, v, wl.items, caps, spans, pos, k_scale if quant else pos, v_scale if quant else pos, m, l, acc,
             *q.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(), pos.stride(0),
-            wl.n_items, sink, window if window > 0 else 2**31 - 1, float(scale), float(softcap) if softcap > 0 else 1.0,
+            k_scale.stride(0) if quant else 0, v_scale.stride(0) if quant else 0,
+            wl.n_items, sink, window if window > 0 else 2**31 - 1, max(-window, 0), float(scale),
+            float(softcap) if softcap > 0 else 1.0,
             HPG=hpg, HPG_PAD=hpg_pad, D=D, D_PAD=d_pad, DV=Dv, DV_PAD=dv_pad, BLOCK_N=block_n,
-            HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32,
+            HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32, QUANT=quant,
             num_warps=num_warps, num_stages=num_stages,
         )
         _decode_combine_kernel[(H, B)](

@@ -181,8 +181,9 @@ def _check_profilable(model: torch.nn.Module, max_len: int) -> None:
         raise ValueError("moa-flex profiling does not support attention logit soft-capping (config.attn_logit_softcapping)")
     shape = ModelShape.from_config(config)
     for layer, w in enumerate(model_windows(config, shape)):
-        if w is not None and w < max_len:
-            raise ValueError(f"layer {layer} has its own sliding window of {w} tokens < profiled length {max_len}; "
+        if w is not None and abs(w) < max_len:
+            what = "sliding window" if w > 0 else "local attention chunk"
+            raise ValueError(f"layer {layer} has its own {what} of {abs(w)} tokens < profiled length {max_len}; "
                              "profiling supports plain causal attention only")
 
 

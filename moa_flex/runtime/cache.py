@@ -12,7 +12,9 @@ pointers: the position a slot holds follows from the row's current position. Sto
 flat K and one flat V tensor per layer, ``[B, sum_g W_g, D]``, group ``g`` at slots
 ``offsets[g] .. offsets[g + 1] - 1``; the widths ``W_g`` are the caps of the longest row, so
 shapes are static for a whole request (torch.compile and CUDA graphs see no change from step
-to step). Keys are stored after RoPE. Pad tokens are never cached: rows of a left-padded
+to step). Keys are stored after RoPE. An FP8 cache (``kv_dtype=torch.float8_e4m3fn``) stores
+K and V at one byte per value with one float32 scale per slot beside each
+(``k_scale``/``v_scale`` [B, S]; :mod:`moa_flex.kernels.quant`). Pad tokens are never cached: rows of a left-padded
 batch start at their own first real token.
 
 Writes go through two custom ops (:mod:`moa_flex.runtime.ops`): ``moa_flex::cache_extend``
@@ -33,6 +35,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_flex.architecture import WITH_STATE_LAYER_TYPES, layer_types, text_config
 from moa_flex.kernels.decode import prepare_work
+from moa_flex.kernels.quant import SCALE_DTYPE, is_quantized
+from moa_flex.kernels.quant import kv_dtype as parse_kv_dtype
 from moa_flex.plan import Plan
 
 from . import ops  # noqa: F401  (registers torch.ops.moa_flex.cache_extend / cache_append)
@@ -44,7 +48,8 @@ class MoaCacheLayer(CacheLayerMixin):
     ``caps`` [B, G] slots per row and group, ``spans`` [B, H] per-row query-head spans,
     ``offsets`` [G + 1] group starts, ``length`` [B] real tokens cached per row (the logical
     position of the next token). The rows' left padding is the cache's (``MoaCache.pads``): the
-    prefill pass reads each chunk's from its mask.
+    prefill pass reads each chunk's from its mask. ``dtype``: the storage dtype; FP8 adds
+    ``k_scale``/``v_scale`` float32 [B, S] (None otherwise).
     """
 
     is_compileable = False  # HF must neither auto-compile nor build 4-D masks for it
@@ -63,16 +68,24 @@ class MoaCacheLayer(CacheLayerMixin):
         S = int(self.offsets[-1])
         self.keys = torch.zeros(B, S, head_dim, dtype=dtype, device=self.device)
         self.values = torch.zeros(B, S, head_dim, dtype=dtype, device=self.device)
+        quant = is_quantized(dtype)
+        self.k_scale = torch.zeros(B, S, dtype=SCALE_DTYPE, device=self.device) if quant else None
+        self.v_scale = torch.zeros(B, S, dtype=SCALE_DTYPE, device=self.device) if quant else None
         self.caps = caps.to(self.device, torch.int32).contiguous()
         self.spans = spans.to(self.device, torch.int32).contiguous()
         self.length = torch.zeros(B, dtype=torch.long, device=self.device)
         self.filled = False
         self.is_initialized = True
         if not torch.compiler.is_compiling():
-            for t in (self.keys, self.values, self.caps, self.spans, self.length, self.offsets):
+            for t in self.tensors():
                 torch._dynamo.mark_static_address(t)
         if self.device.type == "cuda":
             prepare_work(self.offsets, B)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Storage (values and an FP8 cache's scales) and layout tensors."""
+        scales = [] if self.k_scale is None else [self.k_scale, self.v_scale]
+        return [self.keys, self.values, *scales, self.caps, self.spans, self.length, self.offsets]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocated up front (the planned length is known): nothing to do."""
@@ -92,11 +105,11 @@ class MoaCacheLayer(CacheLayerMixin):
             )
         if key_states.shape[-2] == 1:
             torch.ops.moa_flex.cache_append(self.keys, self.values, self.length, key_states, value_states,
-                                            self.spans, self.caps, self.offsets, self.sink)
+                                            self.spans, self.caps, self.offsets, self.sink, self.k_scale, self.v_scale)
         else:
             torch.ops.moa_flex.cache_extend(self.keys, self.values, self.length, key_states, value_states,
                                             torch.zeros_like(self.length), self.spans, self.caps, self.offsets,
-                                            self.sink)
+                                            self.sink, self.k_scale, self.v_scale)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -110,14 +123,15 @@ class MoaCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys.zero_()
-        self.values.zero_()
-        self.length.zero_()
+        for t in (self.keys, self.values, self.k_scale, self.v_scale, self.length):
+            if t is not None:
+                t.zero_()
         self.filled = False
 
     def memory_bytes(self) -> int:
-        """Bytes of the K and V storage of this layer."""
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        """Bytes of the K and V storage of this layer (an FP8 cache's scales included)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.k_scale, self.v_scale)
+                   if t is not None)
 
 
 class MoaCache(Cache):
@@ -127,6 +141,13 @@ class MoaCache(Cache):
     compile's ``max_length``) with static shapes. ``pads`` [B]: left-pad tokens of each row
     of the prompt; each row is planned for its own ``planned_length - pads[b]`` tokens.
     ``devices``: one device per planned layer (layers spread with device_map), or one for all.
+    ``windows``: per planned layer the model's own pattern (``architecture.model_windows``: a
+    sliding window > 0, chunked local attention < 0, None); such a layer keeps at most
+    ``sink + |window|`` slots per group (spans clamped alike, which keeps exactly the same keys:
+    no key farther than the window is ever attended), so its cache is bounded by the window.
+    ``dtype``: the model's compute dtype; ``kv_dtype``: the storage dtype (a torch dtype or
+    ``"bf16"``, ``"fp16"``, ``"fp32"``, ``"fp8"``; default ``dtype``): FP8 keeps K and V at one
+    byte per value with per-slot float32 scales, read back dequantized by every attention.
 
     A hybrid model's cache (the plan names its attention layers, ``plan.model.layers``) holds
     one layer per decoder layer, as transformers indexes them: a :class:`MoaCacheLayer` for
@@ -137,7 +158,8 @@ class MoaCache(Cache):
 
     def __init__(self, plan: Plan, batch_size: int, planned_length: int, *, pads: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float32, devices: Sequence[torch.device | str] | torch.device | str = "cpu",
-                 head_dim: int | None = None, config: Any = None) -> None:
+                 head_dim: int | None = None, config: Any = None, kv_dtype: torch.dtype | str | None = None,
+                 windows: Sequence[int | None] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if planned_length < 1:
@@ -157,7 +179,9 @@ class MoaCache(Cache):
         rows = [planned_length - int(p) for p in pads]
         caps = torch.stack([plan.cache_spans(n) for n in rows], dim=1)  # [L, B, G]
         spans = torch.stack([plan.head_spans(n) for n in rows], dim=1)  # [L, B, H]
-        self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dims[l], dtype, devices[l])
+        caps, spans = _bounded_by_windows(caps, spans, plan.sink, windows)
+        storage = parse_kv_dtype(kv_dtype) or dtype
+        self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dims[l], storage, devices[l])
                            for l in range(plan.num_layers)]
         super().__init__(layers=_model_layers(plan, self.moa_layers, config))
         self.plan = plan
@@ -165,6 +189,7 @@ class MoaCache(Cache):
         self.pads = pads
         self.head_dims = head_dims  # per planned layer
         self.dtype = dtype
+        self.kv_dtype = storage
         self.seen_tokens = 0  # tokens (padded width) run through the model so far; Python-side only
         self.decode_steps = 0  # decode steps in a row with the same call signature (moa_flex.compile)
         self.decode_signature: tuple | None = None
@@ -174,8 +199,7 @@ class MoaCache(Cache):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of every layer (storage and layout)."""
-        return [t for layer in self.moa_layers
-                for t in (layer.keys, layer.values, layer.caps, layer.spans, layer.length, layer.offsets)]
+        return [t for layer in self.moa_layers for t in layer.tensors()]
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The conv and recurrent state tensors of a hybrid's layers (transformers' own, or beside
@@ -212,7 +236,7 @@ class MoaCache(Cache):
         self.decode_signature = None
 
     def memory_bytes(self) -> int:
-        """Bytes of all K and V storage, measured on the tensors."""
+        """Bytes of all K and V storage (with an FP8 cache's scales), measured on the tensors."""
         return sum(layer.memory_bytes() for layer in self.moa_layers)
 
     def dense_memory_bytes(self) -> int:
@@ -223,6 +247,22 @@ class MoaCache(Cache):
     def slots(self) -> int:
         """Slots allocated per row, summed over layers and groups."""
         return sum(int(layer.offsets[-1]) for layer in self.moa_layers)
+
+
+def _bounded_by_windows(caps: torch.Tensor, spans: torch.Tensor, sink: int, windows: Sequence[int | None] | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """caps [L, B, G] and spans [L, B, H] of layers with a window of their own clamped to
+    ``sink + |window|`` (a kept key is within the window: the keep rule is unchanged)."""
+    if windows is None:
+        return caps, spans
+    if len(windows) != caps.shape[0]:
+        raise ValueError(f"windows: expected one per planned layer ({caps.shape[0]}), got {len(windows)}")
+    caps, spans = caps.clone(), spans.clone()
+    for layer, w in enumerate(windows):
+        if w:
+            caps[layer].clamp_(max=sink + abs(int(w)))
+            spans[layer].clamp_(max=sink + abs(int(w)))
+    return caps, spans
 
 
 def _head_dims(plan: Plan, head_dim: int | None, config: Any) -> list[int]:

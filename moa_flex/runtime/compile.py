@@ -22,8 +22,11 @@ from typing import Any, Callable
 
 import torch
 
-from moa_flex.architecture import check_supported, has_learned_sinks, layer_placement, model_windows, softcaps
+from moa_flex.architecture import (
+    check_supported, has_learned_sinks, layer_placement, model_windows, reads_token_count, softcaps,
+)
 from moa_flex.compat import cache_argument
+from moa_flex.kernels.quant import kv_dtype as parse_kv_dtype
 from moa_flex.passes.attention_pass import make_backend
 from moa_flex.passes.decode_pass import make_decode_backend
 from moa_flex.plan import Plan
@@ -104,6 +107,7 @@ def compile(  # noqa: A001  (the verb of the API)
     compile_cache: bool | None = None,
     verify: bool = True,
     regional: bool = True,
+    kv_dtype: torch.dtype | str | None = None,
 ) -> torch.nn.Module:
     """Compile an HF causal LM so that every attention layer runs the plan. Returns the model.
 
@@ -144,6 +148,10 @@ def compile(  # noqa: A001  (the verb of the API)
     an equal graph (:mod:`moa_flex.passes.regional`), so compile time does not grow with depth;
     decode steps are compiled so only when they replay CUDA graphs (one GPU, ``mode`` with CUDA
     graphs): uncaptured, each layer's call costs host time. False compiles every graph whole.
+    ``kv_dtype``: the storage dtype of the MoA KV cache generate() builds (None: the model's
+    dtype; ``torch.float8_e4m3fn`` or ``"fp8"``: one byte per value with a float32 scale per
+    token and KV head, read back dequantized by decode and by prefill over the cache alike;
+    :mod:`moa_flex.kernels.quant`, docs/DESIGN.md "FP8 cache").
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -170,6 +178,7 @@ def compile(  # noqa: A001  (the verb of the API)
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if model.training:
         raise ValueError("moa_flex.compile runs inference only; call model.eval() first")
+    kv_dtype = parse_kv_dtype(kv_dtype)
 
     # may refuse the model: before anything is changed
     check_supported(model, plan.model)
@@ -195,7 +204,8 @@ def compile(  # noqa: A001  (the verb of the API)
     runtime.planned_length = max_length
     runtime.log = log
     state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
-                          prefill_chunk=prefill_chunk,
+                          prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, windows=windows,
+                          reads_token_count=reads_token_count(config),
                           cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward),
                           log=log, model_ref=weakref.ref(model), accelerate_hooks=swapped, shard=shard)
     if verify:  # the first-call check's dense plan (moa_flex.runtime.verify)
@@ -214,7 +224,7 @@ def compile(  # noqa: A001  (the verb of the API)
     if backend == "inductor" and cache_enabled(compile_cache):
         devices, dtype = layer_placement(model, plan.model)
         options = {"mode": mode, "fuse_linear": fuse_linear, "prefill_chunk": prefill_chunk, "max_length": max_length,
-                   "shard": shard, "regional": regional}
+                   "shard": shard, "regional": regional, "kv_dtype": str(kv_dtype)}
         state.compile_cache = CompileCache(artifact_key(config, plan, dtype, devices[0], options))
         if state.compile_cache.load():
             log.say(f"compile cache: loaded {state.compile_cache.loaded_bytes / 2**20:.1f} MiB of compiled code from "

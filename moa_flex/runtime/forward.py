@@ -19,6 +19,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 from .cache import MoaCache
+from .multimodal import check_token_types
 from .state import CompiledState
 from .step_graph import StepGraph, graph_device, step_signature
 
@@ -80,6 +81,8 @@ def _forward(state: CompiledState, args: tuple, kwargs: dict) -> Any:
             raise ValueError(f"pass the cache once: got both past_key_values and {state.cache_arg}")
         kwargs[state.cache_arg] = kwargs.pop("past_key_values")
     cache = kwargs.get(state.cache_arg)
+    # Gemma 3/4 image tokens that attend each other both ways: refused on every path
+    check_token_types(state.model_ref() if state.model_ref is not None else None, kwargs)
     if isinstance(cache, MoaCache):
         return _forward_with_cache(state, cache, args, kwargs)
     state.log.calling()
@@ -107,9 +110,9 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
         )
     if n == 1:
         out = _decode_step(state, cache, kwargs, n)
+        cache.mark_filled(n)
     else:
-        out = _prefill(state, cache, kwargs, n)
-    cache.mark_filled(n)
+        out = _prefill(state, cache, kwargs, n)  # marks each chunk as it goes
     return out
 
 
@@ -171,6 +174,9 @@ def _prefill(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) -> Any
             state.log.calling()
             with dynamo_policy():
                 out = state.compiled_forward(**step)
+        # the next chunk sees the tokens before it counted (a model reading the cache's token
+        # count in its forward, Llama 4's attention temperature, needs it chunk by chunk)
+        cache.mark_filled(b - a)
         if whole:
             logits.append(out.logits)
     if whole:
@@ -231,7 +237,10 @@ def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) ->
     cache.decode_steps = cache.decode_steps + 1 if same else 1
     cache.decode_signature = signature
     cache.step_graph = None
-    if state.cudagraphs and cache.decode_steps == 3:  # once per run of same-signature steps, not every step
+    if state.cudagraphs and state.reads_token_count:
+        _warn_once(state, f"decode steps run without CUDA graphs: {state.reads_token_count}, a number a captured "
+                          "graph would freeze")
+    elif state.cudagraphs and cache.decode_steps == 3:  # once per run of same-signature steps, not every step
         device = graph_device(kwargs, cache.tensors() + cache.state_tensors())
         if device is not None:
             with dynamo_policy(), state.log.phase("capturing the decode step's CUDA graph"):

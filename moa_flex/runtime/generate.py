@@ -12,7 +12,9 @@ earlier turn's cache back (``past_key_values``, or ``cache`` from transformers 5
 the whole conversation as ``input_ids``: only the tokens the cache has not seen are prefilled,
 and the conversation stays planned for the cache's length (compile's ``max_length``). Beam
 search, several sequences per prompt and other decoding modes are refused (the cache is
-allocated per prompt row).
+allocated per prompt row). A multimodal wrapper's request (images, ...) goes to transformers
+as given: it encodes the images, and the decoding loop passes them to the prefill or refuses
+the request (a non-causal mask over the image tokens), as its docstring says.
 """
 
 from __future__ import annotations
@@ -171,11 +173,11 @@ def _cache_for(model: torch.nn.Module, state: "CompiledState", batch: int, plann
     devices, dtype = layer_placement(model, state.plan.model)
     old = state.cache
     if (old is not None and old.plan is state.plan and old.batch_size == batch and old.planned_length == planned
-            and torch.equal(old.pads, pads) and old.dtype == dtype
+            and torch.equal(old.pads, pads) and old.dtype == dtype and old.kv_dtype == (state.kv_dtype or dtype)
             and [layer.device for layer in old.moa_layers] == [torch.device(d) for d in devices]):
         old.reset()
         return old
     state.cache = None  # free the old one before allocating
     state.cache = MoaCache(state.plan, batch, planned, pads=pads, dtype=dtype, devices=devices,
-                           config=model.config)
+                           config=model.config, kv_dtype=state.kv_dtype, windows=state.windows)
     return state.cache

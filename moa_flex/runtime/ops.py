@@ -24,6 +24,10 @@ op                                     implementation
 
 ``moa_flex::attention`` finds its plan through :data:`RUNTIMES`: graphs hold only a runtime's
 integer id, so a plan is data that can change without recompiling.
+
+The cache ops take an FP8 cache's scales (``k_scale``/``v_scale`` [B, S], None for other
+caches; :mod:`moa_flex.kernels.quant`): the writes quantize, the reads dequantize in the
+kernels.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from moa_flex.kernels.decode import check_decode_inputs, ragged_decode_reference
 from moa_flex.kernels.linear import (
     check_gated_inputs, check_linear_inputs, gated_mlp, gated_mlp_reference, grouped_linear, grouped_linear_reference,
 )
+from moa_flex.kernels.quant import is_quantized, quantize_fp8
 from moa_flex.masks import padding_info
 
 from .slots import cache_append_reference, cache_extend_reference
@@ -121,28 +126,31 @@ def chunk_start(length: torch.Tensor, chunk_pads: torch.Tensor) -> torch.Tensor:
     return length - chunk_pads.to(length.device, torch.long)
 
 
-@torch.library.custom_op("moa_flex::cache_extend", mutates_args=("keys", "values", "length"))
+@torch.library.custom_op("moa_flex::cache_extend", mutates_args=("keys", "values", "length", "k_scale", "v_scale"))
 def cache_extend(
     keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     chunk_pads: torch.Tensor, spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write a chunk's real tokens (``k_new``/``v_new`` [B, G, C, D]) into a layer's cache:
     what the sinks and rings keep of them, after what the cache held; ``length`` advances by
     the chunk's real tokens. ``chunk_pads`` [B]: the chunk's leading left padding per row.
     ``spans`` [B, H] is not used here: it is the layout the prefill pass hands, with the
     tensors this op mutates, to the layer's chunk attention."""
-    cache_extend_reference(keys, values, length, k_new, v_new, chunk_start(length, chunk_pads), caps, offsets, sink)
+    cache_extend_reference(keys, values, length, k_new, v_new, chunk_start(length, chunk_pads), caps, offsets, sink,
+                           k_scale, v_scale)
 
 
 @cache_extend.register_fake
-def _(keys, values, length, k_new, v_new, chunk_pads, spans, caps, offsets, sink):  # noqa: ANN001, ANN202
+def _(keys, values, length, k_new, v_new, chunk_pads, spans, caps, offsets, sink, k_scale=None, v_scale=None):  # noqa: ANN001, ANN202
     return None
 
 
-@torch.library.custom_op("moa_flex::cache_append", mutates_args=("keys", "values", "length"))
+@torch.library.custom_op("moa_flex::cache_append", mutates_args=("keys", "values", "length", "k_scale", "v_scale"))
 def cache_append(
     keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write one new token per row (``k_new``/``v_new`` [B, G, 1, D], logical position
     ``length[b]``) into its slot of every group, then ``length += 1``. CUDA: one Triton
@@ -152,13 +160,13 @@ def cache_append(
     tensors this op mutated, to the layer's decode attention.
     """
     if keys.device.type == "cuda":
-        cache_append_triton(keys, values, length, k_new, v_new, caps, offsets, sink)
+        cache_append_triton(keys, values, length, k_new, v_new, caps, offsets, sink, k_scale, v_scale)
     else:
-        cache_append_reference(keys, values, length, k_new, v_new, caps, offsets, sink)
+        cache_append_reference(keys, values, length, k_new, v_new, caps, offsets, sink, k_scale, v_scale)
 
 
 @cache_append.register_fake
-def _(keys, values, length, k_new, v_new, spans, caps, offsets, sink):  # noqa: ANN001, ANN202
+def _(keys, values, length, k_new, v_new, spans, caps, offsets, sink, k_scale=None, v_scale=None):  # noqa: ANN001, ANN202
     return None
 
 
@@ -167,51 +175,62 @@ def _(keys, values, length, k_new, v_new, spans, caps, offsets, sink):  # noqa: 
 def ragged_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, caps: torch.Tensor,
     spans: torch.Tensor, pos: torch.Tensor, sink: int, window: int, scale: float, softcap: float,
-    sinks: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Ragged MoA decode: q [B, H, D] -> [B, H, Dv] (``sinks`` [H]: learned sink logits).
-    CUDA: Triton; CPU: the twin."""
+    """Ragged MoA decode: q [B, H, D] -> [B, H, Dv] (``sinks`` [H]: learned sink logits; an FP8
+    cache's ``k_scale``/``v_scale`` [B, S]). CUDA: Triton; CPU: the twin."""
     if q.device.type == "cuda":
-        return ragged_decode_triton(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=sinks)
+        return ragged_decode_triton(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=sinks,
+                                    k_scale=k_scale, v_scale=v_scale)
     if q.device.type == "cpu":
-        return ragged_decode_reference(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks)
+        return ragged_decode_reference(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks,
+                                       k_scale, v_scale)
     raise _device_error("ragged_decode", q.device)
 
 
 @ragged_decode.register_fake
-def _(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=None):  # noqa: ANN001, ANN202
-    check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap)
+def _(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=None, k_scale=None, v_scale=None):  # noqa: ANN001, ANN202
+    check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, k_scale=k_scale,
+                        v_scale=v_scale)
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
 
 
-@torch.library.custom_op("moa_flex::chunk_prefill", mutates_args=("keys", "values", "length"))
+@torch.library.custom_op("moa_flex::chunk_prefill", mutates_args=("keys", "values", "length", "k_scale", "v_scale"))
 def chunk_prefill(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     length: torch.Tensor, chunk_pads: torch.Tensor, spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor,
     sink: int, window: int, scale: float, softcap: float, sinks: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One prefill chunk of a layer: its queries q [B, H, C, D] over the cache as the chunks
     before left it plus the chunk's own keys (-> [B, H, C, Dv]), then the chunk's write into
     the cache (``cache_extend``). One op, so the write can never be ordered before the read.
     ``chunk_pads`` [B]: the chunk's leading left padding per row; ``sinks`` [H]: learned sink
-    logits. CUDA: Triton; CPU: the twin."""
+    logits. An FP8 cache (``k_scale``/``v_scale`` [B, S]): the chunk is quantized first, and
+    its queries see its own keys and values as the cache will hold them. CUDA: Triton; CPU:
+    the twin."""
     start = chunk_start(length, chunk_pads)
+    kn_scale = vn_scale = None
+    if is_quantized(keys.dtype):
+        (k_new, kn_scale), (v_new, vn_scale) = quantize_fp8(k_new), quantize_fp8(v_new)
+    args = (q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink, window, scale, softcap)
+    scales = {"k_scale": k_scale, "v_scale": v_scale, "kn_scale": kn_scale, "vn_scale": vn_scale}
     if q.device.type == "cuda":
-        out = chunk_attention_triton(q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink, window,
-                                     scale, softcap, sinks=sinks)
+        out = chunk_attention_triton(*args, sinks=sinks, **scales)
     elif q.device.type == "cpu":
-        out = chunk_attention_reference(q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink,
-                                        window, scale, softcap, sinks)
+        out = chunk_attention_reference(*args, sinks=sinks, **scales)
     else:
         raise _device_error("chunk_prefill", q.device)
-    cache_extend_reference(keys, values, length, k_new, v_new, start, caps, offsets, sink)
+    cache_extend_reference(keys, values, length, k_new, v_new, start, caps, offsets, sink, k_scale, v_scale,
+                           kn_scale, vn_scale)
     return out
 
 
 @chunk_prefill.register_fake
 def _(q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale, softcap,  # noqa: ANN001, ANN202
-      sinks=None):
-    check_chunk_inputs(q, k_new, v_new, keys, values, offsets, caps, spans, length, length, sink, window, scale, softcap)
+      sinks=None, k_scale=None, v_scale=None):
+    check_chunk_inputs(q, k_new, v_new, keys, values, offsets, caps, spans, length, length, sink, window, scale, softcap,
+                       k_scale=k_scale, v_scale=v_scale)
     return q.new_empty(*q.shape[:3], v_new.shape[3])
 
 
@@ -246,11 +265,13 @@ def verify_chunk(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     length: torch.Tensor, chunk_pads: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
     window: int, scale: float, layer: int, want: torch.Tensor, sinks: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """The first-call check of a prefill chunk's layer: when the cache is empty (the first
     chunk), the chunk attention with dense spans, without soft-cap, against ``want``, the
     model's own SDPA output over the chunk; real rows: positions >= 0. Reads ``length`` on
-    the host (once per graph)."""
+    the host (once per graph). An FP8 cache's chunk is compared unquantized (the check is of
+    the rewrite's masks and grouping; quantization is the cache's own, documented error)."""
     if int(length.max()) > 0:
         record_skip(layer, "the cache was not empty (only a first chunk is compared)")
         return
@@ -259,15 +280,16 @@ def verify_chunk(
     start = chunk_start(length, chunk_pads)
     spans = torch.full((q.shape[0], q.shape[1]), DENSE_SPAN, dtype=torch.int32, device=q.device)
     args = (q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink, window, scale, 0.0)
-    got = (chunk_attention_triton(*args, sinks=sinks) if q.device.type == "cuda"
-           else chunk_attention_reference(*args, sinks=sinks))
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
+    got = (chunk_attention_triton(*args, sinks=sinks, **scales) if q.device.type == "cuda"
+           else chunk_attention_reference(*args, sinks=sinks, **scales))
     real = (start.view(-1, 1) + torch.arange(q.shape[2], device=q.device).view(1, -1)) >= 0
     check_close(got, want, real, layer, "moa_flex::chunk_prefill")
 
 
 @verify_chunk.register_fake
 def _(q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer, want,  # noqa: ANN001, ANN202
-      sinks=None):
+      sinks=None, k_scale=None, v_scale=None):
     return None
 
 

@@ -10,21 +10,47 @@ so each group keeps its sink and its last ``C_g - sink`` tokens, and the positio
 follows from the row's newest position (:mod:`moa_flex.kernels.slot_map`). The flat layout
 puts group ``g`` at slots ``offsets[g] .. offsets[g + 1] - 1``. The writes here are the torch
 implementations of the cache ops (:mod:`moa_flex.runtime.ops`) and the oracles of their
-Triton kernels.
+Triton kernels. An FP8 cache (``keys.dtype`` float8_e4m3fn) is written through
+:func:`~moa_flex.kernels.quant.quantize_fp8`: the values and each vector's scale
+(``k_scale``/``v_scale`` [B, S]); other caches take the new values cast to their dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moa_flex.kernels.quant import is_quantized, quantize_fp8
 from moa_flex.kernels.slot_map import flat_group_index, slot_positions
 
-__all__ = ["cache_append_reference", "cache_extend_reference", "flat_group_index", "slot_positions"]
+__all__ = ["cache_append_reference", "cache_extend_reference", "flat_group_index", "quantized_pair", "slot_positions"]
+
+
+def quantized_pair(cache: torch.Tensor, new: torch.Tensor, scale: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a cache stored like ``cache`` holds of ``new`` [..., D]: (fp8 values, scales [...])
+    for an FP8 cache (``new`` quantized unless it is FP8 already, with its ``scale``), else
+    (``new`` in the cache's dtype, None)."""
+    if not is_quantized(cache.dtype):
+        return new.to(cache.dtype), None
+    if is_quantized(new.dtype):
+        if scale is None:
+            raise ValueError("FP8 values written into the cache need their scales")
+        return new, scale
+    return quantize_fp8(new)
+
+
+def _check_scales(keys: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
+    if is_quantized(keys.dtype) and (k_scale is None or v_scale is None or k_scale.shape != keys.shape[:2]
+                                     or v_scale.shape != keys.shape[:2]):
+        raise ValueError(f"an FP8 cache needs k_scale and v_scale [B, S] = {list(keys.shape[:2])}, got "
+                         f"{getattr(k_scale, 'shape', None)} and {getattr(v_scale, 'shape', None)}")
 
 
 def cache_extend_reference(
     keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     start: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None,
 ) -> None:
     """Write a chunk's real tokens into the cache (the torch implementation of
     ``moa_flex::cache_extend``): ``k_new``/``v_new`` [B, G, C, D] (after RoPE), chunk index
@@ -32,7 +58,9 @@ def cache_extend_reference(
     written). The row held positions ``0 .. length[b] - 1``; it now holds, through the slot
     map, what positions ``0 .. start[b] + C - 1`` leave in each group (the sink and the newest
     ``C_g - sink``), and ``length`` advances by the chunk's real tokens. Other slots keep their
-    contents."""
+    contents. FP8 cache: ``k_scale``/``v_scale`` [B, S] are written too; ``k_new``/``v_new``
+    may be FP8 already, with ``kn_scale``/``vn_scale`` [B, G, C]."""
+    _check_scales(keys, k_scale, v_scale)
     B, G, C, _ = k_new.shape
     n = length.long()
     last = torch.maximum(start.long() + C - 1, n - 1)  # newest position per row after the write
@@ -40,24 +68,42 @@ def cache_extend_reference(
     group = flat_group_index(offsets, keys.device)  # [S]
     fresh = (pos >= n.view(B, 1)).unsqueeze(-1)  # the slot now holds a token of this chunk
     src = (pos - start.long().view(B, 1)).clamp(0, C - 1)  # chunk index of that token
-    for cache, new in ((keys, k_new), (values, v_new)):
-        rows = new[torch.arange(B, device=new.device).view(B, 1), group.view(1, -1), src]  # [B, S, D]
-        cache.copy_(torch.where(fresh, rows.to(cache.dtype), cache))
+    b = torch.arange(B, device=keys.device).view(B, 1)
+    for cache, scales, new, new_scale in ((keys, k_scale, k_new, kn_scale), (values, v_scale, v_new, vn_scale)):
+        stored, stored_scale = quantized_pair(cache, new, new_scale)
+        rows = stored[b, group.view(1, -1), src]  # [B, S, D]
+        _select_into(cache, fresh, rows)
+        if stored_scale is not None:
+            scales.copy_(torch.where(fresh[..., 0], stored_scale[b, group.view(1, -1), src], scales))
     length.copy_(last + 1)
+
+
+def _select_into(cache: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor) -> None:
+    """``cache = where(fresh, rows, cache)``; FP8 selected as bytes (not every torch build has
+    FP8 kernels for ``where``)."""
+    if is_quantized(cache.dtype):
+        cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+    cache.copy_(torch.where(fresh, rows, cache))
 
 
 def cache_append_reference(
     keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     caps: torch.Tensor, offsets: torch.Tensor, sink: int,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """The twin of ``moa_flex::cache_append`` in plain torch (the CPU implementation and the
-    oracle of the Triton kernel, :mod:`moa_flex.kernels.append`)."""
+    oracle of the Triton kernel, :mod:`moa_flex.kernels.append`); an FP8 cache quantizes the
+    token and writes its scales into ``k_scale``/``v_scale`` [B, S]."""
+    _check_scales(keys, k_scale, v_scale)
     B, G = caps.shape
     p = length.long().view(B, 1)  # [B, 1]
     cap = caps.long()
     slot = torch.where(p < sink, p, sink + torch.remainder(p - sink, (cap - sink).clamp(min=1)))  # [B, G]
     flat = offsets[:-1].to(keys.device).long().view(1, G) + slot  # [B, G]
     rows = torch.arange(B, device=keys.device).view(B, 1).expand(B, G)
-    keys[rows, flat] = k_new[:, :, 0].to(keys.dtype)
-    values[rows, flat] = v_new[:, :, 0].to(values.dtype)
+    for cache, scales, new in ((keys, k_scale, k_new), (values, v_scale, v_new)):
+        stored, stored_scale = quantized_pair(cache, new[:, :, 0], None)
+        cache[rows, flat] = stored
+        if stored_scale is not None:
+            scales[rows, flat] = stored_scale
     length.add_(1)

@@ -8,6 +8,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from moa_flex.plan import Plan
 
 from .attention import MoaRuntime
@@ -27,6 +29,9 @@ class CompiledState:
     original_attn_implementation: str | None
     max_length: int | None = None
     prefill_chunk: int | None = None  # tokens per prefill chunk over a MoaCache (None: one chunk)
+    kv_dtype: torch.dtype | None = None  # storage dtype of the caches generate() builds (None: the model's)
+    windows: list | None = None  # per planned layer the model's own window (architecture.model_windows)
+    reads_token_count: str | None = None  # why the forward reads the cache's token count (no step graphs), or None
     reports: list = field(default_factory=list)
     decode_reports: list = field(default_factory=list)
     compiled_forward: Callable | None = None

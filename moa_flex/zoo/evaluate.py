@@ -25,22 +25,42 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-def _correct(model: Any, batch: Any, rows: int, device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """Float [B, n]: 1 where question q of row b is answered exactly (teacher forced), ``rows`` rows per forward."""
+def _correct(model: Any, batch: Any, rows: int, device: torch.device, amp_dtype: torch.dtype | None,
+             kv_dtype: torch.dtype | str | None = None) -> torch.Tensor:
+    """Float [B, n]: 1 where question q of row b is answered exactly (teacher forced), ``rows`` rows per forward;
+    ``kv_dtype``: through a MoA cache of that dtype (:func:`_cache_logits`)."""
     out = []
     for lo in range(0, batch.input_ids.shape[0], rows):
         part = batch.rows(lo, lo + rows)
+        ids = part.input_ids.to(device)
         with _autocast(device, amp_dtype):
-            logits = model(input_ids=part.input_ids.to(device), use_cache=False).logits
+            logits = (model(input_ids=ids, use_cache=False).logits if kv_dtype is None
+                      else _cache_logits(model, ids, kv_dtype))
         out.append(batch_correct(logits, part).float().cpu())
     return torch.cat(out)
+
+
+def _cache_logits(model: Any, ids: torch.Tensor, kv_dtype: torch.dtype | str) -> torch.Tensor:
+    """Every position's logits of a prefill onto a fresh MoA cache stored in ``kv_dtype`` (a
+    model compiled by moa_flex): each query reads keys and values as that cache holds them, as
+    decoding would (an FP8 cache: dequantized), not the exact ones a cacheless forward uses."""
+    from moa_flex.architecture import layer_placement
+    from moa_flex.runtime.cache import MoaCache
+
+    state = getattr(model, "moa_flex", None)
+    if state is None:
+        raise ValueError("evaluating through a MoA cache (kv_dtype=...) needs a model compiled by moa_flex.compile")
+    devices, dtype = layer_placement(model, state.plan.model)
+    cache = MoaCache(state.plan, ids.shape[0], ids.shape[1], dtype=dtype, devices=devices, config=model.config,
+                     kv_dtype=kv_dtype, windows=state.windows)
+    return model(input_ids=ids, use_cache=True, logits_to_keep=0, **{state.cache_arg: cache}).logits
 
 
 @torch.no_grad()
 def retrieval_accuracy(
     model: Any, task: Task, lengths: Sequence[int], depths: Sequence[float], samples: int, *, seed: int = 0,
     record_spacing: int = 64, batch_tokens: int = 65536, amp_dtype: torch.dtype | None = None, progress: bool = True,
-    per_sequence: bool = False,
+    per_sequence: bool = False, kv_dtype: torch.dtype | str | None = None,
 ) -> dict:
     """Exact-match retrieval accuracy by teacher forcing (one forward per batch): for each length
     (tokens, answer included) and depth, ``samples`` sequences with one question whose record
@@ -50,6 +70,10 @@ def retrieval_accuracy(
     per depth (in the order of ``depths``, every answer teacher forced), so one forward scores
     every depth: ``len(depths)`` times less compute, each question seeing the earlier
     questions and answers (at most ``(len(depths) - 1) * (K + V + 2)`` tokens) before it.
+
+    ``kv_dtype`` (a model compiled by moa_flex): every forward prefills a fresh MoA cache stored
+    in that dtype and reads the logits of that prefill, so the answers see the cache's values
+    (an FP8 cache's dequantized keys and values), as generation would.
 
     Returns ``{"lengths", "depths", "samples", "accuracy": [[per depth] per length],
     "by_length": [...], "by_depth": [...], "overall"}`` (fractions in [0, 1])."""
@@ -70,14 +94,14 @@ def retrieval_accuracy(
             R = eval_records(task, L, record_spacing, len(depths))
             batch = make_batch(task, samples, L, (seed, EVAL_SEED_TAG, L, len(depths)), num_questions=len(depths),
                                num_records=R, depth=list(depths))
-            table.append((_correct(model, batch, rows, device, amp_dtype).sum(0) / samples).tolist())
+            table.append((_correct(model, batch, rows, device, amp_dtype, kv_dtype).sum(0) / samples).tolist())
             bar.update()
             continue
         R = eval_records(task, L, record_spacing)
         accs = []
         for di, d in enumerate(depths):
             batch = make_batch(task, samples, L, (seed, EVAL_SEED_TAG, L, di), num_questions=1, num_records=R, depth=d)
-            accs.append(int(_correct(model, batch, rows, device, amp_dtype).sum()) / samples)
+            accs.append(int(_correct(model, batch, rows, device, amp_dtype, kv_dtype).sum()) / samples)
             bar.update()
         table.append(accs)
     bar.close()
