@@ -1,8 +1,10 @@
 """Whole-model decode with the ragged MoA cache against HF eager generate and a dense plan.
 
-    python bench/decode.py [--cases 8x16384 4x65536] [--densities 0.5 0.25] [--steps 24] [--mode reduce-overhead] [--record]
+    python bench/decode.py [--cases 8x16384 4x65536] [--densities 0.5 0.25] [--kv-dtypes bf16 fp8] [--steps 24]
+                           [--mode reduce-overhead] [--record]
     python bench/decode.py --max-batch 32768      # largest batch that fits at 32K: moa-flex d=0.25 vs HF eager
-    python bench/decode.py --smoke                # tiny model on the CPU: checks the script runs
+    python bench/decode.py --cases --max-batch 32768 --kv-dtypes bf16 fp8   # ... for a bf16 and an FP8 cache
+    python bench/decode.py --smoke [--kv-dtypes bf16 fp8] [--max-batch 1]   # tiny model on the CPU: the script runs
     python bench/decode.py --no-fuse-linear       # decode steps with one cuBLAS call per projection
     python bench/decode.py --no-hf                # without the HF eager baseline (quicker)
 
@@ -19,6 +21,21 @@ must read) / copy bandwidth measured in the same run (harness.copy_bandwidth: re
 4 GiB). Max-batch case: caches filled with random
 keys and values instead of a prefill, then decode steps through the model's forward.
 Kernel alone: bench/decode_kernel.py.
+
+``--kv-dtypes bf16 fp8`` (default bf16): every moa-flex row (dense plan, each density, their
+"(forward)" rows and the max-batch row) once per cache dtype; fp8 rows are named
+"moa-flex d=0.25 fp8" (bf16 rows keep their names): moa_flex.compile(kv_dtype=...) for the
+first, the compiled model's ``kv_dtype`` switched for the others (torch.compile traces the
+graphs again for the new cache tensors; moa-flex itself is not recompiled); random-filled
+caches are built with that kv_dtype (FP8: random bf16 values through the cache's quantizer).
+Their floor counts the cache's bytes as ``MoaCache.memory_bytes`` does: FP8 values and scales.
+The max-batch search sizes each row's first guess by that cache's bytes per row
+(``harness.cache_bytes``: slots x 2 x (D bytes + 4 bytes of scale) for FP8, x 2D bytes for bf16),
+so FP8 starts near its own, larger batch; notes give the fp8/bf16 ratio of step time
+(same batch) and of the largest batch's tokens/s. HF eager rows: bf16 (DynamicCache) only.
+``--smoke``: on the CPU the model runs in float32, so "bf16" is a float32 cache there;
+``--max-batch`` with ``--smoke`` runs at 256 tokens against a nominal free memory of
+``SMOKE_FREE`` (the search's arithmetic, not a real limit).
 """
 
 from __future__ import annotations
@@ -27,15 +44,22 @@ import argparse
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import moa_flex
 from decode_kernel import plan_at_kv_density
-from harness import copy_bandwidth, llama3_8b_config, record
+from harness import (
+    KV_CHOICES, cache_bytes, copy_bandwidth, fill_random, kv_storage, kv_suffix, llama3_8b_config, record, set_kv_dtype,
+    storage_dtype,
+)
 from moa_flex import MoaCache
 from moa_flex.plan import ModelShape, Plan
+
+SMOKE_FREE = 1 << 20  # --smoke --max-batch: the "free memory" the CPU search sizes its batches by
+SMOKE_MAX_BATCH_N = 256  # --smoke --max-batch: its length (tokens)
 
 
 class StepClock(LogitsProcessor):
@@ -88,12 +112,14 @@ def stock(model):  # noqa: ANN001, ANN201
         model.__dict__.update(saved)
 
 
-def use_plan(model, plan: Plan, mode: str | None, fuse_linear: bool) -> None:  # noqa: ANN001
-    """Compile the model once (first call), then switch plans without recompiling."""
+def use_plan(model, plan: Plan, mode: str | None, fuse_linear: bool, kv: str = "bf16") -> None:  # noqa: ANN001
+    """Compile the model once (first call, with this cache dtype), then switch plans and cache
+    dtypes without recompiling moa-flex."""
     if getattr(model, "moa_flex", None) is None:
-        moa_flex.compile(model, plan, mode=mode, fuse_linear=fuse_linear)
+        moa_flex.compile(model, plan, mode=mode, fuse_linear=fuse_linear, kv_dtype=kv_storage(kv))
     else:
         model.moa_flex.set_plan(plan)
+        set_kv_dtype(model, kv)
 
 
 def same_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, rows: list, checks: list) -> None:  # noqa: ANN001
@@ -125,28 +151,39 @@ def same_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, ro
             (f"moa-flex d={d}", plan_at_kv_density(shape, N, d, seed=1, alpha_fraction=0.0)) for d in args.densities
         ]
         for name, plan in plans:
-            use_plan(model, plan, args.mode, args.fuse_linear)
-            t0 = time.perf_counter()
-            ms, peak, out = timed_generate(model, ids, args.steps, dev)
-            print(f"{name}: generate took {time.perf_counter() - t0:.1f} s in all", flush=True)
-            kv = model.moa_flex.cache.memory_bytes()
-            rows.append(dict(case=case, method=name, density=plan.kv_density(N), ms=ms, peak=peak,
-                             floor=(wbytes + kv) / bw * 1e3))
-            print(rows[-1], flush=True)
-            if name.endswith("dense plan") and hf_out is not None:
-                new = out[:, -args.steps:] == hf_out[:, -args.steps:]
-                checks.append(f"{case}: dense plan vs HF eager generate, greedy tokens equal: first token "
-                              f"{bool(new[:, 0].all())}, all {int(new.sum())}/{new.numel()} (bf16, other kernels)")
-            model.moa_flex.release_cache()
-            # the model's decode step alone (no generate() loop): a filled cache, forwards timed alone
-            cache = random_moa_cache(plan, B, N, N - args.steps - 4, args.dtype, dev)
-            fms = decode_steps(model, cache, B, N - args.steps - 4, args.steps, dev)
-            del cache
-            rows.append(dict(case=case, method=f"{name} (forward)", density=plan.kv_density(N), ms=fms, peak=0,
-                             floor=(wbytes + kv) / bw * 1e3))
-            print(rows[-1], flush=True)
+            for kv_name in args.kv_dtypes:
+                moa_rows(args, model, case, f"{name}{kv_suffix(kv_name)}", plan, kv_name, ids, hf_out, wbytes, bw,
+                         rows, checks)
         if dev == "cuda":
             torch.cuda.empty_cache()
+
+
+def moa_rows(args: argparse.Namespace, model, case: str, method: str, plan: Plan, kv_name: str,  # noqa: ANN001
+             ids: torch.Tensor, hf_out: torch.Tensor | None, wbytes: int, bw: float, rows: list, checks: list) -> None:
+    """One moa-flex plan with one cache dtype: the generate() row, then the "(forward)" row."""
+    dev = args.device
+    B, N = ids.shape[0], ids.shape[1] + args.steps
+    use_plan(model, plan, args.mode, args.fuse_linear, kv_name)
+    t0 = time.perf_counter()
+    ms, peak, out = timed_generate(model, ids, args.steps, dev)
+    print(f"{method}: generate took {time.perf_counter() - t0:.1f} s in all", flush=True)
+    kv = model.moa_flex.cache.memory_bytes()  # values and an FP8 cache's scales
+    rows.append(dict(case=case, method=method, density=plan.kv_density(N), ms=ms, peak=peak,
+                     floor=(wbytes + kv) / bw * 1e3))
+    print(rows[-1], flush=True)
+    if method.startswith("moa-flex dense plan") and hf_out is not None:
+        new = out[:, -args.steps:] == hf_out[:, -args.steps:]
+        cache = "" if kv_storage(kv_name) is None else f", {kv_name} cache"
+        checks.append(f"{case}: dense plan{cache} vs HF eager generate, greedy tokens equal: first token "
+                      f"{bool(new[:, 0].all())}, all {int(new.sum())}/{new.numel()} (bf16, other kernels)")
+    model.moa_flex.release_cache()
+    # the model's decode step alone (no generate() loop): a filled cache, forwards timed alone
+    cache = random_moa_cache(plan, B, N, N - args.steps - 4, args.dtype, dev, kv_storage(kv_name))
+    fms = decode_steps(model, cache, B, N - args.steps - 4, args.steps, dev)
+    del cache
+    rows.append(dict(case=case, method=f"{method} (forward)", density=plan.kv_density(N), ms=fms, peak=0,
+                     floor=(wbytes + kv) / bw * 1e3))
+    print(rows[-1], flush=True)
 
 
 def decode_steps(model, cache, B: int, start: int, steps: int, dev: str) -> float:  # noqa: ANN001
@@ -167,14 +204,10 @@ def decode_steps(model, cache, B: int, start: int, steps: int, dev: str) -> floa
     return statistics.median(times[3:])
 
 
-def random_moa_cache(plan: Plan, B: int, N: int, filled: int, dtype: torch.dtype, dev: str) -> MoaCache:
-    cache = MoaCache(plan, B, N, dtype=dtype, devices=dev)
-    for layer in cache.layers:
-        layer.keys.normal_()
-        layer.values.normal_()
-        layer.length.fill_(filled)
-    cache.mark_filled(filled)
-    return cache
+def random_moa_cache(plan: Plan, B: int, N: int, filled: int, dtype: torch.dtype, dev: str,
+                     kv_dtype: torch.dtype | None = None) -> MoaCache:
+    """A MoaCache (storage ``kv_dtype``, default ``dtype``) holding ``filled`` tokens of random K/V."""
+    return fill_random(MoaCache(plan, B, N, dtype=dtype, devices=dev, kv_dtype=kv_dtype), filled)
 
 
 def random_dynamic_cache(shape: ModelShape, B: int, filled: int, dtype: torch.dtype, dev: str) -> DynamicCache:
@@ -185,10 +218,27 @@ def random_dynamic_cache(shape: ModelShape, B: int, filled: int, dtype: torch.dt
     return cache
 
 
+def free_memory(dev: str) -> int:
+    """Free device memory (bytes) the searches size by; the CPU smoke run: SMOKE_FREE."""
+    return torch.cuda.mem_get_info()[0] if dev == "cuda" else SMOKE_FREE
+
+
+def search(try_fn: Callable[[int], float], first: int) -> tuple[int, float]:
+    """(largest batch that ran, its step ms): from ``first`` down by 10% per out-of-memory."""
+    B = first
+    while B > 0:
+        try:
+            return B, try_fn(B)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            B = int(B * 0.9)
+    raise SystemExit("nothing fits")
+
+
 def max_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, rows: list, checks: list) -> None:  # noqa: ANN001
-    """Largest batch that fits at N tokens: moa-flex at d=0.25 against HF eager at its own."""
+    """Largest batch that fits at N tokens: moa-flex at d=0.25 (per cache dtype) against HF eager at its own."""
     dev, N, steps = args.device, args.max_batch, args.steps
-    free = torch.cuda.mem_get_info()[0]
+    free = free_memory(dev)
     elem = torch.empty((), dtype=args.dtype).element_size()
     row_dense = kv_bytes_dense(shape, 1, N + steps, elem)
     plan = plan_at_kv_density(shape, N + steps, 0.25, seed=1, alpha_fraction=0.0)
@@ -200,41 +250,52 @@ def max_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, row
         cache = random_dynamic_cache(shape, B, N, args.dtype, dev)
         return decode_steps(model, cache, B, N, steps, dev)
 
-    def search(try_fn, first: int) -> tuple[int, float]:  # noqa: ANN001
-        B = first
-        while B > 0:
-            try:
-                ms = try_fn(B)
-                return B, ms
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                B = int(B * 0.9)
-        raise SystemExit("nothing fits")
-
     with stock(model):
         hf_B, hf_ms = search(hf_try, int(free * 0.9 / (row_dense * 1.05)))
     rows.append(dict(case=f"max batch @{N}", method=f"HF eager sdpa B={hf_B}", density=1.0, ms=hf_ms,
                      peak=0, floor=(wbytes + kv_bytes_dense(shape, hf_B, N, elem)) / bw * 1e3, batch=hf_B))
     print(rows[-1], flush=True)
     torch.cuda.empty_cache()
-    use_plan(model, plan, args.mode, args.fuse_linear)
+    found = []
+    for kv_name in args.kv_dtypes:
+        found.append(moa_max_batch(args, model, plan, kv_name, shape.head_dim, wbytes, bw, rows))
+        name, moa_B, moa_ms = found[-1]
+        ratio = (moa_B / moa_ms) / (hf_B / hf_ms)
+        checks.append(f"max batch at {N}: {name} {moa_B * 1e3 / moa_ms:.0f} tok/s (B={moa_B}) vs HF eager "
+                      f"{hf_B * 1e3 / hf_ms:.0f} tok/s (B={hf_B}): {ratio:.2f}x (bar >= 5x); caches filled with random K/V")
+    (name0, B0, ms0), *others = found
+    for name, moa_B, moa_ms in others:
+        checks.append(f"max batch at {N}: {name} {moa_B * 1e3 / moa_ms:.0f} tok/s (B={moa_B}) vs {name0} "
+                      f"{B0 * 1e3 / ms0:.0f} tok/s (B={B0}): {(moa_B / moa_ms) / (B0 / ms0):.2f}x the tokens/s, "
+                      f"{moa_B / B0:.2f}x the batch")
+
+
+def moa_max_batch(args: argparse.Namespace, model, plan: Plan, kv_name: str, D: int, wbytes: int, bw: float,  # noqa: ANN001
+                  rows: list) -> tuple[str, int, float]:
+    """The largest batch of moa-flex with ``plan`` and cache dtype ``kv_name`` at ``--max-batch``
+    tokens (a row appended): (method name, batch, step ms)."""
+    dev, N, steps = args.device, args.max_batch, args.steps
+    storage = storage_dtype(kv_name, args.dtype)
+    use_plan(model, plan, args.mode, args.fuse_linear, kv_name)
+    model.moa_flex.release_cache()
+    torch.cuda.empty_cache()
 
     def moa_try(B: int) -> float:
-        cache = random_moa_cache(plan, B, N + steps, N, args.dtype, dev)
+        cache = random_moa_cache(plan, B, N + steps, N, args.dtype, dev, storage)
         try:
             return decode_steps(model, cache, B, N, steps, dev)
         finally:
             del cache
 
-    row_moa = plan.kv_density(N + steps) * row_dense
-    moa_B, moa_ms = search(moa_try, int(torch.cuda.mem_get_info()[0] * 0.8 / (row_moa * 1.1)))
-    kv = int(plan.kv_density(N + steps) * kv_bytes_dense(shape, moa_B, N + steps, elem))
-    rows.append(dict(case=f"max batch @{N}", method=f"moa-flex d=0.25 B={moa_B}", density=plan.kv_density(N + steps),
+    # the first guess: this cache dtype's own bytes per row (FP8: values and scales)
+    row_moa = cache_bytes(plan, N + steps, 1, storage, D)
+    moa_B, moa_ms = search(moa_try, int(free_memory(dev) * 0.8 / (row_moa * 1.1)))
+    name = f"moa-flex d=0.25{kv_suffix(kv_name)}"
+    kv = cache_bytes(plan, N + steps, moa_B, storage, D)
+    rows.append(dict(case=f"max batch @{N}", method=f"{name} B={moa_B}", density=plan.kv_density(N + steps),
                      ms=moa_ms, peak=0, floor=(wbytes + kv) / bw * 1e3, batch=moa_B))
     print(rows[-1], flush=True)
-    ratio = (moa_B / moa_ms) / (hf_B / hf_ms)
-    checks.append(f"max batch at {N}: moa-flex d=0.25 {moa_B * 1e3 / moa_ms:.0f} tok/s (B={moa_B}) vs HF eager "
-                  f"{hf_B * 1e3 / hf_ms:.0f} tok/s (B={hf_B}): {ratio:.2f}x (bar >= 5x); caches filled with random K/V")
+    return name, moa_B, moa_ms
 
 
 def table(rows: list) -> str:
@@ -247,19 +308,39 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def bars(rows: list) -> list[str]:
+def bars(rows: list, densities: list[float], kv_dtypes: list[str]) -> list[str]:
+    """Per same-batch case, density and cache dtype: x floor, x HF eager, x the dense plan of
+    the same cache dtype; then each other cache dtype's step against the first's."""
     out = []
     by = {(r["case"], r["method"]): r for r in rows}
-    for case in {r["case"] for r in rows if "x" in r["case"]}:
+    for case in dict.fromkeys(r["case"] for r in rows if "x" in r["case"]):
         hf = by.get((case, "HF eager sdpa"))
-        dense = by.get((case, "moa-flex dense plan"))
-        for d in ("0.5", "0.25"):
-            r = by.get((case, f"moa-flex d={d}"))
-            if r is None:
+        for d in densities:
+            for kv_name in kv_dtypes:
+                sfx = kv_suffix(kv_name)
+                r = by.get((case, f"moa-flex d={d}{sfx}"))
+                dense = by.get((case, f"moa-flex dense plan{sfx}"))
+                if r is None:
+                    continue
+                vs_hf = f"{hf['ms'] / r['ms']:.2f}x HF eager; " if hf else ""
+                vs_dense = f"{dense['ms'] / r['ms']:.2f}x dense plan{sfx}" if dense else ""
+                out.append(f"{case} d={d}{sfx}: {r['ms'] / r['floor']:.2f}x floor (bar <= 1.5); {vs_hf}{vs_dense}")
+        out += kv_ratios(by, case, ["moa-flex dense plan", *(f"moa-flex d={d}" for d in densities)], kv_dtypes)
+    return out
+
+
+def kv_ratios(by: dict, case: str, methods: list[str], kv_dtypes: list[str]) -> list[str]:
+    """Each other cache dtype's generate() step against the first's, per method (same batch)."""
+    out = []
+    for method in methods:
+        first = by.get((case, f"{method}{kv_suffix(kv_dtypes[0])}"))
+        for kv_name in kv_dtypes[1:]:
+            r = by.get((case, f"{method}{kv_suffix(kv_name)}"))
+            if first is None or r is None:
                 continue
-            vs_hf = f"{hf['ms'] / r['ms']:.2f}x HF eager; " if hf else ""
-            out.append(f"{case} d={d}: {r['ms'] / r['floor']:.2f}x floor (bar <= 1.5); {vs_hf}"
-                       f"{dense['ms'] / r['ms']:.2f}x dense plan")
+            out.append(f"{case} {method.removeprefix('moa-flex ')}: {kv_name} {r['ms']:.2f} ms vs {kv_dtypes[0]} "
+                       f"{first['ms']:.2f} ms a step: {first['ms'] / r['ms']:.2f}x the tokens/s, floor "
+                       f"{r['floor']:.2f} vs {first['floor']:.2f} ms")
     return out
 
 
@@ -267,6 +348,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="*", default=["8x16384", "4x65536"], help="BATCHxTOKENS (planned length)")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25])
+    ap.add_argument("--kv-dtypes", nargs="+", choices=KV_CHOICES, default=["bf16"],
+                    help="cache dtypes of the moa-flex rows, each row once per dtype (fp8: FP8 values + scales)")
     ap.add_argument("--steps", type=int, default=24, help="decode steps per generate")
     ap.add_argument("--mode", default="reduce-overhead", help="inductor mode of moa_flex.compile (decode)")
     ap.add_argument("--max-batch", type=int, default=0, help="also run the largest-batch case at this length")
@@ -279,7 +362,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.device, args.dtype, args.layers, args.mode = "cpu", torch.float32, 2, None
-        args.cases, args.steps = ["2x400"], 8
+        args.cases, args.steps = ["2x400"] if args.cases else [], 8
+        args.max_batch = SMOKE_MAX_BATCH_N if args.max_batch else 0
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench/decode.py needs a GPU (or --smoke)")
@@ -299,7 +383,7 @@ def main() -> None:
     if args.max_batch:
         max_batch(args, model, shape, bw, rows, checks)
     out = table(rows)
-    notes = checks + bars(rows)
+    notes = checks + bars(rows, args.densities, args.kv_dtypes)
     print(out)
     for n in notes:
         print("-", n)
@@ -310,7 +394,9 @@ def main() -> None:
             device=args.device,
             details=("Smoke run: tiny model on the CPU, floor from a nominal 10 GB/s. " if args.smoke else "")
             + f"moa-flex decode mode {args.mode}, linear fusion {'on' if args.fuse_linear else 'off'}. "
-            "Step = median time of one decode step, each timed alone.",
+            "Step = median time of one decode step, each timed alone."
+            + (f" moa-flex cache dtypes: {', '.join(args.kv_dtypes)} (fp8 rows: FP8 values with a float32 scale per "
+               "slot; their floor and max-batch sizing count values and scales)." if args.kv_dtypes != ["bf16"] else ""),
         )
 
 

@@ -1,9 +1,9 @@
 """Ragged MoA decode kernel alone against FlexAttention dense decode and SDPA (one new token).
 
     python bench/decode_kernel.py [--batches 1 8 32] [--lengths 16384 65536 131072]
-                                  [--densities 0.25 0.5] [--repeats 50] [--record]
+                                  [--densities 0.25 0.5] [--kv-dtypes bf16 fp8] [--repeats 50] [--record]
     python bench/decode_kernel.py --sweep --batches 8 --lengths 65536   # also the kernel's tiling grid
-    python bench/decode_kernel.py --smoke     # tiny shapes on the CPU (op -> twin): checks the script
+    python bench/decode_kernel.py --smoke --kv-dtypes bf16 fp8   # tiny shapes on the CPU (op -> twin): checks the script
     TRITON_INTERPRET=1 python bench/decode_kernel.py --smoke --sweep   # the sweep too, in Triton's interpreter
 
 Llama-3-8B attention shape: 32 query / 8 KV heads, head dim 128, bf16. For each KV density a
@@ -17,6 +17,16 @@ flash when it accepts the inputs). Bandwidth counts the bytes each method must r
 and V (sum of caps x D x 2 tensors x 2 bytes per row) for the kernel, the dense cache for the
 baselines. Copy bandwidth (read + write of a ``--copy-gib`` GiB ``copy_``, harness.copy_bandwidth)
 is measured in the same run.
+
+``--kv-dtypes bf16 fp8`` (default bf16): per density a kernel row per cache dtype, in the same
+table. The fp8 row ("moa-flex d=0.25 fp8") is the same kernel over an FP8 cache
+(float8_e4m3fn values and a float32 scale per slot for K and for V, ``k_scale``/``v_scale``),
+quantized (``quant.quantize_fp8``) from the very bf16 K/V the bf16 row reads; its bytes are
+what it must read: kept slots x (D x 1 byte + 4 bytes of scale) x 2 (K and V) per row, against
+kept slots x D x 2 bytes x 2 for bf16 (``quant.bytes_per_vector``). Queries and output stay
+bf16; the baselines (dense bf16 caches) run once per case. The checks below run for each
+cache dtype (FP8: against the twin over the same FP8 values and scales, and against
+FlexAttention over the dequantized cache).
 
 Timing: each method is captured in a CUDA graph (decode runs under CUDA graphs; this leaves
 out Python launch overhead, the same for every method) and replayed; before every replay a
@@ -39,13 +49,15 @@ import functools
 import itertools
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from harness import COPY_GIB, Timer, copy_bandwidth, record
+from harness import COPY_GIB, KV_CHOICES, Timer, copy_bandwidth, kv_suffix, quantize_fp8_slabs, record, storage_dtype
 from moa_flex.kernels import decode
 from moa_flex.kernels.decode import ragged_decode_reference
+from moa_flex.kernels.quant import bytes_per_vector, dequantize_fp8
 from moa_flex.kernels.triton_support import interpreting
 from moa_flex.plan import ModelShape, Plan
 
@@ -94,9 +106,32 @@ def ragged_inputs(plan: Plan, B: int, N: int, D: int, dtype: torch.dtype, device
     )
 
 
+def as_cache(k: torch.Tensor, v: torch.Tensor, kv: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """K and V [B, S, D] as a cache of ``--kv-dtypes`` name ``kv`` holds them: (k, v, {}) for
+    the inputs' own dtype, FP8 values and their scales ({"k_scale", "v_scale"}) for fp8."""
+    if storage_dtype(kv, k.dtype) == k.dtype:
+        return k, v, {}
+    (k8, ks), (v8, vs) = quantize_fp8_slabs(k), quantize_fp8_slabs(v)
+    return k8, v8, {"k_scale": ks, "v_scale": vs}
+
+
+def cache_label(kv: str, dtype: torch.dtype) -> str:
+    """How a check names its inputs: their dtype, or "<dtype> queries, fp8 cache"."""
+    return f"{dtype}" if storage_dtype(kv, dtype) == dtype else f"{dtype} queries, {kv} cache"
+
+
+def kernel_op(device: str) -> object:
+    """What the checks call: the op (CUDA: Triton; CPU: the twin), or on the CPU under
+    TRITON_INTERPRET=1 the Triton kernel itself in the interpreter (so a smoke run checks it)."""
+    if device == "cpu" and interpreting():
+        return decode.ragged_decode_triton
+    return torch.ops.moa_flex.ragged_decode
+
+
 # ---------------------------------------------------------------------------------- checks
-def check_against_twin(device: str, dtype: torch.dtype) -> str:
-    """Kernel (through the op) vs the twin on a small heterogeneous config with wrapped rings."""
+def check_against_twin(device: str, dtype: torch.dtype, kv: str = "bf16") -> str:
+    """Kernel (through the op) vs the twin on a small heterogeneous config with wrapped rings;
+    an FP8 cache: both read the same FP8 values and scales."""
     torch.manual_seed(0)
     B, KVH, hpg, D, sink = 3, 4, 4, 128, 64
     widths = [300, 1000, 129, 700]
@@ -106,19 +141,29 @@ def check_against_twin(device: str, dtype: torch.dtype) -> str:
     pos = torch.tensor([5000, 333, 100000])
     S = int(offsets[-1])
     q, k, v = (torch.randn(B, n, D, dtype=dtype) for n in (KVH * hpg, S, S))
-    args = (q, k, v, offsets, caps, spans, pos)
-    want = ragged_decode_reference(*(a.float() if a.is_floating_point() else a for a in args), sink, 0, D**-0.5, 0.0)
-    got = torch.ops.moa_flex.ragged_decode(*(a.to(device) for a in args), sink, 0, D**-0.5, 0.0).cpu()
-    got_cap = torch.ops.moa_flex.ragged_decode(*(a.to(device) for a in args), sink, 700, D**-0.5, 30.0).cpu()
-    want_cap = ragged_decode_reference(*(a.float() if a.is_floating_point() else a for a in args), sink, 700, D**-0.5, 30.0)
+    k, v, scales = as_cache(k, v, kv)
+    layout = (offsets, caps, spans, pos)
+    # the twin over what the kernel reads: bf16/fp32 K/V as float32, an FP8 cache as stored (the twin dequantizes it)
+    ref_kv = (k, v) if scales else (k.float(), v.float())
+    op = kernel_op(device)
+    dev = {name: t.to(device) for name, t in scales.items()}
+
+    def got_want(window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        got = op(*(t.to(device) for t in (q, k, v, *layout)), sink, window, D**-0.5, softcap, **dev).cpu()
+        return got, ragged_decode_reference(q.float(), *ref_kv, *layout, sink, window, D**-0.5, softcap, **scales)
+
+    got, want = got_want(0, 0.0)
+    got_cap, want_cap = got_want(700, 30.0)
     err = (got.float() - want).abs().max().item()
     err_cap = (got_cap.float() - want_cap).abs().max().item()
     ok = err <= 2e-2 and err_cap <= 2e-2 and not got.isnan().any()
-    return f"kernel vs twin ({dtype}, B={B}, 16 heads, wrapped rings, empty group): max abs error {err:.2e}, with window+softcap {err_cap:.2e} [{'pass' if ok else 'FAIL'}]"
+    return (f"kernel vs twin ({cache_label(kv, dtype)}, B={B}, 16 heads, wrapped rings, empty group): max abs error "
+            f"{err:.2e}, with window+softcap {err_cap:.2e} [{'pass' if ok else 'FAIL'}]")
 
 
-def check_dense_plan(device: str, dtype: torch.dtype, flex) -> str:  # noqa: ANN001
-    """With span = cap = N at pos N - 1 the kernel is plain dense attention: compare with flex."""
+def check_dense_plan(device: str, dtype: torch.dtype, flex, kv: str = "bf16") -> str:  # noqa: ANN001
+    """With span = cap = N at pos N - 1 the kernel is plain dense attention: compare with flex
+    (an FP8 cache: flex over its dequantized K/V)."""
     B, N, H, KVH, D = 4, 8192, 32, 8, 128
     torch.manual_seed(1)
     q = torch.randn(B, H, D, device=device, dtype=dtype)
@@ -128,14 +173,17 @@ def check_dense_plan(device: str, dtype: torch.dtype, flex) -> str:  # noqa: ANN
     caps = torch.full((B, KVH), N, dtype=torch.int32, device=device)
     spans = torch.full((B, H), N, dtype=torch.int32, device=device)
     pos = torch.full((B,), N - 1, dtype=torch.int64, device=device)
-    k, v = (t.reshape(B, KVH * N, D) for t in (kd, vd))
-    got = torch.ops.moa_flex.ragged_decode(q, k, v, offsets, caps, spans, pos, 64, 0, D**-0.5, 0.0)
+    k, v, scales = as_cache(*(t.reshape(B, KVH * N, D) for t in (kd, vd)), kv)
+    if scales:  # flex reads what the FP8 cache holds
+        kd, vd = (dequantize_fp8(t, scales[f"{n}_scale"], dtype).view(B, KVH, N, D) for t, n in ((k, "k"), (v, "v")))
+    got = torch.ops.moa_flex.ragged_decode(q, k, v, offsets, caps, spans, pos, 64, 0, D**-0.5, 0.0, **scales)
     want = flex(q[:, :, None], kd, vd, enable_gqa=True)[:, :, 0]
     err = (got.float() - want.float()).abs().max().item()
-    return f"dense plan vs FlexAttention (B={B}, N={N}): max abs error {err:.2e} [{'pass' if err <= 2e-2 else 'FAIL'}]"
+    return (f"dense plan vs FlexAttention ({cache_label(kv, dtype) + ', ' if scales else ''}B={B}, N={N}): max abs error {err:.2e} "
+            f"[{'pass' if err <= 2e-2 else 'FAIL'}]")
 
 
-def check_graph_replay(device: str, dtype: torch.dtype) -> str:
+def check_graph_replay(device: str, dtype: torch.dtype, kv: str = "bf16") -> str:
     """Capture the op once, then change caps/pos/spans in place and replay: output must follow."""
     torch.manual_seed(2)
     B, KVH, hpg, D, sink, W = 2, 2, 4, 128, 16, 512
@@ -144,8 +192,8 @@ def check_graph_replay(device: str, dtype: torch.dtype) -> str:
     spans = torch.full((B, KVH * hpg), W, dtype=torch.int32, device=device)
     pos = torch.full((B,), 3 * W, dtype=torch.int64, device=device)
     q = torch.randn(B, KVH * hpg, D, device=device, dtype=dtype)
-    k, v = (torch.randn(B, 2 * W, D, device=device, dtype=dtype) for _ in range(2))
-    run = lambda: torch.ops.moa_flex.ragged_decode(q, k, v, offsets, caps, spans, pos, sink, 0, D**-0.5, 0.0)  # noqa: E731
+    k, v, scales = as_cache(*(torch.randn(B, 2 * W, D, device=device, dtype=dtype) for _ in range(2)), kv)
+    run = lambda: torch.ops.moa_flex.ragged_decode(q, k, v, offsets, caps, spans, pos, sink, 0, D**-0.5, 0.0, **scales)  # noqa: E731
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -159,10 +207,12 @@ def check_graph_replay(device: str, dtype: torch.dtype) -> str:
     pos.copy_(torch.tensor([777, 20]))
     g.replay()
     torch.cuda.synchronize()
-    want = ragged_decode_reference(q.float().cpu(), k.float().cpu(), v.float().cpu(), offsets.cpu(), caps.cpu(),
-                                   spans.cpu(), pos.cpu(), sink, 0, D**-0.5, 0.0)
+    ref_kv = (k.cpu(), v.cpu()) if scales else (k.float().cpu(), v.float().cpu())
+    want = ragged_decode_reference(q.float().cpu(), *ref_kv, offsets.cpu(), caps.cpu(), spans.cpu(), pos.cpu(), sink,
+                                   0, D**-0.5, 0.0, **{n: t.cpu() for n, t in scales.items()})
     err = (out.float().cpu() - want).abs().max().item()
-    return f"CUDA-graph replay with new caps/pos/spans: max abs error {err:.2e} [{'pass' if err <= 2e-2 else 'FAIL'}]"
+    return (f"CUDA-graph replay with new caps/pos/spans{' (' + cache_label(kv, dtype) + ')' if scales else ''}: max abs error {err:.2e} "
+            f"[{'pass' if err <= 2e-2 else 'FAIL'}]")
 
 
 # ---------------------------------------------------------------------------------- bench
@@ -174,15 +224,12 @@ def fits(device: str, nbytes: int) -> bool:
 
 
 def bench(args: argparse.Namespace, rows: list, notes: list, sweeps: list) -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-    dev, dtype, D = args.device, args.dtype, args.head_dim
-    H, KVH = args.heads, args.kv_heads
-    shape = ModelShape(1, H, KVH, D)
+    dev, D, KVH = args.device, args.head_dim, args.kv_heads
     timer = Timer(dev, args.repeats)
     flex = torch.compile(flex_attention, dynamic=False) if dev == "cuda" else flex_attention
-    esize = torch.finfo(dtype).bits // 8
+    esize = torch.finfo(args.dtype).bits // 8
     for B in args.batches:
         for N in args.lengths:
             dense_bytes = B * KVH * N * D * 2 * esize
@@ -190,59 +237,88 @@ def bench(args: argparse.Namespace, rows: list, notes: list, sweeps: list) -> No
                 notes.append(f"skipped B={B}, N={N}: dense cache {dense_bytes / 2**30:.1f} GiB does not fit")
                 continue
             try:
-                q4 = torch.randn(B, H, 1, D, device=dev, dtype=dtype)
-                kd = torch.randn(B, KVH, N, D, device=dev, dtype=dtype)
-                vd = torch.randn(B, KVH, N, D, device=dev, dtype=dtype)
-                base = {}
-                # FlexAttention's decoding kernel needs a BlockMask built for one query: without one
-                # it runs its prefill kernel at about a third of the speed (RESULTS.md, "Ragged decode
-                # kernel", Tuning; --sweep times that form too)
-                full = create_block_mask(lambda b, h, qi, kv: kv >= 0, None, None, 1, N, device=dev) if dev == "cuda" else None
-                cases = [("flex dense", lambda: flex(q4, kd, vd, block_mask=full, enable_gqa=True)),
-                         ("sdpa default", lambda: F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True))]
-                if dev == "cuda":
-                    def sdpa_flash() -> torch.Tensor:
-                        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                            return F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True)
-                    cases.append(("sdpa flash", sdpa_flash))
-                    if args.sweep:
-                        cases.append(("flex dense (no BlockMask)", lambda: flex(q4, kd, vd, enable_gqa=True)))
-                for name, fn in cases:
-                    try:
-                        ms, mode = timer(fn)
-                    except Exception as e:  # noqa: BLE001 - a backend that refuses these inputs
-                        notes.append(f"{name} at B={B}, N={N} not run: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
-                        continue
-                    base[name] = ms
-                    rows.append({"B": B, "N": N, "density": 1.0, "method": name, "ms": ms, "mode": mode, "bytes": dense_bytes})
-                del kd, vd
+                base = baselines(args, timer, flex, B, N, rows, notes)  # its dense cache is freed on return
                 for density in args.densities:
-                    plan = plan_at_kv_density(shape, N, density, seed=B * 7 + N % 1000)
-                    inputs = ragged_inputs(plan, B, N, D, dtype, dev)
-                    slots = int(inputs[3][-1])
-                    out = torch.empty(B, H, D, device=dev, dtype=dtype)
-                    if dev == "cuda":
-                        fn = lambda inputs=inputs, out=out: decode.ragged_decode_triton(  # noqa: E731
-                            *inputs, plan.sink, 0, D**-0.5, 0.0, out=out, **args.tuning)
-                    else:
-                        fn = lambda inputs=inputs: torch.ops.moa_flex.ragged_decode(*inputs, plan.sink, 0, D**-0.5, 0.0)  # noqa: E731
-                    ms, mode = timer(fn)
-                    rows.append({"B": B, "N": N, "density": slots / (KVH * N), "method": f"moa-flex d={density}",
-                                 "target": density, "ms": ms, "mode": mode, "bytes": B * slots * D * 2 * esize,
-                                 "vs_flex": base.get("flex dense", float("nan")) / ms})
-                    if args.sweep_grid:
-                        sweeps.append({"B": B, "N": N, "density": slots / (KVH * N), "bytes": B * slots * D * 2 * esize,
-                                       "results": sweep(inputs, plan.sink, out, timer, args.sweep_grid)})
-                    del inputs, out
+                    kernel_rows(args, timer, B, N, density, base, rows, sweeps)
             except torch.cuda.OutOfMemoryError:
                 notes.append(f"B={B}, N={N}: out of memory, skipped the rest of this config")
             if dev == "cuda":
                 torch.cuda.empty_cache()
 
 
-def sweep(inputs: tuple, sink: int, out: torch.Tensor, timer: Timer, grid: tuple) -> list[dict]:
+def baselines(args: argparse.Namespace, timer: Timer, flex: Callable, B: int, N: int, rows: list,
+              notes: list) -> dict[str, float]:
+    """FlexAttention and SDPA over a dense bf16 cache [B, KVH, N, D] (once per case, whatever
+    the kernel's cache dtypes): rows appended, {method: ms} returned."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dev, dtype, D, H, KVH = args.device, args.dtype, args.head_dim, args.heads, args.kv_heads
+    dense_bytes = B * KVH * N * D * 2 * (torch.finfo(dtype).bits // 8)
+    q4 = torch.randn(B, H, 1, D, device=dev, dtype=dtype)
+    kd = torch.randn(B, KVH, N, D, device=dev, dtype=dtype)
+    vd = torch.randn(B, KVH, N, D, device=dev, dtype=dtype)
+    base = {}
+    # FlexAttention's decoding kernel needs a BlockMask built for one query: without one
+    # it runs its prefill kernel at about a third of the speed (RESULTS.md, "Ragged decode
+    # kernel", Tuning; --sweep times that form too)
+    full = create_block_mask(lambda b, h, qi, kv: kv >= 0, None, None, 1, N, device=dev) if dev == "cuda" else None
+    cases = [("flex dense", lambda: flex(q4, kd, vd, block_mask=full, enable_gqa=True)),
+             ("sdpa default", lambda: F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True))]
+    if dev == "cuda":
+        def sdpa_flash() -> torch.Tensor:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                return F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True)
+        cases.append(("sdpa flash", sdpa_flash))
+        if args.sweep:
+            cases.append(("flex dense (no BlockMask)", lambda: flex(q4, kd, vd, enable_gqa=True)))
+    for name, fn in cases:
+        try:
+            ms, mode = timer(fn)
+        except Exception as e:  # noqa: BLE001 - a backend that refuses these inputs
+            notes.append(f"{name} at B={B}, N={N} not run: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}")
+            continue
+        base[name] = ms
+        rows.append({"B": B, "N": N, "density": 1.0, "method": name, "ms": ms, "mode": mode, "bytes": dense_bytes})
+    return base
+
+
+def kernel_rows(args: argparse.Namespace, timer: Timer, B: int, N: int, density: float, base: dict, rows: list,
+                sweeps: list) -> None:
+    """The ragged kernel at one KV density, a row per ``--kv-dtypes`` cache dtype, every dtype
+    from the same random K/V (fp8: quantized from the bf16 row's), and its tiling sweep."""
+    dev, dtype, D, H, KVH = args.device, args.dtype, args.head_dim, args.heads, args.kv_heads
+    plan = plan_at_kv_density(ModelShape(1, H, KVH, D), N, density, seed=B * 7 + N % 1000)
+    inputs = ragged_inputs(plan, B, N, D, dtype, dev)
+    slots = int(inputs[3][-1])
+    out = torch.empty(B, H, D, device=dev, dtype=dtype)
+    for kv in args.kv_dtypes:
+        k, v, scales = as_cache(inputs[1], inputs[2], kv)
+        cached = (inputs[0], k, v, *inputs[3:])
+        ms, mode = timer(kernel_call(dev, cached, scales, plan.sink, out, args.tuning))
+        # what the kernel must read: kept K and V slots, an FP8 cache's scales included
+        nbytes = B * slots * 2 * bytes_per_vector(k.dtype, D)
+        rows.append({"B": B, "N": N, "density": slots / (KVH * N), "method": f"moa-flex d={density}{kv_suffix(kv)}",
+                     "target": density, "kv": kv, "ms": ms, "mode": mode, "bytes": nbytes,
+                     "vs_flex": base.get("flex dense", float("nan")) / ms})
+        if args.sweep_grid:
+            sweeps.append({"B": B, "N": N, "density": slots / (KVH * N), "bytes": nbytes, "kv": kv,
+                           "results": sweep(cached, plan.sink, out, timer, args.sweep_grid, scales)})
+
+
+def kernel_call(dev: str, inputs: tuple, scales: dict, sink: int, out: torch.Tensor, tuning: dict) -> Callable[[], object]:
+    """The timed kernel call: CUDA: the Triton kernel (with ``--chunk``/``--block-n``/... and
+    an FP8 cache's ``scales``) into ``out``; CPU (smoke): the op, i.e. the twin."""
+    D = inputs[0].shape[-1]
+    if dev == "cuda":
+        return functools.partial(decode.ragged_decode_triton, *inputs, sink, 0, D**-0.5, 0.0, out=out, **tuning, **scales)
+    return functools.partial(torch.ops.moa_flex.ragged_decode, *inputs, sink, 0, D**-0.5, 0.0, **scales)
+
+
+def sweep(inputs: tuple, sink: int, out: torch.Tensor, timer: Timer, grid: tuple, scales: dict | None = None) -> list[dict]:
     """The Triton kernel on one layout at its default configuration and at every (block_n,
-    num_warps, num_stages, chunk) of `grid`: the default first, then the rest fastest first."""
+    num_warps, num_stages, chunk) of `grid`: the default first, then the rest fastest first.
+    ``scales``: an FP8 cache's k_scale/v_scale."""
     B, _, D = inputs[0].shape
     device = inputs[0].device
     offs = decode.host_offsets(inputs[3], inputs[1].shape[1])
@@ -254,7 +330,7 @@ def sweep(inputs: tuple, sink: int, out: torch.Tensor, timer: Timer, grid: tuple
         tile = block_n or default
         chunk = None if mult is None else max(tile, int(decode.auto_chunk(B, offs, device, tile) * mult))
         fn = functools.partial(decode.ragged_decode_triton, *inputs, sink, 0, D**-0.5, 0.0, out=out, chunk=chunk,
-                               block_n=block_n, num_warps=warps, num_stages=stages)
+                               block_n=block_n, num_warps=warps, num_stages=stages, **(scales or {}))
         try:
             ms, mode = timer(fn)
         except Exception as e:  # noqa: BLE001 - a configuration that does not compile (shared memory)
@@ -268,8 +344,8 @@ def sweep(inputs: tuple, sink: int, out: torch.Tensor, timer: Timer, grid: tuple
 
 def sweep_table(sweeps: list, copy_bw: float) -> str:
     lines = [
-        "| B | N | kv density | config | block_n | warps | stages | chunk (slots) | time (ms) | timing | TB/s | % copy bw |",
-        "|---:|---:|---:|---|---:|---:|---:|---|---:|---|---:|---:|",
+        "| B | N | kv density | cache | config | block_n | warps | stages | chunk (slots) | time (ms) | timing | TB/s | % copy bw |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---|---:|---|---:|---:|",
     ]
     for s in sweeps:
         others = [r for r in s["results"] if r["config"] != "default"][:SWEEP_TOP]
@@ -277,7 +353,7 @@ def sweep_table(sweeps: list, copy_bw: float) -> str:
         for r in shown:
             bw = s["bytes"] / (r["ms"] * 1e-3)
             lines.append(
-                f"| {s['B']} | {s['N']} | {s['density']:.3f} | {r['config']} | {r['block_n']} | {r['warps']} | "
+                f"| {s['B']} | {s['N']} | {s['density']:.3f} | {s['kv']} | {r['config']} | {r['block_n']} | {r['warps']} | "
                 f"{r['stages']} | {r['chunk']} | {r['ms']:.4f} | {r['mode']} | {bw / 1e12:.2f} | {100 * bw / copy_bw:.0f} |"
             )
     return "\n".join(lines)
@@ -306,11 +382,31 @@ def table(rows: list, copy_bw: float) -> str:
     return "\n".join(lines)
 
 
+def kv_notes(rows: list) -> list[str]:
+    """Per (B, N, density) with more than one cache dtype: each other dtype's kernel time
+    against the first's, and the share of its bytes it reads."""
+    first: dict = {}
+    out = []
+    for r in rows:
+        if "kv" not in r:
+            continue
+        key = (r["B"], r["N"], r["target"])
+        if key not in first:
+            first[key] = r
+            continue
+        a = first[key]
+        out.append(f"B={r['B']}, N={r['N']}, d={r['target']}: {r['kv']} kernel {r['ms']:.4f} ms vs {a['kv']} "
+                   f"{a['ms']:.4f} ms: speed-up {a['ms'] / r['ms']:.2f}x, bytes read {r['bytes'] / a['bytes']:.3f}x")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 131072])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--kv-dtypes", nargs="+", choices=KV_CHOICES, default=["bf16"],
+                    help="the kernel's cache dtypes, a row each per density (fp8: FP8 values + float32 scales)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
@@ -348,12 +444,14 @@ def main() -> None:
         for key in ("recompile_limit", "cache_size_limit"):  # one compile per (B, N) shape
             if hasattr(torch._dynamo.config, key):
                 setattr(torch._dynamo.config, key, 256)
-        checks.append(check_against_twin("cuda", torch.bfloat16))
-        checks.append(check_against_twin("cuda", torch.float32))
-        checks.append(check_dense_plan("cuda", torch.bfloat16, torch.compile(flex_attention, dynamic=False)))
-        checks.append(check_graph_replay("cuda", torch.bfloat16))
+        flex = torch.compile(flex_attention, dynamic=False)
+        for kv in args.kv_dtypes:
+            checks.append(check_against_twin("cuda", torch.bfloat16, kv))
+            checks.append(check_against_twin("cuda", torch.float32, kv))
+            checks.append(check_dense_plan("cuda", torch.bfloat16, flex, kv))
+            checks.append(check_graph_replay("cuda", torch.bfloat16, kv))
     else:
-        checks.append(check_against_twin("cpu", torch.float32))
+        checks += [check_against_twin("cpu", torch.float32, kv) for kv in args.kv_dtypes]
     for line in checks:
         print("check:", line)
 
@@ -361,6 +459,7 @@ def main() -> None:
     print(f"copy bandwidth: {copy_bw / 1e12:.2f} TB/s")
     bench(args, rows, notes, sweeps)
     text = table(rows, copy_bw)
+    notes += kv_notes(rows)
     print(text)
     for n in notes:
         print("note:", n)
@@ -371,15 +470,18 @@ def main() -> None:
         text += "\n\n" + swept
 
     if args.record:
+        caches = "bf16" if args.kv_dtypes == ["bf16"] else f"bf16 queries, {' and '.join(args.kv_dtypes)} caches"
         record(
             f"Ragged decode kernel vs FlexAttention dense decode and SDPA ({args.heads} q / {args.kv_heads} KV heads, "
-            f"D={args.head_dim}, bf16)",
+            f"D={args.head_dim}, {caches})",
             "\n".join([*[f"- check: {c}" for c in checks], "", text, *[f"\n- note: {n}" for n in notes]]),
             device=args.device,
             details=("Smoke run: tiny shapes on the CPU, the op's twin. " if args.smoke else "")
             + f"Median of {args.repeats}, L2 flushed, CUDA-graph replay unless marked eager. Copy bandwidth "
             f"{copy_bw / 1e12:.2f} TB/s ({args.copy_gib:g} GiB). Bars: kernel >= 80% of copy bandwidth at B={BAR_AT[0]}, "
-            f"N={BAR_AT[1]}; >= 3x faster than FlexAttention dense decode at KV density 0.25, >= 1.7x at 0.5.",
+            f"N={BAR_AT[1]}; >= 3x faster than FlexAttention dense decode at KV density 0.25, >= 1.7x at 0.5."
+            + (" fp8 rows: the kernel over an FP8 cache quantized from the bf16 rows' K/V; bytes read = kept slots x "
+               f"({args.head_dim} + 4 scale bytes) x 2 per row." if "fp8" in args.kv_dtypes else ""),
         )
 
 

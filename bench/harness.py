@@ -10,6 +10,11 @@ the GPU timer and the copy bandwidth.
   run, CUDA events around it (wall time on the CPU).
 * :func:`copy_bandwidth`: read + write of a large ``copy_``, timed by :class:`Timer`; the
   "floor" and "% copy" columns of the scripts divide by it.
+* The KV cache's storage dtype (``--kv-dtypes``): :data:`KV_CHOICES`, :func:`kv_storage`,
+  :func:`kv_suffix` (how rows are named), :func:`cache_bytes` (a MoaCache's bytes before it
+  exists: what the largest-batch and longest-context searches size by), :func:`quantize_fp8_slabs`
+  and :func:`fill_random` (random K/V in a cache, FP8 through the quantizer, in slabs so that
+  the temporaries stay small beside a cache that fills the GPU), :func:`set_kv_dtype`.
 
 The scripts import it as ``from harness import ...``: ``python bench/x.py`` (from the repo
 root) and ``python x.py`` (from bench/) both put this folder first on ``sys.path``.
@@ -32,15 +37,23 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moa_flex.plan import ModelShape
+from moa_flex.kernels.quant import FP8, bytes_per_vector, quantize_fp8
+from moa_flex.plan import ModelShape, Plan
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig
+
+    from moa_flex import MoaCache
 
 RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
 ROOT = RESULTS.parent.parent
 COPY_GIB = 4.0  # copy_bandwidth's buffer: read + write of 4 GiB, ~2 ms on an H200
 ENV_IN_COMMAND = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")  # environment that changes what a run does
+
+# --kv-dtypes: "bf16" is the model's own dtype (bf16 on the GPU; float32 in the CPU smoke runs,
+# whose tiny models run in float32), "fp8" the FP8 cache (moa_flex/kernels/quant.py)
+KV_CHOICES = ("bf16", "fp8")
+SLAB_VECTORS = 1 << 17  # head vectors per slab of the FP8 helpers: 64 MiB of float32 temporaries at D=128
 
 LLAMA3_8B = ModelShape(32, 32, 8, 128, "Llama-3-8B")  # layers, query heads, KV heads, head dim
 LLAMA3_70B = ModelShape(80, 64, 8, 128, "Llama-3-70B")
@@ -186,3 +199,80 @@ def copy_bandwidth(device: str, gib: float = COPY_GIB, repeats: int = 50) -> flo
     if device == "cuda":
         torch.cuda.empty_cache()  # give the buffers back: later free-memory estimates see them
     return 2 * n / (ms * 1e-3)
+
+
+# ---------------------------------------------------------------------------------- KV storage dtype
+def kv_storage(name: str) -> torch.dtype | None:
+    """moa_flex's ``kv_dtype`` for a ``--kv-dtypes`` name: None (the model's dtype) for "bf16",
+    FP8 for "fp8"."""
+    if name not in KV_CHOICES:
+        raise ValueError(f"kv dtype must be one of {KV_CHOICES}, got {name!r}")
+    return FP8 if name == "fp8" else None
+
+
+def kv_suffix(name: str) -> str:
+    """What a row's method name gets for its cache dtype: nothing for the model's own (so the
+    bf16 rows keep the names of earlier runs), " fp8" for FP8."""
+    return "" if kv_storage(name) is None else f" {name}"
+
+
+def cache_bytes(plan: Plan, N: int, batch: int, storage: torch.dtype, head_dim: int) -> int:
+    """Bytes of the K and V storage of a MoaCache of ``batch`` unpadded rows planned for N tokens,
+    stored in ``storage`` (an FP8 cache's scales included), as ``MoaCache.memory_bytes`` will
+    count it: every planned layer's slots (``plan.cache_spans(N)``), K and V."""
+    return 2 * batch * int(plan.cache_spans(N).sum()) * bytes_per_vector(storage, head_dim)
+
+
+def quantize_fp8_slabs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_fp8(x)`` (x [..., D] -> fp8 [..., D], float32 scales [...]) a slab of vectors
+    at a time: the quantizer's float32 temporaries are 2-3x the size of its input, which
+    would not fit beside a large cache."""
+    x8 = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    src, dst, sc = x.reshape(-1, x.shape[-1]), x8.view(-1, x.shape[-1]), scale.view(-1)
+    for a in range(0, src.shape[0], SLAB_VECTORS):
+        dst[a:a + SLAB_VECTORS], sc[a:a + SLAB_VECTORS] = quantize_fp8(src[a:a + SLAB_VECTORS])
+    return x8, scale
+
+
+def _fill_random_(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> None:
+    """Standard-normal vectors into one storage tensor [B, S, D]; FP8 (``scale`` [B, S]): drawn in
+    ``dtype`` and stored as the cache's writes store them (quantize_fp8), slab by slab."""
+    if scale is None:
+        values.normal_()
+        return
+    flat, sc = values.view(-1, values.shape[-1]), scale.view(-1)
+    for a in range(0, flat.shape[0], SLAB_VECTORS):
+        n = min(SLAB_VECTORS, flat.shape[0] - a)
+        flat[a:a + n], sc[a:a + n] = quantize_fp8(torch.randn(n, flat.shape[1], dtype=dtype, device=values.device))
+
+
+def fill_random(cache: MoaCache, filled: int) -> MoaCache:
+    """Make ``cache`` hold ``filled`` tokens of random K/V in every row (no prefill): standard
+    normal keys and values in the cache's storage dtype (an FP8 cache: quantized with their
+    scales). Returns the cache."""
+    for layer in cache.moa_layers:
+        _fill_random_(layer.keys, layer.k_scale, cache.dtype)
+        _fill_random_(layer.values, layer.v_scale, cache.dtype)
+        layer.length.fill_(filled)
+    cache.mark_filled(filled)
+    return cache
+
+
+def set_kv_dtype(model: torch.nn.Module, name: str) -> None:
+    """The cache dtype of a model compiled by moa_flex (``--kv-dtypes`` name) for its next
+    generate() calls, without recompiling: generate() builds its cache in
+    ``model.moa_flex.kv_dtype`` (as ``moa_flex.compile(kv_dtype=...)`` set it), and torch.compile
+    traces the graphs again for the new storage dtype on its own (its guards see the cache's
+    tensors), as it does for a new batch size."""
+    state = model.moa_flex
+    storage = kv_storage(name)
+    if storage != state.kv_dtype:
+        state.release_cache()  # the old cache's memory back before the next request allocates
+        state.kv_dtype = storage
+
+
+def storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a cache of ``--kv-dtypes`` name ``name`` stores its K/V in, for a model in
+    ``model_dtype``."""
+    return kv_storage(name) or model_dtype

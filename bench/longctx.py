@@ -5,7 +5,8 @@
     python bench/longctx.py --lengths 524288 --plans d0.25 262k                            # real chunked prefill
     python bench/longctx.py --filled 1048576 --plans d0.25 262k    # cache of random K/V, then a real 16K chunk
     python bench/longctx.py --longest d0.25                        # longest context that fits (random K/V)
-    python bench/longctx.py --smoke                                # tiny model on the CPU: the script runs
+    python bench/longctx.py --lengths --longest 262k d0.25 --kv-dtypes bf16 fp8   # ... per cache dtype
+    python bench/longctx.py --smoke [--kv-dtypes bf16 fp8] [--longest]   # tiny model on the CPU: the script runs
 
 Llama-3-8B shape (32 layers, 32 query / 8 KV heads of 128, bf16, random weights). Plans: the
 shipped ``Llama-3-8B-Instruct-262k.moa`` ("262k", MoA's own per-query-head plan) and a kv_head
@@ -23,6 +24,18 @@ step = (weight bytes + cache bytes) / copy bandwidth measured in the same run.
 them), then a real chunked prefill of the last 16384 and the decode steps run (at 1M tokens a
 dense cache alone is 128 GiB). ``--longest``: the largest N (in steps of 64K) whose cache
 fits beside the weights and a 6 GiB working set, then run as with ``--filled``.
+
+``--kv-dtypes bf16 fp8`` (``--kv-dtype``; default bf16): every moa-flex case once per cache dtype,
+side by side ("moa-flex 262k fp8, chunk 16384"; bf16 rows keep their names): moa_flex.compile's
+``kv_dtype`` for the first, the compiled model's switched for the others (torch.compile traces
+the graphs again for the new cache tensors); a ``--filled`` cache is built in that dtype
+(FP8: random bf16 values through the cache's quantizer, with their scales). "cache" and the
+floor count what ``MoaCache.memory_bytes`` counts: FP8 values and scales. ``--longest`` sizes
+its search by the cache dtype's bytes (``harness.cache_bytes``: FP8 D + 4 bytes a vector
+against 2D), so FP8 searches further. HF rows stay bf16. ``--smoke`` runs in float32 on the
+CPU ("bf16" is a float32 cache there); with ``--longest`` it searches from 256 tokens in steps
+of 256 against a nominal ``SMOKE_FREE`` bytes of free memory and no working-set reserve (the
+search's arithmetic on a size a CPU runs).
 """
 
 from __future__ import annotations
@@ -37,13 +50,20 @@ from transformers import LlamaForCausalLM, LogitsProcessorList
 import moa_flex
 from decode import StepClock
 from decode_kernel import plan_at_kv_density
-from harness import LLAMA3_8B, copy_bandwidth, llama3_8b_config, record
+from harness import (
+    KV_CHOICES, LLAMA3_8B, cache_bytes, copy_bandwidth, fill_random, kv_storage, kv_suffix, llama3_8b_config, record,
+    set_kv_dtype, storage_dtype,
+)
 from moa_flex import MoaCache
 from moa_flex.plan import ModelShape, Plan
 from moa_flex.runtime.compile import DEFAULT_PREFILL_CHUNK
 
 GiB = 2**30
 FILLED_TAIL = 16384  # tokens of real prefill after a random-filled cache
+# --longest: (first N, step, working set kept free) of the search; --smoke: a CPU-sized one
+LONGEST_SEARCH = (1 << 20, 1 << 16, 6 * GiB)
+SMOKE_LONGEST_SEARCH = (256, 256, 0)
+SMOKE_FREE = 2 << 20  # --smoke --longest: the "free memory" (bytes) the search sizes by: 256-3072 tokens of the tiny model
 
 
 def plan_named(name: str, shape: ModelShape, N: int, smoke: bool) -> Plan:
@@ -90,13 +110,15 @@ def hf_case(model, N: int, steps: int, dev: str) -> dict:  # noqa: ANN001
     return r
 
 
-def moa_case(model, plan: Plan, N: int, args, chunk: int | None, filled: int | None = None) -> dict:  # noqa: ANN001
-    """One moa-flex request planned for N: a prompt of N - steps tokens (or a random-filled
-    cache of ``filled`` tokens and a real prefill of the rest)."""
+def moa_case(model, plan: Plan, N: int, args, chunk: int | None, filled: int | None = None,  # noqa: ANN001
+             kv: str = "bf16") -> dict:
+    """One moa-flex request planned for N with cache dtype ``kv``: a prompt of N - steps tokens
+    (or a random-filled cache of ``filled`` tokens and a real prefill of the rest)."""
     dev = args.device
     warm_s = 0.0
-    if getattr(model, "moa_flex", None) is None:  # compiled once; plans and chunk sizes change without recompiling
-        moa_flex.compile(model, plan, mode="reduce-overhead", prefill_chunk=chunk, regional=args.regional == "on")
+    if getattr(model, "moa_flex", None) is None:  # compiled once; plans, chunk sizes, cache dtypes change without recompiling
+        moa_flex.compile(model, plan, mode="reduce-overhead", prefill_chunk=chunk, regional=args.regional == "on",
+                         kv_dtype=kv_storage(kv))
         warm = random_prompt(model, args.warmup, dev)
         t0 = time.perf_counter()
         with torch.no_grad():  # compiles the prefill and decode graphs
@@ -104,6 +126,7 @@ def moa_case(model, plan: Plan, N: int, args, chunk: int | None, filled: int | N
                            do_sample=False, pad_token_id=0)
         warm_s = time.perf_counter() - t0
     model.moa_flex.set_plan(plan)
+    set_kv_dtype(model, kv)
     model.moa_flex.prefill_chunk = chunk
     model.moa_flex.release_cache()
     gc.collect()
@@ -113,12 +136,7 @@ def moa_case(model, plan: Plan, N: int, args, chunk: int | None, filled: int | N
     cache = None
     try:
         if filled:
-            cache = MoaCache(plan, 1, N, dtype=args.dtype, devices=dev)
-            for layer in cache.layers:
-                layer.keys.normal_()
-                layer.values.normal_()
-                layer.length.fill_(filled)
-            cache.mark_filled(filled)
+            cache = fill_random(MoaCache(plan, 1, N, dtype=args.dtype, devices=dev, kv_dtype=kv_storage(kv)), filled)
             model.moa_flex.cache = cache
         r = timed(model, ids, args.steps, dev, cache)
     except torch.OutOfMemoryError as e:
@@ -134,19 +152,47 @@ def moa_case(model, plan: Plan, N: int, args, chunk: int | None, filled: int | N
     return r
 
 
-def longest(plan_name: str, shape: ModelShape, wbytes: int, dev: str, smoke: bool) -> tuple[int, Plan]:
-    """The largest N (multiple of 64K) whose cache fits beside the weights and 6 GiB."""
-    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated() - wbytes if dev == "cuda" else 64 * GiB
-    N = 1 << 20
+def longest(plan_name: str, shape: ModelShape, wbytes: int, dev: str, smoke: bool,
+            storage: torch.dtype) -> tuple[int, Plan] | None:
+    """The largest N (from 1M in steps of 64K) whose cache, stored in ``storage`` (FP8: values
+    and scales), fits beside the weights and a 6 GiB working set; None if not even the first."""
+    start, step, reserve = SMOKE_LONGEST_SEARCH if smoke else LONGEST_SEARCH
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated() - wbytes if dev == "cuda" else SMOKE_FREE
+    N = start
     best = None
     while True:
         plan = plan_named(plan_name, shape, N, smoke)
-        per_slot = 2 * shape.head_dim * 2  # K and V, bf16
-        need = int(plan.cache_spans(N).sum()) * per_slot + 6 * GiB
-        if need > free:
+        if cache_bytes(plan, N, 1, storage, shape.head_dim) + reserve > free:
             return best
         best = (N, plan)
-        N += 1 << 16
+        N += step
+
+
+def filled_picks(args: argparse.Namespace, shape: ModelShape, wbytes: int,
+                 notes: list) -> list[tuple[int, str, Plan, str]]:
+    """The random-filled cases, (N, plan name, plan, cache dtype): ``--longest``'s, each plan
+    and cache dtype sized by its own cache bytes, then ``--filled``'s."""
+    picks = []
+    if args.longest is not None:
+        for name in args.longest or args.plans:
+            lengths = {}
+            for kv in args.kv_dtypes:
+                storage = storage_dtype(kv, args.dtype)
+                found = longest(name, shape, wbytes, args.device, args.smoke, storage)
+                if found:
+                    picks.append((found[0], name, found[1], kv))
+                    lengths[kv] = found[0]
+                    notes.append(f"--longest {name}{kv_suffix(kv)}: N = {found[0]}, cache "
+                                 f"{cache_bytes(found[1], found[0], 1, storage, shape.head_dim) / GiB:.2f} GiB")
+                else:
+                    notes.append(f"--longest {name}{kv_suffix(kv)}: not even the search's first length fits")
+            (first, n0), *others = lengths.items() if lengths else [(None, 0)]
+            notes += [f"--longest {name}: {kv} reaches {n / n0:.2f}x the tokens of {first}" for kv, n in others]
+    for N in args.filled:
+        for name in args.plans:
+            for kv in args.kv_dtypes:
+                picks.append((N, name, plan_named(name, shape, N, args.smoke), kv))
+    return picks
 
 
 def row(method: str, N: int, r: dict, wbytes: int, bw: float) -> str:
@@ -177,6 +223,8 @@ def main() -> None:
     ap.add_argument("--filled", type=int, nargs="*", default=[], help="lengths with a random-filled cache")
     ap.add_argument("--longest", nargs="*", default=None, metavar="PLAN",
                     help="the longest context that fits (random-filled cache) for these plans (default: --plans)")
+    ap.add_argument("--kv-dtypes", "--kv-dtype", nargs="+", choices=KV_CHOICES, default=["bf16"],
+                    help="cache dtypes of the moa-flex cases, each case once per dtype (fp8: FP8 values + scales)")
     ap.add_argument("--warmup", type=int, default=8192, help="tokens of the warm-up request")
     ap.add_argument("--regional", choices=["on", "off"], default="on", help="moa_flex.compile(regional=...)")
     ap.add_argument("--layers", type=int, default=32)
@@ -187,8 +235,7 @@ def main() -> None:
     args.dtype = torch.float32 if args.smoke else torch.bfloat16
     if args.smoke:  # a tiny model, lengths a CPU runs in seconds
         args.warmup, args.steps, args.lengths = 64, 4, [640]
-        args.chunk, args.filled = 128, [1024] if args.filled or args.longest is not None else []
-        args.longest = None
+        args.chunk, args.filled = 128, [1024] if args.filled else []
     config = llama3_8b_config(args.layers, smoke=args.smoke)
     config._attn_implementation = "sdpa"
     with torch.device(args.device):
@@ -199,6 +246,9 @@ def main() -> None:
     lines = ["| N | method | KV density | first token (s) | decode step (ms) | x floor | peak (GiB) | cache (GiB) | "
              "work (GiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     notes = [f"weights {wbytes / GiB:.1f} GiB; copy bandwidth {bw / 1e12:.2f} TB/s"]
+    if args.kv_dtypes != ["bf16"]:
+        notes.append(f"moa-flex cache dtypes: {', '.join(args.kv_dtypes)} (rows without a dtype: bf16; fp8: FP8 values "
+                     "with a float32 scale per token and KV head, counted in cache, floor and the --longest search)")
 
     def show(text: str) -> None:
         lines.append(text)
@@ -214,29 +264,22 @@ def main() -> None:
         for name in plans_at.get(N, args.plans):
             plan = plan_named(name, shape, N, args.smoke)
             sweep = args.chunks if args.chunks and (args.chunks_at is None or N in args.chunks_at) else [chunk]
-            for c in sweep:
-                r = moa_case(model, plan, N, args, c)
-                show(row(f"moa-flex {name}, chunk {c or 'none'}", N, r, wbytes, bw))
-                if r["warm_s"]:
-                    notes.append(f"compile and warm-up request ({args.warmup} tokens): {r['warm_s']:.0f} s")
-    filled = list(args.filled)
-    picks = []
-    if args.longest is not None:
-        for name in args.longest or args.plans:
-            found = longest(name, shape, wbytes, args.device, args.smoke)
-            if found:
-                picks.append((found[0], name, found[1]))
-    for N in filled:
-        for name in args.plans:
-            picks.append((N, name, plan_named(name, shape, N, args.smoke)))
-    for N, name, plan in picks:
+            for kv in args.kv_dtypes:
+                for c in sweep:
+                    r = moa_case(model, plan, N, args, c, kv=kv)
+                    show(row(f"moa-flex {name}{kv_suffix(kv)}, chunk {c or 'none'}", N, r, wbytes, bw))
+                    if r["warm_s"]:
+                        notes.append(f"compile and warm-up request ({args.warmup} tokens): {r['warm_s']:.0f} s")
+    for N, name, plan, kv in filled_picks(args, shape, wbytes, notes):
         tail = min(FILLED_TAIL, N // 4)
-        r = moa_case(model, plan, N, args, chunk, filled=N - args.steps - tail)
-        show(row(f"moa-flex {name}, random K/V for {N - args.steps - tail}, prefill {tail}", N, r, wbytes, bw))
+        r = moa_case(model, plan, N, args, chunk, filled=N - args.steps - tail, kv=kv)
+        show(row(f"moa-flex {name}{kv_suffix(kv)}, random K/V for {N - args.steps - tail}, prefill {tail}", N, r,
+                 wbytes, bw))
     text = "\n".join(lines + [""] + [f"- {n}" for n in notes])
     print(text)
     if args.record:
-        record("Long contexts at B=1 (Llama-3-8B shape)", text, device=args.device,
+        caches = "" if args.kv_dtypes == ["bf16"] else f", {' and '.join(args.kv_dtypes)} caches"
+        record(f"Long contexts at B=1 (Llama-3-8B shape{caches})", text, device=args.device,
                details="First token: from generate() to the first token's logits (the prefill); decode step: "
                        "median gap between tokens; work = peak - weights - cache.")
 
