@@ -85,8 +85,8 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
     planned = None if types is None else [WITH_STATE_LAYER_TYPES.get(types[i], types[i]) for i in shape.layer_indices]
     chunk = getattr(config, "attention_chunk_size", None)
     if chunk and planned is None:
-        raise ValueError(f"{type(config).__name__} has attention_chunk_size={chunk} but no layer_types saying which "
-                         "layers attend in chunks")
+        raise ValueError(f"{type(config).__name__} has attention_chunk_size={chunk} (chunked local attention) but no "
+                         "layer_types saying which layers attend in chunks")
     other = sorted({t for t in planned or [] if t not in MODELED_LAYER_TYPES})
     if other:
         raise ValueError(f"{type(config).__name__} has layers of type {other}; moa-flex plans "

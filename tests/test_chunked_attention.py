@@ -54,7 +54,7 @@ def test_chunked_local_attention_conversation_equals_the_reference() -> None:
 
 def test_dense_plan_equals_the_stock_model() -> None:
     model = llama4()
-    ids = ids_of(160, seed=5)
+    ids = ids_of(100, seed=5)
     mask = torch.ones_like(ids)
     mask[0, :7] = 0
     ids[0, :7] = 0

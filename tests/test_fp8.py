@@ -258,7 +258,7 @@ def test_fp8_chunked_prefill_equals_whole_prompt_over_dequantized_values(lay: di
 
 
 @needs_kernel
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(lay=chunk_layouts(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        full_tiles=st.booleans())
 def test_chunk_kernel_reads_fp8_like_its_twin(lay: dict, dtype: torch.dtype, full_tiles: bool) -> None:

@@ -167,17 +167,17 @@ def _run(model, plan, ids, **kw) -> tuple:  # noqa: ANN001, ANN003
         moa_flex.uncompile(model)
 
 
-def test_regional_equals_whole_and_eager(four_layers: tuple) -> None:
+def test_regional_equals_eager(four_layers: tuple) -> None:
+    """Regional compilation gives the eager backend's logits and tokens. (A whole graph's
+    inductor compile, what regional=False runs, is the fallback the next test takes.)"""
     model, plan, ids = four_layers
     logits, tokens, reports = _run(model, plan, ids)
-    whole_logits, whole_tokens, whole_reports = _run(model, plan, ids, regional=False)
     eager_logits, eager_tokens, _ = _run(model, plan, ids, backend="eager")
-    assert torch.equal(tokens, whole_tokens) and torch.equal(tokens, eager_tokens)
-    torch.testing.assert_close(logits, whole_logits, rtol=0, atol=2e-5)
+    assert torch.equal(tokens, eager_tokens)
     torch.testing.assert_close(logits, eager_logits, rtol=0, atol=2e-5)
     # the plain forward and the prefill over the cache: one layer compiled, three reusing it; on the
     # CPU decode steps (not captured in CUDA graphs) compile whole
-    assert len(reports) == 2 and not whole_reports
+    assert len(reports) == 2
     for r in reports:
         assert r.layers == [0, 1, 2, 3] and r.compiles == 1 and r.shared == {1: 0, 2: 0, 3: 0}
 

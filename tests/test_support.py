@@ -8,7 +8,9 @@ import transformers
 from moa_flex.support import Result, causal_lm_types, check_type, main, markdown, tiny_config
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2", "qwen3", "qwen3_next",
+@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2", "qwen3",
+                                        # hybrids (tests/test_hybrid.py runs Qwen3-Next's conversation by default)
+                                        pytest.param("qwen3_next", marks=pytest.mark.slow),  # 15 s
                                         pytest.param("falcon_h1", marks=pytest.mark.slow)])  # Mamba in torch: 25 s
 def test_softmax_decoders_are_supported(model_type: str) -> None:
     """Dense == stock, sparse == reference, generate token-exact: plain, MoE, GPT-2 layout (h.N),
