@@ -151,16 +151,19 @@ def same_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, ro
             (f"moa-flex d={d}", plan_at_kv_density(shape, N, d, seed=1, alpha_fraction=0.0)) for d in args.densities
         ]
         for name, plan in plans:
-            for kv_name in args.kv_dtypes:
-                moa_rows(args, model, case, f"{name}{kv_suffix(kv_name)}", plan, kv_name, ids, hf_out, wbytes, bw,
-                         rows, checks)
+            outs = {kv_name: moa_rows(args, model, case, f"{name}{kv_suffix(kv_name)}", plan, kv_name, ids, hf_out,
+                                      wbytes, bw, rows, checks)
+                    for kv_name in args.kv_dtypes}
+            checks += cache_agreement(model, case, name, outs, args.steps)
         if dev == "cuda":
             torch.cuda.empty_cache()
 
 
 def moa_rows(args: argparse.Namespace, model, case: str, method: str, plan: Plan, kv_name: str,  # noqa: ANN001
-             ids: torch.Tensor, hf_out: torch.Tensor | None, wbytes: int, bw: float, rows: list, checks: list) -> None:
-    """One moa-flex plan with one cache dtype: the generate() row, then the "(forward)" row."""
+             ids: torch.Tensor, hf_out: torch.Tensor | None, wbytes: int, bw: float, rows: list, checks: list
+             ) -> torch.Tensor:
+    """One moa-flex plan with one cache dtype: the generate() row, then the "(forward)" row.
+    Returns the generated sequences."""
     dev = args.device
     B, N = ids.shape[0], ids.shape[1] + args.steps
     use_plan(model, plan, args.mode, args.fuse_linear, kv_name)
@@ -184,6 +187,45 @@ def moa_rows(args: argparse.Namespace, model, case: str, method: str, plan: Plan
     rows.append(dict(case=case, method=f"{method} (forward)", density=plan.kv_density(N), ms=fms, peak=0,
                      floor=(wbytes + kv) / bw * 1e3))
     print(rows[-1], flush=True)
+    return out
+
+
+def cache_logits(model, seq: torch.Tensor, kv_name: str, keep: int) -> torch.Tensor:  # noqa: ANN001
+    """fp32 logits of the last ``keep`` positions of ``seq`` prefilled onto a fresh MoA cache of
+    ``kv_name`` under the model's current plan (what decoding those tokens reads)."""
+    state = model.moa_flex
+    dev = seq.device
+    cache = MoaCache(state.plan, seq.shape[0], seq.shape[1], dtype=next(model.parameters()).dtype, devices=dev,
+                     kv_dtype=kv_storage(kv_name), windows=state.windows)
+    with torch.no_grad():
+        out = model(input_ids=seq, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits.float()
+    del cache
+    return out
+
+
+def cache_agreement(model, case: str, name: str, outs: dict, steps: int) -> list[str]:  # noqa: ANN001
+    """Each further cache dtype against the first, same plan: greedy tokens of generate(), and
+    the logits of the first dtype's generated positions read through each cache (prefill of the
+    first dtype's sequences; random weights: reported, not tuned)."""
+    kinds = list(outs)
+    if len(kinds) < 2:
+        return []
+    base = outs[kinds[0]]
+    ref = None
+    lines = []
+    for kv_name in kinds[1:]:
+        same = outs[kv_name][:, -steps:] == base[:, -steps:]
+        differ = (~same).any(0).nonzero()
+        first = int(differ[0]) if len(differ) else None
+        if ref is None:
+            ref = cache_logits(model, base[:, :-1], kinds[0], steps)
+        got = cache_logits(model, base[:, :-1], kv_name, steps)
+        top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        lines.append(f"{case} {name.removeprefix('moa-flex ')}: {kv_name} vs {kinds[0]} cache, greedy tokens equal "
+                     f"{int(same.sum())}/{same.numel()} (first difference at step {first}); logits over the "
+                     f"{kinds[0]} tokens: max |diff| {(got - ref).abs().max().item():.3g}, top-1 agree {top1:.1%}")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def decode_steps(model, cache, B: int, start: int, steps: int, dev: str) -> float:  # noqa: ANN001
