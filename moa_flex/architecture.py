@@ -153,8 +153,8 @@ def attention_layer_problem(model: torch.nn.Module) -> str:
             continue
         m = _LAYER_OF.search(name + ".")
         idx = module.layer_idx
-        if m is None:
-            continue
+        if m is None or idx is None or (isinstance(idx, int) and idx < 0):
+            continue  # None (Zamba) or -1 (Zamba2): a block shared by several layers, told its layer by the caller
         if not isinstance(idx, int) or idx != int(m.group(1)):
             return (f"{name} answers to layer_idx {idx!r} inside decoder layer {m.group(1)} (an attention block shared "
                     "by several layers)")

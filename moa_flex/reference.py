@@ -7,6 +7,7 @@ forwards. Slow and obviously right: the tests' oracle and the support matrix's
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from transformers import AttentionInterface
@@ -44,7 +45,8 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     N = _REF_PLAN.get("N") or K
     for b, pad in enumerate(pads):
         n = K - pad  # real tokens of the row (a forward without cache: Q == K)
-        keep[b, :, pad:, pad:] = reference_mask(plan, plan.model.plan_layer(module.layer_idx), N - pad, n, 0, n).to(query.device)
+        keep[b, :, pad:, pad:] = reference_mask(plan, plan.model.plan_layer(_calling_layer(module)), N - pad, n, 0,
+                                                n).to(query.device)
     mask = keep & allowed
     scores = scores.masked_fill(~mask, float("-inf"))
     sinks = kwargs.get("s_aux")  # learned sink logits [H] (GPT-OSS): one more softmax term, no value
@@ -55,6 +57,24 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
         probs = torch.cat([scores, col], dim=-1).softmax(-1)[..., :-1]
     out = (probs @ v).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _calling_layer(module: torch.nn.Module) -> int:
+    """The decoder layer whose call this is: the module's ``layer_idx``, or, for an attention
+    block shared by several layers (Zamba's, ``layer_idx`` None), the decoder layer running."""
+    idx = getattr(module, "layer_idx", None)
+    return idx if isinstance(idx, int) and idx >= 0 else _REF_PLAN["layer"]
+
+
+def _track_layers(model: torch.nn.Module) -> list:
+    """Forward pre-hooks on the decoder layers (``...layers.<i>``) recording which one runs."""
+    handles = []
+    for name, module in model.named_modules():
+        m = re.fullmatch(r"(?:.*\.)?layers\.(\d+)", name)
+        if m:
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, _a, i=int(m.group(1)): _REF_PLAN.__setitem__("layer", i)))
+    return handles
 
 
 AttentionInterface.register("moa_reference", reference_attention)
@@ -72,10 +92,13 @@ def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | 
     model.set_attn_implementation("moa_reference")
     state = getattr(model, "moa_flex", None)
     forward = state.original_forward if state is not None else model
+    hooks = _track_layers(model)
     try:
         with torch.no_grad():
             return forward(**inputs, use_cache=False).logits
     finally:
+        for h in hooks:
+            h.remove()
         model.set_attn_implementation(before)
 
 

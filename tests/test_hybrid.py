@@ -134,3 +134,28 @@ def test_a_hybrid_profile_has_its_attention_layers_and_equals_the_reference() ->
     assert torch.allclose(profile.hist[48], hist, rtol=1e-5, atol=1e-12)
     assert torch.allclose(profile.sink_share[48], sink, rtol=1e-5, atol=1e-12)
     assert float(profile.hist[48].abs().sum()) > 0
+
+
+@pytest.mark.slow  # Mamba in torch and step-by-step reference decoding: about 2 minutes each
+@pytest.mark.parametrize("model_type", ["zamba", "zamba2"])
+def test_an_attention_block_shared_by_layers_takes_each_layers_rules(model_type: str) -> None:
+    """Zamba / Zamba2: one attention block (tied weights; ``layer_idx`` None or -1: the caller
+    passes its layer; Zamba2 adds per-layer adapters) runs in decoder layers 1 and 3, beside
+    Mamba. Each call is ruled by its own decoder layer's plan layer, and caches per layer: a
+    two-turn conversation, prefilled in chunks, equals step-by-step reference decoding; the two
+    attention layers' rules differ."""
+    from moa_flex.support import _build
+
+    kinds = ["linear_attention", "hybrid"] * 2
+    extra = {"hybrid_layer_ids": [1, 3]} if model_type == "zamba2" else {}
+    model = _build(model_type, num_hidden_layers=4, layer_types=kinds, **extra)
+    shape = ModelShape.from_config(model.config)
+    plan = Plan(shape, [[16.0, 96.0], [64.0, 0.0]], [[0.25, 0.0], [0.0, 0.5]], granularity="kv_head", sink=16,
+                min_span=32, span_multiple=16)
+    assert list(plan.model.layer_indices) == [1, 3] and plan.spans(300)[0].tolist() != plan.spans(300)[1].tolist()
+    moa_flex.compile(model, plan, max_length=300, prefill_chunk=64, backend="eager")
+    ids = ids_of(150, seed=7, vocab=model.config.vocab_size)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    ids[0, :5] = 0
+    converse(model, plan, 300, ids, mask, (None, 30), 6, seed=2)

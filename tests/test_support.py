@@ -79,7 +79,6 @@ def test_tiny_configs_derive_consistent_sizes() -> None:
     ("deepseek_v3", "multi-head latent attention"),  # MLA: a latent cache shared by all heads
     ("gemma3n_text", "num_kv_shared_layers"),  # layers reading other layers' KV
     ("dots3_note_text", "differs between attention layers"),  # per-layer head counts
-    ("zamba2", "an attention block shared by several layers"),  # one attention module in several layers
     ("hrm_text", "several attention stacks"),  # two stacks answering to the same layer indices
 ])
 def test_layouts_the_cache_does_not_model_are_refused_at_compile(model_type: str, words: str) -> None:
