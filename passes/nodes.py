@@ -211,7 +211,10 @@ def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str) -> d
     for node in nodes:
         layer, path = node_layer(node)
         if layer in found:
-            raise ValueError(f"{graph} graph: two {what} nodes for layer {layer} ({found[layer][0].name}, {node.name})")
+            raise ValueError(
+                f"{graph} graph: two {what} nodes for layer {layer} ({found[layer][0].name} in {found[layer][1]}, "
+                f"{node.name} in {path}); a vision or audio encoder run inside the compiled forward (raw images "
+                "that generate did not encode first) has attention layers of its own, which a MoA plan does not rule")
         found[layer] = (node, path)
     planned = plan_layers(list(found), shape, f"{graph} graph: {what} nodes")
     return {p: found[m] for p, m in zip(planned, found)}

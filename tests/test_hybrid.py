@@ -93,9 +93,9 @@ def test_a_hybrid_conversation_in_chunks_equals_the_reference(kind: str) -> None
 
 def test_layer_kinds_moa_flex_does_not_plan_are_refused_at_compile() -> None:
     """A layer type that is neither softmax attention moa-flex models nor a state layer it
-    can leave alone (here: indexed attention, Kolibri's) is refused before anything changes."""
-    model = tiny_model("qwen3_next", layers=2, layer_types=["linear_attention", "indexed_attention"])
-    with pytest.raises(ValueError, match="has layers of type \\['indexed_attention'\\]"):
+    can leave alone (here: compressed sparse attention) is refused before anything changes."""
+    model = tiny_model("qwen3_next", layers=2, layer_types=["linear_attention", "compressed_sparse_attention"])
+    with pytest.raises(ValueError, match="has layers of type \\['compressed_sparse_attention'\\]"):
         moa_flex.compile(model, Plan.dense(model.config), backend="eager")
     assert getattr(model, "moa_flex", None) is None
 

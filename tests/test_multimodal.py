@@ -4,12 +4,14 @@ MoA cannot run (bidirectional image blocks) refused by name."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 from transformers import GenerationConfig
+from transformers.generation import utils as generation_utils
 
 import moa_flex
 from moa_flex.plan import Plan
@@ -17,6 +19,8 @@ from moa_flex.reference import reference_logits
 from moa_flex.runtime.decode_loop import _check_request, _prefill_inputs
 from moa_flex.support import _build, _random_plan, attention_kept, check_type
 
+# transformers' generate encodes images before the loop (mm_encoder_outputs) from 5.2x on
+PRE_ENCODED = "mm_encoder_outputs" in getattr(generation_utils, "MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL", ())
 PROMPT, NEW, IMAGE_AT = 24, 5, 8  # tokens; the image's placeholders start at IMAGE_AT in every row
 
 
@@ -76,8 +80,12 @@ def cases() -> dict[str, Case]:
         case = make()
         with torch.no_grad():
             case.stock_text = case.model.generate(**case.request)
-            case.stock_image = case.model.generate(**case.request, **case.image)
-        assert not torch.equal(case.stock_text, case.stock_image), "the image must change the stock answer"
+            if "pixel_values" in inspect.signature(case.model.forward).parameters and PRE_ENCODED:
+                case.stock_image = case.model.generate(**case.request, **case.image)
+        # (transformers 5.17's Fuyu takes image_patches, not pixel_values, and its generate passes raw images
+        # into the forward, where Gemma 3's vision tower would be compiled too: image cases are 5.2x's)
+        assert case.stock_image is None or not torch.equal(case.stock_text, case.stock_image), \
+            "the image must change the stock answer"
         moa_flex.compile(case.model, Plan.dense(case.model.config), backend="eager", progress=False,
                          compile_cache=False)
         built[name] = case
@@ -93,7 +101,8 @@ def test_dense_generate_equals_stock_text_only_and_with_an_image(cases: dict[str
     case.model.moa_flex.set_plan(Plan.dense(case.model.config))
     with torch.no_grad():
         assert torch.equal(case.model.generate(**case.request), case.stock_text)
-        assert torch.equal(case.model.generate(**case.request, **case.image), case.stock_image)
+        if case.stock_image is not None:
+            assert torch.equal(case.model.generate(**case.request, **case.image), case.stock_image)
         if name == "gemma3":
             text_types = torch.zeros_like(case.request["input_ids"])
             assert torch.equal(case.model.generate(**case.request, token_type_ids=text_types), case.stock_text)
@@ -103,6 +112,8 @@ def test_sparse_plan_with_an_image_matches_the_reference(cases: dict[str, Case])
     """Greedy tokens of an image request under a random sparse plan == the reference's argmax at every
     step (the support matrix's generate check, with the image's features handed to the reference)."""
     case = cases["gemma3"]
+    if case.stock_image is None:
+        pytest.skip("this transformers' generate does not encode images before the loop")
     model, request = case.model, case.request
     plan = _random_plan(model.config)
     model.moa_flex.set_plan(plan)
@@ -129,8 +140,9 @@ def test_bidirectional_image_blocks_are_refused(cases: dict[str, Case]) -> None:
         case.model.generate(**case.request, **case.image, token_type_ids=types)
     with pytest.raises(NotImplementedError, match="attend itself in both directions"), torch.no_grad():
         case.model(input_ids=case.request["input_ids"], token_type_ids=types)  # a plain forward too
-    with torch.no_grad():
-        assert torch.equal(case.model.generate(**case.request, **case.image), case.stock_image)
+    if case.stock_image is not None:
+        with torch.no_grad():
+            assert torch.equal(case.model.generate(**case.request, **case.image), case.stock_image)
 
 
 def test_what_each_family_is_passed_and_refused() -> None:

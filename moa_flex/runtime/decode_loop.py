@@ -78,7 +78,7 @@ _OUTPUTS_ALLOWED = ("output_attentions", "output_hidden_states")
 # multimodal inputs transformers' loop passes to the prefill only (with a cache): pre-encoded features
 # (``mm_encoder_outputs``), raw pixels, audio features, their sizes and masks
 _PREFILL_ONLY = frozenset(getattr(generation_utils, "MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL",
-                                  ("mm_encoder_outputs", "pixel_values", "pixel_values_videos", "image_sizes")))
+                                  ("pixel_values", "pixel_values_videos", "image_sizes"))) | {"mm_encoder_outputs"}
 
 
 def _check_request(generation_config: "GenerationConfig", model_kwargs: dict, synced_gpus: bool,
