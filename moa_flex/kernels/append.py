@@ -25,19 +25,21 @@ import contextlib
 
 import torch
 
-from .quant import FP8_MAX, INV_FP8_MAX, SCALE_DTYPE, is_quantized
+from .quant import FP8_MAX, INV_FP8_MAX, SCALE_DTYPE, SCALE_MIN, is_quantized
 from .triton_support import interpreting, pow2, tl, triton
 
 if triton is not None:
     _FP8_MAX = tl.constexpr(FP8_MAX)
     _INV_FP8_MAX = tl.constexpr(INV_FP8_MAX)
+    _SCALE_MIN = tl.constexpr(SCALE_MIN)
 
     @triton.jit
     def _quantize(x, ok, QUANT: tl.constexpr):
         """(values to store, scale) of [G, D] vectors ``x``: as quantize_fp8 (QUANT), else (x, 1)."""
         if QUANT:
             amax = tl.max(tl.where(ok, tl.abs(x.to(tl.float32)), 0.0), axis=1)
-            scale = tl.where(amax > 0, amax * _INV_FP8_MAX, 1.0)
+            scale = amax * _INV_FP8_MAX
+            scale = tl.where(scale >= _SCALE_MIN, scale, 1.0)
             y = tl.math.div_rn(x.to(tl.float32), scale[:, None])
             return _round_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)), scale
         return x, tl.full([x.shape[0]], 1.0, tl.float32)
@@ -52,7 +54,8 @@ if triton is not None:
         step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # grid spacing 2^(e-3): 3 mantissa bits
         inv = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)
         t = y * inv  # exact (a power of two), |t| <= 16
-        return ((t + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: float32 addition rounds t to an integer, ties even
+        r = ((t + 12582912.0) - 12582912.0) * step  # 1.5 * 2^23: float32 addition rounds t to an integer, ties even
+        return tl.where(r == 0.0, y * 0.0, r)  # a zero keeps y's sign, as the cast does (-0 is code 128)
 
     @triton.jit
     def _append_kernel(

@@ -5,7 +5,8 @@ one float32 scale per stored vector: per token and KV head, separately for K and
 (``k_scale``/``v_scale`` ``[B, S]`` beside ``keys``/``values`` ``[B, S, D]``). A vector ``x``
 [D] is stored as
 
-    scale = amax(|x|) * (1 / 448)      (1.0 if x is all zeros)
+    scale = amax(|x|) * (1 / 448)      (1.0 if below float32's smallest normal: x all zeros,
+                                        or so small that e4m3 stores it as zeros anyway)
     x8    = fp8(clamp(x / scale, -448, 448))     (round to nearest even)
 
 and read back as ``x8 * scale``. Per-vector scales need no calibration and follow RoPE'd keys
@@ -28,6 +29,9 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 INV_FP8_MAX = 1.0 / 448.0  # the scale is amax times this float32 constant (no division)
 SCALE_DTYPE = torch.float32
+# smaller scales (vectors of amax < 448 * 2^-126) are taken as 1: no division by a subnormal
+# (or, flushed to zero, by 0); such vectors are all below e4m3's smallest value and store zeros
+SCALE_MIN = torch.finfo(torch.float32).tiny
 SCALE_BYTES = 4  # per stored vector (token x KV head), for K and for V each
 KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": FP8}
 
@@ -67,7 +71,8 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     of the vector's largest magnitude, see the module docstring)."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax * INV_FP8_MAX, torch.ones_like(amax))
+    scale = amax * INV_FP8_MAX
+    scale = torch.where(scale >= SCALE_MIN, scale, torch.ones_like(scale))
     x8 = (xf / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return x8, scale
 
