@@ -56,6 +56,7 @@ from harness import (
     storage_dtype,
 )
 from moa_flex import MoaCache
+from moa_flex.runtime.generate import new_cache
 from moa_flex.plan import ModelShape, Plan
 
 SMOKE_FREE = 1 << 20  # --smoke --max-batch: the "free memory" the CPU search sizes its batches by
@@ -193,10 +194,7 @@ def moa_rows(args: argparse.Namespace, model, case: str, method: str, plan: Plan
 def cache_logits(model, seq: torch.Tensor, kv_name: str, keep: int) -> torch.Tensor:  # noqa: ANN001
     """fp32 logits of the last ``keep`` positions of ``seq`` prefilled onto a fresh MoA cache of
     ``kv_name`` under the model's current plan (what decoding those tokens reads)."""
-    state = model.moa_flex
-    dev = seq.device
-    cache = MoaCache(state.plan, seq.shape[0], seq.shape[1], dtype=next(model.parameters()).dtype, devices=dev,
-                     kv_dtype=kv_storage(kv_name), windows=state.windows)
+    cache = new_cache(model, model.moa_flex, seq.shape[0], seq.shape[1], kv_storage(kv_name))
     with torch.no_grad():
         out = model(input_ids=seq, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits.float()
     del cache

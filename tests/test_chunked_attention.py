@@ -6,6 +6,7 @@ step by step over the whole conversation; the stock model for a dense plan."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -32,6 +33,10 @@ def test_the_model_pattern_per_layer() -> None:
     assert model_windows(config, ModelShape.from_config(config)) == [-CHUNK, -CHUNK, -CHUNK, None]
     assert "NoPE layers [3]" in reads_token_count(config)
     assert reads_token_count(tiny_model().config) is None
+    model = llama4()
+    with pytest.warns(UserWarning, match="decode steps run without CUDA graphs"):
+        moa_flex.compile(model, Plan.dense(model.config), mode="reduce-overhead", backend="eager")
+    assert not model.moa_flex.cudagraphs  # no step graph would freeze the token count
 
 
 def test_chunked_local_attention_conversation_equals_the_reference() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -200,13 +201,18 @@ def compile(  # noqa: A001  (the verb of the API)
     if impl != wanted:
         model.set_attn_implementation(wanted)
     log = StartupLog(progress)
+    cudagraphs = mode in ("reduce-overhead", "max-autotune")
+    frozen = reads_token_count(config)
+    if cudagraphs and frozen:  # a captured decode step would replay the count it was captured with
+        warnings.warn(f"moa-flex: decode steps run without CUDA graphs: {frozen}, a number a captured graph would "
+                      "freeze", stacklevel=2)
+        cudagraphs = False
     runtime = MoaRuntime(plan, compiled=backend == "inductor", query_chunk=prefill_chunk)
     runtime.planned_length = max_length
     runtime.log = log
     state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
                           prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, windows=windows,
-                          reads_token_count=reads_token_count(config),
-                          cudagraphs=mode in ("reduce-overhead", "max-autotune"), cache_arg=cache_argument(model.forward),
+                          cudagraphs=cudagraphs, cache_arg=cache_argument(model.forward),
                           log=log, model_ref=weakref.ref(model), accelerate_hooks=swapped, shard=shard)
     if verify:  # the first-call check's dense plan (moa_flex.runtime.verify)
         state.verify_runtime = MoaRuntime(Plan.dense(plan.model), compiled=False)

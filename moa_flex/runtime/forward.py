@@ -82,7 +82,7 @@ def _forward(state: CompiledState, args: tuple, kwargs: dict) -> Any:
         kwargs[state.cache_arg] = kwargs.pop("past_key_values")
     cache = kwargs.get(state.cache_arg)
     # Gemma 3/4 image tokens that attend each other both ways: refused on every path
-    check_token_types(state.model_ref() if state.model_ref is not None else None, kwargs)
+    check_token_types(lambda: state.model_ref() if state.model_ref is not None else None, kwargs)
     if isinstance(cache, MoaCache):
         return _forward_with_cache(state, cache, args, kwargs)
     state.log.calling()
@@ -237,10 +237,7 @@ def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) ->
     cache.decode_steps = cache.decode_steps + 1 if same else 1
     cache.decode_signature = signature
     cache.step_graph = None
-    if state.cudagraphs and state.reads_token_count:
-        _warn_once(state, f"decode steps run without CUDA graphs: {state.reads_token_count}, a number a captured "
-                          "graph would freeze")
-    elif state.cudagraphs and cache.decode_steps == 3:  # once per run of same-signature steps, not every step
+    if state.cudagraphs and cache.decode_steps == 3:  # once per run of same-signature steps, not every step
         device = graph_device(kwargs, cache.tensors() + cache.state_tensors())
         if device is not None:
             with dynamo_policy(), state.log.phase("capturing the decode step's CUDA graph"):

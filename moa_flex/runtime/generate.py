@@ -178,6 +178,14 @@ def _cache_for(model: torch.nn.Module, state: "CompiledState", batch: int, plann
         old.reset()
         return old
     state.cache = None  # free the old one before allocating
-    state.cache = MoaCache(state.plan, batch, planned, pads=pads, dtype=dtype, devices=devices,
-                           config=model.config, kv_dtype=state.kv_dtype, windows=state.windows)
+    state.cache = new_cache(model, state, batch, planned, state.kv_dtype, pads=pads)
     return state.cache
+
+
+def new_cache(model: torch.nn.Module, state: "CompiledState", batch: int, planned: int,
+              kv_dtype: torch.dtype | str | None, *, pads: torch.Tensor | None = None) -> MoaCache:
+    """A fresh MoaCache for the compiled model: its plan, its layers' devices and dtype, its own
+    windows (the layers' caches bounded by them), stored in ``kv_dtype`` (None: the model's)."""
+    devices, dtype = layer_placement(model, state.plan.model)
+    return MoaCache(state.plan, batch, planned, pads=pads, dtype=dtype, devices=devices, config=model.config,
+                    kv_dtype=kv_dtype, windows=state.windows)

@@ -9,7 +9,7 @@ path answers such a request with causal attention instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,9 +38,16 @@ def blocks_of(model: torch.nn.Module | None) -> _Blocks | None:
 
 
 
-def check_token_types(model: torch.nn.Module | None, kwargs: dict) -> None:
+TOKEN_TYPE_ARGUMENTS = frozenset(b.argument for b in BLOCKS.values())
+
+
+def check_token_types(model: Callable[[], torch.nn.Module | None], kwargs: dict) -> None:
     """:func:`check_causal` on the token types a forward's ``kwargs`` carry, if the model's
-    family has bidirectional blocks (:data:`BLOCKS`)."""
+    family has bidirectional blocks (:data:`BLOCKS`). ``model``: returns the model, called only
+    when a token-type argument is there (every forward, decode steps included, runs this)."""
+    if not any(kwargs.get(name) is not None for name in TOKEN_TYPE_ARGUMENTS):
+        return
+    model = model()
     blocks = blocks_of(model)
     if blocks is not None and kwargs.get(blocks.argument) is not None:
         check_causal(model, blocks, kwargs[blocks.argument])

@@ -31,7 +31,6 @@ class CompiledState:
     prefill_chunk: int | None = None  # tokens per prefill chunk over a MoaCache (None: one chunk)
     kv_dtype: torch.dtype | None = None  # storage dtype of the caches generate() builds (None: the model's)
     windows: list | None = None  # per planned layer the model's own window (architecture.model_windows)
-    reads_token_count: str | None = None  # why the forward reads the cache's token count (no step graphs), or None
     reports: list = field(default_factory=list)
     decode_reports: list = field(default_factory=list)
     compiled_forward: Callable | None = None

@@ -44,15 +44,12 @@ def _cache_logits(model: Any, ids: torch.Tensor, kv_dtype: torch.dtype | str) ->
     """Every position's logits of a prefill onto a fresh MoA cache stored in ``kv_dtype`` (a
     model compiled by moa_flex): each query reads keys and values as that cache holds them, as
     decoding would (an FP8 cache: dequantized), not the exact ones a cacheless forward uses."""
-    from moa_flex.architecture import layer_placement
-    from moa_flex.runtime.cache import MoaCache
+    from moa_flex.runtime.generate import new_cache
 
     state = getattr(model, "moa_flex", None)
     if state is None:
         raise ValueError("evaluating through a MoA cache (kv_dtype=...) needs a model compiled by moa_flex.compile")
-    devices, dtype = layer_placement(model, state.plan.model)
-    cache = MoaCache(state.plan, ids.shape[0], ids.shape[1], dtype=dtype, devices=devices, config=model.config,
-                     kv_dtype=kv_dtype, windows=state.windows)
+    cache = new_cache(model, state, ids.shape[0], ids.shape[1], kv_dtype)
     return model(input_ids=ids, use_cache=True, logits_to_keep=0, **{state.cache_arg: cache}).logits
 
 
