@@ -22,10 +22,10 @@ import torch
 from moa_flex.kernels.quant import is_quantized, quantize_fp8
 from moa_flex.kernels.slot_map import flat_group_index, slot_positions
 
-__all__ = ["cache_append_reference", "cache_extend_reference", "flat_group_index", "quantized_pair", "slot_positions"]
+__all__ = ["cache_append_reference", "cache_extend_reference", "flat_group_index", "slot_positions"]
 
 
-def quantized_pair(cache: torch.Tensor, new: torch.Tensor, scale: torch.Tensor | None
+def _quantized_pair(cache: torch.Tensor, new: torch.Tensor, scale: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What a cache stored like ``cache`` holds of ``new`` [..., D]: (fp8 values, scales [...])
     for an FP8 cache (``new`` quantized unless it is FP8 already, with its ``scale``), else
@@ -70,7 +70,7 @@ def cache_extend_reference(
     src = (pos - start.long().view(B, 1)).clamp(0, C - 1)  # chunk index of that token
     b = torch.arange(B, device=keys.device).view(B, 1)
     for cache, scales, new, new_scale in ((keys, k_scale, k_new, kn_scale), (values, v_scale, v_new, vn_scale)):
-        stored, stored_scale = quantized_pair(cache, new, new_scale)
+        stored, stored_scale = _quantized_pair(cache, new, new_scale)
         rows = stored[b, group.view(1, -1), src]  # [B, S, D]
         _select_into(cache, fresh, rows)
         if stored_scale is not None:
@@ -102,7 +102,7 @@ def cache_append_reference(
     flat = offsets[:-1].to(keys.device).long().view(1, G) + slot  # [B, G]
     rows = torch.arange(B, device=keys.device).view(B, 1).expand(B, G)
     for cache, scales, new in ((keys, k_scale, k_new), (values, v_scale, v_new)):
-        stored, stored_scale = quantized_pair(cache, new[:, :, 0], None)
+        stored, stored_scale = _quantized_pair(cache, new[:, :, 0], None)
         cache[rows, flat] = stored
         if stored_scale is not None:
             scales[rows, flat] = stored_scale
