@@ -219,7 +219,9 @@ def test_decode_kernel_reads_fp8_like_its_twin(lay: dict, dtype: torch.dtype, ch
     want = ragged_decode_reference(q32, *(a.cpu() for a in args[1:]), *scalars(lay), logits, ks.cpu(), vs.cpu())
     assert not out.isnan().any(), "output not fully written"
     err = (out.cpu().float() - want).abs().max().item() if out.numel() else 0.0
-    assert err <= (1e-5 if dtype == torch.float32 else 2e-2), err
+    # bf16: probabilities enter the MMA in bf16 (2^-8 relative), so the bound scales with the output
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    assert err <= (1e-5 if dtype == torch.float32 else 2e-2 * scale), err
 
 
 # ---------------------------------------------------------------------------------- prefill reads
