@@ -23,8 +23,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/moa-flex demo -o moa-flex-demo
 
+# Two workers (one per core of the CI machine), each running whole files so that a file's
+# compiled models are built once.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
