@@ -93,14 +93,27 @@ def brute(prob, budget_ok=True):
 
 
 def slots(prob, c: np.ndarray, n: int) -> float:
-    """KV slots at length n by the Plan's own code (cache spans, or head spans for 'span')."""
+    """KV slots at length n by the Plan's own code (cache spans, or head spans for 'span'),
+    summed over layers; each layer's count comes from a Plan whose every layer is that row,
+    memoized per row (a brute force visits each row many times)."""
+    memo = prob.__dict__.setdefault("_brute_slots", {})
+    total = 0.0
+    for row in c.tolist():
+        key = (tuple(row), n)
+        if key not in memo:
+            memo[key] = _row_slots(prob, row, n)
+        total += memo[key]
+    return total
+
+
+def _row_slots(prob, row: list[int], n: int) -> float:
+    L = prob.shape[0]
     plan = Plan(
-        prob.model, [[prob.rules[r][0] for r in row] for row in c.tolist()],
-        [[prob.rules[r][1] for r in row] for row in c.tolist()], granularity=prob.granularity, **KW,
+        prob.model, [[prob.rules[r][0] for r in row]] * L, [[prob.rules[r][1] for r in row]] * L,
+        granularity=prob.granularity, **KW,
     )
-    if prob.measure == "span":
-        return float(plan.spans(n).sum())
-    return float(plan.cache_spans(n).sum())
+    per_layer = plan.spans(n) if prob.measure == "span" else plan.cache_spans(n)
+    return float(per_layer[0].sum())
 
 
 # ---------------------------------------------------------------------------- rule losses

@@ -156,6 +156,12 @@ def four_layers() -> tuple:
     return model, plan, ids
 
 
+@pytest.fixture(scope="module")
+def eager_run(four_layers: tuple) -> tuple:
+    """The eager backend's logits and tokens on four_layers, the reference of two tests."""
+    return _run(*four_layers, backend="eager")
+
+
 def _run(model, plan, ids, **kw) -> tuple:  # noqa: ANN001, ANN003
     moa_flex.compile(model, plan, compile_cache=False, **kw)
     try:
@@ -167,12 +173,12 @@ def _run(model, plan, ids, **kw) -> tuple:  # noqa: ANN001, ANN003
         moa_flex.uncompile(model)
 
 
-def test_regional_equals_eager(four_layers: tuple) -> None:
+def test_regional_equals_eager(four_layers: tuple, eager_run: tuple) -> None:
     """Regional compilation gives the eager backend's logits and tokens. (A whole graph's
     inductor compile, what regional=False runs, is the fallback the next test takes.)"""
     model, plan, ids = four_layers
     logits, tokens, reports = _run(model, plan, ids)
-    eager_logits, eager_tokens, _ = _run(model, plan, ids, backend="eager")
+    eager_logits, eager_tokens, _ = eager_run
     assert torch.equal(tokens, eager_tokens)
     torch.testing.assert_close(logits, eager_logits, rtol=0, atol=2e-5)
     # the plain forward and the prefill over the cache: one layer compiled, three reusing it; on the
@@ -199,14 +205,15 @@ def test_hybrid_layers_share_by_kind() -> None:
     plan = Plan.uniform(model.config, alpha=32, beta=0.3)
     ids = torch.randint(1, 100, (1, 300), generator=torch.Generator().manual_seed(1))
     logits, tokens, reports = _run(model, plan, ids)
-    eager_logits, eager_tokens, _ = _run(model, plan, ids, backend="eager")
+    eager_logits, eager_tokens, _ = eager_run
     assert torch.equal(tokens, eager_tokens)
     torch.testing.assert_close(logits, eager_logits, rtol=0, atol=5e-5)
     for r in reports:
         assert r.layers == [0, 1, 2, 3] and r.compiles <= 3 and r.shared.get(3) == 1
 
 
-def test_a_graph_that_cannot_be_cut_compiles_whole(four_layers: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_graph_that_cannot_be_cut_compiles_whole(four_layers: tuple, eager_run: tuple,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """If the cut itself fails, the graph compiles whole (what regional=False runs), the
     report says why and a start-up line says it; the result is unchanged."""
     import moa_flex.passes.regional as regional
@@ -225,8 +232,7 @@ def test_a_graph_that_cannot_be_cut_compiles_whole(four_layers: tuple, monkeypat
         moa_flex.uncompile(model)
     assert len(reports) == 1 and "no cut today" in reports[0].whole and reports[0].compiles == 0
     assert any("compiles whole" in line and "no cut today" in line for line in lines)
-    eager = _run(model, plan, ids, backend="eager")[0]
-    torch.testing.assert_close(logits, eager, rtol=0, atol=2e-5)
+    torch.testing.assert_close(logits, eager_run[0], rtol=0, atol=2e-5)
 
 
 def test_what_the_shape_env_knows_of_a_symbol_is_in_the_key() -> None:
