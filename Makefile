@@ -24,11 +24,13 @@ demo: setup
 	$(VENV)/bin/moa-flex demo -o moa-flex-demo
 
 # Two workers (one per core of the CI machine), each running whole files so that a file's
-# compiled models are built once.
+# compiled models are built once; each worker takes one core: one OpenMP thread and inductor
+# compiling in-process (its pool of compile processes would compete with the other worker).
 TEST_WORKERS ?= 2
+TEST_ENV ?= OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -25,8 +25,9 @@ PROMPT, NEW, IMAGE_AT = 24, 5, 8  # tokens; the image's placeholders start at IM
 
 
 @pytest.mark.parametrize("model_type", [
-    "gemma3",
-    pytest.param("fuyu", marks=pytest.mark.slow),  # 6-10 s each: the path gemma3 takes (fuyu's generate: below)
+    # 6-10 s each (make test-slow); the default run generates with gemma3 and fuyu below
+    pytest.param("gemma3", marks=pytest.mark.slow),
+    pytest.param("fuyu", marks=pytest.mark.slow),
     pytest.param("got_ocr2", marks=pytest.mark.slow),
     pytest.param("gemma4", marks=pytest.mark.slow),
     pytest.param("gemma4_unified", marks=pytest.mark.slow),

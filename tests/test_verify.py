@@ -18,7 +18,8 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, **k
                               do_sample=False, pad_token_id=0, **kw)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+# gemma2 (windows, softcapping): 8 s, make test-slow
+@pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_first_calls_are_checked(family: str) -> None:
     """A plain forward and generate's first chunk (left-padded) are compared layer by layer
     and said, once per graph."""
