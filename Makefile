@@ -33,7 +33,7 @@ test: setup
 	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(TEST_ENV) $(PY) -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile
 
 support: setup
 	$(PY) -m moa_flex.support

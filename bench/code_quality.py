@@ -44,7 +44,7 @@ def main() -> None:
             for n, s in by.items():
                 lines.append(f"| {name} | {n} | {s['documents']} | {s['bits_per_byte']:.4f} | {s['far_tokens']} | "
                              f"{s['far_accuracy']:.3f} | {s['far_loss']:.3f} |")
-        notes = [f"effective context (far-copy accuracy >= 90% of dense): "
+        notes = ["effective context (far-copy accuracy >= 90% of dense): "
                  + ", ".join(f"{k} {v}" for k, v in r["effective_context"].items())]
         notes += summary["bars"]
         notes.append("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["timings_s"].items()))

@@ -84,12 +84,14 @@ def bench_attention(args: argparse.Namespace, shape: ModelShape, rows: list, che
         v = torch.randn(1, KVH, N, D, device=dev, dtype=dtype)
         one_layer = ModelShape(1, H, KVH, D)
 
-        def sdpa() -> torch.Tensor:
+        # q, k, v bound as defaults: the loop deletes them before the next length
+        def sdpa(q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v) -> torch.Tensor:
             backends = [SDPBackend.FLASH_ATTENTION] if dev == "cuda" else [SDPBackend.MATH]
             with sdpa_kernel(backends):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-        def sdpa_default() -> torch.Tensor:  # SDPA's own backend choice (cuDNN on an H200): what HF eager gets
+        def sdpa_default(q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v) -> torch.Tensor:
+            # SDPA's own backend choice (cuDNN on an H200): what HF eager gets
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
         cases = [("sdpa flash causal", None, sdpa)] + ([("sdpa default (cudnn)", None, sdpa_default)] if dev == "cuda" else [])
@@ -105,7 +107,7 @@ def bench_attention(args: argparse.Namespace, shape: ModelShape, rows: list, che
             if dev == "cuda":
                 torch.cuda.synchronize()
             build_ms = (time.perf_counter() - t) * 1e3
-            cases.append((name, (plan, bm, build_ms), lambda bm=bm: flex(q, k, v, block_mask=bm, enable_gqa=True)))
+            cases.append((name, (plan, bm, build_ms), lambda bm=bm, q=q, k=k, v=v: flex(q, k, v, block_mask=bm, enable_gqa=True)))
         base = None
         for name, extra, fn in cases:
             fn()  # compile / warm up
