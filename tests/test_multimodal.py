@@ -168,3 +168,16 @@ def test_what_each_family_is_passed_and_refused() -> None:
         _check_request(GenerationConfig(), {"token_type_ids": types}, False, gemma4)
     _check_request(GenerationConfig(), {"mm_token_type_ids": types, "pixel_values": None, "mm_encoder_outputs": {}},
                    False, gemma4)
+
+
+def test_positions_from_the_image_layout_are_refused_with_images() -> None:
+    """A model deriving its positions from the image layout (get_rope_index, multimodal rotary
+    positions) would read generate's text positions as another prompt: its image requests are
+    refused by name, its text-only requests pass."""
+    gemma4 = _build("gemma4")
+    features = {"image": torch.zeros(1)}
+    assert _prefill_inputs(gemma4, {"mm_encoder_outputs": features}, 10, None) == {"mm_encoder_outputs": features}
+    gemma4.model.get_rope_index = lambda *args, **kwargs: None  # what a Qwen-VL style model has
+    with pytest.raises(NotImplementedError, match=r"get_rope_index.*text positions"):
+        _prefill_inputs(gemma4, {"mm_encoder_outputs": features}, 10, None)
+    assert _prefill_inputs(gemma4, {"mm_encoder_outputs": {}}, 10, None) == {}  # text only

@@ -63,7 +63,7 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria, Stoppin
 from moa_flex.compat import generate_output
 
 from .forward import captured_step
-from .multimodal import BLOCKS, blocks_of, check_causal
+from .multimodal import BLOCKS, blocks_of, check_causal, check_text_positions
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -115,9 +115,12 @@ def _prefill_inputs(model: torch.nn.Module, model_kwargs: dict, new: int, chunk:
     the token types of a :data:`~moa_flex.runtime.multimodal.BLOCKS` family (whole, as its own ``prepare_inputs_for_generation``
     passes them; decode steps get none either) once :func:`~moa_flex.runtime.multimodal.check_causal` has found no
     bidirectional block. An empty ``mm_encoder_outputs`` (transformers' ``{}`` for a text-only
-    request) reads as none: it is left out so text-only requests run the text graph."""
+    request) reads as none: it is left out so text-only requests run the text graph. With
+    multimodal inputs, :func:`~moa_flex.runtime.multimodal.check_text_positions` first."""
     inputs = {k: v for k, v in model_kwargs.items()
               if k in _PREFILL_ONLY and v is not None and not (isinstance(v, dict) and not v)}
+    if inputs:
+        check_text_positions(model)
     if inputs and chunk is not None and new > chunk:
         raise NotImplementedError(
             f"the prompt's multimodal inputs {sorted(inputs)} cannot be split between prefill chunks ({new} tokens to "

@@ -1,5 +1,7 @@
 """Multimodal requests: which token types make some prompt tokens attend each other in both
-directions (Gemma 3 and 4's image and video tokens), refused because MoA's masks are causal.
+directions (Gemma 3 and 4's image and video tokens), refused because MoA's masks are causal;
+and models whose positions depend on the image layout, refused with images because generate's
+loop passes text positions.
 
 Used by generate's loop (:mod:`moa_flex.runtime.decode_loop`, which passes the token types to
 the prefill) and by the compiled forward (a plain forward or a prefill called directly), so no
@@ -71,3 +73,18 @@ def check_causal(model: torch.nn.Module, blocks: _Blocks, types: torch.Tensor) -
             f"{type(model).__name__} lets each run of tokens with {blocks.argument} in {list(blocks.types)} (image or "
             "video tokens) attend itself in both directions at prefill, a non-causal mask; moa-flex's MoA masks are "
             "causal and cannot reproduce it, so this request is refused rather than answered differently")
+
+
+def check_text_positions(model: torch.nn.Module) -> None:
+    """NotImplementedError for a request with multimodal inputs to a model that derives its
+    positions from the image layout (multimodal rotary positions, ``get_rope_index``, as
+    Qwen-VL models do): moa-flex's generate loop passes text positions (``cumsum(mask) - 1``),
+    which such a model would read as a different prompt. No supported type has such a rule
+    (docs/SUPPORT.md); this keeps a new one from being answered with other positions."""
+    for owner in (model, getattr(model, "model", None)):
+        if callable(getattr(owner, "get_rope_index", None)):
+            raise NotImplementedError(
+                f"{type(model).__name__} computes its positions from the image layout ({type(owner).__name__}."
+                "get_rope_index); moa-flex's generate passes text positions (cumsum of the attention mask), so a "
+                "request with multimodal inputs is refused rather than answered with other positions (text-only "
+                "requests run)")
