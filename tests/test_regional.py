@@ -205,7 +205,7 @@ def test_hybrid_layers_share_by_kind() -> None:
     plan = Plan.uniform(model.config, alpha=32, beta=0.3)
     ids = torch.randint(1, 100, (1, 300), generator=torch.Generator().manual_seed(1))
     logits, tokens, reports = _run(model, plan, ids)
-    eager_logits, eager_tokens, _ = eager_run
+    eager_logits, eager_tokens, _ = _run(model, plan, ids, backend="eager")
     assert torch.equal(tokens, eager_tokens)
     torch.testing.assert_close(logits, eager_logits, rtol=0, atol=5e-5)
     for r in reports:
