@@ -1,5 +1,5 @@
 # moa-flex: set-up, main job and tests from a clean clone.
-#   make demo      create .venv, install, run the main job (moa-flex demo, CPU, ~4 min)
+#   make demo      create .venv, install, run the main job (moa-flex demo, CPU, ~3 min)
 #   make test      create .venv, install, run the test suite (CPU)
 #   make test-slow the slow tests kept out of the default run
 #   make support   the support matrix over every causal-LM type (writes docs/SUPPORT.md)

@@ -37,6 +37,17 @@ def text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def call_kv_heads(config: Any, num_heads: int, num_kv_heads: int) -> int:
+    """KV heads the attention call receives, which a plan (and the MoA cache) rules: the
+    config's, except for JetMoE, which tiles its KV heads over its ``top_k`` query experts
+    before the call (``key_states.repeat(1, top_k, 1, 1)``): the call sees ``num_heads`` KV
+    heads, one per query head, and the MoA cache stores them so (each of the model's KV heads
+    ``top_k`` times: the passes write the tiled keys, passes/nodes.py ``cached_tiling``)."""
+    if getattr(config, "model_type", "") == "jetmoe":
+        return num_heads
+    return num_kv_heads
+
+
 def _language_model(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack (``get_decoder()``), not a vision or audio tower, or the model itself."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None

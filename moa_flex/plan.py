@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from moa_flex.architecture import attention_layers, text_config
+from moa_flex.architecture import attention_layers, call_kv_heads, text_config
 
 FORMAT = "moa-flex.plan/1"
 PLAN_FILE = "moa_plan.json"  # a plan beside a model's config.json (Plan.save_pretrained)
@@ -87,7 +87,8 @@ class ModelShape:
                 f"config {type(config).__name__} has no num_hidden_layers/num_attention_heads;"
                 " expected a transformers decoder config"
             ) from e
-        num_kv_heads = per_layer_value(config, "num_key_value_heads", planned) or num_heads
+        num_kv_heads = call_kv_heads(config, num_heads,
+                                     per_layer_value(config, "num_key_value_heads", planned) or num_heads)
         head_dim = per_layer_value(config, "head_dim", planned, varies_ok=True)
         if head_dim is VARIES:  # each layer's cache takes its own (MoaCache reads it from the config)
             head_dim = None

@@ -28,7 +28,7 @@ from .regional import RegionReport
 from .linear_pass import LinearFusionReport, fuse_linears
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_heads, check_reads_cache, erase_with_inputs, head_dim, sinks_of,
+    check_heads, check_reads_cache, erase_with_inputs, head_dim, sinks_of, tiled,
 )
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
@@ -66,16 +66,20 @@ def rewrite_decode(
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)
+    tiles = {}  # per layer: 1, or JetMoE's tiling of its KV heads (the cache is written tiled)
     for layer in range(plan.num_layers):  # everything checked before anything changes
         append_args = _append_args(appends[layer][0])
-        check_reads_cache(attns[layer][0], append_args[3], append_args[4], layer)
+        tiles[layer] = check_reads_cache(attns[layer][0], append_args[3], append_args[4], layer)
     report = DecodeReport(graph_module=gm)
     roots: list[torch.fx.Node] = []
     for layer in range(plan.num_layers):
         node, path = attns[layer]
         append = appends[layer][0]
         # the cache's own sink (a guarded constant of the traced cache), not the compile-time plan's
-        keys, values, length, _k, _v, spans, caps, offsets, sink, k_scale, v_scale = _append_args(append)
+        keys, values, length, k_new, v_new, spans, caps, offsets, sink, k_scale, v_scale = _append_args(append)
+        if tiles[layer] > 1:  # the cache holds the KV heads as the call reads them
+            for t in (k_new, v_new):
+                append.replace_input_with(t, tiled(gm.graph, append, t, tiles[layer]))
         q = node.args[0]
         scale = arg(node, 6, "scale", None)
         if scale is None:

@@ -118,26 +118,45 @@ def erase_with_inputs(graph: torch.fx.Graph, node: torch.fx.Node, roots: list[to
 
 
 # what may stand between the keys a layer writes to its cache and its attention call: HF's
-# grouped expansion (repeat_kv: a None-index, expand, reshape) and dtype casts
+# grouped expansion (repeat_kv: a None-index, expand, reshape) and dtype casts (JetMoE's
+# tiling, .repeat, is told apart: cached_tiling)
 _GROUPING = {"expand", "reshape", "view", "contiguous", "to", "float", "type_as", "unsqueeze"}
 
 
-def reads_cached(value: Any, cached: Any) -> bool:
-    """Whether ``value`` (an attention call's keys or values) is ``cached`` (what the layer
-    wrote to its cache) or HF's grouped expansion of it. Anything else in between (JetMoE
-    tiles its KV heads with ``.repeat``) changes which query head reads which cached group."""
-    node = value
+def cached_tiling(value: Any, cached: Any) -> int | None:
+    """How ``value`` (an attention call's keys or values) derives from ``cached`` (what the layer
+    wrote to its cache): 1 for ``cached`` itself or HF's grouped expansion of it (query head h
+    reads group h // (H / G)); ``r`` for ``cached`` tiled ``r`` times along the heads and nothing
+    else (JetMoE's ``.repeat(1, r, 1, 1)``: head h reads group h % G); None for anything else,
+    which changes which query head reads which cached group in a way the cache does not model."""
+    node, tiles, grouped = value, 1, False
     while isinstance(node, torch.fx.Node):
         if node is cached:
-            return True
+            return tiles if tiles == 1 or not grouped else None
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
         if node.op in ("call_method", "call_function") and name in _GROUPING and node.args:
+            grouped = grouped or name not in _CASTS
             node = node.args[0]
         elif node.op == "call_function" and node.target is operator.getitem and _adds_axes_only(node.args[1]):
-            node = node.args[0]
+            grouped, node = True, node.args[0]
+        elif node.op == "call_method" and name == "repeat" and _head_tiles(node) is not None:
+            tiles, node = tiles * _head_tiles(node), node.args[0]
         else:
-            return False
-    return False
+            return None
+    return None
+
+
+_CASTS = {"to", "float", "type_as", "contiguous"}  # in _GROUPING, but move no head
+
+
+def _head_tiles(node: torch.fx.Node) -> int | None:
+    """r for ``x.repeat(1, r, 1, 1)`` (as varargs or one sequence), else None."""
+    sizes = node.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    if len(sizes) == 4 and all(isinstance(n, int) for n in sizes) and (sizes[0], sizes[2], sizes[3]) == (1, 1, 1):
+        return sizes[1] if sizes[1] >= 1 else None
+    return None
 
 
 def _adds_axes_only(index: Any) -> bool:
@@ -147,16 +166,38 @@ def _adds_axes_only(index: Any) -> bool:
         i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in items)
 
 
-def check_reads_cache(node: torch.fx.Node, k_new: Any, v_new: Any, layer: int) -> None:
-    """ValueError unless the attention call ``node`` attends the keys and values its layer
-    wrote to the cache (:func:`reads_cached`); checked for every layer before a rewrite."""
+def check_reads_cache(node: torch.fx.Node, k_new: Any, v_new: Any, layer: int) -> int:
+    """The tiling ``r`` (:func:`cached_tiling`) by which the attention call ``node`` reads the
+    keys and values its layer wrote to the cache: 1, or JetMoE's number of query experts, whose
+    cache the passes then write tiled, as the call reads it. ValueError for any other
+    transformation; checked for every layer before a rewrite."""
+    found = []
     for what, value, cached in (("keys", node.args[1], k_new), ("values", node.args[2], v_new)):
-        if not reads_cached(value, cached):
+        tiles = cached_tiling(value, cached)
+        if tiles is None:
             raise ValueError(
                 f"layer {layer}: the attention call's {what} are not what the layer wrote to its cache (nor HF's "
-                f"grouped expansion of them, repeat_kv): the model transforms them in between (JetMoE, for one, tiles "
-                "its KV heads with .repeat), which moa-flex's ragged cache does not model"
+                f"grouped expansion of them, repeat_kv, nor JetMoE's tiling, .repeat(1, r, 1, 1)): the model "
+                "transforms them in between, which moa-flex's ragged cache does not model"
             )
+        found.append(tiles)
+    if found[0] != found[1]:
+        raise ValueError(f"layer {layer}: the attention call tiles its keys {found[0]} times and its values {found[1]} "
+                         "times; moa-flex's cache keeps one layout for both")
+    return found[0]
+
+
+def tiled(graph: torch.fx.Graph, before: torch.fx.Node, tensor: Any, tiles: int) -> Any:
+    """``tensor`` tiled ``tiles`` times along the heads (a new node before ``before``), or
+    ``tensor`` itself for 1: what a tiling model's cache write must store (:func:`check_reads_cache`)."""
+    if tiles == 1:
+        return tensor
+    with graph.inserting_before(before):
+        node = graph.call_function(torch.ops.aten.repeat.default, (tensor, [1, tiles, 1, 1]))
+    for key in ("example_value", "val"):  # fake values, as Dynamo's nodes carry (AOTAutograd's cache reads them)
+        if isinstance(tensor.meta.get(key), torch.Tensor):
+            node.meta[key] = tensor.meta[key].repeat(1, tiles, 1, 1)
+    return node
 
 
 def attention_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:

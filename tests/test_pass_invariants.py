@@ -16,7 +16,7 @@ import moa_flex
 from moa_flex.plan import Plan
 from moa_flex.passes import attention_pass
 from moa_flex.passes.attention_pass import rewrite_attention
-from moa_flex.passes.nodes import SDPA_TARGETS, eliminate_dead_code, keeps_effects, reads_cached
+from moa_flex.passes.nodes import SDPA_TARGETS, cached_tiling, eliminate_dead_code, keeps_effects
 from tiny_models import FAMILIES, SEQ, ids_of, tiny_model
 
 
@@ -99,22 +99,35 @@ def test_dead_code_elimination_keeps_in_place_calls_and_what_it_was_not_given() 
     assert not any(n.target == "add_" for n in plain.graph.nodes), "FX's own rule drops the in-place call"
 
 
-def test_reads_cached_takes_hf_grouping_and_refuses_tiling() -> None:
+def test_cached_tiling_tells_grouping_from_tiling() -> None:
     """HF's repeat_kv (a None-index, expand, reshape) and dtype casts keep query head h on
-    group h // (H / G); JetMoE's .repeat tiles the groups (h % G), which the cache does not model."""
+    group h // (H / G): 1. JetMoE's .repeat tiles the groups (head h on group h % G): its
+    factor, for which the passes write the cache tiled. A selection, or tiling mixed with
+    grouping: None (refused)."""
 
     def grouped(k: torch.Tensor) -> torch.Tensor:
         b, g, s, d = k.shape
         return k[:, :, None, :, :].expand(b, g, 2, s, d).reshape(b, g * 2, s, d).float()
 
     def tiled(k: torch.Tensor) -> torch.Tensor:
-        return k.repeat(1, 2, 1, 1)
+        return k.repeat(1, 2, 1, 1).float()
+
+    def tiled_as_sequence(k: torch.Tensor) -> torch.Tensor:
+        return k.repeat((1, 3, 1, 1))
+
+    def tiled_then_grouped(k: torch.Tensor) -> torch.Tensor:
+        return grouped(k.repeat(1, 2, 1, 1))
+
+    def repeated_along_tokens(k: torch.Tensor) -> torch.Tensor:
+        return k.repeat(1, 1, 2, 1)
 
     def selected(k: torch.Tensor) -> torch.Tensor:
         return k[:, :1]
 
-    for fn, want in ((grouped, True), (tiled, False), (selected, False), (lambda k: k, True)):
+    cases = ((grouped, 1), (tiled, 2), (tiled_as_sequence, 3), (tiled_then_grouped, None),
+             (repeated_along_tokens, None), (selected, None), (lambda k: k, 1))
+    for fn, want in cases:
         graph = torch.fx.symbolic_trace(fn).graph
         k = next(n for n in graph.nodes if n.op == "placeholder")
         out = next(n for n in graph.nodes if n.op == "output").args[0]
-        assert reads_cached(out, k) is want, fn
+        assert cached_tiling(out, k) == want, fn

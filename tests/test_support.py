@@ -25,12 +25,18 @@ def test_a_model_without_softmax_attention_is_refused_by_name() -> None:
     assert r.status == "refused" and "no softmax-attention layer" in r.detail
 
 
-def test_tiled_kv_heads_are_refused_before_a_wrong_token() -> None:
-    """JetMoE tiles its KV heads (.repeat) between the cache write and attention, so its layers
-    run more KV heads than the config: refused at compile time naming layer 0 (the first-call
-    guard once caught it as a wrong answer)."""
+def test_tiled_kv_heads_are_planned_as_the_call_sees_them() -> None:
+    """JetMoE tiles its KV heads (.repeat over its top_k query experts) between the cache write
+    and attention: the plan takes the call's layout (one KV head per query head), the passes
+    write the cache tiled, and the matrix passes. (Planned from the config's 2 KV heads, layer 0
+    would run 4: the first-call guard once caught that as a wrong answer.)"""
+    from moa_flex.plan import ModelShape
+
+    config = tiny_config("jetmoe")
+    assert config.num_key_value_heads < config.num_attention_heads
+    assert ModelShape.from_config(config).num_kv_heads == config.num_attention_heads
     r = check_type("jetmoe")
-    assert r.status == "refused" and "decoder layer 0" in r.detail and "runs 4 KV heads" in r.detail
+    assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
 
 
 def test_a_model_dynamo_cannot_trace_is_refused_by_name() -> None:
@@ -80,6 +86,7 @@ def test_tiny_configs_derive_consistent_sizes() -> None:
     ("gemma3n_text", "num_kv_shared_layers"),  # layers reading other layers' KV
     ("dots3_note_text", "differs between attention layers"),  # per-layer head counts
     ("hrm_text", "several attention stacks"),  # two stacks answering to the same layer indices
+    ("mimo_v2_flash", "runs 4 KV heads"),  # sliding layers run other KV heads than the config's
 ])
 def test_layouts_the_cache_does_not_model_are_refused_at_compile(model_type: str, words: str) -> None:
     if model_type not in causal_lm_types():
