@@ -42,9 +42,14 @@ def call_kv_heads(config: Any, num_heads: int, num_kv_heads: int) -> int:
     config's, except for JetMoE, which tiles its KV heads over its ``top_k`` query experts
     before the call (``key_states.repeat(1, top_k, 1, 1)``): the call sees ``num_heads`` KV
     heads, one per query head, and the MoA cache stores them so (each of the model's KV heads
-    ``top_k`` times: the passes write the tiled keys, passes/nodes.py ``cached_tiling``)."""
-    if getattr(config, "model_type", "") == "jetmoe":
+    ``top_k`` times: the passes write the tiled keys, passes/nodes.py ``cached_tiling``); and
+    MiMo-V2-Flash, whose sliding layers run twice the config's KV heads: the plan takes those,
+    and the cache holds a full-attention layer's heads each twice (passes/nodes.py ``as_cached``)."""
+    model_type = getattr(config, "model_type", "")
+    if model_type == "jetmoe":
         return num_heads
+    if model_type == "mimo_v2_flash" and "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return 2 * num_kv_heads  # its sliding layers run twice the KV heads (the full ones: cached expanded)
     return num_kv_heads
 
 
@@ -137,9 +142,9 @@ def bidirectional_attention(model: torch.nn.Module) -> list[str]:
 
 
 def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, int]]:
-    """(decoder layer, its KV heads) for planned attention layers whose module runs another
-    number of KV heads than the config's (``num_key_value_groups`` of HF attention modules:
-    MiMo-V2's sliding layers double them in code)."""
+    """(decoder layer, its KV heads) for planned attention layers whose module runs a number of
+    KV heads (``num_key_value_groups`` of HF attention modules) that is neither the plan's nor
+    a divisor of it (a divisor: the cache holds that layer's heads expanded to the plan's)."""
     found = []
     for name, module in model.named_modules():
         m = _ATTN.search(name)
@@ -147,7 +152,7 @@ def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, in
         if m is None or not isinstance(groups, int) or groups < 1 or int(m.group(1)) not in shape.layer_indices:
             continue
         kv = shape.num_heads // groups
-        if kv != shape.num_kv_heads:
+        if kv > shape.num_kv_heads or shape.num_kv_heads % kv:
             found.append((int(m.group(1)), kv))
     return found
 
@@ -196,7 +201,8 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
     if mismatched:
         layer, kv = mismatched[0]
         raise ValueError(f"decoder layer {layer} of {name} runs {kv} KV heads, the config (and the plan) "
-                         f"{shape.num_kv_heads}: a plan has one head layout for every layer")
+                         f"{shape.num_kv_heads}: a plan has one head layout for every layer (a layer may run a "
+                         "divisor of the plan's KV heads, which its cache holds expanded, not more)")
     both_ways = bidirectional_attention(model)
     if both_ways:
         more = f", and {len(both_ways) - 1} more" if len(both_ways) > 1 else ""

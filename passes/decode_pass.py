@@ -28,7 +28,7 @@ from .regional import RegionReport
 from .linear_pass import LinearFusionReport, fuse_linears
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_heads, check_reads_cache, erase_with_inputs, head_dim, sinks_of, tiled,
+    check_heads, check_reads_cache, erase_with_inputs, head_dim, sinks_of, as_cached,
 )
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
@@ -77,9 +77,10 @@ def rewrite_decode(
         append = appends[layer][0]
         # the cache's own sink (a guarded constant of the traced cache), not the compile-time plan's
         keys, values, length, k_new, v_new, spans, caps, offsets, sink, k_scale, v_scale = _append_args(append)
-        if tiles[layer] > 1:  # the cache holds the KV heads as the call reads them
-            for t in (k_new, v_new):
-                append.replace_input_with(t, tiled(gm.graph, append, t, tiles[layer]))
+        for t in (k_new, v_new):  # the cache's layout: tiled as the call reads them, or expanded to the plan's
+            cached = as_cached(gm.graph, append, t, tiles[layer], plan.num_kv_heads)
+            if cached is not t:
+                append.replace_input_with(t, cached)
         q = node.args[0]
         scale = arg(node, 6, "scale", None)
         if scale is None:

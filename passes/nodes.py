@@ -187,16 +187,29 @@ def check_reads_cache(node: torch.fx.Node, k_new: Any, v_new: Any, layer: int) -
     return found[0]
 
 
-def tiled(graph: torch.fx.Graph, before: torch.fx.Node, tensor: Any, tiles: int) -> Any:
-    """``tensor`` tiled ``tiles`` times along the heads (a new node before ``before``), or
-    ``tensor`` itself for 1: what a tiling model's cache write must store (:func:`check_reads_cache`)."""
-    if tiles == 1:
+def as_cached(graph: torch.fx.Graph, before: torch.fx.Node, tensor: Any, tiles: int, kv_heads: int) -> Any:
+    """``tensor`` (a layer's new keys or values, [B, G, S, D]) in the layout the MoA cache holds
+    (``kv_heads``, the plan's KV heads), new nodes before ``before``: tiled ``tiles`` times as a
+    tiling model's call reads it (:func:`check_reads_cache`), or, for a layer running fewer KV
+    heads than the plan (MiMo-V2's full-attention layers beside its sliding ones), each head
+    repeated in place, HF's grouped expansion, so query head h still reads the layer's head
+    h // (H / G). ``tensor`` itself when it already is the cache's layout."""
+    value = tensor.meta.get("val", tensor.meta.get("example_value")) if isinstance(tensor, torch.fx.Node) else None
+    heads = int(value.shape[1]) if isinstance(value, torch.Tensor) and value.dim() == 4 else None
+    if tiles > 1:
+        op, how = torch.ops.aten.repeat.default, [1, tiles, 1, 1]
+    elif heads is not None and heads < kv_heads:
+        if kv_heads % heads:
+            raise ValueError(f"a layer writes {heads} KV heads, which do not divide the plan's {kv_heads}")
+        op, how = torch.ops.aten.repeat_interleave.self_int, kv_heads // heads
+    else:
         return tensor
     with graph.inserting_before(before):
-        node = graph.call_function(torch.ops.aten.repeat.default, (tensor, [1, tiles, 1, 1]))
+        node = graph.call_function(op, (tensor, how) if tiles > 1 else (tensor, how, 1))
     for key in ("example_value", "val"):  # fake values, as Dynamo's nodes carry (AOTAutograd's cache reads them)
         if isinstance(tensor.meta.get(key), torch.Tensor):
-            node.meta[key] = tensor.meta[key].repeat(1, tiles, 1, 1)
+            fake = tensor.meta[key]
+            node.meta[key] = fake.repeat(*how) if tiles > 1 else fake.repeat_interleave(how, 1)
     return node
 
 
@@ -262,18 +275,19 @@ def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str) -> d
 
 
 def check_heads(node: torch.fx.Node, shape: Any, layer: int) -> None:
-    """ValueError unless an attention call's query and key heads are the plan's (``shape``:
-    its ModelShape): a model whose layers differ from its config's head counts (per-layer
-    heads) would otherwise index the plan's rules out of range."""
+    """ValueError unless an attention call's query heads are the plan's and its key heads are
+    the plan's KV heads, a divisor of them (a layer running fewer KV heads: the cache holds them
+    expanded, :func:`as_cached`), or the query heads (HF's repeat_kv); ``shape``: the plan's
+    ModelShape. Other layouts would index the plan's rules out of range."""
     q, k = (a.meta.get("val", a.meta.get("example_value")) if isinstance(a, torch.fx.Node) else None
             for a in node.args[:2])
     if q is None or k is None:
         return
-    # keys come as the KV heads, or expanded to the query heads by HF's repeat_kv
-    if int(q.shape[1]) != shape.num_heads or int(k.shape[1]) not in (shape.num_kv_heads, shape.num_heads):
-        raise ValueError(f"layer {layer}: the attention call has {int(q.shape[1])} query and {int(k.shape[1])} key heads, "
+    heads, kv = int(q.shape[1]), int(k.shape[1])
+    if heads != shape.num_heads or not (kv == heads or shape.num_kv_heads % kv == 0):
+        raise ValueError(f"layer {layer}: the attention call has {heads} query and {kv} key heads, "
                          f"the plan {shape.num_heads} and {shape.num_kv_heads} (the config's); moa-flex needs every "
-                         "planned layer to have the config's head counts")
+                         "planned layer to run the plan's query heads and its KV heads or a divisor of them")
 
 
 def head_dim(q: torch.fx.Node) -> int:

@@ -25,7 +25,7 @@ from moa_flex.plan import Plan
 
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_heads, check_reads_cache, erase_with_inputs, sinks_of, tiled,
+    check_heads, check_reads_cache, erase_with_inputs, sinks_of, as_cached,
     head_dim, padding_mask_input,
 )
 
@@ -81,7 +81,7 @@ def rewrite_prefill(
         # plan's: set_plan may switch to a plan with another sink
         keys, values, length, k_new, v_new, zeros, spans, caps, offsets, sink, k_scale, v_scale = call_args(
             extend, EXTEND_ARGS, SCALE_ARGS)
-        k_new, v_new = (tiled(graph, extend, t, tiles[layer]) for t in (k_new, v_new))
+        k_new, v_new = (as_cached(graph, extend, t, tiles[layer], plan.num_kv_heads) for t in (k_new, v_new))
         chunk_pads = zeros if pads is None else pads
         q = node.args[0]
         scale = arg(node, 6, "scale", None)

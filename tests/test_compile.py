@@ -270,7 +270,6 @@ def test_bidirectional_attention_is_refused_at_compile() -> None:
 
 @pytest.mark.parametrize("model_type,match", [
     ("bloom", "computes attention in its own code"),  # ALiBi in its own matmuls: no sdpa call to rewrite
-    ("mimo_v2_flash", "runs 4 KV heads, the config"),  # sliding layers double their KV heads in code
 ])
 def test_attention_moa_flex_cannot_rewrite_is_refused_at_compile(model_type: str, match: str) -> None:
     import transformers
@@ -283,6 +282,20 @@ def test_attention_moa_flex_cannot_rewrite_is_refused_at_compile(model_type: str
     with pytest.raises(ValueError, match=match):
         moa_flex.compile(model, Plan.dense(config), **EAGER)
     assert getattr(model, "moa_flex", None) is None and model.config._attn_implementation == before
+
+
+def test_layers_running_more_kv_heads_than_the_plan_are_refused_at_compile() -> None:
+    """A layer may run a divisor of the plan's KV heads (its cache holds them expanded), not more:
+    a model running 2 KV heads whose config (and plan) says 1 is refused before anything changes."""
+    import transformers
+
+    model = tiny_model("llama")  # 4 query / 2 KV heads run
+    config = transformers.LlamaConfig(**{**model.config.to_dict(), "num_key_value_heads": 1})
+    model.config = config
+    with pytest.raises(ValueError, match=r"decoder layer 0 of LlamaForCausalLM runs 2 KV heads, the config \(and the "
+                                         r"plan\) 1"):
+        moa_flex.compile(model, Plan.dense(config), **EAGER)
+    assert getattr(model, "moa_flex", None) is None
 
 
 def test_learned_sinks_on_the_cpu_need_the_eager_backend() -> None:

@@ -39,6 +39,27 @@ def test_tiled_kv_heads_are_planned_as_the_call_sees_them() -> None:
     assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
 
 
+def test_layers_with_fewer_kv_heads_are_cached_expanded() -> None:
+    """MiMo-V2-Flash: sliding layers run twice the config's KV heads. The plan takes the sliding
+    layers' 4, a full-attention layer's 2 are cached each twice (HF's grouped expansion, so each
+    query head reads its own KV head), and the matrix passes. A layer whose KV heads do not
+    divide the plan's is still refused at compile time, naming it."""
+    import dataclasses
+
+    from moa_flex.architecture import kv_head_mismatches
+    from moa_flex.plan import ModelShape
+    from moa_flex.support import _build
+
+    config = tiny_config("mimo_v2_flash")
+    assert ModelShape.from_config(config).num_kv_heads == 2 * config.num_key_value_heads
+    r = check_type("mimo_v2_flash")
+    assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
+    llama = _build("llama")  # 4 query / 2 KV heads in every layer
+    shape = ModelShape.from_config(llama.config)
+    assert kv_head_mismatches(llama, dataclasses.replace(shape, num_kv_heads=4)) == []  # 2 divides 4
+    assert kv_head_mismatches(llama, dataclasses.replace(shape, num_kv_heads=1))[0] == (0, 2)  # more than the plan's
+
+
 def test_a_model_dynamo_cannot_trace_is_refused_by_name() -> None:
     r = check_type("ctrl")  # Dynamo: "Unsupported python_type() call" in CTRL's forward
     assert r.status == "refused" and "cannot trace this model's forward" in r.detail
@@ -86,7 +107,6 @@ def test_tiny_configs_derive_consistent_sizes() -> None:
     ("gemma3n_text", "num_kv_shared_layers"),  # layers reading other layers' KV
     ("dots3_note_text", "differs between attention layers"),  # per-layer head counts
     ("hrm_text", "several attention stacks"),  # two stacks answering to the same layer indices
-    ("mimo_v2_flash", "runs 4 KV heads"),  # sliding layers run other KV heads than the config's
 ])
 def test_layouts_the_cache_does_not_model_are_refused_at_compile(model_type: str, words: str) -> None:
     if model_type not in causal_lm_types():
