@@ -94,6 +94,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {  # per model type (sub-configs too): wh
     "musicgen_decoder": {"num_codebooks": 1},  # input_ids are (batch x codebooks, length): one codebook, plain ids
     "musicgen_melody_decoder": {"num_codebooks": 1},
     "zaya": {"num_experts_per_tok": 1},  # ZAYA validates top-1 routing only
+    "mimo_v2_flash": {"v_head_dim": 8},  # values narrower than keys, as in the real model (128 beside 192)
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [16, 48], "attn_layers": ["local", "lsh"]},  # its LM
     # head asserts is_decoder; the axial position embedding parts sum to hidden_size; the layer count is attn_layers
     "xmod": {"default_language": "en_XX"},  # the forward needs a language for its adapters

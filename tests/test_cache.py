@@ -206,3 +206,18 @@ def test_cache_devices_as_strings_or_devices() -> None:
     a = MoaCache(plan_for(), 1, 64, devices="cpu")
     b = MoaCache(plan_for(), 1, 64, devices=[torch.device("cpu")] * 3)
     assert [layer.device for layer in a.moa_layers] == [layer.device for layer in b.moa_layers] == [torch.device("cpu")] * 3
+
+
+def test_values_take_the_configs_value_head_dim() -> None:
+    """A config with v_head_dim (MiMo-V2-Flash: values narrower than keys): the cache keeps
+    values at that width, and the dense-size count adds both widths."""
+    from moa_flex.support import tiny_config
+
+    config = tiny_config("mimo_v2_flash")
+    plan = Plan.dense(config)
+    cache = MoaCache(plan, 2, 64, config=config)
+    assert cache.value_dims == [config.v_head_dim] * plan.num_layers and cache.head_dims == [config.head_dim] * 2
+    for layer in cache.moa_layers:
+        assert layer.keys.shape[-1] == config.head_dim and layer.values.shape[-1] == config.v_head_dim
+    per_token = (config.head_dim + config.v_head_dim) * plan.num_kv_heads * 4  # fp32, summed over layers below
+    assert cache.dense_memory_bytes() == per_token * plan.num_layers * 2 * 64

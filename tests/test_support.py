@@ -40,9 +40,10 @@ def test_tiled_kv_heads_are_planned_as_the_call_sees_them() -> None:
 
 
 def test_layers_with_fewer_kv_heads_are_cached_expanded() -> None:
-    """MiMo-V2-Flash: sliding layers run twice the config's KV heads. The plan takes the sliding
-    layers' 4, a full-attention layer's 2 are cached each twice (HF's grouped expansion, so each
-    query head reads its own KV head), and the matrix passes. A layer whose KV heads do not
+    """MiMo-V2-Flash: sliding layers run twice the config's KV heads, and values are narrower
+    than keys. The plan takes the sliding layers' 4, a full-attention layer's 2 are cached each
+    twice (HF's grouped expansion, so each query head reads its own KV head), the cache keeps
+    values at v_head_dim, and the matrix passes. A layer whose KV heads do not
     divide the plan's is still refused at compile time, naming it."""
     import dataclasses
 
@@ -52,6 +53,7 @@ def test_layers_with_fewer_kv_heads_are_cached_expanded() -> None:
 
     config = tiny_config("mimo_v2_flash")
     assert ModelShape.from_config(config).num_kv_heads == 2 * config.num_key_value_heads
+    assert config.v_head_dim < config.head_dim  # its cache keeps narrower values (MoaCache's value_dims)
     r = check_type("mimo_v2_flash")
     assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
     llama = _build("llama")  # 4 query / 2 KV heads in every layer

@@ -57,7 +57,7 @@ class MoaCacheLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, caps: torch.Tensor, spans: torch.Tensor, sink: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, value_dim: int | None = None) -> None:
         super().__init__()
         widths = caps.max(dim=0).values.long()
         B = caps.shape[0]
@@ -67,7 +67,7 @@ class MoaCacheLayer(CacheLayerMixin):
         self.offsets = torch.cat([widths.new_zeros(1), widths.cumsum(0)]).to(self.device, torch.int32)
         S = int(self.offsets[-1])
         self.keys = torch.zeros(B, S, head_dim, dtype=dtype, device=self.device)
-        self.values = torch.zeros(B, S, head_dim, dtype=dtype, device=self.device)
+        self.values = torch.zeros(B, S, value_dim or head_dim, dtype=dtype, device=self.device)
         quant = is_quantized(dtype)
         self.k_scale = torch.zeros(B, S, dtype=SCALE_DTYPE, device=self.device) if quant else None
         self.v_scale = torch.zeros(B, S, dtype=SCALE_DTYPE, device=self.device) if quant else None
@@ -168,6 +168,7 @@ class MoaCache(Cache):
         if pads.shape != (batch_size,) or bool((pads < 0).any()) or bool((pads >= planned_length).any()):
             raise ValueError(f"pads must be [batch_size={batch_size}] in [0, planned_length), got {pads.tolist()}")
         head_dims = _head_dims(plan, head_dim, config)
+        value_dims = _value_dims(config, head_dims)
         if isinstance(devices, (str, torch.device)):
             devices = [devices] * plan.num_layers
         if len(devices) != plan.num_layers:
@@ -181,13 +182,14 @@ class MoaCache(Cache):
         spans = torch.stack([plan.head_spans(n) for n in rows], dim=1)  # [L, B, H]
         caps, spans = _bounded_by_windows(caps, spans, plan.sink, windows)
         storage = parse_kv_dtype(kv_dtype) or dtype
-        self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dims[l], storage, devices[l])
+        self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dims[l], storage, devices[l], value_dims[l])
                            for l in range(plan.num_layers)]
         super().__init__(layers=_model_layers(plan, self.moa_layers, config))
         self.plan = plan
         self.planned_length = planned_length
         self.pads = pads
-        self.head_dims = head_dims  # per planned layer
+        self.head_dims = head_dims  # per planned layer: keys'
+        self.value_dims = value_dims  # and values' (MiMo-V2's differ)
         self.dtype = dtype
         self.kv_dtype = storage
         self.seen_tokens = 0  # tokens (padded width) run through the model so far; Python-side only
@@ -242,7 +244,8 @@ class MoaCache(Cache):
     def dense_memory_bytes(self) -> int:
         """Bytes a dense cache of the same batch and planned length would take (K and V)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * sum(self.head_dims) * self.batch_size * self.plan.num_kv_heads * self.planned_length * elem
+        dims = sum(self.head_dims) + sum(self.value_dims)
+        return dims * self.batch_size * self.plan.num_kv_heads * self.planned_length * elem
 
     def slots(self) -> int:
         """Slots allocated per row, summed over layers and groups."""
@@ -274,6 +277,15 @@ def _head_dims(plan: Plan, head_dim: int | None, config: Any) -> list[int]:
     if per_layer is None:
         raise ValueError("the plan has no head_dim (its layers differ in it): pass head_dim= or the model's config=")
     return [int(per_layer[i].head_dim) for i in plan.model.layer_indices]
+
+
+def _value_dims(config: Any, head_dims: list[int]) -> list[int]:
+    """Value head dim of every planned layer: the config's ``v_head_dim`` where it has one
+    (MiMo-V2-Flash: 128 beside keys of 192), else the layer's head dim."""
+    v = getattr(text_config(config), "v_head_dim", None) if config is not None else None
+    if isinstance(v, int) and v > 0:
+        return [v] * len(head_dims)
+    return list(head_dims)
 
 
 def _with_state(config: Any, num_layers: int) -> bool:
