@@ -121,6 +121,7 @@ def erase_with_inputs(graph: torch.fx.Graph, node: torch.fx.Node, roots: list[to
 # grouped expansion (repeat_kv: a None-index, expand, reshape) and dtype casts (JetMoE's
 # tiling, .repeat, is told apart: cached_tiling)
 _GROUPING = {"expand", "reshape", "view", "contiguous", "to", "float", "type_as", "unsqueeze"}
+_CASTS = {"to", "float", "type_as", "contiguous"}  # in _GROUPING, but move no head
 
 
 def cached_tiling(value: Any, cached: Any) -> int | None:
@@ -144,9 +145,6 @@ def cached_tiling(value: Any, cached: Any) -> int | None:
         else:
             return None
     return None
-
-
-_CASTS = {"to", "float", "type_as", "contiguous"}  # in _GROUPING, but move no head
 
 
 def _head_tiles(node: torch.fx.Node) -> int | None:

@@ -76,13 +76,13 @@ def brute(prob, budget_ok=True):
     """[(choice, objectives [n], feasible)] over every assignment, checked independently."""
     L, G, R = prob.shape
     K = prob.max_rules_per_layer
-    out = []
+    out, memo = [], {}
     for c in assignments(L, G, R):
         if K is not None and any(len(set(row.tolist())) > K for row in c):
             feasible = False
         else:
             feasible = budget_ok and all(
-                slots(prob, c, n) <= lim * (1 + 1e-12) for n, lim in prob.limits.items()
+                slots(prob, c, n, memo) <= lim * (1 + 1e-12) for n, lim in prob.limits.items()
             ) and all(
                 rule_spans(prob.rules, [n], **KW)[:, 0].numpy()[c].sum() >= f * (1 - 1e-12)
                 for n, f in prob.floor.items()
@@ -92,11 +92,11 @@ def brute(prob, budget_ok=True):
     return out
 
 
-def slots(prob, c: np.ndarray, n: int) -> float:
+def slots(prob, c: np.ndarray, n: int, memo: dict | None = None) -> float:
     """KV slots at length n by the Plan's own code (cache spans, or head spans for 'span'),
-    summed over layers; each layer's count comes from a Plan whose every layer is that row,
-    memoized per row (a brute force visits each row many times)."""
-    memo = prob.__dict__.setdefault("_brute_slots", {})
+    summed over layers; each layer's count comes from a Plan whose every layer is that row.
+    ``memo`` ({(row, n): slots}): shared by a brute force, which visits each row many times."""
+    memo = {} if memo is None else memo
     total = 0.0
     for row in c.tolist():
         key = (tuple(row), n)
@@ -269,8 +269,9 @@ def test_infeasible_budget_names_smallest_density():
         d = float(re.search(r"density is ([0-9.e-]+)", str(e.value)).group(1))
         # brute force: the smallest max over lengths of the KV density of any allowed assignment
         L, G, R = prob.shape
+        memo = {}
         want = min(
-            max(slots(prob, c, n) / (n * L * G) for n in LENGTHS)
+            max(slots(prob, c, n, memo) / (n * L * G) for n in LENGTHS)
             for c in assignments(L, G, R)
             if K is None or all(len(set(r.tolist())) <= K for r in c)
         )
