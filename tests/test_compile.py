@@ -16,9 +16,8 @@ EAGER = {"backend": "eager"}  # semantics tests: no inductor (its whole-model pa
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen3_next"])  # Qwen3-Next: the support subset
 def test_dense_and_sparse_plans(family: str) -> None:
-    """Dense plan == stock model, then (set_plan, same graph) sparse plan == the reference;
-    Llama through inductor (the whole-model prefill path), the other families with
-    backend='eager'."""
+    """Dense plan == stock model, then (set_plan, same graph) sparse plan == the reference,
+    with backend='eager' (the same through inductor: tests/test_regional.py)."""
     model = tiny_model(family)
     ids = ids_of(SEQ)
     with torch.no_grad():
@@ -27,7 +26,7 @@ def test_dense_and_sparse_plans(family: str) -> None:
     want = reference_logits(model, plan, input_ids=ids)
     assert (want - stock).abs().max() > 1e-3, "the sparse plan must change the logits"
 
-    moa_flex.compile(model, Plan.dense(model.config), backend="inductor" if family == "llama" else "eager")
+    moa_flex.compile(model, Plan.dense(model.config), **EAGER)
     with torch.no_grad():
         assert (model(input_ids=ids, use_cache=False).logits - stock).abs().max() <= 1e-5
         report = model.moa_flex.reports[-1]

@@ -162,23 +162,36 @@ def eager_run(four_layers: tuple) -> tuple:
     return _run(*four_layers, backend="eager")
 
 
-def _run(model, plan, ids, **kw) -> tuple:  # noqa: ANN001, ANN003
+def _run(model, plan, ids, dense_too: bool = False, **kw) -> tuple:  # noqa: ANN001, ANN003
+    """Logits and greedy tokens of ``plan``, the region reports, and with ``dense_too`` the
+    logits after ``set_plan(Plan.dense)`` on the same compiled graphs."""
     moa_flex.compile(model, plan, compile_cache=False, **kw)
     try:
         with torch.no_grad():
             logits = model(input_ids=ids).logits
         tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
-        return logits, tokens, list(model.moa_flex.region_reports)
+        reports = list(model.moa_flex.region_reports)
+        dense = None
+        if dense_too:
+            model.moa_flex.set_plan(Plan.dense(model.config))
+            with torch.no_grad():
+                dense = model(input_ids=ids).logits
+            assert len(model.moa_flex.region_reports) == len(reports), "a new plan must not recompile"
+        return logits, tokens, reports, dense
     finally:
         moa_flex.uncompile(model)
 
 
 def test_regional_equals_eager(four_layers: tuple, eager_run: tuple) -> None:
-    """Regional compilation gives the eager backend's logits and tokens. (A whole graph's
+    """Regional compilation through inductor gives the eager backend's logits and tokens, and
+    after set_plan(Plan.dense) on the same graphs the stock model's logits. (A whole graph's
     inductor compile, what regional=False runs, is the fallback the next test takes.)"""
     model, plan, ids = four_layers
-    logits, tokens, reports = _run(model, plan, ids)
-    eager_logits, eager_tokens, _ = eager_run
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+    logits, tokens, reports, dense = _run(model, plan, ids, dense_too=True)
+    eager_logits, eager_tokens, *_ = eager_run
+    torch.testing.assert_close(dense, stock, rtol=0, atol=1e-5)
     assert torch.equal(tokens, eager_tokens)
     torch.testing.assert_close(logits, eager_logits, rtol=0, atol=2e-5)
     # the plain forward and the prefill over the cache: one layer compiled, three reusing it; on the
@@ -204,8 +217,8 @@ def test_hybrid_layers_share_by_kind() -> None:
     model = tiny_model("qwen3_next", layers=4, seed=2)
     plan = Plan.uniform(model.config, alpha=32, beta=0.3)
     ids = torch.randint(1, 100, (1, 300), generator=torch.Generator().manual_seed(1))
-    logits, tokens, reports = _run(model, plan, ids)
-    eager_logits, eager_tokens, _ = _run(model, plan, ids, backend="eager")
+    logits, tokens, reports, _ = _run(model, plan, ids)
+    eager_logits, eager_tokens, *_ = _run(model, plan, ids, backend="eager")
     assert torch.equal(tokens, eager_tokens)
     torch.testing.assert_close(logits, eager_logits, rtol=0, atol=5e-5)
     for r in reports:
