@@ -75,14 +75,15 @@ def test_prefill_then_appends_equal_one_prefill(layout, pad_max, steps) -> None:
 
     keys, values, length = fresh()
     torch.ops.moa_flex.cache_extend(keys, values, length, k_all[:, :, :prompt], v_all[:, :, :prompt], pads, spans, caps_t,
-                                    offsets, sink)
+                                    offsets, sink, None, None)
     assert torch.equal(length, prompt - pads)
     for t in range(prompt, total):
-        torch.ops.moa_flex.cache_append(keys, values, length, k_all[:, :, t:t + 1], v_all[:, :, t:t + 1], spans, caps_t, offsets, sink)
+        torch.ops.moa_flex.cache_append(keys, values, length, k_all[:, :, t:t + 1], v_all[:, :, t:t + 1], spans, caps_t, offsets, sink,
+                                        None, None)
     assert torch.equal(length, total - pads)
 
     k1, v1, l1 = fresh()
-    torch.ops.moa_flex.cache_extend(k1, v1, l1, k_all, v_all, pads, spans, caps_t, offsets, sink)
+    torch.ops.moa_flex.cache_extend(k1, v1, l1, k_all, v_all, pads, spans, caps_t, offsets, sink, None, None)
     assert torch.equal(keys, k1) and torch.equal(values, v1)
 
     held = simulated(caps, widths, sink, (total - pads - 1).tolist())
@@ -146,7 +147,7 @@ def test_dead_code_elimination_keeps_cache_writes() -> None:
 
     graph = torch.fx.Graph()
     keys, values, length, k = (graph.placeholder(n) for n in ("keys", "values", "length", "k"))
-    write = graph.call_function(torch.ops.moa_flex.cache_append, (keys, values, length, k, k, k, k, k, 0))
+    write = graph.call_function(torch.ops.moa_flex.cache_append, (keys, values, length, k, k, k, k, k, 0, None, None))
     dead = graph.call_function(torch.ops.aten.add, (k, 1))
     graph.output(k)
     assert keeps_effects(write) and not keeps_effects(dead)

@@ -27,7 +27,9 @@ integer id, so a plan is data that can change without recompiling.
 
 The cache ops take an FP8 cache's scales (``k_scale``/``v_scale`` [B, S], None for other
 caches; :mod:`moa_flex.kernels.quant`): the writes quantize, the reads dequantize in the
-kernels.
+kernels. The ops that mutate them take them (and ``sinks``) without a default: torch 2.11's
+dispatcher drops trailing arguments equal to their defaults before its in-place version
+bump, which then indexes past the arguments it got (IndexError); torch 2.13 fills them in.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def chunk_start(length: torch.Tensor, chunk_pads: torch.Tensor) -> torch.Tensor:
 def cache_extend(
     keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     chunk_pads: torch.Tensor, spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
-    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
 ) -> None:
     """Write a chunk's real tokens (``k_new``/``v_new`` [B, G, C, D]) into a layer's cache:
     what the sinks and rings keep of them, after what the cache held; ``length`` advances by
@@ -142,7 +144,7 @@ def cache_extend(
 
 
 @cache_extend.register_fake
-def _(keys, values, length, k_new, v_new, chunk_pads, spans, caps, offsets, sink, k_scale=None, v_scale=None):  # noqa: ANN001, ANN202
+def _(keys, values, length, k_new, v_new, chunk_pads, spans, caps, offsets, sink, k_scale, v_scale):  # noqa: ANN001, ANN202
     return None
 
 
@@ -150,7 +152,7 @@ def _(keys, values, length, k_new, v_new, chunk_pads, spans, caps, offsets, sink
 def cache_append(
     keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
-    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
 ) -> None:
     """Write one new token per row (``k_new``/``v_new`` [B, G, 1, D], logical position
     ``length[b]``) into its slot of every group, then ``length += 1``. CUDA: one Triton
@@ -166,7 +168,7 @@ def cache_append(
 
 
 @cache_append.register_fake
-def _(keys, values, length, k_new, v_new, spans, caps, offsets, sink, k_scale=None, v_scale=None):  # noqa: ANN001, ANN202
+def _(keys, values, length, k_new, v_new, spans, caps, offsets, sink, k_scale, v_scale):  # noqa: ANN001, ANN202
     return None
 
 
@@ -199,8 +201,8 @@ def _(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=No
 def chunk_prefill(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     length: torch.Tensor, chunk_pads: torch.Tensor, spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor,
-    sink: int, window: int, scale: float, softcap: float, sinks: torch.Tensor | None = None,
-    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    sink: int, window: int, scale: float, softcap: float, sinks: torch.Tensor | None,
+    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     """One prefill chunk of a layer: its queries q [B, H, C, D] over the cache as the chunks
     before left it plus the chunk's own keys (-> [B, H, C, Dv]), then the chunk's write into
@@ -228,7 +230,7 @@ def chunk_prefill(
 
 @chunk_prefill.register_fake
 def _(q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale, softcap,  # noqa: ANN001, ANN202
-      sinks=None, k_scale=None, v_scale=None):
+      sinks, k_scale, v_scale):
     check_chunk_inputs(q, k_new, v_new, keys, values, offsets, caps, spans, length, length, sink, window, scale, softcap,
                        k_scale=k_scale, v_scale=v_scale)
     return q.new_empty(*q.shape[:3], v_new.shape[3])
