@@ -222,3 +222,22 @@ def test_values_take_the_configs_value_head_dim() -> None:
         assert layer.keys.shape[-1] == config.head_dim and layer.values.shape[-1] == config.v_head_dim
     per_token = (config.head_dim + config.v_head_dim) * plan.num_kv_heads * 4  # fp32, summed over layers below
     assert cache.dense_memory_bytes() == per_token * plan.num_layers * 2 * 64
+
+
+def test_ops_that_write_take_every_argument_without_a_default() -> None:
+    """torch 2.11's dispatcher drops trailing arguments equal to their defaults before the
+    in-place version bump of a mutating custom op, which then indexes past them (IndexError in
+    every compiled prefill on the H200's torch 2.11); so no moa_flex op that writes a tensor may
+    give any argument a default."""
+    import moa_flex.runtime.ops  # noqa: F401  (registers the ops)
+
+    mutating = []
+    for name in dir(torch.ops.moa_flex):
+        packet = getattr(torch.ops.moa_flex, name)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        schema = packet.default._schema
+        if schema.is_mutable:
+            mutating.append(name)
+            assert not [a.name for a in schema.arguments if a.has_default_value()], f"moa_flex::{name}: {schema}"
+    assert {"cache_extend", "cache_append", "chunk_prefill"} <= set(mutating)
