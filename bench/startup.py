@@ -137,8 +137,7 @@ def main() -> None:
     if args.smoke:
         args.layers, args.prompt, args.new = [2], 40, 4
     cols = ["import", "compile_call", "first_token", "first_request", "second_token", "second_request", "dynamo", "aot",
-            "inductor",
-            "codegen", "triton", "cudagraph", "autotune"]
+            "inductor", "codegen", "triton", "cudagraph", "autotune"]
     lines = ["| layers | regional | caches | " + " | ".join(c.replace("_", " ") + " (s)" for c in cols)
              + " | start-up (s) | FX cache hit/miss |", "|---|---|---|" + "---:|" * (len(cols) + 2)]
     rows, notes = {}, []
