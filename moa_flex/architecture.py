@@ -53,6 +53,14 @@ def call_kv_heads(config: Any, num_heads: int, num_kv_heads: int) -> int:
     return num_kv_heads
 
 
+def cached_value_dim(config: Any, value_dim: int) -> int:
+    """Width (per head) of the values a layer's attention call reads, which the MoA cache holds:
+    ``value_dim`` (the layer's value head dim), except for DiffLlama, whose two calls per layer
+    read the two halves of its value heads, which the passes fuse into one call over both side
+    by side (passes/value_fusion.py): twice ``value_dim``."""
+    return 2 * value_dim if getattr(text_config(config), "model_type", "") == "diffllama" else value_dim
+
+
 def _language_model(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder stack (``get_decoder()``), not a vision or audio tower, or the model itself."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from moa_flex.architecture import attention_layers, call_kv_heads, text_config
+from moa_flex.architecture import attention_layers, cached_value_dim, call_kv_heads, text_config
 
 FORMAT = "moa-flex.plan/1"
 PLAN_FILE = "moa_plan.json"  # a plan beside a model's config.json (Plan.save_pretrained)
@@ -38,7 +38,10 @@ class ModelShape:
     ``num_layers`` counts the softmax-attention layers, the ones a plan gives rules. In a
     hybrid (layers of linear attention, Mamba or convolutions between them) ``layers`` names
     the model's decoder-layer index of each of them and ``total_layers`` counts all decoder
-    layers; for a model whose every layer attends both are None.
+    layers; for a model whose every layer attends both are None. ``value_dim``: the width of a
+    cached value per head where it is not ``head_dim`` (MiMo-V2-Flash's narrower values,
+    DiffLlama's two halves side by side: ``architecture.cached_value_dim``); budgets in bytes
+    count it.
     """
 
     num_layers: int
@@ -48,6 +51,7 @@ class ModelShape:
     name: str = ""
     layers: tuple[int, ...] | None = None
     total_layers: int | None = None
+    value_dim: int | None = None
 
     @property
     def layer_indices(self) -> tuple[int, ...]:
@@ -95,10 +99,20 @@ class ModelShape:
         elif head_dim is None and getattr(config, "hidden_size", None):
             head_dim = int(config.hidden_size) // num_heads
         name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")
+        value_dim = _value_dim(config, head_dim)
         if layers is None:
-            return cls(num_layers, num_heads, int(num_kv_heads), head_dim, str(name))
+            return cls(num_layers, num_heads, int(num_kv_heads), head_dim, str(name), value_dim=value_dim)
         return cls(len(layers), num_heads, int(num_kv_heads), head_dim, str(name), layers=layers,
-                   total_layers=num_layers)
+                   total_layers=num_layers, value_dim=value_dim)
+
+
+def _value_dim(config: Any, head_dim: int | None) -> int | None:
+    """A cached value's width per head where it differs from ``head_dim``, else None."""
+    if head_dim is None:
+        return None
+    v = getattr(config, "v_head_dim", None)
+    width = cached_value_dim(config, v if isinstance(v, int) and v > 0 else head_dim)
+    return None if width == head_dim else int(width)
 
 
 VARIES = object()  # per_layer_value's answer for a value that differs between layers
@@ -199,6 +213,8 @@ class Plan:
         _check_int("plan.model.num_kv_heads", model.num_kv_heads, 1)
         if model.head_dim is not None:
             _check_int("plan.model.head_dim", model.head_dim, 1)
+        if model.value_dim is not None:
+            _check_int("plan.model.value_dim", model.value_dim, 1)
         if not isinstance(model.name, str):
             raise ValueError(f"plan.model.name must be a string, got {model.name!r}")
         _check_layers(model)
@@ -287,7 +303,8 @@ class Plan:
         for key in ("num_layers", "num_heads", "num_kv_heads"):
             if key not in m:
                 raise ValueError(f"plan.model.{key} is missing")
-        unknown = set(m) - {"num_layers", "num_heads", "num_kv_heads", "head_dim", "name", "layers", "total_layers"}
+        unknown = set(m) - {"num_layers", "num_heads", "num_kv_heads", "head_dim", "name", "layers", "total_layers",
+                            "value_dim"}
         if unknown:
             raise ValueError(f"plan.model has unknown fields {sorted(unknown)}")
         layers = m.get("layers")
@@ -296,6 +313,7 @@ class Plan:
         shape = ModelShape(
             m["num_layers"], m["num_heads"], m["num_kv_heads"], m.get("head_dim"), m.get("name", ""),
             layers=None if layers is None else tuple(layers), total_layers=m.get("total_layers"),
+            value_dim=m.get("value_dim"),
         )
         return cls(
             shape,
@@ -419,6 +437,7 @@ class Plan:
                 "head_dim": m.head_dim,
                 "name": m.name,
                 **({} if m.layers is None else {"layers": list(m.layers), "total_layers": m.total_layers}),
+                **({} if m.value_dim is None else {"value_dim": m.value_dim}),
             },
             "granularity": self.granularity,
             "sink": self.sink,

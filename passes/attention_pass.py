@@ -31,6 +31,7 @@ from .flex_pass import flex_nodes, rewrite_flex_attention
 from .inner import checked_first_call, compile_graph, copy_graph_module
 from .regional import RegionReport
 from .prefill_pass import extend_nodes, rewrite_prefill
+from .value_fusion import fuse_value_splits
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, node_layer, plan_layers, check_heads, sinks_of,
     padding_mask_input,
@@ -54,6 +55,7 @@ def rewrite_attention(
     ``moa_flex::verify_attention`` node (under runtime ``verify_id``, a dense plan) compares
     them; flex_attention graphs are not checked (their mods are proven by evaluation).
     """
+    fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
     if extend_nodes(gm.graph):  # a prefill over a MoaCache (chunks, later turns)
         return rewrite_prefill(gm, plan, softcaps, windows, verify=verify_id is not None)
     nodes = attention_nodes(gm.graph)

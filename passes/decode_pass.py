@@ -25,10 +25,11 @@ from moa_flex.plan import Plan
 
 from .inner import compile_graph
 from .regional import RegionReport
+from .value_fusion import fuse_value_splits
 from .linear_pass import LinearFusionReport, fuse_linears
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_heads, check_reads_cache, erase_with_inputs, head_dim, sinks_of, as_cached,
+    check_heads, check_reads_cache, check_width, erase_with_inputs, head_dim, sinks_of, as_cached,
 )
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
@@ -61,15 +62,16 @@ def rewrite_decode(
     ``softcaps``/``windows``: per layer, the model's logit soft-cap and own sliding window
     (tokens), or 0/None.
     """
+    fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
     appends = by_layer(append_nodes(gm.graph), "cache_append", plan.model, "decode")
     attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "decode")
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)
-    tiles = {}  # per layer: 1, or JetMoE's tiling of its KV heads (the cache is written tiled)
+    layouts = {}  # per layer: how the call reads the keys and values it cached (the cache is written so)
     for layer in range(plan.num_layers):  # everything checked before anything changes
         append_args = _append_args(appends[layer][0])
-        tiles[layer] = check_reads_cache(attns[layer][0], append_args[3], append_args[4], layer)
+        layouts[layer] = check_reads_cache(attns[layer][0], append_args[3], append_args[4], layer)
     report = DecodeReport(graph_module=gm)
     roots: list[torch.fx.Node] = []
     for layer in range(plan.num_layers):
@@ -77,10 +79,12 @@ def rewrite_decode(
         append = appends[layer][0]
         # the cache's own sink (a guarded constant of the traced cache), not the compile-time plan's
         keys, values, length, k_new, v_new, spans, caps, offsets, sink, k_scale, v_scale = _append_args(append)
-        for t in (k_new, v_new):  # the cache's layout: tiled as the call reads them, or expanded to the plan's
-            cached = as_cached(gm.graph, append, t, tiles[layer], plan.num_kv_heads)
+        for t, how in zip((k_new, v_new), layouts[layer]):  # the cache's layout: as the call reads them
+            cached = as_cached(gm.graph, append, t, how, plan.num_kv_heads)
             if cached is not t:
                 append.replace_input_with(t, cached)
+            if t is v_new:
+                check_width(cached, values, layer)
         q = node.args[0]
         scale = arg(node, 6, "scale", None)
         if scale is None:

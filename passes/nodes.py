@@ -117,33 +117,79 @@ def erase_with_inputs(graph: torch.fx.Graph, node: torch.fx.Node, roots: list[to
     graph.erase_node(node)
 
 
-# what may stand between the keys a layer writes to its cache and its attention call: HF's
-# grouped expansion (repeat_kv: a None-index, expand, reshape) and dtype casts (JetMoE's
-# tiling, .repeat, is told apart: cached_tiling)
+# what may stand between the keys a layer writes to its cache and its attention call, on top:
+# HF's grouped expansion (repeat_kv: a None-index, expand, reshape) and dtype casts
 _GROUPING = {"expand", "reshape", "view", "contiguous", "to", "float", "type_as", "unsqueeze"}
 _CASTS = {"to", "float", "type_as", "contiguous"}  # in _GROUPING, but move no head
 
 
-def cached_tiling(value: Any, cached: Any) -> int | None:
-    """How ``value`` (an attention call's keys or values) derives from ``cached`` (what the layer
-    wrote to its cache): 1 for ``cached`` itself or HF's grouped expansion of it (query head h
-    reads group h // (H / G)); ``r`` for ``cached`` tiled ``r`` times along the heads and nothing
-    else (JetMoE's ``.repeat(1, r, 1, 1)``: head h reads group h % G); None for anything else,
-    which changes which query head reads which cached group in a way the cache does not model."""
-    node, tiles, grouped = value, 1, False
-    while isinstance(node, torch.fx.Node):
-        if node is cached:
-            return tiles if tiles == 1 or not grouped else None
+@dataclass(frozen=True)
+class Layout:
+    """How an attention call's keys or values derive, token by token, from what the layer
+    wrote to its cache, below HF's grouped expansion: the cached tensor itself (``op="cached"``),
+    its heads tiled ``n`` times (``"repeat"``, JetMoE's ``.repeat(1, n, 1, 1)``), chunk ``i`` of
+    ``n`` along the heads (``"chunk"``, ``torch.chunk(x, n, dim=1)[i]``), or ``parts`` side by
+    side in the last dim (``"cat"``: DiffLlama's two value halves, passes/value_fusion.py). The
+    MoA cache holds each token in this layout (:func:`as_cached`), so query head h reads the
+    cached head the call's grouping gives it."""
+
+    op: str = "cached"
+    parts: tuple["Layout", ...] = ()
+    n: int = 1
+    i: int = 0
+
+    def heads(self, g: int) -> int:
+        """Heads of the layout over a cached tensor of ``g`` heads."""
+        if self.op == "cached":
+            return g
+        inner = [p.heads(g) for p in self.parts]
+        if self.op == "repeat":
+            return inner[0] * self.n
+        if self.op == "chunk":
+            size = -(-inner[0] // self.n)
+            return max(0, min(inner[0], (self.i + 1) * size) - self.i * size)
+        return inner[0]  # cat: every part has the same heads (checked when parsed)
+
+
+CACHED = Layout()
+
+
+def cached_layout(value: Any, cached: Any) -> Layout | None:
+    """The :class:`Layout` by which ``value`` (an attention call's keys or values) derives from
+    ``cached`` (what the layer wrote to its cache), HF's grouped expansion and casts on top
+    allowed; None for anything else (a selection of tokens, grouping below a tiling), which
+    changes what query head h reads in a way the cache does not model."""
+    heads = _heads_of(cached)
+    return _layout(value, cached, True, heads)
+
+
+def _layout(node: Any, cached: Any, top: bool, g: int | None) -> Layout | None:
+    """:func:`cached_layout` of ``node``; ``top``: nothing but grouping and casts lies above."""
+    while isinstance(node, torch.fx.Node) and node is not cached:
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if node.op in ("call_method", "call_function") and name in _GROUPING and node.args:
-            grouped = grouped or name not in _CASTS
+        if node.op in ("call_method", "call_function") and name in _GROUPING and node.args and (top or name in _CASTS):
             node = node.args[0]
-        elif node.op == "call_function" and node.target is operator.getitem and _adds_axes_only(node.args[1]):
-            grouped, node = True, node.args[0]
-        elif node.op == "call_method" and name == "repeat" and _head_tiles(node) is not None:
-            tiles, node = tiles * _head_tiles(node), node.args[0]
+        elif top and node.op == "call_function" and node.target is operator.getitem and _adds_axes_only(node.args[1]):
+            node = node.args[0]
         else:
-            return None
+            break
+    if node is cached:
+        return CACHED
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "call_method" and node.target == "repeat" and _head_tiles(node) is not None:
+        inner = _layout(node.args[0], cached, False, g)
+        return None if inner is None else Layout("repeat", (inner,), n=_head_tiles(node))
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+        chunks = _head_chunks(node.args[0])
+        if chunks is not None:
+            inner = _layout(node.args[0].args[0], cached, False, g)
+            return None if inner is None else Layout("chunk", (inner,), n=chunks, i=node.args[1])
+    if top and node.op == "call_function" and node.target is torch.cat and _last_dim_cat(node):
+        parts = tuple(_layout(p, cached, True, g) for p in node.args[0])
+        if any(p is None for p in parts) or g is None or len({p.heads(g) for p in parts}) != 1:
+            return None  # parts grouped differently: no one layout of cached heads
+        return Layout("cat", parts)
     return None
 
 
@@ -157,6 +203,32 @@ def _head_tiles(node: torch.fx.Node) -> int | None:
     return None
 
 
+def _head_chunks(node: Any) -> int | None:
+    """n for ``torch.chunk(x, n, dim=1)`` (or ``x.chunk(n, 1)``), else None."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if not ((node.op == "call_function" and node.target is torch.chunk)
+            or (node.op == "call_method" and node.target == "chunk")):
+        return None
+    n = arg(node, 1, "chunks", None)
+    dim = arg(node, 2, "dim", 0)
+    return n if isinstance(n, int) and n >= 1 and dim == 1 else None
+
+
+def _last_dim_cat(node: torch.fx.Node) -> bool:
+    """``torch.cat(tensors, dim=-1)`` of 4-D tensors (features side by side, heads untouched)."""
+    dim = arg(node, 1, "dim", 0)
+    value = node.meta.get("val", node.meta.get("example_value"))
+    ndim = value.dim() if isinstance(value, torch.Tensor) else 4
+    return isinstance(node.args[0], (tuple, list)) and ndim == 4 and dim in (-1, 3)
+
+
+def _heads_of(node: Any) -> int | None:
+    """Dim 1 of a node's recorded 4-D value, or None."""
+    value = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, torch.fx.Node) else None
+    return int(value.shape[1]) if isinstance(value, torch.Tensor) and value.dim() == 4 else None
+
+
 def _adds_axes_only(index: Any) -> bool:
     """An index of full slices and Nones only (``x[:, :, None]``): new axes, nothing selected."""
     items = index if isinstance(index, tuple) else (index,)
@@ -164,50 +236,87 @@ def _adds_axes_only(index: Any) -> bool:
         i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in items)
 
 
-def check_reads_cache(node: torch.fx.Node, k_new: Any, v_new: Any, layer: int) -> int:
-    """The tiling ``r`` (:func:`cached_tiling`) by which the attention call ``node`` reads the
-    keys and values its layer wrote to the cache: 1, or JetMoE's number of query experts, whose
-    cache the passes then write tiled, as the call reads it. ValueError for any other
-    transformation; checked for every layer before a rewrite."""
+def check_reads_cache(node: torch.fx.Node, k_new: Any, v_new: Any, layer: int) -> tuple[Layout, Layout]:
+    """The layouts (:func:`cached_layout`) by which the attention call ``node`` reads the keys
+    and values its layer wrote to the cache, which the passes then write to the cache so.
+    ValueError for any other transformation, or keys and values in different head counts;
+    checked for every layer before a rewrite."""
     found = []
     for what, value, cached in (("keys", node.args[1], k_new), ("values", node.args[2], v_new)):
-        tiles = cached_tiling(value, cached)
-        if tiles is None:
+        layout = cached_layout(value, cached)
+        if layout is None:
             raise ValueError(
-                f"layer {layer}: the attention call's {what} are not what the layer wrote to its cache (nor HF's "
-                f"grouped expansion of them, repeat_kv, nor JetMoE's tiling, .repeat(1, r, 1, 1)): the model "
-                "transforms them in between, which moa-flex's ragged cache does not model"
+                f"layer {layer}: the attention call's {what} are not what the layer wrote to its cache, nor a "
+                "per-token rearrangement of its heads that moa-flex models (HF's grouped expansion, repeat_kv; "
+                "JetMoE's tiling, .repeat(1, r, 1, 1); chunks along the heads side by side, DiffLlama's values): the "
+                "model transforms them in between, which moa-flex's ragged cache does not model"
             )
-        found.append(tiles)
-    if found[0] != found[1]:
-        raise ValueError(f"layer {layer}: the attention call tiles its keys {found[0]} times and its values {found[1]} "
-                         "times; moa-flex's cache keeps one layout for both")
-    return found[0]
+        found.append(layout)
+    g = _heads_of(k_new)
+    if g is not None and found[0].heads(g) != found[1].heads(g):
+        raise ValueError(f"layer {layer}: the attention call reads its keys as {found[0].heads(g)} cached heads and "
+                         f"its values as {found[1].heads(g)}; moa-flex's cache keeps one head layout for both")
+    return found[0], found[1]
 
 
-def as_cached(graph: torch.fx.Graph, before: torch.fx.Node, tensor: Any, tiles: int, kv_heads: int) -> Any:
+def check_width(v_new: Any, values: Any, layer: int) -> None:
+    """ValueError unless the values a layer writes (as its call reads them, [B, G, S, Dv]) are as
+    wide as its MoA cache's value storage ([B, slots, Dv]): the cache is sized from the config
+    before anything is traced (runtime/cache.py ``_value_dims``)."""
+    new, store = (n.meta.get("val", n.meta.get("example_value")) if isinstance(n, torch.fx.Node) else None
+                  for n in (v_new, values))
+    if isinstance(new, torch.Tensor) and isinstance(store, torch.Tensor) and new.shape[-1] != store.shape[-1]:
+        raise ValueError(f"layer {layer}: the attention call reads values {new.shape[-1]} wide per head, but the MoA "
+                         f"cache holds {store.shape[-1]} (moa_flex.architecture.cached_value_dim knows no rule for "
+                         "this model)")
+
+
+def as_cached(graph: torch.fx.Graph, before: torch.fx.Node, tensor: Any, layout: Layout, kv_heads: int) -> Any:
     """``tensor`` (a layer's new keys or values, [B, G, S, D]) in the layout the MoA cache holds
-    (``kv_heads``, the plan's KV heads), new nodes before ``before``: tiled ``tiles`` times as a
-    tiling model's call reads it (:func:`check_reads_cache`), or, for a layer running fewer KV
-    heads than the plan (MiMo-V2's full-attention layers beside its sliding ones), each head
+    (``kv_heads``, the plan's KV heads), new nodes before ``before``: rearranged as the call
+    reads it (``layout``, :func:`check_reads_cache`), and, for a layer running fewer KV heads
+    than the plan (MiMo-V2's full-attention layers beside its sliding ones), each head
     repeated in place, HF's grouped expansion, so query head h still reads the layer's head
     h // (H / G). ``tensor`` itself when it already is the cache's layout."""
-    value = tensor.meta.get("val", tensor.meta.get("example_value")) if isinstance(tensor, torch.fx.Node) else None
-    heads = int(value.shape[1]) if isinstance(value, torch.Tensor) and value.dim() == 4 else None
-    if tiles > 1:
-        op, how = torch.ops.aten.repeat.default, [1, tiles, 1, 1]
-    elif heads is not None and heads < kv_heads:
-        if kv_heads % heads:
-            raise ValueError(f"a layer writes {heads} KV heads, which do not divide the plan's {kv_heads}")
-        op, how = torch.ops.aten.repeat_interleave.self_int, kv_heads // heads
-    else:
+    node = _replay(graph, before, layout, tensor)
+    heads = _heads_of(node)
+    if heads is None or heads == kv_heads:
+        return node
+    if heads > kv_heads or kv_heads % heads:
+        raise ValueError(f"a layer writes {heads} KV heads (as its attention call reads them), which do not divide "
+                         f"the plan's {kv_heads}")
+    return _node(graph, before, torch.ops.aten.repeat_interleave.self_int, (node, kv_heads // heads, 1),
+                 lambda x: x.repeat_interleave(kv_heads // heads, 1))
+
+
+def _replay(graph: torch.fx.Graph, before: torch.fx.Node, layout: Layout, tensor: Any) -> Any:
+    """``layout`` applied to ``tensor`` (new nodes before ``before``)."""
+    if layout.op == "cached":
         return tensor
+    parts = [_replay(graph, before, p, tensor) for p in layout.parts]
+    if layout.op == "repeat":
+        how = [1, layout.n, 1, 1]
+        return _node(graph, before, torch.ops.aten.repeat.default, (parts[0], how), lambda x: x.repeat(*how))
+    if layout.op == "chunk":
+        heads = _heads_of(parts[0])
+        if heads is None:
+            raise ValueError(f"no shape recorded for {parts[0]}: cannot write the cache in the call's layout")
+        size = -(-heads // layout.n)
+        lo, hi = layout.i * size, min(heads, (layout.i + 1) * size)
+        return _node(graph, before, torch.ops.aten.slice.Tensor, (parts[0], 1, lo, hi), lambda x: x[:, lo:hi])
+    return _node(graph, before, torch.ops.aten.cat.default, (parts, -1), lambda *xs: torch.cat(xs, -1), many=True)
+
+
+def _node(graph: torch.fx.Graph, before: torch.fx.Node, op: Any, args: tuple, fake: Any, many: bool = False) -> Any:
+    """A call of ``op`` before ``before``, with the fake value ``fake`` gives its input's (Dynamo's
+    nodes carry them; AOTAutograd's cache reads them)."""
     with graph.inserting_before(before):
-        node = graph.call_function(op, (tensor, how) if tiles > 1 else (tensor, how, 1))
-    for key in ("example_value", "val"):  # fake values, as Dynamo's nodes carry (AOTAutograd's cache reads them)
-        if isinstance(tensor.meta.get(key), torch.Tensor):
-            fake = tensor.meta[key]
-            node.meta[key] = fake.repeat(*how) if tiles > 1 else fake.repeat_interleave(how, 1)
+        node = graph.call_function(op, args)
+    inputs = list(args[0]) if many else [args[0]]
+    for key in ("example_value", "val"):
+        values = [i.meta.get(key) if isinstance(i, torch.fx.Node) else None for i in inputs]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            node.meta[key] = fake(*values)
     return node
 
 

@@ -25,7 +25,7 @@ from moa_flex.plan import Plan
 
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_heads, check_reads_cache, erase_with_inputs, sinks_of, as_cached,
+    check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, as_cached,
     head_dim, padding_mask_input,
 )
 
@@ -60,10 +60,10 @@ def rewrite_prefill(
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)
-    tiles = {}  # per layer: 1, or JetMoE's tiling of its KV heads (the cache is written tiled)
+    layouts = {}  # per layer: how the call reads the keys and values it cached (the cache is written so)
     for layer in range(plan.num_layers):  # everything checked before anything changes
         extend_args = call_args(extends[layer][0], EXTEND_ARGS, SCALE_ARGS)
-        tiles[layer] = check_reads_cache(attns[layer][0], extend_args[3], extend_args[4], layer)
+        layouts[layer] = check_reads_cache(attns[layer][0], extend_args[3], extend_args[4], layer)
     graph = gm.graph
     mask = padding_mask_input(graph)
     pads = None  # the chunk's leading left padding per row, from its 2-D mask (mask_info's first B entries)
@@ -81,7 +81,8 @@ def rewrite_prefill(
         # plan's: set_plan may switch to a plan with another sink
         keys, values, length, k_new, v_new, zeros, spans, caps, offsets, sink, k_scale, v_scale = call_args(
             extend, EXTEND_ARGS, SCALE_ARGS)
-        k_new, v_new = (as_cached(graph, extend, t, tiles[layer], plan.num_kv_heads) for t in (k_new, v_new))
+        k_new, v_new = (as_cached(graph, extend, t, how, plan.num_kv_heads) for t, how in zip((k_new, v_new), layouts[layer]))
+        check_width(v_new, values, layer)
         chunk_pads = zeros if pads is None else pads
         q = node.args[0]
         scale = arg(node, 6, "scale", None)

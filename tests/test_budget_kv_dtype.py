@@ -73,6 +73,28 @@ def test_gb_limit_is_the_brute_force_byte_count(head_dim, batch_size):
     assert fp8 / old[4096] == pytest.approx(2 * head_dim / (head_dim + 4), rel=1e-14)
 
 
+@pytest.mark.parametrize("value_dim", [8, 32])
+def test_gb_limit_counts_values_at_their_own_width(value_dim):
+    """Values narrower (MiMo-V2) or wider (DiffLlama's two halves side by side) than keys: a slot
+    holds one key of head_dim and one value of value_dim, by real bytes; the shape says so from
+    the config, and a plan's JSON keeps it."""
+    from moa_flex.support import tiny_config
+
+    shape = ModelShape(4, 8, 2, 16, value_dim=value_dim)
+    for name in DTYPES:
+        b = Budget(gb=1.5, length=4096, batch_size=2, kv_dtype=name)
+        per_slot = (stored_vector_bytes(name, 16) + stored_vector_bytes(name, value_dim)) * 2
+        assert b.slot_limits([4096], shape, 2) == {4096: 1.5 * GB / per_slot}
+    diff = tiny_config("diffllama")
+    assert ModelShape.from_config(diff).value_dim == 2 * diff.head_dim
+    mimo = tiny_config("mimo_v2_flash")
+    assert ModelShape.from_config(mimo).value_dim == mimo.v_head_dim
+    assert ModelShape.from_config(tiny_config("llama")).value_dim is None  # as wide as keys: not written
+    plan = Plan.dense(diff)
+    assert Plan.from_dict(plan.to_dict()).model == plan.model
+    assert "value_dim" not in Plan.dense(tiny_config("llama")).to_dict()["model"]
+
+
 def test_kv_dtype_names_dtypes_and_serialization():
     for value in ("fp8", "FP8", "float8_e4m3fn", "torch.float8_e4m3fn", FP8):
         assert Budget(gb=1.0, length=128, kv_dtype=value).kv_dtype == FP8

@@ -16,7 +16,7 @@ import moa_flex
 from moa_flex.plan import Plan
 from moa_flex.passes import attention_pass
 from moa_flex.passes.attention_pass import rewrite_attention
-from moa_flex.passes.nodes import SDPA_TARGETS, cached_tiling, eliminate_dead_code, keeps_effects
+from moa_flex.passes.nodes import CACHED, SDPA_TARGETS, Layout, as_cached, cached_layout, eliminate_dead_code, keeps_effects
 from tiny_models import FAMILIES, SEQ, ids_of, tiny_model
 
 
@@ -99,11 +99,13 @@ def test_dead_code_elimination_keeps_in_place_calls_and_what_it_was_not_given() 
     assert not any(n.target == "add_" for n in plain.graph.nodes), "FX's own rule drops the in-place call"
 
 
-def test_cached_tiling_tells_grouping_from_tiling() -> None:
+def test_cached_layout_tells_grouping_from_rearranging() -> None:
     """HF's repeat_kv (a None-index, expand, reshape) and dtype casts keep query head h on
-    group h // (H / G): 1. JetMoE's .repeat tiles the groups (head h on group h % G): its
-    factor, for which the passes write the cache tiled. A selection, or tiling mixed with
-    grouping: None (refused)."""
+    group h // (H / G): the cached tensor itself. JetMoE's .repeat tiles the groups (head h on
+    group h % G), DiffLlama's values are chunks of the heads tiled and set side by side: a
+    layout the passes replay to write the cache as the call reads it. Tiling under grouping is a
+    layout too (checked against the plan's KV heads by as_cached). A selection, tiling along the
+    tokens, grouping under a tiling, and parts grouped differently: None (refused)."""
 
     def grouped(k: torch.Tensor) -> torch.Tensor:
         b, g, s, d = k.shape
@@ -118,16 +120,56 @@ def test_cached_tiling_tells_grouping_from_tiling() -> None:
     def tiled_then_grouped(k: torch.Tensor) -> torch.Tensor:
         return grouped(k.repeat(1, 2, 1, 1))
 
+    def grouped_then_tiled(k: torch.Tensor) -> torch.Tensor:
+        return grouped(k).repeat(1, 2, 1, 1)
+
+    def halves_side_by_side(v: torch.Tensor) -> torch.Tensor:  # DiffLlama's fused values
+        halves = torch.chunk(v, 2, dim=1)
+        return torch.cat([grouped(halves[0].repeat(1, 2, 1, 1)), grouped(halves[1].repeat(1, 2, 1, 1))], dim=-1)
+
+    def halves_grouped_apart(v: torch.Tensor) -> torch.Tensor:
+        halves = torch.chunk(v, 2, dim=1)
+        return torch.cat([grouped(halves[0].repeat(1, 2, 1, 1)), grouped(grouped(halves[1]))], dim=-1)
+
+    def halves_along_tokens(v: torch.Tensor) -> torch.Tensor:
+        halves = torch.chunk(v, 2, dim=2)
+        return torch.cat([halves[0], halves[1]], dim=-1)
+
     def repeated_along_tokens(k: torch.Tensor) -> torch.Tensor:
         return k.repeat(1, 1, 2, 1)
 
     def selected(k: torch.Tensor) -> torch.Tensor:
         return k[:, :1]
 
-    cases = ((grouped, 1), (tiled, 2), (tiled_as_sequence, 3), (tiled_then_grouped, None),
-             (repeated_along_tokens, None), (selected, None), (lambda k: k, 1))
-    for fn, want in cases:
-        graph = torch.fx.symbolic_trace(fn).graph
-        k = next(n for n in graph.nodes if n.op == "placeholder")
-        out = next(n for n in graph.nodes if n.op == "output").args[0]
-        assert cached_tiling(out, k) == want, fn
+    repeat = lambda layout, n: Layout("repeat", (layout,), n=n)  # noqa: E731
+    chunk = lambda i: Layout("chunk", (CACHED,), n=2, i=i)  # noqa: E731
+    cases = ((grouped, CACHED, 2), (tiled, repeat(CACHED, 2), 4), (tiled_as_sequence, repeat(CACHED, 3), 6),
+             (tiled_then_grouped, repeat(CACHED, 2), 4), (grouped_then_tiled, None, None),
+             (halves_side_by_side, Layout("cat", (repeat(chunk(0), 2), repeat(chunk(1), 2))), 2),
+             (halves_grouped_apart, None, None), (halves_along_tokens, None, None),
+             (repeated_along_tokens, None, None), (selected, None, None), (lambda k: k, CACHED, 2))
+    k_value = torch.zeros(1, 2, 6, 4)
+    for fn, want, heads in cases:
+        gm = torch.fx.symbolic_trace(fn)
+        torch.fx.passes.shape_prop.ShapeProp(gm).propagate(k_value)
+        for node in gm.graph.nodes:  # shapes where Dynamo records them
+            if "tensor_meta" in node.meta and hasattr(node.meta["tensor_meta"], "shape"):
+                node.meta["example_value"] = torch.empty(node.meta["tensor_meta"].shape)
+        k = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        got = cached_layout(out, k)
+        assert got == want, fn
+        if want is not None:
+            assert got.heads(2) == heads, fn
+            graph = torch.fx.Graph()  # the replay writes what the call reads, up to HF's grouping
+            x = graph.placeholder("x")
+            x.meta["example_value"] = k_value
+            out_node = graph.output(None)
+            replayed = as_cached(graph, out_node, x, got, heads)
+            out_node.args = (replayed,)
+            value = torch.randn(1, 2, 6, 4)
+            ungrouped = torch.fx.GraphModule(torch.nn.Module(), graph)(value)
+            assert ungrouped.shape[1] == heads
+            call = fn(value)
+            group = call.shape[1] // heads
+            assert torch.equal(ungrouped.repeat_interleave(group, 1).float(), call.float()), fn

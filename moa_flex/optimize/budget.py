@@ -76,9 +76,10 @@ class Budget:
             return head_dim * self.dtype_bytes
         return bytes_per_vector(self.kv_dtype, head_dim)
 
-    def slot_bytes(self, head_dim: int) -> int:
-        """Cache bytes of one KV slot (K and V of one token and KV head) over the whole batch."""
-        return 2 * self.vector_bytes(head_dim) * self.batch_size
+    def slot_bytes(self, head_dim: int, value_dim: int | None = None) -> int:
+        """Cache bytes of one KV slot (K and V of one token and KV head) over the whole batch;
+        ``value_dim``: a value's width where it is not ``head_dim``."""
+        return (self.vector_bytes(head_dim) + self.vector_bytes(value_dim or head_dim)) * self.batch_size
 
     def slot_limits(self, lengths: Sequence[int], model: ModelShape, cache_groups: int) -> dict[int, float]:
         """{length: max KV slots per sequence summed over layers and cache groups}."""
@@ -89,7 +90,7 @@ class Budget:
             return {self.length: float(self.tokens)}
         if model.head_dim is None:
             raise ValueError("a budget in GB needs model.head_dim")
-        return {self.length: self.gb * GB / self.slot_bytes(model.head_dim)}
+        return {self.length: self.gb * GB / self.slot_bytes(model.head_dim, model.value_dim)}
 
     def to_dict(self) -> dict:
         """The given fields, JSON-clean (``kv_dtype`` by name; ``dtype_bytes`` left out when

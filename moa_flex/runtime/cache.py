@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from moa_flex.architecture import WITH_STATE_LAYER_TYPES, layer_types, text_config
+from moa_flex.architecture import WITH_STATE_LAYER_TYPES, cached_value_dim, layer_types, text_config
 from moa_flex.kernels.decode import prepare_work
 from moa_flex.kernels.quant import SCALE_DTYPE, is_quantized
 from moa_flex.kernels.quant import kv_dtype as parse_kv_dtype
@@ -281,11 +281,11 @@ def _head_dims(plan: Plan, head_dim: int | None, config: Any) -> list[int]:
 
 def _value_dims(config: Any, head_dims: list[int]) -> list[int]:
     """Value head dim of every planned layer: the config's ``v_head_dim`` where it has one
-    (MiMo-V2-Flash: 128 beside keys of 192), else the layer's head dim."""
+    (MiMo-V2-Flash: 128 beside keys of 192), else the layer's head dim; as wide as the attention
+    call reads them (DiffLlama: twice, ``architecture.cached_value_dim``)."""
     v = getattr(text_config(config), "v_head_dim", None) if config is not None else None
-    if isinstance(v, int) and v > 0:
-        return [v] * len(head_dims)
-    return list(head_dims)
+    dims = [v] * len(head_dims) if isinstance(v, int) and v > 0 else list(head_dims)
+    return [cached_value_dim(config, d) for d in dims] if config is not None else dims
 
 
 def _with_state(config: Any, num_layers: int) -> bool:
