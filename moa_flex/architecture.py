@@ -195,13 +195,18 @@ def has_learned_sinks(model: torch.nn.Module) -> bool:
 
 def check_supported(model: torch.nn.Module, shape: Any) -> None:
     """ValueError naming why, for a model whose attention a plan cannot rule (``shape``: the
-    plan's ModelShape): attention in the model's own code, attention modules that do not map one
-    to one to decoder layers, layers running other KV heads than the config, bidirectional
+    plan's ModelShape): attention in the model's own code, decoder layers run several times per
+    forward (Dory's loops), attention modules that do not map one to one to decoder layers, layers running other KV heads than the config, bidirectional
     attention. Checked at compile time, before anything changes."""
     name = type(model).__name__
     if getattr(model, "_supports_sdpa", True) is False and getattr(model, "_supports_attention_backend", True) is False:
         raise ValueError(f"{name} computes attention in its own code (transformers marks it as supporting neither sdpa "
                          "nor the attention-function interface), so there is no attention call for moa-flex to rewrite")
+    loops = getattr(text_config(getattr(model, "config", None)), "n_recurrent_loops", None)
+    if isinstance(loops, int) and loops > 1:
+        raise ValueError(f"{name} runs its recurrent decoder layers {loops} times per forward (n_recurrent_loops), "
+                         "each loop attending through cache layers of its own beyond the model's decoder layers; a "
+                         "MoA plan rules one attention per decoder layer")
     problem = attention_layer_problem(model)
     if problem:
         raise ValueError(f"{name}: {problem}; a MoA plan rules one attention per decoder layer")

@@ -109,6 +109,7 @@ def test_tiny_configs_derive_consistent_sizes() -> None:
     ("gemma3n_text", "num_kv_shared_layers"),  # layers reading other layers' KV
     ("dots3_note_text", "differs between attention layers"),  # per-layer head counts
     ("hrm_text", "several attention stacks"),  # two stacks answering to the same layer indices
+    ("dory", "n_recurrent_loops"),  # recurrent layers looped, each loop with cache layers of its own
 ])
 def test_layouts_the_cache_does_not_model_are_refused_at_compile(model_type: str, words: str) -> None:
     if model_type not in causal_lm_types():
