@@ -46,6 +46,8 @@ def call_kv_heads(config: Any, num_heads: int, num_kv_heads: int) -> int:
     MiMo-V2-Flash, whose sliding layers run twice the config's KV heads: the plan takes those,
     and the cache holds a full-attention layer's heads each twice (passes/nodes.py ``as_cached``)."""
     model_type = getattr(config, "model_type", "")
+    if latent_attention(config) is not None:
+        return 1  # one latent per token for all heads: the cache's one KV head
     if model_type == "jetmoe":
         return num_heads
     if model_type == "mimo_v2_flash" and "sliding_attention" in (getattr(config, "layer_types", None) or ()):
@@ -53,12 +55,36 @@ def call_kv_heads(config: Any, num_heads: int, num_kv_heads: int) -> int:
     return num_kv_heads
 
 
+def latent_attention(config: Any) -> tuple[int, int] | None:
+    """(latent width ``kv_lora_rank``, rotary key width ``qk_rope_head_dim``) of a model with
+    multi-head latent attention (DeepSeek-V2/V3 and their kin: each token caches one latent and
+    one rotary key shared by all heads, which every call expands into keys and values), else
+    None. moa-flex caches the latent as one KV head (passes/latent.py absorbs the expansion
+    into the queries and the output); a plan rules each layer as a whole or per query head."""
+    config = text_config(config)
+    rank, rope = getattr(config, "kv_lora_rank", None), getattr(config, "qk_rope_head_dim", None)
+    if isinstance(rank, int) and rank > 0 and isinstance(rope, int) and rope >= 0:
+        return rank, rope
+    return None
+
+
 def cached_value_dim(config: Any, value_dim: int) -> int:
-    """Width (per head) of the values a layer's attention call reads, which the MoA cache holds:
-    ``value_dim`` (the layer's value head dim), except for DiffLlama, whose two calls per layer
-    read the two halves of its value heads, which the passes fuse into one call over both side
-    by side (passes/value_fusion.py): twice ``value_dim``."""
+    """Width (per head) of the values a layer's attention reads from the MoA cache: ``value_dim``
+    (the layer's value head dim), except for DiffLlama, whose two calls per layer read the two
+    halves of its value heads, which the passes fuse into one call over both side by side
+    (passes/value_fusion.py): twice ``value_dim``; and latent attention, whose cached values are
+    the latent itself (:func:`latent_attention`): ``kv_lora_rank``."""
+    latent = latent_attention(config)
+    if latent is not None:
+        return latent[0]
     return 2 * value_dim if getattr(text_config(config), "model_type", "") == "diffllama" else value_dim
+
+
+def cached_key_dim(config: Any, head_dim: int | None) -> int | None:
+    """Width (per head) of the keys the MoA cache holds: ``head_dim``, except for latent
+    attention: the latent and the rotary key side by side, ``kv_lora_rank + qk_rope_head_dim``."""
+    latent = latent_attention(config)
+    return head_dim if latent is None else latent[0] + latent[1]
 
 
 def _language_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -96,11 +122,10 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
     pattern moa-flex does not model (latent or shared KV, attention layers of other kinds): the
     passes would replace the model's mask by causal + window and answer wrongly."""
     config = text_config(config)
-    if getattr(config, "kv_lora_rank", None):
-        raise ValueError(f"{type(config).__name__} uses multi-head latent attention (kv_lora_rank="
-                         f"{config.kv_lora_rank}: one compressed latent per token, shared by all heads, is what the "
-                         "model caches and expands into keys and values at every call); moa-flex's cache keeps each KV "
-                         "head's keys and values and does not model a latent cache")
+    if latent_attention(config) is not None and getattr(config, "index_topk", None):
+        raise ValueError(f"{type(config).__name__} uses DeepSeek Sparse Attention (index_topk={config.index_topk}: an "
+                         "indexer picks the keys each query attends from its own scores), a data-dependent sparsity "
+                         "that moa-flex's fixed sink-and-window rules do not model")
     if getattr(config, "num_kv_shared_layers", 0):
         raise ValueError(f"{type(config).__name__} has num_kv_shared_layers={config.num_kv_shared_layers} (its last "
                          "layers attend other layers' keys and values), which moa-flex's per-layer cache does not model")
@@ -172,8 +197,8 @@ def attention_layer_problem(model: torch.nn.Module) -> str:
     (HRM's two stacks). The passes and the cache find a call's layer through both."""
     seen: dict[int, str] = {}
     for name, module in _language_model(model).named_modules():
-        if (not type(module).__name__.endswith("Attention") or not hasattr(module, "layer_idx") or _CROSS.search(name)
-                or getattr(module, "is_cross_attention", False)):
+        if (not type(module).__name__.endswith(("Attention", "MLA")) or not hasattr(module, "layer_idx")
+                or _CROSS.search(name) or getattr(module, "is_cross_attention", False)):
             continue
         m = _LAYER_OF.search(name + ".")
         idx = module.layer_idx
@@ -181,7 +206,7 @@ def attention_layer_problem(model: torch.nn.Module) -> str:
             continue  # None (Zamba) or -1 (Zamba2): a block shared by several layers, told its layer by the caller
         if not isinstance(idx, int) or idx != int(m.group(1)):
             return (f"{name} answers to layer_idx {idx!r} inside decoder layer {m.group(1)} (an attention block shared "
-                    "by several layers)")
+                    "by several layers, or several attention sublayers in one decoder layer)")
         if idx in seen:
             return f"{seen[idx]} and {name} both answer to layer_idx {idx} (several attention stacks)"
         seen[idx] = name
@@ -210,7 +235,10 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
     problem = attention_layer_problem(model)
     if problem:
         raise ValueError(f"{name}: {problem}; a MoA plan rules one attention per decoder layer")
-    mismatched = kv_head_mismatches(model, shape)
+    latent = latent_attention(getattr(model, "config", None))
+    if latent is not None:
+        check_latent_expansion(model, latent)
+    mismatched = [] if latent is not None else kv_head_mismatches(model, shape)  # latent: expanded per head
     if mismatched:
         layer, kv = mismatched[0]
         raise ValueError(f"decoder layer {layer} of {name} runs {kv} KV heads, the config (and the plan) "
@@ -222,6 +250,40 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
         raise ValueError(f"{name}'s attention is bidirectional ({both_ways[0]} has is_causal=False{more}): an encoder, "
                          "which a MoA plan does not model (it rules causal attention). For a causal LM of this "
                          "architecture load it with is_decoder=True.")
+
+
+def check_latent_expansion(model: torch.nn.Module, latent: tuple[int, int]) -> None:
+    """ValueError unless every latent-attention module's ``expand_kv`` is the expansion that
+    passes/latent.py absorbs: for each head h, keys ``[W_uk,h c + b_k,h ; k_rot]`` and values
+    ``W_uv,h c + b_v,h`` with ``kv_b_proj`` viewed as [H, nope + v, r] (``latent``: r, rope).
+    Checked by evaluation on a random latent, in float32 where the weights are."""
+    rank, rope = latent
+    gen = torch.Generator().manual_seed(0)
+    for name, module in _language_model(model).named_modules():
+        proj = getattr(module, "kv_b_proj", None)
+        if proj is None or not hasattr(module, "expand_kv"):
+            continue
+        weight = proj.weight
+        if weight.device.type == "meta":
+            continue
+        nope, v = int(module.qk_nope_head_dim), int(module.v_head_dim)
+        heads = weight.shape[0] // (nope + v)
+        c = torch.randn(1, 1, 3, rank, generator=gen).to(weight.device, weight.dtype)
+        k_rot = torch.randn(1, 1, 3, rope, generator=gen).to(weight.device, weight.dtype)
+        with torch.no_grad():
+            keys, values = module.expand_kv(c, k_rot)
+            w = weight.float().view(heads, nope + v, rank)
+            b = (proj.bias.float() if proj.bias is not None else torch.zeros_like(w[..., 0])).view(heads, 1, nope + v)
+            kv = c.float() @ w.transpose(1, 2) + b  # [1, H, 3, nope + v]
+            want_k = torch.cat([kv[..., :nope], k_rot.float().expand(1, heads, 3, rope)], dim=-1)
+            want_v = kv[..., nope:]
+        tol = 1e-4 if weight.dtype == torch.float32 else 3e-2
+        for what, got, want in (("keys", keys, want_k), ("values", values, want_v)):
+            scale = float(want.abs().max()) or 1.0
+            if got.shape != want.shape or float((got.float() - want).abs().max()) > tol * scale:
+                raise ValueError(f"{name}.expand_kv does not expand the latent into {what} as moa-flex's latent "
+                                 "attention assumes (per head h: keys [W_uk,h c + b ; k_rot], values W_uv,h c + b, "
+                                 "kv_b_proj viewed as [heads, nope + v, rank]); the rewrite would answer wrongly")
 
 
 def layer_placement(model: torch.nn.Module, shape: Any) -> tuple[list[torch.device], torch.dtype]:

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from moa_flex.architecture import attention_layers, cached_value_dim, call_kv_heads, text_config
+from moa_flex.architecture import attention_layers, cached_key_dim, cached_value_dim, call_kv_heads, text_config
 
 FORMAT = "moa-flex.plan/1"
 PLAN_FILE = "moa_plan.json"  # a plan beside a model's config.json (Plan.save_pretrained)
@@ -34,6 +34,10 @@ DEFAULT_MIN_SPAN = 128
 @dataclass(frozen=True)
 class ModelShape:
     """Attention shape of a decoder model: layers, query heads, KV heads, head dim.
+
+    ``num_kv_heads`` and ``head_dim`` are the MoA cache's: the heads and width of a cached key
+    (a model with latent attention caches one latent per token: one KV head, as wide as the
+    latent and the rotary key, ``architecture.latent_attention``).
 
     ``num_layers`` counts the softmax-attention layers, the ones a plan gives rules. In a
     hybrid (layers of linear attention, Mamba or convolutions between them) ``layers`` names
@@ -99,6 +103,7 @@ class ModelShape:
         elif head_dim is None and getattr(config, "hidden_size", None):
             head_dim = int(config.hidden_size) // num_heads
         name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")
+        head_dim = cached_key_dim(config, head_dim)  # latent attention: the latent and rotary key
         value_dim = _value_dim(config, head_dim)
         if layers is None:
             return cls(num_layers, num_heads, int(num_kv_heads), head_dim, str(name), value_dim=value_dim)

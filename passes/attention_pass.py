@@ -31,6 +31,7 @@ from .flex_pass import flex_nodes, rewrite_flex_attention
 from .inner import checked_first_call, compile_graph, copy_graph_module
 from .regional import RegionReport
 from .prefill_pass import extend_nodes, rewrite_prefill
+from .latent import LatentDims
 from .value_fusion import fuse_value_splits
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, node_layer, plan_layers, check_heads, sinks_of,
@@ -41,6 +42,7 @@ from .nodes import (
 def rewrite_attention(
     gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, partial_graphs: bool = False, verify_id: int | None = None,
+    latent: LatentDims | None = None,
 ) -> PassReport:
     """Replace every SDPA (or flex_attention) node of ``gm`` by moa-flex attention for its
     layer; validate first.
@@ -57,7 +59,7 @@ def rewrite_attention(
     """
     fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
     if extend_nodes(gm.graph):  # a prefill over a MoaCache (chunks, later turns)
-        return rewrite_prefill(gm, plan, softcaps, windows, verify=verify_id is not None)
+        return rewrite_prefill(gm, plan, softcaps, windows, verify=verify_id is not None, latent=latent)
     nodes = attention_nodes(gm.graph)
     flex = flex_nodes(gm.graph)
     if flex and nodes:
@@ -129,7 +131,7 @@ def make_backend(
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, partial_graphs: bool = False, verify_id: int | None = None,
     say: Callable[[str], None] | None = None, regional: bool = False,
-    on_regions: Callable[[RegionReport], None] | None = None,
+    on_regions: Callable[[RegionReport], None] | None = None, latent: LatentDims | None = None,
 ) -> Callable:
     """A torch.compile backend: rewrite attention, then hand the graph to inductor (or run eagerly).
 
@@ -139,16 +141,19 @@ def make_backend(
     first-call check (:mod:`moa_flex.runtime.verify`) instead of the compiled graph, once;
     ``say`` hears its outcome. ``regional``: decoder layers with equal graphs share one
     inductor compile (:mod:`moa_flex.passes.regional`; ``on_regions`` hears what it did).
+    ``latent``: the sizes of a model with latent attention (passes/latent.py), for prefills
+    over its cache.
     """
     if inner not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
 
     def moa_flex_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         checked = copy_graph_module(gm) if verify_id is not None and not flex_nodes(gm.graph) else None
-        report = rewrite_attention(gm, plan, runtime_id, softcaps, windows, partial_graphs)
+        report = rewrite_attention(gm, plan, runtime_id, softcaps, windows, partial_graphs, latent=latent)
         compiled = compile_graph(gm, example_inputs, inner, mode, regional and bool(report.rewritten), on_regions)
         if checked is not None and report.rewritten:
-            rewrite_attention(checked, plan, runtime_id, softcaps, windows, partial_graphs, verify_id=verify_id)
+            rewrite_attention(checked, plan, runtime_id, softcaps, windows, partial_graphs, verify_id=verify_id,
+                              latent=latent)
             compiled = checked_first_call(checked, compiled, say)
         # Reported only once compiled: dynamo may restart an analysis (and call us again).
         if on_report is not None and report.rewritten:

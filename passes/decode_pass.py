@@ -24,6 +24,7 @@ import moa_flex.runtime.ops  # noqa: F401  (registers the cache ops and torch.op
 from moa_flex.plan import Plan
 
 from .inner import compile_graph
+from .latent import LatentDims, absorb, expansion_weight
 from .regional import RegionReport
 from .value_fusion import fuse_value_splits
 from .linear_pass import LinearFusionReport, fuse_linears
@@ -55,12 +56,13 @@ def _append_args(node: torch.fx.Node) -> tuple:
 
 def rewrite_decode(
     gm: torch.fx.GraphModule, plan: Plan, softcaps: Sequence[float] | None = None,
-    windows: Sequence[int | None] | None = None,
+    windows: Sequence[int | None] | None = None, latent: LatentDims | None = None,
 ) -> DecodeReport:
     """Replace each layer's single-token SDPA node by ragged decode over its MoA cache.
 
     ``softcaps``/``windows``: per layer, the model's logit soft-cap and own sliding window
-    (tokens), or 0/None.
+    (tokens), or 0/None. ``latent``: the sizes of a model with latent attention (its cache
+    holds the latent: passes/latent.py).
     """
     fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
     appends = by_layer(append_nodes(gm.graph), "cache_append", plan.model, "decode")
@@ -71,7 +73,10 @@ def rewrite_decode(
     layouts = {}  # per layer: how the call reads the keys and values it cached (the cache is written so)
     for layer in range(plan.num_layers):  # everything checked before anything changes
         append_args = _append_args(appends[layer][0])
-        layouts[layer] = check_reads_cache(attns[layer][0], append_args[3], append_args[4], layer)
+        if latent is not None:  # the cache writes (latent ; rotary key) and the latent: the model's expansion
+            layouts[layer] = expansion_weight(attns[layer][0], append_args[4], layer)
+        else:
+            layouts[layer] = check_reads_cache(attns[layer][0], append_args[3], append_args[4], layer)
     report = DecodeReport(graph_module=gm)
     roots: list[torch.fx.Node] = []
     for layer in range(plan.num_layers):
@@ -79,16 +84,22 @@ def rewrite_decode(
         append = appends[layer][0]
         # the cache's own sink (a guarded constant of the traced cache), not the compile-time plan's
         keys, values, length, k_new, v_new, spans, caps, offsets, sink, k_scale, v_scale = _append_args(append)
-        for t, how in zip((k_new, v_new), layouts[layer]):  # the cache's layout: as the call reads them
-            cached = as_cached(gm.graph, append, t, how, plan.num_kv_heads)
-            if cached is not t:
-                append.replace_input_with(t, cached)
-            if t is v_new:
-                check_width(cached, values, layer)
         q = node.args[0]
         scale = arg(node, 6, "scale", None)
         if scale is None:
             scale = head_dim(q) ** -0.5
+        absorbed = None
+        if latent is not None:
+            absorbed = absorb(gm.graph, node, q, *layouts[layer], latent, node)
+            q = absorbed.q
+            check_width(v_new, values, layer)
+        else:
+            for t, how in zip((k_new, v_new), layouts[layer]):  # the cache's layout: as the call reads them
+                cached = as_cached(gm.graph, append, t, how, plan.num_kv_heads)
+                if cached is not t:
+                    append.replace_input_with(t, cached)
+                if t is v_new:
+                    check_width(cached, values, layer)
         softcap = float(softcaps[layer]) if softcaps else 0.0
         window = int(windows[layer] or 0) if windows else 0
         with gm.graph.inserting_before(node):
@@ -105,6 +116,11 @@ def rewrite_decode(
         # the replaced node's output (same shape): AOTAutograd's cache needs example values on
         # the nodes that tensor methods are called on, and bypasses the graph without them
         new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val")})
+        if absorbed is not None:  # attention over the latent: [B, H, 1, r], projected to the model's values
+            for key in ("example_value", "val"):
+                if isinstance(new.meta.get(key), torch.Tensor):
+                    new.meta[key] = new.meta[key].new_empty((*new.meta[key].shape[:-1], latent.rank))
+            new = absorbed.project(gm.graph, new, node)
         node.replace_all_uses_with(new)
         erase_with_inputs(gm.graph, node, roots)
         report.rewritten.append(RewrittenNode(layer, out.name, path))
@@ -127,7 +143,7 @@ def make_decode_backend(
     plan: Plan, *, inner: str = "inductor", mode: str | None = None,
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, fuse_linear: bool | None = None, regional: bool = False,
-    on_regions: Callable[[RegionReport], None] | None = None,
+    on_regions: Callable[[RegionReport], None] | None = None, latent: LatentDims | None = None,
 ) -> Callable:
     """A torch.compile backend for decode steps: :func:`rewrite_decode`, then (``fuse_linear``)
     :func:`~moa_flex.passes.linear_pass.fuse_linears`, then inductor (or eager).
@@ -135,14 +151,14 @@ def make_decode_backend(
     ``fuse_linear``: True / False, or None for "on when the example inputs are CUDA tensors";
     the reports passed to ``on_report`` are :class:`DecodeReport` (``linear_fusion`` is None
     when the fusion did not run). ``regional``/``on_regions``: as for the prefill backend
-    (:func:`moa_flex.passes.attention_pass.make_backend`)."""
+    (:func:`moa_flex.passes.attention_pass.make_backend`). ``latent``: as for :func:`rewrite_decode`."""
     if inner not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
     if fuse_linear is not None and not isinstance(fuse_linear, bool):
         raise ValueError(f"fuse_linear must be True, False or None, got {fuse_linear!r}")
 
     def moa_flex_decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        report = rewrite_decode(gm, plan, softcaps, windows)
+        report = rewrite_decode(gm, plan, softcaps, windows, latent)
         if fuses_linears(fuse_linear, example_inputs):
             report.linear_fusion = fuse_linears(gm)
         compiled = compile_graph(gm, example_inputs, inner, mode, regional, on_regions)

@@ -23,6 +23,7 @@ import torch.fx
 import moa_flex.runtime.ops  # noqa: F401  (registers cache_extend / chunk_prefill / mask_info)
 from moa_flex.plan import Plan
 
+from .latent import LatentDims, absorb, expansion_weight
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
     check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, as_cached,
@@ -42,7 +43,7 @@ def extend_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
 
 def rewrite_prefill(
     gm: torch.fx.GraphModule, plan: Plan, softcaps: Sequence[float] | None = None,
-    windows: Sequence[int | None] | None = None, verify: bool = False,
+    windows: Sequence[int | None] | None = None, verify: bool = False, latent: LatentDims | None = None,
 ) -> PassReport:
     """Replace each layer's cache write and SDPA node by one chunk prefill over its MoA cache.
 
@@ -50,7 +51,9 @@ def rewrite_prefill(
     (tokens), or 0/None; ``windows=None`` (unknown) is refused. ``verify``: the graph of the
     first-call check (:mod:`moa_flex.runtime.verify`): each SDPA node stays, and a
     ``moa_flex::verify_chunk`` node between it and the chunk prefill compares them (before the
-    chunk is written).
+    chunk is written). ``latent``: the sizes of a model with latent attention, whose cache holds
+    the latent (passes/latent.py: the chunk prefill attends with absorbed queries, and its output
+    is projected to the model's values).
     """
     if windows is None:
         raise ValueError("a prefill over a MoaCache needs each layer's own sliding window: compile with "
@@ -63,7 +66,10 @@ def rewrite_prefill(
     layouts = {}  # per layer: how the call reads the keys and values it cached (the cache is written so)
     for layer in range(plan.num_layers):  # everything checked before anything changes
         extend_args = call_args(extends[layer][0], EXTEND_ARGS, SCALE_ARGS)
-        layouts[layer] = check_reads_cache(attns[layer][0], extend_args[3], extend_args[4], layer)
+        if latent is not None:  # the cache writes (latent ; rotary key) and the latent: the model's expansion
+            layouts[layer] = expansion_weight(attns[layer][0], extend_args[4], layer)
+        else:
+            layouts[layer] = check_reads_cache(attns[layer][0], extend_args[3], extend_args[4], layer)
     graph = gm.graph
     mask = padding_mask_input(graph)
     pads = None  # the chunk's leading left padding per row, from its 2-D mask (mask_info's first B entries)
@@ -81,12 +87,18 @@ def rewrite_prefill(
         # plan's: set_plan may switch to a plan with another sink
         keys, values, length, k_new, v_new, zeros, spans, caps, offsets, sink, k_scale, v_scale = call_args(
             extend, EXTEND_ARGS, SCALE_ARGS)
-        k_new, v_new = (as_cached(graph, extend, t, how, plan.num_kv_heads) for t, how in zip((k_new, v_new), layouts[layer]))
-        check_width(v_new, values, layer)
-        chunk_pads = zeros if pads is None else pads
         q = node.args[0]
         scale = arg(node, 6, "scale", None)
         scale = head_dim(q) ** -0.5 if scale is None else scale
+        absorbed = None
+        if latent is not None:
+            absorbed = absorb(graph, node, q, *layouts[layer], latent, node)
+            q = absorbed.q
+        else:
+            k_new, v_new = (as_cached(graph, extend, t, how, plan.num_kv_heads)
+                            for t, how in zip((k_new, v_new), layouts[layer]))
+        check_width(v_new, values, layer)
+        chunk_pads = zeros if pads is None else pads
         softcap = float(softcaps[layer]) if softcaps else 0.0
         window = int(windows[layer] or 0)
         scale = scale if isinstance(scale, torch.fx.Node) else float(scale)
@@ -96,7 +108,7 @@ def rewrite_prefill(
                 check = graph.call_function(
                     torch.ops.moa_flex.verify_chunk.default,
                     (q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer,
-                     node, sinks_of(node), k_scale, v_scale),
+                     node, sinks_of(node), k_scale, v_scale, absorbed and absorbed.up, absorbed and absorbed.up_bias),
                 )
         with graph.inserting_after(node) if check is None else graph.inserting_after(check):
             new = graph.call_function(
@@ -107,7 +119,13 @@ def rewrite_prefill(
         # the replaced node's output (same shape): AOTAutograd's cache needs example values on
         # the nodes that tensor methods are called on, and bypasses the graph without them
         new.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "example_value", "val")}
-        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not check)
+        out = new
+        if absorbed is not None:  # attention over the latent: [B, H, S, r], projected to the model's values
+            for key in ("example_value", "val"):
+                if isinstance(new.meta.get(key), torch.Tensor):
+                    new.meta[key] = new.meta[key].new_empty((*new.meta[key].shape[:-1], latent.rank))
+            out = absorbed.project(graph, new, node)
+        node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not check)
         if check is None:
             erase_with_inputs(graph, node, roots)
         erase_with_inputs(graph, extend, roots)  # chunk_prefill writes after it reads

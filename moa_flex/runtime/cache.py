@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from moa_flex.architecture import WITH_STATE_LAYER_TYPES, cached_value_dim, layer_types, text_config
+from moa_flex.architecture import WITH_STATE_LAYER_TYPES, cached_value_dim, latent_attention, layer_types, text_config
 from moa_flex.kernels.decode import prepare_work
 from moa_flex.kernels.quant import SCALE_DTYPE, is_quantized
 from moa_flex.kernels.quant import kv_dtype as parse_kv_dtype
@@ -57,8 +57,9 @@ class MoaCacheLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, caps: torch.Tensor, spans: torch.Tensor, sink: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, value_dim: int | None = None) -> None:
+                 device: torch.device, value_dim: int | None = None, latent: bool = False) -> None:
         super().__init__()
+        self.latent = latent  # latent attention: the model hands over (latent, rotary key), see update
         widths = caps.max(dim=0).values.long()
         B = caps.shape[0]
         self.batch_size = B
@@ -97,17 +98,25 @@ class MoaCacheLayer(CacheLayerMixin):
         tokens (a prefill chunk, a later turn): record the write (``moa_flex::cache_extend``)
         and return the chunk's K/V; the prefill pass replaces the write and the layer's
         attention by one ``moa_flex::chunk_prefill`` (attention over the cache as it was, then
-        the write). The branch depends on the shape only, so each graph is traced once."""
+        the write). The branch depends on the shape only, so each graph is traced once.
+
+        A latent-attention layer (``latent``) is handed the latent [B, 1, S, r] and the rotary key
+        [B, 1, S, rope] instead, and caches them as one KV head: keys the two side by side, values
+        the latent (passes/latent.py attends over them with the expansion absorbed); the model
+        gets its two tensors back, as from transformers' cache."""
         if not torch.compiler.is_compiling():
             raise RuntimeError(
                 "a MoaCache is only usable by a model compiled with moa_flex.compile (its attention runs in the "
                 "rewritten graph); this forward ran eagerly"
             )
+        k_new, v_new = key_states, value_states
+        if self.latent:
+            k_new, v_new = torch.cat([key_states, value_states], dim=-1), key_states
         if key_states.shape[-2] == 1:
-            torch.ops.moa_flex.cache_append(self.keys, self.values, self.length, key_states, value_states,
+            torch.ops.moa_flex.cache_append(self.keys, self.values, self.length, k_new, v_new,
                                             self.spans, self.caps, self.offsets, self.sink, self.k_scale, self.v_scale)
         else:
-            torch.ops.moa_flex.cache_extend(self.keys, self.values, self.length, key_states, value_states,
+            torch.ops.moa_flex.cache_extend(self.keys, self.values, self.length, k_new, v_new,
                                             torch.zeros_like(self.length), self.spans, self.caps, self.offsets,
                                             self.sink, self.k_scale, self.v_scale)
         return key_states, value_states
@@ -182,8 +191,9 @@ class MoaCache(Cache):
         spans = torch.stack([plan.head_spans(n) for n in rows], dim=1)  # [L, B, H]
         caps, spans = _bounded_by_windows(caps, spans, plan.sink, windows)
         storage = parse_kv_dtype(kv_dtype) or dtype
-        self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dims[l], storage, devices[l], value_dims[l])
-                           for l in range(plan.num_layers)]
+        latent = config is not None and latent_attention(config) is not None
+        self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dims[l], storage, devices[l], value_dims[l],
+                                         latent) for l in range(plan.num_layers)]
         super().__init__(layers=_model_layers(plan, self.moa_layers, config))
         self.plan = plan
         self.planned_length = planned_length

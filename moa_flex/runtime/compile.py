@@ -24,12 +24,14 @@ from typing import Any, Callable
 import torch
 
 from moa_flex.architecture import (
-    check_supported, has_learned_sinks, layer_placement, model_windows, reads_token_count, softcaps,
+    check_supported, has_learned_sinks, latent_attention, layer_placement, model_windows, reads_token_count, softcaps,
+    text_config,
 )
 from moa_flex.compat import cache_argument
 from moa_flex.kernels.quant import kv_dtype as parse_kv_dtype
 from moa_flex.passes.attention_pass import make_backend
 from moa_flex.passes.decode_pass import make_decode_backend
+from moa_flex.passes.latent import LatentDims
 from moa_flex.plan import Plan
 
 from .attention import MoaRuntime
@@ -89,10 +91,17 @@ def backend(plan: Plan, *, inner: str = "inductor", mode: str | None = None, con
         plan, runtime.id, inner=inner, mode=mode,
         softcaps=softcaps(config, plan.num_layers) if config else None,
         windows=model_windows(config, plan.model) if config else None,
-        partial_graphs=partial_graphs,
+        partial_graphs=partial_graphs, latent=_latent_dims(config, plan),
     )
     fn.runtime = runtime  # type: ignore[attr-defined]
     return fn
+
+
+def _latent_dims(config: Any, plan: Plan) -> LatentDims | None:
+    """The latent-attention sizes the passes absorb with (passes/latent.py), or None."""
+    if config is None or latent_attention(config) is None:
+        return None
+    return LatentDims.from_config(text_config(config), plan.num_heads)
 
 
 def compile(  # noqa: A001  (the verb of the API)
@@ -220,12 +229,12 @@ def compile(  # noqa: A001  (the verb of the API)
     prefill = make_backend(
         plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
         softcaps=caps, windows=windows, verify_id=state.verify_runtime.id if verify else None, say=log.say,
-        regional=regional, on_regions=functools.partial(_regions_said, state),
+        regional=regional, on_regions=functools.partial(_regions_said, state), latent=_latent_dims(config, plan),
     )
     decode = make_decode_backend(  # CUDA graphs of decode steps are moa-flex's own (step_graph.py)
         plan, inner=backend, mode=_without_cudagraphs(mode), on_report=state.decode_reports.append, softcaps=caps, windows=windows,
         fuse_linear=fuse_linear, regional=regional and _steps_captured(model, plan, state.cudagraphs),
-        on_regions=functools.partial(_regions_said, state),
+        on_regions=functools.partial(_regions_said, state), latent=_latent_dims(config, plan),
     )
     if backend == "inductor" and cache_enabled(compile_cache):
         devices, dtype = layer_placement(model, plan.model)

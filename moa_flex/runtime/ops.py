@@ -267,13 +267,16 @@ def verify_chunk(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     length: torch.Tensor, chunk_pads: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
     window: int, scale: float, layer: int, want: torch.Tensor, sinks: torch.Tensor | None = None,
-    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, up: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
 ) -> None:
     """The first-call check of a prefill chunk's layer: when the cache is empty (the first
     chunk), the chunk attention with dense spans, without soft-cap, against ``want``, the
     model's own SDPA output over the chunk; real rows: positions >= 0. Reads ``length`` on
     the host (once per graph). An FP8 cache's chunk is compared unquantized (the check is of
-    the rewrite's masks and grouping; quantization is the cache's own, documented error)."""
+    the rewrite's masks and grouping; quantization is the cache's own, documented error).
+    ``up`` [H, r, v] (and ``up_bias`` [H, 1, v]): latent attention's projection of the output
+    to the model's values (passes/latent.py), applied before the comparison."""
     if int(length.max()) > 0:
         record_skip(layer, "the cache was not empty (only a first chunk is compared)")
         return
@@ -285,13 +288,15 @@ def verify_chunk(
     scales = {"k_scale": k_scale, "v_scale": v_scale}
     got = (chunk_attention_triton(*args, sinks=sinks, **scales) if q.device.type == "cuda"
            else chunk_attention_reference(*args, sinks=sinks, **scales))
+    if up is not None:
+        got = got @ up.to(got.dtype) + (0 if up_bias is None else up_bias.to(got.dtype))
     real = (start.view(-1, 1) + torch.arange(q.shape[2], device=q.device).view(1, -1)) >= 0
     check_close(got, want, real, layer, "moa_flex::chunk_prefill")
 
 
 @verify_chunk.register_fake
 def _(q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer, want,  # noqa: ANN001, ANN202
-      sinks=None, k_scale=None, v_scale=None):
+      sinks=None, k_scale=None, v_scale=None, up=None, up_bias=None):
     return None
 
 
