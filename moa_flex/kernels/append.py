@@ -35,14 +35,19 @@ if triton is not None:
 
     @triton.jit
     def _quantize(x, ok, QUANT: tl.constexpr):
-        """(values to store, scale) of [G, D] vectors ``x``: as quantize_fp8 (QUANT), else (x, 1)."""
+        """(values to store, scale) of [G, D] vectors ``x``: as quantize_fp8 (QUANT), else (x, 1).
+        One return: Triton's compiler (3.6) also generates a return that follows a taken constexpr
+        branch's return, and refuses returns of different types; its interpreter does not."""
         if QUANT:
             amax = tl.max(tl.where(ok, tl.abs(x.to(tl.float32)), 0.0), axis=1)
             scale = amax * _INV_FP8_MAX
             scale = tl.where(scale >= _SCALE_MIN, scale, 1.0)
             y = tl.math.div_rn(x.to(tl.float32), scale[:, None])
-            return _round_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)), scale
-        return x, tl.full([x.shape[0]], 1.0, tl.float32)
+            out = _round_e4m3(tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
+        else:
+            out = x
+            scale = tl.full([x.shape[0]], 1.0, tl.float32)
+        return out, scale
 
     @triton.jit
     def _round_e4m3(y):

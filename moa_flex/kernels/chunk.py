@@ -372,7 +372,7 @@ def chunk_attention_triton(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
     sink: int, window: int, scale: float, softcap: float, *, out: torch.Tensor | None = None,
-    block_q: int = BLOCK_Q, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 3,
+    block_q: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     full_tiles: bool = True, sinks: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None,
@@ -382,6 +382,9 @@ def chunk_attention_triton(
     run compiled; CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is
     first imported). Reads no tensor value on the host: safe inside a CUDA graph.
     ``full_tiles=False`` masks every tile (the same result; for tests and the benchmark).
+    Tiles: ``block_q`` x ``block_n`` with ``num_stages`` (default 128 x 64 or 32, 3 stages; for
+    heads wider than 256, a latent cache's 576 / 512, 32 x 32 and 2 stages, which fit a Hopper
+    SM's shared memory: tests/kernel_aot.py).
     FP8 cache / chunk: ``k_scale``/``v_scale`` [B, S], ``kn_scale``/``vn_scale`` [B, G, C]
     (float32, unit stride along slots / tokens)."""
     if triton is None:
@@ -398,6 +401,9 @@ def chunk_attention_triton(
                            "before triton is first imported")
     B, H, C, D = q.shape
     G, Dv = offsets.shape[0] - 1, v_new.shape[3]
+    wide = max(pow2(D, 16), pow2(Dv, 16)) > 256  # a latent cache (576 / 512): smaller tiles, 2 stages
+    block_q = (32 if wide else BLOCK_Q) if block_q is None else block_q
+    num_stages = (2 if wide else 3) if num_stages is None else num_stages
     if block_q < 16 or block_q & (block_q - 1):
         raise ValueError(f"block_q must be a power of two >= 16 (queries), got {block_q}")
     if block_n is None:

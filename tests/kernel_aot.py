@@ -1,0 +1,143 @@
+"""Compile moa-flex's Triton kernels for a Hopper GPU (sm_90) on a machine without one.
+
+Triton's interpreter, which runs the kernels in the CPU suite, skips the compiler's own checks
+(a kernel that ran there failed to compile on the H200: two return types in one function).
+This script runs the host wrappers on small CPU tensors with the launches intercepted, and
+compiles every launched (kernel, signature, constants) ahead of time to a cubin with Triton's
+own compiler. Run in a process without TRITON_INTERPRET (tests/test_kernel_aot.py starts it);
+prints one line per compiled kernel and exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
+    sys.exit("kernel_aot.py compiles kernels: run it without TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from moa_flex.kernels import append, chunk, decode  # noqa: E402
+from moa_flex.kernels.quant import FP8, SCALE_DTYPE  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
+SHARED_MAX = 232448  # bytes of shared memory one block may use on an H100 / H200 (227 KiB)
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+           torch.int64: "i64", FP8: "fp8e4nv", torch.bool: "i1"}
+LAUNCHES: list[tuple[JITFunction, dict[str, str], dict[str, Any], dict[str, int], str]] = []
+
+
+def _record(fn: JITFunction, what: str) -> Any:
+    def launch(*args: Any, **kwargs: Any) -> None:
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        bound = dict(zip(fn.arg_names, args)) | kwargs
+        signature, constants = {}, {}
+        for param in fn.params:
+            value = bound[param.name]
+            if param.is_constexpr or value is None:
+                signature[param.name], constants[param.name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[param.name] = "*" + _DTYPES[value.dtype]
+            elif isinstance(value, bool):
+                signature[param.name] = "i1"
+            elif isinstance(value, int):
+                signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            elif isinstance(value, float):
+                signature[param.name] = "fp32"
+            else:
+                raise TypeError(f"{fn.fn.__name__}: no Triton type for argument {param.name}={value!r}")
+        if "DOT_F32" in constants:  # the interpreter's accumulation; the GPU path runs tensor-core dots
+            constants["DOT_F32"] = False
+        LAUNCHES.append((fn, signature, constants, options, what))
+    return launch
+
+
+def _intercept(module: Any, names: tuple[str, ...], what: str) -> None:
+    for name in names:
+        fn = getattr(module, name)
+        setattr(module, name, _Launcher(fn, what))
+
+
+class _Launcher:
+    """Stands in for ``kernel`` in ``kernel[grid](...)``: records the launch."""
+
+    def __init__(self, fn: JITFunction, what: str) -> None:
+        self.fn, self.what = fn, what
+
+    def __getitem__(self, grid: Any) -> Any:
+        return _record(self.fn, self.what)
+
+
+def _cases() -> None:
+    """Host wrappers on CPU tensors: a bf16 and an FP8 cache, without and with soft-cap, window
+    and sinks (the constants that change the compiled code), and a latent cache's widths."""
+    for mod in (append, chunk, decode):
+        mod.interpreting = lambda: True  # let the wrappers accept CPU tensors; nothing runs
+    _intercept(append, ("_append_kernel",), "append")
+    _intercept(decode, ("_decode_partial_kernel", "_decode_combine_kernel"), "decode")
+    _intercept(chunk, ("_chunk_kernel",), "chunk")
+    B, H, S, C = 2, 8, 64, 32
+    spans = torch.full((B, H), 24, dtype=torch.int32)
+    length = torch.full((B,), 40, dtype=torch.long)
+    # (KV groups, key width, value width, cache dtype, soft-cap / window / sinks): Llama-like bf16
+    # plain, FP8 with every option, and DeepSeek-V3's latent cache (one group, 512 + 64 and 512)
+    cases = ((2, 128, 128, torch.bfloat16, False), (2, 128, 128, FP8, True), (1, 576, 512, torch.bfloat16, False))
+    for G, D, Dv, dtype, options in cases:
+        caps = torch.full((B, G), S // G, dtype=torch.int32)
+        offsets = torch.arange(0, S + 1, S // G, dtype=torch.int32)
+        quant = dtype == FP8
+        keys, values = torch.zeros(B, S, D).to(dtype), torch.zeros(B, S, Dv).to(dtype)
+        scales = ({"k_scale": torch.ones(B, S, dtype=SCALE_DTYPE), "v_scale": torch.ones(B, S, dtype=SCALE_DTYPE)}
+                  if quant else {})
+        k_new, v_new = torch.randn(B, G, 1, D, dtype=torch.bfloat16), torch.randn(B, G, 1, Dv, dtype=torch.bfloat16)
+        append.cache_append_triton(keys, values, length, k_new, v_new, caps, offsets, 4, **scales)
+        softcap, window, sinks = (30.0, 16, torch.zeros(H)) if options else (0.0, 0, None)
+        q = torch.randn(B, H, D, dtype=torch.bfloat16)
+        decode.ragged_decode_triton(q, keys, values, offsets, caps, spans, length - 1, 4, window, 0.088, softcap,
+                                    sinks=sinks, **scales)
+        qc = torch.randn(B, H, C, D, dtype=torch.bfloat16)
+        kc, vc = torch.randn(B, G, C, D, dtype=torch.bfloat16), torch.randn(B, G, C, Dv, dtype=torch.bfloat16)
+        chunk.chunk_attention_triton(qc, kc, vc, keys, values, offsets, caps, spans, length,
+                                     torch.zeros(B, dtype=torch.long), 4, window, 0.088, softcap, sinks=sinks, **scales)
+
+
+def dims(signature: dict[str, str], constants: dict[str, Any]) -> str:
+    """The head widths a launch was compiled for (D, DV), for the report."""
+    return " ".join(f"{k}={constants[k]}" for k in ("D", "DV") if k in constants)
+
+
+def main() -> int:
+    _cases()
+    seen = set()
+    for fn, signature, constants, options, what in LAUNCHES:
+        key = (fn.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(map(str, constants.items()))))
+        if key in seen:
+            continue
+        seen.add(key)
+        t0 = time.perf_counter()
+        flags = {k: v for k, v in constants.items() if k.isupper() and isinstance(v, bool)}
+        try:
+            kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=TARGET,
+                                    options=options)
+        except Exception as e:  # noqa: BLE001 - the failure is the report
+            print(f"FAILED {fn.fn.__name__} ({what}) {flags}: {type(e).__name__}: {e}", flush=True)
+            return 1
+        shared = int(kernel.metadata.shared)
+        print(f"compiled {fn.fn.__name__} for sm_90 {flags} {dims(signature, constants)}: {shared} bytes of shared "
+              f"memory, in {time.perf_counter() - t0:.1f} s", flush=True)
+        if shared > SHARED_MAX:
+            print(f"FAILED {fn.fn.__name__} ({what}) {flags}: needs {shared} bytes of shared memory, more than a "
+                  f"Hopper SM's {SHARED_MAX}", flush=True)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
