@@ -212,7 +212,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="*", default=[131072, 262144], help="planned lengths N (tokens)")
     ap.add_argument("--plans", nargs="+", default=["262k", "d0.25"], help="262k (shipped) and/or d<density>")
     ap.add_argument("--plans-at", nargs=2, action="append", default=[], metavar=("N", "PLANS"),
-                    help="the plans (comma-separated) at length N instead of --plans, e.g. --plans-at 524288 d0.25")
+                    help="the plans (comma-separated) at length N instead of --plans, e.g. --plans-at 524288 d0.25 "
+                         "('' for none: HF eager alone with --hf)")
     ap.add_argument("--hf", action="store_true", help="also HF eager sdpa at every length")
     ap.add_argument("--steps", type=int, default=32, help="generated tokens per request")
     ap.add_argument("--chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
@@ -255,7 +256,7 @@ def main() -> None:
         print(text, flush=True)
 
     chunk = args.chunk or None
-    plans_at = {int(n): names.split(",") for n, names in args.plans_at}
+    plans_at = {int(n): [p for p in names.split(",") if p] for n, names in args.plans_at}  # "": none (--hf alone)
     for N in args.lengths:
         if args.hf:
             r = hf_case(model, N, args.steps, args.device)
