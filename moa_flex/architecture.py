@@ -259,10 +259,12 @@ def check_latent_expansion(model: torch.nn.Module, latent: tuple[int, int]) -> N
     Checked by evaluation on a random latent, in float32 where the weights are."""
     rank, rope = latent
     gen = torch.Generator().manual_seed(0)
+    checked = 0
     for name, module in _language_model(model).named_modules():
         proj = getattr(module, "kv_b_proj", None)
         if proj is None or not hasattr(module, "expand_kv"):
             continue
+        checked += 1
         weight = proj.weight
         if weight.device.type == "meta":
             continue
@@ -284,6 +286,9 @@ def check_latent_expansion(model: torch.nn.Module, latent: tuple[int, int]) -> N
                 raise ValueError(f"{name}.expand_kv does not expand the latent into {what} as moa-flex's latent "
                                  "attention assumes (per head h: keys [W_uk,h c + b ; k_rot], values W_uv,h c + b, "
                                  "kv_b_proj viewed as [heads, nope + v, rank]); the rewrite would answer wrongly")
+    if not checked:
+        raise ValueError(f"{type(model).__name__} has latent attention (kv_lora_rank={rank}) but no attention module with "
+                         "kv_b_proj and expand_kv, the latent cache moa-flex attends over (transformers' form since 5.x)")
 
 
 def layer_placement(model: torch.nn.Module, shape: Any) -> tuple[list[torch.device], torch.dtype]:

@@ -20,12 +20,9 @@ if not torch.cuda.is_available():
 # tests/test_startup.py turns it on where it is the subject
 os.environ.setdefault("MOA_FLEX_COMPILE_CACHE", "0")
 
-import pytest  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _many_compiles():  # noqa: ANN202
-    """Tests compile many fresh models; all HF forwards share one transformers wrapper code
-    object, so dynamo's per-code recompile limit (8) is raised for every test."""
-    with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
-        yield
+# Tests compile many fresh models in one process; all HF forwards share one transformers wrapper
+# code object, so dynamo's per-code recompile limit is raised for the whole session: module-scoped
+# fixtures compile too (a per-test patch left them at moa-flex's own 64, which a worker that had
+# compiled many models before tests/test_regional.py's fixture once exceeded).
+torch._dynamo.config.recompile_limit = 256
+torch._dynamo.config.accumulated_recompile_limit = 4096

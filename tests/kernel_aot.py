@@ -5,7 +5,9 @@ Triton's interpreter, which runs the kernels in the CPU suite, skips the compile
 This script runs the host wrappers on small CPU tensors with the launches intercepted, and
 compiles every launched (kernel, signature, constants) ahead of time to a cubin with Triton's
 own compiler. Run in a process without TRITON_INTERPRET (tests/test_kernel_aot.py starts it);
-prints one line per compiled kernel and exits non-zero on the first failure.
+prints one line per compiled kernel and exits non-zero on the first failure. Argument: the
+cases, ``llama`` (bf16 and FP8 caches at head dim 128, the default) or ``latent`` (a latent
+cache's 576 / 512).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class _Launcher:
         return _record(self.fn, self.what)
 
 
-def _cases() -> None:
+def _cases(which: str) -> None:
     """Host wrappers on CPU tensors: a bf16 and an FP8 cache, without and with soft-cap, window
     and sinks (the constants that change the compiled code), and a latent cache's widths."""
     for mod in (append, chunk, decode):
@@ -88,8 +90,9 @@ def _cases() -> None:
     length = torch.full((B,), 40, dtype=torch.long)
     # (KV groups, key width, value width, cache dtype, soft-cap / window / sinks): Llama-like bf16
     # plain, FP8 with every option, and DeepSeek-V3's latent cache (one group, 512 + 64 and 512)
-    cases = ((2, 128, 128, torch.bfloat16, False), (2, 128, 128, FP8, True), (1, 576, 512, torch.bfloat16, False))
-    for G, D, Dv, dtype, options in cases:
+    cases = {"llama": ((2, 128, 128, torch.bfloat16, False), (2, 128, 128, FP8, True)),
+             "latent": ((1, 576, 512, torch.bfloat16, False),)}
+    for G, D, Dv, dtype, options in cases[which]:
         caps = torch.full((B, G), S // G, dtype=torch.int32)
         offsets = torch.arange(0, S + 1, S // G, dtype=torch.int32)
         quant = dtype == FP8
@@ -114,7 +117,10 @@ def dims(signature: dict[str, str], constants: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    _cases()
+    which = sys.argv[1] if len(sys.argv) > 1 else "llama"
+    if which not in ("llama", "latent"):
+        sys.exit(f"usage: kernel_aot.py [llama|latent], got {which!r}")
+    _cases(which)
     seen = set()
     for fn, signature, constants, options, what in LAUNCHES:
         key = (fn.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(map(str, constants.items()))))
