@@ -190,12 +190,17 @@ def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, in
     return found
 
 
+_SUBLAYER_OF = re.compile(r"(?:self_attn|attn|attention)\.(\d+)$")  # layers.3.self_attn.1: a list of sublayers
+
+
 def attention_layer_problem(model: torch.nn.Module) -> str:
-    """Why the model's attention modules do not map one to one to decoder layers ("" if they
+    """Why the model's attention modules do not map one to one to cache layers ("" if they
     do): a module whose ``layer_idx`` is not the index of the decoder layer holding it (Zamba's
     block shared by several layers), or two attention modules answering to one layer index
-    (HRM's two stacks). The passes and the cache find a call's layer through both."""
-    seen: dict[int, str] = {}
+    (HRM's two stacks). A decoder layer may hold a list of attention sublayers (LongCat-Flash's
+    ``self_attn.0`` and ``.1``) if sublayer j of decoder layer N answers to ``N * sublayers + j``.
+    The passes and the cache find a call's layer through both (passes/nodes.py ``call_layers``)."""
+    found = []
     for name, module in _language_model(model).named_modules():
         if (not type(module).__name__.endswith(("Attention", "MLA")) or not hasattr(module, "layer_idx")
                 or _CROSS.search(name) or getattr(module, "is_cross_attention", False)):
@@ -204,9 +209,15 @@ def attention_layer_problem(model: torch.nn.Module) -> str:
         idx = module.layer_idx
         if m is None or idx is None or (isinstance(idx, int) and idx < 0):
             continue  # None (Zamba) or -1 (Zamba2): a block shared by several layers, told its layer by the caller
-        if not isinstance(idx, int) or idx != int(m.group(1)):
-            return (f"{name} answers to layer_idx {idx!r} inside decoder layer {m.group(1)} (an attention block shared "
-                    "by several layers, or several attention sublayers in one decoder layer)")
+        sub = _SUBLAYER_OF.search(name)
+        found.append((name, idx, int(m.group(1)), int(sub.group(1)) if sub else None))
+    per = max((j for *_, j in found if j is not None), default=-1) + 1
+    seen: dict[int, str] = {}
+    for name, idx, layer, j in found:
+        expected = layer if j is None or per == 0 else layer * per + j
+        if not isinstance(idx, int) or idx != expected:
+            return (f"{name} answers to layer_idx {idx!r} inside decoder layer {layer} (an attention block shared "
+                    "by several layers, or attention sublayers numbered otherwise than N * sublayers + j)")
         if idx in seen:
             return f"{seen[idx]} and {name} both answer to layer_idx {idx} (several attention stacks)"
         seen[idx] = name

@@ -34,7 +34,7 @@ from .prefill_pass import extend_nodes, rewrite_prefill
 from .latent import LatentDims
 from .value_fusion import fuse_value_splits
 from .nodes import (
-    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, node_layer, plan_layers, check_heads, sinks_of,
+    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, call_layers, plan_layers, check_heads, sinks_of,
     padding_mask_input,
 )
 
@@ -77,7 +77,7 @@ def rewrite_attention(
             "graph; is this a decoder model running with attn_implementation='sdpa'? (For a model that "
             "graph-breaks, e.g. one running flex_attention, pass partial_graphs=True.)"
         )
-    located = [node_layer(n) for n in nodes]
+    located = call_layers(nodes)
     planned = plan_layers([layer for layer, _ in located], plan.model, "the traced graph has attention calls")
     layers = [(p, path) for p, (_, path) in zip(planned, located)]
     check_no_dropout(nodes)

@@ -338,6 +338,26 @@ def node_layer(node: torch.fx.Node) -> tuple[int, str]:
     )
 
 
+# an attention module in a list of them inside a decoder layer: ``layers.3.self_attn.1`` (LongCat-Flash)
+_SUBLAYER = re.compile(r"(?:self_attn|attn|attention)(?:\.|\[)'?(\d+)'?\]?$")
+
+
+def call_layers(nodes: list[torch.fx.Node]) -> list[tuple[int, str]]:
+    """(layer index, module path) of each attention node: its decoder layer, or where a decoder
+    layer holds a list of attention sublayers (LongCat-Flash: ``self_attn.0`` and ``self_attn.1``,
+    whose ``layer_idx`` is ``2 N + j``), ``N * sublayers + j``: the index transformers' cache and
+    the plan give it (``architecture.attention_layer_problem`` checks the convention)."""
+    located = [node_layer(n) for n in nodes]
+    subs = [_SUBLAYER.search(path) for _, path in located]
+    if not any(subs):
+        return located
+    if not all(subs):
+        raise ValueError("some attention calls sit in a list of attention sublayers and some do not "
+                         f"({[path for _, path in located]}); moa-flex maps all of a model's calls one way")
+    per = max(int(m.group(1)) for m in subs) + 1
+    return [(layer * per + int(m.group(1)), path) for (layer, path), m in zip(located, subs)]
+
+
 def arg(node: torch.fx.Node, index: int, name: str, default: Any) -> Any:
     if len(node.args) > index:
         return node.args[index]
@@ -369,8 +389,7 @@ def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str) -> d
     exactly one (``shape``: the plan's ModelShape); ValueError naming the layers otherwise
     (``graph``: what graph this is, for the message)."""
     found: dict[int, tuple[torch.fx.Node, str]] = {}
-    for node in nodes:
-        layer, path = node_layer(node)
+    for node, (layer, path) in zip(nodes, call_layers(nodes)):
         if layer in found:
             raise ValueError(
                 f"{graph} graph: two {what} nodes for layer {layer} ({found[layer][0].name} in {found[layer][1]}, "

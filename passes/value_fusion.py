@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .nodes import SINK_TARGETS, arg, attention_nodes, eliminate_dead_code, keeps_effects, node_layer
+from .nodes import SINK_TARGETS, arg, attention_nodes, call_layers, eliminate_dead_code, keeps_effects
 
 _SAME_DEPTH = 8  # how far back two key computations are compared node by node
 
@@ -31,11 +31,12 @@ def fuse_value_splits(graph: torch.fx.Graph) -> int:
     """Fuse every layer's SDPA calls that share queries, keys, mask and scale (module
     docstring); returns how many calls were removed. The graph is changed in place."""
     by_layer: dict[int, list[torch.fx.Node]] = {}
-    for node in attention_nodes(graph):
-        try:
-            layer = node_layer(node)[0]
-        except ValueError:
-            continue  # reported by the pass proper
+    nodes = attention_nodes(graph)
+    try:
+        layers = [layer for layer, _ in call_layers(nodes)]
+    except ValueError:
+        return 0  # reported by the pass proper
+    for node, layer in zip(nodes, layers):
         by_layer.setdefault(layer, []).append(node)
     removed = 0
     roots: list[torch.fx.Node] = []

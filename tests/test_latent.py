@@ -19,7 +19,9 @@ from moa_flex.support import _build, _random_plan, check_type, tiny_config
 
 @pytest.mark.parametrize("model_type", ["deepseek_v3",
                                         pytest.param("minicpm3", marks=pytest.mark.slow),
-                                        pytest.param("kimi_linear", marks=pytest.mark.slow)])  # hybrid: 19 s
+                                        pytest.param("kimi_linear", marks=pytest.mark.slow),  # hybrid: 19 s
+                                        # two attention sublayers per decoder layer (layer_idx 2N + j): 10 s
+                                        pytest.param("longcat_flash", marks=pytest.mark.slow)])
 def test_latent_attention_passes_the_matrix(model_type: str) -> None:
     r = check_type(model_type)
     assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
@@ -110,3 +112,14 @@ def test_a_value_bias_is_carried_through() -> None:
 def test_deepseek_sparse_attention_is_refused_by_name() -> None:
     r = check_type("deepseek_v32")
     assert r.status == "refused" and "DeepSeek Sparse Attention" in r.detail
+
+
+def test_attention_sublayers_must_follow_the_cache_numbering() -> None:
+    """LongCat-Flash: decoder layer N holds self_attn.0 and .1 answering to layer_idx 2N and 2N + 1,
+    which the passes assume (passes/nodes.py call_layers); another numbering is refused by name."""
+    from moa_flex.architecture import attention_layer_problem
+
+    model = _build("longcat_flash")
+    assert attention_layer_problem(model) == ""
+    model.model.layers[1].self_attn[0].layer_idx = 3
+    assert "layers.1.self_attn.0 answers to layer_idx 3 inside decoder layer 1" in attention_layer_problem(model)

@@ -16,7 +16,9 @@ import moa_flex
 from moa_flex.plan import Plan
 from moa_flex.passes import attention_pass
 from moa_flex.passes.attention_pass import rewrite_attention
-from moa_flex.passes.nodes import CACHED, SDPA_TARGETS, Layout, as_cached, cached_layout, eliminate_dead_code, keeps_effects
+from moa_flex.passes.nodes import (
+    CACHED, SDPA_TARGETS, Layout, as_cached, cached_layout, call_layers, eliminate_dead_code, keeps_effects,
+)
 from tiny_models import FAMILIES, SEQ, ids_of, tiny_model
 
 
@@ -173,3 +175,23 @@ def test_cached_layout_tells_grouping_from_rearranging() -> None:
             call = fn(value)
             group = call.shape[1] // heads
             assert torch.equal(ungrouped.repeat_interleave(group, 1).float(), call.float()), fn
+
+
+def test_calls_in_a_list_of_attention_sublayers_take_their_cache_index() -> None:
+    """Module paths ``layers.N.self_attn.j`` (LongCat-Flash: two attention sublayers per decoder
+    layer, layer_idx 2N + j) map to N * sublayers + j; plain paths to N; a mix is refused."""
+    graph = torch.fx.Graph()
+
+    def call(path: str) -> torch.fx.Node:
+        node = graph.placeholder(f"n{len(graph.nodes)}")
+        node.meta["nn_module_stack"] = {"a": ("model.layers", object), "b": (path, object)}
+        return node
+
+    listed = [call(f"model.layers.{n}.self_attn.{j}") for n in (0, 1, 2) for j in (0, 1)]
+    assert [layer for layer, _ in call_layers(listed)] == [0, 1, 2, 3, 4, 5]
+    bracketed = [call(f"L['self'].model.layers[{n}].self_attn[{j}]") for n in (0, 1) for j in (0, 1, 2)]
+    assert [layer for layer, _ in call_layers(bracketed)] == [0, 1, 2, 3, 4, 5]
+    plain = [call(f"model.layers.{n}.self_attn") for n in (0, 1)]
+    assert [layer for layer, _ in call_layers(plain)] == [0, 1]
+    with pytest.raises(ValueError, match="sublayers"):
+        call_layers(plain + listed[:2])
