@@ -128,8 +128,6 @@ def _call(graph: torch.fx.Graph, op: Callable, args: tuple, like: torch.fx.Node)
     node = graph.call_function(op, args)
     node.meta = {k: v for k, v in like.meta.items() if k in ("stack_trace", "nn_module_stack")}
     fake = torch.fx.node.map_arg(args, lambda n: n.meta.get("example_value", n.meta.get("val")))
-    flat = [a for a in torch.utils._pytree.tree_leaves(fake)]
-    if all(not isinstance(a, torch.fx.Node) for a in flat) and not any(a is None for a in flat
-                                                                       if not isinstance(a, (int, float))):
+    if not any(a is None for a in torch.utils._pytree.tree_leaves(fake)):  # every input's value known
         node.meta["example_value"] = op(*fake)
     return node
