@@ -4,6 +4,7 @@
                                   [--densities 0.25 0.5] [--kv-dtypes bf16 fp8] [--repeats 50] [--record]
     python bench/decode_kernel.py --sweep --batches 8 --lengths 65536   # also the kernel's tiling grid
     python bench/decode_kernel.py --smoke --kv-dtypes bf16 fp8   # tiny shapes on the CPU (op -> twin): checks the script
+    python bench/decode_kernel.py --batches 8 --lengths 65536 --kv-dtypes bf16 fp8 --fp8-dot-f16   # fp8: both dots
     TRITON_INTERPRET=1 python bench/decode_kernel.py --smoke --sweep   # the sweep too, in Triton's interpreter
 
 Llama-3-8B attention shape: 32 query / 8 KV heads, head dim 128, bf16. For each KV density a
@@ -295,12 +296,15 @@ def kernel_rows(args: argparse.Namespace, timer: Timer, B: int, N: int, density:
     for kv in args.kv_dtypes:
         k, v, scales = as_cache(inputs[1], inputs[2], kv)
         cached = (inputs[0], k, v, *inputs[3:])
-        ms, mode = timer(kernel_call(dev, cached, scales, plan.sink, out, args.tuning))
         # what the kernel must read: kept K and V slots, an FP8 cache's scales included
         nbytes = B * slots * 2 * bytes_per_vector(k.dtype, D)
-        rows.append({"B": B, "N": N, "density": slots / (KVH * N), "method": f"moa-flex d={density}{kv_suffix(kv)}",
-                     "target": density, "kv": kv, "ms": ms, "mode": mode, "bytes": nbytes,
-                     "vs_flex": base.get("flex dense", float("nan")) / ms})
+        dots = [None] + ([torch.float16] if kv == "fp8" and args.fp8_dot_f16 and dev == "cuda" else [])
+        for fp8_dot in dots:
+            tuning = args.tuning if fp8_dot is None else {**args.tuning, "fp8_dot": fp8_dot}
+            ms, mode = timer(kernel_call(dev, cached, scales, plan.sink, out, tuning))
+            rows.append({"B": B, "N": N, "density": slots / (KVH * N), "target": density, "kv": kv,
+                         "method": f"moa-flex d={density}{kv_suffix(kv)}{' f16 dots' if fp8_dot else ''}",
+                         "ms": ms, "mode": mode, "bytes": nbytes, "vs_flex": base.get("flex dense", float("nan")) / ms})
         if args.sweep_grid:
             sweeps.append({"B": B, "N": N, "density": slots / (KVH * N), "bytes": nbytes, "kv": kv,
                            "results": sweep(cached, plan.sink, out, timer, args.sweep_grid, scales)})
@@ -395,7 +399,8 @@ def kv_notes(rows: list) -> list[str]:
             first[key] = r
             continue
         a = first[key]
-        out.append(f"B={r['B']}, N={r['N']}, d={r['target']}: {r['kv']} kernel {r['ms']:.4f} ms vs {a['kv']} "
+        what = r["kv"] + (" (f16 dots)" if r["method"].endswith("f16 dots") else "")
+        out.append(f"B={r['B']}, N={r['N']}, d={r['target']}: {what} kernel {r['ms']:.4f} ms vs {a['kv']} "
                    f"{a['ms']:.4f} ms: speed-up {a['ms'] / r['ms']:.2f}x, bytes read {r['bytes'] / a['bytes']:.3f}x")
     return out
 
@@ -407,6 +412,8 @@ def main() -> None:
     ap.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--kv-dtypes", nargs="+", choices=KV_CHOICES, default=["bf16"],
                     help="the kernel's cache dtypes, a row each per density (fp8: FP8 values + float32 scales)")
+    ap.add_argument("--fp8-dot-f16", action="store_true",
+                    help="fp8 rows: also the kernel with its dots in float16 (ragged_decode_triton fp8_dot), GPU only")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)

@@ -103,8 +103,9 @@ def _cases(which: str) -> None:
         append.cache_append_triton(keys, values, length, k_new, v_new, caps, offsets, 4, **scales)
         softcap, window, sinks = (30.0, 16, torch.zeros(H)) if options else (0.0, 0, None)
         q = torch.randn(B, H, D, dtype=torch.bfloat16)
-        decode.ragged_decode_triton(q, keys, values, offsets, caps, spans, length - 1, 4, window, 0.088, softcap,
-                                    sinks=sinks, **scales)
+        for fp8_dot in (None, torch.float16) if quant else (None,):
+            decode.ragged_decode_triton(q, keys, values, offsets, caps, spans, length - 1, 4, window, 0.088, softcap,
+                                        sinks=sinks, fp8_dot=fp8_dot, **scales)
         qc = torch.randn(B, H, C, D, dtype=torch.bfloat16)
         kc, vc = torch.randn(B, G, C, D, dtype=torch.bfloat16), torch.randn(B, G, C, Dv, dtype=torch.bfloat16)
         chunk.chunk_attention_triton(qc, kc, vc, keys, values, offsets, caps, spans, length,

@@ -205,16 +205,20 @@ def test_decode_twin_reads_dequantized_values(lay: dict) -> None:
 @HYP
 @given(lay=decode_layouts(max_b=2, max_g=3, max_hpg=4, max_width=48, dims=(16, 64, 128)),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), chunk=st.sampled_from([16, 32, None]),
-       sinks=st.booleans())
-def test_decode_kernel_reads_fp8_like_its_twin(lay: dict, dtype: torch.dtype, chunk: int | None, sinks: bool) -> None:
+       sinks=st.booleans(), fp8_dot=st.sampled_from([None, torch.float16]))
+def test_decode_kernel_reads_fp8_like_its_twin(lay: dict, dtype: torch.dtype, chunk: int | None, sinks: bool,
+                                               fp8_dot: torch.dtype | None) -> None:
     """The ragged decode kernel over an FP8 cache (dequantized in registers), output poisoned
-    first, against the twin in fp32 arithmetic on the dequantized values."""
+    first, against the twin in fp32 arithmetic on the dequantized values; with its dots in q's
+    dtype or (``fp8_dot``) in float16."""
     args, (ks, vs) = fp8_decode_tensors(lay, dtype, KERNEL_DEVICE)
     H = lay["G"] * lay["hpg"]
     logits = torch.randn(H, generator=torch.Generator().manual_seed(lay["seed"])) if sinks else None
     out = torch.full((lay["B"], H, lay["Dv"]), float("nan"), dtype=dtype, device=KERNEL_DEVICE)
     ragged_decode_triton(*args, *scalars(lay), out=out, chunk=chunk, block_n=16, k_scale=ks, v_scale=vs,
-                         sinks=None if logits is None else logits.to(KERNEL_DEVICE))
+                         sinks=None if logits is None else logits.to(KERNEL_DEVICE), fp8_dot=fp8_dot)
+    if fp8_dot is not None and dtype == torch.float32:
+        dtype = torch.float16  # float16 queries and probabilities: 2^-11 relative, bounded below as bf16's
     q32 = args[0].cpu().float()
     want = ragged_decode_reference(q32, *(a.cpu() for a in args[1:]), *scalars(lay), logits, ks.cpu(), vs.cpu())
     assert not out.isnan().any(), "output not fully written"
@@ -222,6 +226,19 @@ def test_decode_kernel_reads_fp8_like_its_twin(lay: dict, dtype: torch.dtype, ch
     # bf16: probabilities enter the MMA in bf16 (2^-8 relative), so the bound scales with the output
     scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
     assert err <= (1e-5 if dtype == torch.float32 else 2e-2 * scale), err
+
+
+@needs_kernel
+@HYP
+@given(lay=decode_layouts(max_b=1, max_g=2, max_hpg=2, max_width=16, dims=(16,)))
+def test_float16_dots_are_for_an_fp8_cache_only(lay: dict) -> None:
+    """``fp8_dot`` takes None or float16, and only with an FP8 cache (refused before any launch)."""
+    args, (ks, vs) = fp8_decode_tensors(lay, torch.bfloat16, KERNEL_DEVICE)
+    plain = (args[0], args[1].float().to(torch.bfloat16), args[2].float().to(torch.bfloat16), *args[3:])
+    with pytest.raises(ValueError, match="fp8_dot is None or torch.float16, for an FP8 cache only"):
+        ragged_decode_triton(*plain, *scalars(lay), fp8_dot=torch.float16)
+    with pytest.raises(ValueError, match="fp8_dot is None or torch.float16"):
+        ragged_decode_triton(*args, *scalars(lay), k_scale=ks, v_scale=vs, fp8_dot=torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------- prefill reads

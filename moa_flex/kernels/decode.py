@@ -442,10 +442,11 @@ if triton is not None:
         HPG: tl.constexpr, HPG_PAD: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        QUANT: tl.constexpr,
+        QUANT: tl.constexpr, F16_DOT: tl.constexpr,
     ):
         """One (work item, row): online softmax of all HPG heads of a group over a chunk of slots.
-        ``QUANT``: FP8 K/V, dequantized in registers (scales folded into scores and probabilities)."""
+        ``QUANT``: FP8 K/V, dequantized in registers (scales folded into scores and probabilities);
+        ``F16_DOT``: their dots in float16 (queries cast once; e4m3 converts to it natively)."""
         item = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         g = tl.load(items_ptr + item * 4)
@@ -472,6 +473,8 @@ if triton is not None:
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
             mask=head_ok[:, None] & (d[None, :] < D), other=0.0,
         )
+        if F16_DOT:
+            qt = qt.to(tl.float16)
         if DOT_F32:
             qt = qt.to(tl.float32)
         m_i = tl.full([HPG_PAD], float("-inf"), tl.float32)
@@ -517,7 +520,10 @@ if triton is not None:
             )
             if QUANT:  # the value scale rides on the probabilities: acc += (p * v_scale) . v8
                 v_sc = tl.load(vs_ptr + b * stride_vsb + rows, mask=valid, other=0.0)
-                pv = (pr * v_sc[None, :]).to(qt.dtype)
+                pv = pr * v_sc[None, :]
+                if F16_DOT:
+                    pv = pv.to(tl.float16)
+                pv = pv.to(qt.dtype)
                 vt = vt.to(qt.dtype)
             else:
                 pv = pr.to(vt.dtype)  # probabilities in V's dtype, as the GPU MMA takes them
@@ -595,10 +601,14 @@ def ragged_decode_triton(
     sinks: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    fp8_dot: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype);
     ``sinks`` [H]: learned sink logits (as in the twin); FP8 k/v with ``k_scale``/``v_scale``
-    float32 [B, S] (unit slot stride).
+    float32 [B, S] (unit slot stride). ``fp8_dot``: an FP8 cache's dot products in q's dtype
+    (None, the default) or in ``torch.float16`` (queries cast once; e4m3 converts to float16
+    with one native instruction on sm_89+ and to bfloat16 only through it; a measurement
+    option, bench/decode_kernel.py ``--fp8-dot``).
 
     ``chunk`` (slots per work item; default: :func:`auto_work_list`, from the allocation, the
     batch and the GPU's SM count) and
@@ -614,6 +624,8 @@ def ragged_decode_triton(
     quant = is_quantized(k.dtype)
     if quant and (k_scale.stride(1) != 1 or v_scale.stride(1) != 1):
         raise ValueError("k_scale and v_scale must have unit stride along the slots")
+    if fp8_dot not in (None, torch.float16) or (fp8_dot is not None and not quant):
+        raise ValueError(f"fp8_dot is None or torch.float16, for an FP8 cache only; got {fp8_dot} with a {k.dtype} cache")
     if q.device.type == "cpu" and not interpreting():
         raise RuntimeError(
             "ragged_decode_triton on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
@@ -654,7 +666,7 @@ def ragged_decode_triton(
             float(softcap) if softcap > 0 else 1.0,
             HPG=hpg, HPG_PAD=hpg_pad, D=D, D_PAD=d_pad, DV=Dv, DV_PAD=dv_pad, BLOCK_N=block_n,
             HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32, QUANT=quant,
-            num_warps=num_warps, num_stages=num_stages,
+            F16_DOT=fp8_dot is not None and q.dtype != torch.float16, num_warps=num_warps, num_stages=num_stages,
         )
         _decode_combine_kernel[(H, B)](
             m, l, acc, wl.group_items, m if sinks is None else sinks, out, *out.stride(), wl.n_items,
