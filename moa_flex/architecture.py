@@ -42,7 +42,7 @@ def call_kv_heads(config: Any, num_heads: int, num_kv_heads: int) -> int:
     config's, except for JetMoE, which tiles its KV heads over its ``top_k`` query experts
     before the call (``key_states.repeat(1, top_k, 1, 1)``): the call sees ``num_heads`` KV
     heads, one per query head, and the MoA cache stores them so (each of the model's KV heads
-    ``top_k`` times: the passes write the tiled keys, passes/nodes.py ``cached_tiling``); and
+    ``top_k`` times: the passes write the tiled keys, passes/nodes.py ``cached_layout``); and
     MiMo-V2-Flash, whose sliding layers run twice the config's KV heads: the plan takes those,
     and the cache holds a full-attention layer's heads each twice (passes/nodes.py ``as_cached``)."""
     model_type = getattr(config, "model_type", "")
