@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from .nodes import arg
+from .nodes import arg, recorded_value
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 _SEARCH = 40  # how many ancestors of the call's values are searched for the expansion
@@ -127,7 +127,7 @@ def _call(graph: torch.fx.Graph, op: Callable, args: tuple, like: torch.fx.Node)
     inputs' (Dynamo's nodes carry them; AOTAutograd's cache reads them)."""
     node = graph.call_function(op, args)
     node.meta = {k: v for k, v in like.meta.items() if k in ("stack_trace", "nn_module_stack")}
-    fake = torch.fx.node.map_arg(args, lambda n: n.meta.get("example_value", n.meta.get("val")))
+    fake = torch.fx.node.map_arg(args, recorded_value)
     if not any(a is None for a in torch.utils._pytree.tree_leaves(fake)):  # every input's value known
         node.meta["example_value"] = op(*fake)
     return node

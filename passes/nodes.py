@@ -28,6 +28,15 @@ SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.s
 def sinks_of(node: torch.fx.Node) -> torch.fx.Node | None:
     """The learned sink logits an attention node carries (``moa_flex::sdpa_sinks``), or None."""
     return arg(node, 8, "sinks", None) if node.target in SINK_TARGETS else None
+def recorded_value(node: Any) -> torch.Tensor | None:
+    """The (fake) tensor Dynamo or a pass recorded for ``node`` (``val`` or ``example_value``),
+    or None: not a node, nothing recorded, or not a tensor."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
 # the decoder-layer list: ``model.layers.7`` (Llama and most), ``transformer.h.7`` (GPT-2 style),
 # ``blocks.7``; Dynamo's module paths may index it as ``layers[7]`` or ``layers['7']``
 _LAYER = re.compile(r"(?:layers|\bh|blocks|\blayer)(?:\.|\[)'?(\d+)'?\]?")
@@ -218,15 +227,15 @@ def _head_chunks(node: Any) -> int | None:
 def _last_dim_cat(node: torch.fx.Node) -> bool:
     """``torch.cat(tensors, dim=-1)`` of 4-D tensors (features side by side, heads untouched)."""
     dim = arg(node, 1, "dim", 0)
-    value = node.meta.get("val", node.meta.get("example_value"))
-    ndim = value.dim() if isinstance(value, torch.Tensor) else 4
+    value = recorded_value(node)
+    ndim = value.dim() if value is not None else 4
     return isinstance(node.args[0], (tuple, list)) and ndim == 4 and dim in (-1, 3)
 
 
 def _heads_of(node: Any) -> int | None:
     """Dim 1 of a node's recorded 4-D value, or None."""
-    value = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, torch.fx.Node) else None
-    return int(value.shape[1]) if isinstance(value, torch.Tensor) and value.dim() == 4 else None
+    value = recorded_value(node)
+    return int(value.shape[1]) if value is not None and value.dim() == 4 else None
 
 
 def _adds_axes_only(index: Any) -> bool:
@@ -263,9 +272,8 @@ def check_width(v_new: Any, values: Any, layer: int) -> None:
     """ValueError unless the values a layer writes (as its call reads them, [B, G, S, Dv]) are as
     wide as its MoA cache's value storage ([B, slots, Dv]): the cache is sized from the config
     before anything is traced (runtime/cache.py ``_value_dims``)."""
-    new, store = (n.meta.get("val", n.meta.get("example_value")) if isinstance(n, torch.fx.Node) else None
-                  for n in (v_new, values))
-    if isinstance(new, torch.Tensor) and isinstance(store, torch.Tensor) and new.shape[-1] != store.shape[-1]:
+    new, store = recorded_value(v_new), recorded_value(values)
+    if new is not None and store is not None and new.shape[-1] != store.shape[-1]:
         raise ValueError(f"layer {layer}: the attention call reads values {new.shape[-1]} wide per head, but the MoA "
                          f"cache holds {store.shape[-1]} (moa_flex.architecture.cached_value_dim knows no rule for "
                          "this model)")
@@ -405,8 +413,7 @@ def check_heads(node: torch.fx.Node, shape: Any, layer: int) -> None:
     the plan's KV heads, a divisor of them (a layer running fewer KV heads: the cache holds them
     expanded, :func:`as_cached`), or the query heads (HF's repeat_kv); ``shape``: the plan's
     ModelShape. Other layouts would index the plan's rules out of range."""
-    q, k = (a.meta.get("val", a.meta.get("example_value")) if isinstance(a, torch.fx.Node) else None
-            for a in node.args[:2])
+    q, k = (recorded_value(a) for a in node.args[:2])
     if q is None or k is None:
         return
     heads, kv = int(q.shape[1]), int(k.shape[1])
@@ -418,7 +425,7 @@ def check_heads(node: torch.fx.Node, shape: Any, layer: int) -> None:
 
 def head_dim(q: torch.fx.Node) -> int:
     """The last dimension of a query node's recorded value."""
-    val = q.meta.get("val", q.meta.get("example_value"))
+    val = recorded_value(q)
     if val is None:
         raise ValueError(f"no shape recorded for query node {q.name}")
     return int(val.shape[-1])

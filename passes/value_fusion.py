@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .nodes import SINK_TARGETS, arg, attention_nodes, call_layers, eliminate_dead_code, keeps_effects
+from .nodes import SINK_TARGETS, arg, attention_nodes, call_layers, eliminate_dead_code, keeps_effects, recorded_value
 
 _SAME_DEPTH = 8  # how far back two key computations are compared node by node
 
@@ -65,7 +65,7 @@ def _fusable(calls: list[torch.fx.Node]) -> bool:
             return False
         if not _same(call.args[1], first.args[1], _SAME_DEPTH):
             return False
-    shapes = [_value(call.args[2]) for call in calls]
+    shapes = [recorded_value(call.args[2]) for call in calls]
     if any(s is None or s.dim() != 4 for s in shapes):
         return False
     return all(tuple(s.shape[:3]) == tuple(shapes[0].shape[:3]) for s in shapes)
@@ -116,13 +116,13 @@ def _fuse(graph: torch.fx.Graph, calls: list[torch.fx.Node], roots: list[torch.f
     read their slice of its output."""
     first = calls[0]
     values = [call.args[2] for call in calls]
-    widths = [int(_value(v).shape[-1]) for v in values]
+    widths = [int(recorded_value(v).shape[-1]) for v in values]
     with graph.inserting_before(first):
         side_by_side = graph.call_function(torch.cat, (values,), {"dim": -1})
         fused = graph.call_function(first.target, (first.args[0], first.args[1], side_by_side, *first.args[3:]),
                                     dict(first.kwargs))
-    _fake(side_by_side, torch.cat([_value(v) for v in values], dim=-1))
-    outputs = [_value(call) for call in calls]
+    _fake(side_by_side, torch.cat([recorded_value(v) for v in values], dim=-1))
+    outputs = [recorded_value(call) for call in calls]
     fused.meta = {k: v for k, v in first.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")}
     side_by_side.meta.update({k: v for k, v in fused.meta.items() if k in ("stack_trace", "nn_module_stack")})
     if all(isinstance(o, torch.Tensor) for o in outputs):
@@ -136,14 +136,6 @@ def _fuse(graph: torch.fx.Graph, calls: list[torch.fx.Node], roots: list[torch.f
         call.replace_all_uses_with(part)
         roots.extend(call.all_input_nodes)
         graph.erase_node(call)
-
-
-def _value(node: Any) -> torch.Tensor | None:
-    """The example (fake) value Dynamo recorded for ``node``, or None."""
-    if not isinstance(node, torch.fx.Node):
-        return None
-    value = node.meta.get("example_value", node.meta.get("val"))
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def _fake(node: torch.fx.Node, value: torch.Tensor) -> None:

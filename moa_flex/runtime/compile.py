@@ -226,15 +226,16 @@ def compile(  # noqa: A001  (the verb of the API)
     if verify:  # the first-call check's dense plan (moa_flex.runtime.verify)
         state.verify_runtime = MoaRuntime(Plan.dense(plan.model), compiled=False)
         state.verify_runtime.planned_length = max_length
+    latent = _latent_dims(config, plan)
     prefill = make_backend(
         plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
         softcaps=caps, windows=windows, verify_id=state.verify_runtime.id if verify else None, say=log.say,
-        regional=regional, on_regions=functools.partial(_regions_said, state), latent=_latent_dims(config, plan),
+        regional=regional, on_regions=functools.partial(_regions_said, state), latent=latent,
     )
     decode = make_decode_backend(  # CUDA graphs of decode steps are moa-flex's own (step_graph.py)
         plan, inner=backend, mode=_without_cudagraphs(mode), on_report=state.decode_reports.append, softcaps=caps, windows=windows,
         fuse_linear=fuse_linear, regional=regional and _steps_captured(model, plan, state.cudagraphs),
-        on_regions=functools.partial(_regions_said, state), latent=_latent_dims(config, plan),
+        on_regions=functools.partial(_regions_said, state), latent=latent,
     )
     if backend == "inductor" and cache_enabled(compile_cache):
         devices, dtype = layer_placement(model, plan.model)
