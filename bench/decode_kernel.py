@@ -307,7 +307,7 @@ def kernel_rows(args: argparse.Namespace, timer: Timer, B: int, N: int, density:
                          "ms": ms, "mode": mode, "bytes": nbytes, "vs_flex": base.get("flex dense", float("nan")) / ms})
         if args.sweep_grid:
             sweeps.append({"B": B, "N": N, "density": slots / (KVH * N), "bytes": nbytes, "kv": kv,
-                           "results": sweep(cached, plan.sink, out, timer, args.sweep_grid, scales)})
+                           "results": sweep(cached, plan.sink, out, timer, args.sweep_grid, scales, tuple(dots))})
 
 
 def kernel_call(dev: str, inputs: tuple, scales: dict, sink: int, out: torch.Tensor, tuning: dict) -> Callable[[], object]:
@@ -319,37 +319,40 @@ def kernel_call(dev: str, inputs: tuple, scales: dict, sink: int, out: torch.Ten
     return functools.partial(torch.ops.moa_flex.ragged_decode, *inputs, sink, 0, D**-0.5, 0.0, **scales)
 
 
-def sweep(inputs: tuple, sink: int, out: torch.Tensor, timer: Timer, grid: tuple, scales: dict | None = None) -> list[dict]:
+def sweep(inputs: tuple, sink: int, out: torch.Tensor, timer: Timer, grid: tuple, scales: dict | None = None,
+          dots: tuple = (None,)) -> list[dict]:
     """The Triton kernel on one layout at its default configuration and at every (block_n,
-    num_warps, num_stages, chunk) of `grid`: the default first, then the rest fastest first.
-    ``scales``: an FP8 cache's k_scale/v_scale."""
+    num_warps, num_stages, chunk) of `grid`, for each FP8 dot dtype of `dots`: the default
+    first, then the rest fastest first. ``scales``: an FP8 cache's k_scale/v_scale."""
     B, _, D = inputs[0].shape
     device = inputs[0].device
     offs = decode.host_offsets(inputs[3], inputs[1].shape[1])
     default = decode.DEFAULT_BLOCK_N if D <= 128 else 32
     # the default (ragged_decode_triton's own: block_n None, 4 warps, 2 stages, chunk None) first, once
-    configs = [(None, 4, 2, None)] + [c for c in itertools.product(*grid) if c != (default, 4, 2, None)]
+    configs = [(None, 4, 2, None, None)] + [(*c, dot) for dot in dots for c in itertools.product(*grid)
+                                            if (*c, dot) != (default, 4, 2, None, None)]
     results = []
-    for block_n, warps, stages, mult in configs:
+    for block_n, warps, stages, mult, dot in configs:
         tile = block_n or default
         chunk = None if mult is None else max(tile, int(decode.auto_chunk(B, offs, device, tile) * mult))
         fn = functools.partial(decode.ragged_decode_triton, *inputs, sink, 0, D**-0.5, 0.0, out=out, chunk=chunk,
-                               block_n=block_n, num_warps=warps, num_stages=stages, **(scales or {}))
+                               block_n=block_n, num_warps=warps, num_stages=stages, **(scales or {}),
+                               **({"fp8_dot": dot} if dot is not None else {}))
         try:
             ms, mode = timer(fn)
         except Exception as e:  # noqa: BLE001 - a configuration that does not compile (shared memory)
             print(f"  sweep: block_n={tile} warps={warps} stages={stages} chunk={chunk}: {type(e).__name__}")
             continue
         shown = chunk if chunk is not None else f"auto ({decode.auto_work_list(offs, B, device, tile).chunk})"
-        results.append({"config": "default" if block_n is None else "", "block_n": tile, "warps": warps,
+        results.append({"config": "default" if block_n is None else "", "block_n": tile, "warps": warps, "dot": dot,
                         "stages": stages, "chunk": shown, "ms": ms, "mode": mode})
     return [r for r in results if r["config"]] + sorted((r for r in results if not r["config"]), key=lambda r: r["ms"])
 
 
 def sweep_table(sweeps: list, copy_bw: float) -> str:
     lines = [
-        "| B | N | kv density | cache | config | block_n | warps | stages | chunk (slots) | time (ms) | timing | TB/s | % copy bw |",
-        "|---:|---:|---:|---|---|---:|---:|---:|---|---:|---|---:|---:|",
+        "| B | N | kv density | cache | config | block_n | warps | stages | chunk (slots) | dots | time (ms) | timing | TB/s | % copy bw |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---|---|---:|---|---:|---:|",
     ]
     for s in sweeps:
         others = [r for r in s["results"] if r["config"] != "default"][:SWEEP_TOP]
@@ -358,7 +361,7 @@ def sweep_table(sweeps: list, copy_bw: float) -> str:
             bw = s["bytes"] / (r["ms"] * 1e-3)
             lines.append(
                 f"| {s['B']} | {s['N']} | {s['density']:.3f} | {s['kv']} | {r['config']} | {r['block_n']} | {r['warps']} | "
-                f"{r['stages']} | {r['chunk']} | {r['ms']:.4f} | {r['mode']} | {bw / 1e12:.2f} | {100 * bw / copy_bw:.0f} |"
+                f"{r['stages']} | {r['chunk']} | {'f16' if r.get('dot') else 'q dtype'} | {r['ms']:.4f} | {r['mode']} | {bw / 1e12:.2f} | {100 * bw / copy_bw:.0f} |"
             )
     return "\n".join(lines)
 
@@ -405,6 +408,17 @@ def kv_notes(rows: list) -> list[str]:
     return out
 
 
+def parse_grid(text: str) -> tuple:
+    """``--sweep-grid``: four slash-separated comma lists (block_n, warps, stages, chunk; a
+    chunk of ``auto`` is the default work list, a number a multiple of the fixed chunk)."""
+    parts = text.split("/")
+    if len(parts) != 4:
+        raise SystemExit(f"--sweep-grid needs BLOCK_NS/WARPS/STAGES/CHUNKS, got {text!r}")
+    ints = [tuple(int(x) for x in p.split(",")) for p in parts[:3]]
+    chunks = tuple(None if x == "auto" else float(x) for x in parts[3].split(","))
+    return (*ints, chunks)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -426,6 +440,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="also time the kernel over a (block_n, warps, stages, chunk) grid per layout, and "
                          "FlexAttention dense decode without a BlockMask")
+    ap.add_argument("--sweep-grid", default=None, metavar="BLOCK_NS/WARPS/STAGES/CHUNKS",
+                    help="the sweep's grid instead of the default, e.g. 64,128,256/4,8/2,3,4/auto (chunks: auto "
+                         "or multiples of the fixed chunk)")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run through the twin: checks the script")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
@@ -442,7 +459,7 @@ def main() -> None:
     if args.sweep and args.smoke and not interpreting():
         print("note: --sweep on the CPU runs the Triton kernel in its interpreter: set TRITON_INTERPRET=1; no sweep")
     elif args.sweep:
-        args.sweep_grid = SWEEP_GRID_SMOKE if args.smoke else SWEEP_GRID
+        args.sweep_grid = parse_grid(args.sweep_grid) if args.sweep_grid else SWEEP_GRID_SMOKE if args.smoke else SWEEP_GRID
 
     checks, notes, rows, sweeps = [], [], [], []
     if args.device == "cuda":
