@@ -32,7 +32,7 @@ from moa_flex.kernels.quant import FP8, SCALE_DTYPE  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 SHARED_MAX = 232448  # bytes of shared memory one block may use on an H100 / H200 (227 KiB)
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-           torch.int64: "i64", FP8: "fp8e4nv", torch.bool: "i1"}
+           torch.int64: "i64", torch.int16: "i16", FP8: "fp8e4nv", torch.bool: "i1"}
 LAUNCHES: list[tuple[JITFunction, dict[str, str], dict[str, Any], dict[str, int], str]] = []
 
 
@@ -103,9 +103,9 @@ def _cases(which: str) -> None:
         append.cache_append_triton(keys, values, length, k_new, v_new, caps, offsets, 4, **scales)
         softcap, window, sinks = (30.0, 16, torch.zeros(H)) if options else (0.0, 0, None)
         q = torch.randn(B, H, D, dtype=torch.bfloat16)
-        for fp8_dot in (None, torch.float16) if quant else (None,):
+        for fp8_mode in decode.FP8_MODES if quant else (None,):
             decode.ragged_decode_triton(q, keys, values, offsets, caps, spans, length - 1, 4, window, 0.088, softcap,
-                                        sinks=sinks, fp8_dot=fp8_dot, **scales)
+                                        sinks=sinks, fp8_mode=fp8_mode, **scales)
         qc = torch.randn(B, H, C, D, dtype=torch.bfloat16)
         kc, vc = torch.randn(B, G, C, D, dtype=torch.bfloat16), torch.randn(B, G, C, Dv, dtype=torch.bfloat16)
         chunk.chunk_attention_triton(qc, kc, vc, keys, values, offsets, caps, spans, length,

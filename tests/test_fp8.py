@@ -16,13 +16,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import moa_flex
 from moa_flex.kernels.append import cache_append_triton
 from moa_flex.kernels.chunk import chunk_attention_reference, chunk_attention_triton
-from moa_flex.kernels.decode import ragged_decode_reference, ragged_decode_triton
+from moa_flex.kernels.decode import pairs_fit, ragged_decode_reference, ragged_decode_triton
 from moa_flex.kernels.quant import FP8, bytes_per_vector, dequantize_fp8, kv_dtype, quantize_fp8
 from moa_flex.kernels.triton_support import interpreting, triton
 from moa_flex.runtime.cache import MoaCache
@@ -205,40 +205,69 @@ def test_decode_twin_reads_dequantized_values(lay: dict) -> None:
 @HYP
 @given(lay=decode_layouts(max_b=2, max_g=3, max_hpg=4, max_width=48, dims=(16, 64, 128)),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), chunk=st.sampled_from([16, 32, None]),
-       sinks=st.booleans(), fp8_dot=st.sampled_from([None, torch.float16]))
+       sinks=st.booleans(), mode=st.sampled_from([None, "pairs", "f16", "q"]))
 def test_decode_kernel_reads_fp8_like_its_twin(lay: dict, dtype: torch.dtype, chunk: int | None, sinks: bool,
-                                               fp8_dot: torch.dtype | None) -> None:
+                                               mode: str | None) -> None:
     """The ragged decode kernel over an FP8 cache (dequantized in registers), output poisoned
-    first, against the twin in fp32 arithmetic on the dequantized values; with its dots in q's
-    dtype or (``fp8_dot``) in float16."""
+    first, against the twin in fp32 arithmetic on the dequantized values, in every read mode
+    that fits the inputs (``pairs``: V as 16-bit words, dots in float16; ``f16``; ``q``)."""
     args, (ks, vs) = fp8_decode_tensors(lay, dtype, KERNEL_DEVICE)
+    assume(mode in (None, "q") or dtype != torch.float32)
+    assume(mode != "pairs" or pairs_fit(args[2]))
     H = lay["G"] * lay["hpg"]
     logits = torch.randn(H, generator=torch.Generator().manual_seed(lay["seed"])) if sinks else None
     out = torch.full((lay["B"], H, lay["Dv"]), float("nan"), dtype=dtype, device=KERNEL_DEVICE)
     ragged_decode_triton(*args, *scalars(lay), out=out, chunk=chunk, block_n=16, k_scale=ks, v_scale=vs,
-                         sinks=None if logits is None else logits.to(KERNEL_DEVICE), fp8_dot=fp8_dot)
-    if fp8_dot is not None and dtype == torch.float32:
-        dtype = torch.float16  # float16 queries and probabilities: 2^-11 relative, bounded below as bf16's
+                         sinks=None if logits is None else logits.to(KERNEL_DEVICE), fp8_mode=mode)
     q32 = args[0].cpu().float()
     want = ragged_decode_reference(q32, *(a.cpu() for a in args[1:]), *scalars(lay), logits, ks.cpu(), vs.cpu())
     assert not out.isnan().any(), "output not fully written"
     err = (out.cpu().float() - want).abs().max().item() if out.numel() else 0.0
-    # bf16: probabilities enter the MMA in bf16 (2^-8 relative), so the bound scales with the output
+    # bf16: probabilities enter the MMA in bf16 or float16 (2^-8 relative at most), so the bound
+    # scales with the output
     scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
     assert err <= (1e-5 if dtype == torch.float32 else 2e-2 * scale), err
 
 
 @needs_kernel
+@pytest.mark.parametrize("mode", ["pairs", "f16", "q"])
+def test_decode_kernel_reads_every_fp8_byte_exactly(mode: str) -> None:
+    """Each read mode turns every e4m3 code (NaN codes aside) into its exact value: V holds all
+    256 codes in two slots, scales are 1, and a span of one token makes each slot's value
+    the output (probability 1), which bfloat16 holds exactly."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes[[0x7F, 0xFF]] = 0  # e4m3fn's NaNs; the quantizer never stores them
+    dev = KERNEL_DEVICE
+    v8 = codes.view(FP8).view(1, 2, 128).to(dev)
+    k8 = torch.zeros(1, 2, 128, device=dev).to(FP8)
+    ones = torch.ones(1, 2, device=dev)
+    q = torch.zeros(1, 1, 128, dtype=torch.bfloat16, device=dev)
+    i32 = {"dtype": torch.int32, "device": dev}
+    for i in (0, 1):
+        out = ragged_decode_triton(q, k8, v8, torch.tensor([0, 2], **i32), torch.tensor([[2]], **i32),
+                                   torch.tensor([[1]], **i32), torch.tensor([i], device=dev), 0, 0, 1.0, 0.0,
+                                   k_scale=ones, v_scale=ones, fp8_mode=mode)
+        assert torch.equal(out.float().view(-1).cpu(), v8[0, i].float().cpu()), mode
+
+
+@needs_kernel
 @HYP
 @given(lay=decode_layouts(max_b=1, max_g=2, max_hpg=2, max_width=16, dims=(16,)))
-def test_float16_dots_are_for_an_fp8_cache_only(lay: dict) -> None:
-    """``fp8_dot`` takes None or float16, and only with an FP8 cache (refused before any launch)."""
+def test_fp8_modes_are_checked(lay: dict) -> None:
+    """``fp8_mode``: one of FP8_MODES, with an FP8 cache only, float16 dots not with float32
+    queries, pairs only where V's width fits (each refused before any launch)."""
     args, (ks, vs) = fp8_decode_tensors(lay, torch.bfloat16, KERNEL_DEVICE)
     plain = (args[0], args[1].float().to(torch.bfloat16), args[2].float().to(torch.bfloat16), *args[3:])
-    with pytest.raises(ValueError, match="fp8_dot is None or torch.float16, for an FP8 cache only"):
-        ragged_decode_triton(*plain, *scalars(lay), fp8_dot=torch.float16)
-    with pytest.raises(ValueError, match="fp8_dot is None or torch.float16"):
-        ragged_decode_triton(*args, *scalars(lay), k_scale=ks, v_scale=vs, fp8_dot=torch.bfloat16)
+    with pytest.raises(ValueError, match="fp8_mode is for an FP8 cache only"):
+        ragged_decode_triton(*plain, *scalars(lay), fp8_mode="pairs")
+    with pytest.raises(ValueError, match="fp8_mode must be one of"):
+        ragged_decode_triton(*args, *scalars(lay), k_scale=ks, v_scale=vs, fp8_mode="bf16")
+    narrow = (*args[:2], args[2][..., :16], *args[3:])
+    with pytest.raises(ValueError, match="needs an even value width >= 32"):
+        ragged_decode_triton(*narrow, *scalars(lay), k_scale=ks, v_scale=vs, fp8_mode="pairs")
+    q32 = args[0].float()
+    with pytest.raises(ValueError, match="float32 queries take 'q'"):
+        ragged_decode_triton(q32, *args[1:], *scalars(lay), k_scale=ks, v_scale=vs, fp8_mode="f16")
 
 
 # ---------------------------------------------------------------------------------- prefill reads

@@ -37,8 +37,8 @@ def _compiled(which: str) -> list[str]:
 def test_kernels_compile_for_sm90_within_shared_memory() -> None:
     """bf16 and FP8 caches at head dim 128, with and without soft-cap, window and sinks."""
     compiled = _compiled("llama")
-    assert sum("QUANT': True" in line for line in compiled) == 4  # FP8: append, decode (both dots) and chunk
-    assert sum("F16_DOT': True" in line for line in compiled) == 1
+    assert sum("QUANT': True" in line for line in compiled) == 5  # FP8: append, decode (three modes) and chunk
+    assert sum("V_PAIRS': True" in line for line in compiled) == 1
 
 
 @pytest.mark.slow  # the chunk kernel at 1024-wide tiles takes 20 s to compile (make test-slow)

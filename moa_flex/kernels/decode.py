@@ -65,6 +65,29 @@ MAX_CHUNK = 8192  # slots per work item, upper bound of the fixed-chunk choice (
 # 4 warps, 2 stages, D 128, bf16): ~107 registers per thread and 38 KiB of shared memory
 # on an H200 (triton 3.6), so 4 per SM; auto_work_list sizes one call to fit in that.
 RESIDENT_PER_SM = 4
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The partial kernel's default tiles for one cache: ``block_n`` slots per inner tile,
+    ``num_stages`` of software pipelining, and the programs an SM holds at once with them."""
+
+    block_n: int
+    num_stages: int
+    resident_per_sm: int
+
+
+def default_tiling(head_dim: int, value_dim: int, quantized: bool) -> Tiling:
+    """Default tiles by cache widths and dtype. bf16 at widths <= 128: 64 slots, 2 stages (38
+    KiB of shared memory, 4 programs an SM). FP8 at widths <= 128: a tile of the same bytes
+    needs twice the slots; 128 slots and 3 stages (74 KiB, 3 an SM) were the fastest of the
+    sweep in bench/RESULTS.md ("FP8 decode: reading V in pairs"). Wider heads (a latent
+    cache): 32 slots, 2 stages."""
+    if max(head_dim, value_dim) > 128:
+        return Tiling(32, 2, RESIDENT_PER_SM)
+    if quantized:
+        return Tiling(128, 3, 3)
+    return Tiling(DEFAULT_BLOCK_N, 2, RESIDENT_PER_SM)
 _CACHE_SIZE = 64
 
 
@@ -381,12 +404,12 @@ def _balanced_items(width: int, chunk: int, block_n: int) -> int:
 
 
 def auto_work_list(offsets: tuple[int, ...], batch: int, device: torch.device | str,
-                   block_n: int = DEFAULT_BLOCK_N) -> DecodeWorkList:
+                   block_n: int = DEFAULT_BLOCK_N, resident_per_sm: int = RESIDENT_PER_SM) -> DecodeWorkList:
     """The default work list of an allocation for `batch` rows (cached).
 
     Every group is cut into nearly equal items of at most ``chunk`` slots, with ``chunk`` the
     smallest multiple of block_n (at least 2 tiles) for which ``batch x items`` fits in the
-    programs the GPU holds at once (``RESIDENT_PER_SM`` per SM): one round of programs, each
+    programs the GPU holds at once (``resident_per_sm`` per SM): one round of programs, each
     with about the same number of slots, instead of a second round of a few programs that
     run with most of the GPU idle (bench/RESULTS.md, "Decode step breakdown": with this list
     and the one-pass append kernel, the density-0.25 decode kernel went from 70.3 to 64.5 us
@@ -396,7 +419,7 @@ def auto_work_list(offsets: tuple[int, ...], batch: int, device: torch.device | 
     """
     device = torch.device(device)
     offsets = tuple(offsets)
-    resident = RESIDENT_PER_SM * sm_count(device)
+    resident = resident_per_sm * sm_count(device)
     key = ("auto", offsets, batch, block_n, resident, device)
     hit = _WORK_LISTS.get(key)
     if hit is not None:
@@ -419,16 +442,31 @@ def auto_work_list(offsets: tuple[int, ...], batch: int, device: torch.device | 
     return wl
 
 
-def prepare_work(offsets: torch.Tensor, batch: int, block_n: int = DEFAULT_BLOCK_N) -> DecodeWorkList:
-    """Read an allocation's offsets and build its work list now (a cache calls this when it
-    allocates), so that decode steps, and CUDA-graph warm-up and capture in particular, find
-    both cached: nothing is read to the host nor allocated for them inside a graph."""
+def prepare_work(offsets: torch.Tensor, batch: int, tiling: Tiling | None = None) -> DecodeWorkList:
+    """Read an allocation's offsets and build its default work list for ``tiling`` (the
+    cache's :func:`default_tiling`) now (a cache calls this when it allocates), so that decode
+    steps, and CUDA-graph warm-up and capture in particular, find both cached: nothing is read
+    to the host nor allocated for them inside a graph."""
+    tiling = tiling or default_tiling(128, 128, False)
     offs = host_offsets(offsets, int(offsets[-1]))
-    return auto_work_list(offs, batch, offsets.device, block_n)
+    return auto_work_list(offs, batch, offsets.device, tiling.block_n, tiling.resident_per_sm)
 
 
 # ---------------------------------------------------------------------------------- Triton
 if triton is not None:
+
+    @triton.jit
+    def _fp8_pairs_to_f16(vw):
+        """int16 words of two e4m3 bytes -> (low byte, high byte) as float16 values / 256, exact.
+
+        An e4m3 byte ``s eeee mmm`` becomes the float16 ``s 0eeee mmm0000000``: the exponent's
+        bias moves from 7 to 15, so the value is the e4m3 value times 2^-8, subnormals included.
+        Bit operations on words instead of a byte-wise convert: a tensor-core operand whose
+        contraction runs along the slots (V) loads 16-bit words from shared memory as
+        transposed matrices, which 8-bit values cannot (Triton then loads them byte by byte)."""
+        even = ((vw & 0x80) << 8) | ((vw & 0x7F) << 7)
+        odd = (vw & -32768) | ((vw >> 1) & 0x3F80)
+        return even.to(tl.float16, bitcast=True), odd.to(tl.float16, bitcast=True)
 
     @triton.jit(do_not_specialize=["sink", "window_lim", "local_chunk"])
     def _decode_partial_kernel(
@@ -442,11 +480,13 @@ if triton is not None:
         HPG: tl.constexpr, HPG_PAD: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        QUANT: tl.constexpr, F16_DOT: tl.constexpr,
+        QUANT: tl.constexpr, F16: tl.constexpr, V_PAIRS: tl.constexpr,
     ):
         """One (work item, row): online softmax of all HPG heads of a group over a chunk of slots.
         ``QUANT``: FP8 K/V, dequantized in registers (scales folded into scores and probabilities);
-        ``F16_DOT``: their dots in float16 (queries cast once; e4m3 converts to it natively)."""
+        ``F16``: their dots in float16 (queries cast once, times 2^-8; e4m3 converts to float16
+        natively); ``V_PAIRS``: V read as int16 words of two e4m3 values each and split into
+        the even and odd columns by bit operations (see :func:`_fp8_pairs_to_f16`)."""
         item = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         g = tl.load(items_ptr + item * 4)
@@ -473,13 +513,17 @@ if triton is not None:
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
             mask=head_ok[:, None] & (d[None, :] < D), other=0.0,
         )
-        if F16_DOT:
-            qt = qt.to(tl.float16)
+        if F16:  # q / 256 in float16: no overflow below |q| = 2^24; qk_scale carries the 256
+            qt = (qt.to(tl.float32) * 0.00390625).to(tl.float16)
+            qk_scale = qk_scale * 256.0
         if DOT_F32:
             qt = qt.to(tl.float32)
         m_i = tl.full([HPG_PAD], float("-inf"), tl.float32)
         l_i = tl.full([HPG_PAD], 0.0, tl.float32)
         acc = tl.full([HPG_PAD, DV_PAD], 0.0, tl.float32)
+        acc_e = tl.full([HPG_PAD, DV_PAD // 2], 0.0, tl.float32)  # V_PAIRS: even and odd value columns
+        acc_o = tl.full([HPG_PAD, DV_PAD // 2], 0.0, tl.float32)
+        w = tl.arange(0, DV_PAD // 2)
         for start in range(lo, hi, BLOCK_N):
             s = start + tl.arange(0, BLOCK_N)
             valid = s < hi
@@ -514,27 +558,42 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_safe)
             pr = tl.exp2(x - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(pr, 1)
-            vt = tl.load(
-                v_ptr + b * stride_vb + rows[:, None] * stride_vs + dv[None, :] * stride_vd,
-                mask=valid[:, None] & (dv[None, :] < DV), other=0.0,
-            )
-            if QUANT:  # the value scale rides on the probabilities: acc += (p * v_scale) . v8
+            if V_PAIRS:  # v_ptr: int16 words (strides in words); the pair's values are v8 / 256
+                vw = tl.load(
+                    v_ptr + b * stride_vb + rows[:, None] * stride_vs + w[None, :] * stride_vd,
+                    mask=valid[:, None] & (w[None, :] < DV // 2), other=0,
+                )
+                v_even, v_odd = _fp8_pairs_to_f16(vw)
                 v_sc = tl.load(vs_ptr + b * stride_vsb + rows, mask=valid, other=0.0)
-                pv = pr * v_sc[None, :]
-                if F16_DOT:
-                    pv = pv.to(tl.float16)
-                pv = pv.to(qt.dtype)
-                vt = vt.to(qt.dtype)
+                pv = (pr * (v_sc * 256.0)[None, :]).to(tl.float16)
+                if DOT_F32:
+                    pv, v_even, v_odd = pv.to(tl.float32), v_even.to(tl.float32), v_odd.to(tl.float32)
+                    acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_even, input_precision="ieee")
+                    acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_odd, input_precision="ieee")
+                else:
+                    acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_even)
+                    acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_odd)
             else:
-                pv = pr.to(vt.dtype)  # probabilities in V's dtype, as the GPU MMA takes them
-            if DOT_F32:
-                pv = pv.to(tl.float32)
-                vt = vt.to(tl.float32)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(pv, vt)
+                vt = tl.load(
+                    v_ptr + b * stride_vb + rows[:, None] * stride_vs + dv[None, :] * stride_vd,
+                    mask=valid[:, None] & (dv[None, :] < DV), other=0.0,
+                )
+                if QUANT:  # the value scale rides on the probabilities: acc += (p * v_scale) . v8
+                    v_sc = tl.load(vs_ptr + b * stride_vsb + rows, mask=valid, other=0.0)
+                    pv = (pr * v_sc[None, :]).to(qt.dtype)
+                    vt = vt.to(qt.dtype)
+                else:
+                    pv = pr.to(vt.dtype)  # probabilities in V's dtype, as the GPU MMA takes them
+                if DOT_F32:
+                    pv = pv.to(tl.float32)
+                    vt = vt.to(tl.float32)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(pv, vt)
             m_i = m_new
+        if V_PAIRS:  # column 2j is word j's low byte: interleave the halves
+            acc = tl.reshape(tl.join(acc_e, acc_o), [HPG_PAD, DV_PAD])
         row = (b * n_items + item) * HPG + r
         tl.store(m_ptr + row, m_i, mask=head_ok)
         tl.store(l_ptr + row, l_i, mask=head_ok)
@@ -580,6 +639,45 @@ if triton is not None:
         tl.store(out_ptr + b * stride_ob + h * stride_oh + dv * stride_od, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
+FP8_MODES = ("pairs", "f16", "q")
+"""How the kernel reads an FP8 cache: ``pairs``: both dots in float16 (queries cast once), V
+read as 16-bit words of two values (the fast form; 16-bit queries, an even value width >= 32,
+unit stride along it); ``f16``: both dots in float16, V read byte by byte; ``q``: dots in the
+queries' dtype (the form for float32 queries). bench/RESULTS.md, "FP8 decode: reading V in
+pairs", has the measurement."""
+
+
+def default_fp8_mode(q: torch.Tensor, v: torch.Tensor) -> str:
+    """``pairs`` where it applies (16-bit queries, even value width >= 32 with unit stride),
+    else ``q``."""
+    if q.dtype in (torch.bfloat16, torch.float16) and pairs_fit(v):
+        return "pairs"
+    return "q"
+
+
+def pairs_fit(v: torch.Tensor) -> bool:
+    """Whether an FP8 value tensor [B, S, Dv] can be read as int16 words: Dv even and >= 32,
+    unit stride along it, even strides and storage offset."""
+    Dv = v.shape[2]
+    return (Dv % 2 == 0 and Dv >= 32 and v.stride(2) == 1 and v.stride(0) % 2 == 0 and v.stride(1) % 2 == 0
+            and v.storage_offset() % 2 == 0)
+
+
+def check_fp8_mode(mode: str | None, q: torch.Tensor, v: torch.Tensor) -> str:
+    """The FP8 read mode to use: ``mode`` checked against :data:`FP8_MODES` and the inputs
+    (ValueError naming what does not fit), or the default."""
+    if mode is None:
+        return default_fp8_mode(q, v)
+    if mode not in FP8_MODES:
+        raise ValueError(f"fp8_mode must be one of {FP8_MODES} or None, got {mode!r}")
+    if mode in ("pairs", "f16") and q.dtype == torch.float32:
+        raise ValueError(f"fp8_mode={mode!r} computes the dots in float16; float32 queries take 'q'")
+    if mode == "pairs" and not pairs_fit(v):
+        raise ValueError(f"fp8_mode='pairs' reads V as int16 words: needs an even value width >= 32 with unit "
+                         f"stride, got shape {tuple(v.shape)} strides {v.stride()}")
+    return mode
+
+
 def ragged_decode_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -597,18 +695,16 @@ def ragged_decode_triton(
     chunk: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     sinks: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    fp8_dot: torch.dtype | None = None,
+    fp8_mode: str | None = None,
 ) -> torch.Tensor:
     """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype);
     ``sinks`` [H]: learned sink logits (as in the twin); FP8 k/v with ``k_scale``/``v_scale``
-    float32 [B, S] (unit slot stride). ``fp8_dot``: an FP8 cache's dot products in q's dtype
-    (None, the default) or in ``torch.float16`` (queries cast once; e4m3 converts to float16
-    with one native instruction on sm_89+ and to bfloat16 only through it; a measurement
-    option, bench/decode_kernel.py ``--fp8-dot``).
+    float32 [B, S] (unit slot stride). ``fp8_mode``: how an FP8 cache is read (:data:`FP8_MODES`;
+    None: :func:`default_fp8_mode`).
 
     ``chunk`` (slots per work item; default: :func:`auto_work_list`, from the allocation, the
     batch and the GPU's SM count) and
@@ -624,8 +720,9 @@ def ragged_decode_triton(
     quant = is_quantized(k.dtype)
     if quant and (k_scale.stride(1) != 1 or v_scale.stride(1) != 1):
         raise ValueError("k_scale and v_scale must have unit stride along the slots")
-    if fp8_dot not in (None, torch.float16) or (fp8_dot is not None and not quant):
-        raise ValueError(f"fp8_dot is None or torch.float16, for an FP8 cache only; got {fp8_dot} with a {k.dtype} cache")
+    mode = check_fp8_mode(fp8_mode, q, v) if quant else None
+    if fp8_mode is not None and not quant:
+        raise ValueError(f"fp8_mode is for an FP8 cache only; got {fp8_mode!r} with a {k.dtype} cache")
     if q.device.type == "cpu" and not interpreting():
         raise RuntimeError(
             "ragged_decode_triton on CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
@@ -637,12 +734,16 @@ def ragged_decode_triton(
     S, Dv = k.shape[1], v.shape[2]
     G = offsets.shape[0] - 1
     hpg = H // G
-    if block_n is None:
-        block_n = DEFAULT_BLOCK_N if max(D, Dv) <= 128 else 32
+    tiling = default_tiling(D, Dv, quant)
+    block_n = tiling.block_n if block_n is None else block_n
+    num_stages = tiling.num_stages if num_stages is None else num_stages
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16 (slots), got {block_n}")
     offs = host_offsets(offsets, S)
-    wl = auto_work_list(offs, B, q.device, block_n) if chunk is None else decode_work_list(offs, chunk, q.device)
+    if chunk is None:  # residency as the default tiles have it (a measured property of those tiles)
+        wl = auto_work_list(offs, B, q.device, block_n, tiling.resident_per_sm)
+    else:
+        wl = decode_work_list(offs, chunk, q.device)
     if out is None:
         out = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
     elif out.shape != (B, H, Dv) or out.dtype != q.dtype or out.device != q.device:
@@ -657,16 +758,19 @@ def ragged_decode_triton(
     l = torch.empty_like(m)
     acc = torch.empty(B, wl.n_items, hpg, dv_pad, device=q.device, dtype=torch.float32)
     interp = interpreting()
+    pairs = mode == "pairs"
+    v_words = v.view(torch.int16) if pairs else None  # [B, S, Dv / 2]: two e4m3 values a word
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _decode_partial_kernel[(wl.n_items, B)](
-            q, k, v, wl.items, caps, spans, pos, k_scale if quant else pos, v_scale if quant else pos, m, l, acc,
-            *q.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(), pos.stride(0),
+            q, k, v_words if pairs else v, wl.items, caps, spans, pos, k_scale if quant else pos,
+            v_scale if quant else pos, m, l, acc,
+            *q.stride(), *k.stride(), *(v_words.stride() if pairs else v.stride()), *caps.stride(), *spans.stride(), pos.stride(0),
             k_scale.stride(0) if quant else 0, v_scale.stride(0) if quant else 0,
             wl.n_items, sink, window if window > 0 else 2**31 - 1, max(-window, 0), float(scale),
             float(softcap) if softcap > 0 else 1.0,
             HPG=hpg, HPG_PAD=hpg_pad, D=D, D_PAD=d_pad, DV=Dv, DV_PAD=dv_pad, BLOCK_N=block_n,
             HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32, QUANT=quant,
-            F16_DOT=fp8_dot is not None and q.dtype != torch.float16, num_warps=num_warps, num_stages=num_stages,
+            F16=mode in ("pairs", "f16"), V_PAIRS=pairs, num_warps=num_warps, num_stages=num_stages,
         )
         _decode_combine_kernel[(H, B)](
             m, l, acc, wl.group_items, m if sinks is None else sinks, out, *out.stride(), wl.n_items,

@@ -34,7 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_flex.architecture import WITH_STATE_LAYER_TYPES, cached_value_dim, latent_attention, layer_types, text_config
-from moa_flex.kernels.decode import prepare_work
+from moa_flex.kernels.decode import default_tiling, prepare_work
 from moa_flex.kernels.quant import SCALE_DTYPE, is_quantized
 from moa_flex.kernels.quant import kv_dtype as parse_kv_dtype
 from moa_flex.plan import Plan
@@ -81,7 +81,7 @@ class MoaCacheLayer(CacheLayerMixin):
             for t in self.tensors():
                 torch._dynamo.mark_static_address(t)
         if self.device.type == "cuda":
-            prepare_work(self.offsets, B)
+            prepare_work(self.offsets, B, default_tiling(head_dim, value_dim or head_dim, quant))
 
     def tensors(self) -> list[torch.Tensor]:
         """Storage (values and an FP8 cache's scales) and layout tensors."""
