@@ -148,7 +148,7 @@ def same_batch(args: argparse.Namespace, model, shape: ModelShape, bw: float, ro
             rows.append(dict(case=case, method="HF eager sdpa (forward)", density=1.0, ms=fms, peak=0,
                              floor=(wbytes + dense_kv) / bw * 1e3))
             print(rows[-1], flush=True)
-        plans = [("moa-flex dense plan", Plan.dense(shape))] + [
+        plans = [("moa-flex dense plan", Plan.dense(shape))] * args.dense + [
             (f"moa-flex d={d}", plan_at_kv_density(shape, N, d, seed=1, alpha_fraction=0.0)) for d in args.densities
         ]
         for name, plan in plans:
@@ -397,6 +397,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     ap.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip the HF eager baseline rows")
+    ap.add_argument("--no-dense", dest="dense", action="store_false", help="skip the moa-flex dense plan rows")
     ap.add_argument("--no-fuse-linear", dest="fuse_linear", action="store_false",
                     help="decode steps without the fused q/k/v and gate/up kernels (moa_flex.compile fuse_linear=False)")
     args = ap.parse_args()

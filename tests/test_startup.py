@@ -14,7 +14,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import moa_flex
-from moa_flex.runtime.compile_cache import CompileCache, artifact_key, cache_enabled
+from moa_flex.runtime.compile_cache import (CompileCache, _flagged_isas, _isa_probe_file, artifact_key, cache_enabled,
+                                            settle_isa_probe)
 from moa_flex.runtime.startup_log import StartupLog
 from tiny_models import ids_of, sparse_plan, tiny_model
 
@@ -113,6 +114,30 @@ def test_a_broken_cache_file_is_dropped(tmp_path: Path) -> None:
     cache.folder.mkdir(parents=True)
     (cache.folder / "junk.bin").write_bytes(b"not a cache")
     assert not cache.load() and not (cache.folder / "junk.bin").exists()
+
+
+@pytest.mark.skipif(_isa_probe_file(Path("/")) is None, reason="inductor's vector-ISA probe runs on x86 CPUs")
+def test_the_cpu_isa_probe_is_settled_once_per_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first process probes and writes what it found, a later one reads it; both set
+    inductor's ``cpp.vec_isa_ok`` when every flagged ISA was usable (one configuration, so one
+    set of cache keys); a record that disagrees with the flags, or a user's own setting, does not."""
+    from torch._inductor import config, cpu_vec_isa
+
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
+    probed = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+    all_usable = probed == _flagged_isas()
+    assert settle_isa_probe(tmp_path) is False  # no record: probed (this process's cached probe)
+    (path,) = tmp_path.glob("cpu-isa-*.json")
+    assert json.loads(path.read_text()) == {"usable": probed}
+    assert config.cpp.vec_isa_ok is (True if all_usable else None)
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
+    assert settle_isa_probe(tmp_path) is True  # read back
+    assert config.cpp.vec_isa_ok is (True if all_usable else None)
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
+    path.write_text(json.dumps({"usable": probed[1:]}))  # the probe refused an ISA the flags name
+    assert settle_isa_probe(tmp_path) is True and config.cpp.vec_isa_ok is None
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", False)  # the user's own setting stays
+    assert settle_isa_probe(tmp_path) is False and config.cpp.vec_isa_ok is False
 
 
 CHILD = textwrap.dedent("""

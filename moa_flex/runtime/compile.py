@@ -241,7 +241,8 @@ def compile(  # noqa: A001  (the verb of the API)
         devices, dtype = layer_placement(model, plan.model)
         options = {"mode": mode, "fuse_linear": fuse_linear, "prefill_chunk": prefill_chunk, "max_length": max_length,
                    "shard": shard, "regional": regional, "kv_dtype": str(kv_dtype)}
-        state.compile_cache = CompileCache(artifact_key(config, plan, dtype, devices[0], options))
+        state.compile_cache = CompileCache(artifact_key(config, plan, dtype, devices[0], options),
+                                           cpu=devices[0].type == "cpu")
         if state.compile_cache.load():
             log.say(f"compile cache: loaded {state.compile_cache.loaded_bytes / 2**20:.1f} MiB of compiled code from "
                     f"{state.compile_cache.folder}")

@@ -11,6 +11,14 @@ name, the compile options, and the versions of Python, torch, triton, transforme
 moa-flex. ``moa_flex.compile`` loads every file of its sub-folder; a process that compiled
 something new (cache misses) adds one content-named file after ``warmup()`` and at exit.
 Turn it off with ``moa_flex.compile(..., compile_cache=False)``. (docs/DESIGN.md, "Start-up")
+
+For a model on an x86 CPU the folder also keeps the result of inductor's vector-ISA probe (which
+builds a test library per ISA and loads it in a subprocess: about 1.2 s of every process that
+compiles C++), named by what the probe depends on (torch version, the CPU's ISA flags, the C++
+compiler's path and modification time). The first process probes at ``compile`` and writes it;
+later ones read it. When every ISA the CPU flags was usable, both set inductor's own switch
+``cpp.vec_isa_ok`` (which then skips the probe), so that every process compiles under the same
+inductor configuration, which is part of the compiled graphs' cache keys.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import weakref
@@ -91,16 +100,21 @@ class CompileCache:
     content-named file per save (a process writes only when it compiled something the files
     did not hold, and a process that used a part of them must not overwrite the rest)."""
 
-    def __init__(self, key: str, folder: Path | None = None) -> None:
+    def __init__(self, key: str, folder: Path | None = None, cpu: bool = False) -> None:
         self.folder = (folder or cache_folder()) / key
+        self.cpu = cpu  # a model on the CPU: settle inductor's vector-ISA probe (settle_isa_probe)
         self.loaded_bytes = 0
+        self.reused_isa_probe = False
         self.saved_bytes = 0
         self._misses = _misses()
         _LIVE.add(self)
 
     def load(self) -> bool:
         """Put every file's artifacts into torch's local caches; False if there is none. A
-        file torch cannot read (another torch's, or broken) is skipped and deleted."""
+        file torch cannot read (another torch's, or broken) is skipped and deleted. A CPU
+        model's cache also settles the vector-ISA probe (:func:`settle_isa_probe`)."""
+        if self.cpu:
+            self.reused_isa_probe = settle_isa_probe(self.folder.parent)
         for path in sorted(self.folder.glob("*.bin")):
             try:
                 data = path.read_bytes()
@@ -135,6 +149,65 @@ class CompileCache:
         os.replace(tmp, path)
         self.saved_bytes += len(data)
         return len(data)
+
+
+def _isa_probe_file(folder: Path) -> Path | None:
+    """The file for this machine's vector-ISA probe (x86 only; None elsewhere, or if this
+    torch's inductor has no such probe)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        from torch._inductor import config, cpu_vec_isa
+
+        flags = sorted(cpu_vec_isa.x86_isa_checker())
+    except (ImportError, AttributeError):
+        return None
+    cxx = config.cpp.cxx[-1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
+    compiler = shutil.which(cxx or "g++")
+    mtime = os.path.getmtime(compiler) if compiler else None
+    what = json.dumps([torch.__version__, flags, compiler, mtime])
+    return folder / f"cpu-isa-{hashlib.sha256(what.encode()).hexdigest()[:16]}.json"
+
+
+def _flagged_isas() -> list[str]:
+    """The ISAs inductor would probe: those whose flags the CPU reports."""
+    from torch._inductor import cpu_vec_isa
+
+    flags = cpu_vec_isa.x86_isa_checker()
+    return [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(isa).split())]
+
+
+def settle_isa_probe(folder: Path) -> bool:
+    """Read this machine's probe record, or probe now and write it; if every ISA the CPU flags
+    was usable, set ``torch._inductor.config.cpp.vec_isa_ok`` (when unset), which skips the
+    probe. True when the record was read (no probe ran). Not x86, or an inductor without
+    this probe: nothing."""
+    path = _isa_probe_file(folder)
+    if path is None:
+        return False
+    from torch._inductor import config, cpu_vec_isa
+
+    if config.cpp.vec_isa_ok is not None:  # the user's own setting
+        return False
+    usable, reused = _read_isa_record(path), True
+    if usable is None:
+        usable, reused = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()], False
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"usable": usable}, f)
+        os.replace(tmp, path)
+    if usable == _flagged_isas():
+        config.cpp.vec_isa_ok = True
+    return reused
+
+
+def _read_isa_record(path: Path) -> list[str] | None:
+    try:
+        usable = json.loads(path.read_text())["usable"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return usable if isinstance(usable, list) else None
 
 
 _LIVE: weakref.WeakSet[CompileCache] = weakref.WeakSet()  # saved at exit
