@@ -205,12 +205,12 @@ def test_decode_twin_reads_dequantized_values(lay: dict) -> None:
 @HYP
 @given(lay=decode_layouts(max_b=2, max_g=3, max_hpg=4, max_width=48, dims=(16, 64, 128)),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), chunk=st.sampled_from([16, 32, None]),
-       sinks=st.booleans(), mode=st.sampled_from([None, "pairs", "f16", "q"]))
+       sinks=st.booleans(), mode=st.sampled_from([None, "pairs", "q"]))
 def test_decode_kernel_reads_fp8_like_its_twin(lay: dict, dtype: torch.dtype, chunk: int | None, sinks: bool,
                                                mode: str | None) -> None:
     """The ragged decode kernel over an FP8 cache (dequantized in registers), output poisoned
     first, against the twin in fp32 arithmetic on the dequantized values, in every read mode
-    that fits the inputs (``pairs``: V as 16-bit words, dots in float16; ``f16``; ``q``)."""
+    that fits the inputs (``pairs``: V as 16-bit words, dots in float16; ``q``)."""
     args, (ks, vs) = fp8_decode_tensors(lay, dtype, KERNEL_DEVICE)
     assume(mode in (None, "q") or dtype != torch.float32)
     assume(mode != "pairs" or pairs_fit(args[2]))
@@ -230,7 +230,7 @@ def test_decode_kernel_reads_fp8_like_its_twin(lay: dict, dtype: torch.dtype, ch
 
 
 @needs_kernel
-@pytest.mark.parametrize("mode", ["pairs", "f16", "q"])
+@pytest.mark.parametrize("mode", ["pairs", "q"])
 def test_decode_kernel_reads_every_fp8_byte_exactly(mode: str) -> None:
     """Each read mode turns every e4m3 code (NaN codes aside) into its exact value: V holds all
     256 codes in two slots, scales are 1, and a span of one token makes each slot's value
@@ -254,8 +254,8 @@ def test_decode_kernel_reads_every_fp8_byte_exactly(mode: str) -> None:
 @HYP
 @given(lay=decode_layouts(max_b=1, max_g=2, max_hpg=2, max_width=16, dims=(16,)))
 def test_fp8_modes_are_checked(lay: dict) -> None:
-    """``fp8_mode``: one of FP8_MODES, with an FP8 cache only, float16 dots not with float32
-    queries, pairs only where V's width fits (each refused before any launch)."""
+    """``fp8_mode``: one of FP8_MODES, with an FP8 cache only, pairs (float16 dots) not with
+    float32 queries and only where V's width fits (each refused before any launch)."""
     args, (ks, vs) = fp8_decode_tensors(lay, torch.bfloat16, KERNEL_DEVICE)
     plain = (args[0], args[1].float().to(torch.bfloat16), args[2].float().to(torch.bfloat16), *args[3:])
     with pytest.raises(ValueError, match="fp8_mode is for an FP8 cache only"):
@@ -267,7 +267,7 @@ def test_fp8_modes_are_checked(lay: dict) -> None:
         ragged_decode_triton(*narrow, *scalars(lay), k_scale=ks, v_scale=vs, fp8_mode="pairs")
     q32 = args[0].float()
     with pytest.raises(ValueError, match="float32 queries take 'q'"):
-        ragged_decode_triton(q32, *args[1:], *scalars(lay), k_scale=ks, v_scale=vs, fp8_mode="f16")
+        ragged_decode_triton(q32, *args[1:], *scalars(lay), k_scale=ks, v_scale=vs, fp8_mode="pairs")
 
 
 # ---------------------------------------------------------------------------------- prefill reads

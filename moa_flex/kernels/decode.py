@@ -480,13 +480,13 @@ if triton is not None:
         HPG: tl.constexpr, HPG_PAD: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        QUANT: tl.constexpr, F16: tl.constexpr, V_PAIRS: tl.constexpr,
+        QUANT: tl.constexpr, V_PAIRS: tl.constexpr,
     ):
         """One (work item, row): online softmax of all HPG heads of a group over a chunk of slots.
         ``QUANT``: FP8 K/V, dequantized in registers (scales folded into scores and probabilities);
-        ``F16``: their dots in float16 (queries cast once, times 2^-8; e4m3 converts to float16
-        natively); ``V_PAIRS``: V read as int16 words of two e4m3 values each and split into
-        the even and odd columns by bit operations (see :func:`_fp8_pairs_to_f16`)."""
+        ``V_PAIRS``: both dots in float16 (queries cast once, times 2^-8; K's e4m3 converts to
+        float16 natively) and V read as int16 words of two e4m3 values each, split into the
+        even and odd columns by bit operations (see :func:`_fp8_pairs_to_f16`)."""
         item = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         g = tl.load(items_ptr + item * 4)
@@ -513,7 +513,7 @@ if triton is not None:
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
             mask=head_ok[:, None] & (d[None, :] < D), other=0.0,
         )
-        if F16:  # q / 256 in float16: no overflow below |q| = 2^24; qk_scale carries the 256
+        if V_PAIRS:  # q / 256 in float16: no overflow below |q| = 2^24; qk_scale carries the 256
             qt = (qt.to(tl.float32) * 0.00390625).to(tl.float16)
             qk_scale = qk_scale * 256.0
         if DOT_F32:
@@ -639,12 +639,12 @@ if triton is not None:
         tl.store(out_ptr + b * stride_ob + h * stride_oh + dv * stride_od, o.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
-FP8_MODES = ("pairs", "f16", "q")
+FP8_MODES = ("pairs", "q")
 """How the kernel reads an FP8 cache: ``pairs``: both dots in float16 (queries cast once), V
 read as 16-bit words of two values (the fast form; 16-bit queries, an even value width >= 32,
-unit stride along it); ``f16``: both dots in float16, V read byte by byte; ``q``: dots in the
-queries' dtype (the form for float32 queries). bench/RESULTS.md, "FP8 decode: reading V in
-pairs", has the measurement."""
+unit stride along it); ``q``: dots in the queries' dtype, V read byte by byte (the form for
+float32 queries, and the slow one; 2026-12-05 on an H100, 1.60-1.65x faster in pairs:
+bench/RESULTS.md, docs/DESIGN.md "FP8 cache")."""
 
 
 def default_fp8_mode(q: torch.Tensor, v: torch.Tensor) -> str:
@@ -670,7 +670,7 @@ def check_fp8_mode(mode: str | None, q: torch.Tensor, v: torch.Tensor) -> str:
         return default_fp8_mode(q, v)
     if mode not in FP8_MODES:
         raise ValueError(f"fp8_mode must be one of {FP8_MODES} or None, got {mode!r}")
-    if mode in ("pairs", "f16") and q.dtype == torch.float32:
+    if mode == "pairs" and q.dtype == torch.float32:
         raise ValueError(f"fp8_mode={mode!r} computes the dots in float16; float32 queries take 'q'")
     if mode == "pairs" and not pairs_fit(v):
         raise ValueError(f"fp8_mode='pairs' reads V as int16 words: needs an even value width >= 32 with unit "
@@ -770,7 +770,7 @@ def ragged_decode_triton(
             float(softcap) if softcap > 0 else 1.0,
             HPG=hpg, HPG_PAD=hpg_pad, D=D, D_PAD=d_pad, DV=Dv, DV_PAD=dv_pad, BLOCK_N=block_n,
             HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32, QUANT=quant,
-            F16=mode in ("pairs", "f16"), V_PAIRS=pairs, num_warps=num_warps, num_stages=num_stages,
+            V_PAIRS=pairs, num_warps=num_warps, num_stages=num_stages,
         )
         _decode_combine_kernel[(H, B)](
             m, l, acc, wl.group_items, m if sinks is None else sinks, out, *out.stride(), wl.n_items,
