@@ -456,14 +456,27 @@ def prepare_work(offsets: torch.Tensor, batch: int, tiling: Tiling | None = None
 if triton is not None:
 
     @triton.jit
-    def _fp8_pairs_to_f16(vw):
+    def _fp8_pairs_to_f16(vw, PACKED: tl.constexpr):
         """int16 words of two e4m3 bytes -> (low byte, high byte) as float16 values / 256, exact.
 
         An e4m3 byte ``s eeee mmm`` becomes the float16 ``s 0eeee mmm0000000``: the exponent's
         bias moves from 7 to 15, so the value is the e4m3 value times 2^-8, subnormals included.
         Bit operations on words instead of a byte-wise convert: a tensor-core operand whose
         contraction runs along the slots (V) loads 16-bit words from shared memory as
-        transposed matrices, which 8-bit values cannot (Triton then loads them byte by byte)."""
+        transposed matrices, which 8-bit values cannot (Triton then loads them byte by byte).
+        ``PACKED`` (compiled code): the same operations on two words per 32-bit register in
+        PTX (Triton's own int16 operations go one half-register at a time); the interpreter,
+        which runs no PTX, takes the Triton form."""
+        if PACKED:
+            even = tl.inline_asm_elementwise(
+                "{ .reg .b32 a, b; and.b32 a, $1, 0x00800080; shl.b32 a, a, 8; "
+                "and.b32 b, $1, 0x007F007F; shl.b32 b, b, 7; or.b32 $0, a, b; }",
+                "=r,r", [vw], dtype=tl.float16, is_pure=True, pack=2)
+            odd = tl.inline_asm_elementwise(
+                "{ .reg .b32 a, b; and.b32 a, $1, 0x80008000; shr.u32 b, $1, 1; "
+                "and.b32 b, b, 0x3F803F80; or.b32 $0, a, b; }",
+                "=r,r", [vw], dtype=tl.float16, is_pure=True, pack=2)
+            return even, odd
         even = ((vw & 0x80) << 8) | ((vw & 0x7F) << 7)
         odd = (vw & -32768) | ((vw >> 1) & 0x3F80)
         return even.to(tl.float16, bitcast=True), odd.to(tl.float16, bitcast=True)
@@ -563,7 +576,7 @@ if triton is not None:
                     v_ptr + b * stride_vb + rows[:, None] * stride_vs + w[None, :] * stride_vd,
                     mask=valid[:, None] & (w[None, :] < DV // 2), other=0,
                 )
-                v_even, v_odd = _fp8_pairs_to_f16(vw)
+                v_even, v_odd = _fp8_pairs_to_f16(vw, not DOT_F32)
                 v_sc = tl.load(vs_ptr + b * stride_vsb + rows, mask=valid, other=0.0)
                 pv = (pr * (v_sc * 256.0)[None, :]).to(tl.float16)
                 if DOT_F32:
