@@ -304,3 +304,34 @@ def test_learned_sinks_on_the_cpu_need_the_eager_backend() -> None:
     with pytest.raises(NotImplementedError, match="backend='eager'"):
         moa_flex.compile(model, Plan.dense(model.config))
     assert getattr(model, "moa_flex", None) is None
+
+
+def test_a_decode_step_takes_copies_of_its_arguments_without_a_new_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA-graph capture calls the compiled step with copies of its tensor arguments; the
+    step passes its own arguments as non-views (generate's ``input_ids[:, None]`` is a view,
+    which Dynamo guards through its base), so the copies reuse the graph: no second trace."""
+    from torch._dynamo.utils import counters
+
+    import moa_flex.runtime.forward as fw
+
+    model = tiny_model("llama", layers=1)
+    moa_flex.compile(model, Plan.dense(model.config), max_length=64, progress=False, verify=False, **EAGER)
+    steps = []
+    step = fw._decode_step
+
+    def spy(state, cache, kwargs, n):  # noqa: ANN001, ANN202
+        out = step(state, cache, kwargs, n)
+        steps.append((state, dict(kwargs)))
+        return out
+
+    monkeypatch.setattr(fw, "_decode_step", spy)
+    ids = ids_of(20, batch=2)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                       pad_token_id=0)
+        graphs = counters["stats"]["unique_graphs"]
+        state, kwargs = steps[-1]
+        copies = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        with fw.dynamo_policy():
+            state.compiled_decode(**copies)
+    assert steps and counters["stats"]["unique_graphs"] == graphs, "the copies traced the step again"
