@@ -278,17 +278,18 @@ def _items_by_group(wl, offsets: tuple[int, ...]) -> list[list[tuple[int, int]]]
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.integers(0, 5000), min_size=1, max_size=10), st.integers(1, 40), st.sampled_from([16, 64]))
-def test_auto_work_list_one_round_of_equal_items(widths: list[int], batch: int, block_n: int) -> None:
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=10), st.integers(1, 40), st.sampled_from([16, 64, 128]),
+       st.sampled_from([3, 4]))
+def test_auto_work_list_one_round_of_equal_items(widths: list[int], batch: int, block_n: int, per_sm: int) -> None:
     """The default work list covers every slot once; when one item per group fits in the
-    resident programs, all batch x items programs fit, the items of a group are one multiple
-    of block_n but the last (no larger), and no smaller chunk (in tiles) would fit; otherwise
-    it is the fixed-chunk list."""
+    resident programs (``per_sm`` an SM: 4 with bf16 tiles, 3 with FP8's), all batch x items
+    programs fit, the items of a group are one multiple of block_n but the last (no larger),
+    and no smaller chunk (in tiles) would fit; otherwise it is the fixed-chunk list."""
     offsets = tuple([0, *torch.tensor(widths).cumsum(0).tolist()])
     dev = torch.device("cpu")
-    resident = decode.RESIDENT_PER_SM * sm_count(dev)
-    wl = decode.auto_work_list(offsets, batch, dev, block_n)
-    assert decode.auto_work_list(offsets, batch, dev, block_n) is wl  # cached per allocation
+    resident = per_sm * sm_count(dev)
+    wl = decode.auto_work_list(offsets, batch, dev, block_n, per_sm)
+    assert decode.auto_work_list(offsets, batch, dev, block_n, per_sm) is wl  # cached per allocation
     groups = _items_by_group(wl, offsets)
     for g, items in enumerate(groups):  # every slot of every group exactly once, in order
         slots = [s for start, stop in items for s in range(start, stop)]
