@@ -113,6 +113,24 @@ def attention_layers(config: Any, num_layers: int) -> tuple[int, ...] | None:
     return layers
 
 
+# a config's head layout of its sliding-window layers, where it has one of its own (Inkling)
+SLIDING_HEAD_KEYS = (("swa_num_attention_heads", "num_attention_heads"), ("swa_num_key_value_heads", "num_key_value_heads"),
+                     ("swa_head_dim", "head_dim"))
+
+
+def check_sliding_heads(config: Any, planned: list[str]) -> None:
+    """ValueError when planned sliding-window layers run a head layout of their own
+    (``swa_num_attention_heads`` and the like differing from the full layers'): a plan has one."""
+    if "sliding_attention" not in planned:
+        return
+    own = [(swa, getattr(config, swa), getattr(config, full, None)) for swa, full in SLIDING_HEAD_KEYS
+           if getattr(config, swa, None) is not None and getattr(config, swa) != getattr(config, full, None)]
+    if own:
+        said = ", ".join(f"{swa}={a} against {b}" for swa, a, b in own)
+        raise ValueError(f"{type(config).__name__}'s sliding-window layers run a head layout of their own ({said}); "
+                         "a moa-flex plan has one head layout for every layer")
+
+
 def model_windows(config: Any, shape: Any) -> list[int | None]:
     """Per planned layer (``shape``: the plan's :class:`~moa_flex.plan.ModelShape`), the model's
     own attention pattern as one integer (the kernels' ``window``): its sliding window (tokens,
@@ -143,6 +161,7 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
                          "transformers, nothing else")
     if planned is None:
         return [int(window) if window else None] * shape.num_layers
+    check_sliding_heads(config, planned)
     if "chunked_attention" in planned and not chunk:
         raise ValueError(f"{type(config).__name__} has chunked_attention layers but no attention_chunk_size")
     own = {"sliding_attention": int(window or 0) or None, "chunked_attention": -int(chunk or 0) or None}
