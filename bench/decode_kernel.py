@@ -4,7 +4,7 @@
                                   [--densities 0.25 0.5] [--kv-dtypes bf16 fp8] [--repeats 50] [--record]
     python bench/decode_kernel.py --sweep --batches 8 --lengths 65536   # also the kernel's tiling grid
     python bench/decode_kernel.py --smoke --kv-dtypes bf16 fp8   # tiny shapes on the CPU (op -> twin): checks the script
-    python bench/decode_kernel.py --batches 8 --lengths 65536 --kv-dtypes bf16 fp8 --fp8-modes pairs f16 q   # fp8 read modes
+    python bench/decode_kernel.py --batches 8 --lengths 65536 --kv-dtypes bf16 fp8 --fp8-modes q   # fp8: also the q-dtype read mode
     TRITON_INTERPRET=1 python bench/decode_kernel.py --smoke --sweep   # the sweep too, in Triton's interpreter
 
 Llama-3-8B attention shape: 32 query / 8 KV heads, head dim 128, bf16. For each KV density a
