@@ -166,6 +166,7 @@ def chunk_attention_reference(
 
 
 if triton is not None:
+    from .decode import mma_dot  # the kernels' one dot (interpreter and float32 precision)
 
     @triton.jit
     def _attend_tile(
@@ -184,10 +185,7 @@ if triton is not None:
         kt = tl.load(k_rows[:, None] + d[None, :] * stride_kd, mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
         if DOT_F32 or QUANT:
             kt = kt.to(qt.dtype)  # FP8 -> q's dtype is exact
-        if IEEE:
-            x = tl.dot(qt, tl.trans(kt), input_precision="ieee")
-        else:
-            x = tl.dot(qt, tl.trans(kt))
+        x = mma_dot(qt, tl.trans(kt), False, IEEE)
         # without a softcap qk_scale carries log2(e): log2 units from here on
         if QUANT:
             x = x * (qk_scale * tl.load(ks_rows, mask=key_ok, other=0.0))[None, :]
@@ -211,13 +209,7 @@ if triton is not None:
             vt = vt.to(qt.dtype)
         else:
             pv = pr.to(vt.dtype)
-        if DOT_F32:
-            pv = pv.to(tl.float32)
-            vt = vt.to(tl.float32)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pv, vt)
+        acc = acc * alpha[:, None] + mma_dot(pv, vt, DOT_F32, IEEE)
         return m_new, l_i, acc
 
     @triton.jit(do_not_specialize=["C", "sink", "window_lim", "local_chunk"])

@@ -458,6 +458,18 @@ def prepare_work(offsets: torch.Tensor, batch: int, tiling: Tiling | None = None
 if triton is not None:
 
     @triton.jit
+    def mma_dot(a, b, F32: tl.constexpr, IEEE: tl.constexpr):
+        """``a @ b`` as the kernels take it: ``F32``: both operands in float32 first (Triton's
+        interpreter); ``IEEE``: full float32 precision (float32 queries), else tensor-core
+        precision."""
+        if F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
     def _fp8_pairs_to_f16(vw, PACKED: tl.constexpr):
         """int16 words of two e4m3 bytes -> (low byte, high byte) as float16 values / 256, exact.
 
@@ -553,10 +565,7 @@ if triton is not None:
             )
             if DOT_F32 or QUANT:
                 kt = kt.to(qt.dtype)  # FP8 -> q's dtype is exact
-            if IEEE:
-                x = tl.dot(qt, tl.trans(kt), input_precision="ieee")
-            else:
-                x = tl.dot(qt, tl.trans(kt))
+            x = mma_dot(qt, tl.trans(kt), False, IEEE)
             if QUANT:
                 k_sc = tl.load(ks_ptr + b * stride_ksb + rows, mask=valid, other=0.0)
                 x = x * (qk_scale * k_sc)[None, :]
@@ -581,13 +590,8 @@ if triton is not None:
                 v_even, v_odd = _fp8_pairs_to_f16(vw, not DOT_F32)
                 v_sc = tl.load(vs_ptr + b * stride_vsb + rows, mask=valid, other=0.0)
                 pv = (pr * (v_sc * 256.0)[None, :]).to(tl.float16)
-                if DOT_F32:
-                    pv, v_even, v_odd = pv.to(tl.float32), v_even.to(tl.float32), v_odd.to(tl.float32)
-                    acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_even, input_precision="ieee")
-                    acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_odd, input_precision="ieee")
-                else:
-                    acc_e = acc_e * alpha[:, None] + tl.dot(pv, v_even)
-                    acc_o = acc_o * alpha[:, None] + tl.dot(pv, v_odd)
+                acc_e = acc_e * alpha[:, None] + mma_dot(pv, v_even, DOT_F32, DOT_F32)
+                acc_o = acc_o * alpha[:, None] + mma_dot(pv, v_odd, DOT_F32, DOT_F32)
             else:
                 vt = tl.load(
                     v_ptr + b * stride_vb + rows[:, None] * stride_vs + dv[None, :] * stride_vd,
@@ -599,13 +603,7 @@ if triton is not None:
                     vt = vt.to(qt.dtype)
                 else:
                     pv = pr.to(vt.dtype)  # probabilities in V's dtype, as the GPU MMA takes them
-                if DOT_F32:
-                    pv = pv.to(tl.float32)
-                    vt = vt.to(tl.float32)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(pv, vt, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(pv, vt)
+                acc = acc * alpha[:, None] + mma_dot(pv, vt, DOT_F32, IEEE)
             m_i = m_new
         if V_PAIRS:  # column 2j is word j's low byte: interleave the halves
             acc = tl.reshape(tl.join(acc_e, acc_o), [HPG_PAD, DV_PAD])
