@@ -229,15 +229,15 @@ def _decode_step(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) ->
         # HF's default (the cache's token count) as a tensor: a Python int would be baked in
         ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         kwargs["position_ids"] = torch.arange(cache.seen_tokens, cache.seen_tokens + n, device=ids.device).unsqueeze(0)
+    signature = step_signature(kwargs)
+    graph = cache.step_graph
+    if graph is not None and graph.signature == signature:
+        return graph(kwargs)
     for name, value in kwargs.items():
         # Dynamo guards a view argument through its base (generate's input_ids[:, None] is one); the
         # CUDA-graph capture passes copies, which are no views, and that re-traced the whole step
         if isinstance(value, torch.Tensor) and value._is_view():
             kwargs[name] = value.clone()
-    signature = step_signature(kwargs)
-    graph = cache.step_graph
-    if graph is not None and graph.signature == signature:
-        return graph(kwargs)
     same = cache.decode_signature == signature
     cache.decode_steps = cache.decode_steps + 1 if same else 1
     cache.decode_signature = signature
