@@ -104,7 +104,6 @@ class CompileCache:
         self.folder = (folder or cache_folder()) / key
         self.cpu = cpu  # a model on the CPU: settle inductor's vector-ISA probe (settle_isa_probe)
         self.loaded_bytes = 0
-        self.reused_isa_probe = False
         self.saved_bytes = 0
         self._misses = _misses()
         _LIVE.add(self)
@@ -114,7 +113,7 @@ class CompileCache:
         file torch cannot read (another torch's, or broken) is skipped and deleted. A CPU
         model's cache also settles the vector-ISA probe (:func:`settle_isa_probe`)."""
         if self.cpu:
-            self.reused_isa_probe = settle_isa_probe(self.folder.parent)
+            settle_isa_probe(self.folder.parent)
         for path in sorted(self.folder.glob("*.bin")):
             try:
                 data = path.read_bytes()
@@ -142,13 +141,19 @@ class CompileCache:
         path = self.folder / f"{hashlib.sha256(data).hexdigest()[:20]}.bin"
         if path.exists():
             return 0
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_atomically(path, data)
         self.saved_bytes += len(data)
         return len(data)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in its folder (created if missing),
+    so that a reader in another process sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def _isa_probe_file(folder: Path) -> Path | None:
@@ -192,11 +197,7 @@ def settle_isa_probe(folder: Path) -> bool:
     usable, reused = _read_isa_record(path), True
     if usable is None:
         usable, reused = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()], False
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"usable": usable}, f)
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps({"usable": usable}).encode())
     if usable == _flagged_isas():
         config.cpp.vec_isa_ok = True
     return reused
