@@ -304,7 +304,8 @@ def kernel_rows(args: argparse.Namespace, timer: Timer, B: int, N: int, density:
             ms, mode = timer(kernel_call(dev, cached, scales, plan.sink, out, tuning))
             rows.append({"B": B, "N": N, "density": slots / (KVH * N), "target": density, "kv": kv,
                          "method": f"moa-flex d={density}{kv_suffix(kv)}{f' ({fp8_mode})' if fp8_mode else ''}",
-                         "ms": ms, "mode": mode, "bytes": nbytes, "vs_flex": base.get("flex dense", float("nan")) / ms})
+                         "fp8_mode": fp8_mode, "ms": ms, "mode": mode, "bytes": nbytes,
+                         "vs_flex": base.get("flex dense", float("nan")) / ms})
         if args.sweep_grid:
             sweeps.append({"B": B, "N": N, "density": slots / (KVH * N), "bytes": nbytes, "kv": kv,
                            "results": sweep(cached, plan.sink, out, timer, args.sweep_grid, scales, tuple(modes))})
@@ -328,18 +329,18 @@ def sweep(inputs: tuple, sink: int, out: torch.Tensor, timer: Timer, grid: tuple
     B, _, D = inputs[0].shape
     device = inputs[0].device
     offs = decode.host_offsets(inputs[3], inputs[1].shape[1])
-    tiling = decode.default_tiling(D, inputs[2].shape[2], scales is not None and bool(scales))
+    tiling = decode.default_tiling(D, inputs[2].shape[2], bool(scales))
     default = (tiling.block_n, 4, tiling.num_stages, None, None)
     # the default (ragged_decode_triton's own: default tiles, 4 warps, chunk None, default mode) first, once
     configs = [(None, 4, None, None, None)] + [(*c, m) for m in modes for c in itertools.product(*grid)
                                                if (*c, m) != default]
     results = []
-    for block_n, warps, stages, mult, dot in configs:
+    for block_n, warps, stages, mult, fp8_mode in configs:
         tile = block_n or tiling.block_n
         chunk = None if mult is None else max(tile, int(decode.auto_chunk(B, offs, device, tile) * mult))
         fn = functools.partial(decode.ragged_decode_triton, *inputs, sink, 0, D**-0.5, 0.0, out=out, chunk=chunk,
                                block_n=block_n, num_warps=warps, num_stages=stages, **(scales or {}),
-                               **({"fp8_mode": dot} if dot is not None else {}))
+                               **({"fp8_mode": fp8_mode} if fp8_mode is not None else {}))
         try:
             ms, mode = timer(fn)
         except Exception as e:  # noqa: BLE001 - a configuration that does not compile (shared memory)
@@ -347,7 +348,7 @@ def sweep(inputs: tuple, sink: int, out: torch.Tensor, timer: Timer, grid: tuple
             continue
         auto = decode.auto_work_list(offs, B, device, tile, tiling.resident_per_sm)
         shown = chunk if chunk is not None else f"auto ({auto.chunk})"
-        results.append({"config": "default" if block_n is None else "", "block_n": tile, "warps": warps, "dot": dot,
+        results.append({"config": "default" if block_n is None else "", "block_n": tile, "warps": warps, "fp8_mode": fp8_mode,
                         "stages": stages or tiling.num_stages, "chunk": shown, "ms": ms, "mode": mode})
     return [r for r in results if r["config"]] + sorted((r for r in results if not r["config"]), key=lambda r: r["ms"])
 
@@ -364,7 +365,7 @@ def sweep_table(sweeps: list, copy_bw: float) -> str:
             bw = s["bytes"] / (r["ms"] * 1e-3)
             lines.append(
                 f"| {s['B']} | {s['N']} | {s['density']:.3f} | {s['kv']} | {r['config']} | {r['block_n']} | {r['warps']} | "
-                f"{r['stages']} | {r['chunk']} | {r.get('dot') or 'default'} | {r['ms']:.4f} | {r['mode']} | {bw / 1e12:.2f} | {100 * bw / copy_bw:.0f} |"
+                f"{r['stages']} | {r['chunk']} | {r['fp8_mode'] or 'default'} | {r['ms']:.4f} | {r['mode']} | {bw / 1e12:.2f} | {100 * bw / copy_bw:.0f} |"
             )
     return "\n".join(lines)
 
@@ -406,7 +407,7 @@ def kv_notes(rows: list) -> list[str]:
             first[key] = r
             continue
         a = first[key]
-        what = r["kv"] + (" (" + r["method"].rsplit("(", 1)[1] if r["method"].endswith(")") else "")
+        what = r["kv"] + (f" ({r['fp8_mode']})" if r.get("fp8_mode") else "")
         out.append(f"B={r['B']}, N={r['N']}, d={r['target']}: {what} kernel {r['ms']:.4f} ms vs {a['kv']} "
                    f"{a['ms']:.4f} ms: speed-up {a['ms'] / r['ms']:.2f}x, bytes read {r['bytes'] / a['bytes']:.3f}x")
     return out
