@@ -230,6 +230,29 @@ def test_decode_kernel_reads_fp8_like_its_twin(lay: dict, dtype: torch.dtype, ch
 
 
 @needs_kernel
+@pytest.mark.parametrize("magnitude", [1e-3, 1.0, 1e5])
+def test_pairs_mode_reads_small_and_large_values(magnitude: float) -> None:
+    """The pairs mode's float16 probabilities carry v_scale times 16: values up to a few 10^5
+    (past where v_scale times 256 overflowed float16) and of 10^-3 read as the twin reads them
+    (bf16 queries). Its limit, a stored value vector's largest element of about 1.8e6, is
+    docs/DESIGN.md's ("FP8 cache")."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, G, S, D = 2, 8, 2, 64, 128
+    dev = KERNEL_DEVICE
+    k8, ks = quantize_fp8(torch.randn(B, S, D, generator=gen))
+    v8, vs = quantize_fp8(torch.randn(B, S, D, generator=gen) * magnitude)
+    q = torch.randn(B, H, D, generator=gen).to(torch.bfloat16)
+    i32 = {"dtype": torch.int32}
+    args = (q, k8, v8, torch.tensor([0, 32, 64], **i32), torch.full((B, G), 32, **i32), torch.full((B, H), 24, **i32),
+            torch.tensor([40, 63]))
+    want = ragged_decode_reference(q.float(), *args[1:], 4, 0, D**-0.5, 0.0, k_scale=ks, v_scale=vs)
+    got = ragged_decode_triton(*(a.to(dev) for a in args), 4, 0, D**-0.5, 0.0, k_scale=ks.to(dev), v_scale=vs.to(dev),
+                               fp8_mode="pairs")
+    assert got.isfinite().all()
+    assert (got.cpu().float() - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+@needs_kernel
 @pytest.mark.parametrize("mode", ["pairs", "q"])
 def test_decode_kernel_reads_every_fp8_byte_exactly(mode: str) -> None:
     """Each read mode turns every e4m3 code (NaN codes aside) into its exact value: V holds all
