@@ -23,7 +23,9 @@ step = (weight bytes + cache bytes) / copy bandwidth measured in the same run.
 ``--filled N``: the cache holds random K/V for the first N - 16384 tokens (no prefill of
 them), then a real chunked prefill of the last 16384 and the decode steps run (at 1M tokens a
 dense cache alone is 128 GiB). ``--longest``: the largest N (in steps of 64K) whose cache
-fits beside the weights and a 6 GiB working set, then run as with ``--filled``.
+fits beside the weights and a 7 GiB working set, then run as with ``--filled``; a length that
+runs out of memory anyway is tried again one step (64K) lower, up to four times, and the
+out-of-memory rows stay in the table with the allocator's message in the notes.
 
 ``--kv-dtypes bf16 fp8`` (``--kv-dtype``; default bf16): every moa-flex case once per cache dtype,
 side by side ("moa-flex 262k fp8, chunk 16384"; bf16 rows keep their names): moa_flex.compile's
@@ -61,7 +63,8 @@ from moa_flex.runtime.compile import DEFAULT_PREFILL_CHUNK
 GiB = 2**30
 FILLED_TAIL = 16384  # tokens of real prefill after a random-filled cache
 # --longest: (first N, step, working set kept free) of the search; --smoke: a CPU-sized one
-LONGEST_SEARCH = (1 << 20, 1 << 16, 6 * GiB)
+LONGEST_SEARCH = (1 << 20, 1 << 16, 7 * GiB)
+LONGEST_RETRIES = 4  # --longest: lengths tried one step down after an out-of-memory
 SMOKE_LONGEST_SEARCH = (256, 256, 0)
 SMOKE_FREE = 2 << 20  # --smoke --longest: the "free memory" (bytes) the search sizes by: 256-3072 tokens of the tiny model
 
@@ -103,8 +106,8 @@ def hf_case(model, N: int, steps: int, dev: str) -> dict:  # noqa: ANN001
         moa_flex.uncompile(model)
     try:
         r = timed(model, random_prompt(model, N - steps, dev), steps, dev)
-    except torch.OutOfMemoryError:
-        r = dict(first_s=float("nan"), step_ms=float("nan"), peak=float("nan"), oom=True)
+    except torch.OutOfMemoryError as e:
+        r = dict(first_s=float("nan"), step_ms=float("nan"), peak=float("nan"), oom=True, why=str(e)[:300])
     gc.collect()
     torch.cuda.empty_cache() if dev == "cuda" else None
     return r
@@ -140,7 +143,7 @@ def moa_case(model, plan: Plan, N: int, args, chunk: int | None, filled: int | N
             model.moa_flex.cache = cache
         r = timed(model, ids, args.steps, dev, cache)
     except torch.OutOfMemoryError as e:
-        r = dict(first_s=float("nan"), step_ms=float("nan"), peak=float("nan"), oom=True, why=str(e)[:200])
+        r = dict(first_s=float("nan"), step_ms=float("nan"), peak=float("nan"), oom=True, why=str(e)[:300])
     r.update(cache=model.moa_flex.cache.memory_bytes() if model.moa_flex.cache is not None else 0,
              dense=2 * LLAMA3_8B.num_layers * LLAMA3_8B.num_kv_heads * N * LLAMA3_8B.head_dim * 2, warm_s=warm_s,
              kv_density=plan.kv_density(N))
@@ -155,7 +158,7 @@ def moa_case(model, plan: Plan, N: int, args, chunk: int | None, filled: int | N
 def longest(plan_name: str, shape: ModelShape, wbytes: int, dev: str, smoke: bool,
             storage: torch.dtype) -> tuple[int, Plan] | None:
     """The largest N (from 1M in steps of 64K) whose cache, stored in ``storage`` (FP8: values
-    and scales), fits beside the weights and a 6 GiB working set; None if not even the first."""
+    and scales), fits beside the weights and a 7 GiB working set; None if not even the first."""
     start, step, reserve = SMOKE_LONGEST_SEARCH if smoke else LONGEST_SEARCH
     free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated() - wbytes if dev == "cuda" else SMOKE_FREE
     N = start
@@ -175,24 +178,27 @@ def filled_picks(args: argparse.Namespace, shape: ModelShape, wbytes: int,
     picks = []
     if args.longest is not None:
         for name in args.longest or args.plans:
-            lengths = {}
             for kv in args.kv_dtypes:
                 storage = storage_dtype(kv, args.dtype)
                 found = longest(name, shape, wbytes, args.device, args.smoke, storage)
                 if found:
-                    picks.append((found[0], name, found[1], kv))
-                    lengths[kv] = found[0]
+                    picks.append((found[0], name, found[1], kv, True))
                     notes.append(f"--longest {name}{kv_suffix(kv)}: N = {found[0]}, cache "
                                  f"{cache_bytes(found[1], found[0], 1, storage, shape.head_dim) / GiB:.2f} GiB")
                 else:
                     notes.append(f"--longest {name}{kv_suffix(kv)}: not even the search's first length fits")
-            (first, n0), *others = lengths.items() if lengths else [(None, 0)]
-            notes += [f"--longest {name}: {kv} reaches {n / n0:.2f}x the tokens of {first}" for kv, n in others]
     for N in args.filled:
         for name in args.plans:
             for kv in args.kv_dtypes:
-                picks.append((N, name, plan_named(name, shape, N, args.smoke), kv))
+                picks.append((N, name, plan_named(name, shape, N, args.smoke), kv, False))
     return picks
+
+
+def oom_note(method: str, N: int, r: dict) -> str:
+    """What an out-of-memory row ran into: the allocator's own first sentences."""
+    why = " ".join(r.get("why", "").split())
+    return f"{method} at N = {N}: out of memory: {why.split(' Of the allocated')[0]}"
+
 
 
 def row(method: str, N: int, r: dict, wbytes: int, bw: float) -> str:
@@ -262,20 +268,38 @@ def main() -> None:
             r = hf_case(model, N, args.steps, args.device)
             r["hf_kv"] = 2 * shape.num_layers * shape.num_kv_heads * N * shape.head_dim * 2
             show(row("HF eager sdpa", N, r, wbytes, bw))
+            if r.get("oom"):
+                notes.append(oom_note("HF eager sdpa", N, r))
         for name in plans_at.get(N, args.plans):
             plan = plan_named(name, shape, N, args.smoke)
             sweep = args.chunks if args.chunks and (args.chunks_at is None or N in args.chunks_at) else [chunk]
             for kv in args.kv_dtypes:
                 for c in sweep:
                     r = moa_case(model, plan, N, args, c, kv=kv)
-                    show(row(f"moa-flex {name}{kv_suffix(kv)}, chunk {c or 'none'}", N, r, wbytes, bw))
+                    method = f"moa-flex {name}{kv_suffix(kv)}, chunk {c or 'none'}"
+                    show(row(method, N, r, wbytes, bw))
+                    if r.get("oom"):
+                        notes.append(oom_note(method, N, r))
                     if r["warm_s"]:
                         notes.append(f"compile and warm-up request ({args.warmup} tokens): {r['warm_s']:.0f} s")
-    for N, name, plan, kv in filled_picks(args, shape, wbytes, notes):
-        tail = min(FILLED_TAIL, N // 4)
-        r = moa_case(model, plan, N, args, chunk, filled=N - args.steps - tail, kv=kv)
-        show(row(f"moa-flex {name}{kv_suffix(kv)}, random K/V for {N - args.steps - tail}, prefill {tail}", N, r,
-                 wbytes, bw))
+    step = (SMOKE_LONGEST_SEARCH if args.smoke else LONGEST_SEARCH)[1]
+    reached: dict[str, dict[str, int]] = {}  # --longest: plan -> cache dtype -> the N that ran
+    for N, name, plan, kv, search in filled_picks(args, shape, wbytes, notes):
+        for _ in range(1 + (LONGEST_RETRIES if search else 0)):  # --longest: one step down after an out-of-memory
+            tail = min(FILLED_TAIL, N // 4)
+            method = f"moa-flex {name}{kv_suffix(kv)}, random K/V for {N - args.steps - tail}, prefill {tail}"
+            r = moa_case(model, plan, N, args, chunk, filled=N - args.steps - tail, kv=kv)
+            show(row(method, N, r, wbytes, bw))
+            if not r.get("oom"):
+                if search:
+                    reached.setdefault(name, {})[kv] = N
+                break
+            notes.append(oom_note(method, N, r))
+            N -= step
+            plan = plan_named(name, shape, N, args.smoke)
+    for name, lengths in reached.items():
+        (first, n0), *others = lengths.items()
+        notes += [f"--longest {name}: {kv} reaches {n / n0:.2f}x the tokens of {first}" for kv, n in others]
     text = "\n".join(lines + [""] + [f"- {n}" for n in notes])
     print(text)
     if args.record:
