@@ -95,8 +95,25 @@ def _language_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def layer_types(config: Any, num_layers: int) -> list[str] | None:
     """The (text) config's ``layer_types`` for its first ``num_layers`` layers, or None."""
-    types = getattr(text_config(config), "layer_types", None)
+    config = text_config(config)
+    types = getattr(config, "layer_types", None)
+    kinds = getattr(config, "attention_layers", None)
+    if types is None and isinstance(kinds, (list, tuple)) and kinds and set(kinds) <= set(_GPT_NEO_KINDS):
+        types = [_GPT_NEO_KINDS[t] for t in config.attention_layers]  # GPT-Neo: global / local (window_size)
     return [str(t) for t in types[:num_layers]] if isinstance(types, (list, tuple)) else None
+
+
+# GPT-Neo's own names of its layer kinds (``attention_layers``), its local window in ``window_size``
+_GPT_NEO_KINDS = {"global": "full_attention", "local": "sliding_attention"}
+
+
+def own_window(config: Any) -> int | None:
+    """The model's sliding window (tokens): ``sliding_window``, or GPT-Neo's ``window_size``."""
+    config = text_config(config)
+    window = getattr(config, "sliding_window", None)
+    if window is None and getattr(config, "attention_layers", None) is not None:
+        window = getattr(config, "window_size", None)
+    return window
 
 
 def attention_layers(config: Any, num_layers: int) -> tuple[int, ...] | None:
@@ -147,7 +164,7 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
     if getattr(config, "num_kv_shared_layers", 0):
         raise ValueError(f"{type(config).__name__} has num_kv_shared_layers={config.num_kv_shared_layers} (its last "
                          "layers attend other layers' keys and values), which moa-flex's per-layer cache does not model")
-    window = getattr(config, "sliding_window", None)
+    window = own_window(config)
     types = layer_types(config, shape.model_layers)
     planned = None if types is None else [WITH_STATE_LAYER_TYPES.get(types[i], types[i]) for i in shape.layer_indices]
     chunk = getattr(config, "attention_chunk_size", None)
@@ -203,8 +220,9 @@ def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, in
         groups = getattr(module, "num_key_value_groups", None)
         if m is None or not isinstance(groups, int) or groups < 1 or int(m.group(1)) not in shape.layer_indices:
             continue
-        kv = shape.num_heads // groups
-        if kv > shape.num_kv_heads or shape.num_kv_heads % kv:
+        heads = getattr(module, "num_heads", None)  # a layer's own query heads where it keeps them (Inkling's sliding layers)
+        kv = (heads if isinstance(heads, int) and heads > 0 else shape.num_heads) // groups
+        if kv < 1 or kv > shape.num_kv_heads or shape.num_kv_heads % kv:
             found.append((int(m.group(1)), kv))
     return found
 
@@ -250,13 +268,10 @@ def has_learned_sinks(model: torch.nn.Module) -> bool:
 
 def check_supported(model: torch.nn.Module, shape: Any) -> None:
     """ValueError naming why, for a model whose attention a plan cannot rule (``shape``: the
-    plan's ModelShape): attention in the model's own code, decoder layers run several times per
+    plan's ModelShape): decoder layers run several times per
     forward (Dory's loops), attention modules that do not map one to one to decoder layers, layers running other KV heads than the config, bidirectional
     attention. Checked at compile time, before anything changes."""
     name = type(model).__name__
-    if getattr(model, "_supports_sdpa", True) is False and getattr(model, "_supports_attention_backend", True) is False:
-        raise ValueError(f"{name} computes attention in its own code (transformers marks it as supporting neither sdpa "
-                         "nor the attention-function interface), so there is no attention call for moa-flex to rewrite")
     loops = getattr(text_config(getattr(model, "config", None)), "n_recurrent_loops", None)
     if isinstance(loops, int) and loops > 1:
         raise ValueError(f"{name} runs its recurrent decoder layers {loops} times per forward (n_recurrent_loops), "

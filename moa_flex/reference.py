@@ -6,6 +6,7 @@ forwards. Slow and obviously right: the tests' oracle and the support matrix's
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -67,10 +68,11 @@ def _calling_layer(module: torch.nn.Module) -> int:
 
 
 def _track_layers(model: torch.nn.Module) -> list:
-    """Forward pre-hooks on the decoder layers (``...layers.<i>``) recording which one runs."""
+    """Forward pre-hooks on the decoder layers (``...layers.<i>``, GPT-style ``...h.<i>``,
+    BERT-style ``...layer.<i>``) recording which one runs."""
     handles = []
     for name, module in model.named_modules():
-        m = re.fullmatch(r"(?:.*\.)?layers\.(\d+)", name)
+        m = re.fullmatch(r"(?:.*\.)?(?:layers|layer|h)\.(\d+)", name)
         if m:
             handles.append(module.register_forward_pre_hook(
                 lambda _m, _a, i=int(m.group(1)): _REF_PLAN.__setitem__("layer", i)))
@@ -82,24 +84,72 @@ AttentionInterface.register("moa_reference", reference_attention)
 AttentionMaskInterface.register("moa_reference", sdpa_mask)
 
 
+def own_code_attention(model: torch.nn.Module) -> bool:
+    """Whether the model computes attention in its own code (transformers marks it as taking
+    neither SDPA nor the attention-function interface), where ``attn_implementation`` cannot
+    route it to :func:`reference_attention`."""
+    return getattr(model, "_supports_sdpa", True) is False and getattr(model, "_supports_attention_backend", True) is False
+
+
+class _KeepBeforeSoftmax(torch.overrides.TorchFunctionMode):
+    """The reference of attention computed in a model's own code: every softmax over the last dim
+    of a [B, plan heads, Q, K] tensor (the scores) inside a decoder layer gets the plan's keep rule
+    (:func:`moa_flex.masks.reference_mask` of that layer, left pads shifted as in
+    :func:`reference_attention`) as -inf before it; whatever else the model computes runs as it is."""
+
+    SOFTMAXES = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in self.SOFTMAXES and "layer" in _REF_PLAN:
+            x = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            plan = _REF_PLAN["plan"]
+            if x.dim() == 4 and dim in (-1, 3) and x.shape[1] == plan.num_heads:
+                args = (x.masked_fill(~self._keep(x, plan), float("-inf")), *args[1:])
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _keep(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        B, H, Q, K = x.shape
+        keep = torch.zeros(B, H, Q, K, dtype=torch.bool, device=x.device)
+        pads = _REF_PLAN.get("pads") or [0] * B
+        N = _REF_PLAN.get("N") or K
+        for b, pad in enumerate(pads):
+            n = K - pad
+            keep[b, :, pad:, pad:] = reference_mask(plan, plan.model.plan_layer(_REF_PLAN["layer"]), N - pad, n, 0,
+                                                    n).to(x.device)
+        # rows that keep nothing (left pads) stay as the model had them: the model masks them itself
+        return keep | ~keep.any(-1, keepdim=True)
+
+
 def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | None = None,  # noqa: ANN001
                      kv_dtype: torch.dtype | None = None, **inputs) -> torch.Tensor:
     """Logits with reference_attention, through the model's uncompiled forward; ``pads``:
     left-pad tokens per row (from the 2-D mask); ``N``: planned length (default: input length);
-    ``kv_dtype``: attend keys and values as a cache of that dtype stores them (FP8)."""
+    ``kv_dtype``: attend keys and values as a cache of that dtype stores them (FP8). A model that
+    computes attention in its own code runs it with the keep rule applied before each softmax
+    (``_KeepBeforeSoftmax``; no FP8 there)."""
     _REF_PLAN.update(plan=plan, pads=pads, N=N, kv_dtype=kv_dtype)
+    _REF_PLAN.pop("layer", None)
+    own = own_code_attention(model)
+    if own and kv_dtype is not None and is_quantized(kv_dtype):
+        raise NotImplementedError("the reference of attention in a model's own code does not model an FP8 cache")
     before = model.config._attn_implementation
-    model.set_attn_implementation("moa_reference")
+    if not own:
+        model.set_attn_implementation("moa_reference")
     state = getattr(model, "moa_flex", None)
     forward = state.original_forward if state is not None else model
     hooks = _track_layers(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _KeepBeforeSoftmax() if own else contextlib.nullcontext():
             return forward(**inputs, use_cache=False).logits
     finally:
         for h in hooks:
             h.remove()
-        model.set_attn_implementation(before)
+        _REF_PLAN.pop("layer", None)
+        if not own:
+            model.set_attn_implementation(before)
 
 
 def planned_logits(model, plan: Plan, N: int, ids: torch.Tensor, mask: torch.Tensor,  # noqa: ANN001

@@ -33,6 +33,7 @@ from .regional import RegionReport
 from .prefill_pass import extend_nodes, rewrite_prefill
 from .latent import LatentDims
 from .value_fusion import fuse_value_splits
+from .eager_attention import MODEL_OUTPUT, rewrite_eager_attention
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, call_layers, plan_layers, check_heads, sinks_of,
     padding_mask_input,
@@ -57,6 +58,7 @@ def rewrite_attention(
     ``moa_flex::verify_attention`` node (under runtime ``verify_id``, a dense plan) compares
     them; flex_attention graphs are not checked (their mods are proven by evaluation).
     """
+    rewrite_eager_attention(gm.graph, keep_original=verify_id is not None)  # attention in the model's own code
     fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
     if extend_nodes(gm.graph):  # a prefill over a MoaCache (chunks, later turns)
         return rewrite_prefill(gm, plan, softcaps, windows, verify=verify_id is not None, latent=latent)
@@ -74,8 +76,11 @@ def rewrite_attention(
             return PassReport(graph_module=gm)
         raise ValueError(
             "moa-flex found no attention call (F.scaled_dot_product_attention or flex_attention) in the traced "
-            "graph; is this a decoder model running with attn_implementation='sdpa'? (For a model that "
-            "graph-breaks, e.g. one running flex_attention, pass partial_graphs=True.)"
+            "graph, nor attention computed in the model's own code in the form moa-flex recognizes "
+            "(matmul, constant scales, masks, softmax, matmul: moa_flex/passes/eager_attention.py; score terms "
+            "other than masks, such as ALiBi or relative-position biases, are not masks); is this a decoder "
+            "model running with attn_implementation='sdpa'? (For a model that graph-breaks, e.g. one running "
+            "flex_attention, pass partial_graphs=True.)"
         )
     located = call_layers(nodes)
     planned = plan_layers([layer for layer, _ in located], plan.model, "the traced graph has attention calls")
@@ -116,7 +121,8 @@ def rewrite_attention(
             with gm.graph.inserting_after(new):
                 gm.graph.call_function(
                     torch.ops.moa_flex.verify_attention.default,
-                    (q, k, v, mask, -1.0 if scale is None else scale, layer, verify_id, info, node, padding_mask,
+                    (q, k, v, mask, -1.0 if scale is None else scale, layer, verify_id, info,
+                     node.meta.get(MODEL_OUTPUT, node), padding_mask,
                      sinks_of(node)),
                 )
         report.rewritten.append(RewrittenNode(layer, new.name, path))

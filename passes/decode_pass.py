@@ -26,6 +26,7 @@ from moa_flex.plan import Plan
 from .inner import compile_graph
 from .latent import LatentDims, absorb, expansion_weight
 from .regional import RegionReport
+from .eager_attention import rewrite_eager_attention
 from .value_fusion import fuse_value_splits
 from .linear_pass import LinearFusionReport, fuse_linears
 from .nodes import (
@@ -64,6 +65,7 @@ def rewrite_decode(
     (tokens), or 0/None. ``latent``: the sizes of a model with latent attention (its cache
     holds the latent: passes/latent.py).
     """
+    rewrite_eager_attention(gm.graph)  # attention in the model's own code
     fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
     appends = by_layer(append_nodes(gm.graph), "cache_append", plan.model, "decode")
     attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "decode")

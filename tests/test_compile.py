@@ -268,7 +268,6 @@ def test_bidirectional_attention_is_refused_at_compile() -> None:
 
 
 @pytest.mark.parametrize("model_type,match", [
-    ("bloom", "computes attention in its own code"),  # ALiBi in its own matmuls: no sdpa call to rewrite
     ("inkling_text", "sliding-window layers run a head layout of their own .swa_num_attention_heads=64 against 4"),
 ])
 def test_attention_moa_flex_cannot_rewrite_is_refused_at_compile(model_type: str, match: str) -> None:

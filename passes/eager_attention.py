@@ -1,0 +1,283 @@
+"""FX pass: attention a model computes in its own code, made one SDPA call the other passes rewrite.
+
+Some transformers families (GPT-Neo, ...) compute attention with their own tensor operations
+instead of calling SDPA or the attention-function interface. On a Dynamo graph this pass finds
+each such computation, of exactly this form (4-D tensors [B, H, T, D]):
+
+    S = matmul(q, k.transpose(-1, -2))        # q, k possibly cast
+    S = S * c | S / c | S.to(dtype)           # constant scales, casts, any number, any order
+    S = where(m, S, fill) | S + mask          # masks only (below)
+    P = softmax(S, dim=-1)                    # optionally cast after, dropout in eval (p or training off)
+    O = matmul(P, v)
+
+and puts ``scaled_dot_product_attention(q, k, v, attn_mask=M, scale=c)`` in its place, computed in
+the scores' dtype (v and M cast to it, the output cast back). What counts as a mask, so that no
+term that changes attention beyond dropping keys (ALiBi, relative-position biases) can pass as
+one: a ``where`` over a boolean condition whose other branch is a constant at or below -1e4 (it
+only removes keys), and an additive term computed from the forward's 2-D ``attention_mask``
+input and constants alone (no parameter or other input): HF's padding-and-causal mask. Anything
+else, including a scale that is not a constant, leaves the computation as it is, and the graph
+then has no attention call for the other passes, which refuse it by name.
+
+With ``keep_original=True`` (the first-call check's graph) the model's own computation stays in
+the graph and the new SDPA node names its output (``node.meta[MODEL_OUTPUT]``), so the check
+compares moa-flex attention with what the model computed, not with this pass's reading of it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+
+from .nodes import padding_mask_input
+
+MODEL_OUTPUT = "moa_flex_model_output"  # meta key: the model's own attention output an SDPA node replaced
+MATMULS = (torch.matmul, operator.matmul)
+SOFTMAXES = (torch.nn.functional.softmax, torch.softmax)
+MASK_FILL_MAX = -1e4  # a where's fill at or below this removes a key (HF uses the dtype's minimum)
+_CAST_METHODS = ("to", "float", "half", "bfloat16", "type_as", "contiguous")
+
+
+def _call(node: Any, *targets: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _method(node: Any, *names: str) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in names
+
+
+def _value(node: Any) -> Any:
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+
+
+def _dtype_only(node: torch.fx.Node) -> bool:
+    """A cast that changes nothing but the dtype (no device move, no copy semantics)."""
+    if node.target != "to":
+        return True
+    rest = list(node.args[1:]) + list(node.kwargs.values())
+    return all(isinstance(a, torch.dtype) or a in (False, None) for a in rest)
+
+
+def _uncast(node: Any) -> Any:
+    """``node`` with dtype casts and ``contiguous`` peeled off."""
+    while _method(node, *_CAST_METHODS) and _dtype_only(node):
+        node = node.args[0]
+    return node
+
+
+def _eval_dropout(node: Any) -> bool:
+    """``F.dropout(x, p, training=False)`` or with p = 0: the identity."""
+    if not _call(node, torch.nn.functional.dropout):
+        return False
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+    return training is False or p == 0
+
+
+def _constant(node: Any) -> float | None:
+    """A Python number, or a 0-d ``torch.tensor(number)`` node; None otherwise."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return float(node)
+    if _call(node, torch.tensor) and isinstance(node.args[0], (int, float)) and not isinstance(node.args[0], bool):
+        return float(node.args[0])
+    return None
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _zero(node: Any) -> bool:
+    """0, or a ``torch.zeros``/``torch.tensor(0)`` of one element."""
+    if _constant(node) == 0.0:
+        return True
+    return _call(node, torch.zeros) and _value(node) is not None and _value(node).numel() == 1
+
+
+def _is_where_mask(node: Any) -> bool:
+    """``where(boolean, 0, fill)`` with fill at or below -1e4 (through casts, views, slices and
+    expansions): an additive mask whatever its condition came from (HF's eager masks)."""
+    while isinstance(node, torch.fx.Node) and (
+            (_method(node, *_CAST_METHODS) and _dtype_only(node)) or _method(node, "expand", "view", "reshape")
+            or _call(node, operator.getitem)):
+        node = node.args[0]
+    if not _call(node, torch.where) or len(node.args) != 3:
+        return False
+    cond, zero, fill = node.args
+    c, val = _constant(fill), _value(cond)
+    return _zero(zero) and c is not None and c <= MASK_FILL_MAX and val is not None and val.dtype == torch.bool
+
+
+def _is_mask_term(node: Any, padding: torch.fx.Node | None) -> bool:
+    """An additive term that is a mask: ``where(boolean, 0, fill)`` (:func:`_is_where_mask`), or
+    a term made from the 2-D attention_mask input, integer inputs (positions, cache lengths) and
+    constants: no parameter, hidden state or other float input reaches it."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if _is_where_mask(node):
+        return True
+    if padding is None:
+        return False
+    inputs = {n for n in _ancestors(node) if n.op in ("placeholder", "get_attr")}
+    if padding not in inputs:
+        return False
+    others = [_value(n) for n in inputs - {padding}]
+    return all(isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and not v.dtype.is_complex
+               for v in others)
+
+
+def _key_transposed(node: Any) -> Any:
+    """k where ``node`` is k transposed in its last two dims (4-D), else None."""
+    node = _uncast(node)
+    if not (_method(node, "transpose") or _call(node, torch.transpose)):
+        return None
+    val = _value(node)
+    dims = {d % 4 for d in node.args[1:3] if isinstance(d, int)} if val is not None and val.dim() == 4 else set()
+    return node.args[0] if dims == {2, 3} else None
+
+
+class _Match:
+    """One recognized attention computation."""
+
+    def __init__(self, out: torch.fx.Node, scores: torch.fx.Node, q: Any, k: Any, v: Any, scale: float,
+                 conds: list[tuple[torch.fx.Node, float]], adds: list[torch.fx.Node]) -> None:
+        self.out, self.scores, self.q, self.k, self.v = out, scores, q, k, v
+        self.scale, self.conds, self.adds = scale, conds, adds
+
+
+def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
+    if not _call(out, *MATMULS) or len(out.args) != 2:
+        return None
+    p, v = out.args
+    while True:
+        p = _uncast(p)
+        if _eval_dropout(p):
+            p = p.args[0]
+            continue
+        break
+    if not _call(p, *SOFTMAXES):
+        return None
+    dim = p.args[1] if len(p.args) > 1 else p.kwargs.get("dim")
+    if dim not in (-1, 3):
+        return None
+    s, scale, conds, adds = p.args[0], 1.0, [], []
+    while True:
+        s = _uncast(s)
+        if _call(s, *MATMULS):
+            k = _key_transposed(s.args[1])
+            if k is None:
+                return None
+            q = s.args[0]
+            break
+        if _call(s, operator.mul) and len(s.args) == 2:
+            c = [_constant(a) for a in s.args]
+            if c[0] is not None and c[1] is None:
+                scale, s = scale * c[0], s.args[1]
+            elif c[1] is not None and c[0] is None:
+                scale, s = scale * c[1], s.args[0]
+            else:
+                return None
+        elif _call(s, operator.truediv) and len(s.args) == 2 and _constant(s.args[1]):
+            scale, s = scale / _constant(s.args[1]), s.args[0]
+        elif _call(s, torch.where) and len(s.args) == 3:
+            cond, kept, fill = s.args
+            c = _constant(fill)
+            val = _value(cond)
+            if c is None or c > MASK_FILL_MAX or val is None or val.dtype != torch.bool:
+                return None
+            conds.append((cond, c))
+            s = kept
+        elif _call(s, operator.add) and len(s.args) == 2:
+            a, b = s.args
+            if _is_mask_term(b, padding):
+                adds.append(b)
+                s = a
+            elif _is_mask_term(a, padding):
+                adds.append(a)
+                s = b
+            else:
+                return None
+        else:
+            return None
+    vals = [_value(x) for x in (q, k, v, s, out)]
+    if any(x is None or x.dim() != 4 for x in vals):
+        return None
+    return _Match(out, s, q, k, v, scale, conds, adds)
+
+
+def _insert(graph: torch.fx.Graph, op: Any, args: tuple, kwargs: dict, fake: Any, meta_from: torch.fx.Node,
+            method: bool = False) -> torch.fx.Node:
+    node = (graph.call_method if method else graph.call_function)(op, args, kwargs)
+    node.meta = {k_: v_ for k_, v_ in meta_from.meta.items() if k_ in ("stack_trace", "nn_module_stack")}
+    values = [_value(a) if isinstance(a, torch.fx.Node) else a for a in args]
+    if all(not isinstance(a, torch.fx.Node) or isinstance(v_, torch.Tensor) for a, v_ in zip(args, values)):
+        node.meta["example_value"] = fake(*values)
+    return node
+
+
+def _cast(graph: torch.fx.Graph, x: Any, dtype: torch.dtype, meta_from: torch.fx.Node) -> Any:
+    val = _value(x)
+    if val is None or val.dtype == dtype:
+        return x
+    return _insert(graph, "to", (x, dtype), {}, lambda t, d: t.to(d), meta_from, method=True)
+
+
+def _rewrite(graph: torch.fx.Graph, m: _Match, keep_original: bool) -> torch.fx.Node:
+    dtype = _value(m.scores).dtype
+    out = m.out
+    with graph.inserting_before(out.next):  # after the model's output: the first-call check reads it
+        q, k, v = (_cast(graph, x, dtype, out) for x in (m.q, m.k, m.v))
+        mask = None
+        for cond, fill in m.conds:  # where(cond, S, fill) == S + where(cond, 0, fill)
+            term = _insert(graph, torch.where, (cond, 0.0, fill), {},
+                           lambda c, z, f: c.new_zeros(c.shape, dtype=torch.get_default_dtype()), out)
+            term = _cast(graph, term, dtype, out)
+            mask = term if mask is None else _insert(graph, operator.add, (mask, term), {}, operator.add, out)
+        for add in m.adds:
+            term = _cast(graph, add, dtype, out)
+            mask = term if mask is None else _insert(graph, operator.add, (mask, term), {}, operator.add, out)
+        scale = m.scale
+        sdpa = _insert(graph, torch._C._nn.scaled_dot_product_attention, (q, k, v, mask, 0.0, False), {"scale": scale},
+                       lambda *a: torch._C._nn.scaled_dot_product_attention(*a, scale=scale), out)
+        new = _cast(graph, sdpa, _value(out).dtype, out)
+    if keep_original:
+        sdpa.meta[MODEL_OUTPUT] = out
+    out.replace_all_uses_with(new)
+    return sdpa
+
+
+def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """Erase ``node`` and the inputs only it used, recursively (pure tensor ops of one computation)."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n.users or n.op in ("placeholder", "output", "get_attr"):
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        todo.extend(inputs)
+
+
+def rewrite_eager_attention(graph: torch.fx.Graph, keep_original: bool = False) -> list[torch.fx.Node]:
+    """Make each recognized attention computation of ``graph`` one SDPA call (module docstring);
+    returns the new SDPA nodes in graph order. Graphs that already call SDPA are left alone."""
+    padding = padding_mask_input(graph)
+    matches = [m for m in (_match(n, padding) for n in list(graph.nodes)) if m is not None]
+    made = []
+    for m in matches:
+        made.append(_rewrite(graph, m, keep_original))
+        if not keep_original:
+            _erase_unused(graph, m.out)
+    if made:
+        graph.lint()
+    return made

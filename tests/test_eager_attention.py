@@ -1,0 +1,165 @@
+"""Attention computed in a model's own code (passes/eager_attention.py): the recognized form
+becomes one SDPA call that equals the model's computation; anything that is not that form (a
+score bias such as ALiBi, a fill that is not a mask, a tensor scale, dropout in training) is
+left alone; GPT-Neo (global and local layers, its own window shorter than the prompt) compiles
+and matches the stock model (dense) and the independent reference (sparse, greedy generate)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx
+
+import moa_flex
+from moa_flex.passes.eager_attention import rewrite_eager_attention
+from moa_flex.passes.nodes import attention_nodes
+from moa_flex.plan import Plan
+from moa_flex.reference import planned_logits, reference_logits
+
+MIN = torch.finfo(torch.float32).min
+
+
+def captured(fn, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, list]:  # noqa: ANN001
+    """The Dynamo graph of ``fn(*args)`` and its inputs (in the graph's order)."""
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append((gm, list(example_inputs)))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return graphs[0]
+
+
+def own_attention(q, k, v, keep, allowed):  # noqa: ANN001, ANN201
+    """The GPT-Neo form: scores in float32, a boolean where, an additive mask (HF's eager form,
+    where(allowed, 0, min)), eval dropout."""
+    mask = torch.where(allowed, 0.0, MIN)
+    s = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2)) / 4.0
+    s = torch.where(keep, s, torch.tensor(MIN, dtype=s.dtype))
+    s = s * 0.5 + mask
+    p = torch.nn.functional.softmax(s, dim=-1).to(v.dtype)
+    p = torch.nn.functional.dropout(p, 0.1, False)
+    return torch.matmul(p, v)
+
+
+def inputs(seed: int, B: int = 2, H: int = 3, Q: int = 5, K: int = 7, D: int = 8) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (Q, K, K))
+    keep = torch.rand(1, 1, Q, K, generator=g) > 0.3
+    keep[..., 0] = True  # every query keeps a key
+    allowed = torch.rand(B, 1, Q, K, generator=g) > 0.2
+    allowed[..., 0] = True
+    return q, k, v, keep, allowed
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_recognized_form_becomes_one_sdpa_call_equal_to_the_model(seed: int) -> None:
+    args = inputs(seed)
+    gm, example = captured(own_attention, *args)
+    want = own_attention(*args)
+    made = rewrite_eager_attention(gm.graph)
+    gm.recompile()
+    assert len(made) == 1 and len(attention_nodes(gm.graph)) == 1
+    assert not any(n.target is torch.nn.functional.softmax for n in gm.graph.nodes)  # the model's own path is gone
+    got = gm(*example)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert (got - want).abs().max() <= 1e-6
+
+
+def _alibi(q, k, v, keep, allowed, bias):  # noqa: ANN001, ANN201
+    s = torch.matmul(q, k.transpose(-1, -2)) + bias + torch.where(allowed, 0.0, MIN)
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def _fill_zero(q, k, v, keep, allowed):  # noqa: ANN001, ANN201
+    s = torch.where(keep, torch.matmul(q, k.transpose(-1, -2)), torch.tensor(0.0))
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def _tensor_scale(q, k, v, keep, allowed, scale):  # noqa: ANN001, ANN201
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def _training_dropout(q, k, v, keep, allowed):  # noqa: ANN001, ANN201
+    p = torch.nn.functional.dropout(torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=-1), 0.1, True)
+    return torch.matmul(p, v)
+
+
+@pytest.mark.parametrize("fn,extra", [
+    (_alibi, "bias"),  # a float score bias is no mask (ALiBi, relative positions)
+    (_fill_zero, None),  # a where whose fill does not remove the key
+    (_tensor_scale, "scale"),  # a scale that is not a constant
+    (_training_dropout, None),
+])
+def test_what_is_not_the_form_is_left_alone(fn, extra: str | None) -> None:  # noqa: ANN001
+    args = inputs(0)
+    if extra == "bias":
+        args = (*args, torch.randn(1, 3, 5, 7))
+    elif extra == "scale":
+        args = (*args, torch.tensor(0.3))
+    gm, _ = captured(fn, *args)
+    before = [(n.op, n.target) for n in gm.graph.nodes]
+    assert rewrite_eager_attention(gm.graph) == []
+    assert [(n.op, n.target) for n in gm.graph.nodes] == before
+
+
+def tiny_gpt_neo(window: int = 8):  # noqa: ANN201
+    import transformers
+
+    config = transformers.GPTNeoConfig(
+        vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=window, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPTNeoForCausalLM(config).eval()
+
+
+def test_gpt_neo_with_its_own_window_matches_stock_and_the_reference() -> None:
+    """GPT-Neo computes attention in its own code, with a local window (8) shorter than the
+    prompt (24): dense plan == stock (1e-5); a sparse plan == the reference (1e-4) on a left-padded
+    batch; greedy generate over the MoA cache == the reference's tokens."""
+    model = tiny_gpt_neo()
+    ids = torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        stock = model(input_ids=ids, attention_mask=mask).logits
+    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, compile_cache=False)
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (dense - stock)[real].abs().max() <= 1e-5
+
+    sparse = Plan.uniform(model.config, alpha=4, beta=0.3)
+    model.moa_flex.set_plan(sparse)
+    pads, positions = [0, 5], (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    want = reference_logits(model, sparse, pads=pads, input_ids=ids, attention_mask=mask, position_ids=positions)
+    assert (got - want)[real].abs().max() <= 1e-4
+    assert (got - stock)[real].abs().max() > 1e-3  # the plan bites: the reference is not the dense model
+
+    new = 6
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=0)
+    full = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], 1)
+    ref = planned_logits(model, sparse, 24 + new, out[:, :-1], full[:, :-1])
+    assert torch.equal(out[:, 24:], ref[:, 23:].argmax(-1))
+
+
+def test_alibi_in_own_code_is_refused_at_the_first_call() -> None:
+    """BLOOM adds ALiBi to its scores in its own code: no mask, so nothing is rewritten and the
+    first call raises, naming the forms moa-flex recognizes."""
+    import transformers
+
+    from moa_flex.support import tiny_config
+
+    config = tiny_config("bloom")
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    moa_flex.compile(model, Plan.dense(config), backend="eager", progress=False, compile_cache=False)
+    with pytest.raises(Exception, match="nor attention computed in the model's own code in the form moa-flex recognizes"):
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 50, (1, 12)))
