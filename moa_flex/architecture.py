@@ -220,9 +220,10 @@ def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, in
         groups = getattr(module, "num_key_value_groups", None)
         if m is None or not isinstance(groups, int) or groups < 1 or int(m.group(1)) not in shape.layer_indices:
             continue
-        heads = getattr(module, "num_heads", None)  # a layer's own query heads where it keeps them (Inkling's sliding layers)
-        kv = (heads if isinstance(heads, int) and heads > 0 else shape.num_heads) // groups
-        if kv < 1 or kv > shape.num_kv_heads or shape.num_kv_heads % kv:
+        kv = shape.num_heads // groups
+        if kv < 1:  # more groups than the config's heads: a layer with a head layout of its own (Inkling 2's
+            continue  # sliding layers), which check_sliding_heads refuses by name
+        if kv > shape.num_kv_heads or shape.num_kv_heads % kv:
             found.append((int(m.group(1)), kv))
     return found
 
