@@ -93,7 +93,8 @@ def own_code_attention(model: torch.nn.Module) -> bool:
 
 class _KeepBeforeSoftmax(torch.overrides.TorchFunctionMode):
     """The reference of attention computed in a model's own code: every softmax over the last dim
-    of a [B, plan heads, Q, K] tensor (the scores) inside a decoder layer gets the plan's keep rule
+    of a [B, plan heads, Q, K] tensor (the scores; or its [B * heads, Q, K] view) inside a decoder
+    layer gets the plan's keep rule
     (:func:`moa_flex.masks.reference_mask` of that layer, left pads shifted as in
     :func:`reference_attention`) as -inf before it; whatever else the model computes runs as it is."""
 
@@ -107,6 +108,9 @@ class _KeepBeforeSoftmax(torch.overrides.TorchFunctionMode):
             plan = _REF_PLAN["plan"]
             if x.dim() == 4 and dim in (-1, 3) and x.shape[1] == plan.num_heads:
                 args = (x.masked_fill(~self._keep(x, plan), float("-inf")), *args[1:])
+            elif x.dim() == 3 and dim in (-1, 2) and x.shape[0] % plan.num_heads == 0:  # [B * H, Q, K] (bmm)
+                x4 = x.view(-1, plan.num_heads, *x.shape[1:])
+                args = (x4.masked_fill(~self._keep(x4, plan), float("-inf")).view(x.shape), *args[1:])
         return func(*args, **kwargs)
 
     @staticmethod

@@ -4,9 +4,11 @@ Some transformers families (GPT-Neo, ...) compute attention with their own tenso
 instead of calling SDPA or the attention-function interface. On a Dynamo graph this pass finds
 each such computation, of exactly this form (4-D tensors [B, H, T, D]):
 
-    S = matmul(q, k.transpose(-1, -2))        # q, k possibly cast
+    S = matmul(q, k.transpose(-1, -2))        # q, k possibly cast; or bmm / baddbmm(zeros, ..., alpha)
+                                              # on their [B * H, T, D] views (3-D scores, viewed 4-D and back)
     S = S * c | S / c | S.to(dtype)           # constant scales, casts, any number, any order
     S = where(m, S, fill) | S + mask          # masks only (below)
+    S = max(S, fill)                          # a floor at a mask's fill (XGLM)
     P = softmax(S, dim=-1)                    # optionally cast after, dropout in eval (p or training off)
     O = matmul(P, v)
 
@@ -35,7 +37,7 @@ import torch.fx
 from .nodes import padding_mask_input
 
 MODEL_OUTPUT = "moa_flex_model_output"  # meta key: the model's own attention output an SDPA node replaced
-MATMULS = (torch.matmul, operator.matmul)
+MATMULS = (torch.matmul, operator.matmul, torch.bmm)
 SOFTMAXES = (torch.nn.functional.softmax, torch.softmax)
 MASK_FILL_MAX = -1e4  # a where's fill at or below this removes a key (HF uses the dtype's minimum)
 _CAST_METHODS = ("to", "float", "half", "bfloat16", "type_as", "contiguous")
@@ -78,12 +80,39 @@ def _eval_dropout(node: Any) -> bool:
 
 
 def _constant(node: Any) -> float | None:
-    """A Python number, or a 0-d ``torch.tensor(number)`` node; None otherwise."""
+    """A Python number, or a one-element ``torch.tensor(number)`` / ``torch.full((), number)``
+    node; None otherwise."""
     if isinstance(node, (int, float)) and not isinstance(node, bool):
         return float(node)
     if _call(node, torch.tensor) and isinstance(node.args[0], (int, float)) and not isinstance(node.args[0], bool):
         return float(node.args[0])
+    if (_call(node, torch.full) and len(node.args) == 2 and node.args[0] in ((), [])
+            and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool)):
+        return float(node.args[1])
     return None
+
+
+def _unview(node: Any) -> Any:
+    """``node`` with dtype casts, ``contiguous`` and views that only merge or split the leading
+    dims ([B, H, ...] <-> [B * H, ...], the last two kept) peeled off."""
+    while True:
+        node = _uncast(node)
+        if not (_method(node, "view", "reshape") and isinstance(node.args[0], torch.fx.Node)):
+            return node
+        a, b = _value(node.args[0]), _value(node)
+        if a is None or b is None or a.shape[-2:] != b.shape[-2:] or {a.dim(), b.dim()} != {3, 4}:
+            return node
+        node = node.args[0]
+
+
+def _as_4d(node: Any) -> Any:
+    """The [B, H, T, D] tensor a 3-D [B * H, T, D] operand is a view of (or the 4-D operand)."""
+    node = _uncast(node)
+    val = _value(node)
+    if val is not None and val.dim() == 3:
+        src = _unview(node)
+        return src if _value(src) is not None and _value(src).dim() == 4 else None
+    return node if val is not None and val.dim() == 4 else None
 
 
 def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
@@ -137,13 +166,41 @@ def _is_mask_term(node: Any, padding: torch.fx.Node | None) -> bool:
 
 
 def _key_transposed(node: Any) -> Any:
-    """k where ``node`` is k transposed in its last two dims (4-D), else None."""
+    """k [B, H, K, D] where ``node`` is k (or its 3-D view) transposed in its last two dims, else None."""
     node = _uncast(node)
     if not (_method(node, "transpose") or _call(node, torch.transpose)):
         return None
     val = _value(node)
-    dims = {d % 4 for d in node.args[1:3] if isinstance(d, int)} if val is not None and val.dim() == 4 else set()
-    return node.args[0] if dims == {2, 3} else None
+    n = val.dim() if val is not None else 0
+    dims = {d % n for d in node.args[1:3] if isinstance(d, int)} if n in (3, 4) else set()
+    return _as_4d(node.args[0]) if dims == {n - 2, n - 1} else None
+
+
+def _query(node: Any) -> tuple[Any, float]:
+    """(q [B, H, Q, D], c) for a query operand that is ``q`` (or its 3-D view) times constants c."""
+    c = 1.0
+    while True:
+        node = _uncast(node)
+        if _call(node, operator.mul) and len(node.args) == 2:
+            consts = [_constant(a) for a in node.args]
+            if consts.count(None) == 1:
+                c *= next(x for x in consts if x is not None)
+                node = node.args[consts.index(None)]
+                continue
+        return _as_4d(node), c
+
+
+def _scores_product(s: torch.fx.Node) -> tuple[Any, Any, float] | None:
+    """(q, k, scale) of ``q @ k^T`` (matmul, bmm, or baddbmm onto zeros with its alpha; constant
+    factors on q join the scale), else None."""
+    if _call(s, *MATMULS) and len(s.args) == 2:
+        q, c = _query(s.args[0])
+        return q, _key_transposed(s.args[1]), c
+    if _call(s, torch.baddbmm) and len(s.args) == 3 and _call(s.args[0], torch.zeros):
+        alpha = _constant(s.kwargs.get("alpha", 1.0))
+        q, c = _query(s.args[1])
+        return (q, _key_transposed(s.args[2]), alpha * c) if alpha is not None else None
+    return None
 
 
 class _Match:
@@ -158,9 +215,9 @@ class _Match:
 def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
     if not _call(out, *MATMULS) or len(out.args) != 2:
         return None
-    p, v = out.args
+    p, v = out.args[0], _as_4d(out.args[1])
     while True:
-        p = _uncast(p)
+        p = _unview(p)
         if _eval_dropout(p):
             p = p.args[0]
             continue
@@ -172,13 +229,20 @@ def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
         return None
     s, scale, conds, adds = p.args[0], 1.0, [], []
     while True:
-        s = _uncast(s)
-        if _call(s, *MATMULS):
-            k = _key_transposed(s.args[1])
-            if k is None:
+        s = _unview(s)
+        product = _scores_product(s)
+        if product is not None:
+            q, k, alpha = product
+            if q is None or k is None:
                 return None
-            q = s.args[0]
+            scale *= alpha
             break
+        floor = _constant(s.args[1]) if _call(s, torch.max, torch.maximum) and len(s.args) == 2 else None
+        if floor is not None and floor <= MASK_FILL_MAX:
+            s = s.args[0]  # a floor at the masks' fill (XGLM): moves no kept score, masked ones stay masked
+            continue
+        if _call(s, *MATMULS):
+            return None
         if _call(s, operator.mul) and len(s.args) == 2:
             c = [_constant(a) for a in s.args]
             if c[0] is not None and c[1] is None:
@@ -209,8 +273,8 @@ def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
                 return None
         else:
             return None
-    vals = [_value(x) for x in (q, k, v, s, out)]
-    if any(x is None or x.dim() != 4 for x in vals):
+    vals = [_value(x) for x in (q, k, v)]
+    if v is None or any(x is None or x.dim() != 4 for x in vals) or _value(out).dim() not in (3, 4):
         return None
     return _Match(out, s, q, k, v, scale, conds, adds)
 
@@ -249,7 +313,10 @@ def _rewrite(graph: torch.fx.Graph, m: _Match, keep_original: bool) -> torch.fx.
         scale = m.scale
         sdpa = _insert(graph, torch._C._nn.scaled_dot_product_attention, (q, k, v, mask, 0.0, False), {"scale": scale},
                        lambda *a: torch._C._nn.scaled_dot_product_attention(*a, scale=scale), out)
-        new = _cast(graph, sdpa, _value(out).dtype, out)
+        new = sdpa
+        if _value(out).dim() == 3:  # the model's [B * H, Q, Dv] (bmm)
+            new = _insert(graph, "flatten", (sdpa, 0, 1), {}, lambda t, a, b: t.flatten(a, b), out, method=True)
+        new = _cast(graph, new, _value(out).dtype, out)
     if keep_original:
         sdpa.meta[MODEL_OUTPUT] = out
     out.replace_all_uses_with(new)

@@ -1,5 +1,5 @@
-"""Attention computed in a model's own code (passes/eager_attention.py): the recognized form
-becomes one SDPA call that equals the model's computation; anything that is not that form (a
+"""Attention computed in a model's own code (passes/eager_attention.py): the recognized forms
+(4-D matmul; bmm / baddbmm on 3-D views) become one SDPA call that equals the model's computation; anything that is not that form (a
 score bias such as ALiBi, a fill that is not a mask, a tensor scale, dropout in training) is
 left alone; GPT-Neo (global and local layers, its own window shorter than the prompt) compiles
 and matches the stock model (dense) and the independent reference (sparse, greedy generate)."""
@@ -63,6 +63,37 @@ def test_the_recognized_form_becomes_one_sdpa_call_equal_to_the_model(seed: int)
     gm.recompile()
     assert len(made) == 1 and len(attention_nodes(gm.graph)) == 1
     assert not any(n.target is torch.nn.functional.softmax for n in gm.graph.nodes)  # the model's own path is gone
+    got = gm(*example)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert (got - want).abs().max() <= 1e-6
+
+
+def own_attention_3d(q, k, v, keep, allowed, baddbmm: bool = False):  # noqa: ANN001, ANN201
+    """The BART / XGLM / GPT-NeoX-Japanese forms: scores of [B * H, T, D] views by bmm (or
+    baddbmm onto zeros with alpha as the scale), viewed 4-D for the mask and back, a floor at the
+    mask's fill, softmax of the 3-D scores, bmm with the values."""
+    B, H, Q, D = q.shape
+    K = k.shape[2]
+    q3, k3, v3 = q.reshape(B * H, Q, D), k.reshape(B * H, K, D), v.reshape(B * H, K, D)
+    if baddbmm:
+        s = torch.baddbmm(torch.zeros(B * H, Q, K), q3, k3.transpose(1, 2), beta=1.0, alpha=0.25)
+    else:
+        s = torch.bmm(q3 * 0.25, k3.transpose(1, 2))
+    s = s.view(B, H, Q, K) + torch.where(allowed, 0.0, MIN)
+    s = torch.max(s, torch.full((), MIN))
+    p = torch.nn.functional.softmax(s.view(B * H, Q, K), dim=-1)
+    p = torch.nn.functional.dropout(p, p=0.1, training=False)
+    return torch.bmm(p, v3).view(B, H, Q, D)
+
+
+@pytest.mark.parametrize("baddbmm", [False, True])
+def test_the_3d_forms_become_one_sdpa_call_equal_to_the_model(baddbmm: bool) -> None:
+    args = inputs(3)
+    gm, example = captured(lambda *a: own_attention_3d(*a, baddbmm=baddbmm), *args)
+    want = own_attention_3d(*args, baddbmm=baddbmm)
+    assert len(rewrite_eager_attention(gm.graph)) == 1
+    gm.recompile()
+    assert not any(n.target in (torch.bmm, torch.baddbmm) for n in gm.graph.nodes)
     got = gm(*example)
     got = got[0] if isinstance(got, (tuple, list)) else got
     assert (got - want).abs().max() <= 1e-6
