@@ -194,3 +194,39 @@ def test_alibi_in_own_code_is_refused_at_the_first_call() -> None:
     with pytest.raises(Exception, match="nor attention computed in the model's own code in the form moa-flex recognizes"):
         with torch.no_grad():
             model(input_ids=torch.randint(3, 50, (1, 12)))
+
+
+def test_the_own_code_pass_leaves_every_other_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On GPT-Neo's traced graph the nodes the passes removed are its attention computations
+    (from the scores' matmul to the values' matmul) and what fed only them (its masks); every
+    other node is still there with its target."""
+    from moa_flex.passes import attention_pass, eager_attention
+    from moa_flex.passes.nodes import keeps_effects, padding_mask_input
+
+    model = tiny_gpt_neo()
+    seen = []
+
+    def watched(gm: torch.fx.GraphModule, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        outs = {m.out.name for m in (eager_attention._match(n, padding_mask_input(gm.graph)) for n in gm.graph.nodes)
+                if m is not None}
+        only = set(outs)
+        for node in reversed(list(gm.graph.nodes)):
+            if node.op in ("placeholder", "output") or keeps_effects(node) or not node.users:
+                continue
+            if all(u.name in only for u in node.users):
+                only.add(node.name)
+        before = {n.name: n.target for n in gm.graph.nodes}
+        report = real(gm, *args, **kwargs)
+        seen.append((before, {n.name: n.target for n in gm.graph.nodes}, only, outs))
+        return report
+
+    real = attention_pass.rewrite_attention
+    monkeypatch.setattr(attention_pass, "rewrite_attention", watched)
+    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, verify=False)
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 96, (1, 20)), use_cache=False)
+    (before, after, only, outs), = seen
+    assert len(outs) == 2  # one computation per layer
+    removed = set(before) - set(after)
+    assert removed and removed <= only
+    assert all(after[name] == target for name, target in before.items() if name in after)
