@@ -33,7 +33,7 @@ from .regional import RegionReport
 from .prefill_pass import extend_nodes, rewrite_prefill
 from .latent import LatentDims
 from .value_fusion import fuse_value_splits
-from .eager_attention import MODEL_OUTPUT, rewrite_eager_attention
+from .eager_attention import MODEL_OUTPUT, has_eager_attention, rewrite_eager_attention
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, call_layers, plan_layers, check_heads, sinks_of,
     padding_mask_input,
@@ -154,6 +154,12 @@ def make_backend(
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
 
     def moa_flex_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        if verify_id is None and has_eager_attention(gm.graph):
+            raise ValueError(
+                "this model computes attention in its own code: moa-flex reads it as one attention call per layer "
+                "(moa_flex/passes/eager_attention.py) but cannot see from the graph that the model's mask is "
+                "causal; the first-call check compares the two on real inputs and is required for such models: "
+                "compile with verify=True (the default)")
         checked = copy_graph_module(gm) if verify_id is not None and not flex_nodes(gm.graph) else None
         report = rewrite_attention(gm, plan, runtime_id, softcaps, windows, partial_graphs, latent=latent)
         compiled = compile_graph(gm, example_inputs, inner, mode, regional and bool(report.rewritten), on_regions)

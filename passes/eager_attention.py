@@ -24,6 +24,10 @@ then has no attention call for the other passes, which refuse it by name.
 With ``keep_original=True`` (the first-call check's graph) the model's own computation stays in
 the graph and the new SDPA node names its output (``node.meta[MODEL_OUTPUT]``), so the check
 compares moa-flex attention with what the model computed, not with this pass's reading of it.
+That check is required for such models (``compile(..., verify=False)`` is refused at the first
+call): what a mask lets through is a value, not a structure, and only the check sees that the
+model's mask is causal (transformers 5.17 builds a bidirectional one for some BERT-family
+decoders, which the check catches).
 """
 
 from __future__ import annotations
@@ -333,6 +337,12 @@ def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         inputs = n.all_input_nodes
         graph.erase_node(n)
         todo.extend(inputs)
+
+
+def has_eager_attention(graph: torch.fx.Graph) -> bool:
+    """Whether ``graph`` computes attention in the recognized own-code form (before rewriting)."""
+    padding = padding_mask_input(graph)
+    return any(_match(n, padding) is not None for n in graph.nodes)
 
 
 def rewrite_eager_attention(graph: torch.fx.Graph, keep_original: bool = False) -> list[torch.fx.Node]:

@@ -222,11 +222,21 @@ def test_the_own_code_pass_leaves_every_other_node(monkeypatch: pytest.MonkeyPat
 
     real = attention_pass.rewrite_attention
     monkeypatch.setattr(attention_pass, "rewrite_attention", watched)
-    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, verify=False)
+    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False)
     with torch.no_grad():
         model(input_ids=torch.randint(3, 96, (1, 20)), use_cache=False)
-    (before, after, only, outs), = seen
+    before, after, only, outs = seen[0]  # the compiled graph (the first-call check's copy comes second)
     assert len(outs) == 2  # one computation per layer
     removed = set(before) - set(after)
     assert removed and removed <= only
     assert all(after[name] == target for name, target in before.items() if name in after)
+
+
+def test_own_code_attention_needs_the_first_call_check() -> None:
+    """Whether the model's mask is causal is a value the passes cannot see: verify=False is
+    refused for such models at the first call, naming the switch."""
+    model = tiny_gpt_neo()
+    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, verify=False)
+    with pytest.raises(Exception, match="compile with verify=True"):
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 96, (1, 20)), use_cache=False)
