@@ -153,8 +153,11 @@ def make_backend(
     if inner not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
 
+    own_confirmed = [False]  # attention in the model's own code: True once a first-call check of it passed
+
     def moa_flex_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        if verify_id is None and has_eager_attention(gm.graph):
+        own_code = has_eager_attention(gm.graph)
+        if verify_id is None and own_code:
             raise ValueError(
                 "this model computes attention in its own code: moa-flex reads it as one attention call per layer "
                 "(moa_flex/passes/eager_attention.py) but cannot see from the graph that the model's mask is "
@@ -166,7 +169,7 @@ def make_backend(
         if checked is not None and report.rewritten:
             rewrite_attention(checked, plan, runtime_id, softcaps, windows, partial_graphs, verify_id=verify_id,
                               latent=latent)
-            compiled = checked_first_call(checked, compiled, say)
+            compiled = checked_first_call(checked, compiled, say, required=own_confirmed if own_code else None)
         # Reported only once compiled: dynamo may restart an analysis (and call us again).
         if on_report is not None and report.rewritten:
             on_report(report)

@@ -44,10 +44,13 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def checked_first_call(checked: torch.fx.GraphModule, compiled: Callable,
-                       say: Callable[[str], None] | None) -> Callable:
+                       say: Callable[[str], None] | None, required: list[bool] | None = None) -> Callable:
     """``compiled``, except that its first call runs ``checked`` (the graph with the
     first-call checks) eagerly instead, once; its checks raise if attention differs, and
-    then every later call raises the same error."""
+    then every later call raises the same error. ``required`` (attention in the model's own
+    code, whose masks only the check confirms): a one-element list shared by the model's
+    graphs, True once any of them passed a check; until then a first call too large to check
+    raises instead of returning, and the check runs again on the graph's next call."""
     pending = [checked]
     failed: list[BaseException] = []
 
@@ -67,6 +70,16 @@ def checked_first_call(checked: torch.fx.GraphModule, compiled: Callable,
             raise
         finally:
             CURRENT.pop()
+        too_large = sorted({layer for layer, why in outcome.skipped if "scores >" in why})
+        if required is not None and outcome.checked and not too_large:
+            required[0] = True  # the model's own attention matched moa-flex's on a call of this model
+        if required is not None and not required[0] and too_large:
+            pending.append(graph)
+            raise ValueError(
+                f"this model computes attention in its own code, which moa-flex runs only after the first-call check "
+                f"has compared it with the model's (its masks are values the passes cannot see), and this call is too "
+                f"large to check for layers {too_large} ({outcome.skipped[0][1]}): make the first call a short one "
+                "(model.moa_flex.warmup(batch_size, max_length), or a short generate), then any length runs")
         if say is not None:
             _tell(say, outcome)
         return out

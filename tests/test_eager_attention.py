@@ -240,3 +240,21 @@ def test_own_code_attention_needs_the_first_call_check() -> None:
     with pytest.raises(Exception, match="compile with verify=True"):
         with torch.no_grad():
             model(input_ids=torch.randint(3, 96, (1, 20)), use_cache=False)
+
+
+def test_own_code_attention_is_checked_before_any_length_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first call too large for the check raises (naming the warm-up) instead of running
+    unchecked; a short call then checks the graph, and the long one runs."""
+    from moa_flex.runtime import verify
+
+    model = tiny_gpt_neo()
+    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False)
+    monkeypatch.setattr(verify, "MAX_SCORES", 4 * 16 * 16)  # 1 row x 4 heads x 16 x 16 scores
+    long_ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        stock = model.moa_flex.original_forward(input_ids=long_ids, use_cache=False).logits
+        with pytest.raises(Exception, match="too large to check"):
+            model(input_ids=long_ids, use_cache=False)
+        model(input_ids=long_ids[:, :12], use_cache=False)  # checked (12 x 12 scores a head)
+        got = model(input_ids=long_ids, use_cache=False).logits
+    assert (got - stock).abs().max() <= 1e-5
