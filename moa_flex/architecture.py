@@ -99,7 +99,7 @@ def layer_types(config: Any, num_layers: int) -> list[str] | None:
     types = getattr(config, "layer_types", None)
     kinds = getattr(config, "attention_layers", None)
     if types is None and isinstance(kinds, (list, tuple)) and kinds and set(kinds) <= set(_GPT_NEO_KINDS):
-        types = [_GPT_NEO_KINDS[t] for t in config.attention_layers]  # GPT-Neo: global / local (window_size)
+        types = [_GPT_NEO_KINDS[t] for t in kinds]  # GPT-Neo: global / local (window_size)
     return [str(t) for t in types[:num_layers]] if isinstance(types, (list, tuple)) else None
 
 

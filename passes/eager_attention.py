@@ -321,9 +321,9 @@ def _rewrite(graph: torch.fx.Graph, m: _Match, keep_original: bool) -> torch.fx.
         if _value(out).dim() == 3:  # the model's [B * H, Q, Dv] (bmm)
             new = _insert(graph, "flatten", (sdpa, 0, 1), {}, lambda t, a, b: t.flatten(a, b), out, method=True)
         new = _cast(graph, new, _value(out).dtype, out)
-    if keep_original:
-        sdpa.meta[MODEL_OUTPUT] = out
     out.replace_all_uses_with(new)
+    if keep_original:  # the first-call check compares with it ([B * H, Q, Dv] for a bmm: verify views it)
+        sdpa.meta[MODEL_OUTPUT] = out
     return sdpa
 
 

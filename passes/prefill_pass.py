@@ -24,6 +24,7 @@ import moa_flex.runtime.ops  # noqa: F401  (registers cache_extend / chunk_prefi
 from moa_flex.plan import Plan
 
 from .latent import LatentDims, absorb, expansion_weight
+from .eager_attention import MODEL_OUTPUT
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
     check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, as_cached,
@@ -108,7 +109,8 @@ def rewrite_prefill(
                 check = graph.call_function(
                     torch.ops.moa_flex.verify_chunk.default,
                     (q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer,
-                     node, sinks_of(node), k_scale, v_scale, absorbed and absorbed.up, absorbed and absorbed.up_bias),
+                     node.meta.get(MODEL_OUTPUT, node), sinks_of(node), k_scale, v_scale, absorbed and absorbed.up,
+                     absorbed and absorbed.up_bias),
                 )
         with graph.inserting_after(node) if check is None else graph.inserting_after(check):
             new = graph.call_function(

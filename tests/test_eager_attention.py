@@ -258,3 +258,21 @@ def test_own_code_attention_is_checked_before_any_length_runs(monkeypatch: pytes
         model(input_ids=long_ids[:, :12], use_cache=False)  # checked (12 x 12 scores a head)
         got = model(input_ids=long_ids, use_cache=False).logits
     assert (got - stock).abs().max() <= 1e-5
+
+
+def test_a_bmm_model_is_checked_and_exact_on_a_batch() -> None:
+    """XGLM (bmm on [B * H, T, D] views): the first-call check compares [B, H, Q, Dv] with the
+    model's own output viewed so, on a batch of two; dense plan == stock."""
+    import transformers
+
+    from moa_flex.support import tiny_config
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("xglm")).eval()
+    ids = torch.randint(3, 50, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        stock = model(input_ids=ids, use_cache=False).logits
+    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, compile_cache=False)
+    with torch.no_grad():
+        got = model(input_ids=ids, use_cache=False).logits  # the checked first call
+        again = model(input_ids=ids, use_cache=False).logits
+    assert (got - stock).abs().max() <= 1e-5 and (again - stock).abs().max() <= 1e-5
