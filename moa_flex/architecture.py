@@ -290,6 +290,10 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
         raise ValueError(f"decoder layer {layer} of {name} runs {kv} KV heads, the config (and the plan) "
                          f"{shape.num_kv_heads}: a plan has one head layout for every layer (a layer may run a "
                          "divisor of the plan's KV heads, which its cache holds expanded, not more)")
+    if getattr(getattr(model, "config", None), "causal", None) is False:  # XLM: a masked LM unless causal=True
+        raise ValueError(f"{name}'s config has causal=False: its attention is bidirectional (a masked language "
+                         "model), which a MoA plan does not model (it rules causal attention). For a causal LM of "
+                         "this architecture load it with causal=True.")
     both_ways = bidirectional_attention(model)
     if both_ways:
         more = f", and {len(both_ways) - 1} more" if len(both_ways) > 1 else ""

@@ -38,8 +38,9 @@ def recorded_value(node: Any) -> torch.Tensor | None:
 
 
 # the decoder-layer list: ``model.layers.7`` (Llama and most), ``transformer.h.7`` (GPT-2 style),
-# ``blocks.7``; Dynamo's module paths may index it as ``layers[7]`` or ``layers['7']``
-_LAYER = re.compile(r"(?:layers|\bh|blocks|\blayer)(?:\.|\[)'?(\d+)'?\]?")
+# ``blocks.7``, or XLM's list of attention modules beside its other per-layer lists
+# (``transformer.attentions.7``); Dynamo's module paths may index it as ``layers[7]`` or ``layers['7']``
+_LAYER = re.compile(r"(?:layers|\bh|blocks|\blayer|\battentions)(?:\.|\[)'?(\d+)'?\]?")
 
 
 @dataclass

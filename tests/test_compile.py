@@ -267,6 +267,28 @@ def test_bidirectional_attention_is_refused_at_compile() -> None:
         assert (model(input_ids=ids).logits - stock).abs().max() <= 1e-5
 
 
+def test_xlm_masked_lm_is_refused_and_its_causal_form_compiles() -> None:
+    """XLM is a masked LM unless its config says causal=True (no is_causal attribute to read):
+    refused by name at compile; with causal=True its attention modules (``attentions.N``, a list
+    beside the layers' other lists rather than a decoder-layer module) map to layers and a dense
+    plan equals the stock model."""
+    import transformers
+
+    config = transformers.XLMConfig(n_layers=L, n_heads=H, emb_dim=H * D, vocab_size=128, causal=False)
+    model = transformers.XLMWithLMHeadModel(config).eval()
+    with pytest.raises(ValueError, match=r"causal=False: its attention is bidirectional"):
+        moa_flex.compile(model, Plan.dense(config), **EAGER)
+    assert getattr(model, "moa_flex", None) is None
+    config.causal = True
+    model = transformers.XLMWithLMHeadModel(config).eval()
+    ids = ids_of(40)
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+    moa_flex.compile(model, Plan.dense(config), **EAGER)
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - stock).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("model_type,match", [
     ("inkling_text", "sliding-window layers run a head layout of their own .swa_num_attention_heads=64 against 4"),
 ])
