@@ -69,10 +69,10 @@ def _calling_layer(module: torch.nn.Module) -> int:
 
 def _track_layers(model: torch.nn.Module) -> list:
     """Forward pre-hooks on the decoder layers (``...layers.<i>``, GPT-style ``...h.<i>``,
-    BERT-style ``...layer.<i>``, XLM's ``...attentions.<i>``) recording which one runs."""
+    BERT-style ``...layer.<i>``, MPT-style ``...blocks.<i>``, XLM's ``...attentions.<i>``) recording which one runs."""
     handles = []
     for name, module in model.named_modules():
-        m = re.fullmatch(r"(?:.*\.)?(?:layers|layer|h|attentions)\.(\d+)", name)
+        m = re.fullmatch(r"(?:.*\.)?(?:layers|layer|h|blocks|attentions)\.(\d+)", name)
         if m:
             handles.append(module.register_forward_pre_hook(
                 lambda _m, _a, i=int(m.group(1)): _REF_PLAN.__setitem__("layer", i)))

@@ -35,7 +35,7 @@ from .latent import LatentDims
 from .value_fusion import fuse_value_splits
 from .eager_attention import MODEL_OUTPUT, has_eager_attention, rewrite_eager_attention
 from .nodes import (
-    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, call_layers, plan_layers, check_heads, sinks_of,
+    PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, call_layers, plan_layers, check_heads, sinks_of, alibi_of,
     padding_mask_input,
 )
 
@@ -77,8 +77,8 @@ def rewrite_attention(
         raise ValueError(
             "moa-flex found no attention call (F.scaled_dot_product_attention or flex_attention) in the traced "
             "graph, nor attention computed in the model's own code in the form moa-flex recognizes "
-            "(matmul, constant scales, masks, softmax, matmul: moa_flex/passes/eager_attention.py; score terms "
-            "other than masks, such as ALiBi or relative-position biases, are not masks); is this a decoder "
+            "(matmul, constant scales, masks, ALiBi, softmax, matmul: moa_flex/passes/eager_attention.py; other "
+            "score terms, such as relative-position biases or ALiBi rounded to 16 bits, are not read); is this a decoder "
             "model running with attn_implementation='sdpa'? (For a model that graph-breaks, e.g. one running "
             "flex_attention, pass partial_graphs=True.)"
         )
@@ -111,7 +111,8 @@ def rewrite_attention(
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(
                 torch.ops.moa_flex.attention.default,
-                (q, k, v, mask, -1.0 if scale is None else scale, layer, runtime_id, softcap, info, sinks_of(node)),
+                (q, k, v, mask, -1.0 if scale is None else scale, layer, runtime_id, softcap, info, sinks_of(node),
+                 alibi_of(node)),
             )
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
@@ -123,7 +124,7 @@ def rewrite_attention(
                     torch.ops.moa_flex.verify_attention.default,
                     (q, k, v, mask, -1.0 if scale is None else scale, layer, verify_id, info,
                      node.meta.get(MODEL_OUTPUT, node), padding_mask,
-                     sinks_of(node)),
+                     sinks_of(node), alibi_of(node)),
                 )
         report.rewritten.append(RewrittenNode(layer, new.name, path))
     eliminate_dead_code(gm.graph, roots)

@@ -31,7 +31,7 @@ from .value_fusion import fuse_value_splits
 from .linear_pass import LinearFusionReport, fuse_linears
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_heads, check_reads_cache, check_width, erase_with_inputs, head_dim, sinks_of, as_cached,
+    check_heads, check_reads_cache, check_width, erase_with_inputs, head_dim, sinks_of, alibi_of, as_cached,
 )
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
@@ -110,7 +110,8 @@ def rewrite_decode(
             out = gm.graph.call_function(
                 torch.ops.moa_flex.ragged_decode.default,
                 (q1, keys, values, offsets, caps, spans, pos, sink, window,
-                 scale if isinstance(scale, torch.fx.Node) else float(scale), softcap, sinks_of(node), k_scale, v_scale),
+                 scale if isinstance(scale, torch.fx.Node) else float(scale), softcap, sinks_of(node), k_scale, v_scale,
+                 alibi_of(node)),
             )
             new = gm.graph.call_function(torch.ops.aten.unsqueeze.default, (out, 2))
         for n in (pos, q1, out, new):

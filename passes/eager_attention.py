@@ -7,19 +7,33 @@ each such computation, of exactly this form (4-D tensors [B, H, T, D]):
     S = matmul(q, k.transpose(-1, -2))        # q, k possibly cast; or bmm / baddbmm(zeros, ..., alpha)
                                               # on their [B * H, T, D] views (3-D scores, viewed 4-D and back)
     S = S * c | S / c | S.to(dtype)           # constant scales, casts, any number, any order
-    S = where(m, S, fill) | S + mask          # masks only (below)
+    S = where(m, S, fill) | S.masked_fill(m, fill) | S + mask   # masks (below)
+    S = S + alibi                             # or baddbmm(alibi, q, k^T, beta, alpha): ALiBi (below)
     S = max(S, fill)                          # a floor at a mask's fill (XGLM)
     P = softmax(S, dim=-1)                    # optionally cast after, dropout in eval (p or training off)
     O = matmul(P, v)
 
 and puts ``scaled_dot_product_attention(q, k, v, attn_mask=M, scale=c)`` in its place, computed in
-the scores' dtype (v and M cast to it, the output cast back). What counts as a mask, so that no
+the scores' dtype (v and M cast to it, the output cast back), or ``moa_flex::sdpa_alibi`` (SDPA's
+arguments plus per-head slopes) for a model with ALiBi. What counts as a mask, so that no
 term that changes attention beyond dropping keys (ALiBi, relative-position biases) can pass as
 one: a ``where`` over a boolean condition whose other branch is a constant at or below -1e4 (it
 only removes keys), and an additive term computed from the forward's 2-D ``attention_mask``
 input and constants alone (no parameter or other input): HF's padding-and-causal mask. Anything
 else, including a scale that is not a constant, leaves the computation as it is, and the graph
-then has no attention call for the other passes, which refuse it by name.
+then has no attention call for the other passes, which refuse it by name. Scores written in
+place: a ``masked_fill_`` of a mask before the next read (XLM) is a mask; any other in-place
+write leaves the computation alone (data flow would not show it).
+
+ALiBi (BLOOM, MPT): an additive term ``slopes * positions`` (through views, slices, repeats and
+casts), where ``slopes`` is a float tensor of one value per query head computed from constants
+alone and ``positions`` an integer tensor made from the 2-D attention_mask, integer inputs and
+constants, the term broadcast over the queries (one value per key). moa-flex reads it as the
+bias ``-slope_h * (i - j)`` for a query at position i and a key at j, which differs from
+``slope_h * position(j)`` by a constant per query, which softmax ignores; the first-call check
+confirms the reading on real inputs. The product must be float32 or wider and stay so: a term
+rounded to 16 bits (BLOOM or Falcon in bfloat16, whose bias then carries errors that grow with
+the position) is not read as ALiBi.
 
 With ``keep_original=True`` (the first-call check's graph) the model's own computation stays in
 the graph and the new SDPA node names its output (``node.meta[MODEL_OUTPUT]``), so the check
@@ -38,6 +52,8 @@ from typing import Any
 import torch
 import torch.fx
 
+import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.sdpa_alibi)
+
 from .nodes import padding_mask_input
 
 MODEL_OUTPUT = "moa_flex_model_output"  # meta key: the model's own attention output an SDPA node replaced
@@ -45,6 +61,8 @@ MATMULS = (torch.matmul, operator.matmul, torch.bmm)
 SOFTMAXES = (torch.nn.functional.softmax, torch.softmax)
 MASK_FILL_MAX = -1e4  # a where's fill at or below this removes a key (HF uses the dtype's minimum)
 _CAST_METHODS = ("to", "float", "half", "bfloat16", "type_as", "contiguous")
+_SHAPE_METHODS = ("view", "reshape", "squeeze", "unsqueeze", "expand", "repeat", "contiguous")
+_WIDE = (torch.float32, torch.float64)
 
 
 def _call(node: Any, *targets: Any) -> bool:
@@ -169,6 +187,74 @@ def _is_mask_term(node: Any, padding: torch.fx.Node | None) -> bool:
                for v in others)
 
 
+def _integer_input(node: torch.fx.Node) -> bool:
+    """An input that is an integer tensor or a size (a symbolic int under dynamic shapes)."""
+    val = _value(node)
+    if isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool):
+        return True
+    return isinstance(val, torch.Tensor) and not val.dtype.is_floating_point and not val.dtype.is_complex
+
+
+def _made_from_integers(node: torch.fx.Node) -> bool:
+    """Whether every input ``node`` is computed from is an integer tensor or a size (no float
+    input, no parameter)."""
+    inputs = [n for n in _ancestors(node) if n.op in ("placeholder", "get_attr")]
+    return all(n.op == "placeholder" and _integer_input(n) for n in inputs)
+
+
+def _alibi_slopes(node: Any) -> Any:
+    """The slopes node of an ALiBi term (module docstring: ``slopes * positions``, key-only,
+    float32 or wider throughout), else None."""
+    val = _value(node)
+    if val is None or val.dim() < 2 or val.shape[-2] != 1:
+        return None
+    while (_method(node, *_CAST_METHODS) and _dtype_only(node)) or _method(node, *_SHAPE_METHODS) or _call(
+            node, operator.getitem):
+        if _value(node) is None or _value(node).dtype not in _WIDE:
+            return None
+        node = node.args[0]
+    if not (_call(node, operator.mul, torch.mul) and len(node.args) == 2) or _value(node) is None:
+        return None
+    a, b = node.args
+    va, vb = _value(a), _value(b)
+    if _value(node).dtype not in _WIDE or not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
+        return None
+    slopes, positions = (a, b) if va.dtype.is_floating_point else (b, a)
+    vs, vp = _value(slopes), _value(positions)
+    if vs.dtype not in _WIDE or vp.dtype.is_floating_point or vp.dtype.is_complex or vp.dtype == torch.bool:
+        return None
+    constant = all(n.op == "placeholder" and isinstance(_value(n), (int, torch.SymInt))
+                   for n in _ancestors(slopes) if n.op in ("placeholder", "get_attr"))  # sizes at most
+    if not constant or not _made_from_integers(positions):
+        return None
+    return slopes
+
+
+def _written_masks(node: Any, reader: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The ``masked_fill_`` nodes that mask ``node`` in place before ``reader`` reads it (XLM),
+    each with a boolean condition and a fill at or below -1e4; None if anything else writes
+    ``node`` in place (data flow would not show it), or a mask comes after the read."""
+    if not isinstance(node, torch.fx.Node):
+        return []
+    writes = []
+    for u in node.users:
+        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+        if not (isinstance(name, str) and name.endswith("_") and not name.startswith("_") and u.args
+                and u.args[0] is node):
+            continue
+        fill = _constant(u.args[2]) if len(u.args) == 3 else None
+        cond = _value(u.args[1]) if len(u.args) == 3 else None
+        if name != "masked_fill_" or u.users or fill is None or fill > MASK_FILL_MAX or cond is None or (
+                cond.dtype != torch.bool):
+            return None
+        writes.append(u)
+    if writes:
+        order = {n: i for i, n in enumerate(node.graph.nodes)}
+        if any(order[w] > order[reader] for w in writes):
+            return None
+    return writes
+
+
 def _key_transposed(node: Any) -> Any:
     """k [B, H, K, D] where ``node`` is k (or its 3-D view) transposed in its last two dims, else None."""
     node = _uncast(node)
@@ -194,26 +280,37 @@ def _query(node: Any) -> tuple[Any, float]:
         return _as_4d(node), c
 
 
-def _scores_product(s: torch.fx.Node) -> tuple[Any, Any, float] | None:
-    """(q, k, scale) of ``q @ k^T`` (matmul, bmm, or baddbmm onto zeros with its alpha; constant
-    factors on q join the scale), else None."""
+def _scores_product(s: torch.fx.Node) -> tuple[Any, Any, float, Any, float] | None:
+    """(q, k, scale, bias, beta) of ``q @ k^T`` (matmul, bmm, or baddbmm, function or method, with
+    its alpha; constant factors on q join the scale): ``bias`` is baddbmm's input (None for
+    zeros), added times ``beta``; else None."""
     if _call(s, *MATMULS) and len(s.args) == 2:
         q, c = _query(s.args[0])
-        return q, _key_transposed(s.args[1]), c
-    if _call(s, torch.baddbmm) and len(s.args) == 3 and _call(s.args[0], torch.zeros):
-        alpha = _constant(s.kwargs.get("alpha", 1.0))
-        q, c = _query(s.args[1])
-        return (q, _key_transposed(s.args[2]), alpha * c) if alpha is not None else None
-    return None
+        return q, _key_transposed(s.args[1]), c, None, 0.0
+    if not (_call(s, torch.baddbmm) or _method(s, "baddbmm")):
+        return None
+    names = ("input", "batch1", "batch2")
+    operands = list(s.args[:3]) + [s.kwargs.get(n) for n in names[len(s.args):]]
+    if len(operands) != 3 or any(x is None for x in operands):
+        return None
+    alpha, beta = _constant(s.kwargs.get("alpha", 1.0)), _constant(s.kwargs.get("beta", 1.0))
+    if alpha is None or beta is None:
+        return None
+    bias, q1, k1 = operands
+    q, c = _query(q1)
+    return q, _key_transposed(k1), alpha * c, None if _call(bias, torch.zeros) else bias, beta
 
 
 class _Match:
     """One recognized attention computation."""
 
     def __init__(self, out: torch.fx.Node, scores: torch.fx.Node, q: Any, k: Any, v: Any, scale: float,
-                 conds: list[tuple[torch.fx.Node, float]], adds: list[torch.fx.Node]) -> None:
+                 conds: list[tuple[torch.fx.Node, float, bool]], adds: list[torch.fx.Node],
+                 alibi: tuple[torch.fx.Node, float] | None, writes: list[torch.fx.Node]) -> None:
         self.out, self.scores, self.q, self.k, self.v = out, scores, q, k, v
-        self.scale, self.conds, self.adds = scale, conds, adds
+        self.scale, self.conds, self.adds = scale, conds, adds  # conds: (condition, fill, keep where it is True)
+        self.alibi = alibi  # (slopes node, its factor), or None
+        self.writes = writes  # masked_fill_ nodes that mask the scores in place
 
 
 def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
@@ -231,14 +328,25 @@ def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
     dim = p.args[1] if len(p.args) > 1 else p.kwargs.get("dim")
     if dim not in (-1, 3):
         return None
-    s, scale, conds, adds = p.args[0], 1.0, [], []
+    s, scale, conds, adds, alibi, reader, writes = p.args[0], 1.0, [], [], None, p, []
     while True:
         s = _unview(s)
+        written = _written_masks(s, reader)
+        if written is None:
+            return None
+        writes += written
+        conds += [(w.args[1], _constant(w.args[2]), False) for w in written]
+        reader = s
         product = _scores_product(s)
         if product is not None:
-            q, k, alpha = product
+            q, k, alpha, bias, beta = product
             if q is None or k is None:
                 return None
+            if bias is not None:
+                slopes = _alibi_slopes(bias)
+                if slopes is None or alibi is not None:
+                    return None
+                alibi = (slopes, scale * beta)
             scale *= alpha
             break
         floor = _constant(s.args[1]) if _call(s, torch.max, torch.maximum) and len(s.args) == 2 else None
@@ -263,8 +371,15 @@ def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
             val = _value(cond)
             if c is None or c > MASK_FILL_MAX or val is None or val.dtype != torch.bool:
                 return None
-            conds.append((cond, c))
+            conds.append((cond, c, True))
             s = kept
+        elif (_method(s, "masked_fill") or _call(s, torch.masked_fill)) and len(s.args) == 3:
+            _, cond, fill = s.args
+            c, val = _constant(fill), _value(cond)
+            if c is None or c > MASK_FILL_MAX or val is None or val.dtype != torch.bool:
+                return None
+            conds.append((cond, c, False))
+            s = s.args[0]
         elif _call(s, operator.add) and len(s.args) == 2:
             a, b = s.args
             if _is_mask_term(b, padding):
@@ -273,6 +388,10 @@ def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
             elif _is_mask_term(a, padding):
                 adds.append(a)
                 s = b
+            elif alibi is None and _alibi_slopes(b) is not None:
+                alibi, s = (_alibi_slopes(b), scale), a
+            elif alibi is None and _alibi_slopes(a) is not None:
+                alibi, s = (_alibi_slopes(a), scale), b
             else:
                 return None
         else:
@@ -280,7 +399,9 @@ def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
     vals = [_value(x) for x in (q, k, v)]
     if v is None or any(x is None or x.dim() != 4 for x in vals) or _value(out).dim() not in (3, 4):
         return None
-    return _Match(out, s, q, k, v, scale, conds, adds)
+    if alibi is not None and _value(alibi[0]).numel() != vals[0].shape[1]:
+        return None  # one slope per query head
+    return _Match(out, s, q, k, v, scale, conds, adds, alibi, writes)
 
 
 def _insert(graph: torch.fx.Graph, op: Any, args: tuple, kwargs: dict, fake: Any, meta_from: torch.fx.Node,
@@ -306,8 +427,8 @@ def _rewrite(graph: torch.fx.Graph, m: _Match, keep_original: bool) -> torch.fx.
     with graph.inserting_before(out.next):  # after the model's output: the first-call check reads it
         q, k, v = (_cast(graph, x, dtype, out) for x in (m.q, m.k, m.v))
         mask = None
-        for cond, fill in m.conds:  # where(cond, S, fill) == S + where(cond, 0, fill)
-            term = _insert(graph, torch.where, (cond, 0.0, fill), {},
+        for cond, fill, keep in m.conds:  # where(cond, S, fill) == S + where(cond, 0, fill); masked_fill inverts
+            term = _insert(graph, torch.where, (cond, 0.0, fill) if keep else (cond, fill, 0.0), {},
                            lambda c, z, f: c.new_zeros(c.shape, dtype=torch.get_default_dtype()), out)
             term = _cast(graph, term, dtype, out)
             mask = term if mask is None else _insert(graph, operator.add, (mask, term), {}, operator.add, out)
@@ -315,8 +436,17 @@ def _rewrite(graph: torch.fx.Graph, m: _Match, keep_original: bool) -> torch.fx.
             term = _cast(graph, add, dtype, out)
             mask = term if mask is None else _insert(graph, operator.add, (mask, term), {}, operator.add, out)
         scale = m.scale
-        sdpa = _insert(graph, torch._C._nn.scaled_dot_product_attention, (q, k, v, mask, 0.0, False), {"scale": scale},
-                       lambda *a: torch._C._nn.scaled_dot_product_attention(*a, scale=scale), out)
+        if m.alibi is None:
+            sdpa = _insert(graph, torch._C._nn.scaled_dot_product_attention, (q, k, v, mask, 0.0, False),
+                           {"scale": scale}, lambda *a: torch._C._nn.scaled_dot_product_attention(*a, scale=scale), out)
+        else:
+            slopes = _insert(graph, "reshape", (m.alibi[0], -1), {}, lambda t, n: t.reshape(n), out, method=True)
+            slopes = _cast(graph, slopes, torch.float32, out)
+            if m.alibi[1] != 1.0:
+                slopes = _insert(graph, operator.mul, (slopes, m.alibi[1]), {}, operator.mul, out)
+            args = (q, k, v, mask, 0.0, False, scale, False, slopes)
+            sdpa = _insert(graph, torch.ops.moa_flex.sdpa_alibi.default, args, {},
+                           lambda *a: torch.ops.moa_flex.sdpa_alibi.default(*a), out)
         new = sdpa
         if _value(out).dim() == 3:  # the model's [B * H, Q, Dv] (bmm)
             new = _insert(graph, "flatten", (sdpa, 0, 1), {}, lambda t, a, b: t.flatten(a, b), out, method=True)
@@ -354,6 +484,8 @@ def rewrite_eager_attention(graph: torch.fx.Graph, keep_original: bool = False) 
     for m in matches:
         made.append(_rewrite(graph, m, keep_original))
         if not keep_original:
+            for w in m.writes:  # the in-place masks: nothing reads them once the scores are gone
+                graph.erase_node(w)
             _erase_unused(graph, m.out)
     if made:
         graph.lint()

@@ -16,18 +16,26 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 
-import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.sdpa_sinks)
+import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.sdpa_sinks / sdpa_alibi)
 from moa_flex.plan import Plan
 
-# SDPA calls, and what a model with learned sinks traces instead (SDPA's arguments, then sinks)
+# SDPA calls, what a model with learned sinks traces instead (SDPA's arguments, then sinks), and
+# what the own-code pass makes of ALiBi attention (SDPA's arguments, then the slopes)
 SINK_TARGETS = (torch.ops.moa_flex.sdpa_sinks, torch.ops.moa_flex.sdpa_sinks.default)
+ALIBI_TARGETS = (torch.ops.moa_flex.sdpa_alibi, torch.ops.moa_flex.sdpa_alibi.default)
 SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
-                *SINK_TARGETS)
+                *SINK_TARGETS, *ALIBI_TARGETS)
 
 
 def sinks_of(node: torch.fx.Node) -> torch.fx.Node | None:
     """The learned sink logits an attention node carries (``moa_flex::sdpa_sinks``), or None."""
     return arg(node, 8, "sinks", None) if node.target in SINK_TARGETS else None
+
+
+def alibi_of(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The ALiBi slopes [H] an attention node carries (``moa_flex::sdpa_alibi``), or None."""
+    return arg(node, 8, "alibi", None) if node.target in ALIBI_TARGETS else None
+
 def recorded_value(node: Any) -> torch.Tensor | None:
     """The (fake) tensor Dynamo or a pass recorded for ``node`` (``val`` or ``example_value``),
     or None: not a node, nothing recorded, or not a tensor."""

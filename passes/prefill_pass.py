@@ -27,7 +27,7 @@ from .latent import LatentDims, absorb, expansion_weight
 from .eager_attention import MODEL_OUTPUT
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, as_cached,
+    check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, alibi_of, as_cached,
     head_dim, padding_mask_input,
 )
 
@@ -110,13 +110,13 @@ def rewrite_prefill(
                     torch.ops.moa_flex.verify_chunk.default,
                     (q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer,
                      node.meta.get(MODEL_OUTPUT, node), sinks_of(node), k_scale, v_scale, absorbed and absorbed.up,
-                     absorbed and absorbed.up_bias),
+                     absorbed and absorbed.up_bias, alibi_of(node)),
                 )
         with graph.inserting_after(node) if check is None else graph.inserting_after(check):
             new = graph.call_function(
                 torch.ops.moa_flex.chunk_prefill.default,
                 (q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale,
-                 softcap, sinks_of(node), k_scale, v_scale),
+                 softcap, sinks_of(node), k_scale, v_scale, alibi_of(node)),
             )
         # the replaced node's output (same shape): AOTAutograd's cache needs example values on
         # the nodes that tensor methods are called on, and bypasses the graph without them

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moa_flex.kernels.chunk import chunk_attention_reference, chunk_attention_triton
+from moa_flex.kernels.quant import quantize_fp8
 from moa_flex.kernels.triton_support import interpreting, triton
 from moa_flex.runtime.slots import cache_extend_reference
 
@@ -23,11 +24,12 @@ needs_kernel = pytest.mark.skipif(triton is None or (KERNEL_DEVICE == "cpu" and 
 HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def whole_prompt_attention(q, k, v, pads, spans, sink, window, scale, softcap, sinks=None):  # noqa: ANN001, ANN201
+def whole_prompt_attention(q, k, v, pads, spans, sink, window, scale, softcap, sinks=None, alibi=None):  # noqa: ANN001, ANN201
     """Brute force over the whole prompt, no cache: q [B, H, T, D], k/v [B, G, T, D] at padded
     indices; row b's index t is logical position t - pads[b] (negative: padding, zeros out).
-    Keep rule with each head's span, the model window, soft-capping, learned sink logits
-    ``sinks`` [H] (a softmax column without a value); float64."""
+    Keep rule with each head's span, the model window, soft-capping, ALiBi slopes ``alibi``
+    [H] (score less alibi[h] * (i - j)), learned sink logits ``sinks`` [H] (a softmax column
+    without a value); float64."""
     B, H, T, _ = q.shape
     G = k.shape[1]
     kk = k.repeat_interleave(H // G, 1).double()
@@ -44,6 +46,8 @@ def whole_prompt_attention(q, k, v, pads, spans, sink, window, scale, softcap, s
     x = scale * (q.double() @ kk.transpose(-1, -2))
     if softcap > 0:
         x = softcap * torch.tanh(x / softcap)
+    if alibi is not None:
+        x = x - alibi.double().view(1, H, 1, 1) * dist
     x = x.masked_fill(~keep, float("-inf"))
     if sinks is None:
         return torch.softmax(x, -1).nan_to_num(0.0) @ vv
@@ -195,7 +199,8 @@ def test_extend_writes_only_the_newest_and_keeps_the_rest() -> None:
     assert keys.flatten().tolist() == [0, 1, 6, 7, 8, 5] and length.tolist() == [9]
 
 
-def test_bad_inputs_are_named() -> None:
+def small_chunk_args() -> list:
+    """A valid small chunk call (1 row, 4 heads in 2 groups of 5 slots, a 5-token chunk) for the input checks."""
     q = torch.randn(1, 4, 5, 8)
     kn = torch.randn(1, 2, 5, 8)
     cache = torch.zeros(1, 10, 8)
@@ -203,7 +208,12 @@ def test_bad_inputs_are_named() -> None:
     caps = torch.full((1, 2), 5, dtype=torch.int32)
     spans = torch.full((1, 4), 5, dtype=torch.int32)
     n = torch.zeros(1, dtype=torch.long)
-    args = [q, kn, kn, cache, cache, offsets, caps, spans, n, n.clone(), 2, 0, 0.3, 0.0]
+    return [q, kn, kn, cache, cache, offsets, caps, spans, n, n.clone(), 2, 0, 0.3, 0.0]
+
+
+def test_bad_inputs_are_named() -> None:
+    args = small_chunk_args()
+    spans, n = args[7], args[8]
     chunk_attention_reference(*args)
     for index, bad, match in ((1, torch.randn(1, 3, 5, 8), "k_new"), (7, spans[:, :3], "spans"),
                               (8, n.int(), "length"), (5, torch.tensor([0, 3, 6, 10], dtype=torch.int32), "divisible")):
@@ -234,3 +244,112 @@ def test_kernel_full_tiles_equal_twin(granularity_spans: list[int], full_tiles: 
     dev = [a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
     got = chunk_attention_triton(*dev, block_q=16, block_n=16, full_tiles=full_tiles).cpu()
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------- ALiBi
+def layout_alibi(lay: dict) -> torch.Tensor:
+    """float32 [H] slopes: ALiBi's geometric ones (2^(-8 (h+1) / H)) scaled at random, one
+    negative now and then (the spec allows any finite slope)."""
+    H = lay["H"]
+    gen = torch.Generator().manual_seed(lay["seed"] + 5)
+    geometric = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float64) / H)
+    return (geometric * (torch.rand(H, generator=gen, dtype=torch.float64) * 2.5 - 0.5)).float()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lay=layouts(), with_sinks=st.booleans())
+def test_chunked_prefill_with_alibi_equals_whole_prompt_attention(lay: dict, with_sinks: bool) -> None:
+    """The twin with ALiBi, chunk by chunk over the cache it writes, equals the brute force over
+    the whole prompt: the bias follows each key's logical position, cached or in the chunk."""
+    q, k, v = tensors(lay, torch.float64)
+    alibi = layout_alibi(lay)
+    sinks = layout_sinks(lay) if with_sinks else None
+    scale = 1 / math.sqrt(lay["D"])
+    want = whole_prompt_attention(q, k, v, lay["pads"], lay["spans"], lay["sink"], lay["window"], scale, lay["softcap"],
+                                  sinks, alibi)
+    got = chunked(lay, q, k, v, functools.partial(chunk_attention_reference, sinks=sinks, alibi=alibi))
+    for g, w in zip(real_rows(got, lay["pads"]), real_rows(want, lay["pads"])):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    for b, p in enumerate(lay["pads"]):
+        assert not got[b, :, :p].any(), "padding queries give zeros"
+
+
+@needs_kernel
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lay=layouts().filter(lambda lay: lay["H"] > lay["G"]), block_q=st.sampled_from([16, 32]),
+       with_sinks=st.booleans())
+def test_kernel_with_alibi_equals_twin_at_every_chunk(lay: dict, block_q: int, with_sinks: bool) -> None:
+    """The kernel with ALiBi (GQA: several heads per group, each its own slope) in the chunked
+    schedule, output poisoned first, against the twin."""
+    q, k, v = tensors(lay)
+    alibi = layout_alibi(lay)
+    sinks = layout_sinks(lay).float() if with_sinks else None
+
+    def kernel(*args):  # noqa: ANN002, ANN202
+        out = torch.full(args[0].shape[:3] + args[2].shape[3:], float("nan"), device=KERNEL_DEVICE)
+        return chunk_attention_triton(*(a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args),
+                                      out=out, block_q=block_q, block_n=16, alibi=alibi.to(KERNEL_DEVICE),
+                                      sinks=None if sinks is None else sinks.to(KERNEL_DEVICE)).cpu()
+
+    got = chunked(dict(lay), q, k, v, kernel)
+    want = chunked(dict(lay), q, k, v, functools.partial(chunk_attention_reference, sinks=sinks, alibi=alibi))
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def full_tile_case(spans: list[int], fp8: bool) -> tuple[tuple, dict]:
+    """test_kernel_full_tiles_equal_twin's layout with two groups of two heads (args, FP8
+    scales): a long filled ring, a chunk of 4 query blocks of 16; FP8 cache and chunk if
+    ``fp8`` (quantize_fp8, as the cache's writes store them)."""
+    G, hpg, D, C = 2, 2, 16, 64
+    caps = torch.tensor([[200, 200]], dtype=torch.int32)
+    offsets = torch.tensor([0, 200, 400], dtype=torch.int32)
+    length = torch.tensor([170])  # ring of 196 holds positions 4..169, sink 0..3
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, G * hpg, C, D, generator=gen)
+    k_new, v_new = torch.randn(1, G, C, D, generator=gen), torch.randn(1, G, C, D, generator=gen)
+    keys, values = torch.randn(1, 400, D, generator=gen), torch.randn(1, 400, D, generator=gen)
+    scales = {}
+    if fp8:
+        (keys, ks), (values, vs) = quantize_fp8(keys), quantize_fp8(values)
+        (k_new, kns), (v_new, vns) = quantize_fp8(k_new), quantize_fp8(v_new)
+        scales = {"k_scale": ks, "v_scale": vs, "kn_scale": kns, "vn_scale": vns}
+    args = (q, k_new, v_new, keys, values, offsets, caps, torch.tensor([spans], dtype=torch.int32), length,
+            length.clone(), 4)
+    return args, scales
+
+
+@needs_kernel
+@pytest.mark.parametrize(("spans", "softcap", "fp8"), [([200, 200, 200, 200], 0.0, False),
+                                                       ([200, 40, 120, 200], 1.5, False),
+                                                       ([200, 200, 60, 200], 0.0, True)])
+def test_kernel_full_tiles_with_alibi_equal_twin(spans: list[int], softcap: float, fp8: bool) -> None:
+    """Full tiles (no masks) get the bias too: wide spans over a long ring, slopes small enough
+    that far keys still count, output poisoned first, against the twin; FP8 cache and chunk in
+    one case."""
+    args, scales = full_tile_case(spans, fp8)
+    alibi = torch.tensor([0.0625, -0.002, 0.25, 0.004])
+    want = chunk_attention_reference(*args, 0, 0.25, softcap, alibi=alibi, **scales)
+    dev = [a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    dev_scales = {name: t.to(KERNEL_DEVICE) for name, t in scales.items()}
+    out = torch.full(want.shape, float("nan"), device=KERNEL_DEVICE)
+    got = chunk_attention_triton(*dev, 0, 0.25, softcap, out=out, block_q=16, block_n=16,
+                                 alibi=alibi.to(KERNEL_DEVICE), **dev_scales).cpu()
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    plain = chunk_attention_reference(*args, 0, 0.25, softcap, **scales)
+    assert (plain - want).abs().max() > 0.1, "the bias changes the result"
+
+
+def test_bad_alibi_is_refused() -> None:
+    """alibi must be None or float32 [H] of finite slopes on q's device: ValueError otherwise,
+    from the twin and from the kernel's wrapper (before any launch)."""
+    args = small_chunk_args()
+    chunk_attention_reference(*args, alibi=torch.full((4,), 0.5))
+    fns = [chunk_attention_reference] + ([chunk_attention_triton] if triton is not None else [])
+    for bad, match in ((torch.full((3,), 0.5), "alibi must be a float32"), (torch.full((4,), 0.5).double(), "float32"),
+                       (torch.full((1, 4), 0.5), r"\[H\]"), ([0.5] * 4, "alibi must be"),
+                       (torch.tensor([0.5, float("nan"), 0.1, 0.2]), "finite"),
+                       (torch.tensor([0.5, 0.1, float("inf"), 0.2]), "finite"),
+                       (torch.full((4,), 0.5, device="meta"), "alibi is on meta")):
+        for fn in fns:
+            with pytest.raises(ValueError, match=match):
+                fn(*args, alibi=bad)

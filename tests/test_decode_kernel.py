@@ -26,10 +26,12 @@ from moa_flex.kernels.decode import (
     ragged_decode_reference,
     ragged_decode_triton,
 )
+from moa_flex.kernels.quant import quantize_fp8
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_OK = decode.triton is not None and (KERNEL_DEVICE != "cpu" or decode.interpreting())
 needs_kernel = pytest.mark.skipif(
-    decode.triton is None or (KERNEL_DEVICE == "cpu" and not decode.interpreting()),
+    not KERNEL_OK,
     reason="Triton kernel needs CUDA or TRITON_INTERPRET=1 set before triton is imported",
 )
 
@@ -43,11 +45,12 @@ def layouts(
     max_hpg: int = 3,
     max_width: int = 24,
     dims: tuple[int, ...] = (8,),
+    min_hpg: int = 1,
 ) -> dict:
     """A random allocation, per-row caps/spans/pos, rule scalars and a seed."""
     B = draw(st.integers(1, max_b))
     G = draw(st.integers(1, max_g))
-    hpg = draw(st.integers(1, max_hpg))
+    hpg = draw(st.integers(min_hpg, max_hpg))
     sink = draw(st.integers(0, 4))
     widths = draw(st.lists(st.integers(0, max_width), min_size=G, max_size=G))
     caps = [[draw(st.integers(0, w)) for w in widths] for _ in range(B)]
@@ -110,9 +113,10 @@ def cached_positions(cap: int, sink: int, i: int) -> list[int | None]:
     return slots
 
 
-def naive_decode(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=None) -> torch.Tensor:  # noqa: ANN001
+def naive_decode(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=None, alibi=None) -> torch.Tensor:  # noqa: ANN001
     """Per (row, head): the kept cached positions, then softmax attention over them, float64
-    (``sinks``: each head's learned logit, one more softmax term without a value)."""
+    (``sinks``: each head's learned logit, one more softmax term without a value; ``alibi``:
+    each head's slope, the score less slope times the distance from the simulated position)."""
     B, H, _ = q.shape
     G = offsets.numel() - 1
     hpg = H // G
@@ -123,19 +127,22 @@ def naive_decode(q, k, v, offsets, caps, spans, pos, sink, window, scale, softca
             g = h // hpg
             held = cached_positions(int(caps[b, g]), sink, i)
             span = int(spans[b, h])
-            kept = [
-                int(offsets[g]) + s
+            kept_pos = [
+                (int(offsets[g]) + s, p)
                 for s, p in enumerate(held)
                 if p is not None
                 and (p < sink or i - p < span - sink)
                 and (window <= 0 or i - p < window)
                 and (window >= 0 or p // -window == i // -window)  # chunked local attention: one chunk
             ]
-            if not kept:
+            if not kept_pos:
                 continue
+            kept = [s for s, _ in kept_pos]
             x = scale * (k[b, kept].double() @ q[b, h].double())
             if softcap > 0:
                 x = softcap * torch.tanh(x / softcap)
+            if alibi is not None:
+                x = x - float(alibi[h]) * torch.tensor([float(i - p) for _, p in kept_pos], dtype=torch.float64)
             if sinks is not None:
                 x = torch.cat([x, sinks[h].double().view(1)])
             p = torch.softmax(x, 0)
@@ -248,6 +255,140 @@ def test_kernel_fp16_and_nothing_kept() -> None:
     got, want = run_kernel(lay, torch.float16, 16, 16)
     assert got[0, :2].eq(0).all() and got[0, 3].eq(0).all()
     assert (got.float() - want).abs().max().item() <= 5e-3
+
+
+# ---------------------------------------------------------------------------------- ALiBi
+def lay_alibi(lay: dict) -> torch.Tensor:
+    """ALiBi slopes float32 [H] for a layout: mostly in ALiBi's range (2^-8 .. 2^-1), a few
+    negative (any finite slope is allowed)."""
+    gen = torch.Generator().manual_seed(lay.get("seed", 0) + 11)
+    return torch.rand(lay["G"] * lay["hpg"], generator=gen) * 0.6 - 0.1
+
+
+def alibi_slopes(H: int) -> torch.Tensor:
+    """The ALiBi paper's slopes for H heads (a power of two): 2^(-8 (h + 1) / H)."""
+    return torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts(), st.booleans())
+def test_twin_with_alibi_matches_cache_simulation(lay: dict, with_sinks: bool) -> None:
+    """The twin's bias uses the distance from its slot arithmetic; the oracle's, from the
+    positions it replays into the slots."""
+    args = tensors(lay, torch.float64)
+    alibi, sinks = lay_alibi(lay), lay_sinks(lay) if with_sinks else None
+    got = ragged_decode_reference(*args, *scalars(lay), sinks=sinks, alibi=alibi)
+    want = naive_decode(*args, *scalars(lay), sinks=sinks, alibi=alibi)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_twin_alibi_known_values() -> None:
+    """Equal scores at distances 0 and 1 weigh 1 : exp(-s); the bias comes after the soft-cap
+    (before it, tanh would flatten it away); a learned sink takes no bias; slopes of zero are
+    no bias, bit for bit."""
+    s = 0.7
+    alibi = torch.tensor([s])
+    w = math.exp(-float(alibi[0]))  # the float32 slope, as the twin reads it
+    i32 = {"dtype": torch.int32}
+    # one group of cap 2, no sink, i = 1: slot 0 holds position 0 (distance 1), slot 1 position 1
+    ints = (torch.tensor([0, 2], **i32), torch.tensor([[2]], **i32), torch.tensor([[2]], **i32), torch.tensor([1]))
+    v = torch.tensor([[[10.0], [20.0]]], dtype=torch.float64)
+    q, k = torch.zeros(1, 1, 4, dtype=torch.float64), torch.zeros(1, 2, 4, dtype=torch.float64)
+    out = ragged_decode_reference(q, k, v, *ints, 0, 0, 1.0, 0.0, alibi=alibi)
+    assert out.item() == pytest.approx((20 + 10 * w) / (1 + w), rel=1e-12)
+    q[0, 0, 0], k[0, :, 0] = 10.0, 10.0  # q.k = 100 for both, capped at 0.5
+    out = ragged_decode_reference(q, k, v, *ints, 0, 0, 1.0, 0.5, alibi=alibi)
+    assert out.item() == pytest.approx((20 + 10 * w) / (1 + w), rel=1e-12)
+    q.zero_()
+    out = ragged_decode_reference(q, k, v, *ints, 0, 0, 1.0, 0.0, sinks=torch.tensor([1.5]), alibi=alibi)
+    assert out.item() == pytest.approx((20 + 10 * w) / (1 + w + math.exp(1.5)), rel=1e-12)
+    # the wrapped ring of test_twin_known_values: slots hold positions [0, 1, 8, 9, 7], i = 9
+    v = torch.arange(5, dtype=torch.float64).view(1, 5, 1)
+    ints = (torch.tensor([0, 5], **i32), torch.tensor([[5]], **i32), torch.tensor([[5]], **i32), torch.tensor([9]))
+    out = ragged_decode_reference(q, torch.zeros(1, 5, 4, dtype=torch.float64), v, *ints, 2, 0, 1.0, 0.0, alibi=alibi)
+    weights = [math.exp(-float(alibi[0]) * (9 - p)) for p in (0, 1, 8, 9, 7)]
+    assert out.item() == pytest.approx(sum(j * x for j, x in enumerate(weights)) / sum(weights), rel=1e-12)
+    lay = dict(OP_LAYOUT, softcap=5.0)
+    args, zeros = tensors(lay), torch.zeros(lay["G"] * lay["hpg"])
+    assert torch.equal(ragged_decode_reference(*args, *scalars(lay), alibi=zeros),
+                       ragged_decode_reference(*args, *scalars(lay)))
+    if KERNEL_OK:
+        dev_args = tensors(lay, device=KERNEL_DEVICE)
+        assert torch.equal(ragged_decode_triton(*dev_args, *scalars(lay), alibi=zeros.to(KERNEL_DEVICE)),
+                           ragged_decode_triton(*dev_args, *scalars(lay)))
+
+
+@needs_kernel
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lay=layouts(max_b=2, max_g=2, max_hpg=4, max_width=40, dims=(16, 32), min_hpg=2),
+       chunk=st.sampled_from([16, None]), with_sinks=st.booleans())
+def test_kernel_with_alibi_matches_twin(lay: dict, chunk: int | None, with_sinks: bool) -> None:
+    """float32, GQA (2 to 4 heads a group), output poisoned first."""
+    args = tensors(lay, torch.float32, KERNEL_DEVICE)
+    alibi, sinks = lay_alibi(lay), lay_sinks(lay, torch.float32) if with_sinks else None
+    out = torch.full((lay["B"], lay["G"] * lay["hpg"], lay["Dv"]), float("nan"), device=KERNEL_DEVICE)
+    ragged_decode_triton(*args, *scalars(lay), out=out, chunk=chunk, block_n=16, alibi=alibi.to(KERNEL_DEVICE),
+                         sinks=None if sinks is None else sinks.to(KERNEL_DEVICE))
+    want = ragged_decode_reference(*(a.cpu() for a in args), *scalars(lay), sinks=sinks, alibi=alibi)
+    assert not out.isnan().any(), "output not fully written"
+    err = (out.cpu() - want).abs().max().item() if out.numel() else 0.0
+    assert err <= 1e-5, err
+
+
+# two groups of 4 heads, wrapped rings (distances up to 120: biases up to 60), sinks kept
+ALIBI_LAYOUT = {"B": 2, "G": 2, "hpg": 4, "sink": 2, "widths": [40, 24], "caps": [[37, 24], [40, 17]],
+                "spans": [[37, 20, 5, 2, 24, 24, 10, 3], [40, 33, 8, 1, 17, 12, 17, 6]], "pos": [120, 30],
+                "D": 32, "Dv": 32, "window": 0, "softcap": 0.0, "scale": 32**-0.5, "seed": 11}
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["softcap", "fp8 pairs", "fp8 q"])
+def test_kernel_with_alibi_softcap_and_fp8(case: str) -> None:
+    """The slopes of the ALiBi paper, with a soft-cap (float32), and over an FP8 cache in both
+    read modes (bf16 queries in pairs, float32 in q), against the twin on the values read;
+    the bias moves the output by far more than the bound."""
+    lay = dict(ALIBI_LAYOUT, softcap=5.0 if case == "softcap" else 0.0)
+    q, k, v, *ints = tensors(lay)
+    scales = {}
+    if case.startswith("fp8"):
+        (k, ks), (v, vs) = quantize_fp8(k), quantize_fp8(v)
+        scales = {"k_scale": ks, "v_scale": vs}
+    dtype = torch.bfloat16 if case == "fp8 pairs" else torch.float32
+    q = q.to(dtype)
+    alibi = alibi_slopes(lay["G"] * lay["hpg"])
+    dev = KERNEL_DEVICE
+    out = torch.full((lay["B"], lay["G"] * lay["hpg"], lay["Dv"]), float("nan"), dtype=dtype, device=dev)
+    ragged_decode_triton(q.to(dev), k.to(dev), v.to(dev), *(t.to(dev) for t in ints), *scalars(lay), out=out, chunk=16,
+                         block_n=16, alibi=alibi.to(dev), fp8_mode=case.removeprefix("fp8 ") if scales else None,
+                         **{n: t.to(dev) for n, t in scales.items()})
+    want = ragged_decode_reference(q.float(), k, v, *ints, *scalars(lay), alibi=alibi, **scales)
+    plain = ragged_decode_reference(q.float(), k, v, *ints, *scalars(lay), **scales)
+    assert not out.isnan().any(), "output not fully written"
+    err = (out.cpu().float() - want).abs().max().item()
+    bound = 2e-2 * max(1.0, want.abs().max().item()) if dtype == torch.bfloat16 else 1e-5
+    assert err <= bound, err
+    assert (want - plain).abs().max().item() > 10 * bound
+
+
+@pytest.mark.parametrize("bad,text", [
+    (torch.zeros(7), r"alibi must be a float32 tensor \[H\] = \[6\]"),
+    (torch.zeros(1, 6), r"float32 tensor \[H\]"),
+    (torch.zeros(6, dtype=torch.float64), r"float32 tensor \[H\].*float64"),
+    (torch.zeros(6, dtype=torch.int32), r"float32 tensor \[H\].*int32"),
+    ([0.5] * 6, r"float32 tensor \[H\]"),
+    (torch.tensor([0.5, float("nan"), 0, 0, 0, 0]), "alibi slopes must be finite"),
+    (torch.tensor([0.5, 0, 0, 0, 0, float("-inf")]), "alibi slopes must be finite"),
+    (torch.zeros(6, device="meta"), "alibi is on meta but q is on"),
+], ids=["length", "rank", "float64", "int32", "list", "nan", "inf", "device"])
+def test_bad_alibi(bad: object, text: str) -> None:
+    """Both the twin and the kernel's wrapper refuse bad slopes (before any launch)."""
+    with pytest.raises(ValueError, match=text):
+        ragged_decode_reference(*tensors(OP_LAYOUT), *scalars(OP_LAYOUT), alibi=bad)
+    if KERNEL_OK:
+        if isinstance(bad, torch.Tensor) and bad.device.type == "cpu":
+            bad = bad.to(KERNEL_DEVICE)
+        with pytest.raises(ValueError, match=text):
+            ragged_decode_triton(*tensors(OP_LAYOUT, device=KERNEL_DEVICE), *scalars(OP_LAYOUT), alibi=bad)
 
 
 def test_work_list_covers_each_slot_once() -> None:

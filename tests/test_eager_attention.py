@@ -1,7 +1,8 @@
 """Attention computed in a model's own code (passes/eager_attention.py): the recognized forms
-(4-D matmul; bmm / baddbmm on 3-D views) become one SDPA call that equals the model's computation; anything that is not that form (a
-score bias such as ALiBi, a fill that is not a mask, a tensor scale, dropout in training) is
-left alone; GPT-Neo (global and local layers, its own window shorter than the prompt) compiles
+(4-D matmul; bmm / baddbmm on 3-D views; ALiBi) become one SDPA call that equals the model's
+computation; anything that is not that form (a float score bias, ALiBi rounded to 16 bits, a
+fill that is not a mask, a tensor scale, dropout in training, an in-place write that is no mask)
+is left alone; GPT-Neo (global and local layers, its own window shorter than the prompt) compiles
 and matches the stock model (dense) and the independent reference (sparse, greedy generate)."""
 
 from __future__ import annotations
@@ -104,6 +105,61 @@ def _alibi(q, k, v, keep, allowed, bias):  # noqa: ANN001, ANN201
     return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
+def _slopes(H: int) -> torch.Tensor:
+    """ALiBi's slopes, computed from constants as BLOOM and MPT compute them in their graphs."""
+    return 1.0 / torch.pow(2.0, torch.arange(1, H + 1, dtype=torch.float32))
+
+
+def own_alibi(q, k, v, keep, allowed, rounded: bool = False, in_place: bool | str = False):  # noqa: ANN001, ANN201
+    """MPT's form: scaled scores plus slopes x key positions (one value per key), a masked_fill,
+    softmax. ``rounded``: the bias through bfloat16 (BLOOM in bf16); ``in_place``: the mask
+    written with masked_fill_ (XLM: a mask, read as one); ``"add_"``: an in-place add too, which
+    is no mask and which data flow does not show."""
+    H, K = q.shape[1], k.shape[2]
+    bias = (torch.arange(1 - K, 1, dtype=torch.int32).view(1, 1, 1, K) * _slopes(H).view(1, H, 1, 1))
+    if rounded:
+        bias = bias.to(torch.bfloat16).to(torch.float32)
+    s = torch.matmul(q, k.transpose(-1, -2)) * 0.5 + bias
+    if in_place == "add_":
+        s.add_(1.0)
+    if in_place:
+        s.masked_fill_(~allowed, MIN)
+    else:
+        s = s.masked_fill(~allowed, MIN)
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def own_alibi_bloom(q, k, v, keep, allowed):  # noqa: ANN001, ANN201
+    """BLOOM's form: baddbmm of the [B * H, 1, K] bias (slopes x positions from an integer mask)
+    with the [B * H, T, D] views, beta 1 and the scale as alpha; an additive where-mask."""
+    B, H, Q, D = q.shape
+    K = k.shape[2]
+    positions = torch.ones(B, K, dtype=torch.long).cumsum(-1) - 1
+    bias = (_slopes(H)[..., None] * positions[:, None, :]).reshape(B * H, 1, K)
+    s = bias.baddbmm(q.reshape(B * H, Q, D), k.reshape(B * H, K, D).transpose(-1, -2), beta=1.0, alpha=0.25)
+    s = s.view(B, H, Q, K) + torch.where(allowed, 0.0, MIN)
+    p = torch.nn.functional.softmax(s, dim=-1, dtype=torch.float32).view(B * H, Q, K)
+    return torch.bmm(p, v.reshape(B * H, K, D))
+
+
+@pytest.mark.parametrize("fn", [own_alibi, own_alibi_bloom, lambda *a: own_alibi(*a, in_place=True)])
+def test_alibi_becomes_sdpa_alibi_equal_to_the_model(fn) -> None:  # noqa: ANN001
+    """ALiBi (slopes from constants times integer key positions, added to the scores or as
+    baddbmm's input) becomes one moa_flex::sdpa_alibi call with the slopes times the scale that
+    multiplies the bias; it equals the model (the bias differs from -slope (i - j) by a constant
+    per query)."""
+    args = inputs(0)
+    gm, example = captured(fn, *args)
+    want = fn(*args)
+    made = rewrite_eager_attention(gm.graph)
+    gm.recompile()
+    assert len(made) == 1 and made[0].target is torch.ops.moa_flex.sdpa_alibi.default
+    assert not any(n.target is torch.softmax or n.target is torch.nn.functional.softmax for n in gm.graph.nodes)
+    got = gm(*example)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert (got.reshape(want.shape) - want).abs().max() <= 1e-5
+
+
 def _fill_zero(q, k, v, keep, allowed):  # noqa: ANN001, ANN201
     s = torch.where(keep, torch.matmul(q, k.transpose(-1, -2)), torch.tensor(0.0))
     return torch.matmul(torch.softmax(s, dim=-1), v)
@@ -124,6 +180,8 @@ def _training_dropout(q, k, v, keep, allowed):  # noqa: ANN001, ANN201
     (_fill_zero, None),  # a where whose fill does not remove the key
     (_tensor_scale, "scale"),  # a scale that is not a constant
     (_training_dropout, None),
+    (lambda *a: own_alibi(*a, rounded=True), None),  # ALiBi rounded to 16 bits: its error grows with position
+    (lambda *a: own_alibi(*a, in_place="add_"), None),  # the scores changed in place, not by a mask
 ])
 def test_what_is_not_the_form_is_left_alone(fn, extra: str | None) -> None:  # noqa: ANN001
     args = inputs(0)
@@ -181,19 +239,28 @@ def test_gpt_neo_with_its_own_window_matches_stock_and_the_reference() -> None:
     assert torch.equal(out[:, 24:], ref[:, 23:].argmax(-1))
 
 
-def test_alibi_in_own_code_is_refused_at_the_first_call() -> None:
-    """BLOOM adds ALiBi to its scores in its own code: no mask, so nothing is rewritten and the
-    first call raises, naming the forms moa-flex recognizes."""
+def test_alibi_rounded_to_16_bits_is_refused_at_the_first_call() -> None:
+    """BLOOM in bfloat16 rounds its ALiBi bias to bfloat16 (an error growing with the position
+    that exact ALiBi would not reproduce): not read as ALiBi, nothing is rewritten, and the first
+    call raises naming the forms moa-flex recognizes. In float32 the same model compiles and its
+    dense plan equals the stock model."""
     import transformers
 
     from moa_flex.support import tiny_config
 
     config = tiny_config("bloom")
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 50, (1, 12))
+    model = transformers.AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16)
     moa_flex.compile(model, Plan.dense(config), backend="eager", progress=False, compile_cache=False)
-    with pytest.raises(Exception, match="nor attention computed in the model's own code in the form moa-flex recognizes"):
+    with pytest.raises(Exception, match="ALiBi rounded to 16 bits"):
         with torch.no_grad():
-            model(input_ids=torch.randint(3, 50, (1, 12)))
+            model(input_ids=ids)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+    moa_flex.compile(model, Plan.dense(config), backend="eager", progress=False, compile_cache=False)
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - stock).abs().max() <= 1e-5
 
 
 def test_the_own_code_pass_leaves_every_other_node(monkeypatch: pytest.MonkeyPatch) -> None:

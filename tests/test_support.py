@@ -10,12 +10,14 @@ from moa_flex.support import Result, causal_lm_types, check_type, main, markdown
 
 @pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2", "qwen3",
                                         "xglm",  # attention in its own code, bmm on 3-D views (passes/eager_attention.py)
+                                        "bloom",  # ALiBi in its own code (baddbmm), decode and chunk kernels' twins
+                                        pytest.param("mpt", marks=pytest.mark.slow),  # ALiBi added to 4-D scores
                                         # hybrids (tests/test_hybrid.py runs Qwen3-Next's conversation by default)
                                         pytest.param("qwen3_next", marks=pytest.mark.slow),  # 15 s
                                         pytest.param("falcon_h1", marks=pytest.mark.slow)])  # Mamba in torch: 25 s
 def test_softmax_decoders_are_supported(model_type: str) -> None:
     """Dense == stock, sparse == reference, generate token-exact: plain, MoE, GPT-2 layout (h.N),
-    QK-norm, attention in the model's own code (XGLM), attention and Mamba side by side in every layer (Falcon-H1), linear-attention layers
+    QK-norm, attention in the model's own code (XGLM; BLOOM and MPT with ALiBi), attention and Mamba side by side in every layer (Falcon-H1), linear-attention layers
     between attention layers (Qwen3-Next)."""
     r = check_type(model_type)
     assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")

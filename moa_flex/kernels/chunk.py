@@ -30,8 +30,10 @@ zeros). It sees (a) the cache slots of its group: slot ``s < min(cap, n)`` holds
 at ``j = start + c'`` (``j >= 0``). A key at position ``p`` is kept iff ``p < sink or i - p <
 span - sink`` and the model's own pattern keeps it (``window`` > 0: a sliding window, ``i - p <
 window``; < 0: chunked local attention in chunks of ``-window`` tokens, ``p // C == i // C``;
-:func:`moa_flex.kernels.decode.window_limit`). Scores are ``scale *
-q.k`` (soft-capped if ``softcap > 0``), softmax over kept keys.
+:func:`moa_flex.kernels.decode.window_limit`). Scores are ``scale * q.k`` (soft-capped if
+``softcap > 0``), then with ALiBi slopes ``alibi`` float32 ``[H]`` (None: no bias) less
+``alibi[h] * (i - p)`` for query head ``h``, in natural-log units like the scores (the kernel
+converts both to log2 units); softmax over kept keys.
 
 Implementations:
 
@@ -55,7 +57,8 @@ import math
 
 import torch
 
-from .decode import cache_values, check_cache_dtypes, check_sink_and_window, check_sinks, softmax_with_sinks, window_limit
+from .decode import (cache_values, check_alibi, check_cache_dtypes, check_sink_and_window, check_sinks,
+                     softmax_with_sinks, window_limit)
 from .slot_map import slot_positions
 from .quant import is_quantized
 from .triton_support import FLOAT_DTYPES, interpreting, pow2, tl, triton
@@ -122,17 +125,18 @@ def chunk_attention_reference(
     offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor, start: torch.Tensor,
     sink: int, window: int, scale: float, softcap: float, sinks: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None,
+    kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The twin: keys of the cache and of the chunk with their logical positions, the keep rule
     evaluated on every (query, key), float64 softmax (``sinks`` [H]: learned sink logits, a
-    softmax term with no value); FP8 keys and values dequantized first. [B, H, C, Dv] in q's
-    dtype."""
+    softmax term with no value; ``alibi`` float32 [H]: ALiBi slopes, the bias ``-alibi[h] (i -
+    p)``); FP8 keys and values dequantized first. [B, H, C, Dv] in q's dtype."""
     check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap,
                        (*FLOAT_DTYPES, torch.float64), k_scale, v_scale, kn_scale, vn_scale)
     k, v = cache_values(k, k_scale), cache_values(v, v_scale)
     k_new, v_new = cache_values(k_new, kn_scale), cache_values(v_new, vn_scale)
     check_sinks(sinks, q.shape[1], q.device)
+    check_alibi(alibi, q.shape[1], q.device)
     B, H, C, _ = q.shape
     G = offsets.shape[0] - 1
     hpg = H // G
@@ -149,6 +153,7 @@ def chunk_attention_reference(
             valid = torch.cat([p_cache >= 0, j >= 0])
             heads = slice(g * hpg, (g + 1) * hpg)
             win = (spans[b, heads].to(torch.int64) - sink).view(hpg, 1, 1)
+            slopes = None if alibi is None else alibi[heads].double().view(hpg, 1, 1)
             for c0 in range(0, C, QUERY_TILE):
                 i = (start[b] + torch.arange(c0, min(c0 + QUERY_TILE, C), device=q.device)).view(1, -1, 1)
                 dist = i - p.view(1, 1, -1)
@@ -159,6 +164,8 @@ def chunk_attention_reference(
                 x = scale * (q[b, heads, c0:c0 + QUERY_TILE].double() @ keys.T)
                 if softcap > 0:
                     x = softcap * torch.tanh(x / softcap)
+                if slopes is not None:
+                    x = x - slopes * dist
                 probs = softmax_with_sinks(x.masked_fill(~keep, float("-inf")).unsqueeze(0),
                                            None if sinks is None else sinks[heads])[0]
                 out[b, heads, c0:c0 + QUERY_TILE] = probs @ vals
@@ -171,14 +178,15 @@ if triton is not None:
     @triton.jit
     def _attend_tile(
         m_i, l_i, acc, qt, k_rows, v_rows, ks_rows, vs_rows, p, key_ok, i, win, sink, q_lim, qk_scale, softcap,
-        stride_kd, stride_vd, d, dv,
+        slope, stride_kd, stride_vd, d, dv,
         D: tl.constexpr, DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        MASKED: tl.constexpr, QUANT: tl.constexpr,
+        MASKED: tl.constexpr, QUANT: tl.constexpr, HAS_ALIBI: tl.constexpr,
     ):
         """One tile of keys at positions ``p`` [N] (int32; K rows at pointers ``k_rows``): masks,
         scores and the online-softmax update of (m_i, l_i, acc) for the program's queries ``i``.
         ``MASKED=False``: a full tile (every key valid and kept for every query): no masks.
-        ``QUANT``: FP8 rows with their scales at ``ks_rows``/``vs_rows``."""
+        ``QUANT``: FP8 rows with their scales at ``ks_rows``/``vs_rows``. ``HAS_ALIBI``: the
+        bias ``-slope (i - p)``, ``slope`` in log2 units (full tiles too)."""
         if MASKED:
             dist = i[:, None] - p[None, :]
             keep = key_ok[None, :] & (dist >= 0) & ((p[None, :] < sink) | (dist < win)) & (dist < q_lim[:, None])
@@ -196,6 +204,8 @@ if triton is not None:
             e = tl.exp2(-2.8853900817779268 * tl.abs(y))  # exp(-2|y|)
             t = (1.0 - e) / (1.0 + e)
             x = softcap * tl.where(y < 0, -t, t) * 1.4426950408889634
+        if HAS_ALIBI:  # after the soft-cap (the bias is not capped); masked keys are overwritten below
+            x = x - slope * (i[:, None] - p[None, :]).to(tl.float32)
         if MASKED:
             x = tl.where(keep, x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, 1))
@@ -214,7 +224,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["C", "sink", "window_lim", "local_chunk"])
     def _chunk_kernel(
-        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, offsets_ptr, caps_ptr, spans_ptr, length_ptr, start_ptr, sinks_ptr, out_ptr,
+        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, offsets_ptr, caps_ptr, spans_ptr, length_ptr, start_ptr, sinks_ptr,
+        alibi_ptr, out_ptr,
         ks_ptr, vs_ptr, kns_ptr, vns_ptr,
         stride_qb, stride_qh, stride_qc, stride_qd,
         stride_knb, stride_kng, stride_knc, stride_knd,
@@ -229,6 +240,7 @@ if triton is not None:
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
         FULL_TILES: tl.constexpr, HAS_SINKS: tl.constexpr, QUANT: tl.constexpr, QUANT_NEW: tl.constexpr,
+        HAS_ALIBI: tl.constexpr,
     ):
         """One (query block, head, row): the head's queries over the keys its span can keep."""
         qb = tl.program_id(0)
@@ -242,6 +254,10 @@ if triton is not None:
         i = start + c  # logical position of each query (< 0: padding)
         i = tl.where(row_ok & (i >= 0), i, -1)  # padding rows see nothing (dist < 0 for every key)
         win = tl.load(spans_ptr + b * stride_sb + h * stride_sh) - sink  # the head's window (a kept key: dist < win)
+        if HAS_ALIBI:  # the head's slope in the scores' log2 units
+            slope = tl.load(alibi_ptr + h).to(tl.float32) * 1.4426950408889634
+        else:
+            slope = 0.0  # unused: HAS_ALIBI=False compiles no bias
         d = tl.arange(0, D_PAD)
         dv = tl.arange(0, DV_PAD)
         qt = tl.load(q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh + c[:, None].to(tl.int64) * stride_qc
@@ -278,8 +294,8 @@ if triton is not None:
             ok = p < sink_end
             rows = (base + p).to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, ok, i, win,
-                                         sink, q_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT)
+                                         sink, q_lim, qk_scale, softcap, slope, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT, HAS_ALIBI)
         # (b) the ring, walked in position order: positions [max(sink, n - ring, p_from), n); the
         # keys from f0 on are kept by every query of a block without padding: full tiles, no masks
         ring_lo = tl.maximum(tl.maximum(sink, n - ring), p_from)
@@ -292,21 +308,21 @@ if triton is not None:
             ok = p < f0
             rows = (base + sink + (p - sink) % ring).to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, ok, i, win,
-                                         sink, q_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT)
+                                         sink, q_lim, qk_scale, softcap, slope, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT, HAS_ALIBI)
         for p0 in range(f0, f1, BLOCK_N):
             p = p0 + tl.arange(0, BLOCK_N)
             rows = (base + sink + (p - sink) % ring).to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, p >= 0, i,
-                                         win, sink, q_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False, QUANT)
+                                         win, sink, q_lim, qk_scale, softcap, slope, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False, QUANT, HAS_ALIBI)
         for p0 in range(f1, ring_hi, BLOCK_N):
             p = p0 + tl.arange(0, BLOCK_N)
             ok = p < ring_hi
             rows = (base + sink + (p - sink) % ring).to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, ok, i, win,
-                                         sink, q_lim, qk_scale, softcap, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT)
+                                         sink, q_lim, qk_scale, softcap, slope, stride_kd, stride_vd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT, HAS_ALIBI)
         # (c) the chunk's own keys: its sink keys, then its window up to the block's last query
         kn = kn_ptr + b * stride_knb + g.to(tl.int64) * stride_kng
         vn = vn_ptr + b * stride_vnb + g.to(tl.int64) * stride_vng
@@ -321,8 +337,8 @@ if triton is not None:
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
                                          start + kk, ok,
-                                         i, win, sink, q_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW)
+                                         i, win, sink, q_lim, qk_scale, softcap, slope, stride_knd, stride_vnd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW, HAS_ALIBI)
         # its window: keys up to the block's first query and from i_hi - reach + 1 on are kept by
         # every query of a block without padding: full tiles there, masked tiles around them
         win_lo = tl.maximum(sink_hi, p_from - start)
@@ -335,23 +351,23 @@ if triton is not None:
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
                                          start + kk, ok,
-                                         i, win, sink, q_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW)
+                                         i, win, sink, q_lim, qk_scale, softcap, slope, stride_knd, stride_vnd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW, HAS_ALIBI)
         for k0 in range(g0, g1, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
                                          start + kk,
-                                         kk >= 0, i, win, sink, q_lim, qk_scale, softcap, stride_knd, stride_vnd, d,
-                                         dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False, QUANT_NEW)
+                                         kk >= 0, i, win, sink, q_lim, qk_scale, softcap, slope, stride_knd, stride_vnd, d,
+                                         dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False, QUANT_NEW, HAS_ALIBI)
         for k0 in range(g1, c_end, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             ok = kk < c_end
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
                                          start + kk, ok,
-                                         i, win, sink, q_lim, qk_scale, softcap, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW)
+                                         i, win, sink, q_lim, qk_scale, softcap, slope, stride_knd, stride_vnd, d, dv,
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW, HAS_ALIBI)
         if HAS_SINKS:  # m_i is in log2 units: the head's sink adds exp2(sink log2 e - m) to the denominator
             m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
             l_i += tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634 - m_fin)
@@ -367,12 +383,13 @@ def chunk_attention_triton(
     block_q: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     full_tiles: bool = True, sinks: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None,
+    kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton kernel: [B, H, C, Dv] in q's dtype (``out`` written entirely; ``sinks`` [H]:
-    learned sink logits, as in the twin). CUDA tensors
+    learned sink logits, ``alibi`` float32 [H]: ALiBi slopes, as in the twin). CUDA tensors
     run compiled; CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is
-    first imported). Reads no tensor value on the host: safe inside a CUDA graph.
+    first imported). Reads no tensor value on the host (``alibi``'s finiteness is checked on
+    CPU tensors only): safe inside a CUDA graph.
     ``full_tiles=False`` masks every tile (the same result; for tests and the benchmark).
     Tiles: ``block_q`` x ``block_n`` with ``num_stages`` (default 128 x 64 or 32, 3 stages; for
     heads wider than 256, a latent cache's 576 / 512, 32 x 32 and 2 stages, which fit a Hopper
@@ -384,6 +401,7 @@ def chunk_attention_triton(
     check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap,
                        FLOAT_DTYPES, k_scale, v_scale, kn_scale, vn_scale)
     check_sinks(sinks, q.shape[1], q.device)
+    check_alibi(alibi, q.shape[1], q.device)
     quant, quant_new = is_quantized(k.dtype), is_quantized(k_new.dtype)
     for t in (k_scale, v_scale, kn_scale, vn_scale):
         if t is not None and t.stride(-1) != 1:
@@ -410,7 +428,8 @@ def chunk_attention_triton(
     interp = interpreting()
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _chunk_kernel[(triton.cdiv(C, block_q), H, B)](
-            q, k_new, v_new, k, v, offsets, caps, spans, length, start, length if sinks is None else sinks, out,
+            q, k_new, v_new, k, v, offsets, caps, spans, length, start, length if sinks is None else sinks,
+            length if alibi is None else alibi.contiguous(), out,  # the kernel reads slope h at alibi_ptr + h
             *(k_scale, v_scale) if quant else (length, length), *(kn_scale, vn_scale) if quant_new else (length, length),
             *q.stride(), *k_new.stride(), *v_new.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(),
             *out.stride(),
@@ -422,6 +441,7 @@ def chunk_attention_triton(
             HPG=H // G, BLOCK_Q=block_q, D=D, D_PAD=pow2(D, 16), DV=Dv, DV_PAD=pow2(Dv, 16),
             BLOCK_N=block_n, HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32,
             FULL_TILES=full_tiles, HAS_SINKS=sinks is not None, QUANT=quant, QUANT_NEW=quant_new,
+            HAS_ALIBI=alibi is not None,
             num_warps=num_warps or (8 if block_q >= 128 else 4), num_stages=num_stages,
         )
     return out

@@ -17,8 +17,10 @@ Logical position held by local slot ``s`` of a group with cap ``C`` (``R = C - s
 0`` a sliding window, ``i - p < window``; ``window < 0`` chunked local attention in chunks of
 ``C = -window`` tokens (Llama 4), ``p // C == i // C``, i.e. ``i - p < i mod C + 1``;
 ``window == 0`` nothing more (:func:`window_limit`). Scores are
-``scale * q.k`` (soft-capped ``softcap * tanh(x / softcap)`` if ``softcap > 0``), softmax over
-kept slots, times ``v``; a head with no kept slot gives zeros.
+``scale * q.k`` (soft-capped ``softcap * tanh(x / softcap)`` if ``softcap > 0``), then with
+ALiBi (``alibi`` float32 ``[H]``, one slope per query head) minus ``alibi[h] * (i - p)``, in
+natural-log units (the softmax's own); softmax over kept slots (and learned sinks, which take
+no bias), times ``v``; a head with no kept slot gives zeros.
 
 Shapes of the op: ``q`` ``[B, H, D]`` (one query token per row, no q-length axis) ->
 ``out`` ``[B, H, Dv]`` in ``q``'s dtype.
@@ -55,6 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .quant import SCALE_DTYPE, dequantize_fp8, is_quantized
 from .triton_support import FLOAT_DTYPES, interpreting, pow2, sm_count, tl, triton
@@ -241,17 +244,21 @@ def ragged_decode_reference(
     sinks: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The obviously-right twin: every slot's logical position and keep flag, float64 softmax.
 
     q [B, H, D], k [B, S, D], v [B, S, Dv] -> [B, H, Dv] in q's dtype. ``sinks`` [H]: learned
     sink logits, each a softmax term with no value (GPT-OSS). FP8 k/v: dequantized with
-    ``k_scale``/``v_scale`` [B, S] first. Also checks values (offsets, caps, spans, pos),
-    which reads them; accepts float64 too. Memory: O(B * H * S) float64.
+    ``k_scale``/``v_scale`` [B, S] first. ``alibi`` float32 [H]: ALiBi slopes, the score of a
+    key at distance ``i - p`` less ``alibi[h] * (i - p)`` (after the soft-cap). Also checks
+    values (offsets, caps, spans, pos), which reads them; accepts float64 too. Memory:
+    O(B * H * S) float64.
     """
     check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, (*FLOAT_DTYPES, torch.float64),
                         k_scale, v_scale)
     check_sinks(sinks, q.shape[1], q.device)
+    check_alibi(alibi, q.shape[1], q.device)
     check_decode_values(k, offsets, caps, spans, pos)
     B, H, _ = q.shape
     S, G = k.shape[1], offsets.shape[0] - 1
@@ -275,6 +282,8 @@ def ragged_decode_reference(
     x = scale * torch.einsum("bhd,bsd->bhs", q.double(), cache_values(k, k_scale))
     if softcap > 0:
         x = softcap * torch.tanh(x / softcap)
+    if alibi is not None:  # dist means nothing on slots that are not kept; they are masked next
+        x = x - alibi.double().view(1, H, 1) * dist
     x = x.masked_fill(~keep, float("-inf"))
     probs = softmax_with_sinks(x, sinks)
     return torch.einsum("bhs,bsd->bhd", probs, cache_values(v, v_scale)).to(q.dtype)
@@ -289,6 +298,23 @@ def check_sinks(sinks: torch.Tensor | None, H: int, device: torch.device) -> Non
                          f"{getattr(sinks, 'shape', sinks)!r}")
     if sinks.device != device:
         raise ValueError(f"sinks is on {sinks.device} but q is on {device}")
+
+
+def check_alibi(alibi: torch.Tensor | None, H: int, device: torch.device) -> None:
+    """ValueError unless ``alibi`` is None or float32 [H] of finite slopes on ``device``."""
+    if alibi is None:
+        return
+    if not isinstance(alibi, torch.Tensor) or alibi.shape != (H,) or alibi.dtype != torch.float32:
+        got = (alibi.dtype, tuple(alibi.shape)) if isinstance(alibi, torch.Tensor) else alibi
+        raise ValueError(f"alibi must be a float32 tensor [H] = [{H}] (an ALiBi slope per query head), got {got!r}")
+    if alibi.device != device:
+        raise ValueError(f"alibi is on {alibi.device} but q is on {device}")
+    # the values only on the CPU: on a GPU reading them would sync every layer of every decode
+    # step (the slopes are the model's constants); fake and meta tensors have none
+    if alibi.device.type != "cpu" or is_fake(alibi):
+        return
+    if not bool(torch.isfinite(alibi).all()):
+        raise ValueError(f"alibi slopes must be finite, got {alibi.tolist()}")
 
 
 def softmax_with_sinks(x: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
@@ -497,7 +523,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["sink", "window_lim", "local_chunk"])
     def _decode_partial_kernel(
-        q_ptr, k_ptr, v_ptr, items_ptr, caps_ptr, spans_ptr, pos_ptr, ks_ptr, vs_ptr,
+        q_ptr, k_ptr, v_ptr, items_ptr, caps_ptr, spans_ptr, pos_ptr, ks_ptr, vs_ptr, alibi_ptr,
         m_ptr, l_ptr, acc_ptr,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kd,
@@ -507,9 +533,10 @@ if triton is not None:
         HPG: tl.constexpr, HPG_PAD: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        QUANT: tl.constexpr, V_PAIRS: tl.constexpr,
+        QUANT: tl.constexpr, V_PAIRS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     ):
         """One (work item, row): online softmax of all HPG heads of a group over a chunk of slots.
+        ``HAS_ALIBI``: each head's score less its slope times the distance ``i - p``;
         ``QUANT``: FP8 K/V, dequantized in registers (scales folded into scores and probabilities);
         ``V_PAIRS``: both dots in float16 (queries cast once, times 2^-8; K's e4m3 converts to
         float16 natively) and V read as int16 words of two e4m3 values each, split into the
@@ -534,6 +561,8 @@ if triton is not None:
         heads = g * HPG + r
         span = tl.load(spans_ptr + b * stride_sb + heads * stride_sh, mask=head_ok, other=0)
         win = span - sink  # a kept ring slot has i - p < win
+        if HAS_ALIBI:  # the group's slopes, read once per program
+            slope = tl.load(alibi_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)
         d = tl.arange(0, D_PAD)
         dv = tl.arange(0, DV_PAD)
         qt = tl.load(
@@ -576,6 +605,8 @@ if triton is not None:
                 e = tl.exp2(-2.8853900817779268 * tl.abs(y))  # exp(-2|y|)
                 t = (1.0 - e) / (1.0 + e)
                 x = softcap * tl.where(y < 0, -t, t)
+            if HAS_ALIBI:  # natural-log units, after the K scale and the soft-cap, as in the twin
+                x = x - slope[:, None] * dist.to(tl.float32)[None, :]
             x = tl.where(keep, x * 1.4426950408889634, float("-inf"))  # log2 units (x log2 e) from here on
             m_new = tl.maximum(m_i, tl.max(x, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -715,11 +746,12 @@ def ragged_decode_triton(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     fp8_mode: str | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype);
-    ``sinks`` [H]: learned sink logits (as in the twin); FP8 k/v with ``k_scale``/``v_scale``
-    float32 [B, S] (unit slot stride). ``fp8_mode``: how an FP8 cache is read (:data:`FP8_MODES`;
-    None: :func:`default_fp8_mode`).
+    ``sinks`` [H]: learned sink logits, ``alibi`` float32 [H]: ALiBi slopes (both as in the
+    twin); FP8 k/v with ``k_scale``/``v_scale`` float32 [B, S] (unit slot stride).
+    ``fp8_mode``: how an FP8 cache is read (:data:`FP8_MODES`; None: :func:`default_fp8_mode`).
 
     ``chunk`` (slots per work item; default: :func:`auto_work_list`, from the allocation, the
     batch and the GPU's SM count) and
@@ -732,6 +764,7 @@ def ragged_decode_triton(
         raise RuntimeError("ragged_decode_triton needs triton (pip install 'moa-flex[dev]')")
     check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, FLOAT_DTYPES, k_scale, v_scale)
     check_sinks(sinks, q.shape[1], q.device)
+    check_alibi(alibi, q.shape[1], q.device)
     quant = is_quantized(k.dtype)
     if quant and (k_scale.stride(1) != 1 or v_scale.stride(1) != 1):
         raise ValueError("k_scale and v_scale must have unit stride along the slots")
@@ -778,14 +811,14 @@ def ragged_decode_triton(
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _decode_partial_kernel[(wl.n_items, B)](
             q, k, v_words if pairs else v, wl.items, caps, spans, pos, k_scale if quant else pos,
-            v_scale if quant else pos, m, l, acc,
+            v_scale if quant else pos, m if alibi is None else alibi.contiguous(), m, l, acc,  # slopes: unit stride
             *q.stride(), *k.stride(), *(v_words.stride() if pairs else v.stride()), *caps.stride(), *spans.stride(), pos.stride(0),
             k_scale.stride(0) if quant else 0, v_scale.stride(0) if quant else 0,
             wl.n_items, sink, window if window > 0 else 2**31 - 1, max(-window, 0), float(scale),
             float(softcap) if softcap > 0 else 1.0,
             HPG=hpg, HPG_PAD=hpg_pad, D=D, D_PAD=d_pad, DV=Dv, DV_PAD=dv_pad, BLOCK_N=block_n,
             HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32, QUANT=quant,
-            V_PAIRS=pairs, num_warps=num_warps, num_stages=num_stages,
+            V_PAIRS=pairs, HAS_ALIBI=alibi is not None, num_warps=num_warps, num_stages=num_stages,
         )
         _decode_combine_kernel[(H, B)](
             m, l, acc, wl.group_items, m if sinks is None else sinks, out, *out.stride(), wl.n_items,

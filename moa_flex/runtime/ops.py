@@ -10,6 +10,7 @@ op                                     implementation
 =====================================  ==========================================================
 ``moa_flex::attention``                :class:`moa_flex.runtime.attention.MoaRuntime` (FlexAttention)
 ``moa_flex::sdpa_sinks``               here: SDPA with learned sinks, what sink models trace (dense, the check's reference)
+``moa_flex::sdpa_alibi``               here: SDPA with ALiBi slopes, what the own-code pass makes of ALiBi models (dense)
 ``moa_flex::mask_info``                :func:`moa_flex.masks.padding_info`
 ``moa_flex::cache_extend``             :func:`moa_flex.runtime.slots.cache_extend_reference`
 ``moa_flex::cache_append``             :mod:`moa_flex.kernels.append` / :func:`~moa_flex.runtime.slots.cache_append_reference`
@@ -62,19 +63,51 @@ def _device_error(op: str, device: torch.device) -> ValueError:
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
     scale: float, layer: int, runtime_id: int, softcap: float, info: torch.Tensor | None = None,
-    sinks: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """moa-flex attention of ``layer`` under the plan of runtime ``runtime_id``: q [B, H, Q, D],
     k/v [B, KVH, K, D] -> [B, H, Q, Dv]; ``info`` is ``mask_info(attn_mask)`` when the graph
-    computed it; ``sinks`` [H]: learned sink logits (GPT-OSS)."""
+    computed it; ``sinks`` [H]: learned sink logits (GPT-OSS); ``alibi`` [H] float32: ALiBi
+    slopes, the bias ``-slope * (i - j)`` (BLOOM, MPT)."""
     runtime = RUNTIMES.get(runtime_id)
     if runtime is None:
         raise RuntimeError(f"moa-flex runtime {runtime_id} is gone (model uncompiled?); compile the model again")
-    return runtime.attention(q, k, v, attn_mask, scale, layer, softcap, info, sinks).contiguous()
+    return runtime.attention(q, k, v, attn_mask, scale, layer, softcap, info, sinks, alibi).contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, scale, layer, runtime_id, softcap, info=None, sinks=None):  # noqa: ANN001, ANN202
+def _(q, k, v, attn_mask, scale, layer, runtime_id, softcap, info=None, sinks=None, alibi=None):  # noqa: ANN001, ANN202
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("moa_flex::sdpa_alibi", mutates_args=())
+def sdpa_alibi(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
+    is_causal: bool, scale: float | None, enable_gqa: bool, alibi: torch.Tensor,
+) -> torch.Tensor:
+    """What the own-code pass (passes/eager_attention.py) puts in place of a model's ALiBi
+    attention: SDPA's arguments in SDPA's order, plus ``alibi`` [H], the slopes: scores get
+    ``-slope_h * (i - j)`` for a query at key index i (queries are the last Q of the K keys) and
+    a key at j. Dense, float32 scores; the passes replace it by moa-flex attention, so it runs
+    only in a graph left as traced."""
+    if dropout_p:
+        raise ValueError("moa_flex::sdpa_alibi runs inference only (dropout_p must be 0)")
+    B, H, Q, _ = q.shape
+    K = k.shape[2]
+    if k.shape[1] != H:
+        k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
+    x = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    dist = (torch.arange(K - Q, K, device=q.device).view(-1, 1) - torch.arange(K, device=q.device).view(1, -1))
+    x = x - alibi.float().view(1, H, 1, 1) * dist.float()
+    if is_causal:
+        x = x.masked_fill(dist < 0, float("-inf"))
+    if attn_mask is not None:
+        x = x.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else x + attn_mask.float()
+    return (torch.softmax(x, dim=-1) @ v.float()).to(q.dtype)
+
+
+@sdpa_alibi.register_fake
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, alibi):  # noqa: ANN001, ANN202
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -178,20 +211,22 @@ def ragged_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, caps: torch.Tensor,
     spans: torch.Tensor, pos: torch.Tensor, sink: int, window: int, scale: float, softcap: float,
     sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ragged MoA decode: q [B, H, D] -> [B, H, Dv] (``sinks`` [H]: learned sink logits; an FP8
-    cache's ``k_scale``/``v_scale`` [B, S]). CUDA: Triton; CPU: the twin."""
+    cache's ``k_scale``/``v_scale`` [B, S]; ``alibi`` [H]: ALiBi slopes). CUDA: Triton; CPU: the twin."""
     if q.device.type == "cuda":
         return ragged_decode_triton(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=sinks,
-                                    k_scale=k_scale, v_scale=v_scale)
+                                    k_scale=k_scale, v_scale=v_scale, alibi=alibi)
     if q.device.type == "cpu":
         return ragged_decode_reference(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks,
-                                       k_scale, v_scale)
+                                       k_scale, v_scale, alibi=alibi)
     raise _device_error("ragged_decode", q.device)
 
 
 @ragged_decode.register_fake
-def _(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=None, k_scale=None, v_scale=None):  # noqa: ANN001, ANN202
+def _(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=None, k_scale=None, v_scale=None,  # noqa: ANN001, ANN202
+      alibi=None):
     check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, k_scale=k_scale,
                         v_scale=v_scale)
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
@@ -202,13 +237,13 @@ def chunk_prefill(
     q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     length: torch.Tensor, chunk_pads: torch.Tensor, spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor,
     sink: int, window: int, scale: float, softcap: float, sinks: torch.Tensor | None,
-    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, alibi: torch.Tensor | None,
 ) -> torch.Tensor:
     """One prefill chunk of a layer: its queries q [B, H, C, D] over the cache as the chunks
     before left it plus the chunk's own keys (-> [B, H, C, Dv]), then the chunk's write into
     the cache (``cache_extend``). One op, so the write can never be ordered before the read.
     ``chunk_pads`` [B]: the chunk's leading left padding per row; ``sinks`` [H]: learned sink
-    logits. An FP8 cache (``k_scale``/``v_scale`` [B, S]): the chunk is quantized first, and
+    logits; ``alibi`` [H]: ALiBi slopes. An FP8 cache (``k_scale``/``v_scale`` [B, S]): the chunk is quantized first, and
     its queries see its own keys and values as the cache will hold them. CUDA: Triton; CPU:
     the twin."""
     start = chunk_start(length, chunk_pads)
@@ -218,9 +253,9 @@ def chunk_prefill(
     args = (q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink, window, scale, softcap)
     scales = {"k_scale": k_scale, "v_scale": v_scale, "kn_scale": kn_scale, "vn_scale": vn_scale}
     if q.device.type == "cuda":
-        out = chunk_attention_triton(*args, sinks=sinks, **scales)
+        out = chunk_attention_triton(*args, sinks=sinks, alibi=alibi, **scales)
     elif q.device.type == "cpu":
-        out = chunk_attention_reference(*args, sinks=sinks, **scales)
+        out = chunk_attention_reference(*args, sinks=sinks, alibi=alibi, **scales)
     else:
         raise _device_error("chunk_prefill", q.device)
     cache_extend_reference(keys, values, length, k_new, v_new, start, caps, offsets, sink, k_scale, v_scale,
@@ -230,7 +265,7 @@ def chunk_prefill(
 
 @chunk_prefill.register_fake
 def _(q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale, softcap,  # noqa: ANN001, ANN202
-      sinks, k_scale, v_scale):
+      sinks, k_scale, v_scale, alibi):
     check_chunk_inputs(q, k_new, v_new, keys, values, offsets, caps, spans, length, length, sink, window, scale, softcap,
                        k_scale=k_scale, v_scale=v_scale)
     return q.new_empty(*q.shape[:3], v_new.shape[3])
@@ -244,7 +279,7 @@ DENSE_SPAN = 2**30  # tokens: a span that keeps every key
 def verify_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float, layer: int,
     runtime_id: int, info: torch.Tensor | None, want: torch.Tensor, padding: torch.Tensor | None,
-    sinks: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
 ) -> None:
     """The first-call check of a plain forward's layer (:mod:`moa_flex.runtime.verify`):
     ``moa_flex::attention`` under runtime ``runtime_id`` (a dense plan), without soft-cap,
@@ -252,13 +287,13 @@ def verify_attention(
     (real query rows: its last Q columns), or None."""
     if too_large(layer, q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
         return
-    got = RUNTIMES[runtime_id].attention(q, k, v, attn_mask, scale, layer, 0.0, info, sinks)
+    got = RUNTIMES[runtime_id].attention(q, k, v, attn_mask, scale, layer, 0.0, info, sinks, alibi)
     real = None if padding is None else padding[:, -q.shape[2]:]
     check_close(got, want, real, layer, "moa_flex::attention")
 
 
 @verify_attention.register_fake
-def _(q, k, v, attn_mask, scale, layer, runtime_id, info, want, padding, sinks=None):  # noqa: ANN001, ANN202
+def _(q, k, v, attn_mask, scale, layer, runtime_id, info, want, padding, sinks=None, alibi=None):  # noqa: ANN001, ANN202
     return None
 
 
@@ -268,7 +303,7 @@ def verify_chunk(
     length: torch.Tensor, chunk_pads: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int,
     window: int, scale: float, layer: int, want: torch.Tensor, sinks: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, up: torch.Tensor | None = None,
-    up_bias: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
 ) -> None:
     """The first-call check of a prefill chunk's layer: when the cache is empty (the first
     chunk), the chunk attention with dense spans, without soft-cap, against ``want``, the
@@ -286,8 +321,8 @@ def verify_chunk(
     spans = torch.full((q.shape[0], q.shape[1]), DENSE_SPAN, dtype=torch.int32, device=q.device)
     args = (q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink, window, scale, 0.0)
     scales = {"k_scale": k_scale, "v_scale": v_scale}
-    got = (chunk_attention_triton(*args, sinks=sinks, **scales) if q.device.type == "cuda"
-           else chunk_attention_reference(*args, sinks=sinks, **scales))
+    got = (chunk_attention_triton(*args, sinks=sinks, alibi=alibi, **scales) if q.device.type == "cuda"
+           else chunk_attention_reference(*args, sinks=sinks, alibi=alibi, **scales))
     if up is not None:
         got = got @ up.to(got.dtype) + (0 if up_bias is None else up_bias.to(got.dtype))
     real = (start.view(-1, 1) + torch.arange(q.shape[2], device=q.device).view(1, -1)) >= 0
@@ -296,7 +331,7 @@ def verify_chunk(
 
 @verify_chunk.register_fake
 def _(q, k_new, v_new, keys, values, length, chunk_pads, caps, offsets, sink, window, scale, layer, want,  # noqa: ANN001, ANN202
-      sinks=None, k_scale=None, v_scale=None, up=None, up_bias=None):
+      sinks=None, k_scale=None, v_scale=None, up=None, up_bias=None, alibi=None):
     return None
 
 
