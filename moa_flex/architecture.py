@@ -267,6 +267,18 @@ def has_learned_sinks(model: torch.nn.Module) -> bool:
     return any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules())
 
 
+def alibi_over_cache_length(model: torch.nn.Module) -> bool:
+    """Whether the model is a BLOOM whose forward sizes its ALiBi bias by the cache's token count
+    rather than by the cache's mask sizes (transformers before the change seen in 5.25): its
+    decode steps over a MoaCache would add a bias as long as the cache to one key's scores."""
+    import inspect
+
+    for module in model.modules():
+        if type(module).__name__ == "BloomModel":
+            return "get_mask_sizes" not in inspect.getsource(type(module).forward)
+    return False
+
+
 def check_supported(model: torch.nn.Module, shape: Any) -> None:
     """ValueError naming why, for a model whose attention a plan cannot rule (``shape``: the
     plan's ModelShape): decoder layers run several times per
@@ -290,6 +302,13 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
         raise ValueError(f"decoder layer {layer} of {name} runs {kv} KV heads, the config (and the plan) "
                          f"{shape.num_kv_heads}: a plan has one head layout for every layer (a layer may run a "
                          "divisor of the plan's KV heads, which its cache holds expanded, not more)")
+    if alibi_over_cache_length(model):
+        import transformers
+
+        raise ValueError(f"{name} of transformers {transformers.__version__} builds its ALiBi bias over the whole cache "
+                         "length in a decode step, while moa-flex's ragged cache hands each step its new token only "
+                         "(transformers 5.25's BLOOM sizes the bias by the cache's mask sizes, which moa-flex answers): "
+                         "upgrade transformers to run BLOOM with moa-flex")
     if getattr(getattr(model, "config", None), "causal", None) is False:  # XLM: a masked LM unless causal=True
         raise ValueError(f"{name}'s config has causal=False: its attention is bidirectional (a masked language "
                          "model), which a MoA plan does not model (it rules causal attention). For a causal LM of "

@@ -27,8 +27,8 @@ write leaves the computation alone (data flow would not show it).
 
 ALiBi (BLOOM, MPT): an additive term ``slopes * positions`` (through views, slices, repeats and
 casts), where ``slopes`` is a float tensor of one value per query head computed from constants
-alone and ``positions`` an integer tensor made from the 2-D attention_mask, integer inputs and
-constants, the term broadcast over the queries (one value per key). moa-flex reads it as the
+alone and ``positions`` a tensor made from the 2-D attention_mask, integer inputs and constants
+(integers, or counts in floats), the term broadcast over the queries (one value per key). moa-flex reads it as the
 bias ``-slope_h * (i - j)`` for a query at position i and a key at j, which differs from
 ``slope_h * position(j)`` by a constant per query, which softmax ignores; the first-call check
 confirms the reading on real inputs. The product must be float32 or wider and stay so: a term
@@ -219,9 +219,13 @@ def _alibi_slopes(node: Any) -> Any:
     va, vb = _value(a), _value(b)
     if _value(node).dtype not in _WIDE or not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor):
         return None
-    slopes, positions = (a, b) if va.dtype.is_floating_point else (b, a)
+    if va.dtype.is_floating_point != vb.dtype.is_floating_point:  # integer positions
+        slopes, positions = (a, b) if va.dtype.is_floating_point else (b, a)
+    else:  # positions in floats (transformers 5.17's BLOOM counts a float mask): the slopes vary along no key
+        slopes, positions = (a, b) if va.shape[-1:] == (1,) and vb.shape[-1:] != (1,) else (b, a)
     vs, vp = _value(slopes), _value(positions)
-    if vs.dtype not in _WIDE or vp.dtype.is_floating_point or vp.dtype.is_complex or vp.dtype == torch.bool:
+    if vs.dtype not in _WIDE or vs.shape[-1:] not in ((1,), ()) and vs.dim() > 1 or vp.dtype.is_complex or (
+            vp.dtype == torch.bool):
         return None
     constant = all(n.op == "placeholder" and isinstance(_value(n), (int, torch.SymInt))
                    for n in _ancestors(slopes) if n.op in ("placeholder", "get_attr"))  # sizes at most

@@ -381,10 +381,11 @@ def test_kernel_with_alibi_softcap_and_fp8(case: str) -> None:
     (torch.zeros(6, device="meta"), "alibi is on meta but q is on"),
 ], ids=["length", "rank", "float64", "int32", "list", "nan", "inf", "device"])
 def test_bad_alibi(bad: object, text: str) -> None:
-    """Both the twin and the kernel's wrapper refuse bad slopes (before any launch)."""
+    """Both the twin and the kernel's wrapper refuse bad slopes (before any launch); the values
+    (finiteness) only on the CPU: reading GPU slopes would sync every decode step."""
     with pytest.raises(ValueError, match=text):
         ragged_decode_reference(*tensors(OP_LAYOUT), *scalars(OP_LAYOUT), alibi=bad)
-    if KERNEL_OK:
+    if KERNEL_OK and not (KERNEL_DEVICE != "cpu" and "finite" in text):
         if isinstance(bad, torch.Tensor) and bad.device.type == "cpu":
             bad = bad.to(KERNEL_DEVICE)
         with pytest.raises(ValueError, match=text):
