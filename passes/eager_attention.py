@@ -392,12 +392,12 @@ def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
             elif _is_mask_term(a, padding):
                 adds.append(a)
                 s = b
-            elif alibi is None and _alibi_slopes(b) is not None:
-                alibi, s = (_alibi_slopes(b), scale), a
-            elif alibi is None and _alibi_slopes(a) is not None:
-                alibi, s = (_alibi_slopes(a), scale), b
             else:
-                return None
+                slopes = [None if alibi is not None else _alibi_slopes(t) for t in (b, a)]
+                if slopes == [None, None]:
+                    return None
+                side = 0 if slopes[0] is not None else 1
+                alibi, s = (slopes[side], scale), (a, b)[side]
         else:
             return None
     vals = [_value(x) for x in (q, k, v)]

@@ -59,6 +59,25 @@ def _device_error(op: str, device: torch.device) -> ValueError:
 
 
 # ------------------------------------------------------------------------------ attention
+def dense_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                 scale: float | None, alibi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's scores in float32, [B, H, Q, K] (-inf where masked; queries are the last Q of the
+    K keys), with ``alibi`` [H] slopes' ``-slope * (i - j)``, and the values expanded to the
+    query heads: what the dense reference ops (sdpa_sinks, sdpa_alibi) take their softmax of."""
+    H, Q, K = q.shape[1], q.shape[2], k.shape[2]
+    if k.shape[1] != H:
+        k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
+    x = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    dist = torch.arange(K - Q, K, device=q.device).view(-1, 1) - torch.arange(K, device=q.device).view(1, -1)
+    if alibi is not None:
+        x = x - alibi.float().view(1, H, 1, 1) * dist.float()
+    if is_causal:
+        x = x.masked_fill(dist < 0, float("-inf"))
+    if attn_mask is not None:
+        x = x.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else x + attn_mask.float()
+    return x, v
+
+
 @torch.library.custom_op("moa_flex::attention", mutates_args=())
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -92,17 +111,7 @@ def sdpa_alibi(
     only in a graph left as traced."""
     if dropout_p:
         raise ValueError("moa_flex::sdpa_alibi runs inference only (dropout_p must be 0)")
-    B, H, Q, _ = q.shape
-    K = k.shape[2]
-    if k.shape[1] != H:
-        k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
-    x = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    dist = (torch.arange(K - Q, K, device=q.device).view(-1, 1) - torch.arange(K, device=q.device).view(1, -1))
-    x = x - alibi.float().view(1, H, 1, 1) * dist.float()
-    if is_causal:
-        x = x.masked_fill(dist < 0, float("-inf"))
-    if attn_mask is not None:
-        x = x.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else x + attn_mask.float()
+    x, v = dense_scores(q, k, v, attn_mask, is_causal, scale, alibi)
     return (torch.softmax(x, dim=-1) @ v.float()).to(q.dtype)
 
 
@@ -124,14 +133,7 @@ def sdpa_sinks(
     if dropout_p:
         raise ValueError("moa_flex::sdpa_sinks runs inference only (dropout_p must be 0)")
     B, H, Q, _ = q.shape
-    if k.shape[1] != H:
-        k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
-    x = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if is_causal:
-        x = x.masked_fill(~torch.ones(Q, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - Q),
-                          float("-inf"))
-    if attn_mask is not None:
-        x = x.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else x + attn_mask.float()
+    x, v = dense_scores(q, k, v, attn_mask, is_causal, scale)
     col = sinks.float().view(1, H, 1, 1).expand(B, H, Q, 1)
     probs = torch.softmax(torch.cat([x, col], dim=-1), dim=-1)[..., :-1]
     return (probs @ v.float()).to(q.dtype)
