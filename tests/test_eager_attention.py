@@ -350,3 +350,30 @@ def test_a_bmm_model_is_checked_and_exact_on_a_batch() -> None:
         got = model(input_ids=ids, use_cache=False).logits  # the checked first call
         again = model(input_ids=ids, use_cache=False).logits
     assert (got - stock).abs().max() <= 1e-5 and (again - stock).abs().max() <= 1e-5
+
+
+def test_big_bird_block_sparse_attention_is_refused_at_compile() -> None:
+    """BigBird with attention_type='block_sparse' runs its own block-sparse attention (random
+    blocks, no softmax over all keys) on long inputs, and on short ones switches itself to full
+    attention with a log call Dynamo cannot trace: refused at compile by name, nothing changed;
+    with attention_type='original_full' it compiles and a dense plan equals the stock model on
+    an input long enough for blocks."""
+    import transformers
+
+    config = transformers.BigBirdConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=1024, is_decoder=True, attention_type="block_sparse", block_size=16,
+        num_random_blocks=2)
+    model = transformers.BigBirdForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="block-sparse attention .attention_type='block_sparse'"):
+        moa_flex.compile(model, Plan.dense(config), backend="eager", progress=False, compile_cache=False)
+    assert getattr(model, "moa_flex", None) is None
+    config.attention_type = "original_full"
+    torch.manual_seed(0)
+    model = transformers.BigBirdForCausalLM(config).eval()
+    ids = torch.randint(3, 100, (1, 512), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+    moa_flex.compile(model, Plan.dense(config), backend="eager", progress=False, compile_cache=False)
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - stock).abs().max() <= 1e-5
