@@ -7,6 +7,7 @@ itself is :class:`moa_flex.plan.ModelShape`.
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -271,8 +272,6 @@ def alibi_over_cache_length(model: torch.nn.Module) -> bool:
     """Whether the model is a BLOOM whose forward sizes its ALiBi bias by the cache's token count
     rather than by the cache's mask sizes (transformers before the change seen in 5.25): its
     decode steps over a MoaCache would add a bias as long as the cache to one key's scores."""
-    import inspect
-
     for module in model.modules():
         if type(module).__name__ == "BloomModel":
             return "get_mask_sizes" not in inspect.getsource(type(module).forward)
@@ -302,6 +301,10 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
         raise ValueError(f"decoder layer {layer} of {name} runs {kv} KV heads, the config (and the plan) "
                          f"{shape.num_kv_heads}: a plan has one head layout for every layer (a layer may run a "
                          "divisor of the plan's KV heads, which its cache holds expanded, not more)")
+    params = inspect.signature(model.forward).parameters
+    if "cache" not in params and "past_key_values" not in params:
+        raise ValueError(f"{name}'s forward takes no KV cache (neither cache nor past_key_values): its generate "
+                         "recomputes every token, and a MoA plan is a rule for what a KV cache keeps")
     if alibi_over_cache_length(model):
         import transformers
 
