@@ -19,7 +19,8 @@ arguments plus per-head slopes) for a model with ALiBi. What counts as a mask, s
 term that changes attention beyond dropping keys (ALiBi, relative-position biases) can pass as
 one: a ``where`` over a boolean condition whose other branch is a constant at or below -1e4 (it
 only removes keys), and an additive term computed from the forward's 2-D ``attention_mask``
-input and constants alone (no parameter or other input): HF's padding-and-causal mask. Anything
+input and constants alone (no parameter or other input, no product by a per-head table of
+constants such as ALiBi's slopes): HF's padding-and-causal mask. Anything
 else, including a scale that is not a constant, leaves the computation as it is, and the graph
 then has no attention call for the other passes, which refuse it by name. Scores written in
 place: a ``masked_fill_`` of a mask before the next read (XLM) is a mask; any other in-place
@@ -179,12 +180,27 @@ def _is_mask_term(node: Any, padding: torch.fx.Node | None) -> bool:
         return True
     if padding is None:
         return False
-    inputs = {n for n in _ancestors(node) if n.op in ("placeholder", "get_attr")}
-    if padding not in inputs:
+    nodes = _ancestors(node)
+    inputs = {n for n in nodes if n.op in ("placeholder", "get_attr")}
+    if padding not in inputs or any(_float_table_product(n) for n in nodes):
         return False
     others = [_value(n) for n in inputs - {padding}]
     return all(isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and not v.dtype.is_complex
                for v in others)
+
+
+def _float_table_product(node: torch.fx.Node) -> bool:
+    """A product with a float tensor of several values computed from constants alone (ALiBi's
+    slopes, rounded or not): such a term varies per head, which no mask does (HF's masks scale by
+    Python numbers)."""
+    if not (_call(node, operator.mul, torch.mul) and len(node.args) == 2):
+        return False
+    for factor in node.args:
+        val = _value(factor)
+        if (isinstance(factor, torch.fx.Node) and isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+                and val.numel() > 1 and not any(n.op in ("placeholder", "get_attr") for n in _ancestors(factor))):
+            return True
+    return False
 
 
 def _integer_input(node: torch.fx.Node) -> bool:
@@ -386,18 +402,18 @@ def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
             s = s.args[0]
         elif _call(s, operator.add) and len(s.args) == 2:
             a, b = s.args
-            if _is_mask_term(b, padding):
+            slopes = [None if alibi is not None else _alibi_slopes(t) for t in (b, a)]
+            if slopes != [None, None]:  # before masks: BLOOM-style ALiBi is made from the attention_mask too
+                side = 0 if slopes[0] is not None else 1
+                alibi, s = (slopes[side], scale), (a, b)[side]
+            elif _is_mask_term(b, padding):
                 adds.append(b)
                 s = a
             elif _is_mask_term(a, padding):
                 adds.append(a)
                 s = b
             else:
-                slopes = [None if alibi is not None else _alibi_slopes(t) for t in (b, a)]
-                if slopes == [None, None]:
-                    return None
-                side = 0 if slopes[0] is not None else 1
-                alibi, s = (slopes[side], scale), (a, b)[side]
+                return None
         else:
             return None
     vals = [_value(x) for x in (q, k, v)]

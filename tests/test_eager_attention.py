@@ -15,7 +15,7 @@ from packaging.version import Version
 
 import moa_flex
 from moa_flex.passes.eager_attention import rewrite_eager_attention
-from moa_flex.passes.nodes import attention_nodes
+from moa_flex.passes.nodes import attention_nodes, padding_mask_input
 from moa_flex.plan import Plan
 from moa_flex.reference import planned_logits, reference_logits
 from moa_flex.runtime.verify import VerifyError
@@ -143,6 +143,46 @@ def own_alibi_bloom(q, k, v, keep, allowed):  # noqa: ANN001, ANN201
     s = s.view(B, H, Q, K) + torch.where(allowed, 0.0, MIN)
     p = torch.nn.functional.softmax(s, dim=-1, dtype=torch.float32).view(B * H, Q, K)
     return torch.bmm(p, v.reshape(B * H, K, D))
+
+
+def alibi_from_mask(q, k, v, attention_mask, rounded: bool = False):  # noqa: ANN001, ANN201
+    """BLOOM's positions (counts of the 2-D attention_mask) times the slopes, added to the
+    scores, and the padding as an additive where-mask. ``rounded``: the bias through bfloat16,
+    which, made from the attention_mask too, must not pass as a mask either."""
+    H = q.shape[1]
+    positions = (attention_mask.cumsum(-1) - 1) * attention_mask  # [B, K]
+    bias = _slopes(H)[..., None] * positions[:, None, :]  # [B, H, K]
+    if rounded:
+        bias = bias.to(torch.bfloat16).to(torch.float32)
+    s = torch.matmul(q, k.transpose(-1, -2)) * 0.5 + bias[:, :, None, :]
+    s = s + torch.where(attention_mask.bool()[:, None, None, :], 0.0, MIN)
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def alibi_from_mask_rounded(q, k, v, attention_mask):  # noqa: ANN001, ANN201
+    """:func:`alibi_from_mask` rounded (a function of its own: the graph input keeps the name
+    ``attention_mask``, by which the pass finds the padding mask)."""
+    return alibi_from_mask(q, k, v, attention_mask, rounded=True)
+
+
+def test_alibi_made_from_the_attention_mask_is_alibi_not_a_mask() -> None:
+    """A term made from the attention_mask and constants alone is read as a mask, unless it is
+    ALiBi (slopes x positions: one value per head): then sdpa_alibi, equal to the model on a
+    left-padded batch; rounded to 16 bits, neither (left alone)."""
+    q, k, v, _, _ = inputs(0, Q=7)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0
+    gm, example = captured(alibi_from_mask, q, k, v, mask)
+    want = alibi_from_mask(q, k, v, mask)
+    made = rewrite_eager_attention(gm.graph)
+    gm.recompile()
+    assert len(made) == 1 and made[0].target is torch.ops.moa_flex.sdpa_alibi.default
+    got = gm(*example)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert (got - want)[1].abs().max() <= 1e-5 and (got - want)[0, :, 2:].abs().max() <= 1e-5  # real queries
+    gm, _ = captured(alibi_from_mask_rounded, q, k, v, mask)
+    assert padding_mask_input(gm.graph) is not None
+    assert rewrite_eager_attention(gm.graph) == []
 
 
 @pytest.mark.parametrize("fn", [own_alibi, own_alibi_bloom, lambda *a: own_alibi(*a, in_place=True)])
