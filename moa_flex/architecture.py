@@ -312,7 +312,8 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
                          "length in a decode step, while moa-flex's ragged cache hands each step its new token only "
                          "(transformers 5.25's BLOOM sizes the bias by the cache's mask sizes, which moa-flex answers): "
                          "upgrade transformers to run BLOOM with moa-flex")
-    if getattr(text_config(getattr(model, "config", None)), "attention_type", None) == "block_sparse":
+    if any(getattr(m, "attention_type", None) == "block_sparse" for m in model.modules()):  # BigBird's modules
+        # hold the type they run (a short input switches them to full attention for good, the config stays)
         raise ValueError(f"{name} runs BigBird's block-sparse attention (attention_type='block_sparse': random and "
                          "sliding blocks, no softmax over all keys), a sparsity of its own that a MoA plan does not "
                          "model; load it with attention_type='original_full' (what transformers itself switches to "

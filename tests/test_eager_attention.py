@@ -399,7 +399,8 @@ def test_big_bird_block_sparse_attention_is_refused_at_compile() -> None:
     """BigBird with attention_type='block_sparse' runs its own block-sparse attention (random
     blocks, no softmax over all keys) on long inputs, and on short ones switches itself to full
     attention with a log call Dynamo cannot trace: refused at compile by name, nothing changed;
-    with attention_type='original_full' it compiles and a dense plan equals the stock model on
+    once switched (its modules say so, the config does not), or with
+    attention_type='original_full', it compiles and a dense plan equals the stock model on
     an input long enough for blocks."""
     import transformers
 
@@ -411,6 +412,9 @@ def test_big_bird_block_sparse_attention_is_refused_at_compile() -> None:
     with pytest.raises(ValueError, match="block-sparse attention .attention_type='block_sparse'"):
         moa_flex.compile(model, Plan.dense(config), backend="eager", progress=False, compile_cache=False)
     assert getattr(model, "moa_flex", None) is None
+    with torch.no_grad():  # a short input switches its modules to full attention for good: then it compiles
+        model(input_ids=torch.randint(3, 100, (1, 40)))
+    moa_flex.compile(model, Plan.dense(config), backend="eager", progress=False, compile_cache=False)
     config.attention_type = "original_full"
     torch.manual_seed(0)
     model = transformers.BigBirdForCausalLM(config).eval()
