@@ -14,6 +14,9 @@ end), then a second identical ``generate`` (the work alone, no compile). The com
 come from torch's own compilation metrics (``torch._dynamo.utils.get_compilation_metrics``),
 summed over frames: Dynamo tracing, AOTAutograd, inductor (of which code generation and
 Triton compilation), CUDA-graph capture and autotuning, with FX-graph cache hits / misses.
+Graphs compiled through AOT precompile (the compile cache's default, docs/DESIGN.md
+"Start-up") are not in those metrics: "traced" sums moa-flex's own "traced ... in s" lines,
+and "graphs read" counts the precompiled graphs a warm process read instead of tracing.
 "Start-up" = first request - second request: what compiling costs on top of the work.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -88,6 +92,10 @@ def child(args: argparse.Namespace) -> dict:
     out["fx_cache_misses"] = sum(getattr(m, "inductor_fx_local_cache_miss_count", 0) or 0
                                  for m in get_compilation_metrics())
     out["frames"] = len(get_compilation_metrics())
+    # AOT precompile's tracing is not in torch's compilation metrics: moa-flex's own phase lines say it
+    lines = model.moa_flex.log.lines
+    out["traced_s"] = sum(float(m.group(1)) for m in (re.search(r"traced \d+ nodes in ([0-9.]+) s", x) for x in lines) if m)
+    out["graphs_read"] = sum(getattr(g, "loaded", 0) for g in (model.moa_flex.compiled_forward, model.moa_flex.compiled_decode))
     out["second_token_s"], out["second_request_s"] = request()
     return out
 
@@ -136,10 +144,10 @@ def main() -> None:
         return
     if args.smoke:
         args.layers, args.prompt, args.new = [2], 40, 4
-    cols = ["import", "compile_call", "first_token", "first_request", "second_token", "second_request", "dynamo", "aot",
+    cols = ["import", "compile_call", "first_token", "first_request", "second_token", "second_request", "traced", "dynamo", "aot",
             "inductor", "codegen", "triton", "cudagraph", "autotune"]
     lines = ["| layers | regional | caches | " + " | ".join(c.replace("_", " ") + " (s)" for c in cols)
-             + " | start-up (s) | FX cache hit/miss |", "|---|---|---|" + "---:|" * (len(cols) + 2)]
+             + " | start-up (s) | FX cache hit/miss | graphs read |", "|---|---|---|" + "---:|" * (len(cols) + 3)]
     rows, notes = {}, []
     for regional in args.regional:
         for layers in args.layers:
@@ -149,7 +157,7 @@ def main() -> None:
                     rows[layers, regional, which] = r
                     start = r["first_request_s"] - r["second_request_s"]
                     lines.append(f"| {layers} | {regional} | {which} | " + " | ".join(f"{r[c + '_s']:.1f}" for c in cols)
-                                 + f" | {start:.1f} | {r['fx_cache_hits']}/{r['fx_cache_misses']} |")
+                                 + f" | {start:.1f} | {r['fx_cache_hits']}/{r['fx_cache_misses']} | {r['graphs_read']} |")
                     print(lines[-1], flush=True)
                     # the start-up bars: from moa_flex.compile to the first token, less the prefill's own time
                     # (the second request's first token: the same prefill with nothing left to compile)

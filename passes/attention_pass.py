@@ -29,6 +29,7 @@ from moa_flex.plan import Plan
 
 from .flex_pass import flex_nodes, rewrite_flex_attention
 from .inner import checked_first_call, compile_graph, copy_graph_module
+from .saved import SavedGraph
 from .regional import RegionReport
 from .prefill_pass import extend_nodes, rewrite_prefill
 from .latent import LatentDims
@@ -174,6 +175,6 @@ def make_backend(
         # Reported only once compiled: dynamo may restart an analysis (and call us again).
         if on_report is not None and report.rewritten:
             on_report(report)
-        return compiled
+        return SavedGraph(compiled, [report] if report.rewritten else [])
 
     return moa_flex_backend

@@ -26,6 +26,7 @@ from moa_flex.plan import Plan
 from .inner import compile_graph
 from .latent import LatentDims, absorb, expansion_weight
 from .regional import RegionReport
+from .saved import SavedGraph
 from .eager_attention import rewrite_eager_attention
 from .value_fusion import fuse_value_splits
 from .linear_pass import LinearFusionReport, fuse_linears
@@ -167,6 +168,6 @@ def make_decode_backend(
         compiled = compile_graph(gm, example_inputs, inner, mode, regional, on_regions)
         if on_report is not None:
             on_report(report)
-        return compiled
+        return SavedGraph(compiled, [report])
 
     return moa_flex_decode_backend

@@ -128,7 +128,7 @@ def compile_regions(gm: torch.fx.GraphModule, example_inputs: list,
                 for c, j in enumerate(owner_order):
                     perm[j] = inputs_order[c]
         if code is None and r in (PRE, POST) and not compile_outer:
-            code = part.forward  # run as traced: no compile for the few ops around the layers
+            code = part  # run as traced: no compile for the few ops around the layers
         if code is None:
             if len(attention_layers) == 1:
                 _free_layer(part)
@@ -157,7 +157,7 @@ class _Region(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         if self.layer is not None:
             for rid in self.runtimes:
-                moa_flex.runtime.ops.RUNTIMES[rid].current_layer = self.layer
+                moa_flex.runtime.ops.runtime_of(rid).current_layer = self.layer
         if self.perm is not None:  # this part's inputs in the order of the part whose code it runs
             args = tuple(args[j] for j in self.perm)
         out = self.code(*args)

@@ -40,6 +40,7 @@ from .generate import generate as _generate
 from .compile_cache import CompileCache, artifact_key, cache_enabled
 from .parallel import tensor_parallel_shard
 from .placement import hooked_modules, replace_hooks, restore_hooks
+from .precompiled import PrecompiledGraphs, precompile_enabled
 from .startup_log import StartupLog
 from .state import CompiledState
 
@@ -251,11 +252,32 @@ def compile(  # noqa: A001  (the verb of the API)
     decode = _logged(decode, log, f"decode-step graph ({layers})", backend)
     state.compiled_forward = torch.compile(state.original_forward, backend=prefill, dynamic=True, fullgraph=True)
     state.compiled_decode = torch.compile(state.original_forward, backend=decode, dynamic=True, fullgraph=True)
+    if state.compile_cache is not None and precompile_enabled():
+        _precompiled(model, state, prefill, decode)
     model.forward = functools.wraps(state.original_forward)(functools.partial(_forward, state))
     if state.original_generate is not None:
         model.generate = functools.wraps(state.original_generate)(functools.partial(_generate, model, state))
     model.moa_flex = state
     return model
+
+
+def _precompiled(model: torch.nn.Module, state: CompiledState, prefill: Callable, decode: Callable) -> None:
+    """Prefill and decode graphs through AOT precompile, read from and written to the compile
+    cache's folder (:mod:`moa_flex.runtime.precompiled`): a warm process does not trace them."""
+    folder = state.compile_cache.folder / "graphs"
+    runtimes = [state.runtime] + ([state.verify_runtime] if state.verify_runtime is not None else [])
+    confirmed = [False]  # the own-code attention check's flag, shared by graphs read back
+    families = []
+    for name, backend, fallback, reports in (("prefill", prefill, state.compiled_forward, state.reports),
+                                              ("decode", decode, state.compiled_decode, state.decode_reports)):
+        graphs = PrecompiledGraphs(name, state.original_forward, backend, fallback, folder, runtimes, state.log.say,
+                                   confirmed, model, reports.extend)
+        graphs.load()
+        families.append(graphs)
+    state.compiled_forward, state.compiled_decode = families
+    loaded = sum(f.loaded for f in families)
+    if loaded:
+        state.log.say(f"precompile: read {loaded} compiled graphs from {folder} (no tracing for their calls)")
 
 
 def _regions_said(state: CompiledState, report: Any) -> None:

@@ -35,7 +35,9 @@ bump, which then indexes past the arguments it got (IndexError); torch 2.13 fill
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from typing import Any, Iterator
 
 import torch
 
@@ -52,6 +54,30 @@ from .slots import cache_append_reference, cache_extend_reference
 from .verify import check_close, record_skip, too_large
 
 RUNTIMES: dict[int, Any] = {}  # runtime id -> MoaRuntime (moa_flex.runtime.attention)
+_RENAMED = threading.local()  # during a call of a graph read back: the ids it names -> this model's runtimes
+
+
+def runtime_of(runtime_id: int) -> Any:
+    """The runtime a graph's ``runtime_id`` names: in a graph another process compiled
+    (:mod:`moa_flex.runtime.precompiled`), the id that process gave it, renamed for the call;
+    None if it is gone."""
+    renamed = getattr(_RENAMED, "ids", None)
+    if renamed:
+        found = renamed.get(runtime_id)
+        if found is not None:
+            return found
+    return RUNTIMES.get(runtime_id)
+
+
+@contextlib.contextmanager
+def renamed_runtimes(ids: dict[int, Any]) -> Iterator[None]:
+    """Within: ``runtime_of(i)`` is ``ids[i]`` for each ``i`` in ``ids``."""
+    before = getattr(_RENAMED, "ids", None)
+    _RENAMED.ids = ids
+    try:
+        yield
+    finally:
+        _RENAMED.ids = before
 
 
 def _device_error(op: str, device: torch.device) -> ValueError:
@@ -88,7 +114,7 @@ def attention(
     k/v [B, KVH, K, D] -> [B, H, Q, Dv]; ``info`` is ``mask_info(attn_mask)`` when the graph
     computed it; ``sinks`` [H]: learned sink logits (GPT-OSS); ``alibi`` [H] float32: ALiBi
     slopes, the bias ``-slope * (i - j)`` (BLOOM, MPT)."""
-    runtime = RUNTIMES.get(runtime_id)
+    runtime = runtime_of(runtime_id)
     if runtime is None:
         raise RuntimeError(f"moa-flex runtime {runtime_id} is gone (model uncompiled?); compile the model again")
     return runtime.attention(q, k, v, attn_mask, scale, layer, softcap, info, sinks, alibi).contiguous()
@@ -289,7 +315,7 @@ def verify_attention(
     (real query rows: its last Q columns), or None."""
     if too_large(layer, q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
         return
-    got = RUNTIMES[runtime_id].attention(q, k, v, attn_mask, scale, layer, 0.0, info, sinks, alibi)
+    got = runtime_of(runtime_id).attention(q, k, v, attn_mask, scale, layer, 0.0, info, sinks, alibi)
     real = None if padding is None else padding[:, -q.shape[2]:]
     check_close(got, want, real, layer, "moa_flex::attention")
 

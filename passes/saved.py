@@ -1,0 +1,129 @@
+"""Compiled graphs that torch's AOT precompile can write to disk and read back.
+
+moa-flex's backends return a :class:`SavedGraph`: the compiled graph (inductor's code, the
+regional split of it, the first-call check around it) plus what the passes reported. Called,
+it runs the graph. Under ``torch.compile`` nothing more happens; under Dynamo's AOT precompile
+(``aot_compile``, used by :mod:`moa_flex.runtime.precompiled`) it is written to a file with the
+traced bytecode and guards, and a later process reads it back without tracing the model again.
+
+What is written: inductor's code as AOTAutograd's bundled cache entry (the generated wrapper
+and its compiled kernels; :class:`InductorCode`), the FX graphs that run uncompiled (the
+regional split's top graph, the CPU's traced parts around the layers, the first-call check's
+graph) through torch's ``GraphPickler``, with their node metadata dropped (only tracing and
+compiling read it), and the passes' reports without their graph modules. Inductor's code can be
+written only when it was compiled inside ``aot_compile`` (its bundled-cache setting); otherwise
+pickling raises :class:`Unsavable`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable, SerializableCallable
+
+
+class Unsavable(RuntimeError):
+    """A compiled graph that cannot be written (code compiled outside AOT precompile)."""
+
+
+class InductorCode:
+    """Inductor's compiled code for one graph (``compile_fx``'s result): called as it, and
+    pickled as AOTAutograd's bundled entry when it has one."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __reduce__(self) -> tuple:
+        if getattr(self.fn, "serialize", None) is None:
+            raise Unsavable("inductor's code was compiled outside AOT precompile (no bundled cache entry to write)")
+        wrapped = BundledAOTAutogradSerializableCallable(self.fn)
+        return _load_inductor_code, (BundledAOTAutogradSerializableCallable.serialize_compile_artifacts(wrapped),)
+
+
+def _load_inductor_code(data: bytes) -> InductorCode:
+    return InductorCode(BundledAOTAutogradSerializableCallable.deserialize_compile_artifacts(data).compiled_fn)
+
+
+def strip_metadata(gm: torch.fx.GraphModule) -> None:
+    """Drop every node's metadata (fake tensors, module stacks, source locations), in place and
+    in every nested graph module: the graph runs without it, and it is neither small nor always
+    picklable."""
+    for module in gm.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                node.meta = {}
+
+
+class SavedGraph(SerializableCallable):
+    """A moa-flex backend's result: ``fn`` (the compiled graph, called with the graph's
+    flat inputs) and the passes' ``reports`` (kept with it, so that a process that reads the
+    graph back knows what was rewritten). ``attach(say, confirmed)`` reconnects what a
+    written graph cannot carry: the start-up log's line writer and the model's shared
+    "own-code attention confirmed" flag of the first-call check."""
+
+    def __init__(self, fn: Callable, reports: list | None = None) -> None:
+        self.fn = fn
+        self.reports = list(reports or [])
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def attach(self, say: Callable[[str], None] | None, confirmed: list[bool] | None) -> None:
+        for obj in _walk(self.fn):
+            if hasattr(obj, "reattach"):
+                obj.reattach(say, confirmed)
+
+    @classmethod
+    def serialize_compile_artifacts(cls, fn: "SavedGraph") -> bytes:
+        from torch.fx._graph_pickler import GraphPickler, Options
+
+        for obj in _walk(fn.fn):
+            if isinstance(obj, torch.fx.GraphModule):
+                strip_metadata(obj)
+        reports = [_without_graph(r) for r in fn.reports]
+        return GraphPickler.dumps({"fn": fn.fn, "reports": reports}, Options(ops_filter=None))
+
+    @classmethod
+    def deserialize_compile_artifacts(cls, data: bytes) -> "SavedGraph":
+        from torch._subclasses import FakeTensorMode
+        from torch.fx._graph_pickler import GraphPickler
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        state = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
+        for obj in _walk(state["fn"]):
+            if isinstance(obj, torch.fx.GraphModule):
+                obj.recompile()
+        return cls(state["fn"], state["reports"])
+
+
+def _without_graph(report: Any) -> Any:
+    import copy
+
+    out = copy.copy(report)
+    if hasattr(out, "graph_module"):
+        out.graph_module = None
+    return out
+
+
+def _walk(obj: Any) -> list:
+    """``obj`` and what it holds of moa-flex's compiled-graph parts (graph modules, their
+    submodules, the first-call check's graphs), each once."""
+    seen: dict[int, Any] = {}
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if o is None or id(o) in seen:
+            continue
+        seen[id(o)] = o
+        if isinstance(o, torch.nn.Module):
+            todo.extend(o.children())
+        todo.extend(getattr(o, "parts", lambda: [])())
+    return list(seen.values())
+
