@@ -75,6 +75,13 @@ class CheckedFirstCall:
         if self.required is not None and confirmed is not None:
             self.required = confirmed
 
+    def map_parts(self, f: Callable[[object], object]) -> "CheckedFirstCall":
+        """A copy with ``f`` applied to its graphs, check state and links kept (for writing)."""
+        out = CheckedFirstCall(f(self.pending[0]) if self.pending else None, f(self.compiled), self.say,
+                               self.required)
+        out.pending = out.pending if self.pending else []
+        return out
+
     def __reduce__(self) -> tuple:
         own_code = self.required is not None
         return _checked_again, (self.pending[0] if self.pending else None, self.compiled, own_code)

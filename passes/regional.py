@@ -163,6 +163,11 @@ class _Region(torch.nn.Module):
         out = self.code(*args)
         return out[0] if self.single else out
 
+    def map_parts(self, f: Callable[[Any], Any]) -> "_Region":
+        """A copy running ``f(code)`` (moa_flex.passes.saved writes clean copies)."""
+        return _Region(f(self.code), self.layer, list(self.runtimes), self.single,
+                       None if self.perm is None else list(self.perm))
+
 
 def _ordered(values: Iterable[int]) -> list[int]:
     seen: dict[int, None] = {}

@@ -17,6 +17,8 @@ pickling raises :class:`Unsavable`.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -51,16 +53,6 @@ def _load_inductor_code(data: bytes) -> InductorCode:
     return InductorCode(BundledAOTAutogradSerializableCallable.deserialize_compile_artifacts(data).compiled_fn)
 
 
-def strip_metadata(gm: torch.fx.GraphModule) -> None:
-    """Drop every node's metadata (fake tensors, module stacks, source locations), in place and
-    in every nested graph module: the graph runs without it, and it is neither small nor always
-    picklable."""
-    for module in gm.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            for node in module.graph.nodes:
-                node.meta = {}
-
-
 class SavedGraph(SerializableCallable):
     """A moa-flex backend's result: ``fn`` (the compiled graph, called with the graph's
     flat inputs) and the passes' ``reports`` (kept with it, so that a process that reads the
@@ -84,11 +76,13 @@ class SavedGraph(SerializableCallable):
     def serialize_compile_artifacts(cls, fn: "SavedGraph") -> bytes:
         from torch.fx._graph_pickler import GraphPickler, Options
 
-        for obj in _walk(fn.fn):
-            if isinstance(obj, torch.fx.GraphModule):
-                strip_metadata(obj)
-        reports = [_without_graph(r) for r in fn.reports]
-        return GraphPickler.dumps({"fn": fn.fn, "reports": reports}, Options(ops_filter=None))
+        state = {"fn": _cleaned(fn.fn, {}), "reports": [_without_graph(r) for r in fn.reports]}
+        options = Options(ops_filter=None)
+        try:
+            return GraphPickler.dumps(state, options)
+        except Exception as e:
+            where = GraphPickler.debug_dumps(state, options, verbose=False) if hasattr(GraphPickler, "debug_dumps") else None
+            raise Unsavable(f"{type(e).__name__}: {e} (at {where})") from e
 
     @classmethod
     def deserialize_compile_artifacts(cls, data: bytes) -> "SavedGraph":
@@ -103,13 +97,52 @@ class SavedGraph(SerializableCallable):
         return cls(state["fn"], state["reports"])
 
 
-def _without_graph(report: Any) -> Any:
-    import copy
-
-    out = copy.copy(report)
-    if hasattr(out, "graph_module"):
-        out.graph_module = None
+def _cleaned(obj: Any, memo: dict[int, Any]) -> Any:
+    """What is written of a compiled-graph part: graph modules as fresh ones holding only their
+    graph (no node metadata) and the submodules and attributes it uses; moa-flex's wrappers
+    (``map_parts``) with their parts cleaned; anything else (inductor's code) as it is. Shared
+    parts stay shared."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, torch.fx.GraphModule):
+        out = _clean_graph_module(obj, memo)
+    elif hasattr(obj, "map_parts"):
+        out = obj.map_parts(lambda part: _cleaned(part, memo))
+    else:
+        out = obj
+    memo[id(obj)] = out
     return out
+
+
+def _clean_graph_module(gm: torch.fx.GraphModule, memo: dict[int, Any]) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    root: dict[str, Any] = {}
+    for node in graph.nodes:
+        node.meta = {}
+        if node.op in ("get_attr", "call_module"):
+            value = gm
+            for name in str(node.target).split("."):
+                value = getattr(value, name)
+            root[node.target] = _cleaned(value, memo)
+    return torch.fx.GraphModule(root, graph)
+
+
+def _without_graph(report: Any) -> Any:
+    """A copy of a pass report (a dataclass) without the graph modules it or its nested reports
+    hold (the graph a process compiled stays in that process)."""
+    if not dataclasses.is_dataclass(report) or isinstance(report, type):
+        return report
+    changes = {}
+    for f in dataclasses.fields(report):
+        value = getattr(report, f.name)
+        if isinstance(value, torch.fx.GraphModule):
+            changes[f.name] = None
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[f.name] = _without_graph(value)
+    return dataclasses.replace(report, **changes)
 
 
 def _walk(obj: Any) -> list:

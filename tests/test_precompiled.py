@@ -171,3 +171,38 @@ def test_precompile_can_be_turned_off(written: dict, monkeypatch: pytest.MonkeyP
     with torch.no_grad():
         model(input_ids=written["ids"], use_cache=False)
     assert _traced(model)
+
+
+def test_guards_kept_are_those_on_the_call_arguments() -> None:
+    """Both forms transformers' forwards come in: a ``(*args, **kwargs)`` decorator (the model is
+    ``args[0]``) and a plain ``forward(self, input_ids, ...)``: guards on the call's arguments
+    are kept, those reaching the model, a closure or a global are dropped."""
+    from types import SimpleNamespace
+
+    from moa_flex.runtime.precompiled import Arguments
+
+    def entry(name: str, kind: str = "TENSOR_MATCH", is_global: bool = False, derived: tuple = ()) -> SimpleNamespace:
+        return SimpleNamespace(name=name, guard_type=kind, is_global=is_global, derived_guard_types=derived)
+
+    def wrapped(*args: object, **kwargs: object) -> None: ...
+
+    def forward(self: object, input_ids: object = None, past_key_values: object = None) -> None: ...
+
+    star, plain = Arguments.of(wrapped), Arguments.of(forward)
+    assert (star.model, plain.model) == ("args[0]", "self")
+    for args, call in ((star, "kwargs['input_ids']"), (plain, "input_ids")):
+        assert args.keep(entry(call))
+        assert args.keep(entry(call, "CONSTANT_MATCH"))
+        assert args.keep(entry("", "SHAPE_ENV")) and args.keep(entry("", "GRAD_MODE"))
+        assert not args.keep(entry(call, "ID_MATCH"))
+        assert not args.keep(entry(call, "TYPE_MATCH", derived=("ID_MATCH",)))
+        assert not args.keep(entry("G['torch'].float32", "CONSTANT_MATCH", is_global=True))
+        assert not args.keep(entry("func.__name__", "CONSTANT_MATCH"))  # a wrapper's closure
+    assert star.keep(entry("type(kwargs['past_key_values'])", "TYPE_MATCH"))
+    assert not star.keep(entry("args[0]._modules['model'].weight"))
+    assert not star.keep(entry("dict(type(args[0].config).__mro__[1].__dict__)['x']", "CONSTANT_MATCH"))
+    assert plain.keep(entry("past_key_values.layers[0].keys"))
+    assert not plain.keep(entry("self._modules['lm_head']._parameters['weight']"))
+    assert not plain.keep(entry("type(self.config)", "TYPE_MATCH"))
+    assert plain.names_model("L['self']._modules") and star.names_model("L['args'][0]._modules")
+    assert not plain.names_model("L['input_ids']") and not star.names_model("L['kwargs']['input_ids']")

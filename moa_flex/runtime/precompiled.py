@@ -26,12 +26,15 @@ it in every process, as before). Neither changes what the model computes.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import os
 import pickle
+import re
 import weakref
 import types
 from pathlib import Path
@@ -46,8 +49,6 @@ from .ops import renamed_runtimes
 SWITCH = "MOA_FLEX_PRECOMPILE"  # "0": graphs are traced in every process even with the compile cache on
 FORMAT = 1
 SUFFIX = ".graph"
-# guards that name the model object, or objects reached from it (Dynamo's source names)
-MODEL_SOURCES = ("args[0]", "L['args'][0]")
 UNSERIALIZABLE = ("ID_MATCH", "CLOSURE_MATCH", "FUNCTION_MATCH", "CLASS_MATCH", "MODULE_MATCH", "DICT_VERSION",
                   "NN_MODULE", "WEAKREF_ALIVE")
 
@@ -57,22 +58,51 @@ def precompile_enabled() -> bool:
     return os.environ.get(SWITCH, "1") != "0"
 
 
-def keep_guard(entry: Any) -> bool:
-    """Which of Dynamo's guards a written graph keeps: those on the call's arguments
-    (``kwargs[...]``) and the global state, none on the model or on module-level objects."""
-    if entry.is_global or entry.guard_type in UNSERIALIZABLE:
-        return False
-    if set(entry.derived_guard_types or ()) & set(UNSERIALIZABLE):
-        return False
-    return entry.name in ("", "args", "kwargs") or entry.name.startswith("kwargs[")
+@dataclasses.dataclass(frozen=True)
+class Arguments:
+    """The traced function's parameters as Dynamo names them in guards: ``model`` the source of
+    the model object (``self``, or ``args[0]`` when transformers wraps the forward in a
+    ``(*args, **kwargs)`` decorator), ``params`` every parameter name."""
 
+    model: str
+    params: tuple[str, ...]
 
-def _guard_filter(entries: list) -> list[bool]:
-    return [keep_guard(e) for e in entries]
+    @classmethod
+    def of(cls, forward: Callable) -> "Arguments":
+        fn = getattr(forward, "__func__", forward)
+        params = list(inspect.signature(fn, follow_wrapped=False).parameters.values())
+        if not params:
+            raise ValueError(f"{fn} takes no arguments: no model to bind")
+        first = params[0]
+        model = f"{first.name}[0]" if first.kind is inspect.Parameter.VAR_POSITIONAL else first.name
+        return cls(model, tuple(p.name for p in params))
+
+    def names_model(self, text: str) -> bool:
+        """Whether a guard's or source's name reaches the model object."""
+        if self.model.endswith("[0]"):
+            star = self.model[:-3]
+            return self.model in text or f"L['{star}'][0]" in text
+        return re.search(rf"\b{re.escape(self.model)}\b", text) is not None
+
+    def keep(self, entry: Any) -> bool:
+        """Which of Dynamo's guards a written graph keeps: those on the call's own arguments
+        and the global state; none that reach the model, a closure or a module-level object."""
+        if entry.is_global or entry.guard_type in UNSERIALIZABLE:
+            return False
+        if set(entry.derived_guard_types or ()) & set(UNSERIALIZABLE):
+            return False
+        if entry.name == "":
+            return True  # global state, shape environment
+        if self.names_model(entry.name):
+            return False
+        return any(re.search(rf"\b{re.escape(p)}\b", entry.name) for p in self.params if p != self.model)
+
+    def filter(self, entries: list) -> list[bool]:
+        return [self.keep(e) for e in entries]
 
 
 @contextlib.contextmanager
-def _no_model_key_order() -> Any:
+def _no_model_key_order(arguments: Arguments) -> Any:
     """Dynamo also records dictionaries whose key order it relies on (the model's module
     dictionaries among them) and rebuilds those guards when a graph is read back, from objects
     a written graph does not hold: drop the ones under the model while writing."""
@@ -82,7 +112,7 @@ def _no_model_key_order() -> Any:
 
     def dump_without_model(self: Any) -> Any:
         state = dump(self)
-        keep = {s for s in state.guard_on_key_order if not any(m in s.name for m in MODEL_SOURCES)}
+        keep = {s for s in state.guard_on_key_order if not arguments.names_model(s.name)}
         return dataclasses.replace(state, guard_on_key_order=keep)
 
     OutputGraphGuardsState.dump_guards_state = dump_without_model
@@ -90,6 +120,25 @@ def _no_model_key_order() -> Any:
         yield
     finally:
         OutputGraphGuardsState.dump_guards_state = dump
+
+
+@contextlib.contextmanager
+def _builtins_found() -> Any:
+    """torch 2.11 checks that every global name the traced bytecode loads is in the globals it
+    is given, and builtins (``type``) are not there; Python finds them itself when the function
+    runs. Within: the check counts them as found."""
+    from torch._dynamo.convert_frame import GraphRuntimeEnv
+
+    check = GraphRuntimeEnv._check_external_refs
+
+    def check_with_builtins(self: Any, f_globals: dict) -> None:
+        return check(self, {**vars(builtins), **f_globals})
+
+    GraphRuntimeEnv._check_external_refs = check_with_builtins
+    try:
+        yield
+    finally:
+        GraphRuntimeEnv._check_external_refs = check
 
 
 def _function_chain(method: Callable) -> dict[str, Callable]:
@@ -126,6 +175,7 @@ class PrecompiledGraphs:
                  runtimes: list[MoaRuntime], say: Callable[[str], None], confirmed: list[bool],
                  model: torch.nn.Module, on_reports: Callable[[list], None]) -> None:
         self.model_ref = weakref.ref(model)
+        self.arguments = Arguments.of(forward)
         self.name, self.forward, self.backend, self.fallback = name, forward, backend, fallback
         self.folder, self.runtimes, self.say, self.confirmed = folder, runtimes, say, confirmed
         self.on_reports = on_reports
@@ -188,10 +238,11 @@ class PrecompiledGraphs:
                 raised.append(e)
                 raise
 
-        compiled = torch.compile(self.forward, backend=backend, dynamic=True, fullgraph=True,
-                                 options={"guard_filter_fn": _guard_filter})
+        with torch._dynamo.config.patch(enable_aot_compile=True):  # torch 2.11: off by default, and read here
+            compiled = torch.compile(self.forward, backend=backend, dynamic=True, fullgraph=True,
+                                     options={"guard_filter_fn": self.arguments.filter})
         try:
-            with _no_model_key_order():
+            with _no_model_key_order(self.arguments), _builtins_found():
                 fn = compiled.aot_compile((args, kwargs))  # the forward is bound: the model is not an argument here
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError):
             raise  # the model's own refusal to be traced: torch.compile would meet it too
@@ -241,7 +292,8 @@ class PrecompiledGraphs:
                 if record.get("format") != FORMAT or len(record["runtimes"]) != len(self.runtimes):
                     raise ValueError(f"written by another moa-flex (format {record.get('format')})")
                 modules = {ref: importlib.import_module(name) for ref, name in record["modules"].items()}
-                fn = AOTCompiledFunction.deserialize(record["data"], modules, _function_chain(self.forward))
+                with _builtins_found():
+                    fn = AOTCompiledFunction.deserialize(record["data"], modules, _function_chain(self.forward))
             except Exception as e:  # noqa: BLE001 - a stale file must not stop compile
                 self.say(f"precompile: skipped {path.name} ({type(e).__name__}: {str(e)[:160]})")
                 path.unlink(missing_ok=True)
