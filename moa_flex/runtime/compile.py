@@ -150,7 +150,10 @@ def compile(  # noqa: A001  (the verb of the API)
     runs them ahead of the first request.
     ``compile_cache``: keep the compiled code in moa-flex's cache folder and start from it in
     the next process (:mod:`moa_flex.runtime.compile_cache`); None (default): on, unless the
-    environment sets ``MOA_FLEX_COMPILE_CACHE=0``. Not used with ``backend="eager"``.
+    environment sets ``MOA_FLEX_COMPILE_CACHE=0``. Not used with ``backend="eager"``. With it on,
+    graphs are also precompiled: written whole (traced bytecode, guards, compiled code) and read
+    back by a later ``compile``, which then does not trace them (:mod:`moa_flex.runtime.precompiled`;
+    ``MOA_FLEX_PRECOMPILE=0`` turns that part off).
     ``verify``: the first call of each prefill graph runs once eagerly with every layer's
     rewritten attention, under a dense plan, compared with the model's own attention call on
     that call's inputs; a difference raises :class:`moa_flex.runtime.verify.VerifyError` naming
