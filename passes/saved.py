@@ -17,9 +17,10 @@ pickling raises :class:`Unsavable`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
@@ -79,7 +80,8 @@ class SavedGraph(SerializableCallable):
         state = {"fn": _cleaned(fn.fn, {}), "reports": [_without_graph(r) for r in fn.reports]}
         options = Options(ops_filter=None)
         try:
-            return GraphPickler.dumps(state, options)
+            with _slices_as_pytree():
+                return GraphPickler.dumps(state, options)
         except Exception as e:
             where = GraphPickler.debug_dumps(state, options, verbose=False) if hasattr(GraphPickler, "debug_dumps") else None
             raise Unsavable(f"{type(e).__name__}: {e} (at {where})") from e
@@ -90,11 +92,29 @@ class SavedGraph(SerializableCallable):
         from torch.fx._graph_pickler import GraphPickler
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-        state = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
+        with _slices_as_pytree():
+            state = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
         for obj in _walk(state["fn"]):
             if isinstance(obj, torch.fx.GraphModule):
                 obj.recompile()
         return cls(state["fn"], state["reports"])
+
+
+@contextlib.contextmanager
+def _slices_as_pytree() -> Iterator[None]:
+    """Within: ``slice`` is a pytree node, so that the graph pickler maps the FX nodes inside a
+    slice argument (``x[:, n:]`` with a symbolic ``n``); torch 2.13's pickler does this itself,
+    2.11's raises "Unexpected raw Node"."""
+    import torch.utils._pytree as pytree
+
+    if slice in pytree.SUPPORTED_NODES:
+        yield
+        return
+    pytree._private_register_pytree_node(slice, lambda x: ([x.start, x.stop, x.step], None), lambda x, c: slice(*x))
+    try:
+        yield
+    finally:
+        pytree._deregister_pytree_node(slice)
 
 
 def _cleaned(obj: Any, memo: dict[int, Any]) -> Any:
