@@ -94,6 +94,12 @@ def test_changes_the_key_does_not_cover_are_refused_or_traced(written: dict, mon
     assert any("forward hooks changed" in line for line in model.moa_flex.log.lines)
     handle.remove()
     model = _compiled(moa_flex.uncompile(model), written["folder"], monkeypatch)
+    with torch.no_grad():
+        model.lm_head.weight.data = model.lm_head.weight.data.t().contiguous().t()  # same values, other strides
+        logits = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(logits, written["logits"], rtol=0, atol=1e-5)
+    assert any("weights changed dtype, device or layout" in line for line in model.moa_flex.log.lines)
+    model = _compiled(moa_flex.uncompile(model), written["folder"], monkeypatch)
     model.config.output_hidden_states = True
     with pytest.raises(ValueError, match="config changed after moa_flex.compile"), torch.no_grad():
         model(input_ids=ids, use_cache=False)

@@ -15,7 +15,8 @@ device, ...). Guards on the model object itself are dropped: its weights, config
 code are those the cache folder is keyed by (:func:`~moa_flex.runtime.compile_cache.artifact_key`:
 config, plan layout, dtype, device, compile options, library versions). What the key does not
 cover is checked by moa-flex on every call instead: the model's configuration as it was at
-``compile`` and ``model.training``. A call no graph's guards accept is traced and compiled as
+``compile``, ``model.training``, the forward hooks of its modules and the dtype, device, shape
+and strides of its parameters and buffers. A call no graph's guards accept is traced and compiled as
 usual, and written too.
 
 When a graph cannot be written (a model whose code Dynamo's serializer refuses), the process
@@ -155,6 +156,13 @@ def _config_snapshot(config: Any) -> dict:
     return dict(vars(config))
 
 
+def _tensors_of(model: torch.nn.Module) -> tuple:
+    """Dtype, device, shape and strides of every parameter and buffer: what Dynamo's dropped
+    guards on the model's tensors checked (their values are the graph's inputs, read per call)."""
+    return tuple((t.dtype, t.device, tuple(t.shape), t.stride())
+                 for t in (*model.parameters(), *model.buffers()))
+
+
 def _hooks_of(model: torch.nn.Module) -> tuple:
     """How many forward hooks each module and the global registry hold: hooks Dynamo would trace
     into a graph (and recompile for), which a graph read back does not see."""
@@ -183,6 +191,7 @@ class PrecompiledGraphs:
         self.last: tuple[Any, dict] | None = None
         self.off: str | None = None  # why this family runs through torch.compile instead
         self.config, self.snapshot, self.hooks = model.config, _config_snapshot(model.config), _hooks_of(model)
+        self.tensors = _tensors_of(model)
         self.loaded = self.written = 0
 
     # ---- calls
@@ -225,6 +234,8 @@ class PrecompiledGraphs:
                 "with): moa_flex.uncompile(model), then compile it again")
         if _hooks_of(model) != self.hooks:
             self._turn_off("the model's forward hooks changed after compile (a graph read back would not run them)")
+        elif _tensors_of(model) != self.tensors:
+            self._turn_off("the model's weights changed dtype, device or layout after compile")
 
     # ---- compiling and writing
     def _compile(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
