@@ -28,7 +28,7 @@ import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.attenti
 from moa_flex.plan import Plan
 
 from .flex_pass import flex_nodes, rewrite_flex_attention
-from .inner import checked_first_call, compile_graph, copy_graph_module
+from .inner import CheckedFirstCall, compile_graph, copy_graph_module
 from .saved import SavedGraph
 from .regional import RegionReport
 from .prefill_pass import extend_nodes, rewrite_prefill
@@ -171,7 +171,7 @@ def make_backend(
         if checked is not None and report.rewritten:
             rewrite_attention(checked, plan, runtime_id, softcaps, windows, partial_graphs, verify_id=verify_id,
                               latent=latent)
-            compiled = checked_first_call(checked, compiled, say, required=own_confirmed if own_code else None)
+            compiled = CheckedFirstCall(checked, compiled, say, own_confirmed if own_code else None)
         # Reported only once compiled: dynamo may restart an analysis (and call us again).
         if on_report is not None and report.rewritten:
             on_report(report)

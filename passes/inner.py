@@ -45,25 +45,21 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
 
 
-def checked_first_call(checked: torch.fx.GraphModule, compiled: Callable,
-                       say: Callable[[str], None] | None, required: list[bool] | None = None) -> "CheckedFirstCall":
+class CheckedFirstCall:
     """``compiled``, except that its first call runs ``checked`` (the graph with the
     first-call checks) eagerly instead, once; its checks raise if attention differs, and
     then every later call raises the same error. ``required`` (attention in the model's own
     code, whose masks only the check confirms): a one-element list shared by the model's
     graphs, True once any of them passed a check; until then a first call too large to check
-    raises instead of returning, and the check runs again on the graph's next call."""
-    return CheckedFirstCall(checked, compiled, say, required)
+    raises instead of returning, and the check runs again on the graph's next call.
 
+    Written to disk (:mod:`moa_flex.passes.saved`) with its check still pending, so a process
+    that reads it back checks its first call too; ``say`` and the shared ``required`` flag are
+    reconnected there (:meth:`reattach`)."""
 
-class CheckedFirstCall:
-    """:func:`checked_first_call`'s callable. Written to disk (:mod:`moa_flex.passes.saved`)
-    with its check still pending, so a process that reads it back checks its first call too;
-    ``say`` and the shared ``required`` flag are reconnected there (:meth:`reattach`)."""
-
-    def __init__(self, checked: torch.fx.GraphModule, compiled: Callable, say: Callable[[str], None] | None,
+    def __init__(self, checked: torch.fx.GraphModule | None, compiled: Callable, say: Callable[[str], None] | None,
                  required: list[bool] | None) -> None:
-        self.pending = [checked]
+        self.pending = [] if checked is None else [checked]  # None: checked already
         self.failed: list[BaseException] = []
         self.compiled, self.say, self.required = compiled, say, required
 
@@ -77,10 +73,8 @@ class CheckedFirstCall:
 
     def map_parts(self, f: Callable[[object], object]) -> "CheckedFirstCall":
         """A copy with ``f`` applied to its graphs, check state and links kept (for writing)."""
-        out = CheckedFirstCall(f(self.pending[0]) if self.pending else None, f(self.compiled), self.say,
-                               self.required)
-        out.pending = out.pending if self.pending else []
-        return out
+        return CheckedFirstCall(f(self.pending[0]) if self.pending else None, f(self.compiled), self.say,
+                                self.required)
 
     def __reduce__(self) -> tuple:
         own_code = self.required is not None
@@ -122,10 +116,7 @@ def _checked_again(checked: torch.fx.GraphModule | None, compiled: Callable, own
     """A written :class:`CheckedFirstCall` read back: its check pending again (the graph was
     checked in the process that wrote it, on that process's inputs; the first call here is
     checked on its own), the log and the own-code flag to be reattached."""
-    out = CheckedFirstCall(checked, compiled, None, [False] if own_code else None)
-    if checked is None:
-        out.pending = []
-    return out
+    return CheckedFirstCall(checked, compiled, None, [False] if own_code else None)
 
 
 def _tell(say: Callable[[str], None], outcome: Outcome) -> None:

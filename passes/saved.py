@@ -69,9 +69,9 @@ class SavedGraph(SerializableCallable):
         return self.fn(*args)
 
     def attach(self, say: Callable[[str], None] | None, confirmed: list[bool] | None) -> None:
-        for obj in _walk(self.fn):
-            if hasattr(obj, "reattach"):
-                obj.reattach(say, confirmed)
+        reattach = getattr(self.fn, "reattach", None)  # the first-call check wraps the whole graph
+        if reattach is not None:
+            reattach(say, confirmed)
 
     @classmethod
     def serialize_compile_artifacts(cls, fn: "SavedGraph") -> bytes:

@@ -152,10 +152,6 @@ def _function_chain(method: Callable) -> dict[str, Callable]:
     return out
 
 
-def _config_snapshot(config: Any) -> dict:
-    return dict(vars(config))
-
-
 def _tensors_of(model: torch.nn.Module) -> tuple:
     """Dtype, device, shape and strides of every parameter and buffer: what Dynamo's dropped
     guards on the model's tensors checked (their values are the graph's inputs, read per call)."""
@@ -174,8 +170,7 @@ def _hooks_of(model: torch.nn.Module) -> tuple:
 
 class PrecompiledGraphs:
     """One compiled graph family of a model (``name``: "prefill" or "decode"): a callable with
-    the model's forward's signature. Graphs read from ``folder`` (None: precompile off) are
-    tried first, by their guards; a call none accepts is compiled by AOT precompile with
+    the model's forward's signature. Graphs read from ``folder`` are tried first, by their guards; a call none accepts is compiled by AOT precompile with
     ``backend`` and written to ``folder``. ``fallback`` is the plain ``torch.compile`` of the
     same forward and backend, for models AOT precompile cannot capture."""
 
@@ -190,9 +185,9 @@ class PrecompiledGraphs:
         self.entries: list[tuple[Any, dict]] = []  # (AOTCompiledFunction, its runtime ids renamed), newest last
         self.last: tuple[Any, dict] | None = None
         self.off: str | None = None  # why this family runs through torch.compile instead
-        self.config, self.snapshot, self.hooks = model.config, _config_snapshot(model.config), _hooks_of(model)
+        self.config, self.snapshot, self.hooks = model.config, dict(vars(model.config)), _hooks_of(model)
         self.tensors = _tensors_of(model)
-        self.loaded = self.written = 0
+        self.loaded = 0
 
     # ---- calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -228,7 +223,7 @@ class PrecompiledGraphs:
     def _check_model(self, model: torch.nn.Module) -> None:
         if model.training:
             raise ValueError("moa_flex runs inference only: call model.eval() (the model was put in training mode)")
-        if model.config is not self.config or _config_snapshot(model.config) != self.snapshot:
+        if model.config is not self.config or vars(model.config) != self.snapshot:
             raise ValueError(
                 "the model's config changed after moa_flex.compile (compiled graphs follow the config they were compiled "
                 "with): moa_flex.uncompile(model), then compile it again")
@@ -262,8 +257,7 @@ class PrecompiledGraphs:
                 raise  # the passes' refusal (or a compile error): as torch.compile would raise it
             self._turn_off(f"AOT precompile cannot capture this model ({type(e).__name__}: {str(e)[:200]})")
             return None
-        fn._artifacts.compiled_fn.attach(self.say, self.confirmed)
-        self._write(fn)
+        self._write(fn)  # (compiled here, its first-call check already holds the log and the model's flag)
         return fn
 
     def _turn_off(self, why: str) -> None:
@@ -289,7 +283,6 @@ class PrecompiledGraphs:
         path = self.folder / f"{self.name}-{hashlib.sha256(data).hexdigest()[:20]}{SUFFIX}"
         if not path.exists():
             write_atomically(path, blob)
-        self.written += 1
 
     # ---- reading
     def load(self) -> int:
