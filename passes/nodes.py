@@ -178,7 +178,20 @@ def cached_layout(value: Any, cached: Any) -> Layout | None:
     allowed; None for anything else (a selection of tokens, grouping below a tiling), which
     changes what query head h reads in a way the cache does not model."""
     heads = _heads_of(cached)
-    return _layout(value, cached, True, heads)
+    return _layout(value, _same_values(cached), True, heads)
+
+
+def _same_values(cached: Any) -> Any:
+    """The earliest node whose values ``cached`` repeats exactly: ``contiguous`` and casts to the
+    dtype a tensor already has peeled off (GPT-NeoX-Japanese caches ``cat(...).contiguous()``
+    and its attention call, once its [B * H] views are peeled, reads the ``cat``)."""
+    while (isinstance(cached, torch.fx.Node) and cached.op == "call_method" and cached.target in _CASTS
+           and cached.args and isinstance(cached.args[0], torch.fx.Node)):
+        out, src = recorded_value(cached), recorded_value(cached.args[0])
+        if out is None or src is None or out.dtype != src.dtype or out.shape != src.shape:
+            break
+        cached = cached.args[0]
+    return cached
 
 
 def _layout(node: Any, cached: Any, top: bool, g: int | None) -> Layout | None:

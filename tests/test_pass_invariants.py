@@ -101,6 +101,21 @@ def test_dead_code_elimination_keeps_in_place_calls_and_what_it_was_not_given() 
     assert not any(n.target == "add_" for n in plain.graph.nodes), "FX's own rule drops the in-place call"
 
 
+def test_cached_layout_sees_through_a_copy_the_cache_wrote() -> None:
+    """GPT-NeoX-Japanese writes ``cat(...).contiguous()`` to its cache and its attention call,
+    its [B * H] views peeled, reads the ``cat``: the same values, so the cached layout. A cast
+    that changes the dtype is not the same values: None (refused)."""
+    for dtype, want in ((torch.float32, CACHED), (torch.float16, None)):
+        graph = torch.fx.Graph()
+        x = graph.placeholder("x")
+        x.meta["example_value"] = torch.zeros(1, 2, 6, 4)
+        cached = graph.call_method("contiguous" if dtype == torch.float32 else "to", (x,) if dtype == torch.float32
+                                   else (x, dtype))
+        cached.meta["example_value"] = torch.zeros(1, 2, 6, 4, dtype=dtype)
+        graph.output(x)
+        assert cached_layout(x, cached) == want, dtype
+
+
 def test_cached_layout_tells_grouping_from_rearranging() -> None:
     """HF's repeat_kv (a None-index, expand, reshape) and dtype casts keep query head h on
     group h // (H / G): the cached tensor itself. JetMoE's .repeat tiles the groups (head h on

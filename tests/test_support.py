@@ -16,6 +16,7 @@ BLOOM_DECODES = "get_mask_sizes" in __import__("inspect").getsource(transformers
                                             not BLOOM_DECODES, reason="this transformers' BLOOM is refused (its bias spans "
                                             "the cache in decode steps): tests/test_eager_attention.py")),
                                         pytest.param("mpt", marks=pytest.mark.slow),  # ALiBi added to 4-D scores
+                                        pytest.param("gpt_neox_japanese", marks=pytest.mark.slow),  # caches a copy
                                         # hybrids (tests/test_hybrid.py runs Qwen3-Next's conversation by default)
                                         pytest.param("qwen3_next", marks=pytest.mark.slow),  # 15 s
                                         pytest.param("falcon_h1", marks=pytest.mark.slow)])  # Mamba in torch: 25 s
