@@ -34,3 +34,38 @@ def test_unmarked_buffers_trace_as_one_graph_and_stay_registered_as_before() -> 
     mark_buffers(taken)
     assert isinstance(m.table, torch.nn.Buffer) and m.table.persistent is False and m.kept.persistent is True
 
+
+
+def test_dbrx_experts_through_the_op_equal_the_model_and_trace_as_one_graph() -> None:
+    """The op runs transformers' own DbrxExperts.forward: the same numbers, bit for bit, on
+    random routing (some experts hit by no token); the routed module traces fullgraph, which
+    its own loop over ``nonzero()`` does not; unrouting gives the module its forward back."""
+    from moa_flex.runtime.traceable import route_dbrx_experts, unroute_dbrx_experts
+    from moa_flex.support import _build
+
+    torch.manual_seed(0)
+    model = _build("dbrx")
+    ffn = model.transformer.blocks[0].ffn
+    hidden = torch.randn(2, 7, model.config.d_model)
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.normal_()
+        weights, index = ffn.route_tokens_to_experts(ffn.router(hidden))
+        index[:, 0] = 1  # experts 0 and 3 may see nothing: the loop skips them
+        want = ffn.experts(hidden, index, weights)
+        routed = route_dbrx_experts(model)
+        assert len(routed) == model.config.n_layers
+        got = ffn.experts(hidden, index, weights)
+        assert torch.equal(got, want)
+        torch._dynamo.reset()
+        traced = torch.compile(ffn, backend="eager", fullgraph=True)(hidden)
+        assert torch.equal(traced, ffn(hidden))
+        unroute_dbrx_experts(routed)
+        assert "forward" not in ffn.experts.__dict__ and torch.equal(ffn.experts(hidden, index, weights), want)
+        torch._dynamo.reset()
+        try:
+            torch.compile(ffn, backend="eager", fullgraph=True)(hidden)
+        except Exception:  # noqa: BLE001 - Dynamo's own error for the nonzero() loop
+            pass
+        else:
+            raise AssertionError("DBRX's own experts traced as one graph: the op is no longer needed")

@@ -42,7 +42,7 @@ from .parallel import tensor_parallel_shard
 from .placement import hooked_modules, replace_hooks, restore_hooks
 from .precompiled import PrecompiledGraphs, precompile_enabled
 from .startup_log import StartupLog
-from .traceable import mark_buffers, unmark_buffers
+from .traceable import mark_buffers, route_dbrx_experts, unmark_buffers, unroute_dbrx_experts
 from .state import CompiledState
 
 TRACED_ATTENTION = "moa_flex_traced"
@@ -212,7 +212,7 @@ def compile(  # noqa: A001  (the verb of the API)
     # accelerate's device_map: refused if it offloads (checked before anything changes), else its
     # hooks become traceable device moves (placement.py)
     swapped = replace_hooks(model) if hooked_modules(model) else []
-    marks = unmark_buffers(model)
+    marks, routed = unmark_buffers(model), route_dbrx_experts(model)
     if impl != wanted:
         model.set_attn_implementation(wanted)
     log = StartupLog(progress)
@@ -229,7 +229,7 @@ def compile(  # noqa: A001  (the verb of the API)
                           prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, windows=windows,
                           cudagraphs=cudagraphs, cache_arg=cache_argument(model.forward),
                           log=log, model_ref=weakref.ref(model), accelerate_hooks=swapped, shard=shard)
-    state.buffer_marks = marks
+    state.buffer_marks, state.routed_experts = marks, routed
     if verify:  # the first-call check's dense plan (moa_flex.runtime.verify)
         state.verify_runtime = MoaRuntime(Plan.dense(plan.model), compiled=False)
         state.verify_runtime.planned_length = max_length
@@ -341,6 +341,7 @@ def uncompile(model: torch.nn.Module) -> torch.nn.Module:
     if state.accelerate_hooks:
         restore_hooks(state.accelerate_hooks)
     mark_buffers(state.buffer_marks)
+    unroute_dbrx_experts(state.routed_experts)
     if state.verify_runtime is not None:
         state.verify_runtime.close()
     state.release_cache()
