@@ -497,29 +497,25 @@ if triton is not None:
 
     @triton.jit
     def _fp8_pairs_to_f16(vw, PACKED: tl.constexpr):
-        """int16 words of two e4m3 bytes -> (low byte, high byte) as float16 values / 256, exact.
+        """int16 words of two e4m3 bytes -> (low byte, high byte) as float16 values, exact.
 
-        An e4m3 byte ``s eeee mmm`` becomes the float16 ``s 0eeee mmm0000000``: the exponent's
-        bias moves from 7 to 15, so the value is the e4m3 value times 2^-8, subnormals included.
-        Bit operations on words instead of a byte-wise convert: a tensor-core operand whose
-        contraction runs along the slots (V) loads 16-bit words from shared memory as
-        transposed matrices, which 8-bit values cannot (Triton then loads them byte by byte).
-        ``PACKED`` (compiled code): the same operations on two words per 32-bit register in
-        PTX (Triton's own int16 operations go one half-register at a time); the interpreter,
-        which runs no PTX, takes the Triton form."""
+        A tensor-core operand whose contraction runs along the slots (V) loads 16-bit words
+        from shared memory as transposed matrices, which 8-bit values cannot (Triton then loads
+        them byte by byte); so V is read as words and split here. ``PACKED`` (compiled code):
+        two words per 32-bit register in PTX: one byte permute gathers the two low bytes and
+        the two high bytes, and each pair converts with the native e4m3x2 -> f16x2 conversion
+        (4 instructions per register). The interpreter, which runs no PTX, takes bit operations:
+        an e4m3 byte ``s eeee mmm`` becomes the float16 ``s 0eeee mmm0000000`` (the value times
+        2^-8, subnormals included), times 256."""
         if PACKED:
-            even = tl.inline_asm_elementwise(
-                "{ .reg .b32 a, b; and.b32 a, $1, 0x00800080; shl.b32 a, a, 8; "
-                "and.b32 b, $1, 0x007F007F; shl.b32 b, b, 7; or.b32 $0, a, b; }",
-                "=r,r", [vw], dtype=tl.float16, is_pure=True, pack=2)
-            odd = tl.inline_asm_elementwise(
-                "{ .reg .b32 a, b; and.b32 a, $1, 0x80008000; shr.u32 b, $1, 1; "
-                "and.b32 b, b, 0x3F803F80; or.b32 $0, a, b; }",
-                "=r,r", [vw], dtype=tl.float16, is_pure=True, pack=2)
+            even, odd = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; .reg .b16 lo, hi; prmt.b32 t, $2, 0, 0x3120; mov.b32 {lo, hi}, t; "
+                "cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+                "=r,=r,r", [vw], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
             return even, odd
         even = ((vw & 0x80) << 8) | ((vw & 0x7F) << 7)
         odd = (vw & -32768) | ((vw >> 1) & 0x3F80)
-        return even.to(tl.float16, bitcast=True), odd.to(tl.float16, bitcast=True)
+        return even.to(tl.float16, bitcast=True) * 256.0, odd.to(tl.float16, bitcast=True) * 256.0
 
     @triton.jit(do_not_specialize=["sink", "window_lim", "local_chunk"])
     def _decode_partial_kernel(
@@ -613,15 +609,15 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_safe)
             pr = tl.exp2(x - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(pr, 1)
-            if V_PAIRS:  # v_ptr: int16 words (strides in words); the pair's values are v8 / 256
+            if V_PAIRS:  # v_ptr: int16 words (strides in words); each word two e4m3 values
                 vw = tl.load(
                     v_ptr + b * stride_vb + rows[:, None] * stride_vs + w[None, :] * stride_vd,
                     mask=valid[:, None] & (w[None, :] < DV // 2), other=0,
                 )
                 v_even, v_odd = _fp8_pairs_to_f16(vw, not DOT_F32)
                 v_sc = tl.load(vs_ptr + b * stride_vsb + rows, mask=valid, other=0.0)
-                # the pairs hold v8 / 256; p * v_scale * 16 in float16 overflows only past |v| ~ 1.8e6,
-                # and the remaining 16 is multiplied back at the end
+                # p * v_scale * 16 in float16: overflows only past |v| ~ 1.8e6, keeps small scales
+                # off float16's subnormals; the 16 is divided out at the end
                 pv = (pr * (v_sc * 16.0)[None, :]).to(tl.float16)
                 acc_e = acc_e * alpha[:, None] + mma_dot(pv, v_even, DOT_F32, DOT_F32)
                 acc_o = acc_o * alpha[:, None] + mma_dot(pv, v_odd, DOT_F32, DOT_F32)
@@ -639,7 +635,7 @@ if triton is not None:
                 acc = acc * alpha[:, None] + mma_dot(pv, vt, DOT_F32, IEEE)
             m_i = m_new
         if V_PAIRS:  # column 2j is word j's low byte: interleave the halves
-            acc = tl.reshape(tl.join(acc_e, acc_o), [HPG_PAD, DV_PAD]) * 16.0
+            acc = tl.reshape(tl.join(acc_e, acc_o), [HPG_PAD, DV_PAD]) * 0.0625
         row = (b * n_items + item) * HPG + r
         tl.store(m_ptr + row, m_i, mask=head_ok)
         tl.store(l_ptr + row, l_i, mask=head_ok)
