@@ -19,6 +19,7 @@ op                                     implementation
 ``moa_flex::grouped_linear``           :mod:`moa_flex.kernels.linear` (kernel and twin)
 ``moa_flex::gated_mlp``                :mod:`moa_flex.kernels.linear` (kernel and twin)
 ``moa_flex::unpacked_rows``            :func:`unpacked_rows` (here: a check of HF's packed-sequence tensors)
+``moa_flex::dbrx_experts``             :func:`moa_flex.runtime.traceable.run_dbrx_experts` (DBRX's own experts, as one node)
 ``moa_flex::verify_attention``         :func:`moa_flex.runtime.verify.check_close` over ``moa_flex::attention``
 ``moa_flex::verify_chunk``             :func:`moa_flex.runtime.verify.check_close` over the chunk twin / kernel
 =====================================  ==========================================================
@@ -51,6 +52,7 @@ from moa_flex.kernels.quant import is_quantized, quantize_fp8
 from moa_flex.masks import padding_info
 
 from .slots import cache_append_reference, cache_extend_reference
+from .traceable import run_dbrx_experts
 from .verify import check_close, record_skip, too_large
 
 RUNTIMES: dict[int, Any] = {}  # runtime id -> MoaRuntime (moa_flex.runtime.attention)
@@ -418,3 +420,18 @@ def unpacked_rows(seq: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
 @unpacked_rows.register_fake
 def _(seq, pos):  # noqa: ANN001, ANN202
     return torch.empty_like(seq, dtype=torch.bool)
+
+
+# ------------------------------------------------------------------------------ DBRX's experts
+@torch.library.custom_op("moa_flex::dbrx_experts", mutates_args=())
+def dbrx_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, w1: torch.Tensor,
+                 v1: torch.Tensor, w2: torch.Tensor, ffn_hidden_size: int, num_experts: int,
+                 activation: str) -> torch.Tensor:
+    """DBRX's routed experts, one node in a traced graph: its loop over ``nonzero()`` experts
+    has a data-dependent length (moa_flex.runtime.traceable)."""
+    return run_dbrx_experts(hidden, top_k_index, top_k_weights, w1, v1, w2, ffn_hidden_size, num_experts, activation)
+
+
+@dbrx_experts.register_fake
+def _(hidden, top_k_index, top_k_weights, w1, v1, w2, ffn_hidden_size, num_experts, activation):  # noqa: ANN001, ANN202
+    return torch.empty_like(hidden)

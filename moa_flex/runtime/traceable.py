@@ -67,11 +67,11 @@ class _ExpertWeights:
         return DbrxExpertGLU.forward(self, x, w1, v1, w2)
 
 
-@torch.library.custom_op("moa_flex::dbrx_experts", mutates_args=())
-def dbrx_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, w1: torch.Tensor,
-                 v1: torch.Tensor, w2: torch.Tensor, ffn_hidden_size: int, num_experts: int,
-                 activation: str) -> torch.Tensor:
-    """DBRX's routed experts on ``hidden`` [B, S, H]: transformers' ``DbrxExperts.forward``."""
+def run_dbrx_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                     w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor, ffn_hidden_size: int, num_experts: int,
+                     activation: str) -> torch.Tensor:
+    """DBRX's routed experts on ``hidden`` [B, S, H]: transformers' ``DbrxExperts.forward``
+    (the body of ``moa_flex::dbrx_experts``, :mod:`moa_flex.runtime.ops`)."""
     from types import SimpleNamespace
 
     from transformers.models.dbrx.modeling_dbrx import DbrxExperts
@@ -79,12 +79,6 @@ def dbrx_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights:
     experts = SimpleNamespace(mlp=_ExpertWeights(w1, v1, w2, activation), hidden_size=hidden.shape[-1],
                               ffn_hidden_size=ffn_hidden_size, num_experts=num_experts)
     return DbrxExperts.forward(experts, hidden, top_k_index, top_k_weights)
-
-
-@dbrx_experts.register_fake
-def _(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, w1: torch.Tensor,
-      v1: torch.Tensor, w2: torch.Tensor, ffn_hidden_size: int, num_experts: int, activation: str) -> torch.Tensor:
-    return torch.empty_like(hidden)
 
 
 def _dbrx_forward(module: torch.nn.Module, activation: str) -> Any:
