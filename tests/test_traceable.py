@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moa_flex.runtime.traceable import mark_buffers, unmark_buffers
@@ -69,3 +70,20 @@ def test_dbrx_experts_through_the_op_equal_the_model_and_trace_as_one_graph() ->
             pass
         else:
             raise AssertionError("DBRX's own experts traced as one graph: the op is no longer needed")
+
+
+def test_a_dbrx_model_the_op_cannot_run_is_refused_with_nothing_changed() -> None:
+    """An expert whose activation is not the config's (the op takes it by name) is refused
+    before compile changes anything."""
+    import moa_flex
+    from moa_flex.plan import Plan
+    from moa_flex.support import _build
+
+    model = _build("dbrx")
+    experts = model.transformer.blocks[0].ffn.experts
+    experts.mlp.activation_fn = torch.nn.GELU()
+    forward = model.forward
+    with pytest.raises(NotImplementedError, match="takes the activation by its name"):
+        moa_flex.compile(model, Plan.dense(model.config), backend="eager")
+    assert not any("forward" in m.__dict__ for m in model.modules() if type(m).__name__ == "DbrxExperts")
+    assert model.forward == forward and getattr(model, "moa_flex", None) is None

@@ -209,10 +209,15 @@ def compile(  # noqa: A001  (the verb of the API)
     if getattr(config, "attn_logit_softcapping", None) or sinks:
         _register_traced_attention()
         wanted = TRACED_ATTENTION
+    routed = route_dbrx_experts(model)  # DBRX's experts as one op (traceable.py); a refusal changes nothing
     # accelerate's device_map: refused if it offloads (checked before anything changes), else its
     # hooks become traceable device moves (placement.py)
-    swapped = replace_hooks(model) if hooked_modules(model) else []
-    marks, routed = unmark_buffers(model), route_dbrx_experts(model)
+    try:
+        swapped = replace_hooks(model) if hooked_modules(model) else []
+    except Exception:
+        unroute_dbrx_experts(routed)
+        raise
+    marks = unmark_buffers(model)
     if impl != wanted:
         model.set_attn_implementation(wanted)
     log = StartupLog(progress)

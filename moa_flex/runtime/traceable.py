@@ -11,7 +11,8 @@ markers are taken off the registered tensors: the assignment registers the same 
 persistent as before.
 
 DBRX's experts loop over the experts a call's tokens were routed to, a loop of data-dependent
-length; they run inside one op instead (``moa_flex::dbrx_experts``, below).
+length; they run inside one op instead (``moa_flex::dbrx_experts``, registered with the other
+ops in :mod:`moa_flex.runtime.ops`; its body, :func:`run_dbrx_experts`, is here).
 """
 
 from __future__ import annotations
