@@ -31,7 +31,7 @@ FlexAttention over the dequantized cache).
 
 Timing: each method is captured in a CUDA graph (decode runs under CUDA graphs; this leaves
 out Python launch overhead, the same for every method) and replayed; before every replay a
-256 MiB buffer is zeroed to flush L2; CUDA events around the replay; median of ``--repeats``.
+256 MiB buffer is read to flush L2 (clean lines: see harness.Timer); CUDA events around the replay; median of ``--repeats``.
 A method that cannot be captured is timed eagerly and marked so. Before timing, the kernel is
 checked against the twin on a small config, against FlexAttention with a dense plan on a
 large one, and under CUDA-graph replay with new caps/pos/spans values.
@@ -507,7 +507,7 @@ def main() -> None:
             "\n".join([*[f"- check: {c}" for c in checks], "", text, *[f"\n- note: {n}" for n in notes]]),
             device=args.device,
             details=("Smoke run: tiny shapes on the CPU, the op's twin. " if args.smoke else "")
-            + f"Median of {args.repeats}, L2 flushed, CUDA-graph replay unless marked eager. Copy bandwidth "
+            + f"Median of {args.repeats}, L2 flushed by a read, CUDA-graph replay unless marked eager. Copy bandwidth "
             f"{copy_bw / 1e12:.2f} TB/s ({args.copy_gib:g} GiB). Bars: kernel >= 80% of copy bandwidth at B={BAR_AT[0]}, "
             f"N={BAR_AT[1]}; >= 3x faster than FlexAttention dense decode at KV density 0.25, >= 1.7x at 0.5."
             + (" fp8 rows: the kernel over an FP8 cache quantized from the bf16 rows' K/V; bytes read = kept slots x "

@@ -7,7 +7,7 @@ the GPU timer and the copy bandwidth.
 * :data:`LLAMA3_8B`, :data:`LLAMA3_70B` (attention shapes) and :func:`llama3_8b_config` (the
   transformers config of a Llama-3-8B-shaped model, random weights, any number of layers).
 * :class:`Timer`: median time of a callable, CUDA-graph replay with L2 flushed before each
-  run, CUDA events around it (wall time on the CPU).
+  run (by reading a 256 MiB buffer: clean lines), CUDA events around it (wall time on the CPU).
 * :func:`copy_bandwidth`: read + write of a large ``copy_``, timed by :class:`Timer`; the
   "floor" and "% copy" columns of the scripts divide by it.
 * The KV cache's storage dtype (``--kv-dtypes``): :data:`KV_CHOICES`, :func:`kv_storage`,
@@ -141,11 +141,16 @@ def llama3_8b_config(layers: int = LLAMA3_8B.num_layers, smoke: bool = False) ->
 
 # ---------------------------------------------------------------------------------- timing
 class Timer:
-    """Median GPU time (ms) of a callable, L2 flushed before each run; CPU: wall time."""
+    """Median GPU time (ms) of a callable, L2 flushed before each run; CPU: wall time.
+
+    The flush reads a 256 MiB buffer, so L2 then holds clean lines that the timed call's reads
+    simply replace. Flushing by writing it (``zero_()``, before 2026-12-06) left up to L2's
+    size of dirty lines, whose write-back the timed call paid: 8-10 us added to every kernel on
+    an H100 (bench/RESULTS.md, "L2 flush by reading"), a tenth of a 0.1 ms decode kernel."""
 
     def __init__(self, device: str, repeats: int) -> None:
         self.device, self.repeats = device, repeats
-        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if device == "cuda" else None
+        self.flush = torch.zeros(256 * 2**20, dtype=torch.int8, device=device) if device == "cuda" else None
 
     def __call__(self, fn: Callable[[], object], graph: bool = True) -> tuple[float, str]:
         """(median ms, mode): mode 'graph' (CUDA-graph replay), 'eager' or 'cpu'."""
@@ -180,7 +185,7 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
         for s, e in zip(starts, ends):
-            self.flush.zero_()
+            self.flush.sum()  # read: L2 ends holding clean lines
             s.record()
             run()
             e.record()

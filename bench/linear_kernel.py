@@ -16,7 +16,7 @@ projections q, k, v [4096|1024|1024, 4096], o [4096, 4096], gate, up [14336, 409
   ``linear_config`` unless overridden on the command line.
 
 Timing as bench/decode_kernel.py (harness.Timer): each call is captured in a CUDA graph and
-replayed, a 256 MiB buffer is zeroed before every replay (L2 flushed: the weights come from
+replayed, a 256 MiB buffer is read before every replay (L2 flushed, clean: the weights come from
 HBM), CUDA events around the replay, median of ``--repeats``. Bandwidth = weight bytes / time,
 and its share of the copy bandwidth measured in the same run (harness.copy_bandwidth: read +
 write of a ``--copy-gib`` GiB ``copy_``, 4 GiB by default).
@@ -347,7 +347,7 @@ def main() -> None:
             "\n".join([*[f"- check: {c}" for c in checks], "", "\n\n".join(tables)]),
             device=args.device,
             details=("Smoke run: tiny shapes on the CPU, Triton's interpreter. " if args.smoke else "")
-            + f"Median of {args.repeats}, L2 flushed, CUDA-graph replay. Copy bandwidth {copy_bw / 1e12:.2f} TB/s "
+            + f"Median of {args.repeats}, L2 flushed by a read, CUDA-graph replay. Copy bandwidth {copy_bw / 1e12:.2f} TB/s "
             f"({args.copy_gib:g} GiB). Kernel tiles: {tuning}; tiles column: "
             "m/n/k = block_m/n/k, s = K splits, w = warps, st = pipeline stages.",
         )
