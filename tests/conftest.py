@@ -26,21 +26,3 @@ os.environ.setdefault("MOA_FLEX_COMPILE_CACHE", "0")
 # compiled many models before tests/test_regional.py's fixture once exceeded).
 torch._dynamo.config.recompile_limit = 256
 torch._dynamo.config.accumulated_recompile_limit = 4096
-
-# Longest files first. `make test` runs whole files on two workers (xdist --dist loadfile,
-# --no-loadscope-reorder), handing out the next file to whichever worker is free; xdist's own
-# order (most tests first) left files of few long tests (test_kernel_aot: one test, 34 s) to the
-# end, one worker idle meanwhile. Seconds of test time per file on the CI machine (a cold run,
-# 2026-12-06); a file not listed runs after these, in collection order.
-FILE_SECONDS = {
-    "test_compile.py": 97, "test_support.py": 93, "test_fp8.py": 62, "test_precompiled.py": 60,
-    "test_regional.py": 58, "test_generate.py": 50, "test_longctx.py": 48, "test_readme.py": 46,
-    "test_kernel_aot.py": 34, "test_masks.py": 33, "test_flex_pass.py": 32, "test_startup.py": 31,
-    "test_chunked_attention.py": 29, "test_chunk.py": 28, "test_eager_attention.py": 27, "test_latent.py": 23,
-    "test_multimodal.py": 22, "test_pass_invariants.py": 22, "test_api.py": 17, "test_linear_pass.py": 17,
-    "test_verify.py": 14,
-}
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: within a file, as collected
