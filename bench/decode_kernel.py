@@ -31,7 +31,9 @@ FlexAttention over the dequantized cache).
 
 Timing: each method is captured in a CUDA graph (decode runs under CUDA graphs; this leaves
 out Python launch overhead, the same for every method) and replayed; before every replay a
-256 MiB buffer is read to flush L2 (clean lines: see harness.Timer); CUDA events around the replay; median of ``--repeats``.
+256 MiB buffer is read to flush L2 (``--l2-flush write``: zeroed, which leaves dirty lines whose
+write-back the timed call pays; harness.Timer); CUDA events around the replay; median of
+``--repeats``.
 A method that cannot be captured is timed eagerly and marked so. Before timing, the kernel is
 checked against the twin on a small config, against FlexAttention with a dense plan on a
 large one, and under CUDA-graph replay with new caps/pos/spans values.
@@ -55,7 +57,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from harness import COPY_GIB, KV_CHOICES, Timer, copy_bandwidth, kv_suffix, quantize_fp8_slabs, record, storage_dtype
+from harness import COPY_GIB, KV_CHOICES, L2_FLUSHES, Timer, copy_bandwidth, kv_suffix, quantize_fp8_slabs, record, storage_dtype
 from moa_flex.kernels import decode
 from moa_flex.kernels.decode import ragged_decode_reference
 from moa_flex.kernels.quant import bytes_per_vector, dequantize_fp8
@@ -228,7 +230,7 @@ def bench(args: argparse.Namespace, rows: list, notes: list, sweeps: list) -> No
     from torch.nn.attention.flex_attention import flex_attention
 
     dev, D, KVH = args.device, args.head_dim, args.kv_heads
-    timer = Timer(dev, args.repeats)
+    timer = Timer(dev, args.repeats, args.l2_flush)
     flex = torch.compile(flex_attention, dynamic=False) if dev == "cuda" else flex_attention
     esize = torch.finfo(args.dtype).bits // 8
     for B in args.batches:
@@ -438,6 +440,8 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--l2-flush", choices=L2_FLUSHES, default="read",
+                    help="empty L2 before each timed run by reading a 256 MiB buffer (clean lines) or by zeroing it")
     ap.add_argument("--copy-gib", type=float, default=COPY_GIB, help="copy bandwidth buffer (GiB)")
     ap.add_argument("--chunk", type=int, default=None, help="kernel: slots per work item (default: automatic)")
     ap.add_argument("--block-n", type=int, default=None, help="kernel: slots per inner tile (default 64)")
@@ -507,7 +511,7 @@ def main() -> None:
             "\n".join([*[f"- check: {c}" for c in checks], "", text, *[f"\n- note: {n}" for n in notes]]),
             device=args.device,
             details=("Smoke run: tiny shapes on the CPU, the op's twin. " if args.smoke else "")
-            + f"Median of {args.repeats}, L2 flushed by a read, CUDA-graph replay unless marked eager. Copy bandwidth "
+            + f"Median of {args.repeats}, L2 flushed by a {args.l2_flush}, CUDA-graph replay unless marked eager. Copy bandwidth "
             f"{copy_bw / 1e12:.2f} TB/s ({args.copy_gib:g} GiB). Bars: kernel >= 80% of copy bandwidth at B={BAR_AT[0]}, "
             f"N={BAR_AT[1]}; >= 3x faster than FlexAttention dense decode at KV density 0.25, >= 1.7x at 0.5."
             + (" fp8 rows: the kernel over an FP8 cache quantized from the bf16 rows' K/V; bytes read = kept slots x "

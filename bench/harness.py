@@ -140,16 +140,22 @@ def llama3_8b_config(layers: int = LLAMA3_8B.num_layers, smoke: bool = False) ->
 
 
 # ---------------------------------------------------------------------------------- timing
+L2_FLUSHES = ("read", "write")  # how Timer empties L2 before each timed run
+
+
 class Timer:
     """Median GPU time (ms) of a callable, L2 flushed before each run; CPU: wall time.
 
-    The flush reads a 256 MiB buffer, so L2 then holds clean lines that the timed call's reads
-    simply replace. Flushing by writing it (``zero_()``, before 2026-12-06) left up to L2's
-    size of dirty lines, whose write-back the timed call paid: 8-10 us added to every kernel on
-    an H100 (bench/RESULTS.md, "L2 flush by reading"), a tenth of a 0.1 ms decode kernel."""
+    ``flush`` (:data:`L2_FLUSHES`): ``read`` (the default) reads a 256 MiB buffer, so L2 then
+    holds clean lines that the timed call's reads simply replace; ``write`` zeroes it (the only
+    flush before 2026-12-06), which leaves up to L2's size of dirty lines whose write-back the
+    timed call pays: 8-11 us added to every kernel on an H100 (bench/RESULTS.md, "L2 flush by
+    reading"), a tenth of a 0.1 ms decode kernel."""
 
-    def __init__(self, device: str, repeats: int) -> None:
-        self.device, self.repeats = device, repeats
+    def __init__(self, device: str, repeats: int, flush: str = "read") -> None:
+        if flush not in L2_FLUSHES:
+            raise ValueError(f"flush must be one of {L2_FLUSHES}, got {flush!r}")
+        self.device, self.repeats, self.flush_mode = device, repeats, flush
         self.flush = torch.zeros(256 * 2**20, dtype=torch.int8, device=device) if device == "cuda" else None
 
     def __call__(self, fn: Callable[[], object], graph: bool = True) -> tuple[float, str]:
@@ -185,7 +191,7 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeats)]
         for s, e in zip(starts, ends):
-            self.flush.sum()  # read: L2 ends holding clean lines
+            self.flush.sum() if self.flush_mode == "read" else self.flush.zero_()
             s.record()
             run()
             e.record()

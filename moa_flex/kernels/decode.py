@@ -84,7 +84,7 @@ def default_tiling(head_dim: int, value_dim: int, quantized: bool) -> Tiling:
     """Default tiles by cache widths and dtype. bf16 at widths <= 128: 64 slots, 2 stages (38
     KiB of shared memory, 4 programs an SM). FP8 at widths <= 128: a tile of the same bytes
     needs twice the slots; 128 slots and 2 stages (41 KiB and 168 registers a thread, so 3
-    programs an SM): with the V words converted natively, 2-4% faster than 3 stages (74 KiB,
+    programs an SM): with the V words converted natively, 1-4% faster than 3 stages (74 KiB,
     2 registers spilled) on an H100 (bench/RESULTS.md, 2026-12-06). Wider heads (a latent
     cache): 32 slots, 2 stages."""
     if max(head_dim, value_dim) > 128:
