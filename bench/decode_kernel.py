@@ -5,7 +5,6 @@
     python bench/decode_kernel.py --sweep --batches 8 --lengths 65536   # also the kernel's tiling grid
     python bench/decode_kernel.py --smoke --kv-dtypes bf16 fp8   # tiny shapes on the CPU (op -> twin): checks the script
     python bench/decode_kernel.py --batches 8 --lengths 65536 --kv-dtypes bf16 fp8 --fp8-modes q   # fp8: also the q-dtype read mode
-    python bench/decode_kernel.py --batches 8 --lengths 65536 --merges fused kernel   # also the two-kernel merge
     TRITON_INTERPRET=1 python bench/decode_kernel.py --smoke --sweep   # the sweep too, in Triton's interpreter
 
 Llama-3-8B attention shape: 32 query / 8 KV heads, head dim 128, bf16. For each KV density a
@@ -302,14 +301,12 @@ def kernel_rows(args: argparse.Namespace, timer: Timer, B: int, N: int, density:
         # what the kernel must read: kept K and V slots, an FP8 cache's scales included
         nbytes = B * slots * 2 * bytes_per_vector(k.dtype, D)
         modes = [None] + [m for m in args.fp8_modes if m != "default"] if kv == "fp8" and dev == "cuda" else [None]
-        for fp8_mode, merge in itertools.product(modes, args.merges if dev == "cuda" else ["fused"]):
+        for fp8_mode in modes:
             tuning = args.tuning if fp8_mode is None else {**args.tuning, "fp8_mode": fp8_mode}
-            tuning = {**tuning, "fused_merge": merge == "fused"} if dev == "cuda" else tuning
             ms, mode = timer(kernel_call(dev, cached, scales, plan.sink, out, tuning))
-            label = ", ".join(x for x in (fp8_mode, "merge kernel" if merge == "kernel" else None) if x)
             rows.append({"B": B, "N": N, "density": slots / (KVH * N), "target": density, "kv": kv,
-                         "method": f"moa-flex d={density}{kv_suffix(kv)}{f' ({label})' if label else ''}",
-                         "fp8_mode": fp8_mode, "merge": merge, "ms": ms, "mode": mode, "bytes": nbytes,
+                         "method": f"moa-flex d={density}{kv_suffix(kv)}{f' ({fp8_mode})' if fp8_mode else ''}",
+                         "fp8_mode": fp8_mode, "ms": ms, "mode": mode, "bytes": nbytes,
                          "vs_flex": base.get("flex dense", float("nan")) / ms})
         if args.sweep_grid:
             sweeps.append({"B": B, "N": N, "density": slots / (KVH * N), "bytes": nbytes, "kv": kv,
@@ -412,7 +409,7 @@ def kv_notes(rows: list) -> list[str]:
             first[key] = r
             continue
         a = first[key]
-        what = r["kv"] + "".join(f" ({x})" for x in (r.get("fp8_mode"), r.get("merge") == "kernel" and "merge kernel") if x)
+        what = r["kv"] + (f" ({r['fp8_mode']})" if r.get("fp8_mode") else "")
         out.append(f"B={r['B']}, N={r['N']}, d={r['target']}: {what} kernel {r['ms']:.4f} ms vs {a['kv']} "
                    f"{a['ms']:.4f} ms: speed-up {a['ms'] / r['ms']:.2f}x, bytes read {r['bytes'] / a['bytes']:.3f}x")
     return out
@@ -439,9 +436,6 @@ def main() -> None:
     ap.add_argument("--fp8-modes", nargs="+", choices=["default", *decode.FP8_MODES], default=["default"],
                     help="fp8 rows: the kernel's FP8 read modes besides the default (ragged_decode_triton fp8_mode), "
                          "a row each and in the sweep; GPU only")
-    ap.add_argument("--merges", nargs="+", choices=["fused", "kernel"], default=["fused"],
-                    help="kernel rows per way of merging the chunks' partials: fused into the partial kernel (the "
-                         "default, ragged_decode_triton fused_merge=True) and/or a second kernel (fused_merge=False)")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)

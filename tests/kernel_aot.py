@@ -104,10 +104,8 @@ def _cases(which: str) -> None:
         softcap, window, sinks = (30.0, 16, torch.zeros(H)) if options else (0.0, 0, None)
         q = torch.randn(B, H, D, dtype=torch.bfloat16)
         for fp8_mode in decode.FP8_MODES if quant else (None,):
-            # the merge fused into the partial kernel (the default) and, once, the two-kernel path
-            for fused_merge in (True, False) if not options else (True,):
-                decode.ragged_decode_triton(q, keys, values, offsets, caps, spans, length - 1, 4, window, 0.088,
-                                            softcap, sinks=sinks, fp8_mode=fp8_mode, fused_merge=fused_merge, **scales)
+            decode.ragged_decode_triton(q, keys, values, offsets, caps, spans, length - 1, 4, window, 0.088, softcap,
+                                        sinks=sinks, fp8_mode=fp8_mode, **scales)
         qc = torch.randn(B, H, C, D, dtype=torch.bfloat16)
         kc, vc = torch.randn(B, G, C, D, dtype=torch.bfloat16), torch.randn(B, G, C, Dv, dtype=torch.bfloat16)
         chunk.chunk_attention_triton(qc, kc, vc, keys, values, offsets, caps, spans, length,

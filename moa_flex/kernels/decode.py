@@ -36,9 +36,8 @@ Three implementations:
   the oracle of the tests and the CPU implementation.
 * :func:`ragged_decode_triton`: the Triton kernel (flash-decoding / split-K). One program
   per (work item = group and chunk of its slots, row); all query heads of the group are
-  handled in that program, so each K/V slot is read once. The last program of a (row,
-  group) to finish merges the chunks' partial (max, sum, acc), found by an atomic arrival
-  counter (or, ``fused_merge=False``, a second kernel merges them). By default the work list cuts every group into nearly
+  handled in that program, so each K/V slot is read once. A second kernel combines the
+  chunks' partial (max, sum, acc). By default the work list cuts every group into nearly
   equal items sized so that all programs of a call are resident on the GPU at once (one
   round, no tail of a few late programs: :func:`auto_work_list`). The work list depends only
   on the allocation (offsets, batch, chunk size), never on caps/pos/spans, so a captured CUDA graph stays valid
@@ -479,30 +478,7 @@ def prepare_work(offsets: torch.Tensor, batch: int, tiling: Tiling | None = None
     to the host nor allocated for them inside a graph."""
     tiling = tiling or default_tiling(128, 128, False)
     offs = host_offsets(offsets, int(offsets[-1]))
-    merge_counters(offsets.device, batch * (len(offs) - 1))
     return auto_work_list(offs, batch, offsets.device, tiling.block_n, tiling.resident_per_sm)
-
-
-_COUNTERS: dict = {}
-
-
-def merge_counters(device: torch.device | str, n: int) -> torch.Tensor:
-    """The fused merge's arrival counters: int32 [n] zeros on ``device``, one per (row, group),
-    shared by every call with ``n`` of them (cached; each call leaves them at zero).
-
-    Calls that share counters must not run at the same time: decode calls on one stream (a
-    model's layers, CUDA-graph replays on it) are serialized; two decodes of the same B x G
-    on two streams of one device at once would need ``fused_merge=False``. Allocate before
-    capturing a CUDA graph (:func:`prepare_work` does): a first allocation inside a capture
-    belongs to that graph's memory pool (still correct, as the tensor is kept alive here)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, n)
-    hit = _COUNTERS.get(key)
-    if hit is None:
-        hit = _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
-    return hit
 
 
 # ---------------------------------------------------------------------------------- Triton
@@ -545,27 +521,23 @@ if triton is not None:
     @triton.jit(do_not_specialize=["sink", "window_lim", "local_chunk"])
     def _decode_partial_kernel(
         q_ptr, k_ptr, v_ptr, items_ptr, caps_ptr, spans_ptr, pos_ptr, ks_ptr, vs_ptr, alibi_ptr,
-        m_ptr, l_ptr, acc_ptr, group_items_ptr, cnt_ptr, sinks_ptr, out_ptr,
+        m_ptr, l_ptr, acc_ptr,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kd,
         stride_vb, stride_vs, stride_vd,
         stride_cb, stride_cg, stride_sb, stride_sh, stride_pb, stride_ksb, stride_vsb,
-        stride_ob, stride_oh, stride_od,
-        n_items, n_groups, sink, window_lim, local_chunk, qk_scale, softcap,
+        n_items, sink, window_lim, local_chunk, qk_scale, softcap,
         HPG: tl.constexpr, HPG_PAD: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
         QUANT: tl.constexpr, V_PAIRS: tl.constexpr, HAS_ALIBI: tl.constexpr,
-        FUSED: tl.constexpr, HPG_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SINKS: tl.constexpr,
     ):
         """One (work item, row): online softmax of all HPG heads of a group over a chunk of slots.
         ``HAS_ALIBI``: each head's score less its slope times the distance ``i - p``;
         ``QUANT``: FP8 K/V, dequantized in registers (scales folded into scores and probabilities);
         ``V_PAIRS``: both dots in float16 (queries cast once, times 2^-8; K's e4m3 converts to
         float16 natively) and V read as int16 words of two e4m3 values each, split into the
-        even and odd columns by bit operations (see :func:`_fp8_pairs_to_f16`); ``FUSED``: the
-        last program of the (row, group) to finish merges the group's partials into ``out``
-        (:func:`_merge_group`), counted by ``cnt_ptr`` int32 [B, G] (zero between calls)."""
+        even and odd columns by bit operations (see :func:`_fp8_pairs_to_f16`)."""
         item = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         g = tl.load(items_ptr + item * 4)
@@ -669,60 +641,6 @@ if triton is not None:
         tl.store(m_ptr + row, m_i, mask=head_ok)
         tl.store(l_ptr + row, l_i, mask=head_ok)
         tl.store(acc_ptr + row[:, None] * DV_PAD + dv[None, :], acc, mask=head_ok[:, None])
-        if FUSED:
-            # every thread's partial stores come before the release of the counter below (the
-            # barrier orders them within the program, the release at GPU scope beyond it)
-            tl.debug_barrier()
-            c_lo = tl.load(group_items_ptr + g)
-            c_hi = tl.load(group_items_ptr + g + 1)
-            cnt = cnt_ptr + b * n_groups + g
-            arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-            if arrived == c_hi - c_lo - 1:  # the group's last program: all partials are written
-                tl.store(cnt, 0)  # nobody else touches it in this call: ready for the next one
-                _merge_group(m_ptr, l_ptr, acc_ptr, sinks_ptr, out_ptr, b, g, c_lo, c_hi, n_items,
-                             stride_ob, stride_oh, stride_od, HPG, HPG_M, DV, DV_PAD, BLOCK_C, HAS_SINKS)
-
-    @triton.jit
-    def _merge_group(m_ptr, l_ptr, acc_ptr, sinks_ptr, out_ptr, b, g, c_lo, c_hi, n_items,
-                     stride_ob, stride_oh, stride_od,
-                     HPG: tl.constexpr, HPG_M: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-                     BLOCK_C: tl.constexpr, HAS_SINKS: tl.constexpr):
-        """Merge the partial (max, sum, acc) of items ``c_lo .. c_hi-1`` of group ``g`` in row ``b``
-        for all HPG heads at once (``BLOCK_C`` items a load) and write ``out``; with
-        ``HAS_SINKS`` each head's learned sink adds exp(sink) to the denominator. Reads the
-        partials through L2 (``.cg``): other programs wrote them during this kernel."""
-        r = tl.arange(0, HPG_M)
-        head_ok = r < HPG
-        c = tl.arange(0, BLOCK_C)
-        dv = tl.arange(0, DV_PAD)
-        # one pass, online across blocks: a block's m, l and acc loads are issued together
-        m_run = tl.full([HPG_M], float("-inf"), tl.float32)
-        l_run = tl.full([HPG_M], 0.0, tl.float32)
-        acc = tl.full([HPG_M, DV_PAD], 0.0, tl.float32)
-        for c0 in range(c_lo, c_hi, BLOCK_C):
-            idx = c0 + c
-            row = (b * n_items + idx)[:, None] * HPG + r[None, :]
-            ok = (idx < c_hi)[:, None] & head_ok[None, :]
-            m_c = tl.load(m_ptr + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            l_c = tl.load(l_ptr + row, mask=ok, other=0.0, cache_modifier=".cg")
-            part = tl.load(acc_ptr + row[:, :, None] * DV_PAD + dv[None, None, :], mask=ok[:, :, None], other=0.0,
-                           cache_modifier=".cg")
-            m_new = tl.maximum(m_run, tl.max(m_c, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_run - m_safe)
-            w = tl.exp2(m_c - m_safe[None, :])
-            l_run = l_run * alpha + tl.sum(w * l_c, 0)
-            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
-            m_run = m_new
-        m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
-        total = l_run
-        heads = g * HPG + r
-        if HAS_SINKS:  # m is in log2 units: the sink's term is exp2(sink log2 e - m)
-            snk = tl.load(sinks_ptr + heads, mask=head_ok, other=float("-inf")).to(tl.float32)
-            total += tl.exp2(snk * 1.4426950408889634 - m_safe)
-        o = acc / tl.where(total > 0, total, 1.0)[:, None]  # nothing kept -> zeros
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dv[None, :] * stride_od,
-                 o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & (dv[None, :] < DV))
 
     @triton.jit
     def _decode_combine_kernel(
@@ -826,15 +744,11 @@ def ragged_decode_triton(
     v_scale: torch.Tensor | None = None,
     fp8_mode: str | None = None,
     alibi: torch.Tensor | None = None,
-    fused_merge: bool = True,
 ) -> torch.Tensor:
     """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype);
     ``sinks`` [H]: learned sink logits, ``alibi`` float32 [H]: ALiBi slopes (both as in the
     twin); FP8 k/v with ``k_scale``/``v_scale`` float32 [B, S] (unit slot stride).
     ``fp8_mode``: how an FP8 cache is read (:data:`FP8_MODES`; None: :func:`default_fp8_mode`).
-    ``fused_merge``: the last program of each (row, group) merges the group's partials (one
-    launch; :func:`merge_counters` says when two calls may not overlap); False: a second
-    kernel merges them.
 
     ``chunk`` (slots per work item; default: :func:`auto_work_list`, from the allocation, the
     batch and the GPU's SM count) and
@@ -891,26 +805,18 @@ def ragged_decode_triton(
     interp = interpreting()
     pairs = mode == "pairs"
     v_words = v.view(torch.int16) if pairs else None  # [B, S, Dv / 2]: two e4m3 values a word
-    counters = merge_counters(q.device, B * G) if fused_merge else m
-    hpg_m = pow2(hpg, 1)
-    # the merge loads [BLOCK_C, HPG_M, DV_PAD] float32 at a time: at most 4096 values (32 a thread)
-    block_c = max(1, min(pow2(wl.max_items_per_group, 1), 4096 // (hpg_m * dv_pad)))
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _decode_partial_kernel[(wl.n_items, B)](
             q, k, v_words if pairs else v, wl.items, caps, spans, pos, k_scale if quant else pos,
             v_scale if quant else pos, m if alibi is None else alibi.contiguous(), m, l, acc,  # slopes: unit stride
-            wl.group_items, counters, m if sinks is None else sinks, out,
             *q.stride(), *k.stride(), *(v_words.stride() if pairs else v.stride()), *caps.stride(), *spans.stride(), pos.stride(0),
-            k_scale.stride(0) if quant else 0, v_scale.stride(0) if quant else 0, *out.stride(),
-            wl.n_items, G, sink, window if window > 0 else 2**31 - 1, max(-window, 0), float(scale),
+            k_scale.stride(0) if quant else 0, v_scale.stride(0) if quant else 0,
+            wl.n_items, sink, window if window > 0 else 2**31 - 1, max(-window, 0), float(scale),
             float(softcap) if softcap > 0 else 1.0,
             HPG=hpg, HPG_PAD=hpg_pad, D=D, D_PAD=d_pad, DV=Dv, DV_PAD=dv_pad, BLOCK_N=block_n,
             HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32, QUANT=quant,
-            V_PAIRS=pairs, HAS_ALIBI=alibi is not None, FUSED=fused_merge, HPG_M=hpg_m, BLOCK_C=block_c,
-            HAS_SINKS=sinks is not None, num_warps=num_warps, num_stages=num_stages,
+            V_PAIRS=pairs, HAS_ALIBI=alibi is not None, num_warps=num_warps, num_stages=num_stages,
         )
-        if fused_merge:
-            return out
         _decode_combine_kernel[(H, B)](
             m, l, acc, wl.group_items, m if sinks is None else sinks, out, *out.stride(), wl.n_items,
             HPG=hpg, DV=Dv, DV_PAD=dv_pad, BLOCK_C=min(64, pow2(wl.max_items_per_group, 16)),
