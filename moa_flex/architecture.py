@@ -162,9 +162,6 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
         raise ValueError(f"{type(config).__name__} uses DeepSeek Sparse Attention (index_topk={config.index_topk}: an "
                          "indexer picks the keys each query attends from its own scores), a data-dependent sparsity "
                          "that moa-flex's fixed sink-and-window rules do not model")
-    if getattr(config, "num_kv_shared_layers", 0):
-        raise ValueError(f"{type(config).__name__} has num_kv_shared_layers={config.num_kv_shared_layers} (its last "
-                         "layers attend other layers' keys and values), which moa-flex's per-layer cache does not model")
     window = own_window(config)
     types = layer_types(config, shape.model_layers)
     planned = None if types is None else [WITH_STATE_LAYER_TYPES.get(types[i], types[i]) for i in shape.layer_indices]
@@ -184,6 +181,35 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
         raise ValueError(f"{type(config).__name__} has chunked_attention layers but no attention_chunk_size")
     own = {"sliding_attention": int(window or 0) or None, "chunked_attention": -int(chunk or 0) or None}
     return [own.get(t) for t in planned]
+
+
+def kv_sources(config: Any, shape: Any) -> dict[int, int]:
+    """Planned layer -> the planned layer whose keys and values it attends, for each layer that
+    computes none of its own (KV sharing: Gemma 3n, Gemma 4's ``num_kv_shared_layers``; a
+    ``reuse`` layer reads the last layer of its own type before the shared ones); empty for
+    other models. Plan-layer indices (``shape``: the plan's ModelShape). ValueError if a source
+    is not a planned layer."""
+    config = text_config(config)
+    count = int(getattr(config, "num_kv_shared_layers", 0) or 0)
+    if not count:
+        return {}
+    total = shape.model_layers
+    modes = getattr(config, "kv_sharing_modes", None)
+    modes = list(modes) if modes is not None else [None] * (total - count) + ["reuse"] * count
+    types = layer_types(config, total) or ["full_attention"] * total
+    first = next((i for i, m in enumerate(modes) if m == "reuse"), total)
+    if first == 0:
+        raise ValueError(f"{type(config).__name__} shares keys and values in all of its {total} layers (a draft model "
+                         "that reads another model's): no layer of its own computes them")
+    planned = {layer: p for p, layer in enumerate(shape.layer_indices)}
+    sources = {}
+    for layer in range(first, total):
+        source = max(j for j in range(first) if types[j] == types[layer])
+        if layer not in planned or source not in planned:
+            raise ValueError(f"{type(config).__name__}: layer {layer} attends layer {source}'s keys and values; both "
+                             f"must be planned layers (the plan covers {list(shape.layer_indices)})")
+        sources[planned[layer]] = planned[source]
+    return sources
 
 
 def reads_token_count(config: Any) -> str | None:

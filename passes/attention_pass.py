@@ -19,7 +19,7 @@ attention must still hold one call per layer).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -44,7 +44,7 @@ from .nodes import (
 def rewrite_attention(
     gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, partial_graphs: bool = False, verify_id: int | None = None,
-    latent: LatentDims | None = None,
+    latent: LatentDims | None = None, kv_sources: Mapping[int, int] | None = None,
 ) -> PassReport:
     """Replace every SDPA (or flex_attention) node of ``gm`` by moa-flex attention for its
     layer; validate first.
@@ -58,11 +58,13 @@ def rewrite_attention(
     (:mod:`moa_flex.runtime.verify`): each SDPA node stays beside its replacement, and a
     ``moa_flex::verify_attention`` node (under runtime ``verify_id``, a dense plan) compares
     them; flex_attention graphs are not checked (their mods are proven by evaluation).
+    ``kv_sources``: KV sharing, for prefills over a cache (:func:`rewrite_prefill`).
     """
     rewrite_eager_attention(gm.graph, keep_original=verify_id is not None)  # attention in the model's own code
     fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
     if extend_nodes(gm.graph):  # a prefill over a MoaCache (chunks, later turns)
-        return rewrite_prefill(gm, plan, softcaps, windows, verify=verify_id is not None, latent=latent)
+        return rewrite_prefill(gm, plan, softcaps, windows, verify=verify_id is not None, latent=latent,
+                               kv_sources=kv_sources)
     nodes = attention_nodes(gm.graph)
     flex = flex_nodes(gm.graph)
     if flex and nodes:
@@ -140,6 +142,7 @@ def make_backend(
     windows: Sequence[int | None] | None = None, partial_graphs: bool = False, verify_id: int | None = None,
     say: Callable[[str], None] | None = None, regional: bool = False,
     on_regions: Callable[[RegionReport], None] | None = None, latent: LatentDims | None = None,
+    kv_sources: Mapping[int, int] | None = None,
 ) -> Callable:
     """A torch.compile backend: rewrite attention, then hand the graph to inductor (or run eagerly).
 
@@ -150,7 +153,8 @@ def make_backend(
     ``say`` hears its outcome. ``regional``: decoder layers with equal graphs share one
     inductor compile (:mod:`moa_flex.passes.regional`; ``on_regions`` hears what it did).
     ``latent``: the sizes of a model with latent attention (passes/latent.py), for prefills
-    over its cache.
+    over its cache. ``kv_sources``: KV sharing (``architecture.kv_sources``), for prefills over
+    a cache.
     """
     if inner not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
@@ -166,11 +170,12 @@ def make_backend(
                 "causal; the first-call check compares the two on real inputs and is required for such models: "
                 "compile with verify=True (the default)")
         checked = copy_graph_module(gm) if verify_id is not None and not flex_nodes(gm.graph) else None
-        report = rewrite_attention(gm, plan, runtime_id, softcaps, windows, partial_graphs, latent=latent)
+        report = rewrite_attention(gm, plan, runtime_id, softcaps, windows, partial_graphs, latent=latent,
+                                   kv_sources=kv_sources)
         compiled = compile_graph(gm, example_inputs, inner, mode, regional and bool(report.rewritten), on_regions)
         if checked is not None and report.rewritten:
             rewrite_attention(checked, plan, runtime_id, softcaps, windows, partial_graphs, verify_id=verify_id,
-                              latent=latent)
+                              latent=latent, kv_sources=kv_sources)
             compiled = CheckedFirstCall(checked, compiled, say, own_confirmed if own_code else None)
         # Reported only once compiled: dynamo may restart an analysis (and call us again).
         if on_report is not None and report.rewritten:

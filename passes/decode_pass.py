@@ -15,7 +15,7 @@ into moa-flex's skinny-GEMM kernels (``moa_flex.passes.linear_pass``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -59,16 +59,19 @@ def _append_args(node: torch.fx.Node) -> tuple:
 def rewrite_decode(
     gm: torch.fx.GraphModule, plan: Plan, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, latent: LatentDims | None = None,
+    kv_sources: Mapping[int, int] | None = None,
 ) -> DecodeReport:
     """Replace each layer's single-token SDPA node by ragged decode over its MoA cache.
 
     ``softcaps``/``windows``: per layer, the model's logit soft-cap and own sliding window
     (tokens), or 0/None. ``latent``: the sizes of a model with latent attention (its cache
-    holds the latent: passes/latent.py).
+    holds the latent: passes/latent.py). ``kv_sources``: plan layer -> the plan layer whose keys
+    and values it attends (KV sharing, ``architecture.kv_sources``); such a layer has a cache of
+    its own, which its source's cache layer writes (``MoaCacheLayer.update``).
     """
     rewrite_eager_attention(gm.graph)  # attention in the model's own code
     fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
-    appends = by_layer(append_nodes(gm.graph), "cache_append", plan.model, "decode")
+    appends = by_layer(append_nodes(gm.graph), "cache_append", plan.model, "decode", kv_sources)
     attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "decode")
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
@@ -148,6 +151,7 @@ def make_decode_backend(
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, fuse_linear: bool | None = None, regional: bool = False,
     on_regions: Callable[[RegionReport], None] | None = None, latent: LatentDims | None = None,
+    kv_sources: Mapping[int, int] | None = None,
 ) -> Callable:
     """A torch.compile backend for decode steps: :func:`rewrite_decode`, then (``fuse_linear``)
     :func:`~moa_flex.passes.linear_pass.fuse_linears`, then inductor (or eager).
@@ -155,14 +159,15 @@ def make_decode_backend(
     ``fuse_linear``: True / False, or None for "on when the example inputs are CUDA tensors";
     the reports passed to ``on_report`` are :class:`DecodeReport` (``linear_fusion`` is None
     when the fusion did not run). ``regional``/``on_regions``: as for the prefill backend
-    (:func:`moa_flex.passes.attention_pass.make_backend`). ``latent``: as for :func:`rewrite_decode`."""
+    (:func:`moa_flex.passes.attention_pass.make_backend`). ``latent``, ``kv_sources``: as for
+    :func:`rewrite_decode`."""
     if inner not in ("inductor", "eager"):
         raise ValueError(f"backend must be 'inductor' or 'eager', got {inner!r}")
     if fuse_linear is not None and not isinstance(fuse_linear, bool):
         raise ValueError(f"fuse_linear must be True, False or None, got {fuse_linear!r}")
 
     def moa_flex_decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        report = rewrite_decode(gm, plan, softcaps, windows, latent)
+        report = rewrite_decode(gm, plan, softcaps, windows, latent, kv_sources)
         if fuses_linears(fuse_linear, example_inputs):
             report.linear_fusion = fuse_linears(gm)
         compiled = compile_graph(gm, example_inputs, inner, mode, regional, on_regions)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx
@@ -414,12 +414,28 @@ def plan_layers(model_layers: list[int], shape: Any, what: str) -> list[int]:
     return [shape.plan_layer(layer) for layer in model_layers]
 
 
-def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str) -> dict[int, tuple[torch.fx.Node, str]]:
+def readers_of(sources: Mapping[int, int] | None) -> dict[int, list[int]]:
+    """Plan layer -> the plan layers that attend its keys and values (KV sharing:
+    ``architecture.kv_sources``), in plan order: the order in which its cache layer writes
+    their caches (``MoaCacheLayer.update``)."""
+    readers: dict[int, list[int]] = {}
+    for reader, source in sorted((sources or {}).items()):
+        readers.setdefault(source, []).append(reader)
+    return readers
+
+
+def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str,
+             sources: Mapping[int, int] | None = None) -> dict[int, tuple[torch.fx.Node, str]]:
     """Plan layer -> (node, module path) for nodes of which each planned layer must have
     exactly one (``shape``: the plan's ModelShape); ValueError naming the layers otherwise
-    (``graph``: what graph this is, for the message)."""
+    (``graph``: what graph this is, for the message). ``sources`` (cache writes of a model with
+    KV sharing, plan layer -> the plan layer it reads): a source layer writes its readers'
+    caches after its own (:func:`readers_of`), so its later nodes belong to its readers."""
     found: dict[int, tuple[torch.fx.Node, str]] = {}
-    for node, (layer, path) in zip(nodes, call_layers(nodes)):
+    located = call_layers(nodes)
+    if sources:
+        located = _readers_located(nodes, located, shape, readers_of(sources), what, graph)
+    for node, (layer, path) in zip(nodes, located):
         if layer in found:
             raise ValueError(
                 f"{graph} graph: two {what} nodes for layer {layer} ({found[layer][0].name} in {found[layer][1]}, "
@@ -428,6 +444,29 @@ def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str) -> d
         found[layer] = (node, path)
     planned = plan_layers(list(found), shape, f"{graph} graph: {what} nodes")
     return {p: found[m] for p, m in zip(planned, found)}
+
+
+def _readers_located(nodes: list[torch.fx.Node], located: list[tuple[int, str]], shape: Any,
+                     readers: dict[int, list[int]], what: str, graph: str) -> list[tuple[int, str]]:
+    """``located`` with a source layer's second, third, ... node moved to its readers' decoder
+    layers (in plan order); ValueError unless each source layer has one node per cache it writes."""
+    seen: dict[int, int] = {}
+    out = []
+    for node, (layer, path) in zip(nodes, located):
+        k = seen.get(layer, 0)
+        seen[layer] = k + 1
+        mine = readers.get(shape.plan_layer(layer), []) if layer in shape.layer_indices else []
+        if 0 < k <= len(mine):
+            layer = shape.layer_indices[mine[k - 1]]
+        out.append((layer, path))
+    for source, mine in readers.items():
+        layer = shape.layer_indices[source]
+        if seen.get(layer, 0) != 1 + len(mine):
+            raise ValueError(f"{graph} graph: layer {layer} writes its own cache and those of layers "
+                             f"{[shape.layer_indices[r] for r in mine]} (they read its keys and values), so "
+                             f"{1 + len(mine)} {what} nodes were expected there, found {seen.get(layer, 0)} (a MoaCache "
+                             "built without config= does not write them: pass config=model.config)")
+    return out
 
 
 def check_heads(node: torch.fx.Node, shape: Any, layer: int) -> None:

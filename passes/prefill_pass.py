@@ -15,7 +15,8 @@ dead code. Nothing is rewritten unless every layer matches.
 
 from __future__ import annotations
 
-from typing import Sequence
+import operator
+from typing import Mapping, Sequence
 
 import torch
 import torch.fx
@@ -28,7 +29,7 @@ from .eager_attention import MODEL_OUTPUT
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
     check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, alibi_of, as_cached,
-    head_dim, padding_mask_input,
+    head_dim, padding_mask_input, recorded_value,
 )
 
 EXTEND = (torch.ops.moa_flex.cache_extend, torch.ops.moa_flex.cache_extend.default)
@@ -42,9 +43,28 @@ def extend_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if n.op == "call_function" and n.target in EXTEND]
 
 
+def _aligned_queries(graph: torch.fx.Graph, node: torch.fx.Node, q: torch.fx.Node,
+                     k_new: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None]:
+    """Queries [B, H, C, D] aligned with the chunk's keys, and None; or, where the call's queries
+    may be fewer than the chunk's keys (Gemma 4 runs its KV-sharing layers on the last
+    ``logits_to_keep`` positions only), the queries left-padded with zeros to the chunk's length
+    and the node of how many were added (the output's first rows, dropped after). The model's
+    own SDPA aligns such queries with the chunk's last keys, as the padding does."""
+    qv, kv = recorded_value(q), recorded_value(k_new)
+    if qv is None or kv is None or str(qv.shape[2]) == str(kv.shape[2]):
+        return q, None
+    with graph.inserting_before(node):
+        keys = graph.call_function(torch.ops.aten.sym_size.int, (k_new, 2))
+        queries = graph.call_function(torch.ops.aten.sym_size.int, (q, 2))
+        skipped = graph.call_function(operator.sub, (keys, queries))
+        padded = graph.call_function(torch.ops.aten.constant_pad_nd.default, (q, [0, 0, skipped, 0]))
+    return padded, skipped
+
+
 def rewrite_prefill(
     gm: torch.fx.GraphModule, plan: Plan, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, verify: bool = False, latent: LatentDims | None = None,
+    kv_sources: Mapping[int, int] | None = None,
 ) -> PassReport:
     """Replace each layer's cache write and SDPA node by one chunk prefill over its MoA cache.
 
@@ -54,12 +74,14 @@ def rewrite_prefill(
     ``moa_flex::verify_chunk`` node between it and the chunk prefill compares them (before the
     chunk is written). ``latent``: the sizes of a model with latent attention, whose cache holds
     the latent (passes/latent.py: the chunk prefill attends with absorbed queries, and its output
-    is projected to the model's values).
+    is projected to the model's values). ``kv_sources``: as for
+    :func:`moa_flex.passes.decode_pass.rewrite_decode` (a reader's cache write sits in its
+    source layer; its chunk prefill replaces the reader's attention, reading before writing).
     """
     if windows is None:
         raise ValueError("a prefill over a MoaCache needs each layer's own sliding window: compile with "
                          "moa_flex.compile(model, plan), or pass config= to moa_flex.backend")
-    extends = by_layer(extend_nodes(gm.graph), "cache_extend", plan.model, "prefill")
+    extends = by_layer(extend_nodes(gm.graph), "cache_extend", plan.model, "prefill", kv_sources)
     attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "prefill")
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
@@ -99,6 +121,7 @@ def rewrite_prefill(
             k_new, v_new = (as_cached(graph, extend, t, how, plan.num_kv_heads)
                             for t, how in zip((k_new, v_new), layouts[layer]))
         check_width(v_new, values, layer)
+        q, skipped = _aligned_queries(graph, node, q, k_new)
         chunk_pads = zeros if pads is None else pads
         softcap = float(softcaps[layer]) if softcaps else 0.0
         window = int(windows[layer] or 0)
@@ -122,6 +145,13 @@ def rewrite_prefill(
         # the nodes that tensor methods are called on, and bypasses the graph without them
         new.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "example_value", "val")}
         out = new
+        if skipped is not None:  # the chunk's last queries only: the model's own rows of the output
+            new.meta = {k: v for k, v in new.meta.items() if k not in ("example_value", "val")}
+            with graph.inserting_after(new):
+                end = graph.call_function(torch.ops.aten.sym_size.int, (k_new, 2))
+            with graph.inserting_after(end):
+                out = graph.call_function(torch.ops.aten.slice.Tensor, (new, 2, skipped, end))
+            out.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "example_value", "val")}
         if absorbed is not None:  # attention over the latent: [B, H, S, r], projected to the model's values
             for key in ("example_value", "val"):
                 if isinstance(new.meta.get(key), torch.Tensor):

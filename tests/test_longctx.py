@@ -178,6 +178,19 @@ def test_a_conversation_equals_one_request_planned_for_n(family: str) -> None:
     assert all(cache is model.moa_flex.cache for cache in caches)
 
 
+def padded_prompt(model, plan: Plan, N: int, length: int = 150, pad: int = 11,  # noqa: ANN001
+                  seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and mask [2, length] of a batch whose second row is left-padded by ``pad`` tokens,
+    checked to be cut by ``plan`` (its reference logits differ from a dense plan's)."""
+    ids = ids_of(length, seed=seed, vocab=model.config.get_text_config().vocab_size)
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
+    dense = planned_logits(model, Plan.dense(model.config), N, ids, mask)
+    assert (planned_logits(model, plan, N, ids, mask) - dense)[0].abs().max() > 1e-3, "the plan really cuts"
+    return ids, mask
+
+
 def converse(model, plan: Plan, N: int, ids: torch.Tensor, mask: torch.Tensor, turns: tuple, new: int,  # noqa: ANN001
              seed: int) -> list[MoaCache]:
     """Turns of a conversation on a compiled model (``turns``: the user's new tokens per turn,

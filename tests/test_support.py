@@ -115,7 +115,6 @@ def test_tiny_configs_derive_consistent_sizes() -> None:
 
 
 @pytest.mark.parametrize("model_type,words", [
-    ("gemma3n_text", "num_kv_shared_layers"),  # layers reading other layers' KV
     ("dots3_note_text", "differs between attention layers"),  # per-layer head counts
     ("hrm_text", "several attention stacks"),  # two stacks answering to the same layer indices
     ("dory", "n_recurrent_loops"),  # recurrent layers looped, each loop with cache layers of its own

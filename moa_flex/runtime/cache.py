@@ -33,7 +33,9 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from moa_flex.architecture import WITH_STATE_LAYER_TYPES, cached_value_dim, latent_attention, layer_types, text_config
+from moa_flex.architecture import (
+    WITH_STATE_LAYER_TYPES, cached_value_dim, kv_sources, latent_attention, layer_types, text_config,
+)
 from moa_flex.kernels.decode import default_tiling, prepare_work
 from moa_flex.kernels.quant import SCALE_DTYPE, is_quantized
 from moa_flex.kernels.quant import kv_dtype as parse_kv_dtype
@@ -77,6 +79,9 @@ class MoaCacheLayer(CacheLayerMixin):
         self.length = torch.zeros(B, dtype=torch.long, device=self.device)
         self.filled = False
         self.is_initialized = True
+        # layers that attend this layer's keys and values (KV sharing): each keeps its own MoA
+        # cache of them, which this layer's update writes (in plan order) after its own
+        self.readers: list[MoaCacheLayer] = []
         if not torch.compiler.is_compiling():
             for t in self.tensors():
                 torch._dynamo.mark_static_address(t)
@@ -103,7 +108,10 @@ class MoaCacheLayer(CacheLayerMixin):
         A latent-attention layer (``latent``) is handed the latent [B, 1, S, r] and the rotary key
         [B, 1, S, rope] instead, and caches them as one KV head: keys the two side by side, values
         the latent (passes/latent.py attends over them with the expansion absorbed); the model
-        gets its two tensors back, as from transformers' cache."""
+        gets its two tensors back, as from transformers' cache.
+
+        The layers that read this one's keys and values (:attr:`readers`, KV sharing) are written
+        the same tokens, each into its own cache, after this layer's."""
         if not torch.compiler.is_compiling():
             raise RuntimeError(
                 "a MoaCache is only usable by a model compiled with moa_flex.compile (its attention runs in the "
@@ -112,14 +120,20 @@ class MoaCacheLayer(CacheLayerMixin):
         k_new, v_new = key_states, value_states
         if self.latent:
             k_new, v_new = torch.cat([key_states, value_states], dim=-1), key_states
-        if key_states.shape[-2] == 1:
+        for layer in (self, *self.readers):
+            layer.write(k_new, v_new)
+        return key_states, value_states
+
+    def write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Record the write of new tokens' K/V [B, G, T, D]: ``cache_append`` for one token a row,
+        ``cache_extend`` for several (see :meth:`update`)."""
+        if k_new.shape[-2] == 1:
             torch.ops.moa_flex.cache_append(self.keys, self.values, self.length, k_new, v_new,
                                             self.spans, self.caps, self.offsets, self.sink, self.k_scale, self.v_scale)
         else:
             torch.ops.moa_flex.cache_extend(self.keys, self.values, self.length, k_new, v_new,
                                             torch.zeros_like(self.length), self.spans, self.caps, self.offsets,
                                             self.sink, self.k_scale, self.v_scale)
-        return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """Masks cover the call's own tokens only: prefill attends the prompt, decode the cache."""
@@ -163,6 +177,12 @@ class MoaCache(Cache):
     each planned layer, and transformers' own cache layer (built from ``config``, which is then
     required) for each linear-attention, Mamba or convolution layer, whose state moa-flex
     leaves to the model. :attr:`moa_layers` lists the planned ones in plan order.
+
+    KV sharing (Gemma 3n, Gemma 4: layers that attend another layer's keys and values,
+    ``architecture.kv_sources`` from ``config``): each such layer keeps a MoA cache of its own,
+    under its own rules, of the keys and values it reads; the source layer's update writes it.
+    So every planned layer holds a cache, as ``Plan.kv_density`` counts them (the stock model
+    caches only the source layers). Without ``config`` the compiled model refuses to run.
     """
 
     def __init__(self, plan: Plan, batch_size: int, planned_length: int, *, pads: torch.Tensor | None = None,
@@ -194,6 +214,9 @@ class MoaCache(Cache):
         latent = config is not None and latent_attention(config) is not None
         self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dims[l], storage, devices[l], value_dims[l],
                                          latent) for l in range(plan.num_layers)]
+        self.kv_sources = kv_sources(config, plan.model) if config is not None else {}
+        for reader, source in sorted(self.kv_sources.items()):
+            self.moa_layers[source].readers.append(self.moa_layers[reader])
         super().__init__(layers=_model_layers(plan, self.moa_layers, config))
         self.plan = plan
         self.planned_length = planned_length

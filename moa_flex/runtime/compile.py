@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from moa_flex.architecture import (
-    check_supported, has_learned_sinks, latent_attention, layer_placement, model_windows, reads_token_count, softcaps,
+    check_supported, has_learned_sinks, kv_sources, latent_attention, layer_placement, model_windows, reads_token_count, softcaps,
     text_config,
 )
 from moa_flex.compat import cache_argument
@@ -94,6 +94,7 @@ def backend(plan: Plan, *, inner: str = "inductor", mode: str | None = None, con
         softcaps=softcaps(config, plan.num_layers) if config else None,
         windows=model_windows(config, plan.model) if config else None,
         partial_graphs=partial_graphs, latent=_latent_dims(config, plan),
+        kv_sources=kv_sources(config, plan.model) if config else None,
     )
     fn.runtime = runtime  # type: ignore[attr-defined]
     return fn
@@ -239,15 +240,16 @@ def compile(  # noqa: A001  (the verb of the API)
         state.verify_runtime = MoaRuntime(Plan.dense(plan.model), compiled=False)
         state.verify_runtime.planned_length = max_length
     latent = _latent_dims(config, plan)
+    sources = kv_sources(config, plan.model)
     prefill = make_backend(
         plan, runtime.id, inner=backend, mode=_without_cudagraphs(mode), on_report=state.reports.append,
         softcaps=caps, windows=windows, verify_id=state.verify_runtime.id if verify else None, say=log.say,
-        regional=regional, on_regions=functools.partial(_regions_said, state), latent=latent,
+        regional=regional, on_regions=functools.partial(_regions_said, state), latent=latent, kv_sources=sources,
     )
     decode = make_decode_backend(  # CUDA graphs of decode steps are moa-flex's own (step_graph.py)
         plan, inner=backend, mode=_without_cudagraphs(mode), on_report=state.decode_reports.append, softcaps=caps, windows=windows,
         fuse_linear=fuse_linear, regional=regional and _steps_captured(model, plan, state.cudagraphs),
-        on_regions=functools.partial(_regions_said, state), latent=latent,
+        on_regions=functools.partial(_regions_said, state), latent=latent, kv_sources=sources,
     )
     if backend == "inductor" and cache_enabled(compile_cache):
         devices, dtype = layer_placement(model, plan.model)

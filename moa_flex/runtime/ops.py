@@ -337,7 +337,8 @@ def verify_chunk(
 ) -> None:
     """The first-call check of a prefill chunk's layer: when the cache is empty (the first
     chunk), the chunk attention with dense spans, without soft-cap, against ``want``, the
-    model's own SDPA output over the chunk; real rows: positions >= 0. Reads ``length`` on
+    model's own SDPA output over the chunk (or over its last ``want.shape[2]`` positions,
+    whose queries ``q`` holds last); real rows: positions >= 0. Reads ``length`` on
     the host (once per graph). An FP8 cache's chunk is compared unquantized (the check is of
     the rewrite's masks and grouping; quantization is the cache's own, documented error).
     ``up`` [H, r, v] (and ``up_bias`` [H, 1, v]): latent attention's projection of the output
@@ -356,6 +357,8 @@ def verify_chunk(
     if up is not None:
         got = got @ up.to(got.dtype) + (0 if up_bias is None else up_bias.to(got.dtype))
     real = (start.view(-1, 1) + torch.arange(q.shape[2], device=q.device).view(1, -1)) >= 0
+    if want.dim() == got.dim() and want.shape[2] < got.shape[2]:  # the model's queries: the chunk's last positions
+        got, real = got[:, :, -want.shape[2]:], real[:, -want.shape[2]:]  # (padded in front by the prefill pass)
     check_close(got, want, real, layer, "moa_flex::chunk_prefill")
 
 
