@@ -57,7 +57,11 @@ def _aligned_queries(graph: torch.fx.Graph, node: torch.fx.Node, q: torch.fx.Nod
         keys = graph.call_function(torch.ops.aten.sym_size.int, (k_new, 2))
         queries = graph.call_function(torch.ops.aten.sym_size.int, (q, 2))
         skipped = graph.call_function(operator.sub, (keys, queries))
-        padded = graph.call_function(torch.ops.aten.constant_pad_nd.default, (q, [0, 0, skipped, 0]))
+        # zeros and a cat, not constant_pad_nd: its fake kernel wants a concrete pad (it logs and falls back)
+        size = [graph.call_function(torch.ops.aten.sym_size.int, (q, d)) for d in (0, 1)]
+        size += [skipped, graph.call_function(torch.ops.aten.sym_size.int, (q, 3))]
+        zeros = graph.call_function(torch.ops.aten.new_zeros.default, (q, size))
+        padded = graph.call_function(torch.ops.aten.cat.default, ([zeros, q], 2))
     return padded, skipped
 
 
