@@ -212,6 +212,19 @@ def kv_sources(config: Any, shape: Any) -> dict[int, int]:
     return sources
 
 
+def step_graph_problem(config: Any) -> str | None:
+    """Why a captured CUDA graph of a decode step would replay something stale for this model,
+    or None: a number it reads from the cache (:func:`reads_token_count`), or state tensors its
+    own code replaces at every step (MiniMax's lightning attention, in its cache's list)."""
+    count = reads_token_count(config)
+    if count:
+        return f"{count}, a number a captured graph would freeze"
+    if getattr(text_config(config), "model_type", None) == "minimax":
+        return ("MiniMax's linear-attention layers replace their state tensors at every step (its cache's "
+                "linear_cache list), which a captured graph would not see")
+    return None
+
+
 def reads_token_count(config: Any) -> str | None:
     """Why the model's forward reads its cache's token count (``get_seq_length``) as a number,
     or None. Llama 4 scales the queries of its NoPE layers by a function of the position it

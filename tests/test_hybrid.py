@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moa_flex
+from moa_flex.architecture import step_graph_problem
 from moa_flex.plan import ModelShape, Plan
 from moa_flex.runtime.cache import MoaCache, MoaCacheLayer
 from test_longctx import converse, padded_prompt
@@ -154,3 +155,32 @@ def test_an_attention_block_shared_by_layers_takes_each_layers_rules(model_type:
     mask[0, :5] = 0
     ids[0, :5] = 0
     converse(model, plan, 300, ids, mask, (None, 30), 6, seed=2)
+
+
+def test_minimax_keeps_its_linear_state_in_a_moa_cache_of_its_own_class() -> None:
+    """MiniMax's forward accepts only a MiniMaxCache (its lightning-attention layers keep their
+    state in the cache's linear_cache list): its MoaCache is one, the states start unset, go
+    from chunk to chunk (a prompt in chunks of 48 and greedy decoding equal the reference; the
+    slow hybrid conversations check later turns), and reset clears them; decode steps are not captured as CUDA graphs (the states are new
+    tensors every step)."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    from moa_flex.support import _build
+
+    model = _build("minimax")
+    kinds = model.config.layer_types
+    assert "linear_attention" in kinds and "full_attention" in kinds
+    N = 300
+    plan = sparse_plan(model.config, "kv_head", seed=3)
+    cache = MoaCache(plan, 2, N, config=model.config)
+    assert isinstance(cache, MiniMaxCache) and isinstance(cache, MoaCache)
+    assert all(cache.get_linear_cache(i) is None for i in range(len(kinds)))
+    ids, mask = padded_prompt(model, plan, N)
+    moa_flex.compile(model, plan, max_length=N, prefill_chunk=48, backend="eager", progress=False)
+    last = converse(model, plan, N, ids, mask, (None,), 4, seed=20)[-1]
+    assert [isinstance(last.get_linear_cache(i), torch.Tensor) for i in range(len(kinds))] == \
+        [k == "linear_attention" for k in kinds]
+    last.reset()
+    assert all(last.get_linear_cache(i) is None for i in range(len(kinds)))
+    assert "replace their state tensors" in step_graph_problem(model.config)
+    assert step_graph_problem(tiny_model().config) is None

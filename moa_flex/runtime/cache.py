@@ -185,6 +185,12 @@ class MoaCache(Cache):
     caches only the source layers). Without ``config`` the compiled model refuses to run.
     """
 
+    def __new__(cls, *args: Any, config: Any = None, **kwargs: Any) -> "MoaCache":
+        """A model whose forward accepts only its own cache class (MiniMax) gets a MoaCache that
+        is also one (:func:`model_cache_class`)."""
+        own = model_cache_class(config) if cls is MoaCache else None
+        return super().__new__(own or cls)
+
     def __init__(self, plan: Plan, batch_size: int, planned_length: int, *, pads: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float32, devices: Sequence[torch.device | str] | torch.device | str = "cpu",
                  head_dim: int | None = None, config: Any = None, kv_dtype: torch.dtype | str | None = None,
@@ -217,7 +223,7 @@ class MoaCache(Cache):
         self.kv_sources = kv_sources(config, plan.model) if config is not None else {}
         for reader, source in sorted(self.kv_sources.items()):
             self.moa_layers[source].readers.append(self.moa_layers[reader])
-        super().__init__(layers=_model_layers(plan, self.moa_layers, config))
+        Cache.__init__(self, layers=_model_layers(plan, self.moa_layers, config))  # not a mixed-in model cache's
         self.plan = plan
         self.planned_length = planned_length
         self.pads = pads
@@ -385,3 +391,36 @@ def _state_layer_class() -> type:
 
 
 _STATE_LAYER_CLASS: type | None = None
+_MINIMAX_CACHE_CLASS: type | None = None
+
+
+def model_cache_class(config: Any) -> type | None:
+    """The MoaCache subclass for a model whose forward refuses any cache but its own class, or
+    None. MiniMax (``MiniMaxCache``: its lightning-attention layers keep their state in the
+    cache's ``linear_cache`` list, not in cache layers): a MoaCache that is a ``MiniMaxCache``
+    too, its list holding one entry per decoder layer, unset (``[]``, read as None) until the
+    layer's first forward and after :meth:`reset`. The state tensors are replaced at every step,
+    so such a model's decode steps run without CUDA graphs (``architecture.step_graph_problem``)."""
+    global _MINIMAX_CACHE_CLASS
+    if config is None or getattr(text_config(config), "model_type", None) != "minimax":
+        return None
+    if _MINIMAX_CACHE_CLASS is None:
+        from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+        class MoaMiniMaxCache(MoaCache, MiniMaxCache):
+            """:class:`MoaCache` for MiniMax: the MoA layers, and MiniMax's linear-attention states."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                MoaCache.__init__(self, *args, **kwargs)
+                self.linear_cache = [[] for _ in self.layers]
+
+            def get_linear_cache(self, layer_idx: int) -> torch.Tensor | None:
+                state = self.linear_cache[layer_idx]
+                return None if isinstance(state, list) else state
+
+            def reset(self) -> None:
+                MoaCache.reset(self)
+                self.linear_cache = [[] for _ in self.layers]
+
+        _MINIMAX_CACHE_CLASS = MoaMiniMaxCache
+    return _MINIMAX_CACHE_CLASS

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from moa_flex.architecture import (
-    check_supported, has_learned_sinks, kv_sources, latent_attention, layer_placement, model_windows, reads_token_count, softcaps,
+    check_supported, has_learned_sinks, kv_sources, latent_attention, layer_placement, model_windows, softcaps, step_graph_problem,
     text_config,
 )
 from moa_flex.compat import cache_argument
@@ -223,10 +223,9 @@ def compile(  # noqa: A001  (the verb of the API)
         model.set_attn_implementation(wanted)
     log = StartupLog(progress)
     cudagraphs = mode in ("reduce-overhead", "max-autotune")
-    frozen = reads_token_count(config)
-    if cudagraphs and frozen:  # a captured decode step would replay the count it was captured with
-        warnings.warn(f"moa-flex: decode steps run without CUDA graphs: {frozen}, a number a captured graph would "
-                      "freeze", stacklevel=2)
+    stale = step_graph_problem(config)
+    if cudagraphs and stale:  # a captured decode step would replay what it was captured with
+        warnings.warn(f"moa-flex: decode steps run without CUDA graphs: {stale}", stacklevel=2)
         cudagraphs = False
     runtime = MoaRuntime(plan, compiled=backend == "inductor", query_chunk=prefill_chunk)
     runtime.planned_length = max_length
