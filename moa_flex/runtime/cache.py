@@ -373,10 +373,12 @@ def _state_layer_class() -> type:
             def __init__(self, moa: MoaCacheLayer, number_of_states: int) -> None:
                 LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
                 self.__dict__.update(moa.__dict__)  # the MoA layer's tensors, device and dtype
-                # the token count lives on the layer's device (a decode step's graph adds to it)
-                self.cumulative_length_linear = self.cumulative_length_linear.to(self.device)
-                if not torch.compiler.is_compiling():
-                    torch._dynamo.mark_static_address(self.cumulative_length_linear)
+                # the token count lives on the layer's device (a decode step's graph adds to it);
+                # transformers before 5.2x keeps no count in the layer
+                if hasattr(self, "cumulative_length_linear"):
+                    self.cumulative_length_linear = self.cumulative_length_linear.to(self.device)
+                    if not torch.compiler.is_compiling():
+                        torch._dynamo.mark_static_address(self.cumulative_length_linear)
 
             def lazy_initialization(self, *args: Any, **kwargs: Any) -> None:
                 if kwargs:  # a state's first update (the MoA storage is allocated up front)
