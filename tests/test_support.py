@@ -73,8 +73,26 @@ def test_layers_with_fewer_kv_heads_are_cached_expanded() -> None:
 
 
 def test_a_model_dynamo_cannot_trace_is_refused_by_name() -> None:
-    r = check_type("minimax")  # its forward refuses any cache but its own, inside the traced forward
-    assert r.status == "refused" and "cannot trace this model's forward" in r.detail
+    """A forward Dynamo cannot trace as one graph (here an MLP that breaks the graph; MiniMax's
+    refusal of any cache but its own was such a case until its MoaCache became one) is refused
+    at the first call with Dynamo's reason, and the support matrix says so."""
+    import torch
+
+    import moa_flex
+    from moa_flex.plan import Plan
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa").eval()
+    mlp = model.model.layers[0].mlp
+    plain = mlp.forward
+
+    def breaking(x):  # noqa: ANN001, ANN202
+        torch._dynamo.graph_break()
+        return plain(x)
+
+    mlp.forward = breaking
+    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, compile_cache=False)
+    with pytest.raises(NotImplementedError, match="cannot trace this model's forward"):
+        model(input_ids=torch.ones(1, 8, dtype=torch.long), use_cache=False)
 
 
 def test_chunked_local_attention_passes_the_matrix() -> None:
