@@ -157,6 +157,7 @@ def test_an_attention_block_shared_by_layers_takes_each_layers_rules(model_type:
     converse(model, plan, 300, ids, mask, (None, 30), 6, seed=2)
 
 
+@pytest.mark.slow  # 12 s (make test-slow); the default run checks MiniMax through the support matrix subset
 def test_minimax_keeps_its_linear_state_in_a_moa_cache_of_its_own_class() -> None:
     """MiniMax's forward accepts only a MiniMaxCache (its lightning-attention layers keep their
     state in the cache's linear_cache list): its MoaCache is one, the states start unset, go

@@ -14,6 +14,7 @@ BLOOM_DECODES = "get_mask_sizes" in __import__("inspect").getsource(transformers
                                         "ctrl",  # assigns its nn.Buffer in forward (runtime/traceable.py)
                                         "dbrx",  # experts loop over nonzero(): moa_flex::dbrx_experts
                                         "xglm",  # attention in its own code, bmm on 3-D views (passes/eager_attention.py)
+                                        "minimax",  # accepts only its own cache class: a MoaCache that is one
                                         pytest.param("bloom", marks=pytest.mark.skipif(  # ALiBi in its own code
                                             not BLOOM_DECODES, reason="this transformers' BLOOM is refused (its bias spans "
                                             "the cache in decode steps): tests/test_eager_attention.py")),
