@@ -468,3 +468,13 @@ def test_profile_model_with_triton_kernel_matches_chunked():
     ref = profile_model(model, samples, impl="chunked", **kw)
     assert rel_err(tri.hist[40], ref.hist[40]) <= 1e-5
     assert rel_err(tri.sink_share[40], ref.sink_share[40]) <= 1e-5
+
+
+def test_a_profile_that_is_not_finite_is_refused_naming_its_layers():
+    """A model whose gradients are NaN somewhere (found on a tiny Gemma 3n) must not become a
+    plan: the profile refuses, naming the layers."""
+    hist, sink = torch.rand(3, 2, 5, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64)
+    instrument.check_finite(hist, sink, 40)
+    hist[1, 0, 2], sink[2, 1] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"layers \[1, 2\] at 40 tokens is not finite"):
+        instrument.check_finite(hist, sink, 40)

@@ -82,6 +82,16 @@ class _InfluenceAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def check_finite(hist: torch.Tensor, sink_share: torch.Tensor, length: int) -> None:
+    """ValueError naming the layers whose influence at ``length`` tokens is not finite (a model
+    whose gradients overflow or are undefined, e.g. NaN from its own code): a plan built on it
+    would rank rules on garbage."""
+    bad = sorted({int(i) for t in (hist, sink_share) for i in (~torch.isfinite(t)).nonzero()[:, 0].tolist()})
+    if bad:
+        raise ValueError(f"the attention influence of layers {bad} at {length} tokens is not finite (NaN or inf): the "
+                         "model's gradients on its own answers are not usable there, so no plan can be built from them")
+
+
 def _profile_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                        **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -265,6 +275,7 @@ def profile_model(
             if N in profile.hist:
                 continue
             h, s = _profile_length(model, used[N], N, sink, span_multiple, impl, progress)
+            check_finite(h, s, N)
             profile.hist[N], profile.sink_share[N], profile.num_samples[N] = h, s, len(used[N])
             if checkpoint_path is not None:
                 profile.save(checkpoint_path)
