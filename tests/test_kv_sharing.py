@@ -74,3 +74,23 @@ def test_a_conversation_over_shared_kv_in_chunks_equals_the_reference(model_type
     assert [len(layer.readers) for layer in cache.moa_layers] == [0, 0, 1, 1, 0, 0]
     for reader in cache.moa_layers[4:]:
         assert bool((reader.length > 0).all()) and reader.keys.abs().sum() > 0, "written by its source"
+
+
+def test_profiling_the_last_positions_queries_equals_profiling_all() -> None:
+    """Gemma 4 runs its reading layers on the positions whose logits are kept only; the profiler
+    pads those queries in front. No other row of those layers reaches the loss, so the
+    influence equals a profile of the same model made to run every position (the config asking
+    for hidden states turns Gemma 4's slicing off)."""
+    from moa_flex.profile.instrument import profile_model
+    from test_profile import calib
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(shared_config("gemma4_text", 2),
+                                                          attn_implementation="sdpa").eval()
+    samples = calib(model, [40], n=1)
+    sliced = profile_model(model, samples, sink=4, span_multiple=8, progress=False, impl="chunked")
+    model.config.output_hidden_states = True
+    whole = profile_model(model, samples, sink=4, span_multiple=8, progress=False, impl="chunked")
+    assert sliced.hist[40][4:].abs().sum() > 0, "the reading layers have influence"
+    torch.testing.assert_close(sliced.hist[40], whole.hist[40], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(sliced.sink_share[40], whole.sink_share[40], rtol=1e-6, atol=1e-12)

@@ -95,22 +95,28 @@ def check_finite(hist: torch.Tensor, sink_share: torch.Tensor, length: int) -> N
 def _profile_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                        **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """The AttentionInterface function of :data:`PROFILE_ATTENTION`: query [1, H, N, D],
-    key/value [1, KVH, N, D] -> output [1, N, H, D]. Only plain causal attention of one
-    unpadded sample; anything else raises."""
+    """The AttentionInterface function of :data:`PROFILE_ATTENTION`: query [1, H, N, D] (or the
+    last M <= N positions' queries), key/value [1, KVH, N, D] -> output [1, N (M), H, D]. Only
+    plain causal attention of one unpadded sample; anything else raises."""
     if kwargs.get("softcap"):
         raise ValueError("moa-flex profiling does not support attention logit soft-capping (Gemma 2)")
     if attention_mask is not None:
         raise ValueError("moa-flex profiling supports plain causal attention of one unpadded sample; the model "
                          "built an attention mask (its own sliding window, padding, or a cache?)")
-    if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+    if query.shape[0] != 1 or query.shape[2] > key.shape[2]:
         raise ValueError(f"moa-flex profiling runs one sample without cache; got query {tuple(query.shape)}, key {tuple(key.shape)}")
+    # fewer queries than keys: the last positions' only (Gemma 4's KV-sharing layers run the
+    # positions whose logits are kept; no other row of theirs reaches the loss): padded in front
+    # with zero queries, whose outputs are dropped, so their rows get no gradient and no influence
+    skipped = key.shape[2] - query.shape[2]
+    if skipped:
+        query = torch.cat([query.new_zeros(1, query.shape[1], skipped, query.shape[3]), query], dim=2)
     if dropout:
         raise ValueError(f"attention dropout must be 0 while profiling, got {dropout}")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     layer = _SESSION.shape.plan_layer(int(module.layer_idx)) if _SESSION is not None else int(module.layer_idx)
     out = _InfluenceAttention.apply(query, key, value, scale, layer)
-    return out.transpose(1, 2).contiguous(), None
+    return out[:, :, skipped:].transpose(1, 2).contiguous(), None
 
 
 def register_profile_attention() -> None:
