@@ -212,6 +212,9 @@ def kv_sources(config: Any, shape: Any) -> dict[int, int]:
     return sources
 
 
+OWN_CACHE_TYPES = ("minimax",)  # model types whose forward accepts only their own cache class
+
+
 def step_graph_problem(config: Any) -> str | None:
     """Why a captured CUDA graph of a decode step would replay something stale for this model,
     or None: a number it reads from the cache (:func:`reads_token_count`), or state tensors its
@@ -219,7 +222,7 @@ def step_graph_problem(config: Any) -> str | None:
     count = reads_token_count(config)
     if count:
         return f"{count}, a number a captured graph would freeze"
-    if getattr(text_config(config), "model_type", None) == "minimax":
+    if getattr(text_config(config), "model_type", None) in OWN_CACHE_TYPES:
         return ("MiniMax's linear-attention layers replace their state tensors at every step (its cache's "
                 "linear_cache list), which a captured graph would not see")
     return None

@@ -45,9 +45,9 @@ def extend_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
 
 def _aligned_queries(graph: torch.fx.Graph, node: torch.fx.Node, q: torch.fx.Node,
                      k_new: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None]:
-    """Queries [B, H, C, D] aligned with the chunk's keys, and None; or, where the call's queries
-    may be fewer than the chunk's keys (Gemma 4 runs its KV-sharing layers on the last
-    ``logits_to_keep`` positions only), the queries left-padded with zeros to the chunk's length
+    """Queries [B, H, C, D] of a layer reading another layer's keys, aligned with the chunk's
+    keys, and None; or, where the call's queries may be fewer than the chunk's keys (Gemma 4 runs
+    its KV-sharing layers on the last ``logits_to_keep`` positions only), the queries left-padded with zeros to the chunk's length
     and the node of how many were added (the output's first rows, dropped after). The model's
     own SDPA aligns such queries with the chunk's last keys, as the padding does."""
     qv, kv = recorded_value(q), recorded_value(k_new)
@@ -125,7 +125,9 @@ def rewrite_prefill(
             k_new, v_new = (as_cached(graph, extend, t, how, plan.num_kv_heads)
                             for t, how in zip((k_new, v_new), layouts[layer]))
         check_width(v_new, values, layer)
-        q, skipped = _aligned_queries(graph, node, q, k_new)
+        # only a layer reading another layer's keys may run fewer queries than the chunk (Gemma 4);
+        # elsewhere chunk_prefill's own shape check refuses such a call
+        q, skipped = _aligned_queries(graph, node, q, k_new) if layer in (kv_sources or {}) else (q, None)
         chunk_pads = zeros if pads is None else pads
         softcap = float(softcaps[layer]) if softcaps else 0.0
         window = int(windows[layer] or 0)
@@ -152,9 +154,7 @@ def rewrite_prefill(
         if skipped is not None:  # the chunk's last queries only: the model's own rows of the output
             new.meta = {k: v for k, v in new.meta.items() if k not in ("example_value", "val")}
             with graph.inserting_after(new):
-                end = graph.call_function(torch.ops.aten.sym_size.int, (k_new, 2))
-            with graph.inserting_after(end):
-                out = graph.call_function(torch.ops.aten.slice.Tensor, (new, 2, skipped, end))
+                out = graph.call_function(torch.ops.aten.slice.Tensor, (new, 2, skipped))
             out.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", "example_value", "val")}
         if absorbed is not None:  # attention over the latent: [B, H, S, r], projected to the model's values
             for key in ("example_value", "val"):

@@ -34,7 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_flex.architecture import (
-    WITH_STATE_LAYER_TYPES, cached_value_dim, kv_sources, latent_attention, layer_types, text_config,
+    OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_value_dim, kv_sources, latent_attention, layer_types, text_config,
 )
 from moa_flex.kernels.decode import default_tiling, prepare_work
 from moa_flex.kernels.quant import SCALE_DTYPE, is_quantized
@@ -404,7 +404,7 @@ def model_cache_class(config: Any) -> type | None:
     layer's first forward and after :meth:`reset`. The state tensors are replaced at every step,
     so such a model's decode steps run without CUDA graphs (``architecture.step_graph_problem``)."""
     global _MINIMAX_CACHE_CLASS
-    if config is None or getattr(text_config(config), "model_type", None) != "minimax":
+    if config is None or getattr(text_config(config), "model_type", None) not in OWN_CACHE_TYPES:
         return None
     if _MINIMAX_CACHE_CLASS is None:
         from transformers.models.minimax.modeling_minimax import MiniMaxCache
