@@ -6,8 +6,8 @@ This script runs the host wrappers on small CPU tensors with the launches interc
 compiles every launched (kernel, signature, constants) ahead of time to a cubin with Triton's
 own compiler. Run in a process without TRITON_INTERPRET (tests/test_kernel_aot.py starts it);
 prints one line per compiled kernel and exits non-zero on the first failure. Argument: the
-cases, ``llama`` (bf16 and FP8 caches at head dim 128, the default) or ``latent`` (a latent
-cache's 576 / 512).
+cases: ``fp8`` (an FP8 cache at head dim 128 with soft-cap, window and sinks, the default),
+``bf16`` (a bf16 cache at head dim 128 without them) or ``latent`` (a latent cache's 576 / 512).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _cases(which: str) -> None:
     length = torch.full((B,), 40, dtype=torch.long)
     # (KV groups, key width, value width, cache dtype, soft-cap / window / sinks): Llama-like bf16
     # plain, FP8 with every option, and DeepSeek-V3's latent cache (one group, 512 + 64 and 512)
-    cases = {"llama": ((2, 128, 128, torch.bfloat16, False), (2, 128, 128, FP8, True)),
+    cases = {"bf16": ((2, 128, 128, torch.bfloat16, False),), "fp8": ((2, 128, 128, FP8, True),),
              "latent": ((1, 576, 512, torch.bfloat16, False),)}
     for G, D, Dv, dtype, options in cases[which]:
         caps = torch.full((B, G), S // G, dtype=torch.int32)
@@ -118,9 +118,9 @@ def dims(signature: dict[str, str], constants: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    which = sys.argv[1] if len(sys.argv) > 1 else "llama"
-    if which not in ("llama", "latent"):
-        sys.exit(f"usage: kernel_aot.py [llama|latent], got {which!r}")
+    which = sys.argv[1] if len(sys.argv) > 1 else "fp8"
+    if which not in ("fp8", "bf16", "latent"):
+        sys.exit(f"usage: kernel_aot.py [fp8|bf16|latent], got {which!r}")
     _cases(which)
     seen = set()
     for fn, signature, constants, options, what in LAUNCHES:

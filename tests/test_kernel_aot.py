@@ -35,10 +35,19 @@ def _compiled(which: str) -> list[str]:
 
 
 def test_kernels_compile_for_sm90_within_shared_memory() -> None:
-    """bf16 and FP8 caches at head dim 128, with and without soft-cap, window and sinks."""
-    compiled = _compiled("llama")
-    assert sum("QUANT': True" in line for line in compiled) == 4  # FP8: append, decode (both modes) and chunk
+    """An FP8 cache at head dim 128 with soft-cap, window and sinks: every option's code, and the
+    chunk kernel's largest tiles at this width (scales beside the values)."""
+    compiled = _compiled("fp8")
+    assert sum("QUANT': True" in line for line in compiled) == 4  # append, decode (both modes) and chunk
     assert sum("V_PAIRS': True" in line for line in compiled) == 1
+    assert sum("HAS_SOFTCAP': True" in line for line in compiled) == 3  # decode (both modes) and chunk
+
+
+@pytest.mark.slow  # 11 s: kept out of the default run, which compiles the same kernels with every option on
+def test_kernels_compile_for_sm90_with_a_bf16_cache() -> None:
+    """A bf16 cache at head dim 128 without soft-cap, window or sinks."""
+    compiled = _compiled("bf16")
+    assert sum("QUANT': False" in line for line in compiled) == 3  # append, decode and chunk
 
 
 @pytest.mark.slow  # the chunk kernel at 1024-wide tiles takes 20 s to compile (make test-slow)
