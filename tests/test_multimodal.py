@@ -25,7 +25,7 @@ PROMPT, NEW, IMAGE_AT = 24, 5, 8  # tokens; the image's placeholders start at IM
 
 
 @pytest.mark.parametrize("model_type", [
-    # 6-10 s each (make test-slow); the default run generates with gemma3 and fuyu below
+    # 6-10 s each (make test-slow); the default run generates with gemma3 below (fuyu: make test-slow)
     pytest.param("gemma3", marks=pytest.mark.slow),
     pytest.param("fuyu", marks=pytest.mark.slow),
     pytest.param("got_ocr2", marks=pytest.mark.slow),
@@ -73,12 +73,12 @@ def _fuyu() -> Case:
     return Case(model, _prompt(5, 6), {"pixel_values": patches})
 
 
-@pytest.fixture(scope="module")
-def cases() -> dict[str, Case]:
-    """Per model type: stock tokens first, then the model compiled (dense plan, eager backend)."""
-    built = {}
-    for name, make in (("gemma3", _gemma3), ("fuyu", _fuyu)):
-        case = make()
+class _Cases(dict):
+    """Per model type, built at its first use (Fuyu's only in make test-slow): stock tokens first,
+    then the model compiled (dense plan, eager backend)."""
+
+    def __missing__(self, name: str) -> Case:
+        case = {"gemma3": _gemma3, "fuyu": _fuyu}[name]()
         with torch.no_grad():
             case.stock_text = case.model.generate(**case.request)
             if "pixel_values" in inspect.signature(case.model.forward).parameters and PRE_ENCODED:
@@ -89,11 +89,16 @@ def cases() -> dict[str, Case]:
             "the image must change the stock answer"
         moa_flex.compile(case.model, Plan.dense(case.model.config), backend="eager", progress=False,
                          compile_cache=False)
-        built[name] = case
-    return built
+        self[name] = case
+        return case
 
 
-@pytest.mark.parametrize("name", ["gemma3", "fuyu"])
+@pytest.fixture(scope="module")
+def cases() -> dict[str, Case]:
+    return _Cases()
+
+
+@pytest.mark.parametrize("name", ["gemma3", pytest.param("fuyu", marks=pytest.mark.slow)])  # fuyu: 8 s, make test-slow
 def test_dense_generate_equals_stock_text_only_and_with_an_image(cases: dict[str, Case], name: str) -> None:
     """Image features enter at the prefill only (merged into the placeholders' embeddings); decode
     steps get none, as in transformers' loop. Gemma 3's all-text token_type_ids (what its

@@ -225,6 +225,7 @@ def test_hybrid_layers_share_by_kind() -> None:
         assert r.layers == [0, 1, 2, 3] and r.compiles <= 3 and r.shared.get(3) == 1
 
 
+@pytest.mark.slow  # the fallback compiles four layers whole through inductor: 19-24 s (make test-slow)
 def test_a_graph_that_cannot_be_cut_compiles_whole(four_layers: tuple, eager_run: tuple,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """If the cut itself fails, the graph compiles whole (what regional=False runs), the

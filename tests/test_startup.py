@@ -46,7 +46,7 @@ def test_phase_lines_on_stderr_and_silenced(capsys: pytest.CaptureFixture, monke
     assert counters["aot_autograd"]["autograd_cache_bypass"] == before
 
     quiet = tiny_model("llama", layers=2, seed=1)
-    moa_flex.compile(quiet, sparse_plan(quiet.config, "kv_head"), max_length=96, progress=False)
+    moa_flex.compile(quiet, sparse_plan(quiet.config, "kv_head"), max_length=96, progress=False, backend="eager")
     _generate(quiet, ids_of(40, batch=1))
     assert "moa-flex: " not in capsys.readouterr().err
     assert any("traced" in line for line in quiet.moa_flex.log.lines)

@@ -10,7 +10,8 @@ from moa_flex.support import Result, causal_lm_types, check_type, main, markdown
 BLOOM_DECODES = "get_mask_sizes" in __import__("inspect").getsource(transformers.BloomModel.forward)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mixtral", "gpt2", "qwen3",
+@pytest.mark.parametrize("model_type", [pytest.param("llama", marks=pytest.mark.slow),  # tests/test_compile.py, test_generate.py
+                                        "mixtral", "gpt2", "qwen3",
                                         "ctrl",  # assigns its nn.Buffer in forward (runtime/traceable.py)
                                         "dbrx",  # experts loop over nonzero(): moa_flex::dbrx_experts
                                         "xglm",  # attention in its own code, bmm on 3-D views (passes/eager_attention.py)
