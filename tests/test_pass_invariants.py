@@ -19,7 +19,8 @@ from moa_flex.passes.attention_pass import rewrite_attention
 from moa_flex.passes.nodes import (
     CACHED, SDPA_TARGETS, Layout, as_cached, cached_layout, call_layers, eliminate_dead_code, keeps_effects,
 )
-from tiny_models import FAMILIES, SEQ, ids_of, tiny_model
+from reference import reference_logits
+from tiny_models import EAGER_ONLY, FAMILIES, SEQ, WINDOWED, dense_mask_nodes, ids_of, sparse_plan, tiny_model
 
 
 def _attention_only(graph: torch.fx.Graph) -> set[str]:
@@ -38,12 +39,18 @@ def _attention_only(graph: torch.fx.Graph) -> set[str]:
                                     for f in FAMILIES])
 def test_attention_pass_leaves_every_other_node(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The prefill pass on each family's traced graph: the nodes it removed are attention
-    calls and what fed only them; every other node is still there with its target; and the
-    compiled model with a dense plan equals the stock model (fp32, 1e-5)."""
+    calls and what fed only them; every other node is still there with its target; one
+    rewritten node per attention layer, no dense mask built (outside models with windows of
+    their own); the compiled model with a dense plan equals the stock model (fp32, 1e-5), and
+    then (set_plan, the same graph) a sparse plan equals the reference (1e-4). backend='eager';
+    the same through inductor: tests/test_regional.py."""
     model = tiny_model(family)
-    ids = ids_of(SEQ, batch=1)
+    ids = ids_of(SEQ)
     with torch.no_grad():
         stock = model(input_ids=ids, use_cache=False).logits
+    plan = sparse_plan(model.config, "kv_head")
+    want = reference_logits(model, plan, input_ids=ids)
+    assert (want - stock).abs().max() > 1e-3, "the sparse plan must change the logits"
     seen: list[tuple[dict, dict, set]] = []
 
     def watched(gm: torch.fx.GraphModule, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -64,6 +71,17 @@ def test_attention_pass_leaves_every_other_node(family: str, monkeypatch: pytest
     assert removed <= attention | only, f"removed nodes that were not attention's alone: {removed - attention - only}"
     assert all(after[name] == before[name] for name in before.keys() - removed)
     assert (got - stock).abs().max() <= 1e-5
+    report = model.moa_flex.reports[-1]
+    assert sorted(r.layer for r in report.rewritten) == list(range(plan.num_layers)), "one node per attention layer"
+    if family not in WINDOWED:
+        assert not dense_mask_nodes(report.graph_module), "no dense mask is built"
+    model.moa_flex.set_plan(plan)
+    with torch.no_grad():
+        sparse = model(input_ids=ids, use_cache=False).logits
+    assert (sparse - want).abs().max() <= 1e-4
+    assert len(model.moa_flex.reports) == 1 and len(seen) == 1, "one graph for both plans"
+    moa_flex.uncompile(model)
+    assert model.config._attn_implementation == ("eager" if family in EAGER_ONLY else "sdpa")
 
 
 def test_dead_code_elimination_keeps_in_place_calls_and_what_it_was_not_given() -> None:
