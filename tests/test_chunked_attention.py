@@ -13,7 +13,7 @@ import transformers
 import moa_flex
 from moa_flex.architecture import model_windows, reads_token_count
 from moa_flex.plan import ModelShape, Plan
-from test_longctx import converse, generate
+from conversation import converse, generate
 from tiny_models import ids_of, sparse_plan, tiny_model
 
 CHUNK = 64

@@ -28,12 +28,12 @@ from moa_flex.kernels.triton_support import interpreting, triton
 from moa_flex.runtime.cache import MoaCache
 from moa_flex.runtime.slots import cache_append_reference, cache_extend_reference
 from reference import planned_logits
-from test_chunk import layouts as chunk_layouts
-from test_chunk import real_rows, whole_prompt_attention
-from test_chunk import tensors as chunk_tensors
-from test_decode_kernel import layouts as decode_layouts
-from test_decode_kernel import naive_decode, scalars
-from test_decode_kernel import tensors as decode_tensors
+from chunk_cases import layouts as chunk_layouts
+from chunk_cases import real_rows, whole_prompt_attention
+from chunk_cases import tensors as chunk_tensors
+from decode_cases import layouts as decode_layouts
+from decode_cases import naive_decode, scalars
+from decode_cases import tensors as decode_tensors
 from tiny_models import ids_of, sparse_plan, tiny_model
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

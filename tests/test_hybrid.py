@@ -12,7 +12,7 @@ import moa_flex
 from moa_flex.architecture import step_graph_problem
 from moa_flex.plan import ModelShape, Plan
 from moa_flex.runtime.cache import MoaCache, MoaCacheLayer
-from test_longctx import converse, padded_prompt
+from conversation import converse, padded_prompt
 from tiny_models import ids_of, sparse_plan, tiny_model
 
 LAYERS = 4  # linear, attention, linear, attention
@@ -120,7 +120,7 @@ def test_a_hybrid_profile_has_its_attention_layers_and_equals_the_reference() ->
     reference built from an independent eager attention's q, k, v, O and dO; the linear
     layers take part in the backward untouched."""
     from moa_flex.profile import profile_model
-    from test_profile import SINK, SM, calib, reference_profile
+    from profile_cases import SINK, SM, calib, reference_profile
 
     model = hybrid_model("qwen3_next")
     samples = calib(model, [48], n=1)

@@ -14,7 +14,7 @@ import moa_flex
 from moa_flex.architecture import kv_sources
 from moa_flex.plan import ModelShape
 from moa_flex.support import causal_lm_types, tiny_config
-from test_longctx import converse, padded_prompt
+from conversation import converse, padded_prompt
 from tiny_models import sparse_plan
 
 TYPES = ["sliding_attention", "full_attention"] * 3  # 6 layers, the last 2 or 4 reading others'
@@ -82,7 +82,7 @@ def test_profiling_the_last_positions_queries_equals_profiling_all() -> None:
     influence equals a profile of the same model made to run every position (the config asking
     for hidden states turns Gemma 4's slicing off)."""
     from moa_flex.profile.instrument import profile_model
-    from test_profile import calib
+    from profile_cases import calib
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(shared_config("gemma4_text", 2),

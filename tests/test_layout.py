@@ -141,3 +141,16 @@ def test_ops_are_registered_in_one_module() -> None:
         if "torch.library.custom_op(" in text or "torch.library.define(" in text:
             where[name] = text.count("torch.library.custom_op(")
     assert list(where) == ["moa_flex.runtime.ops"], where
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test code lives in helper modules (tests/tiny_models.py, reference.py,
+    conversation.py, ...): importing a test module runs its module-level set-up and ties two
+    files' tests together."""
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name} imports {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert not found, found
