@@ -2,8 +2,8 @@
 
 Oracles:
 * the quantizer: a brute-force nearest value over all 256 e4m3fn codes (ties to the even code);
-* reads: the float64 brute-force attentions of tests/test_decode_kernel.py and
-  tests/test_chunk.py over the *dequantized* keys and values (what a reader must see);
+* reads: the float64 brute-force attentions of tests/decode_cases.py and
+  tests/chunk_cases.py over the *dequantized* keys and values (what a reader must see);
 * kernels: their twins (fp32 arithmetic on the dequantized values), output poisoned first;
 * writes: the Triton append kernel bit for bit against the torch twin.
 
