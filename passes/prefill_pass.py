@@ -45,9 +45,9 @@ def extend_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
 
 def _aligned_queries(graph: torch.fx.Graph, node: torch.fx.Node, q: torch.fx.Node,
                      k_new: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None]:
-    """Queries [B, H, C, D] of a layer reading another layer's keys, aligned with the chunk's
-    keys, and None; or, where the call's queries may be fewer than the chunk's keys (Gemma 4 runs
-    its KV-sharing layers on the last ``logits_to_keep`` positions only), the queries left-padded with zeros to the chunk's length
+    """For a layer reading another layer's keys: its queries [B, H, C, D] as they are, and None,
+    when they match the chunk's keys; or, where they may be fewer (Gemma 4 runs those layers on
+    the last ``logits_to_keep`` positions only), left-padded with zeros to the chunk's length,
     and the node of how many were added (the output's first rows, dropped after). The model's
     own SDPA aligns such queries with the chunk's last keys, as the padding does."""
     qv, kv = recorded_value(q), recorded_value(k_new)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import torch
+
 from moa_flex.plan import Plan
 from moa_flex.runtime.cache import MoaCache
 from reference import planned_logits

@@ -6,6 +6,7 @@ test_fp8.py).
 from __future__ import annotations
 
 import math
+
 import torch
 from hypothesis import strategies as st
 
