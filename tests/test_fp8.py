@@ -462,6 +462,8 @@ def test_retrieval_scoring_reads_the_fp8_cache() -> None:
     assert (got - planned_logits(model, plan, 180, ids, mask)).abs().max() > 1e-4
 
 
+@pytest.mark.slow  # two inductor compiles, 30 s; the default run covers the FP8 cache through compiled graphs
+# (eager backend: test_fp8_conversation_equals_the_fp8_reference) and the cache through inductor (bf16: test_generate)
 def test_fp8_cache_through_inductor() -> None:
     """The same over inductor (regional compilation, the cache ops' scales functionalized):
     generate equals the FP8-reading reference token for token, logits within 1e-4."""
