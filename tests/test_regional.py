@@ -193,11 +193,12 @@ def test_regional_equals_the_reference(four_layers: tuple) -> None:
     with torch.no_grad():
         stock = model(input_ids=ids).logits
         want_logits = reference_logits(model, plan, input_ids=ids)
+    assert (want_logits - stock).abs().max() > 1e-3, "the plan really cuts"
     want_tokens, _ = reference_greedy(model, plan, ids.shape[1] + 5, ids, mask, 5)
     logits, tokens, reports, dense = _run(model, plan, ids, dense_too=True)
     torch.testing.assert_close(dense, stock, rtol=0, atol=1e-5)
     assert torch.equal(tokens, want_tokens)
-    torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=2e-5)
     # the plain forward and the prefill over the cache: one layer compiled, three reusing it; on the
     # CPU decode steps (not captured in CUDA graphs) compile whole
     assert len(reports) == 2
