@@ -24,15 +24,16 @@ demo: setup
 	$(VENV)/bin/moa-flex demo -o moa-flex-demo
 
 # Two workers (one per core of the CI machine), each running whole files so that a file's
-# compiled models are built once; each worker takes one core: one OpenMP thread and inductor
-# compiling in-process (its pool of compile processes would compete with the other worker).
+# compiled models are built once, the longest files first (tests/conftest.py FILE_SECONDS); each
+# worker takes one core: one OpenMP thread and inductor compiling in-process (its pool of
+# compile processes would compete with the other worker).
 # TORCHINDUCTOR_VEC_ISA_OK=1: inductor takes the vector instruction sets /proc/cpuinfo lists
 # instead of test-compiling each one first (about 13 s of g++ per worker with cold caches).
 TEST_WORKERS ?= 2
 TEST_ENV ?= OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 TORCHINDUCTOR_VEC_ISA_OK=1
 
 test: setup
-	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # one process: the slow set holds a timing bar (the 128K mask build) that needs both cores
 test-slow: setup

@@ -26,3 +26,23 @@ os.environ.setdefault("MOA_FLEX_COMPILE_CACHE", "0")
 # compiled many models before tests/test_regional.py's fixture once exceeded).
 torch._dynamo.config.recompile_limit = 256
 torch._dynamo.config.accumulated_recompile_limit = 4096
+
+# Seconds each file took in a cold two-worker run (session 25, `pytest -n 2 --dist loadfile --durations=0`),
+# files above 10 s. `make test` hands whole files to the two workers in collection order
+# (--no-loadscope-reorder): the longest first, so that no long file starts last and leaves one
+# core idle (by xdist's default order, the number of tests a file holds, the one-test
+# tests/test_kernel_aot.py (20 s) ran last while the other worker had been idle for 14 s).
+FILE_SECONDS = {
+    "test_support.py": 69, "test_generate.py": 51, "test_compile.py": 42, "test_longctx.py": 40,
+    "test_precompiled.py": 38, "test_readme.py": 37, "test_pass_invariants.py": 27, "test_regional.py": 27,
+    "test_masks.py": 27, "test_startup.py": 24, "test_chunked_attention.py": 23, "test_flex_pass.py": 22,
+    "test_kernel_aot.py": 21, "test_eager_attention.py": 19, "test_chunk.py": 18, "test_latent.py": 18,
+    "test_linear_pass.py": 14, "test_fp8.py": 14, "test_api.py": 14, "test_verify.py": 12, "test_kv_sharing.py": 12,
+    "test_multimodal.py": 12, "test_placement.py": 10,
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    """Files in descending measured time (unlisted files after them, in their own order); the
+    tests of a file keep theirs."""
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))
