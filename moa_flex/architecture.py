@@ -274,6 +274,20 @@ def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, in
 _SUBLAYER_OF = re.compile(r"(?:self_attn|attn|attention)\.(\d+)$")  # layers.3.self_attn.1: a list of sublayers
 
 
+SLOT_OFFSET = "cycle_offset"  # HRM's: what its stacks add to an attention module's layer_idx for the cache slot
+
+
+def slots_in_call_order(model: torch.nn.Module) -> bool:
+    """Whether the model runs its attention modules several times per forward, each call on the
+    cache slot ``layer_idx + cycle_offset`` that its caller passes (HRM: an L and an H stack run in
+    cycles; the slots rise in call order and ``config.num_hidden_layers`` counts them). A plan then
+    has one rule per slot, and the passes take the k-th attention call of a graph as slot k
+    (passes/nodes.py ``call_layers``)."""
+    return any(type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")
+               and SLOT_OFFSET in inspect.signature(type(m).forward).parameters
+               for m in _language_model(model).modules())
+
+
 def attention_layer_problem(model: torch.nn.Module) -> str:
     """Why the model's attention modules do not map one to one to cache layers ("" if they
     do): a module whose ``layer_idx`` is not the index of the decoder layer holding it (Zamba's
@@ -293,13 +307,14 @@ def attention_layer_problem(model: torch.nn.Module) -> str:
         sub = _SUBLAYER_OF.search(name)
         found.append((name, idx, int(m.group(1)), int(sub.group(1)) if sub else None))
     per = max((j for *_, j in found if j is not None), default=-1) + 1
+    several_calls = slots_in_call_order(model)  # modules answering to one layer_idx on slots of their own
     seen: dict[int, str] = {}
     for name, idx, layer, j in found:
         expected = layer if j is None or per == 0 else layer * per + j
         if not isinstance(idx, int) or idx != expected:
             return (f"{name} answers to layer_idx {idx!r} inside decoder layer {layer} (an attention block shared "
                     "by several layers, or attention sublayers numbered otherwise than N * sublayers + j)")
-        if idx in seen:
+        if idx in seen and not several_calls:
             return f"{seen[idx]} and {name} both answer to layer_idx {idx} (several attention stacks)"
         seen[idx] = name
     return ""

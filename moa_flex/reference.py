@@ -7,6 +7,7 @@ forwards. Slow and obviously right: the tests' oracle and the support matrix's
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import re
 
@@ -62,9 +63,18 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
 
 def _calling_layer(module: torch.nn.Module) -> int:
     """The decoder layer whose call this is: the module's ``layer_idx``, or, for an attention
-    block shared by several layers (Zamba's, ``layer_idx`` None), the decoder layer running."""
+    block shared by several layers (Zamba's, ``layer_idx`` None), the decoder layer running; for
+    a module that runs several times per forward on the cache slot its caller passes (HRM's
+    ``cycle_offset``), that call's slot."""
+    slot = _REF_PLAN.get("slots", {}).get(id(module))
+    if slot is not None:
+        return slot
     idx = getattr(module, "layer_idx", None)
     return idx if isinstance(idx, int) and idx >= 0 else _REF_PLAN["layer"]
+
+
+def _record_slot(module: torch.nn.Module, _args: tuple, kwargs: dict) -> None:
+    _REF_PLAN.setdefault("slots", {})[id(module)] = module.layer_idx + int(kwargs.get("cycle_offset", 0))
 
 
 def _track_layers(model: torch.nn.Module) -> list:
@@ -72,6 +82,9 @@ def _track_layers(model: torch.nn.Module) -> list:
     BERT-style ``...layer.<i>``, MPT-style ``...blocks.<i>``, XLM's ``...attentions.<i>``) recording which one runs."""
     handles = []
     for name, module in model.named_modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and "cycle_offset" in inspect.signature(
+                type(module).forward).parameters:  # HRM: this call's cache slot is layer_idx + the caller's offset
+            handles.append(module.register_forward_pre_hook(_record_slot, with_kwargs=True))
         m = re.fullmatch(r"(?:.*\.)?(?:layers|layer|h|blocks|attentions)\.(\d+)", name)
         if m:
             handles.append(module.register_forward_pre_hook(
@@ -152,6 +165,7 @@ def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | 
         for h in hooks:
             h.remove()
         _REF_PLAN.pop("layer", None)
+        _REF_PLAN.pop("slots", None)
         if not own:
             model.set_attn_implementation(before)
 

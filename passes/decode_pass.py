@@ -32,7 +32,7 @@ from .value_fusion import fuse_value_splits
 from .linear_pass import LinearFusionReport, fuse_linears
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_heads, check_reads_cache, check_width, erase_with_inputs, head_dim, sinks_of, alibi_of, as_cached,
+    runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, head_dim, sinks_of, alibi_of, as_cached,
 )
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
@@ -71,8 +71,9 @@ def rewrite_decode(
     """
     rewrite_eager_attention(gm.graph)  # attention in the model's own code
     fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
-    appends = by_layer(append_nodes(gm.graph), "cache_append", plan.model, "decode", kv_sources)
-    attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "decode")
+    in_call_order = runs_modules_again(attention_nodes(gm.graph))  # HRM's cycles: the k-th call is slot k
+    appends = by_layer(append_nodes(gm.graph), "cache_append", plan.model, "decode", kv_sources, in_call_order)
+    attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "decode", in_call_order=in_call_order)
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)

@@ -372,12 +372,27 @@ def node_layer(node: torch.fx.Node) -> tuple[int, str]:
 _SUBLAYER = re.compile(r"(?:self_attn|attn|attention)(?:\.|\[)'?(\d+)'?\]?$")
 
 
-def call_layers(nodes: list[torch.fx.Node]) -> list[tuple[int, str]]:
+def runs_modules_again(nodes: list[torch.fx.Node]) -> bool:
+    """Whether one attention module made several of these calls: a model whose stacks run in
+    cycles, each call on the cache slot its caller passes (HRM's ``cycle_offset``, the only such
+    model ``architecture.check_supported`` lets through)."""
+    located = [node_layer(n) for n in nodes]
+    return len(set(located)) < len(located)
+
+
+def call_layers(nodes: list[torch.fx.Node], in_call_order: bool | None = None) -> list[tuple[int, str]]:
     """(layer index, module path) of each attention node: its decoder layer, or where a decoder
     layer holds a list of attention sublayers (LongCat-Flash: ``self_attn.0`` and ``self_attn.1``,
     whose ``layer_idx`` is ``2 N + j``), ``N * sublayers + j``: the index transformers' cache and
-    the plan give it (``architecture.attention_layer_problem`` checks the convention)."""
+    the plan give it (``architecture.attention_layer_problem`` checks the convention).
+    ``in_call_order`` (default: whether :func:`runs_modules_again` holds for ``nodes``): the k-th
+    call is cache slot k, for a model whose modules run several times per forward on slots that
+    rise in call order (HRM: ``layer_idx + cycle_offset``, ``architecture.slots_in_call_order``)."""
     located = [node_layer(n) for n in nodes]
+    if in_call_order is None:
+        in_call_order = len(set(located)) < len(located)
+    if in_call_order:
+        return [(k, path) for k, (_, path) in enumerate(located)]
     subs = [_SUBLAYER.search(path) for _, path in located]
     if not any(subs):
         return located
@@ -425,15 +440,20 @@ def readers_of(sources: Mapping[int, int] | None) -> dict[int, list[int]]:
 
 
 def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str,
-             sources: Mapping[int, int] | None = None) -> dict[int, tuple[torch.fx.Node, str]]:
+             sources: Mapping[int, int] | None = None,
+             in_call_order: bool = False) -> dict[int, tuple[torch.fx.Node, str]]:
     """Plan layer -> (node, module path) for nodes of which each planned layer must have
     exactly one (``shape``: the plan's ModelShape); ValueError naming the layers otherwise
     (``graph``: what graph this is, for the message). ``sources`` (cache writes of a model with
     KV sharing, plan layer -> the plan layer it reads): a source layer writes its readers'
-    caches after its own (:func:`readers_of`), so its later nodes belong to its readers."""
+    caches after its own (:func:`readers_of`), so its later nodes belong to its readers.
+    ``in_call_order``: the k-th node is layer k (:func:`call_layers`; the caller tells it from the
+    graph's attention calls, as a KV-sharing layer's several cache writes are one module's too)."""
     found: dict[int, tuple[torch.fx.Node, str]] = {}
-    located = call_layers(nodes)
-    if sources:
+    located = call_layers(nodes, in_call_order)
+    if in_call_order and what.startswith("cache_"):
+        _check_slots_in_call_order(nodes, what, graph)
+    if sources and not in_call_order:
         located = _readers_located(nodes, located, shape, readers_of(sources), what, graph)
     for node, (layer, path) in zip(nodes, located):
         if layer in found:
@@ -444,6 +464,33 @@ def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str,
         found[layer] = (node, path)
     planned = plan_layers(list(found), shape, f"{graph} graph: {what} nodes")
     return {p: found[m] for p, m in zip(planned, found)}
+
+
+_SLOT = re.compile(r"\[(\d+)\]\.keys$")  # a cache layer's keys as Dynamo lifted them: ...layers[5].keys
+
+
+def written_slot(node: torch.fx.Node) -> int | None:
+    """The cache layer a cache-write node writes, read from the Dynamo source of its keys buffer
+    (``L['cache'].layers[5].keys``), or None where the graph does not say."""
+    keys = node.args[0] if node.args else None
+    grapharg = keys.meta.get("grapharg") if isinstance(keys, torch.fx.Node) else None
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    name = source.name() if callable(source.name) else source.name  # a method before torch 2.13
+    m = _SLOT.search(str(name))
+    return int(m.group(1)) if m else None
+
+
+def _check_slots_in_call_order(nodes: list[torch.fx.Node], what: str, graph: str) -> None:
+    """ValueError unless the k-th of these cache writes writes cache slot k, where the graph says
+    which it writes: a model running its modules in cycles must visit its slots in call order."""
+    for k, node in enumerate(nodes):
+        slot = written_slot(node)
+        if slot is not None and slot != k:
+            raise ValueError(f"{graph} graph: {what} call {k} writes cache slot {slot}: this model runs its attention "
+                             "modules several times per forward on cache slots that do not follow the call order, "
+                             "which moa-flex's mapping of calls to plan layers assumes")
 
 
 def _readers_located(nodes: list[torch.fx.Node], located: list[tuple[int, str]], shape: Any,

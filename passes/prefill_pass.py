@@ -28,7 +28,7 @@ from .latent import LatentDims, absorb, expansion_weight
 from .eager_attention import MODEL_OUTPUT
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, alibi_of, as_cached,
+    runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, alibi_of, as_cached,
     head_dim, padding_mask_input, recorded_value,
 )
 
@@ -85,8 +85,9 @@ def rewrite_prefill(
     if windows is None:
         raise ValueError("a prefill over a MoaCache needs each layer's own sliding window: compile with "
                          "moa_flex.compile(model, plan), or pass config= to moa_flex.backend")
-    extends = by_layer(extend_nodes(gm.graph), "cache_extend", plan.model, "prefill", kv_sources)
-    attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "prefill")
+    in_call_order = runs_modules_again(attention_nodes(gm.graph))  # HRM's cycles: the k-th call is slot k
+    extends = by_layer(extend_nodes(gm.graph), "cache_extend", plan.model, "prefill", kv_sources, in_call_order)
+    attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "prefill", in_call_order=in_call_order)
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)

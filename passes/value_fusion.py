@@ -33,7 +33,7 @@ def fuse_value_splits(graph: torch.fx.Graph) -> int:
     by_layer: dict[int, list[torch.fx.Node]] = {}
     nodes = attention_nodes(graph)
     try:
-        layers = [layer for layer, _ in call_layers(nodes)]
+        layers = [layer for layer, _ in call_layers(nodes, in_call_order=False)]  # by module: its calls may repeat
     except ValueError:
         return 0  # reported by the pass proper
     for node, layer in zip(nodes, layers):

@@ -38,7 +38,7 @@ FILE_SECONDS = {
     "test_masks.py": 27, "test_startup.py": 24, "test_chunked_attention.py": 23, "test_flex_pass.py": 22,
     "test_kernel_aot.py": 21, "test_eager_attention.py": 19, "test_chunk.py": 18, "test_latent.py": 18,
     "test_linear_pass.py": 14, "test_fp8.py": 14, "test_api.py": 14, "test_verify.py": 12, "test_kv_sharing.py": 12,
-    "test_multimodal.py": 12, "test_placement.py": 10,
+    "test_multimodal.py": 12, "test_placement.py": 10, "test_cycles.py": 20,
 }
 
 

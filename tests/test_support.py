@@ -139,7 +139,6 @@ def test_tiny_configs_derive_consistent_sizes() -> None:
 
 @pytest.mark.parametrize("model_type,words", [
     ("dots3_note_text", "differs between attention layers"),  # per-layer head counts
-    ("hrm_text", "several attention stacks"),  # two stacks answering to the same layer indices
     ("dory", "n_recurrent_loops"),  # recurrent layers looped, each loop with cache layers of its own
 ])
 def test_layouts_the_cache_does_not_model_are_refused_at_compile(model_type: str, words: str) -> None:
