@@ -32,7 +32,8 @@ from .value_fusion import fuse_value_splits
 from .linear_pass import LinearFusionReport, fuse_linears
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, head_dim, sinks_of, alibi_of, as_cached,
+    runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, head_dim, sinks_of, alibi_of,
+    as_cached,
 )
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)

@@ -374,8 +374,9 @@ _SUBLAYER = re.compile(r"(?:self_attn|attn|attention)(?:\.|\[)'?(\d+)'?\]?$")
 
 def runs_modules_again(nodes: list[torch.fx.Node]) -> bool:
     """Whether one attention module made several of these calls: a model whose stacks run in
-    cycles, each call on the cache slot its caller passes (HRM's ``cycle_offset``, the only such
-    model ``architecture.check_supported`` lets through)."""
+    cycles, each call on the cache slot its caller passes (HRM's ``cycle_offset``;
+    ``architecture.attention_layer_problem`` refuses other modules sharing a ``layer_idx``, and
+    the cache graphs check each write's slot: :func:`by_layer`)."""
     located = [node_layer(n) for n in nodes]
     return len(set(located)) < len(located)
 
@@ -390,7 +391,7 @@ def call_layers(nodes: list[torch.fx.Node], in_call_order: bool | None = None) -
     rise in call order (HRM: ``layer_idx + cycle_offset``, ``architecture.slots_in_call_order``)."""
     located = [node_layer(n) for n in nodes]
     if in_call_order is None:
-        in_call_order = len(set(located)) < len(located)
+        in_call_order = runs_modules_again(nodes)
     if in_call_order:
         return [(k, path) for k, (_, path) in enumerate(located)]
     subs = [_SUBLAYER.search(path) for _, path in located]
