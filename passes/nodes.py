@@ -451,10 +451,13 @@ def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str,
     ``in_call_order``: the k-th node is layer k (:func:`call_layers`; the caller tells it from the
     graph's attention calls, as a KV-sharing layer's several cache writes are one module's too)."""
     found: dict[int, tuple[torch.fx.Node, str]] = {}
+    if in_call_order and sources:
+        raise ValueError(f"{graph} graph: this model runs its attention modules several times per forward and shares "
+                         "keys and values between layers; moa-flex models either, not both")
     located = call_layers(nodes, in_call_order)
     if in_call_order and what.startswith("cache_"):
         _check_slots_in_call_order(nodes, what, graph)
-    if sources and not in_call_order:
+    if sources:
         located = _readers_located(nodes, located, shape, readers_of(sources), what, graph)
     for node, (layer, path) in zip(nodes, located):
         if layer in found:

@@ -28,8 +28,8 @@ torch._dynamo.config.recompile_limit = 256
 torch._dynamo.config.accumulated_recompile_limit = 4096
 
 # Seconds each file took in a cold two-worker run (session 25, `pytest -n 2 --dist loadfile --durations=0`),
-# files above 10 s. `make test` hands whole files to the two workers in collection order
-# (--no-loadscope-reorder): the longest first, so that no long file starts last and leaves one
+# files above 10 s (tests/test_cycles.py, added after that run: alone). `make test` hands whole files
+# to the two workers in collection order (--no-loadscope-reorder): the longest first, so that no long file starts last and leaves one
 # core idle (by xdist's default order, the number of tests a file holds, the one-test
 # tests/test_kernel_aot.py (20 s) ran last while the other worker had been idle for 14 s).
 FILE_SECONDS = {

@@ -117,6 +117,11 @@ def test_a_cache_write_out_of_call_order_is_refused() -> None:
         nodes._check_slots_in_call_order(writes, "cache_extend", "prefill")
 
 
+def test_cycles_and_kv_sharing_together_are_refused() -> None:
+    with pytest.raises(ValueError, match="several times per forward and shares keys and values"):
+        nodes.by_layer([], "cache_extend", None, "prefill", sources={1: 0}, in_call_order=True)
+
+
 def test_profiling_is_refused_naming_why() -> None:
     from moa_flex.profile.instrument import _check_profilable
 
