@@ -72,18 +72,20 @@ def test_each_slot_gets_its_own_rule(monkeypatch: pytest.MonkeyPatch) -> None:
         return check(found, what, graph)
 
     monkeypatch.setattr(nodes, "_check_slots_in_call_order", spy)
-    model = _build("hrm_text", initializer_range=0.1)  # larger weights: one slot's rule moves the logits by 1e-2
+    # one layer per stack, two L cycles per H cycle: slots 0-1 L, 2 H, 3-4 L, 5 H (the default tiny
+    # config's 16 slots trace three times as long); larger weights: one slot's rule moves the logits by 1e-2
+    model = _build("hrm_text", initializer_range=0.1, num_layers_per_stack=1, L_cycles=2, num_hidden_layers=6)
     shape = ModelShape.from_config(model.config)
     ids = ids_of(96, batch=1)
     with torch.no_grad():
         stock = model(input_ids=ids, use_cache=False).logits
     dense = Plan.dense(shape, granularity="kv_head")
     alpha, beta = torch.as_tensor(dense.alpha).tolist(), torch.as_tensor(dense.beta).tolist()
-    slot = 5  # an L-stack call of the second H cycle (its module's layer_idx is 1)
+    slot = 4  # the L stack's second call of the second H cycle (its module's layer_idx is 0)
     alpha[slot], beta[slot] = [16.0] * shape.num_kv_heads, [0.0] * shape.num_kv_heads  # 4 sinks + 12 recent
     plan = Plan(shape, alpha, beta, granularity="kv_head", sink=4, min_span=8, span_multiple=4)
     want = reference_logits(model, plan, input_ids=ids)
-    assert (want - stock).abs().max() > 1e-2, "the rule of slot 5 must cut"
+    assert (want - stock).abs().max() > 1e-2, "the rule of slot 4 must cut"
     moa_flex.compile(model, plan, backend="eager", progress=False)
     with torch.no_grad():
         got = model(input_ids=ids, use_cache=False).logits
@@ -92,7 +94,7 @@ def test_each_slot_gets_its_own_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     with torch.no_grad():
         assert (model(input_ids=ids, use_cache=False).logits - stock).abs().max() <= 1e-5
     model.moa_flex.set_plan(plan)
-    # generate over the MoA cache: one cache layer per slot, the rule of slot 5 on its layer only
+    # generate over the MoA cache: one cache layer per slot, the rule of slot 4 on its layer only
     batch = ids_of(40, batch=2, seed=4)
     mask = torch.ones_like(batch)
     with torch.no_grad():
