@@ -17,17 +17,34 @@ from word_tokenizers import numbered_tokenizer
 EAGER = {"backend": "eager"}  # semantics tests: no inductor (its decode path: test_sparse_generate_is_token_exact)
 
 
-@pytest.mark.parametrize("granularity", ["kv_head", "head"])
-def test_sparse_generate_is_token_exact(granularity: str) -> None:
-    """kv_head through inductor (the whole-model prefill and decode graphs), head eagerly."""
+@pytest.fixture(scope="module")
+def compiled() -> torch.nn.Module:
+    """One tiny model compiled once (eager backend) for the file's semantics tests: each test
+    switches in its plan with :func:`planned` (plans are data, the graphs are reused), so the
+    file traces each graph once instead of once per test. Tests of what compile's own
+    arguments change build their own."""
     model = tiny_model()
-    plan = sparse_plan(model.config, granularity, seed=4)
+    return moa_flex.compile(model, Plan.dense(model.config), **EAGER)
+
+
+def planned(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
+    """``model`` running ``plan``, with no cache kept from an earlier test."""
+    model.moa_flex.set_plan(plan)
+    return model
+
+
+@pytest.mark.parametrize("granularity", ["kv_head", "head"])
+def test_sparse_generate_is_token_exact(granularity: str, compiled: torch.nn.Module) -> None:
+    """kv_head through inductor (the whole-model prefill and decode graphs), head eagerly."""
+    plan = sparse_plan(compiled.config, granularity, seed=4)
     N = PROMPT + NEW
     assert plan.kv_density(N) < 0.6
     ids = prompt_ids()
     mask = torch.ones_like(ids)
-    # kv_head through inductor, with the prompt in chunks (128, 128, 34: one graph, a dynamic chunk length)
-    moa_flex.compile(model, plan, **({"prefill_chunk": 128} if granularity == "kv_head" else EAGER))
+    if granularity == "kv_head":  # through inductor, the prompt in chunks (128, 128, 34: one graph, a dynamic chunk length)
+        model = moa_flex.compile(tiny_model(), plan, prefill_chunk=128)
+    else:
+        model = planned(compiled, plan)
     out = run_generate(model, ids, mask)
     seq = out.sequences
     assert seq.shape == (2, N)
@@ -44,13 +61,12 @@ def test_sparse_generate_is_token_exact(granularity: str) -> None:
     assert cache.memory_bytes() == 2 * 2 * int(plan.cache_spans(N).sum()) * 16 * 4
 
 
-def test_dense_plan_generates_stock_tokens() -> None:
-    model = tiny_model()
+def test_dense_plan_generates_stock_tokens(compiled: torch.nn.Module) -> None:
     ids = prompt_ids()
     with torch.no_grad():
-        stock = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                               do_sample=False, pad_token_id=0)
-    moa_flex.compile(model, Plan.dense(model.config), **EAGER)
+        stock = tiny_model().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                                      do_sample=False, pad_token_id=0)
+    model = planned(compiled, Plan.dense(compiled.config))
     assert torch.equal(run_generate(model, ids).sequences, stock)
 
 
@@ -68,11 +84,11 @@ class Collect:
         self.ended += 1
 
 
-def test_decode_loop_matches_transformers_loop() -> None:
+def test_decode_loop_matches_transformers_loop(compiled: torch.nn.Module) -> None:
     """moa-flex's decoding loop against transformers' own (stock model, dense plan): greedy
     with EOS (a finished row gets pad tokens, and all rows finished stops early), logits
     processors, scores, logits and a streamer; sampling from the same seed; stop strings."""
-    model = tiny_model()
+    model = tiny_model()  # the stock model (the same weights as the compiled one)
     ids = prompt_ids()
     with torch.no_grad():
         plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
@@ -101,7 +117,7 @@ def test_decode_loop_matches_transformers_loop() -> None:
         return out, streamer
 
     stock = {name: run(request) for name, request in requests.items()}
-    moa_flex.compile(model, Plan.dense(model.config), **EAGER)
+    model = planned(compiled, Plan.dense(compiled.config))
     for name, request in requests.items():
         (want, want_stream), (got, got_stream) = stock[name], run(request)
         if request.get("return_dict_in_generate"):
@@ -119,9 +135,8 @@ def test_decode_loop_matches_transformers_loop() -> None:
     assert stock["stop strings"][0].shape[1] < PROMPT + NEW
 
 
-def test_decode_loop_refuses_what_it_does_not_do() -> None:
-    model = tiny_model()
-    moa_flex.compile(model, Plan.dense(model.config), **EAGER)
+def test_decode_loop_refuses_what_it_does_not_do(compiled: torch.nn.Module) -> None:
+    model = planned(compiled, Plan.dense(compiled.config))
     ids = prompt_ids()
     cases = [
         (NotImplementedError, "hidden_states", dict(return_dict_in_generate=True, output_hidden_states=True)),
@@ -145,10 +160,8 @@ def test_decode_loop_refuses_what_it_does_not_do() -> None:
         _check_request(GenerationConfig(num_beams=2), {}, synced_gpus=False)
 
 
-def test_left_padded_batch_rows_equal_rows_alone() -> None:
-    model = tiny_model()
-    plan = sparse_plan(model.config, "head", seed=7)
-    moa_flex.compile(model, plan, **EAGER)
+def test_left_padded_batch_rows_equal_rows_alone(compiled: torch.nn.Module) -> None:
+    model = planned(compiled, sparse_plan(compiled.config, "head", seed=7))
     ids = prompt_ids(2)
     mask = torch.ones_like(ids)
     mask[1, :23] = 0
@@ -162,16 +175,15 @@ def test_left_padded_batch_rows_equal_rows_alone() -> None:
         assert (got - torch.stack(alone.logits, 1)[0]).abs().max() <= 1e-4
 
 
-def test_no_recompile_across_decode_steps() -> None:
+def test_no_recompile_across_decode_steps(compiled: torch.nn.Module) -> None:
     """After a warm-up, decode steps, new planned lengths (new cache layouts) and new prompt
     lengths trace no new graph; an identical layout reuses the cache's tensors. (FlexAttention's
     bucket policy, with inductor: test_compile.test_lengths_do_not_recompile_the_model.)"""
     from torch._dynamo.utils import counters
 
-    model = tiny_model()
-    moa_flex.compile(model, sparse_plan(model.config, "kv_head"), **EAGER)
+    model = planned(compiled, sparse_plan(compiled.config, "kv_head"))
     ids = prompt_ids()
-    run_generate(model, ids, new=3)  # traces the prefill graph and the decode graph
+    run_generate(model, ids, new=3)  # traces the prefill graph and the decode graph (unless a test before did)
     run_generate(model, ids, new=4)
     counters.clear()
     run_generate(model, ids, new=NEW)  # another planned length: another cache layout
@@ -182,12 +194,11 @@ def test_no_recompile_across_decode_steps() -> None:
     assert counters["stats"]["unique_graphs"] == 0
 
 
-def test_set_plan_does_not_recompile() -> None:
+def test_set_plan_does_not_recompile(compiled: torch.nn.Module) -> None:
     """A dense plan (every layer's cache as wide) then a heterogeneous one: the same graphs."""
     from torch._dynamo.utils import counters
 
-    model = tiny_model()
-    moa_flex.compile(model, Plan.dense(model.config), **EAGER)
+    model = planned(compiled, Plan.dense(compiled.config))
     ids = prompt_ids()
     run_generate(model, ids, new=3)
     counters.clear()
@@ -336,7 +347,7 @@ def test_set_plan_with_another_sink_before_and_after_the_cache_graphs() -> None:
     the plan given to compile: a plan with another sink, switched in before the first
     generate or between two, decodes token-exact against the reference (the support matrix
     found the compile-time sink baked in, silently wrong)."""
-    model = tiny_model()
+    model = tiny_model()  # its own: the switch before the first generate needs cache graphs not yet traced
     first = Plan.dense(model.config)  # sink 64 by default: not the sparse plan's 16
     second = sparse_plan(model.config, "kv_head", seed=4)
     assert first.sink != second.sink

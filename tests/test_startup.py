@@ -17,7 +17,7 @@ import moa_flex
 from moa_flex.runtime.compile_cache import (CompileCache, _flagged_isas, _isa_probe_file, artifact_key, cache_enabled,
                                             settle_isa_probe)
 from moa_flex.runtime.startup_log import StartupLog
-from tiny_models import ids_of, sparse_plan, tiny_model
+from tiny_models import ids_of, prompt_ids, run_generate, sparse_plan, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,10 +31,11 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor, new: int = 6) -> torch.
 def test_phase_lines_on_stderr_and_silenced(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each graph is traced once (no restarted analysis) and said on stderr with its seconds;
     progress=False and MOA_FLEX_QUIET=1 keep stderr silent but the lines are still kept."""
+    # test_generate.py's inductor request (layout, prompt and chunk): its graphs, from inductor's cache when that ran first
     model = tiny_model("llama", layers=2)
-    moa_flex.compile(model, sparse_plan(model.config, "kv_head"), max_length=96)
+    moa_flex.compile(model, sparse_plan(model.config, "kv_head"), prefill_chunk=128)
     before = counters["aot_autograd"]["autograd_cache_bypass"]
-    _generate(model, ids_of(40, batch=1))
+    run_generate(model, prompt_ids())
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if line.startswith("moa-flex: ")]
     assert said == model.moa_flex.log.lines
