@@ -101,10 +101,16 @@ def test_lengths_do_not_recompile_the_model() -> None:
             assert length_bucket(n) == length_bucket(SEQ)
             got = model(input_ids=ids_of(n, seed=n), use_cache=False).logits
         assert counters["stats"]["unique_graphs"] == graphs, "no compile within a bucket"
+        model.moa_flex.set_plan(Plan.dense(model.config))  # the same model graph, every span dense
+        dense = model(input_ids=ids_of(290, seed=290), use_cache=False).logits
     assert len(model.moa_flex.reports) == 1, "the model graph was traced once"
+    # regional compilation (the default): layer 0 compiled, layer 1 running its code
+    assert [(r.layers, r.compiles, r.shared) for r in model.moa_flex.region_reports] == [([0, 1], 1, {1: 0})]
     moa_flex.uncompile(model)
     want = reference_logits(model, plan, input_ids=ids_of(290, seed=290))
     assert (got - want).abs().max() <= 1e-4
+    with torch.no_grad():
+        assert (dense - model(input_ids=ids_of(290, seed=290), use_cache=False).logits).abs().max() <= 1e-5
 
 
 def test_set_plan_switches_without_recompiling() -> None:

@@ -184,7 +184,8 @@ def _run(model, plan, ids, dense_too: bool = False, **kw) -> tuple:  # noqa: ANN
         moa_flex.uncompile(model)
 
 
-def test_regional_equals_the_reference(four_layers: tuple) -> None:
+@pytest.mark.slow  # 25 s (make test-slow); by default test_generate.py and test_compile.py check regional compilation
+def test_regional_equals_the_reference(four_layers: tuple) -> None:  # on two layers (reference, stock, the reports)
     """Regional compilation through inductor gives the reference's logits and greedy tokens,
     and after set_plan(Plan.dense) on the same graphs the stock model's logits. (A whole graph's
     inductor compile, what regional=False runs, is the fallback a slow test takes.)"""
