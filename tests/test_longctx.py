@@ -66,12 +66,14 @@ def test_plain_forward_in_query_chunks_is_exact(family: str) -> None:
     inputs = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
     want = reference_logits(model, plan, [0, 40], **inputs)
     outs = []
-    for chunk in (128, None):
-        moa_flex.compile(model, plan, prefill_chunk=chunk, **EAGER)
+    moa_flex.compile(model, plan, prefill_chunk=128, **EAGER)
+    for chunk in (128, None):  # the query chunk is read at run time: the same graph
+        model.moa_flex.runtime.query_chunk = chunk
         with warnings.catch_warnings(), torch.no_grad():
             warnings.filterwarnings("ignore", message="moa-flex: the attention mask is more than")
             outs.append(model(**inputs, use_cache=False).logits)
-        moa_flex.uncompile(model)
+    assert len(model.moa_flex.reports) == 1
+    moa_flex.uncompile(model)
     for got in outs:
         assert (got[0] - want[0]).abs().max() <= 1e-4 and (got[1, 40:] - want[1, 40:]).abs().max() <= 1e-4
     assert (outs[0] - outs[1]).abs().max() <= 1e-5
