@@ -15,6 +15,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from moa_flex.architecture import SLOT_OFFSET
 from moa_flex.kernels.quant import dequantize_fp8, is_quantized, quantize_fp8
 from moa_flex.masks import reference_mask
 from moa_flex.plan import Plan
@@ -74,7 +75,7 @@ def _calling_layer(module: torch.nn.Module) -> int:
 
 
 def _record_slot(module: torch.nn.Module, _args: tuple, kwargs: dict) -> None:
-    _REF_PLAN.setdefault("slots", {})[id(module)] = module.layer_idx + int(kwargs.get("cycle_offset", 0))
+    _REF_PLAN.setdefault("slots", {})[id(module)] = module.layer_idx + int(kwargs.get(SLOT_OFFSET, 0))
 
 
 def _track_layers(model: torch.nn.Module) -> list:
@@ -82,7 +83,7 @@ def _track_layers(model: torch.nn.Module) -> list:
     BERT-style ``...layer.<i>``, MPT-style ``...blocks.<i>``, XLM's ``...attentions.<i>``) recording which one runs."""
     handles = []
     for name, module in model.named_modules():
-        if isinstance(getattr(module, "layer_idx", None), int) and "cycle_offset" in inspect.signature(
+        if isinstance(getattr(module, "layer_idx", None), int) and SLOT_OFFSET in inspect.signature(
                 type(module).forward).parameters:  # HRM: this call's cache slot is layer_idx + the caller's offset
             handles.append(module.register_forward_pre_hook(_record_slot, with_kwargs=True))
         m = re.fullmatch(r"(?:.*\.)?(?:layers|layer|h|blocks|attentions)\.(\d+)", name)

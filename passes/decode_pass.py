@@ -72,9 +72,10 @@ def rewrite_decode(
     """
     rewrite_eager_attention(gm.graph)  # attention in the model's own code
     fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
-    in_call_order = runs_modules_again(attention_nodes(gm.graph))  # HRM's cycles: the k-th call is slot k
+    calls = attention_nodes(gm.graph)
+    in_call_order = runs_modules_again(calls)  # HRM's cycles: the k-th call is slot k
     appends = by_layer(append_nodes(gm.graph), "cache_append", plan.model, "decode", kv_sources, in_call_order)
-    attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "decode", in_call_order=in_call_order)
+    attns = by_layer(calls, "attention", plan.model, "decode", in_call_order=in_call_order)
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)

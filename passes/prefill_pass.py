@@ -85,9 +85,10 @@ def rewrite_prefill(
     if windows is None:
         raise ValueError("a prefill over a MoaCache needs each layer's own sliding window: compile with "
                          "moa_flex.compile(model, plan), or pass config= to moa_flex.backend")
-    in_call_order = runs_modules_again(attention_nodes(gm.graph))  # HRM's cycles: the k-th call is slot k
+    calls = attention_nodes(gm.graph)
+    in_call_order = runs_modules_again(calls)  # HRM's cycles: the k-th call is slot k
     extends = by_layer(extend_nodes(gm.graph), "cache_extend", plan.model, "prefill", kv_sources, in_call_order)
-    attns = by_layer(attention_nodes(gm.graph), "attention", plan.model, "prefill", in_call_order=in_call_order)
+    attns = by_layer(calls, "attention", plan.model, "prefill", in_call_order=in_call_order)
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)
