@@ -247,10 +247,13 @@ def bidirectional_attention(model: torch.nn.Module) -> list[str]:
     (an encoder's bidirectional attention, BERT-style models without ``is_decoder``), looked for
     in the language model (``get_decoder()``: a vision or audio tower's encoder layers are
     bidirectional by design). Cross-attention modules are not listed: a causal LM built from a
-    decoder stack never runs them."""
+    decoder stack never runs them. Nor are modules without a linear projection of their own:
+    they attend over something else than the sequence (Inkling 2's block attention residuals
+    mix one position's earlier block outputs with a learned query)."""
     return [name for name, m in _language_model(model).named_modules()
             if getattr(m, "is_causal", None) is False and _LAYER_OF.search(name) and not _CROSS.search(name)
-            and not getattr(m, "is_cross_attention", False)]
+            and not getattr(m, "is_cross_attention", False)
+            and any(isinstance(c, torch.nn.Linear) for c in m.modules())]
 
 
 def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, int]]:
