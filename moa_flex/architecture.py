@@ -95,13 +95,53 @@ def _language_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def layer_types(config: Any, num_layers: int) -> list[str] | None:
-    """The (text) config's ``layer_types`` for its first ``num_layers`` layers, or None."""
+    """The (text) config's ``layer_types`` for its first ``num_layers`` layers, or None; for a
+    model with a cache slot per loop of its recurrent layers (:func:`slot_layers`), per slot."""
     config = text_config(config)
     types = getattr(config, "layer_types", None)
     kinds = getattr(config, "attention_layers", None)
     if types is None and isinstance(kinds, (list, tuple)) and kinds and set(kinds) <= set(_GPT_NEO_KINDS):
         types = [_GPT_NEO_KINDS[t] for t in kinds]  # GPT-Neo: global / local (window_size)
-    return [str(t) for t in types[:num_layers]] if isinstance(types, (list, tuple)) else None
+    if not isinstance(types, (list, tuple)):
+        return None
+    slots = slot_layers(config)
+    if slots is not None:
+        types = [types[layer] for layer in slots]
+    return [str(t) for t in types[:num_layers]]
+
+
+def recurrent_loops(config: Any) -> tuple[int, int, int, int] | None:
+    """(input, recurrent, output layers, loops) of a model that runs a middle section of its
+    decoder layers several times per forward (Dory's ``n_recurrent_loops``), or None."""
+    config = text_config(config)
+    loops = getattr(config, "n_recurrent_loops", None)
+    if not isinstance(loops, int) or loops < 2:
+        return None
+    return int(config.n_input_layers), int(config.n_recurrent_layers), int(config.n_output_layers), loops
+
+
+def slot_layers(config: Any) -> list[int] | None:
+    """The decoder layer of every cache slot of a model whose recurrent loops each write cache
+    slots of their own (Dory's ``per_loop`` cache: slots 0..L-1 are the decoder layers, loop
+    k >= 1 of recurrent layer I + j writes slot L + (k - 1) R + j), or None (one slot per layer)."""
+    found = recurrent_loops(config)
+    if found is None or getattr(text_config(config), "recurrent_kv_cache_mode", "per_loop") != "per_loop":
+        return None
+    first, recurrent, _, loops = found
+    total = int(text_config(config).num_hidden_layers)
+    return list(range(total)) + [first + j for _ in range(loops - 1) for j in range(recurrent)]
+
+
+def call_slots(config: Any) -> tuple[int, ...] | None:
+    """The cache slot of each attention call of one forward, in call order, for a model whose
+    calls do not visit the slots in order (Dory: the input layers, loop 0 on the recurrent
+    layers' own slots, loops 1.. on their appended slots, then the output layers), or None."""
+    if slot_layers(config) is None:
+        return None
+    first, recurrent, _, loops = recurrent_loops(config)  # type: ignore[misc]
+    total = int(text_config(config).num_hidden_layers)
+    looped = [total + (k - 1) * recurrent + j for k in range(1, loops) for j in range(recurrent)]
+    return (*range(first + recurrent), *looped, *range(first + recurrent, total))
 
 
 # GPT-Neo's own names of its layer kinds (``attention_layers``), its local window in ``window_size``
@@ -277,17 +317,26 @@ def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, in
 _SUBLAYER_OF = re.compile(r"(?:self_attn|attn|attention)\.(\d+)$")  # layers.3.self_attn.1: a list of sublayers
 
 
-SLOT_OFFSET = "cycle_offset"  # HRM's: what its stacks add to an attention module's layer_idx for the cache slot
+# what a caller adds to an attention module's layer_idx for the cache slot of this call: HRM's
+# stacks running in cycles, Dory's recurrent loops
+SLOT_OFFSETS = ("cycle_offset", "cache_offset")
+
+
+def slot_offset(module: torch.nn.Module) -> str | None:
+    """The keyword (:data:`SLOT_OFFSETS`) through which callers of this attention module pass
+    the offset of its cache slot, or None."""
+    params = inspect.signature(type(module).forward).parameters
+    return next((name for name in SLOT_OFFSETS if name in params), None)
 
 
 def slots_in_call_order(model: torch.nn.Module) -> bool:
     """Whether the model runs its attention modules several times per forward, each call on the
-    cache slot ``layer_idx + cycle_offset`` that its caller passes (HRM: an L and an H stack run in
-    cycles; the slots rise in call order and ``config.num_hidden_layers`` counts them). A plan then
-    has one rule per slot, and the passes take the k-th attention call of a graph as slot k
+    cache slot ``layer_idx + offset`` that its caller passes (:data:`SLOT_OFFSETS`; HRM: an L and
+    an H stack run in cycles, the slots rise in call order and ``config.num_hidden_layers``
+    counts them; Dory: :func:`call_slots`). A plan then has one rule per slot, and the passes
+    take the k-th attention call of a graph as the k-th slot of the call order
     (passes/nodes.py ``call_layers``)."""
-    return any(type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")
-               and SLOT_OFFSET in inspect.signature(type(m).forward).parameters
+    return any(type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and slot_offset(m)
                for m in _language_model(model).modules())
 
 
@@ -341,14 +390,18 @@ def alibi_over_cache_length(model: torch.nn.Module) -> bool:
 def check_supported(model: torch.nn.Module, shape: Any) -> None:
     """ValueError naming why, for a model whose attention a plan cannot rule (``shape``: the
     plan's ModelShape): decoder layers run several times per
-    forward (Dory's loops), attention modules that do not map one to one to decoder layers, layers running other KV heads than the config, bidirectional
+    forward reading each other's cache (Dory's last_loop cache), attention modules that do not map one to one to decoder layers, layers running other KV heads than the config, bidirectional
     attention. Checked at compile time, before anything changes."""
     name = type(model).__name__
-    loops = getattr(text_config(getattr(model, "config", None)), "n_recurrent_loops", None)
-    if isinstance(loops, int) and loops > 1:
-        raise ValueError(f"{name} runs its recurrent decoder layers {loops} times per forward (n_recurrent_loops), "
-                         "each loop attending through cache layers of its own beyond the model's decoder layers; a "
-                         "MoA plan rules one attention per decoder layer")
+    config = text_config(getattr(model, "config", None))
+    loops = recurrent_loops(config)
+    if loops is not None and slot_layers(config) is None:
+        raise ValueError(f"{name} runs its recurrent decoder layers {loops[3]} times per forward with "
+                         f"recurrent_kv_cache_mode={config.recurrent_kv_cache_mode!r}: the loops before the last read "
+                         "the last loop's cache layers without writing them, which moa-flex's cache does not model "
+                         "(a loop reads only what its own cache slot kept); load it with "
+                         "recurrent_kv_cache_mode='per_loop', which gives each loop a cache slot, and a plan a rule, "
+                         "of its own")
     problem = attention_layer_problem(model)
     if problem:
         raise ValueError(f"{name}: {problem}; a MoA plan rules one attention per decoder layer")

@@ -21,7 +21,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from moa_flex.architecture import attention_layers, cached_key_dim, cached_value_dim, call_kv_heads, text_config
+from moa_flex.architecture import (
+    attention_layers, cached_key_dim, cached_value_dim, call_kv_heads, call_slots, text_config,
+)
 
 FORMAT = "moa-flex.plan/1"
 PLAN_FILE = "moa_plan.json"  # a plan beside a model's config.json (Plan.save_pretrained)
@@ -45,7 +47,10 @@ class ModelShape:
     layers; for a model whose every layer attends both are None. ``value_dim``: the width of a
     cached value per head where it is not ``head_dim`` (MiMo-V2-Flash's narrower values,
     DiffLlama's two halves side by side: ``architecture.cached_value_dim``); budgets in bytes
-    count it.
+    count it. ``call_slots``: for a model that runs a section of its decoder layers several times
+    per forward, each loop on cache slots of its own (Dory), the plan's layers are the cache slots,
+    and this is the slot of each attention call of one forward in call order
+    (``architecture.call_slots``); None where calls map to layers by module or in call order.
     """
 
     num_layers: int
@@ -56,6 +61,7 @@ class ModelShape:
     layers: tuple[int, ...] | None = None
     total_layers: int | None = None
     value_dim: int | None = None
+    call_slots: tuple[int, ...] | None = None
 
     @property
     def layer_indices(self) -> tuple[int, ...]:
@@ -105,6 +111,13 @@ class ModelShape:
         name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")
         head_dim = cached_key_dim(config, head_dim)  # latent attention: the latent and rotary key
         value_dim = _value_dim(config, head_dim)
+        slots = call_slots(config)
+        if slots is not None:
+            if layers is not None:
+                raise TypeError(f"{type(config).__name__} loops decoder layers with cache slots of their own and has "
+                                "layers without softmax attention; moa-flex models either, not both")
+            return cls(len(slots), num_heads, int(num_kv_heads), head_dim, str(name), value_dim=value_dim,
+                       call_slots=slots)
         if layers is None:
             return cls(num_layers, num_heads, int(num_kv_heads), head_dim, str(name), value_dim=value_dim)
         return cls(len(layers), num_heads, int(num_kv_heads), head_dim, str(name), layers=layers,
@@ -309,16 +322,20 @@ class Plan:
             if key not in m:
                 raise ValueError(f"plan.model.{key} is missing")
         unknown = set(m) - {"num_layers", "num_heads", "num_kv_heads", "head_dim", "name", "layers", "total_layers",
-                            "value_dim"}
+                            "value_dim", "call_slots"}
         if unknown:
             raise ValueError(f"plan.model has unknown fields {sorted(unknown)}")
         layers = m.get("layers")
         if layers is not None and not isinstance(layers, list):
             raise ValueError(f"plan.model.layers must be a list of decoder-layer indices, got {type(layers).__name__}")
+        slots = m.get("call_slots")
+        if slots is not None and (not isinstance(slots, list) or sorted(slots) != list(range(m["num_layers"]))):
+            raise ValueError("plan.model.call_slots must list every layer of the plan once (the cache slot of each "
+                             f"attention call in call order), got {slots!r}")
         shape = ModelShape(
             m["num_layers"], m["num_heads"], m["num_kv_heads"], m.get("head_dim"), m.get("name", ""),
             layers=None if layers is None else tuple(layers), total_layers=m.get("total_layers"),
-            value_dim=m.get("value_dim"),
+            value_dim=m.get("value_dim"), call_slots=None if slots is None else tuple(slots),
         )
         return cls(
             shape,
@@ -443,6 +460,7 @@ class Plan:
                 "name": m.name,
                 **({} if m.layers is None else {"layers": list(m.layers), "total_layers": m.total_layers}),
                 **({} if m.value_dim is None else {"value_dim": m.value_dim}),
+                **({} if m.call_slots is None else {"call_slots": list(m.call_slots)}),
             },
             "granularity": self.granularity,
             "sink": self.sink,
@@ -554,7 +572,8 @@ class Plan:
         """Raise ValueError if the plan does not fit a model (transformers config or ModelShape)."""
         shape = self._shape(config)
         pairs = [
-            ("num_layers", "num_hidden_layers", self.num_layers, shape.num_layers),
+            ("num_layers", "cache slots" if shape.call_slots else "num_hidden_layers", self.num_layers,
+             shape.num_layers),
             ("num_heads", "num_attention_heads", self.num_heads, shape.num_heads),
             ("num_kv_heads", "num_key_value_heads", self.num_kv_heads, shape.num_kv_heads),
         ]
@@ -562,6 +581,8 @@ class Plan:
             pairs.append(("head_dim", "head_dim", self.model.head_dim, shape.head_dim))
         if self.model.layer_indices != shape.layer_indices:
             pairs.append(("layers", "attention layers", list(self.model.layer_indices), list(shape.layer_indices)))
+        if self.model.call_slots != shape.call_slots:
+            pairs.append(("call_slots", "cache slots in call order", self.model.call_slots, shape.call_slots))
         wrong = [
             f"plan.model.{mine} = {ours} but the model has {theirs_name} = {theirs}"
             for mine, theirs_name, ours, theirs in pairs

@@ -7,7 +7,6 @@ forwards. Slow and obviously right: the tests' oracle and the support matrix's
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import re
 
@@ -15,7 +14,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from moa_flex.architecture import SLOT_OFFSET
+from moa_flex.architecture import slot_offset
 from moa_flex.kernels.quant import dequantize_fp8, is_quantized, quantize_fp8
 from moa_flex.masks import reference_mask
 from moa_flex.plan import Plan
@@ -66,7 +65,7 @@ def _calling_layer(module: torch.nn.Module) -> int:
     """The decoder layer whose call this is: the module's ``layer_idx``, or, for an attention
     block shared by several layers (Zamba's, ``layer_idx`` None), the decoder layer running; for
     a module that runs several times per forward on the cache slot its caller passes (HRM's
-    ``cycle_offset``), that call's slot."""
+    ``cycle_offset``, Dory's ``cache_offset``), that call's slot."""
     slot = _REF_PLAN.get("slots", {}).get(id(module))
     if slot is not None:
         return slot
@@ -75,7 +74,7 @@ def _calling_layer(module: torch.nn.Module) -> int:
 
 
 def _record_slot(module: torch.nn.Module, _args: tuple, kwargs: dict) -> None:
-    _REF_PLAN.setdefault("slots", {})[id(module)] = module.layer_idx + int(kwargs.get(SLOT_OFFSET, 0))
+    _REF_PLAN.setdefault("slots", {})[id(module)] = module.layer_idx + int(kwargs.get(slot_offset(module), 0))
 
 
 def _track_layers(model: torch.nn.Module) -> list:
@@ -83,8 +82,8 @@ def _track_layers(model: torch.nn.Module) -> list:
     BERT-style ``...layer.<i>``, MPT-style ``...blocks.<i>``, XLM's ``...attentions.<i>``) recording which one runs."""
     handles = []
     for name, module in model.named_modules():
-        if isinstance(getattr(module, "layer_idx", None), int) and SLOT_OFFSET in inspect.signature(
-                type(module).forward).parameters:  # HRM: this call's cache slot is layer_idx + the caller's offset
+        if isinstance(getattr(module, "layer_idx", None), int) and slot_offset(module):
+            # HRM's cycles, Dory's loops: this call's cache slot is layer_idx + the caller's offset
             handles.append(module.register_forward_pre_hook(_record_slot, with_kwargs=True))
         m = re.fullmatch(r"(?:.*\.)?(?:layers|layer|h|blocks|attentions)\.(\d+)", name)
         if m:

@@ -97,6 +97,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {  # per model type (sub-configs too): wh
     "mimo_v2_flash": {"v_head_dim": 8},  # values narrower than keys, as in the real model (128 beside 192)
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [16, 48], "attn_layers": ["local", "lsh"]},  # its LM
     # head asserts is_decoder; the axial position embedding parts sum to hidden_size; the layer count is attn_layers
+    "dory": {"num_hidden_layers": 3, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+             "n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1},  # an input, a looped and an
+    # output layer (the default's 8 input and 8 output layers leave none to loop); 4 cache slots, called 0, 1, 3, 2
     "xmod": {"default_language": "en_XX"},  # the forward needs a language for its adapters
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},  # DbrxAttentionConfig has
     # no rope_theta, and its model clamps by clip_qkv (None fails)

@@ -85,7 +85,7 @@ def rewrite_attention(
             "model running with attn_implementation='sdpa'? (For a model that graph-breaks, e.g. one running "
             "flex_attention, pass partial_graphs=True.)"
         )
-    located = call_layers(nodes)
+    located = call_layers(nodes, slots=plan.model.call_slots)
     planned = plan_layers([layer for layer, _ in located], plan.model, "the traced graph has attention calls")
     layers = [(p, path) for p, (_, path) in zip(planned, located)]
     check_no_dropout(nodes)

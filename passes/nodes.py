@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -381,19 +381,26 @@ def runs_modules_again(nodes: list[torch.fx.Node]) -> bool:
     return len(set(located)) < len(located)
 
 
-def call_layers(nodes: list[torch.fx.Node], in_call_order: bool | None = None) -> list[tuple[int, str]]:
+def call_layers(nodes: list[torch.fx.Node], in_call_order: bool | None = None,
+                slots: Sequence[int] | None = None) -> list[tuple[int, str]]:
     """(layer index, module path) of each attention node: its decoder layer, or where a decoder
     layer holds a list of attention sublayers (LongCat-Flash: ``self_attn.0`` and ``self_attn.1``,
     whose ``layer_idx`` is ``2 N + j``), ``N * sublayers + j``: the index transformers' cache and
     the plan give it (``architecture.attention_layer_problem`` checks the convention).
     ``in_call_order`` (default: whether :func:`runs_modules_again` holds for ``nodes``): the k-th
     call is cache slot k, for a model whose modules run several times per forward on slots that
-    rise in call order (HRM: ``layer_idx + cycle_offset``, ``architecture.slots_in_call_order``)."""
+    rise in call order (HRM: ``layer_idx + cycle_offset``, ``architecture.slots_in_call_order``),
+    or, given ``slots`` (the plan's ``call_slots``: Dory's loops), cache slot ``slots[k]``."""
     located = [node_layer(n) for n in nodes]
     if in_call_order is None:
         in_call_order = runs_modules_again(nodes)
     if in_call_order:
-        return [(k, path) for k, (_, path) in enumerate(located)]
+        if slots is None:
+            return [(k, path) for k, (_, path) in enumerate(located)]
+        if len(slots) != len(located):
+            raise ValueError(f"the graph has {len(located)} attention calls where the model makes {len(slots)} per "
+                             f"forward (one per cache slot, in the order {list(slots)})")
+        return [(slot, path) for slot, (_, path) in zip(slots, located)]
     subs = [_SUBLAYER.search(path) for _, path in located]
     if not any(subs):
         return located
@@ -454,9 +461,10 @@ def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str,
     if in_call_order and sources:
         raise ValueError(f"{graph} graph: this model runs its attention modules several times per forward and shares "
                          "keys and values between layers; moa-flex models either, not both")
-    located = call_layers(nodes, in_call_order)
+    slots = getattr(shape, "call_slots", None)
+    located = call_layers(nodes, in_call_order, slots)
     if in_call_order and what.startswith("cache_"):
-        _check_slots_in_call_order(nodes, what, graph)
+        _check_slots_in_call_order(nodes, what, graph, slots)
     if sources:
         located = _readers_located(nodes, located, shape, readers_of(sources), what, graph)
     for node, (layer, path) in zip(nodes, located):
@@ -486,14 +494,18 @@ def written_slot(node: torch.fx.Node) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _check_slots_in_call_order(nodes: list[torch.fx.Node], what: str, graph: str) -> None:
-    """ValueError unless the k-th of these cache writes writes cache slot k, where the graph says
-    which it writes: a model running its modules in cycles must visit its slots in call order."""
+def _check_slots_in_call_order(nodes: list[torch.fx.Node], what: str, graph: str,
+                               slots: Sequence[int] | None = None) -> None:
+    """ValueError unless the k-th of these cache writes writes cache slot k (or ``slots[k]``, the
+    plan's ``call_slots``), where the graph says which it writes: a model running its modules in
+    cycles must visit its slots in the order moa-flex's mapping of calls to plan layers assumes."""
     for k, node in enumerate(nodes):
         slot = written_slot(node)
-        if slot is not None and slot != k:
+        want = k if slots is None else slots[k]
+        if slot is not None and slot != want:
+            order = "the call order" if slots is None else f"the order {list(slots)}"
             raise ValueError(f"{graph} graph: {what} call {k} writes cache slot {slot}: this model runs its attention "
-                             "modules several times per forward on cache slots that do not follow the call order, "
+                             f"modules several times per forward on cache slots that do not follow {order}, "
                              "which moa-flex's mapping of calls to plan layers assumes")
 
 

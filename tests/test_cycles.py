@@ -67,9 +67,10 @@ def test_each_slot_gets_its_own_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     written: dict[str, list[int | None]] = {}
     check = nodes._check_slots_in_call_order
 
-    def spy(found, what, graph):  # noqa: ANN001, ANN202
+    def spy(found, what, graph, slots=None):  # noqa: ANN001, ANN202
+        assert slots is None  # HRM's slots rise in call order: the plan has no call_slots
         written[f"{graph} {what}"] = [nodes.written_slot(n) for n in found]
-        return check(found, what, graph)
+        return check(found, what, graph, slots)
 
     monkeypatch.setattr(nodes, "_check_slots_in_call_order", spy)
     # one layer per stack, two L cycles per H cycle: slots 0-1 L, 2 H, 3-4 L, 5 H (the default tiny

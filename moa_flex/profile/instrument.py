@@ -195,9 +195,9 @@ def _check_profilable(model: torch.nn.Module, max_len: int) -> None:
         raise ValueError("profile_model expects model.eval() (no dropout)")
     if slots_in_call_order(model):  # the influence is credited to module.layer_idx, one call per layer
         raise ValueError(f"{type(model).__name__} runs its attention modules several times per forward, each call on a "
-                         "cache slot of its own (cycle_offset), some under torch.no_grad (HRM's L_bp_cycles): moa-flex "
-                         "profiling credits one call per attention module; compile such a model with a plan made "
-                         "without profiling (Plan.uniform, or a rule per slot by hand)")
+                         "cache slot of its own (HRM's cycles, some under torch.no_grad; Dory's recurrent loops): "
+                         "moa-flex profiling credits one call per attention module; compile such a model with a plan "
+                         "made without profiling (Plan.uniform, or a rule per slot by hand)")
     if getattr(config, "attn_logit_softcapping", None):
         raise ValueError("moa-flex profiling does not support attention logit soft-capping (config.attn_logit_softcapping)")
     shape = ModelShape.from_config(config)
