@@ -29,7 +29,8 @@ torch._dynamo.config.accumulated_recompile_limit = 4096
 
 # Seconds each file takes in a cold two-worker run: session 26's `pytest -n 2 --dist loadfile --durations=0`
 # per file (scaled by 0.82 to the session-25 machine's speed), less what the changes made after it saved
-# (test_generate, test_startup, test_cycles, test_regional, test_chunk), files above 10 s. `make test` hands whole
+# (test_generate, test_startup, test_cycles, test_regional, test_chunk), files above 10 s; test_loops.py (session 27)
+# from its own run. `make test` hands whole
 # files to the two workers in collection order (--no-loadscope-reorder): the longest first, so that no long file
 # starts last and leaves one core idle (by xdist's default order, the number of tests a file holds, the one-test
 # tests/test_kernel_aot.py (20 s) ran last while the other worker had been idle for 14 s).
@@ -38,7 +39,7 @@ FILE_SECONDS = {
     "test_precompiled.py": 36, "test_readme.py": 36, "test_masks.py": 28, "test_chunk.py": 22, "test_fp8.py": 21,
     "test_chunked_attention.py": 20, "test_eager_attention.py": 20, "test_flex_pass.py": 19,
     "test_pass_invariants.py": 18, "test_kernel_aot.py": 16, "test_latent.py": 16, "test_linear_pass.py": 12,
-    "test_cycles.py": 11, "test_startup.py": 10,
+    "test_loops.py": 12, "test_cycles.py": 11, "test_startup.py": 10,
 }
 
 
