@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 _LAYER_OF = re.compile(r"(?:layers|\bh|blocks|\blayer)\.(\d+)\.")  # a module inside decoder layer N
+_TOWER = re.compile(r"(?:^|\.)(?:image_encoder|vision_model|vision_tower|visual|audio_tower|audio_encoder)\.")
 _CROSS = re.compile(r"(?:encoder_attn|crossattention|cross_attn|cross_attention)(?:\.|$)")
 _ATTN = re.compile(r"(?:layers|\bh|blocks|\blayer)\.(\d+)\.(?:self_attn|attn|attention|self_attention)$")
 
@@ -289,11 +290,14 @@ def bidirectional_attention(model: torch.nn.Module) -> list[str]:
     bidirectional by design). Cross-attention modules are not listed: a causal LM built from a
     decoder stack never runs them. Nor are modules without a linear projection of their own:
     they attend over something else than the sequence (Inkling 2's block attention residuals
-    mix one position's earlier block outputs with a learned query)."""
+    mix one position's earlier block outputs with a learned query). Nor are a decoder's
+    attention modules (``is_decoder`` True: BigBird-Pegasus's decoder leaves ``is_causal`` at
+    False and passes the causal mask it builds), nor those of an image or audio tower a model
+    without ``get_decoder()`` holds (GIT's ``image_encoder``)."""
     return [name for name, m in _language_model(model).named_modules()
             if getattr(m, "is_causal", None) is False and _LAYER_OF.search(name) and not _CROSS.search(name)
-            and not getattr(m, "is_cross_attention", False)
-            and any(isinstance(c, torch.nn.Linear) for c in m.modules())]
+            and not getattr(m, "is_cross_attention", False) and getattr(m, "is_decoder", None) is not True
+            and not _TOWER.search(name) and any(isinstance(c, torch.nn.Linear) for c in m.modules())]
 
 
 def kv_head_mismatches(model: torch.nn.Module, shape: Any) -> list[tuple[int, int]]:

@@ -22,6 +22,9 @@ BLOOM_DECODES = "get_mask_sizes" in __import__("inspect").getsource(transformers
                                         pytest.param("bloom", marks=pytest.mark.skipif(  # ALiBi in its own code
                                             not BLOOM_DECODES, reason="this transformers' BLOOM is refused (its bias spans "
                                             "the cache in decode steps): tests/test_eager_attention.py")),
+                                        # no SDPA in transformers: its eager attention rewritten; a decoder's
+                                        "bigbird_pegasus",  # attention with is_causal=False and a causal mask
+                                        pytest.param("git", marks=pytest.mark.slow),  # no SDPA; a vision tower
                                         pytest.param("mpt", marks=pytest.mark.slow),  # ALiBi added to 4-D scores
                                         pytest.param("gpt_neox_japanese", marks=pytest.mark.slow),  # caches a copy
                                         # hybrids (tests/test_hybrid.py runs Qwen3-Next's conversation by default)
@@ -118,8 +121,8 @@ def test_markdown_and_cli(tmp_path, capsys) -> None:  # noqa: ANN001
     assert "2 causal-LM model types: 1 supported, 1 refused, 0 fails, 0 not built." in text
     assert "| b | refused | x / y |" in text
     out = tmp_path / "S.md"
-    assert main(["--types", "bigbird_pegasus", "--out", str(out), "--quiet"]) == 0  # refused at compile (bidirectional)
-    assert "| bigbird_pegasus | refused | BigBirdPegasusForCausalLM's attention is bidirectional" in out.read_text()
+    assert main(["--types", "mamba", "--out", str(out), "--quiet"]) == 0  # refused at compile (no attention)
+    assert "| mamba | refused | MambaConfig has no softmax-attention layer" in out.read_text()
     with pytest.raises(SystemExit):
         main(["--types", "not-a-type"])
     assert "not causal-LM model types" in capsys.readouterr().err
@@ -159,3 +162,26 @@ def test_layers_with_their_own_head_dims_are_supported() -> None:
     assert ModelShape.from_config(tiny_config("gemma4_text")).head_dim is None
     r = check_type("gemma4_text")
     assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
+
+
+def test_git_runs_text_and_refuses_its_bidirectional_image_prefix() -> None:
+    """GIT's vision tower (is_causal=False) is not taken for the language model's attention, and
+    a request with images, whose tokens prefix the text attending each other both ways, is refused
+    before anything runs (text-only requests pass the matrix: the slow parametrization above)."""
+    import torch
+
+    import moa_flex
+    from moa_flex.architecture import bidirectional_attention
+    from moa_flex.plan import Plan
+    from moa_flex.support import _build
+
+    model = _build("git")
+    assert [n for n, m in model.named_modules() if getattr(m, "is_causal", None) is False]  # the tower's
+    assert bidirectional_attention(model) == []
+    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False)
+    size = model.config.vision_config.image_size
+    pixels = torch.zeros(1, 3, size, size)
+    with pytest.raises(NotImplementedError, match="image tokens of pixel_values before the text"):
+        model(input_ids=torch.ones(1, 4, dtype=torch.long), pixel_values=pixels)
+    with pytest.raises(NotImplementedError, match="image tokens of pixel_values before the text"):
+        model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), pixel_values=pixels, max_new_tokens=2)

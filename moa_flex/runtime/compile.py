@@ -100,6 +100,14 @@ def backend(plan: Plan, *, inner: str = "inductor", mode: str | None = None, con
     return fn
 
 
+def _takes_sdpa(model: torch.nn.Module) -> bool:
+    """Whether transformers lets the model run SDPA. One that does not (GIT, BigBird-Pegasus's
+    decoder) stays on its eager attention, whose matmul-softmax-matmul the passes rewrite like
+    attention computed in a model's own code (passes/eager_attention.py; a form they do not
+    recognize is refused at the first call)."""
+    return bool(getattr(model, "_supports_sdpa", True))
+
+
 def _latent_dims(config: Any, plan: Plan) -> LatentDims | None:
     """The latent-attention sizes the passes absorb with (passes/latent.py), or None."""
     if config is None or latent_attention(config) is None:
@@ -219,7 +227,7 @@ def compile(  # noqa: A001  (the verb of the API)
         unroute_dbrx_experts(routed)
         raise
     marks = unmark_buffers(model)
-    if impl != wanted:
+    if impl != wanted and not (wanted == "sdpa" and impl == "eager" and not _takes_sdpa(model)):
         model.set_attn_implementation(wanted)
     log = StartupLog(progress)
     cudagraphs = mode in ("reduce-overhead", "max-autotune")

@@ -19,7 +19,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 from .cache import MoaCache
-from .multimodal import check_token_types
+from .multimodal import check_image_prefix, check_token_types
 from .state import CompiledState
 from .step_graph import StepGraph, graph_device, step_signature
 
@@ -81,8 +81,10 @@ def _forward(state: CompiledState, args: tuple, kwargs: dict) -> Any:
             raise ValueError(f"pass the cache once: got both past_key_values and {state.cache_arg}")
         kwargs[state.cache_arg] = kwargs.pop("past_key_values")
     cache = kwargs.get(state.cache_arg)
-    # Gemma 3/4 image tokens that attend each other both ways: refused on every path
-    check_token_types(lambda: state.model_ref() if state.model_ref is not None else None, kwargs)
+    # Gemma 3/4 image tokens, GIT's image prefix, that attend each other both ways: refused on every path
+    model = lambda: state.model_ref() if state.model_ref is not None else None  # noqa: E731
+    check_token_types(model, kwargs)
+    check_image_prefix(model, kwargs)
     if isinstance(cache, MoaCache):
         return _forward_with_cache(state, cache, args, kwargs)
     state.log.calling()

@@ -75,6 +75,25 @@ def check_causal(model: torch.nn.Module, blocks: _Blocks, types: torch.Tensor) -
             "causal and cannot reproduce it, so this request is refused rather than answered differently")
 
 
+IMAGE_PREFIX = {"git": "pixel_values"}  # model type: the input whose image tokens prefix the text, attending
+# each other both ways (GIT: "images attend each other bidirectionally while text remains causal")
+
+
+def check_image_prefix(model: Callable[[], torch.nn.Module | None], kwargs: dict) -> None:
+    """NotImplementedError for a forward with images to a model whose image tokens form a
+    bidirectional prefix of the sequence (:data:`IMAGE_PREFIX`): MoA's masks are causal.
+    ``model``: returns the model, called only when some such input is there."""
+    if not any(kwargs.get(name) is not None for name in IMAGE_PREFIX.values()):
+        return
+    model = model()
+    argument = IMAGE_PREFIX.get(getattr(getattr(model, "config", None), "model_type", None))
+    if argument is not None and kwargs.get(argument) is not None:
+        raise NotImplementedError(
+            f"{type(model).__name__} puts the image tokens of {argument} before the text and lets them attend each "
+            "other in both directions, a non-causal mask; moa-flex's MoA masks are causal and cannot reproduce it, so "
+            "a request with images is refused rather than answered differently (text-only requests run)")
+
+
 def check_text_positions(model: torch.nn.Module) -> None:
     """NotImplementedError for a request with multimodal inputs to a model that derives its
     positions from the image layout (multimodal rotary positions, ``get_rope_index``, as
