@@ -19,35 +19,16 @@ import moa_flex.passes.nodes as nodes
 from moa_flex.plan import ModelShape, Plan
 from moa_flex.reference import planned_logits, reference_logits
 from moa_flex.support import _build, causal_lm_types, check_type
-from tiny_models import ids_of
+from tiny_models import ids_of, record_written_slots, slots_called
 
 pytestmark = pytest.mark.skipif("hrm_text" not in causal_lm_types(),
                                 reason=f"transformers {transformers.__version__} has no hrm_text")
 
 
-def _slots_called(model: torch.nn.Module, ids: torch.Tensor) -> list[int]:
-    """The cache slot of each attention call of one forward, in call order, as HRM's own code
-    computes it (``layer_idx + cycle_offset``, read where the model passes it)."""
-    seen: list[int] = []
-
-    def record(module, _args, kwargs):  # noqa: ANN001, ANN202
-        seen.append(module.layer_idx + kwargs.get("cycle_offset", 0))
-
-    attns = [m for m in model.modules() if type(m).__name__ == "HrmTextAttention"]
-    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in attns]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def test_slots_rise_in_call_order_and_the_config_counts_them() -> None:
     """The premise of the passes' mapping, checked on HRM's own code."""
     model = _build("hrm_text")
-    slots = _slots_called(model, ids_of(12, batch=1))
+    slots = slots_called(model, ids_of(12, batch=1), "HrmTextAttention", "cycle_offset")
     assert slots == list(range(model.config.num_hidden_layers))
     assert len({id(m) for m in model.modules() if type(m).__name__ == "HrmTextAttention"}) < len(slots)
 
@@ -64,15 +45,7 @@ def test_each_slot_gets_its_own_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     """A plan that cuts one slot only changes the logits, and the compiled model follows the
     reference there (and equals the stock model with a dense plan): a mapping by module (slot = layer_idx) would give that rule to other calls.
     The passes check each cache write's slot where the graph names it: here every one."""
-    written: dict[str, list[int | None]] = {}
-    check = nodes._check_slots_in_call_order
-
-    def spy(found, what, graph, slots=None):  # noqa: ANN001, ANN202
-        assert slots is None  # HRM's slots rise in call order: the plan has no call_slots
-        written[f"{graph} {what}"] = [nodes.written_slot(n) for n in found]
-        return check(found, what, graph, slots)
-
-    monkeypatch.setattr(nodes, "_check_slots_in_call_order", spy)
+    written = record_written_slots(monkeypatch)
     # one layer per stack, two L cycles per H cycle: slots 0-1 L, 2 H, 3-4 L, 5 H (the default tiny
     # config's 16 slots trace three times as long); larger weights: one slot's rule moves the logits by 1e-2
     model = _build("hrm_text", initializer_range=0.1, num_layers_per_stack=1, L_cycles=2, num_hidden_layers=6)
@@ -104,7 +77,8 @@ def test_each_slot_gets_its_own_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     ref = planned_logits(model, plan, 46, seq[:, :-1], torch.ones_like(seq[:, :-1]))
     assert torch.equal(ref[:, 39:].argmax(-1), seq[:, 40:])
     slots = list(range(model.config.num_hidden_layers))
-    assert written == {"prefill cache_extend": slots, "decode cache_append": slots}
+    # HRM's slots rise in call order: the plan has no call_slots
+    assert written == {"prefill cache_extend": (slots, None), "decode cache_append": (slots, None)}
 
 
 def test_a_cache_write_out_of_call_order_is_refused() -> None:

@@ -10,6 +10,8 @@ Dory's own code passes (a forward pre-hook), so the two agree only if the deriva
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import transformers
@@ -20,29 +22,10 @@ from moa_flex.architecture import call_slots, slot_layers
 from moa_flex.plan import ModelShape, Plan
 from moa_flex.reference import planned_logits, reference_logits
 from moa_flex.support import _build, causal_lm_types
-from tiny_models import ids_of
+from tiny_models import ids_of, record_written_slots, slots_called
 
 pytestmark = pytest.mark.skipif("dory" not in causal_lm_types(),
                                 reason=f"transformers {transformers.__version__} has no dory")
-
-
-def _slots_called(model: torch.nn.Module, ids: torch.Tensor) -> list[int]:
-    """The cache slot of each attention call of one forward, in call order, as Dory's own code
-    computes it (``layer_idx + cache_offset``, read where the model passes it)."""
-    seen: list[int] = []
-
-    def record(module, _args, kwargs):  # noqa: ANN001, ANN202
-        seen.append(module.layer_idx + kwargs.get("cache_offset", 0))
-
-    attns = [m for m in model.modules() if type(m).__name__ == "DoryAttention"]
-    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in attns]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def test_call_slots_are_the_ones_dorys_code_visits() -> None:
@@ -53,7 +36,7 @@ def test_call_slots_are_the_ones_dorys_code_visits() -> None:
                    n_recurrent_loops=3)
     config = model.config
     assert call_slots(config) == (0, 1, 2, 3, 5, 6, 7, 8, 4)
-    assert tuple(_slots_called(model, ids_of(12, batch=1))) == call_slots(config)
+    assert tuple(slots_called(model, ids_of(12, batch=1), "DoryAttention", "cache_offset")) == call_slots(config)
     assert slot_layers(config) == [0, 1, 2, 3, 4, 2, 3, 2, 3]  # the decoder layer whose module writes each slot
     shape = ModelShape.from_config(config)
     assert (shape.num_layers, shape.call_slots) == (9, call_slots(config))
@@ -65,14 +48,7 @@ def test_each_slot_gets_its_own_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     and equals the stock model with a dense plan: a mapping by call order would give that rule to
     the output layer. Generate runs over one cache layer per slot; the passes check each cache
     write's slot against the plan's call order."""
-    written: dict[str, list[int | None]] = {}
-    check = nodes._check_slots_in_call_order
-
-    def spy(found, what, graph, slots=None):  # noqa: ANN001, ANN202
-        written[f"{graph} {what}"] = [nodes.written_slot(n) for n in found]
-        return check(found, what, graph, slots)
-
-    monkeypatch.setattr(nodes, "_check_slots_in_call_order", spy)
+    written = record_written_slots(monkeypatch)
     model = _build("dory", initializer_range=0.1)  # larger weights: one slot's rule moves the logits by 1e-2
     shape = ModelShape.from_config(model.config)
     assert shape.call_slots == (0, 1, 3, 2)
@@ -100,14 +76,15 @@ def test_each_slot_gets_its_own_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(model.moa_flex.cache.layers) == 4  # Dory appends no layers to a cache that has its slots
     ref = planned_logits(model, plan, 46, seq[:, :-1], torch.ones_like(seq[:, :-1]))
     assert torch.equal(ref[:, 39:].argmax(-1), seq[:, 40:])
-    assert written == {"prefill cache_extend": [0, 1, 3, 2], "decode cache_append": [0, 1, 3, 2]}
+    order = ([0, 1, 3, 2], (0, 1, 3, 2))  # the slots written, the plan's call order they were checked against
+    assert written == {"prefill cache_extend": order, "decode cache_append": order}
 
 
 def test_a_cache_write_off_the_plans_call_order_is_refused() -> None:
     with pytest.raises(ValueError, match=r"do not follow the order \[0, 1, 3, 2\]"):
         graph = torch.fx.Graph()
         keys = graph.placeholder("keys")
-        keys.meta["grapharg"] = type("G", (), {"source": type("S", (), {"name": "L['cache'].layers[3].keys"})()})()
+        keys.meta["grapharg"] = SimpleNamespace(source=SimpleNamespace(name="L['cache'].layers[3].keys"))
         write = graph.call_function(torch.ops.moa_flex.cache_extend.default, (keys,))
         nodes._check_slots_in_call_order([write], "cache_extend", "prefill", (0, 1, 3, 2))
 

@@ -130,3 +130,41 @@ def tiny_train_config(out: object, **kw: object) -> TrainConfig:
         eval_samples=4, log_every=5, progress=False, verbose=False, induction_steps=10, induction_length=33,
     )
     return replace(base, **kw)
+
+
+def slots_called(model: torch.nn.Module, ids: torch.Tensor, attention: str, offset: str) -> list[int]:
+    """The cache slot of each attention call of one forward, in call order, as the model's own
+    code computes it: ``layer_idx`` + the ``offset`` keyword its caller passes to the modules of
+    class ``attention`` (HRM's ``cycle_offset``, Dory's ``cache_offset``), read by a pre-hook."""
+    seen: list[int] = []
+
+    def record(module, _args, kwargs):  # noqa: ANN001, ANN202
+        seen.append(module.layer_idx + kwargs.get(offset, 0))
+
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True)
+             for m in model.modules() if type(m).__name__ == attention]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def record_written_slots(monkeypatch) -> dict:  # noqa: ANN001
+    """Spy on the passes' check of cache writes against the call order: per "<graph> <what>"
+    (e.g. "prefill cache_extend"), the slot each write writes where the graph names it, and the
+    plan's ``call_slots`` it was checked against (None: call order)."""
+    import moa_flex.passes.nodes as nodes
+
+    written: dict = {}
+    check = nodes._check_slots_in_call_order
+
+    def spy(found, what, graph, slots=None):  # noqa: ANN001, ANN202
+        written[f"{graph} {what}"] = ([nodes.written_slot(n) for n in found], slots)
+        return check(found, what, graph, slots)
+
+    monkeypatch.setattr(nodes, "_check_slots_in_call_order", spy)
+    return written
+
