@@ -33,6 +33,27 @@ DEFAULT_SPAN_MULTIPLE = 64
 DEFAULT_MIN_SPAN = 128
 
 
+def _not_a_decoder(config: Any) -> str:
+    """Why ``config`` gives no decoder shape (no layer count or no attention heads)."""
+    name = type(config).__name__
+    stacks = _stacks(config)
+    if len(stacks) > 1:
+        return (f"config {name} has no num_hidden_layers/num_attention_heads: it describes a model of several stacks "
+                f"({', '.join(stacks)}), each with layers and heads of its own (BLT: local byte encoder and decoder "
+                "around a global transformer over patches), and a moa-flex plan covers one decoder stack")
+    if getattr(config, "num_hidden_layers", None) is not None:
+        return (f"config {name} has no num_attention_heads: its layers have no softmax-attention heads (a recurrent "
+                "model: RWKV, xLSTM), so a MoA plan has nothing to rule")
+    return f"config {name} has no num_hidden_layers/num_attention_heads; expected a transformers decoder config"
+
+
+def _stacks(config: Any) -> list[str]:
+    """The sub-configs of ``config`` that have layers or attention heads of their own."""
+    subs = getattr(config, "sub_configs", None) or {}
+    return [name for name in subs if any(hasattr(getattr(config, name, None), f)
+                                         for f in ("num_hidden_layers", "num_attention_heads"))]
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """Attention shape of a decoder model: layers, query heads, KV heads, head dim.
@@ -97,10 +118,7 @@ class ModelShape:
                 raise AttributeError("num_attention_heads")
             num_heads = int(num_heads)
         except AttributeError as e:
-            raise TypeError(
-                f"config {type(config).__name__} has no num_hidden_layers/num_attention_heads;"
-                " expected a transformers decoder config"
-            ) from e
+            raise TypeError(_not_a_decoder(config)) from e
         num_kv_heads = call_kv_heads(config, num_heads,
                                      per_layer_value(config, "num_key_value_heads", planned) or num_heads)
         head_dim = per_layer_value(config, "head_dim", planned, varies_ok=True)
