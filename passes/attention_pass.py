@@ -34,7 +34,8 @@ from .regional import RegionReport
 from .prefill_pass import extend_nodes, rewrite_prefill
 from .latent import LatentDims
 from .value_fusion import fuse_value_splits
-from .eager_attention import MODEL_OUTPUT, has_eager_attention, rewrite_eager_attention
+from .eager_attention import MODEL_OUTPUT, has_eager_attention, rewrite_eager_attention, unread_score_biases
+from .mask_sources import check_mask_is_mask, described
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, call_layers, plan_layers, check_heads, sinks_of, alibi_of,
     padding_mask_input,
@@ -77,6 +78,15 @@ def rewrite_attention(
     if not nodes:
         if partial_graphs:
             return PassReport(graph_module=gm)
+        biases = unread_score_biases(gm.graph)
+        if biases:
+            term, sources = biases[0]
+            raise ValueError(
+                f"the model computes attention in its own code and adds to the scores a term computed from "
+                f"floating-point tensors ({described(sources)}; node {term.name}, {len(biases)} such terms in the "
+                "graph): a score bias such as a learned relative-position bias, which a MoA plan's rules do not "
+                "carry, so moa-flex does not rewrite this model"
+            )
         raise ValueError(
             "moa-flex found no attention call (F.scaled_dot_product_attention or flex_attention) in the traced "
             "graph, nor attention computed in the model's own code in the form moa-flex recognizes "
@@ -91,6 +101,7 @@ def rewrite_attention(
     check_no_dropout(nodes)
     for node, (layer, _) in zip(nodes, layers):
         check_heads(node, plan.model, layer)
+        check_mask_is_mask(node, layer)
     padding_mask = padding_mask_input(gm.graph)
     report = PassReport(graph_module=gm)
     infos: dict[torch.fx.Node, torch.fx.Node] = {}  # one mask_info per mask node, shared by its layers

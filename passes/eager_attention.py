@@ -55,6 +55,7 @@ import torch.fx
 
 import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.sdpa_alibi)
 
+from .mask_sources import is_bias_source, mask_sources
 from .nodes import padding_mask_input
 
 MODEL_OUTPUT = "moa_flex_model_output"  # meta key: the model's own attention output an SDPA node replaced
@@ -493,6 +494,48 @@ def has_eager_attention(graph: torch.fx.Graph) -> bool:
     """Whether ``graph`` computes attention in the recognized own-code form (before rewriting)."""
     padding = padding_mask_input(graph)
     return any(_match(n, padding) is not None for n in graph.nodes)
+
+
+def _is_product(node: torch.fx.Node) -> bool:
+    """A product of two tensors, such as the scores' (``matmul``, ``bmm``, ``baddbmm``)."""
+    return _call(node, *MATMULS, torch.baddbmm) or _method(node, "matmul", "bmm", "baddbmm")
+
+
+def _added_terms(softmax: torch.fx.Node) -> list[torch.fx.Node]:
+    """The tensors added to the scores before ``softmax``: from its input back along the chain
+    that reaches the scores' product (through scales, casts, views, wheres and fills)."""
+    terms, s = [], softmax.args[0] if softmax.args else None
+    for _ in range(64):
+        s = _unview(s)
+        if not isinstance(s, torch.fx.Node) or _is_product(s):
+            break
+        if _call(s, operator.add, torch.add) and len(s.args) == 2:
+            a, b = s.args
+            main = a if isinstance(a, torch.fx.Node) and any(_is_product(x) for x in _ancestors(a)) else b
+            terms += [t for t in (a, b) if t is not main and isinstance(t, torch.fx.Node)]
+            s = main
+        elif _call(s, torch.where) and len(s.args) == 3:
+            s = s.args[1]
+        elif s.args and (_call(s, operator.mul, operator.truediv, torch.masked_fill, torch.max, torch.maximum)
+                         or _method(s, "masked_fill", "masked_fill_", "mul", "div", "float", "to")):
+            s = s.args[0]
+        else:
+            break
+    return terms
+
+
+def unread_score_biases(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, list[torch.fx.Node]]]:
+    """Score terms of attention computed in the model's own code that are made from
+    floating-point parameters or activations (a learned relative-position bias: CPM-Ant), which
+    the rewrite does not read: (the term, its float sources) per such term."""
+    found = []
+    for n in graph.nodes:
+        if _call(n, *SOFTMAXES) and (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")) in (-1, 3):
+            for term in _added_terms(n):
+                sources = [x for x in mask_sources(term) if is_bias_source(x)]
+                if sources:
+                    found.append((term, sources))
+    return found
 
 
 def rewrite_eager_attention(graph: torch.fx.Graph, keep_original: bool = False) -> list[torch.fx.Node]:

@@ -19,21 +19,9 @@ from moa_flex.passes.nodes import attention_nodes, padding_mask_input
 from moa_flex.plan import Plan
 from moa_flex.reference import planned_logits, reference_logits
 from moa_flex.runtime.verify import VerifyError
+from tiny_models import captured
 
 MIN = torch.finfo(torch.float32).min
-
-
-def captured(fn, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, list]:  # noqa: ANN001
-    """The Dynamo graph of ``fn(*args)`` and its inputs (in the graph's order)."""
-    graphs = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
-        graphs.append((gm, list(example_inputs)))
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return graphs[0]
 
 
 def own_attention(q, k, v, keep, allowed):  # noqa: ANN001, ANN201

@@ -38,9 +38,11 @@ def test_softmax_decoders_are_supported(model_type: str) -> None:
     assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
 
 
-def test_a_model_without_softmax_attention_is_refused_by_name() -> None:
-    r = check_type("mamba")
-    assert r.status == "refused" and "no softmax-attention layer" in r.detail
+@pytest.mark.parametrize("model_type,words", [("mamba", "no softmax-attention layer"),
+                                              ("rwkv", "no softmax-attention heads (a recurrent model")])
+def test_a_model_without_softmax_attention_is_refused_by_name(model_type: str, words: str) -> None:
+    r = check_type(model_type)
+    assert r.status == "refused" and words in r.detail
 
 
 def test_tiled_kv_heads_are_planned_as_the_call_sees_them() -> None:
@@ -145,8 +147,9 @@ def test_tiny_configs_derive_consistent_sizes() -> None:
     ("dots3_note_text", "differs between attention layers"),  # per-layer head counts
     # its block attention residuals (is_causal=False, over one position's block outputs) are not an encoder's
     ("inkling2_text", "sliding-window layers run a head layout of their own"),
+    ("blt", "several stacks (patcher_config, encoder_config, decoder_config, global_config)"),  # bytes and patches
 ])
-def test_layouts_the_cache_does_not_model_are_refused_at_compile(model_type: str, words: str) -> None:
+def test_layouts_a_plan_does_not_model_are_refused_at_compile(model_type: str, words: str) -> None:
     if model_type not in causal_lm_types():
         pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
     r = check_type(model_type)

@@ -168,3 +168,15 @@ def record_written_slots(monkeypatch) -> dict:  # noqa: ANN001
     monkeypatch.setattr(nodes, "_check_slots_in_call_order", spy)
     return written
 
+
+def captured(fn, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, list]:  # noqa: ANN001
+    """The Dynamo graph of ``fn(*args)`` and its inputs (in the graph's order)."""
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append((gm, list(example_inputs)))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return graphs[0]
