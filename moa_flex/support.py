@@ -23,7 +23,10 @@ stays MHA), a feature off stays off (:data:`KEEP_OFF`), sizes a default leaves N
 per-layer overrides (``per_layer_config``) scale with the tiny sizes, token ids stay ints where
 the field takes no None, every sub-config (text / vision / audio) is made tiny alike, and a few
 types take :data:`OVERRIDES` (each with its reason). A causal-LM class taking a sub-config
-(MusicGen's decoder) is built on it. Greedy generate runs with the generation config's logits
+(MusicGen's decoder) is built on it. Every parameter then gets a little noise
+(:func:`_perturbed`): fresh weights leave some terms at exactly zero or one constant (Doge's
+``A`` starts at zero, which made its score bias a constant softmax ignores), and a dropped term
+that contributes nothing cannot show. Greedy generate runs with the generation config's logits
 processors (forced EOS, suppressed tokens) off (:data:`GREEDY_OFF`).
 
 Status per type: ``supported`` (all three pass), ``refused`` (moa-flex declines it at compile
@@ -326,7 +329,22 @@ def _build(model_type: str, **fields: Any) -> Any:
     for name in GREEDY_OFF:  # greedy is the plain argmax the reference predicts
         if getattr(model.generation_config, name, None) is not None:
             setattr(model.generation_config, name, None)
-    return model.float().eval()
+    return _perturbed(model.float().eval())
+
+
+PERTURB_STD = 0.02
+
+
+def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` with noise of std :data:`PERTURB_STD` added to every floating-point parameter:
+    a term whose parameters start at zero (Doge's ``A``, gates, learned biases) would otherwise
+    vanish on fresh weights, and with it any difference a dropped term makes."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * PERTURB_STD)
+    return model
 
 
 def _causal_lm(config: Any) -> tuple[Callable[..., Any], Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers
 
 from moa_flex.support import Result, causal_lm_types, check_type, main, markdown, tiny_config
@@ -188,3 +189,20 @@ def test_git_runs_text_and_refuses_its_bidirectional_image_prefix() -> None:
         model(input_ids=torch.ones(1, 4, dtype=torch.long), pixel_values=pixels)
     with pytest.raises(NotImplementedError, match="image tokens of pixel_values before the text"):
         model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), pixel_values=pixels, max_new_tokens=2)
+
+
+def test_every_parameter_is_perturbed_and_buffers_are_not() -> None:
+    """A parameter initialized to zero (Doge's ``A``, a gate) must not stay zero in the matrix."""
+    from moa_flex.support import PERTURB_STD, _perturbed
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = torch.nn.Linear(64, 64)
+        torch.nn.init.zeros_(m.weight)
+        m.register_buffer("table", torch.zeros(8))
+        return m
+
+    a, b = _perturbed(fresh()), _perturbed(fresh())
+    assert torch.equal(a.weight, b.weight)  # the same noise every run
+    assert 0.8 * PERTURB_STD < float(a.weight.std()) < 1.2 * PERTURB_STD and bool((a.bias != fresh().bias).all())
+    assert not a.table.any()
