@@ -15,6 +15,7 @@ The walk follows values only: an input read for its shape, dtype or device alone
 
 from __future__ import annotations
 
+import collections
 import operator
 import re
 from typing import Any
@@ -56,11 +57,12 @@ def _carries_shape_only(node: torch.fx.Node) -> bool:
 
 
 def mask_sources(mask: torch.fx.Node) -> list[torch.fx.Node]:
-    """The graph inputs (placeholders, ``get_attr``) whose values reach ``mask``."""
+    """The graph inputs (placeholders, ``get_attr``) whose values reach ``mask``, nearest first
+    (an error names the bias's own parameters before the embeddings it also reaches)."""
     seen: set[torch.fx.Node] = set()
-    todo, sources = [mask], []
+    todo, sources = collections.deque([mask]), []
     while todo:
-        n = todo.pop()
+        n = todo.popleft()
         if n in seen:
             continue
         seen.add(n)
