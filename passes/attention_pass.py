@@ -35,7 +35,7 @@ from .prefill_pass import extend_nodes, rewrite_prefill
 from .latent import LatentDims
 from .value_fusion import fuse_value_splits
 from .eager_attention import MODEL_OUTPUT, has_eager_attention, rewrite_eager_attention, unread_score_biases
-from .mask_sources import check_mask_is_mask, described
+from .mask_sources import check_masks_are_masks, described
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, call_layers, plan_layers, check_heads, sinks_of, alibi_of,
     padding_mask_input,
@@ -101,7 +101,7 @@ def rewrite_attention(
     check_no_dropout(nodes)
     for node, (layer, _) in zip(nodes, layers):
         check_heads(node, plan.model, layer)
-        check_mask_is_mask(node, layer)
+    check_masks_are_masks((node, layer) for node, (layer, _) in zip(nodes, layers))
     padding_mask = padding_mask_input(gm.graph)
     report = PassReport(graph_module=gm)
     infos: dict[torch.fx.Node, torch.fx.Node] = {}  # one mask_info per mask node, shared by its layers

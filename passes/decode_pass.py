@@ -30,7 +30,7 @@ from .saved import SavedGraph
 from .eager_attention import rewrite_eager_attention
 from .value_fusion import fuse_value_splits
 from .linear_pass import LinearFusionReport, fuse_linears
-from .mask_sources import check_mask_is_mask
+from .mask_sources import check_masks_are_masks
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
     runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, head_dim, sinks_of, alibi_of,
@@ -80,7 +80,7 @@ def rewrite_decode(
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)
-        check_mask_is_mask(node, layer)
+    check_masks_are_masks((node, layer) for layer, (node, _) in attns.items())
     layouts = {}  # per layer: how the call reads the keys and values it cached (the cache is written so)
     for layer in range(plan.num_layers):  # everything checked before anything changes
         append_args = _append_args(appends[layer][0])

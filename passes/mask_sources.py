@@ -6,7 +6,7 @@ the model's mask is a mask: made from the 2-D ``attention_mask`` input, integer 
 cache lengths), boolean or integer buffers and constants. A mask computed from a floating-point
 parameter or activation is a score bias (a learned relative-position bias, a bias conditioned on
 the hidden states, Inkling's): dropping it would change the model silently, and the first-call
-guard would see it only where it runs (``verify=True``). :func:`check_mask_is_mask` refuses
+guard would see it only where it runs (``verify=True``). :func:`check_masks_are_masks` refuses
 such a graph when it is rewritten.
 
 The walk follows values only: an input read for its shape, dtype or device alone (``size``,
@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import operator
 import re
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.fx
@@ -104,20 +104,21 @@ def described(sources: list[torch.fx.Node], most: int = 3) -> str:
     return ", ".join(shown) + (f" and {len(sources) - most} more" if len(sources) > most else "")
 
 
-def check_mask_is_mask(node: torch.fx.Node, layer: int) -> None:
-    """ValueError if attention node ``node`` (the plan's ``layer``) takes an ``attn_mask`` computed
-    from a floating-point parameter, activation or buffer: a score bias, which a MoA plan's
-    rules would drop."""
-    mask = arg(node, 3, "attn_mask", None)
-    if not isinstance(mask, torch.fx.Node):
-        return
-    biases = [n for n in mask_sources(mask) if is_bias_source(n)]
-    if not biases:
-        return
-    raise ValueError(
-        f"the attention mask of layer {layer} (node {node.name}) is computed from floating-point tensors "
-        f"({described(biases)}): "
-        "a score bias (a learned relative-position bias, one conditioned on the hidden states) or a mask chosen "
-        "by content, not a mask of positions and padding alone. A MoA plan's rules replace the mask and would "
-        "drop what it adds, so moa-flex does not rewrite this model"
-    )
+def check_masks_are_masks(calls: Iterable[tuple[torch.fx.Node, int]]) -> None:
+    """ValueError if an attention node (with its plan layer) takes an ``attn_mask`` computed from a
+    floating-point parameter, activation or buffer: a score bias, which a MoA plan's rules would
+    drop. Layers sharing one mask node (most models) walk it once."""
+    walked: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node, layer in calls:
+        mask = arg(node, 3, "attn_mask", None)
+        if not isinstance(mask, torch.fx.Node):
+            continue
+        if mask not in walked:
+            walked[mask] = [n for n in mask_sources(mask) if is_bias_source(n)]
+        if walked[mask]:
+            raise ValueError(
+                f"the attention mask of layer {layer} (node {node.name}) is computed from floating-point tensors "
+                f"({described(walked[mask])}): a score bias (a learned relative-position bias, one conditioned on "
+                "the hidden states) or a mask chosen by content, not a mask of positions and padding alone. A MoA "
+                "plan's rules replace the mask and would drop what it adds, so moa-flex does not rewrite this model"
+            )

@@ -26,7 +26,7 @@ from moa_flex.plan import Plan
 
 from .latent import LatentDims, absorb, expansion_weight
 from .eager_attention import MODEL_OUTPUT
-from .mask_sources import check_mask_is_mask
+from .mask_sources import check_masks_are_masks
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
     runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, alibi_of, as_cached,
@@ -93,7 +93,7 @@ def rewrite_prefill(
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)
-        check_mask_is_mask(node, layer)
+    check_masks_are_masks((node, layer) for layer, (node, _) in attns.items())
     layouts = {}  # per layer: how the call reads the keys and values it cached (the cache is written so)
     for layer in range(plan.num_layers):  # everything checked before anything changes
         extend_args = call_args(extends[layer][0], EXTEND_ARGS, SCALE_ARGS)

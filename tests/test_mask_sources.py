@@ -13,7 +13,7 @@ import transformers
 
 import moa_flex
 from moa_flex.passes.eager_attention import unread_score_biases
-from moa_flex.passes.mask_sources import check_mask_is_mask, is_bias_source, mask_sources
+from moa_flex.passes.mask_sources import check_masks_are_masks, is_bias_source, mask_sources
 from moa_flex.passes.nodes import arg, attention_nodes
 from moa_flex.plan import Plan
 from moa_flex.support import causal_lm_types, check_type
@@ -76,7 +76,7 @@ def test_a_mask_of_positions_and_padding_passes(kind: str, dynamic: bool) -> Non
     sources = mask_sources(arg(node, 3, "attn_mask", None))
     assert any("attention_mask" in str(n.target) for n in sources)
     assert not any(is_bias_source(n) for n in sources)
-    check_mask_is_mask(node, 0)
+    check_masks_are_masks([(node, 0)])
 
 
 @pytest.mark.parametrize("kind, named", [("learned_bias", "rel"), ("content_bias", "proj"),
@@ -85,7 +85,7 @@ def test_a_bias_or_a_selection_by_content_is_refused_naming_its_source(kind: str
     gm = graph_of(kind)
     (node,) = attention_nodes(gm.graph)
     with pytest.raises(ValueError, match="score bias") as e:
-        check_mask_is_mask(node, 3)
+        check_masks_are_masks([(node, 3)])
     assert "layer 3" in str(e.value)
     sources = [str(n.target) for n in mask_sources(arg(node, 3, "attn_mask", None))]
     assert any(named in s for s in sources), sources
