@@ -57,6 +57,15 @@ def call_kv_heads(config: Any, num_heads: int, num_kv_heads: int) -> int:
     return num_kv_heads
 
 
+def codebook_rows(config: Any) -> int:
+    """Rows of ``input_ids`` per sequence: MusicGen's decoders take (batch x codebooks, length) ids
+    and sum the codebooks' embeddings into one row per sequence (``num_codebooks``); 1 for others."""
+    config = text_config(config)
+    if getattr(config, "model_type", "") in ("musicgen_decoder", "musicgen_melody_decoder"):
+        return int(config.num_codebooks)
+    return 1
+
+
 def latent_attention(config: Any) -> tuple[int, int] | None:
     """(latent width ``kv_lora_rank``, rotary key width ``qk_rope_head_dim``) of a model with
     multi-head latent attention (DeepSeek-V2/V3 and their kin: each token caches one latent and

@@ -94,8 +94,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {  # per model type (sub-configs too): wh
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},  # attention_layers is expanded from this pattern
     "dots3_note_text": {"head_dim": 32},  # sliding layers: head_dim = their qk_nope_head_dim (24) + qk_rope_head_dim
     "mamba2": {"head_dim": 32, "n_groups": 1},  # SSM heads: num_heads * head_dim = expand (2) * hidden_size
-    "musicgen_decoder": {"num_codebooks": 1},  # input_ids are (batch x codebooks, length): one codebook, plain ids
-    "musicgen_melody_decoder": {"num_codebooks": 1},
+    # input_ids are (batch x codebooks, length): one codebook, plain ids; pad and start token one past the vocabulary,
+    # as in the real checkpoints (2048 of 2048: its embeddings have a row more), which no logit can pick
+    "musicgen_decoder": {"num_codebooks": 1, "pad_token_id": 128, "bos_token_id": 128},
+    "musicgen_melody_decoder": {"num_codebooks": 1, "pad_token_id": 128, "bos_token_id": 128},
     "zaya": {"num_experts_per_tok": 1},  # ZAYA validates top-1 routing only
     "mimo_v2_flash": {"v_head_dim": 8},  # values narrower than keys, as in the real model (128 beside 192)
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [16, 48], "attn_layers": ["local", "lsh"]},  # its LM
@@ -114,6 +116,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {  # per model type (sub-configs too): wh
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     # the default's rope_parameters is {} (no entry per layer type)
+}
+GENERATION_FIELDS = {  # per type, what a real checkpoint's generation_config.json sets and its own generate() needs
+    "musicgen": {"decoder_start_token_id": 128},  # MusicGen's delay pattern starts every row with it
+    "musicgen_melody": {"decoder_start_token_id": 128},
 }
 NOT_DECODERS = {  # types the matrix cannot check standalone: why
     "gemma4_assistant": "a draft model: its forward reads the target model's shared KV states",
@@ -325,6 +331,8 @@ def _build(model_type: str, **fields: Any) -> Any:
     except (ValueError, ImportError):  # no sdpa: its eager attention (moa_flex.compile switches to sdpa or refuses)
         torch.manual_seed(0)
         model = make(config, attn_implementation="eager")
+    for name, value in GENERATION_FIELDS.get(model_type, {}).items():
+        setattr(model.generation_config, name, value)
     model.generation_config.eos_token_id = None  # greedy runs its NEW tokens (an EOS would end a row early)
     for name in GREEDY_OFF:  # greedy is the plain argmax the reference predicts
         if getattr(model.generation_config, name, None) is not None:
@@ -427,9 +435,12 @@ def check_type(model_type: str) -> Result:
         batch = _ids(vocab, PROMPT, BATCH, 2)
         mask = torch.ones_like(batch)
         mask[0, :5] = 0
-        with torch.no_grad():
-            seq = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                                 pad_token_id=0)
+        pad = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+                      "pad_token_id", None)
+        with torch.no_grad():  # num_return_sequences: MusicGen's own generate reads it, and transformers leaves it None
+            out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                 pad_token_id=pad or 0, num_return_sequences=1)
+        seq = decoded(model, out)
         full_mask = torch.cat([mask, torch.ones(BATCH, NEW, dtype=mask.dtype)], dim=1)
         with attention_kept(model):
             ref = planned_logits(model, sparse, PROMPT + NEW, seq[:, :-1], full_mask[:, :-1])  # the request's plan
@@ -440,6 +451,19 @@ def check_type(model_type: str) -> Result:
     except Exception as e:  # noqa: BLE001
         return Result(model_type, *_refused_or_failed(e), time.perf_counter() - t0)
     return Result(model_type, "supported", "dense, sparse and generate match", time.perf_counter() - t0)
+
+
+def decoded(model: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """The tokens the decoder ran, [batch, prompt + new], from ``generate``'s output: as is, or, for
+    MusicGen's own generate ([batch, codebooks, length]: its delay pattern undone, pad tokens dropped),
+    with one codebook, the decoder start token put back in place of the first prompt token, which
+    the delay pattern's first column overwrites."""
+    if out.dim() == 2:
+        return out
+    if out.dim() != 3 or out.shape[1] != 1:
+        raise ValueError(f"generate returned {tuple(out.shape)}; the matrix reads [batch, length] or one codebook")
+    start = torch.full((out.shape[0], 1), int(model.generation_config.decoder_start_token_id), dtype=out.dtype)
+    return torch.cat([start, out[:, 0]], dim=1)
 
 
 @contextlib.contextmanager

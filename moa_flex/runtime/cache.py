@@ -34,7 +34,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_flex.architecture import (
-    OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_value_dim, kv_sources, latent_attention, layer_types, text_config,
+    OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_value_dim, codebook_rows, kv_sources, latent_attention, layer_types,
+    text_config,
 )
 from moa_flex.kernels.decode import default_tiling, prepare_work
 from moa_flex.kernels.quant import SCALE_DTYPE, is_quantized
@@ -227,6 +228,7 @@ class MoaCache(Cache):
         self.plan = plan
         self.planned_length = planned_length
         self.pads = pads
+        self.codebook_rows = codebook_rows(config) if config is not None else 1  # input rows per cache row (MusicGen)
         self.head_dims = head_dims  # per planned layer: keys'
         self.value_dims = value_dims  # and values' (MiMo-V2's differ)
         self.dtype = dtype

@@ -22,11 +22,12 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moa_flex.architecture import layer_placement
+from moa_flex.architecture import codebook_rows, layer_placement
 
 from .cache import MoaCache
 from .decode_loop import decode_loop
@@ -91,6 +92,9 @@ def generate(model: torch.nn.Module, state: "CompiledState", *args: Any, **kwarg
     if mask is None:
         mask = torch.ones_like(inputs)
     pads = _left_pads(mask)
+    rows = codebook_rows(model.config)
+    if rows > 1:  # MusicGen: a row per codebook, the decoder (and the cache) one per sequence
+        B, pads = B // rows, _codebook_pads(pads, rows)
     if given:
         cache = _next_turn(model, state, given[0], inputs, pads, new)
     else:
@@ -110,10 +114,57 @@ def generate(model: torch.nn.Module, state: "CompiledState", *args: Any, **kwarg
     except ValueError as e:
         if "custom_generate" not in str(e):
             raise
-        raise NotImplementedError(  # a generate of the model's own (MusicGen's) that validates its keyword arguments
-            f"{type(model).__name__} has a generate() of its own that does not run transformers' custom_generate hook, "
-            "through which moa-flex decodes; call the compiled model's forward with a moa_flex.MoaCache instead"
-        ) from e
+        # a generate of the model's own (MusicGen's: its delay pattern over codebooks) that rejects the hook
+        # while validating its keyword arguments, before any forward: it decodes with its own loop instead
+        return _own_loop(model, state, params, streamer)
+
+
+def _own_loop(model: torch.nn.Module, state: "CompiledState", params: dict, streamer: Any) -> Any:
+    """The request through the model's own ``generate`` and transformers' per-token loop
+    (``_sample``) over the MoA cache, for a model whose ``generate`` does not take moa-flex's
+    loop as ``custom_generate`` (MusicGen): the same prefill and decode graphs, with the host
+    work per token of transformers' loop; warned once per model. NotImplementedError, after
+    the request, where that loop ran fewer tokens through the cache than the prompt holds: its
+    output ignores part of the prompt (transformers' own MusicgenForCausalLM, below)."""
+    if "own generate" not in state.warned:
+        state.warned.add("own generate")
+        warnings.warn(f"moa-flex: {type(model).__name__} has a generate() of its own, which does not take moa-flex's "
+                      "decoding loop (transformers' custom_generate hook): it decodes over the MoA cache with "
+                      "transformers' per-token loop, with more host time per token", stacklevel=3)
+    params.pop("custom_generate")
+    if streamer is not None:
+        params["streamer"] = streamer
+    cache, prompt = params[state.cache_arg], params["inputs"].shape[1]
+    seen = cache.seen_tokens
+    out = state.original_generate(**params)
+    if cache.seen_tokens - seen < prompt - seen:
+        import transformers
+
+        raise NotImplementedError(
+            f"{type(model).__name__}'s own generate() of transformers {transformers.__version__} ran "
+            f"{cache.seen_tokens - seen} tokens through the cache for a prompt of {prompt - seen}: it did not prefill the "
+            "whole prompt, so its tokens would ignore part of it (MusicGen's prepare_inputs_for_generation keeps "
+            "input_ids[:, -1:] whenever a cache is passed, at the first step too); run the compiled forward over a "
+            "moa_flex.MoaCache (prefill, then one token per step) instead")
+    return out
+
+
+def _codebook_pads(pads: torch.Tensor, rows: int) -> torch.Tensor:
+    """Left pads per sequence of a batch given as ``rows`` rows (codebooks) per sequence; ValueError
+    unless the rows divide evenly and are padded alike, and, since transformers' MusicGen decoder
+    pads its sequences by the mask's first rows (not every ``rows``-th), for a padded batch of
+    several sequences (the stock model would pad the wrong ones)."""
+    if pads.numel() % rows:
+        raise ValueError(f"input_ids has {pads.numel()} rows, not a multiple of the model's {rows} codebooks")
+    grouped = pads.view(-1, rows)
+    if not bool((grouped == grouped[:, :1]).all()):
+        raise ValueError(f"the codebook rows of a sequence must be padded alike: left pads {pads.tolist()}")
+    if grouped.shape[0] > 1 and bool(grouped.any()):
+        raise NotImplementedError(
+            f"a padded batch of several sequences with {rows} codebooks: transformers' MusicGen decoder takes the "
+            f"padding of sequence b from the mask's row b, not from row b x {rows}, so the stock model pads the "
+            "wrong sequences; generate each sequence alone, or pass no padding")
+    return grouped[:, 0].contiguous()
 
 
 def _next_turn(model: torch.nn.Module, state: "CompiledState", cache: Any, inputs: torch.Tensor, pads: torch.Tensor,
