@@ -400,6 +400,10 @@ def alibi_over_cache_length(model: torch.nn.Module) -> bool:
     return False
 
 
+# what a forward without a transformers Cache takes in its place: Reformer's buckets and states, XLNet's memory
+OWN_STATES = ("past_buckets_states", "mems")
+
+
 def check_supported(model: torch.nn.Module, shape: Any) -> None:
     """ValueError naming why, for a model whose attention a plan cannot rule (``shape``: the
     plan's ModelShape): decoder layers run several times per
@@ -427,10 +431,18 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
         raise ValueError(f"decoder layer {layer} of {name} runs {kv} KV heads, the config (and the plan) "
                          f"{shape.num_kv_heads}: a plan has one head layout for every layer (a layer may run a "
                          "divisor of the plan's KV heads, which its cache holds expanded, not more)")
+    lsh = [t for t in getattr(config, "attn_layers", None) or () if t == "lsh"]
+    if lsh:  # Reformer
+        raise ValueError(f"{name} runs LSH self-attention (attn_layers {list(config.attn_layers)}): each query attends "
+                         "the keys hashed into its own buckets, a data-dependent sparsity that a MoA plan's sink and "
+                         "window rules do not model")
     params = inspect.signature(model.forward).parameters
     if "cache" not in params and "past_key_values" not in params:
-        raise ValueError(f"{name}'s forward takes no KV cache (neither cache nor past_key_values): its generate "
-                         "recomputes every token, and a MoA plan is a rule for what a KV cache keeps")
+        own = [p for p in OWN_STATES if p in params]
+        why = (f"it keeps a state of its own ({', '.join(own)}), which moa-flex's cache does not replace" if own else
+               "its generate recomputes every token")
+        raise ValueError(f"{name}'s forward takes no KV cache (neither cache nor past_key_values): {why}, and a MoA "
+                         "plan is a rule for what a KV cache keeps")
     if alibi_over_cache_length(model):
         import transformers
 
