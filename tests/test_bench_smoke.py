@@ -23,11 +23,18 @@ SMOKES = [  # script and its arguments; --record is never passed (RESULTS.md sta
     ["startup.py", "--smoke"],
     ["prefill.py", "--smoke"],
     ["profiler.py", "--smoke"],
+    ["multigpu.py", "--placement", "layers", "--smoke"],  # accelerate's hooks on one device
+    ["-m", "torch.distributed.run", "--nproc_per_node", "2", "multigpu.py", "--placement", "tp", "--smoke"],  # gloo
 ]
 
 
+def _name(argv: list[str]) -> str:
+    script = next(a for a in argv if a.endswith(".py"))
+    return f"{script}[{argv[argv.index('--placement') + 1]}]" if "--placement" in argv else script
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("argv", SMOKES, ids=[a[0] for a in SMOKES])
+@pytest.mark.parametrize("argv", SMOKES, ids=[_name(a) for a in SMOKES])
 def test_bench_script_smoke_run(argv: list[str]) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # the Triton kernels run in the interpreter on the CPU
     env.pop("MOA_FLEX_CACHE_DIR", None)
