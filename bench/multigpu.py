@@ -40,6 +40,7 @@ another). Bar: the TP=2 moa-flex step within 1.3x its floor.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -306,6 +307,14 @@ def check_dense(model: torch.nn.Module, plan: Plan, devices: list[torch.device])
     return f"check: dense plan vs the stock model on this placement (64 tokens): max abs {diff:.3g} [{'pass' if ok else 'FAIL'}]"
 
 
+def first_layers(plan: Plan, layers: int) -> Plan:
+    """The plan's rules of its first ``layers`` layers (``--layers``)."""
+    shape = dataclasses.replace(plan.model, num_layers=layers)
+    return Plan(shape, plan.alpha[:layers].tolist(), plan.beta[:layers].tolist(), granularity=plan.granularity,
+                sink=plan.sink, span_multiple=plan.span_multiple, min_span=plan.min_span,
+                meta={**plan.meta, "layers_kept": layers})
+
+
 def parse_case(text: str) -> tuple[int, int]:
     b, n = text.lower().split("x")
     return int(b), int(n)
@@ -321,6 +330,8 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--mode", default=None, help="torch.compile mode for moa-flex (reduce-overhead: CUDA graphs)")
     ap.add_argument("--plan", default=SHIPPED, help="a shipped plan's name or a plan file")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="fewer decoder layers (the plan's first ones): a check of the script on one GPU")
     ap.add_argument("--no-hf", action="store_true", help="without the HF eager rows")
     ap.add_argument("--smoke", action="store_true", help="tiny Llama on the CPU: the script runs")
     ap.add_argument("--record", action="store_true")
@@ -337,9 +348,13 @@ def main() -> None:
     cases = [parse_case(c) for c in (SMOKE_CASES if args.smoke else args.cases)]
     first = SMOKE_FIRST if args.smoke else args.first_token
     config = llama3_70b_config(args.smoke)
+    if args.layers:
+        config.num_hidden_layers = args.layers
     shape = ModelShape.from_config(config)
     plan = (plan_at_kv_density(shape, 64, 0.25) if args.smoke else
             Plan.load(args.plan) if os.path.exists(args.plan) else moa_flex.plans.load(args.plan))
+    if plan.num_layers > config.num_hidden_layers:
+        plan = first_layers(plan, config.num_hidden_layers)
     say(f"building the model ({args.placement}) on the meta device, then in place ...", flush=True)
     model = build_tp(config, device) if distributed else build_layers(config, args.gpus, device)
     devices = devices_of(model)
@@ -379,7 +394,8 @@ def main() -> None:
     where = (f"TP={dist.get_world_size()} (torch parallelize_module, {'gloo' if args.smoke else 'NCCL'})"
              if distributed else f"layers over {len(devices)} device(s) (accelerate dispatch_model; "
              f"{len(model.moa_flex.accelerate_hooks)} hooks replaced by device moves)")
-    text = [f"Placement: {where}. Plan: {plan.meta.get('name', args.plan) if not args.smoke else 'random d=0.25'}; "
+    text = [f"Placement: {where}. Model: {config.num_hidden_layers} layers. Plan: "
+            f"{'random d=0.25' if args.smoke else args.plan}; "
             f"copy bandwidth {bw / 1e12:.2f} TB/s" + (f", all-reduce bus bandwidth {busbw / 1e9:.1f} GB/s" if busbw else ""),
             "", *[f"- {c}" for c in checks], "",
             "| method | B x N | step (ms) | floor (ms) | x floor | peak GB per GPU |", "|---|---|---:|---:|---:|---:|"]
