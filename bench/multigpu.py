@@ -30,8 +30,8 @@ short one that compiles. Peak memory: the largest ``max_memory_allocated`` over 
 the row. Out of memory: the row says so. A check line compares a dense plan's logits with the
 stock model's on the same placement (64 tokens).
 
-Floor of a decode step: ``tp``: the bytes one GPU reads (its weights and the KV its cache
-keeps) over its copy bandwidth, plus the all-reduce bytes of the step (2 per layer of B x hidden
+Floor of a decode step: ``tp``: the bytes one GPU reads (its weights but the embedding table,
+of which a step reads one row per sequence, and the KV its cache keeps) over its copy bandwidth, plus the all-reduce bytes of the step (2 per layer of B x hidden
 bf16 values, x 2 (n - 1) / n on the bus) over the all-reduce bus bandwidth measured in the same
 run (256 MiB); ``layers``: every GPU's bytes over the copy bandwidth (the GPUs run one after
 another). Bar: the TP=2 moa-flex step within 1.3x its floor.
@@ -245,11 +245,14 @@ def floor_ms(placement: str, wbytes: int, kvbytes: int, bw: float, B: int, confi
     return ms
 
 
-def local_bytes(model: torch.nn.Module) -> int:
-    """Weight bytes this process holds (a DTensor's local shard)."""
+def step_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes a decode step reads in this process (a DTensor's local shard): all it holds
+    but the embedding table, of which a step reads one row per sequence."""
     from torch.distributed.tensor import DTensor
 
-    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+    table = model.get_input_embeddings().weight
+    return held if table is model.get_output_embeddings().weight else held - table.nbytes  # tied: the LM head reads it
 
 
 def moa_step(model: torch.nn.Module, B: int, N: int, steps: int, devices: list[torch.device]) -> tuple:
@@ -364,7 +367,7 @@ def main() -> None:
                      backend="eager" if args.smoke else "inductor")
     checks = [check_dense(model, plan, devices)]
     kv_heads = model.moa_flex.plan.num_kv_heads  # this rank's (its shard under TP)
-    wbytes = local_bytes(model)
+    wbytes = step_weight_bytes(model)
     rows = []
     for B, N in cases:
         methods = [("moa-flex", lambda: moa_step(model, B, N, args.steps, devices))]
