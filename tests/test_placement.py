@@ -7,7 +7,7 @@ import torch
 
 import moa_flex
 from moa_flex.plan import Plan
-from moa_flex.runtime.placement import hooked_modules
+from moa_flex.runtime.placement import _needing_moves, hooked_modules
 from tiny_models import SEQ, ids_of, sparse_plan, tiny_model
 
 accelerate = pytest.importorskip("accelerate")
@@ -37,6 +37,8 @@ def test_dispatched_model_compiles_and_equals_the_plain_one() -> None:
     assert "model.layers.1.self_attn" in hooked
     moa_flex.compile(model, plan, backend="eager", progress=False)
     assert not hooked_modules(model)
+    # one device: only the outermost module moves what the caller hands in (no hooks inside the traced forward)
+    assert [name for name, m in model.named_modules() if m._forward_pre_hooks] == [""]
     got = _logits_and_tokens(model, ids)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     moa_flex.uncompile(model)
@@ -50,3 +52,14 @@ def test_offloaded_model_is_refused_naming_the_module(tmp_path) -> None:  # noqa
     with pytest.raises(ValueError, match="offloaded by accelerate.*'model.layers.1"):
         moa_flex.compile(model, Plan.dense(model.config))
     assert getattr(model, "moa_flex", None) is None and [name for name, _ in hooked_modules(model)] == before
+
+
+def test_device_moves_go_where_inputs_can_come_from_another_device() -> None:
+    """Several devices: every placed module moves its inputs; one device: the outermost only."""
+    a, b = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert _needing_moves({"": a, "model.layers.0": a, "model.layers.1": b, "lm_head": b, "x": None}) == {
+        "", "model.layers.0", "model.layers.1", "lm_head"}
+    assert _needing_moves({"": a, "model.layers.0": a, "lm_head": a}) == {""}
+    assert _needing_moves({"model": a, "model.layers.0": a, "model.layers.10": a, "lm_head": a, "x": None}) == {
+        "model", "lm_head"}
+    assert _needing_moves({"model.layers.1": a, "model.layers.10": a}) == {"model.layers.1", "model.layers.10"}

@@ -5,7 +5,8 @@ and, for offloaded modules, loads weights on the fly; its forward wrapper calls
 ``torch.compiler.disable``, so Dynamo cannot trace a hooked model into one graph.
 ``moa_flex.compile`` therefore replaces the hooks of a model whose weights all sit on their
 execution devices (one GPU, several GPUs, or the CPU) by plain forward pre-hooks that move
-tensor arguments to the module's execution device (Dynamo traces those), and restores
+tensor arguments to the module's execution device (Dynamo traces those; on one device only the
+outermost module gets one, :func:`_needing_moves`), and restores
 accelerate's hooks on ``moa_flex.uncompile``. A model with modules offloaded to the CPU or
 disk (weights loaded per call) is refused, naming the first offloaded module.
 """
@@ -63,16 +64,35 @@ def replace_hooks(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any, An
     from accelerate.hooks import remove_hook_from_module
 
     check_placement(model)
+    hooked = hooked_modules(model)
+    where = {name: _execution_device(module) for name, module in hooked}
+    movers = _needing_moves(where)
     swapped = []
-    for _name, module in hooked_modules(model):
+    for name, module in hooked:
         hook = module._hf_hook
-        devices = [h.execution_device for h in _align_hooks(hook) if h.execution_device is not None]
         remove_hook_from_module(module)
         handle = None
-        if devices:
-            handle = module.register_forward_pre_hook(_mover(torch.device(devices[0])), with_kwargs=True)
+        if name in movers:
+            handle = module.register_forward_pre_hook(_mover(where[name]), with_kwargs=True)
         swapped.append((module, hook, handle))
     return swapped
+
+
+def _execution_device(module: torch.nn.Module) -> torch.device | None:
+    devices = [h.execution_device for h in _align_hooks(module._hf_hook) if h.execution_device is not None]
+    return torch.device(devices[0]) if devices else None
+
+
+def _needing_moves(where: dict[str, torch.device | None]) -> set[str]:
+    """Hooked modules that get a device-moving pre-hook: every one with an execution device when
+    the model spans several devices; on one device only the outermost (what the caller hands
+    in, on any device, goes there; everything inside is computed there already). Fewer hooks
+    inside the traced forward: Dynamo guards each, and AOT precompile cannot build guards on a
+    module's hooks (docs/DESIGN.md, "Precompiled graphs")."""
+    placed = {n: d for n, d in where.items() if d is not None}
+    if len(set(placed.values())) > 1:
+        return set(placed)
+    return {n for n in placed if not any(o != n and (o == "" or n.startswith(o + ".")) for o in placed)}
 
 
 def restore_hooks(swapped: list[tuple[torch.nn.Module, Any, Any]]) -> None:
