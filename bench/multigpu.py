@@ -366,6 +366,7 @@ def main() -> None:
     moa_flex.compile(model, plan, mode=args.mode, prefill_chunk=args.prefill_chunk, progress=rank0,
                      backend="eager" if args.smoke else "inductor")
     checks = [check_dense(model, plan, devices)]
+    model.moa_flex.warmup()  # a short request first: its prefill and decode graphs, with the first-call check
     kv_heads = model.moa_flex.plan.num_kv_heads  # this rank's (its shard under TP)
     wbytes = step_weight_bytes(model)
     rows = []
