@@ -14,7 +14,10 @@ and the conversation stays planned for the cache's length (compile's ``max_lengt
 search, several sequences per prompt and other decoding modes are refused (the cache is
 allocated per prompt row). A multimodal wrapper's request (images, ...) goes to transformers
 as given: it encodes the images, and the decoding loop passes them to the prefill or refuses
-the request (a non-causal mask over the image tokens), as its docstring says.
+the request (a non-causal mask over the image tokens), as its docstring says. A model whose
+``generate`` is its own and rejects ``custom_generate`` (MusicGen's decoders) decodes over the
+MoA cache with transformers' per-token loop instead (``_own_loop``, warned once); such a
+request is refused if that loop prefilled less than the prompt.
 """
 
 from __future__ import annotations
@@ -135,14 +138,15 @@ def _own_loop(model: torch.nn.Module, state: "CompiledState", params: dict, stre
     if streamer is not None:
         params["streamer"] = streamer
     cache, prompt = params[state.cache_arg], params["inputs"].shape[1]
-    seen = cache.seen_tokens
+    seen = cache.seen_tokens  # a later turn: the conversation's first tokens are in the cache already
     out = state.original_generate(**params)
-    if cache.seen_tokens - seen < prompt - seen:
+    ran = cache.seen_tokens - seen
+    if ran < prompt - seen:
         import transformers
 
         raise NotImplementedError(
             f"{type(model).__name__}'s own generate() of transformers {transformers.__version__} ran "
-            f"{cache.seen_tokens - seen} tokens through the cache for a prompt of {prompt - seen}: it did not prefill the "
+            f"{ran} tokens through the cache for a prompt of {prompt - seen}: it did not prefill the "
             "whole prompt, so its tokens would ignore part of it (MusicGen's prepare_inputs_for_generation keeps "
             "input_ids[:, -1:] whenever a cache is passed, at the first step too); run the compiled forward over a "
             "moa_flex.MoaCache (prefill, then one token per step) instead")
@@ -150,10 +154,11 @@ def _own_loop(model: torch.nn.Module, state: "CompiledState", params: dict, stre
 
 
 def _codebook_pads(pads: torch.Tensor, rows: int) -> torch.Tensor:
-    """Left pads per sequence of a batch given as ``rows`` rows (codebooks) per sequence; ValueError
-    unless the rows divide evenly and are padded alike, and, since transformers' MusicGen decoder
-    pads its sequences by the mask's first rows (not every ``rows``-th), for a padded batch of
-    several sequences (the stock model would pad the wrong ones)."""
+    """Left pads per sequence of a batch given as ``rows`` rows (codebooks) per sequence.
+    ValueError unless the rows divide evenly and a sequence's rows are padded alike;
+    NotImplementedError for a padded batch of several sequences: transformers' MusicGen decoder
+    pads its sequences by the mask's first rows (not every ``rows``-th), so the stock model would
+    pad the wrong ones."""
     if pads.numel() % rows:
         raise ValueError(f"input_ids has {pads.numel()} rows, not a multiple of the model's {rows} codebooks")
     grouped = pads.view(-1, rows)
