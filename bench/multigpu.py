@@ -51,6 +51,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import moa_flex
+from decode import stock
 from decode_kernel import plan_at_kv_density
 from harness import LLAMA3_70B, copy_bandwidth, fill_random, record
 from moa_flex.plan import ModelShape, Plan
@@ -195,20 +196,6 @@ def dynamic_cache(model: torch.nn.Module, B: int, filled: int, kv_heads: int, he
     return cache
 
 
-class Stock:
-    """The plain HF model for the baselines, moa-flex's compiled forward kept for later."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> torch.nn.Module:
-        self.saved = {k: self.model.__dict__.pop(k) for k in ("forward", "generate") if k in self.model.__dict__}
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.__dict__.update(self.saved)
-
-
 def guarded(fn: Callable[[], object]) -> object:
     """``fn()``, or the string "OOM" if a GPU ran out of memory (the row says so)."""
     try:
@@ -265,7 +252,7 @@ def moa_step(model: torch.nn.Module, B: int, N: int, steps: int, devices: list[t
 
 def hf_step(model: torch.nn.Module, B: int, N: int, steps: int, devices: list[torch.device],
             kv_heads: int, head_dim: int) -> tuple:
-    with Stock(model) as plain:
+    with stock(model) as plain:
         cache = dynamic_cache(plain, B, N - 1, kv_heads, head_dim)
         kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
         ms = step_ms(plain, cache, B, N - 1, steps, devices)
@@ -286,7 +273,7 @@ def first_token_s(model: torch.nn.Module, P: int, devices: list[torch.device], m
                 model(input_ids=ids[:, :n], past_key_values=new_cache(model, model.moa_flex, 1, n + 1, None),
                       use_cache=True, logits_to_keep=1)
             else:
-                with Stock(model) as plain:
+                with stock(model) as plain:
                     plain(input_ids=ids[:, :n], use_cache=True, logits_to_keep=1)
             synchronize(devices)
             return time.perf_counter() - t0
@@ -299,7 +286,7 @@ def check_dense(model: torch.nn.Module, plan: Plan, devices: list[torch.device])
     """A dense plan's logits against the stock model's on this placement (64 tokens)."""
     ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(2))
     ids = ids.to(devices[0])
-    with torch.no_grad(), Stock(model) as plain:
+    with torch.no_grad(), stock(model) as plain:
         want = plain(input_ids=ids).logits.float()
     model.moa_flex.set_plan(Plan.dense(model.config))
     with torch.no_grad():

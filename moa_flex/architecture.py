@@ -66,6 +66,26 @@ def codebook_rows(config: Any) -> int:
     return 1
 
 
+def sequence_mask(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """The 2-D padding mask per sequence [B, T] of a batch given as ``rows`` rows per sequence
+    (MusicGen's codebooks, :func:`codebook_rows`): each sequence's first row. ValueError unless
+    the rows divide evenly and a sequence's rows are padded alike; NotImplementedError for a
+    padded batch of several sequences: transformers' MusicGen decoder pads sequence b by the
+    mask's row b, not by its first row (b x ``rows``), so the stock model pads the wrong ones."""
+    if mask.dim() != 2 or mask.shape[0] % rows:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} does not hold {rows} rows (codebooks) per sequence")
+    grouped = mask.reshape(-1, rows, mask.shape[1])
+    first = grouped[:, :1]
+    if not bool((grouped == first).all()):
+        raise ValueError("attention_mask: the codebook rows of a sequence must be padded alike")
+    if grouped.shape[0] > 1 and not bool(first.bool().all()):
+        raise NotImplementedError(
+            f"a padded batch of several sequences with {rows} codebooks: transformers' MusicGen decoder takes the "
+            f"padding of sequence b from the mask's row b, not from row b x {rows}, so the stock model pads the "
+            "wrong sequences; run each sequence alone, or pass no padding")
+    return first[:, 0]
+
+
 def latent_attention(config: Any) -> tuple[int, int] | None:
     """(latent width ``kv_lora_rank``, rotary key width ``qk_rope_head_dim``) of a model with
     multi-head latent attention (DeepSeek-V2/V3 and their kin: each token caches one latent and

@@ -392,6 +392,7 @@ def _random_plan(config: Any, seed: int = 0) -> Any:
 def check_type(model_type: str) -> Result:
     """Build, compile and check one model type (module docstring)."""
     import moa_flex
+    from moa_flex.architecture import text_config
     from moa_flex.plan import Plan
     from moa_flex.reference import planned_logits, reference_logits
 
@@ -435,8 +436,7 @@ def check_type(model_type: str) -> Result:
         batch = _ids(vocab, PROMPT, BATCH, 2)
         mask = torch.ones_like(batch)
         mask[0, :5] = 0
-        pad = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
-                      "pad_token_id", None)
+        pad = getattr(text_config(model.config), "pad_token_id", None)
         with torch.no_grad():  # num_return_sequences: MusicGen's own generate reads it, and transformers leaves it None
             out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
                                  pad_token_id=pad or 0, num_return_sequences=1)

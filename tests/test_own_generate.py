@@ -1,6 +1,6 @@
 """Models whose ``generate`` is their own (MusicGen's decoders): moa-flex decodes over the MoA
 cache with transformers' per-token loop, refuses a loop that drops prompt tokens, and runs
-several codebook rows per sequence (runtime/generate.py ``_own_loop``, ``_codebook_pads``)."""
+several codebook rows per sequence (runtime/generate.py ``_own_loop``, architecture.py ``sequence_mask``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import transformers
 
 import moa_flex
 from moa_flex.plan import Plan
+from moa_flex.runtime.generate import new_cache
 from moa_flex.support import Result, _ids, _perturbed, check_type, tiny_config
 
 START = 128  # the tiny decoders' pad and start token: one past the vocabulary, as in the real checkpoints
@@ -100,6 +101,9 @@ def test_several_codebooks_decode_as_the_stock_model_and_padding_is_checked() ->
         _generate(model, ids, padded)
     with pytest.raises(ValueError, match="padded alike"):
         _generate(model, one, torch.tensor([[0] * 3 + [1] * 17, [1] * 20]))
+    cache = new_cache(model, model.moa_flex, 2, 24, None)  # the compiled forward over a MoaCache checks alike
+    with pytest.raises(NotImplementedError, match="pads the wrong sequences"), torch.no_grad():
+        model(input_ids=ids, attention_mask=padded, past_key_values=cache)
     if drops:
         with pytest.raises(NotImplementedError, match="did not prefill the whole prompt"):
             _generate(model, ids)

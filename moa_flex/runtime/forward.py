@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.fx.experimental._config as fx_config
 
+from moa_flex.architecture import sequence_mask
+
 from .cache import MoaCache
 from .multimodal import check_image_prefix, check_token_types
 from .state import CompiledState
@@ -135,9 +137,8 @@ def _chunk_mask(cache: MoaCache, kwargs: dict, n: int, device: torch.device) -> 
         if not bool(expect.all()):
             raise ValueError(f"the cache's rows are left-padded ({cache.pads.tolist()} tokens): pass the attention_mask")
         return None
-    rows = cache.codebook_rows
-    if mask.dim() == 2 and rows > 1 and mask.shape[0] == cache.batch_size * rows:  # MusicGen: a row per codebook,
-        mask = mask[::rows]  # padded alike (generate checks it), the cache one row per sequence
+    if cache.codebook_rows > 1 and mask.dim() == 2 and mask.shape[0] != cache.batch_size:  # MusicGen: a row per
+        mask = sequence_mask(mask, cache.codebook_rows)  # codebook, the cache one per sequence
     if mask.dim() != 2 or mask.shape[0] != cache.batch_size or mask.shape[1] not in (n, seen + n):
         raise ValueError(f"attention_mask must be [batch, new tokens] or [batch, past + new tokens] = "
                          f"[{cache.batch_size}, {n} or {seen + n}], got {tuple(mask.shape)}")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moa_flex.architecture import codebook_rows, layer_placement
+from moa_flex.architecture import codebook_rows, layer_placement, sequence_mask
 
 from .cache import MoaCache
 from .decode_loop import decode_loop
@@ -94,10 +94,10 @@ def generate(model: torch.nn.Module, state: "CompiledState", *args: Any, **kwarg
     mask = params.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs)
-    pads = _left_pads(mask)
     rows = codebook_rows(model.config)
     if rows > 1:  # MusicGen: a row per codebook, the decoder (and the cache) one per sequence
-        B, pads = B // rows, _codebook_pads(pads, rows)
+        B = B // rows
+    pads = _left_pads(sequence_mask(mask, rows) if rows > 1 else mask)
     if given:
         cache = _next_turn(model, state, given[0], inputs, pads, new)
     else:
@@ -151,25 +151,6 @@ def _own_loop(model: torch.nn.Module, state: "CompiledState", params: dict, stre
             "input_ids[:, -1:] whenever a cache is passed, at the first step too); run the compiled forward over a "
             "moa_flex.MoaCache (prefill, then one token per step) instead")
     return out
-
-
-def _codebook_pads(pads: torch.Tensor, rows: int) -> torch.Tensor:
-    """Left pads per sequence of a batch given as ``rows`` rows (codebooks) per sequence.
-    ValueError unless the rows divide evenly and a sequence's rows are padded alike;
-    NotImplementedError for a padded batch of several sequences: transformers' MusicGen decoder
-    pads its sequences by the mask's first rows (not every ``rows``-th), so the stock model would
-    pad the wrong ones."""
-    if pads.numel() % rows:
-        raise ValueError(f"input_ids has {pads.numel()} rows, not a multiple of the model's {rows} codebooks")
-    grouped = pads.view(-1, rows)
-    if not bool((grouped == grouped[:, :1]).all()):
-        raise ValueError(f"the codebook rows of a sequence must be padded alike: left pads {pads.tolist()}")
-    if grouped.shape[0] > 1 and bool(grouped.any()):
-        raise NotImplementedError(
-            f"a padded batch of several sequences with {rows} codebooks: transformers' MusicGen decoder takes the "
-            f"padding of sequence b from the mask's row b, not from row b x {rows}, so the stock model pads the "
-            "wrong sequences; generate each sequence alone, or pass no padding")
-    return grouped[:, 0].contiguous()
 
 
 def _next_turn(model: torch.nn.Module, state: "CompiledState", cache: Any, inputs: torch.Tensor, pads: torch.Tensor,
