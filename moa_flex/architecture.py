@@ -457,12 +457,11 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
                          "the keys hashed into its own buckets, a data-dependent sparsity that a MoA plan's sink and "
                          "window rules do not model")
     params = inspect.signature(model.forward).parameters
-    if "cache" not in params and "past_key_values" not in params:
-        own = [p for p in OWN_STATES if p in params]
-        why = (f"it keeps a state of its own ({', '.join(own)}), which moa-flex's cache does not replace" if own else
-               "its generate recomputes every token")
-        raise ValueError(f"{name}'s forward takes no KV cache (neither cache nor past_key_values): {why}, and a MoA "
-                         "plan is a rule for what a KV cache keeps")
+    own = [p for p in OWN_STATES if p in params]
+    if "cache" not in params and "past_key_values" not in params and own:  # none at all (GPT): generate recomputes
+        raise ValueError(f"{name}'s forward takes no KV cache (neither cache nor past_key_values): it keeps a state "
+                         f"of its own ({', '.join(own)}), which moa-flex's cache does not replace, and a MoA plan is a "
+                         "rule for what a KV cache keeps")
     if alibi_over_cache_length(model):
         import transformers
 

@@ -25,6 +25,13 @@ def cache_argument(forward: Callable) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def takes_cache(forward: Callable) -> bool:
+    """Whether a transformers forward takes a KV cache at all (under either name); OpenAI GPT's
+    does not."""
+    params = inspect.signature(forward).parameters
+    return "cache" in params or "past_key_values" in params
+
+
 def generate_output(cache: Any, **fields: Any) -> Any:
     """transformers' ``GenerateDecoderOnlyOutput``; its cache field is ``cache`` from 5.24 on,
     ``past_key_values`` before."""

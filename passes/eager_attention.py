@@ -5,9 +5,11 @@ instead of calling SDPA or the attention-function interface. On a Dynamo graph t
 each such computation, of exactly this form (4-D tensors [B, H, T, D]):
 
     S = matmul(q, k.transpose(-1, -2))        # q, k possibly cast; or bmm / baddbmm(zeros, ..., alpha)
-                                              # on their [B * H, T, D] views (3-D scores, viewed 4-D and back)
+                                              # on their [B * H, T, D] views (3-D scores, viewed 4-D and back);
+                                              # or k permuted from [B, T, H, D] straight to [B, H, D, T] (GPT)
     S = S * c | S / c | S.to(dtype)           # constant scales, casts, any number, any order
     S = where(m, S, fill) | S.masked_fill(m, fill) | S + mask   # masks (below)
+    S = S * m + fill * (1 - m)                # a 0/1 float mask m (OpenAI GPT's tril buffer)
     S = S + alibi                             # or baddbmm(alibi, q, k^T, beta, alpha): ALiBi (below)
     S = max(S, fill)                          # a floor at a mask's fill (XGLM)
     P = softmax(S, dim=-1)                    # optionally cast after, dropout in eval (p or training off)
@@ -20,7 +22,10 @@ term that changes attention beyond dropping keys (ALiBi, relative-position biase
 one: a ``where`` over a boolean condition whose other branch is a constant at or below -1e4 (it
 only removes keys), and an additive term computed from the forward's 2-D ``attention_mask``
 input and constants alone (no parameter or other input, no product by a per-head table of
-constants such as ALiBi's slopes): HF's padding-and-causal mask. Anything
+constants such as ALiBi's slopes): HF's padding-and-causal mask; and ``S * m + fill * (1 - m)``
+with m a float tensor and fill a constant at or below -1e4, read as ``where(m != 0, S, fill)``,
+which it is for an m of 0s and 1s (OpenAI GPT's lower-triangular buffer; what m holds is a
+value, which the first-call check confirms). Anything
 else, including a scale that is not a constant, leaves the computation as it is, and the graph
 then has no attention call for the other passes, which refuse it by name. Scores written in
 place: a ``masked_fill_`` of a mask before the next read (XLM) is a mask; any other in-place
@@ -171,6 +176,33 @@ def _is_where_mask(node: Any) -> bool:
     return _zero(zero) and c is not None and c <= MASK_FILL_MAX and val is not None and val.dtype == torch.bool
 
 
+def _multiplier_mask(a: Any, b: Any) -> tuple[torch.fx.Node, torch.fx.Node, float] | None:
+    """(S, m, fill) where ``a + b`` is ``S * m + fill * (1 - m)`` (factors and terms in either
+    order) with ``m`` a floating-point tensor node and fill a constant at or below -1e4: OpenAI
+    GPT's causal mask, a 0/1 lower-triangular buffer. For m of 0s and 1s it is ``where(m != 0,
+    S, fill)``; that m holds nothing else is a value, which the first-call check confirms."""
+    for first, second in ((a, b), (b, a)):
+        if not (_call(first, operator.mul, torch.mul) and _call(second, operator.mul, torch.mul)):
+            continue
+        if len(first.args) != 2 or len(second.args) != 2:
+            continue
+        fills = [_constant(x) for x in second.args]
+        if fills.count(None) != 1:
+            continue
+        fill, rest = next(f for f in fills if f is not None), second.args[fills.index(None)]
+        if fill > MASK_FILL_MAX or not (_call(rest, operator.sub, torch.sub) and len(rest.args) == 2
+                                        and _constant(rest.args[0]) == 1.0):
+            continue
+        m = rest.args[1]
+        val = _value(m)
+        if not isinstance(m, torch.fx.Node) or val is None or not val.dtype.is_floating_point or m not in first.args:
+            continue
+        kept = first.args[1] if first.args[0] is m else first.args[0]
+        if isinstance(kept, torch.fx.Node) and kept is not m:
+            return kept, m, fill
+    return None
+
+
 def _is_mask_term(node: Any, padding: torch.fx.Node | None) -> bool:
     """An additive term that is a mask: ``where(boolean, 0, fill)`` (:func:`_is_where_mask`), or
     a term made from the 2-D attention_mask input, integer inputs (positions, cache lengths) and
@@ -276,9 +308,37 @@ def _written_masks(node: Any, reader: torch.fx.Node) -> list[torch.fx.Node] | No
     return writes
 
 
+class _Permuted:
+    """A permutation of a graph node that the graph does not hold yet (the rewrite inserts it):
+    the [B, H, K, D] key of a model that permutes its [B, K, H, D] keys straight to
+    [B, H, D, K] for ``q @ k`` (OpenAI GPT's ``split_heads(k, k=True)``)."""
+
+    def __init__(self, source: torch.fx.Node, dims: tuple[int, ...]) -> None:
+        self.source, self.dims = source, dims
+
+    @property
+    def value(self) -> Any:
+        val = _value(self.source)
+        return None if val is None else val.permute(self.dims)
+
+
+def _permute_dims(node: Any) -> tuple[int, ...] | None:
+    """The dims of a ``permute`` node (method or function, dims listed or in one tuple), else None."""
+    if not (_method(node, "permute") or _call(node, torch.permute)):
+        return None
+    dims = node.args[1:] if len(node.args) > 2 else (node.args[1] if len(node.args) == 2 else node.kwargs.get("dims"))
+    return tuple(dims) if dims is not None and all(isinstance(d, int) for d in dims) else None
+
+
 def _key_transposed(node: Any) -> Any:
-    """k [B, H, K, D] where ``node`` is k (or its 3-D view) transposed in its last two dims, else None."""
+    """k [B, H, K, D] where ``node`` is k (or its 3-D view) transposed in its last two dims (or
+    a 4-D tensor permuted to [B, H, D, K]: a :class:`_Permuted`), else None."""
     node = _uncast(node)
+    dims = _permute_dims(node)
+    if dims is not None and len(dims) == 4 and _value(node.args[0]) is not None and _value(node.args[0]).dim() == 4:
+        dims = tuple(d % 4 for d in dims)
+        key_dims = dims[:2] + (dims[3], dims[2])  # the permutation that gives k itself
+        return node.args[0] if key_dims == (0, 1, 2, 3) else _Permuted(node.args[0], key_dims)
     if not (_method(node, "transpose") or _call(node, torch.transpose)):
         return None
     val = _value(node)
@@ -401,6 +461,10 @@ def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
                 return None
             conds.append((cond, c, False))
             s = s.args[0]
+        elif _call(s, operator.add) and len(s.args) == 2 and _multiplier_mask(*s.args) is not None:
+            kept, factor, fill = _multiplier_mask(*s.args)
+            conds.append((factor, fill, True))
+            s = kept
         elif _call(s, operator.add) and len(s.args) == 2:
             a, b = s.args
             slopes = [None if alibi is not None else _alibi_slopes(t) for t in (b, a)]
@@ -417,7 +481,7 @@ def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
                 return None
         else:
             return None
-    vals = [_value(x) for x in (q, k, v)]
+    vals = [x.value if isinstance(x, _Permuted) else _value(x) for x in (q, k, v)]
     if v is None or any(x is None or x.dim() != 4 for x in vals) or _value(out).dim() not in (3, 4):
         return None
     if alibi is not None and _value(alibi[0]).numel() != vals[0].shape[1]:
@@ -446,9 +510,14 @@ def _rewrite(graph: torch.fx.Graph, m: _Match, keep_original: bool) -> torch.fx.
     dtype = _value(m.scores).dtype
     out = m.out
     with graph.inserting_before(out.next):  # after the model's output: the first-call check reads it
-        q, k, v = (_cast(graph, x, dtype, out) for x in (m.q, m.k, m.v))
+        key = m.k
+        if isinstance(key, _Permuted):
+            key = _insert(graph, "permute", (key.source, *key.dims), {}, lambda t, *d: t.permute(d), out, method=True)
+        q, k, v = (_cast(graph, x, dtype, out) for x in (m.q, key, m.v))
         mask = None
         for cond, fill, keep in m.conds:  # where(cond, S, fill) == S + where(cond, 0, fill); masked_fill inverts
+            if _value(cond).dtype != torch.bool:  # a 0/1 multiplier (_multiplier_mask): its nonzeros keep
+                cond = _insert(graph, operator.ne, (cond, 0), {}, operator.ne, out)
             term = _insert(graph, torch.where, (cond, 0.0, fill) if keep else (cond, fill, 0.0), {},
                            lambda c, z, f: c.new_zeros(c.shape, dtype=torch.get_default_dtype()), out)
             term = _cast(graph, term, dtype, out)

@@ -3,7 +3,8 @@
 The passes replace the ``attn_mask`` of every SDPA call by MoA's keep rule (plus the forward's
 padding mask, or the model's own window read from the mask's values). That is exact only while
 the model's mask is a mask: made from the 2-D ``attention_mask`` input, integer inputs (positions,
-cache lengths), boolean or integer buffers and constants. A mask computed from a floating-point
+cache lengths), boolean or integer buffers (or any buffer compared with a constant: OpenAI GPT's float
+0/1 causal buffer) and constants. A mask computed from a floating-point
 parameter or activation is a score bias (a learned relative-position bias, a bias conditioned on
 the hidden states, Inkling's): dropping it would change the model silently, and the first-call
 guard would see it only where it runs (``verify=True``). :func:`check_masks_are_masks` refuses
@@ -56,6 +57,34 @@ def _carries_shape_only(node: torch.fx.Node) -> bool:
         node.op == "call_method" and node.target in ("item", "tolist"))
 
 
+_COMPARISONS = {operator.ne, operator.eq, operator.lt, operator.le, operator.gt, operator.ge,
+                torch.ne, torch.eq, torch.lt, torch.le, torch.gt, torch.ge}
+
+
+def _is_buffer(node: torch.fx.Node) -> bool:
+    """A module buffer as a graph input: Dynamo's ``..._buffers_...`` placeholder, or a
+    ``get_attr`` of a registered buffer."""
+    if node.op == "placeholder":
+        return "_buffers_" in str(node.target)
+    if node.op == "get_attr":
+        owner, _, name = str(node.target).rpartition(".")
+        module = _attr_of(node.graph.owning_module, owner) if owner else node.graph.owning_module
+        return isinstance(module, torch.nn.Module) and name in dict(module.named_buffers(recurse=False))
+    return False
+
+
+def _buffer_comparison(node: torch.fx.Node) -> bool:
+    """A tensor made from buffers alone, compared with a constant: a boolean buffer (OpenAI GPT's
+    float 0/1 causal buffer compared with 0), position data whatever its float dtype."""
+    if not (node.op == "call_function" and node.target in _COMPARISONS and len(node.args) == 2):
+        return False
+    tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    if len(tensors) != 1 or not isinstance(next(a for a in node.args if a is not tensors[0]), (int, float)):
+        return False
+    sources = [n for n in mask_sources(tensors[0]) if not _carries_shape_only(n)]  # symbolic sizes slice it
+    return bool(sources) and all(_is_buffer(n) for n in sources)
+
+
 def mask_sources(mask: torch.fx.Node) -> list[torch.fx.Node]:
     """The graph inputs (placeholders, ``get_attr``) whose values reach ``mask``, nearest first
     (an error names the bias's own parameters before the embeddings it also reaches)."""
@@ -68,6 +97,8 @@ def mask_sources(mask: torch.fx.Node) -> list[torch.fx.Node]:
         seen.add(n)
         if n.op in ("placeholder", "get_attr"):
             sources.append(n)
+        elif _buffer_comparison(n):
+            continue
         elif not _carries_shape_only(n):
             todo.extend(_value_inputs(n))
     return sources
@@ -85,8 +116,11 @@ def is_bias_source(node: torch.fx.Node) -> bool:
 
 
 def _attr(node: torch.fx.Node) -> Any:
-    obj: Any = node.graph.owning_module
-    for part in str(node.target).split("."):
+    return _attr_of(node.graph.owning_module, str(node.target))
+
+
+def _attr_of(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
         obj = getattr(obj, part, None)
     return obj
 

@@ -191,6 +191,34 @@ def test_alibi_becomes_sdpa_alibi_equal_to_the_model(fn) -> None:  # noqa: ANN00
     assert (got.reshape(want.shape) - want).abs().max() <= 1e-5
 
 
+def own_gpt(q, k, v, keep, allowed, fill: float = -1e4):  # noqa: ANN001, ANN201
+    """OpenAI GPT's form: keys permuted from [B, K, H, D] straight to [B, H, D, K], and a 0/1
+    float mask multiplied into the scores, ``S * m + fill * (1 - m)``."""
+    kt = k.transpose(1, 2).contiguous()  # the model's [B, K, H, D] keys
+    m = keep.float()
+    s = torch.matmul(q, kt.permute(0, 2, 3, 1)) / 4.0
+    s = s * m + fill * (1 - m)
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_permuted_key_and_a_multiplied_mask_become_sdpa_equal_to_the_model(seed: int) -> None:
+    args = inputs(seed)
+    gm, example = captured(own_gpt, *args)
+    made = rewrite_eager_attention(gm.graph)
+    gm.recompile()
+    assert len(made) == 1 and not any(n.target is torch.softmax for n in gm.graph.nodes)
+    got = gm(*example)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert (got - own_gpt(*args)).abs().max() <= 1e-6
+
+
+def _multiplied_two_masks(q, k, v, keep, allowed):  # noqa: ANN001, ANN201
+    s = torch.matmul(q, k.transpose(-1, -2))
+    s = s * keep.float() + -1e4 * (1 - allowed.float())  # not one m: no mask of this form
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
 def _fill_zero(q, k, v, keep, allowed):  # noqa: ANN001, ANN201
     s = torch.where(keep, torch.matmul(q, k.transpose(-1, -2)), torch.tensor(0.0))
     return torch.matmul(torch.softmax(s, dim=-1), v)
@@ -213,6 +241,8 @@ def _training_dropout(q, k, v, keep, allowed):  # noqa: ANN001, ANN201
     (_training_dropout, None),
     (lambda *a: own_alibi(*a, rounded=True), None),  # ALiBi rounded to 16 bits: its error grows with position
     (lambda *a: own_alibi(*a, in_place="add_"), None),  # the scores changed in place, not by a mask
+    (lambda *a: own_gpt(*a, fill=-1.0), None),  # a multiplied mask whose fill does not remove the key
+    (_multiplied_two_masks, None),
 ])
 def test_what_is_not_the_form_is_left_alone(fn, extra: str | None) -> None:  # noqa: ANN001
     args = inputs(0)

@@ -33,6 +33,8 @@ class Attention(torch.nn.Module):
         self.proj = torch.nn.Linear(D, 3 * H * D)
         self.rel = torch.nn.Parameter(torch.randn(H, 2 * T))  # a learned relative-position table
         self.register_buffer("causal", torch.ones(T, T, dtype=torch.bool).tril(), persistent=False)
+        self.register_buffer("causal_float", torch.ones(T, T).tril(), persistent=False)  # OpenAI GPT's
+        self.gate = torch.nn.Parameter(torch.ones(T, T).tril())  # the same values, learned
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
@@ -47,6 +49,10 @@ class Attention(torch.nn.Module):
             mask = allowed.expand_as(q @ k.transpose(-1, -2))
         elif self.kind == "buffer":
             mask = self.causal[:N, :N] & attention_mask[:, None, None, :].bool()
+        elif self.kind == "float_buffer":  # a float 0/1 buffer compared with 0: position data
+            mask = (self.causal_float[:N, :N] != 0) & attention_mask[:, None, None, :].bool()
+        elif self.kind == "learned_selection":  # a parameter compared with 0: keys chosen by learned values
+            mask = (self.gate[:N, :N] != 0) & attention_mask[:, None, None, :].bool()
         elif self.kind == "learned_bias":
             rel = (pos[:, None] - pos[None, :]) + T
             mask = torch.where(allowed, 0.0, MIN) + self.rel[:, rel][None]
@@ -69,7 +75,7 @@ def graph_of(kind: str, dynamic: bool = False) -> torch.fx.GraphModule:
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-@pytest.mark.parametrize("kind", ["bool", "additive", "expand_as", "buffer"])
+@pytest.mark.parametrize("kind", ["bool", "additive", "expand_as", "buffer", "float_buffer"])
 def test_a_mask_of_positions_and_padding_passes(kind: str, dynamic: bool) -> None:
     gm = graph_of(kind, dynamic)
     (node,) = attention_nodes(gm.graph)
@@ -80,7 +86,7 @@ def test_a_mask_of_positions_and_padding_passes(kind: str, dynamic: bool) -> Non
 
 
 @pytest.mark.parametrize("kind, named", [("learned_bias", "rel"), ("content_bias", "proj"),
-                                         ("content_selection", "x")])
+                                         ("content_selection", "x"), ("learned_selection", "gate")])
 def test_a_bias_or_a_selection_by_content_is_refused_naming_its_source(kind: str, named: str) -> None:
     gm = graph_of(kind)
     (node,) = attention_nodes(gm.graph)

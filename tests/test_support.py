@@ -151,7 +151,6 @@ def test_tiny_configs_derive_consistent_sizes() -> None:
     ("blt", "several stacks (patcher_config, encoder_config, decoder_config, global_config)"),  # bytes and patches
     ("reformer", "runs LSH self-attention (attn_layers ['local', 'lsh'])"),  # keys picked by hashing
     ("xlnet", "it keeps a state of its own (mems)"),  # a memory, not a transformers Cache
-    ("openai-gpt", "its generate recomputes every token"),  # no cache at all
 ])
 def test_layouts_a_plan_does_not_model_are_refused_at_compile(model_type: str, words: str) -> None:
     if model_type not in causal_lm_types():

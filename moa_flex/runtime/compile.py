@@ -27,7 +27,7 @@ from moa_flex.architecture import (
     check_supported, has_learned_sinks, kv_sources, latent_attention, layer_placement, model_windows, softcaps, step_graph_problem,
     text_config,
 )
-from moa_flex.compat import cache_argument
+from moa_flex.compat import cache_argument, takes_cache
 from moa_flex.kernels.quant import kv_dtype as parse_kv_dtype
 from moa_flex.passes.attention_pass import make_backend
 from moa_flex.passes.decode_pass import make_decode_backend
@@ -241,6 +241,7 @@ def compile(  # noqa: A001  (the verb of the API)
     state = CompiledState(plan, runtime, model.forward, getattr(model, "generate", None), impl, max_length=max_length,
                           prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, windows=windows,
                           cudagraphs=cudagraphs, cache_arg=cache_argument(model.forward),
+                          takes_cache=takes_cache(model.forward),
                           log=log, model_ref=weakref.ref(model), accelerate_hooks=swapped, shard=shard)
     state.buffer_marks, state.routed_experts = marks, routed
     if verify:  # the first-call check's dense plan (moa_flex.runtime.verify)

@@ -83,6 +83,9 @@ def _forward(state: CompiledState, args: tuple, kwargs: dict) -> Any:
             raise ValueError(f"pass the cache once: got both past_key_values and {state.cache_arg}")
         kwargs[state.cache_arg] = kwargs.pop("past_key_values")
     cache = kwargs.get(state.cache_arg)
+    if not state.takes_cache and any(isinstance(kwargs.get(n), MoaCache) for n in ("past_key_values", "cache")):
+        raise ValueError("this model's forward takes no KV cache (it would ignore a MoaCache and attend the new "
+                         "tokens alone): run the whole sequence, or use model.generate()")
     # Gemma 3/4 image tokens, GIT's image prefix, that attend each other both ways: refused on every path
     model = lambda: state.model_ref() if state.model_ref is not None else None  # noqa: E731
     check_token_types(model, kwargs)

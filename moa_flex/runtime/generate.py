@@ -98,6 +98,11 @@ def generate(model: torch.nn.Module, state: "CompiledState", *args: Any, **kwarg
     if rows > 1:  # MusicGen: a row per codebook, the decoder (and the cache) one per sequence
         B = B // rows
     pads = _left_pads(sequence_mask(mask, rows) if rows > 1 else mask)
+    if not state.takes_cache:
+        if given:
+            raise ValueError(f"{type(model).__name__}'s forward takes no cache: a later turn is the whole "
+                             "conversation as input_ids, without past_key_values")
+        return _recomputing(model, state, params, prompt + new)
     if given:
         cache = _next_turn(model, state, given[0], inputs, pads, new)
     else:
@@ -120,6 +125,31 @@ def generate(model: torch.nn.Module, state: "CompiledState", *args: Any, **kwarg
         # a generate of the model's own (MusicGen's: its delay pattern over codebooks) that rejects the hook
         # while validating its keyword arguments, before any forward: it decodes with its own loop instead
         return _own_loop(model, state, params, streamer)
+
+
+def _recomputing(model: torch.nn.Module, state: "CompiledState", params: dict, total: int) -> Any:
+    """The request through transformers' generate for a model whose forward takes no KV cache
+    (OpenAI GPT): each step runs the whole sequence again, with every layer's attention planned
+    for the request's ``total`` tokens (or compile's ``max_length``), so its tokens are those of
+    a cache of that plan; warned once per model (it saves attention time, no memory)."""
+    if "recomputes" not in state.warned:
+        state.warned.add("recomputes")
+        warnings.warn(f"moa-flex: {type(model).__name__}'s forward takes no KV cache, so its generate() runs the whole "
+                      "sequence again for every token; moa-flex plans each of those forwards for the request's length "
+                      "(sparse attention, the tokens a MoA cache would give), which saves attention time but no "
+                      "memory", stacklevel=3)
+    planned = state.max_length or total
+    if total > planned:
+        raise ValueError(f"prompt + max_new_tokens ({total}) exceeds compile's max_length={planned}")
+    runtimes = [r for r in (state.runtime, state.verify_runtime) if r is not None]
+    before = [r.planned_length for r in runtimes]
+    for r in runtimes:
+        r.planned_length = planned
+    try:
+        return state.original_generate(**params)
+    finally:
+        for r, length in zip(runtimes, before):
+            r.planned_length = length
 
 
 def _own_loop(model: torch.nn.Module, state: "CompiledState", params: dict, streamer: Any) -> Any:

@@ -38,6 +38,7 @@ class CompiledState:
     cache: MoaCache | None = None  # the last request's cache, reused when the next has the same layout
     cudagraphs: bool = False  # decode steps replay a CUDA graph (mode "reduce-overhead"/"max-autotune")
     cache_arg: str = "past_key_values"  # the forward's name for its Cache ("cache" from transformers 5.24 on)
+    takes_cache: bool = True  # the forward takes a KV cache (OpenAI GPT's does not: its generate recomputes)
     warned: set = field(default_factory=set)
     log: StartupLog = field(default_factory=StartupLog)  # start-up phase lines on stderr
     model_ref: weakref.ref | None = None  # the compiled model (weak: the model holds this state)
