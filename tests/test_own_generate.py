@@ -1,5 +1,6 @@
 """Models whose ``generate`` is their own (MusicGen's decoders): moa-flex decodes over the MoA
-cache with transformers' per-token loop, refuses a loop that drops prompt tokens, and runs
+cache with transformers' per-token loop, feeds the whole prompt to a preparation that would drop
+it, refuses a loop that still drops prompt tokens, and runs
 several codebook rows per sequence (runtime/generate.py ``_own_loop``, architecture.py ``sequence_mask``)."""
 
 from __future__ import annotations
@@ -67,33 +68,64 @@ def _drops_prompt(model: torch.nn.Module) -> bool:
     return lengths[0] < 12
 
 
-def test_a_generate_that_drops_the_prompt_is_refused_after_the_request() -> None:
+def test_musicgen_is_fed_the_whole_prompt() -> None:
     """transformers' MusicgenForCausalLM prefills only the last prompt token when generate is
     handed a cache (its prepare_inputs_for_generation slices input_ids[:, -1:] once a cache is
-    passed; in 5.25 it always is): moa-flex says so instead of returning tokens that ignore the
-    prompt; were it fixed, the type passes."""
-    stock = _musicgen("musicgen", 1)
+    passed; in 5.25 it always is): moa-flex feeds the tokens its cache has not seen, says so
+    once, and its tokens are those of the stock model recomputing the whole sequence
+    (use_cache=False); the type passes the matrix (where its tiny config builds)."""
+    model = _musicgen("musicgen", 1)
+    ids = _ids(128, 16, 2, 4)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=START,
+                              num_return_sequences=1, use_cache=False)
+    drops = _drops_prompt(model)
+    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, compile_cache=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _generate(model, ids)
+    fed = [w for w in caught if "moa-flex feeds them all" in str(w.message)]
+    assert len(fed) == int(drops) and (not drops or "fed 1 of the 16 tokens" in str(fed[0].message))
+    assert torch.equal(got, want)
+    assert "prepare_inputs_for_generation" not in model.__dict__  # the class's method again
     r = _checked("musicgen")
-    if _drops_prompt(stock):
-        assert r.status == "refused" and "did not prefill the whole prompt" in r.detail
-        assert "ran 4 tokens through the cache for a prompt of 40" in r.detail
-    else:
-        assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
+    assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
+
+
+def test_a_generate_that_still_drops_the_prompt_is_refused_after_the_request() -> None:
+    """A preparation that slices the prompt even without a cache cannot be fed whole: the cache
+    counts the tokens the loop ran, and the request is refused instead of returning tokens that
+    ignore the prompt."""
+    model = _musicgen("musicgen_melody", 1)
+    moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, compile_cache=False)
+    stock = model.prepare_inputs_for_generation
+
+    def last_only(input_ids: torch.Tensor, **kwargs) -> dict:  # noqa: ANN003
+        inputs = stock(input_ids, **kwargs)
+        inputs["input_ids"] = inputs["input_ids"][:, -1:]
+        inputs["attention_mask"] = None  # no padding: the tokens alone
+        return inputs
+
+    model.prepare_inputs_for_generation = last_only
+    with pytest.raises(NotImplementedError, match="tokens through the cache for a prompt of 12"):
+        _generate(model, _ids(128, 12, 1, 5))
+    assert model.prepare_inputs_for_generation is last_only  # the instance's own, put back
 
 
 def test_several_codebooks_decode_as_the_stock_model_and_padding_is_checked() -> None:
     """Two codebooks: input_ids hold two rows per sequence, the decoder (and the MoA cache) one.
     A dense plan decodes the stock model's tokens, unpadded and for one left-padded sequence; a
     padded batch of several sequences is refused (the stock decoder pads by the mask's first
-    rows, the wrong ones), as are codebook rows padded differently. Where this transformers'
-    MusicGen Melody drops the prompt (5.17: it slices input_ids once a cache is passed), the
-    request is refused instead."""
+    rows, the wrong ones), as are codebook rows padded differently. The reference is the stock
+    model without a cache (5.17's MusicGen Melody drops the prompt once a cache is passed)."""
     model = _musicgen("musicgen_melody", 2)
     ids = _ids(128, 20, 4, 2)  # 2 sequences x 2 codebooks
     one, one_mask = ids[:2], torch.ones(2, 20, dtype=torch.long)
     one_mask[:, :3] = 0
-    want = _generate(model, ids), _generate(model, one, one_mask)
-    drops = _drops_prompt(model)
+    with torch.no_grad():  # the stock model recomputing the whole sequence: the prompt whole at every step
+        want = tuple(model.generate(input_ids=x, attention_mask=m, max_new_tokens=4, do_sample=False,
+                                    pad_token_id=START, num_return_sequences=1, use_cache=False)
+                     for x, m in ((ids, None), (one, one_mask)))
     moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, compile_cache=False)
     padded = torch.ones(4, 20, dtype=torch.long)
     padded[:2, :3] = 0
@@ -104,10 +136,6 @@ def test_several_codebooks_decode_as_the_stock_model_and_padding_is_checked() ->
     cache = new_cache(model, model.moa_flex, 2, 24, None)  # the compiled forward over a MoaCache checks alike
     with pytest.raises(NotImplementedError, match="pads the wrong sequences"), torch.no_grad():
         model(input_ids=ids, attention_mask=padded, past_key_values=cache)
-    if drops:
-        with pytest.raises(NotImplementedError, match="did not prefill the whole prompt"):
-            _generate(model, ids)
-        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = _generate(model, ids), _generate(model, one, one_mask)

@@ -110,6 +110,8 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
     check_cache(state, cache)
     kwargs = _as_kwargs(state, args, kwargs)
     n = _input_length((), kwargs)
+    if n < 1:
+        raise ValueError("input_ids (or inputs_embeds) holds no tokens")
     if cache.seen_tokens + n > cache.planned_length:
         raise ValueError(
             f"past the planned length: {cache.seen_tokens} tokens seen + {n} new > planned length "

@@ -16,12 +16,15 @@ allocated per prompt row). A multimodal wrapper's request (images, ...) goes to 
 as given: it encodes the images, and the decoding loop passes them to the prefill or refuses
 the request (a non-causal mask over the image tokens), as its docstring says. A model whose
 ``generate`` is its own and rejects ``custom_generate`` (MusicGen's decoders) decodes over the
-MoA cache with transformers' per-token loop instead (``_own_loop``, warned once); such a
-request is refused if that loop prefilled less than the prompt.
+MoA cache with transformers' per-token loop instead (``_own_loop``, warned once); where the
+model's input preparation would feed fewer tokens than the cache has not seen (transformers'
+MusicgenForCausalLM drops the prompt once a cache is passed), the unseen tokens are fed
+(warned once), and a request whose loop still prefilled less than the prompt is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -169,7 +172,8 @@ def _own_loop(model: torch.nn.Module, state: "CompiledState", params: dict, stre
         params["streamer"] = streamer
     cache, prompt = params[state.cache_arg], params["inputs"].shape[1]
     seen = cache.seen_tokens  # a later turn: the conversation's first tokens are in the cache already
-    out = state.original_generate(**params)
+    with _feeding_unseen(model, state, cache):
+        out = state.original_generate(**params)
     ran = cache.seen_tokens - seen
     if ran < prompt - seen:
         import transformers
@@ -181,6 +185,45 @@ def _own_loop(model: torch.nn.Module, state: "CompiledState", params: dict, stre
             "input_ids[:, -1:] whenever a cache is passed, at the first step too); run the compiled forward over a "
             "moa_flex.MoaCache (prefill, then one token per step) instead")
     return out
+
+
+@contextlib.contextmanager
+def _feeding_unseen(model: torch.nn.Module, state: "CompiledState", cache: MoaCache) -> Any:
+    """Around a model's own generate over ``cache``: where its ``prepare_inputs_for_generation``
+    feeds the forward fewer tokens than the cache has not seen (transformers' MusicgenForCausalLM
+    keeps ``input_ids[:, -1:]`` whenever a cache is passed, so its prefill would run the last
+    prompt token alone), the inputs are prepared again without the cache (nothing sliced) and
+    the unseen tokens fed; warned once per model. Models that feed them all are left as they are."""
+    original = model.prepare_inputs_for_generation
+
+    def prepare(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> dict:
+        inputs = original(input_ids, *args, **kwargs)
+        fed, unseen = inputs.get("input_ids"), input_ids.shape[-1] - cache.seen_tokens
+        if kwargs.get(state.cache_arg) is not cache or fed is None or fed.shape[-1] >= unseen:
+            return inputs
+        whole = original(input_ids, *args, **{**kwargs, state.cache_arg: None})["input_ids"]
+        if whole is None or whole.shape[-1] != input_ids.shape[-1]:  # it slices without a cache too: refused after
+            return inputs
+        if "feeds unseen" not in state.warned:
+            import transformers
+
+            state.warned.add("feeds unseen")
+            warnings.warn(f"moa-flex: {type(model).__name__}.prepare_inputs_for_generation of transformers "
+                          f"{transformers.__version__} fed {fed.shape[-1]} of the {unseen} tokens the cache has not "
+                          "seen (it keeps the last tokens alone once a cache is passed, the prompt's first step "
+                          "included, so its own generate ignores the prompt); moa-flex feeds them all", stacklevel=5)
+        inputs["input_ids"] = whole[..., cache.seen_tokens:]
+        return inputs
+
+    own = model.__dict__.get("prepare_inputs_for_generation")  # one set on the instance, put back after
+    model.prepare_inputs_for_generation = prepare
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.prepare_inputs_for_generation  # the class's method again
+        else:
+            model.prepare_inputs_for_generation = own
 
 
 def _next_turn(model: torch.nn.Module, state: "CompiledState", cache: Any, inputs: torch.Tensor, pads: torch.Tensor,
