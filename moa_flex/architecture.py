@@ -420,6 +420,13 @@ def alibi_over_cache_length(model: torch.nn.Module) -> bool:
     return False
 
 
+# families whose transformers forward lets every token of a call's input attend every other one, later
+# tokens included (a prefix LM over each input), by config class; tests/test_support.py measures it
+BOTH_WAYS_OVER_INPUT = {
+    "CpmAntConfig": "CpmAntModel.forward marks every input token as context (context all 1), so each token of a "
+                    "call's input attends every other, later ones included",
+}
+
 # what a forward without a transformers Cache takes in its place: Reformer's buckets and states, XLNet's memory
 OWN_STATES = ("past_buckets_states", "mems")
 
@@ -475,6 +482,10 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
                          "sliding blocks, no softmax over all keys), a sparsity of its own that a MoA plan does not "
                          "model; load it with attention_type='original_full' (what transformers itself switches to "
                          "for inputs too short for blocks)")
+    both_ways = BOTH_WAYS_OVER_INPUT.get(type(config).__name__)
+    if both_ways:
+        raise ValueError(f"{name}'s attention is bidirectional over its input: {both_ways}; a MoA plan rules causal "
+                         "attention")
     if getattr(getattr(model, "config", None), "causal", None) is False:  # XLM: a masked LM unless causal=True
         raise ValueError(f"{name}'s config has causal=False: its attention is bidirectional (a masked language "
                          "model), which a MoA plan does not model (it rules causal attention). For a causal LM of "

@@ -595,7 +595,7 @@ def _added_terms(softmax: torch.fx.Node) -> list[torch.fx.Node]:
 
 def unread_score_biases(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, list[torch.fx.Node]]]:
     """Score terms of attention computed in the model's own code that are made from
-    floating-point parameters or activations (a learned relative-position bias: CPM-Ant), which
+    floating-point parameters or activations (a relative-position bias: ProphetNet's), which
     the rewrite does not read: (the term, its float sources) per such term."""
     found = []
     for n in graph.nodes:

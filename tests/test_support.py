@@ -151,6 +151,7 @@ def test_tiny_configs_derive_consistent_sizes() -> None:
     ("blt", "several stacks (patcher_config, encoder_config, decoder_config, global_config)"),  # bytes and patches
     ("reformer", "runs LSH self-attention (attn_layers ['local', 'lsh'])"),  # keys picked by hashing
     ("xlnet", "it keeps a state of its own (mems)"),  # a memory, not a transformers Cache
+    ("cpmant", "bidirectional over its input"),  # every input token is context: test below
 ])
 def test_layouts_a_plan_does_not_model_are_refused_at_compile(model_type: str, words: str) -> None:
     if model_type not in causal_lm_types():
@@ -208,3 +209,17 @@ def test_every_parameter_is_perturbed_and_buffers_are_not() -> None:
     assert torch.equal(a.weight, b.weight)  # the same noise every run
     assert 0.8 * PERTURB_STD < float(a.weight.std()) < 1.2 * PERTURB_STD and bool((a.bias != fresh().bias).all())
     assert not a.table.any()
+
+
+def test_cpm_ant_attends_later_tokens_of_its_input() -> None:
+    """Why CPM-Ant is refused as bidirectional (architecture.BOTH_WAYS_OVER_INPUT): in the stock
+    model, changing the last input token changes the logits at every earlier position."""
+    from moa_flex.support import _build
+
+    model = _build("cpmant").eval()
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    other = ids.clone()
+    other[0, -1] = 3 + (int(ids[0, -1]) + 7) % 97
+    with torch.no_grad():
+        a, b = (model(input_ids=x, use_cache=False).logits for x in (ids, other))
+    assert (a[0, :-1] - b[0, :-1]).abs().amax(-1).min() > 1e-3  # every earlier position sees it
