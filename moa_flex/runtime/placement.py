@@ -4,9 +4,10 @@ accelerate's ``AlignDevicesHook`` moves each module's inputs to the module's exe
 and, for offloaded modules, loads weights on the fly; its forward wrapper calls
 ``torch.compiler.disable``, so Dynamo cannot trace a hooked model into one graph.
 ``moa_flex.compile`` therefore replaces the hooks of a model whose weights all sit on their
-execution devices (one GPU, several GPUs, or the CPU) by plain forward pre-hooks that move
-tensor arguments to the module's execution device (Dynamo traces those; on one device only the
-outermost module gets one, :func:`_needing_moves`), and restores
+execution devices (one GPU, several GPUs, or the CPU) by device moves of the tensor arguments
+to the module's execution device, which Dynamo traces: a forward pre-hook on the outermost
+module, and across several devices a wrapped forward on every other placed module
+(:class:`_MovedForward`; on one device only the outermost moves, :func:`_needing_moves`), and restores
 accelerate's hooks on ``moa_flex.uncompile``. A model with modules offloaded to the CPU or
 disk (weights loaded per call) is refused, naming the first offloaded module.
 """
@@ -58,6 +59,28 @@ def _mover(device: torch.device) -> Any:
     return move
 
 
+class _MovedForward:
+    """An inner module's forward that moves its tensor arguments to ``device`` first, set on the
+    instance (``module.forward``): Dynamo inlines it like the module's own code, with no hook
+    dict for AOT precompile to guard (docs/DESIGN.md, "Precompiled graphs")."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        self.module, self.own = module, module.__dict__.get("forward")
+        original, move = module.forward, _mover(device)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = move(module, args, kwargs)
+            return original(*args, **kwargs)
+
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self.own is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.own
+
+
 def replace_hooks(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any, Any]]:
     """Swap accelerate's hooks for device-moving forward pre-hooks (:func:`check_placement`
     first); returns what :func:`restore_hooks` needs."""
@@ -72,8 +95,10 @@ def replace_hooks(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any, An
         hook = module._hf_hook
         remove_hook_from_module(module)
         handle = None
-        if name in movers:
+        if name in movers and name == "":
             handle = module.register_forward_pre_hook(_mover(where[name]), with_kwargs=True)
+        elif name in movers:
+            handle = _MovedForward(module, where[name])
         swapped.append((module, hook, handle))
     return swapped
 
