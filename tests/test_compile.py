@@ -240,18 +240,6 @@ def test_bidirectional_attention_is_refused_at_compile() -> None:
     assert_dense_equals_stock(transformers.BertLMHeadModel(config).eval())
 
 
-def test_a_model_without_a_kv_cache_is_refused_at_compile() -> None:
-    """OpenAI GPT's forward takes no cache (its generate recomputes every token): refused by name
-    before anything changes."""
-    import transformers
-
-    config = transformers.OpenAIGPTConfig(n_layer=L, n_head=H, n_embd=H * D, vocab_size=128, n_positions=64)
-    model = transformers.OpenAIGPTLMHeadModel(config).eval()
-    with pytest.raises(ValueError, match=r"forward takes no KV cache \(neither cache nor past_key_values\)"):
-        moa_flex.compile(model, Plan.dense(config), **EAGER)
-    assert getattr(model, "moa_flex", None) is None
-
-
 def assert_dense_equals_stock(model: torch.nn.Module) -> None:
     """A dense plan compiled onto ``model`` gives the stock logits (1e-5) on a 40-token batch."""
     ids = ids_of(40)
