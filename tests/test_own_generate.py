@@ -88,6 +88,8 @@ def test_musicgen_is_fed_the_whole_prompt() -> None:
     assert len(fed) == int(drops) and (not drops or "fed 1 of the 16 tokens" in str(fed[0].message))
     assert torch.equal(got, want)
     assert "prepare_inputs_for_generation" not in model.__dict__  # the class's method again
+    with torch.no_grad():  # num_return_sequences, which MusicGen's own generate reads and transformers leaves None
+        assert torch.equal(model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=START), want)
     r = _checked("musicgen")
     assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
 

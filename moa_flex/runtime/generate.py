@@ -170,6 +170,9 @@ def _own_loop(model: torch.nn.Module, state: "CompiledState", params: dict, stre
     params.pop("custom_generate")
     if streamer is not None:
         params["streamer"] = streamer
+    config = params.get("generation_config") or model.generation_config
+    if params.get("num_return_sequences") is None and getattr(config, "num_return_sequences", None) is None:
+        params["num_return_sequences"] = 1  # MusicGen's own generate reads it, and transformers 5.x leaves it None
     cache, prompt = params[state.cache_arg], params["inputs"].shape[1]
     seen = cache.seen_tokens  # a later turn: the conversation's first tokens are in the cache already
     with _feeding_unseen(model, state, cache):
