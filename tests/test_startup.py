@@ -118,27 +118,31 @@ def test_a_broken_cache_file_is_dropped(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(_isa_probe_file(Path("/")) is None, reason="inductor's vector-ISA probe runs on x86 CPUs")
-def test_the_cpu_isa_probe_is_settled_once_per_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cpu_isa_probe_is_settled_once_per_machine(tmp_path: Path) -> None:
     """The first process probes and writes what it found, a later one reads it; both set
     inductor's ``cpp.vec_isa_ok`` when every flagged ISA was usable (one configuration, so one
-    set of cache keys); a record that disagrees with the flags, or a user's own setting, does not."""
+    set of cache keys); a record that disagrees with the flags, or a user's own setting, does not.
+    The setting is changed inside inductor's own ``config.patch``, which restores it: pytest's
+    monkeypatch restores a config entry by deleting it, which hides it from every later reader
+    (inductor's own compiles in the same process included)."""
     from torch._inductor import config, cpu_vec_isa
 
-    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
-    probed = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
-    all_usable = probed == _flagged_isas()
-    assert settle_isa_probe(tmp_path) is False  # no record: probed (this process's cached probe)
-    (path,) = tmp_path.glob("cpu-isa-*.json")
-    assert json.loads(path.read_text()) == {"usable": probed}
-    assert config.cpp.vec_isa_ok is (True if all_usable else None)
-    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
-    assert settle_isa_probe(tmp_path) is True  # read back
-    assert config.cpp.vec_isa_ok is (True if all_usable else None)
-    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
-    path.write_text(json.dumps({"usable": probed[1:]}))  # the probe refused an ISA the flags name
-    assert settle_isa_probe(tmp_path) is True and config.cpp.vec_isa_ok is None
-    monkeypatch.setattr(config.cpp, "vec_isa_ok", False)  # the user's own setting stays
-    assert settle_isa_probe(tmp_path) is False and config.cpp.vec_isa_ok is False
+    with config.patch({"cpp.vec_isa_ok": None}):
+        probed = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+        all_usable = probed == _flagged_isas()
+        assert settle_isa_probe(tmp_path) is False  # no record: probed (this process's cached probe)
+        (path,) = tmp_path.glob("cpu-isa-*.json")
+        assert json.loads(path.read_text()) == {"usable": probed}
+        assert config.cpp.vec_isa_ok is (True if all_usable else None)
+        config.cpp.vec_isa_ok = None
+        assert settle_isa_probe(tmp_path) is True  # read back
+        assert config.cpp.vec_isa_ok is (True if all_usable else None)
+        config.cpp.vec_isa_ok = None
+        path.write_text(json.dumps({"usable": probed[1:]}))  # the probe refused an ISA the flags name
+        assert settle_isa_probe(tmp_path) is True and config.cpp.vec_isa_ok is None
+        config.cpp.vec_isa_ok = False  # the user's own setting stays
+        assert settle_isa_probe(tmp_path) is False and config.cpp.vec_isa_ok is False
+    assert not config._config["cpp.vec_isa_ok"].hide
 
 
 CHILD = textwrap.dedent("""
