@@ -90,3 +90,24 @@ def test_moves_inside_the_forward_are_wrapped_forwards_that_precompile_captures(
         assert (got[0] - want[0]).abs().max() <= 1e-5 and torch.equal(got[1], want[1])
         moa_flex.uncompile(model)
         assert [name for name, _ in hooked_modules(model)] == hooked
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="several devices: a GPU beside the CPU")
+def test_layers_on_the_cpu_and_a_gpu_move_their_inputs_and_precompile(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The several-device placement one GPU gives: layer 0 on the CPU (accelerate's main device,
+    so not offloaded), the rest on cuda:0. The moves between them run through the wrapped
+    forwards; logits and tokens equal the same plan on a plain CUDA model, cold and warm (the
+    warm compile reads the precompiled graphs). Run as .gpu/mixed.py on an H100 (docs/DESIGN.md)."""
+    monkeypatch.setenv("MOA_FLEX_CACHE_DIR", str(tmp_path))
+    plan = sparse_plan(tiny_model("llama").config, "kv_head")
+    ids = ids_of(SEQ, batch=1).cuda()
+    plain = moa_flex.compile(tiny_model("llama").cuda(), plan, backend="eager", progress=False, compile_cache=False)
+    want = _logits_and_tokens(plain, ids)
+    device_map = {**DEVICE_MAP, **{name: 0 for name in DEVICE_MAP if name != "model.layers.0"}}
+    for warm in (False, True):
+        model = accelerate.dispatch_model(tiny_model("llama"), device_map=device_map, main_device="cpu")
+        moa_flex.compile(model, plan, progress=False, compile_cache=True)
+        assert len([n for n, m in model.named_modules() if n and "forward" in m.__dict__]) > 2
+        got = _logits_and_tokens(model, ids)
+        assert (got[0].cpu() - want[0].cpu()).abs().max() <= 1e-5 and torch.equal(got[1].cpu(), want[1].cpu())
+        assert warm == any("precompile: read" in line for line in model.moa_flex.log.lines)
