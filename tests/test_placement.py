@@ -66,30 +66,49 @@ def test_device_moves_go_where_inputs_can_come_from_another_device() -> None:
     assert _needing_moves({"model.layers.1": a, "model.layers.10": a}) == {"model.layers.1", "model.layers.10"}
 
 
-def test_moves_inside_the_forward_are_wrapped_forwards_that_precompile_captures(tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    """Several devices (forced here on the CPU: every placed module moves its inputs): an inner
-    module's move wraps its forward (an attribute of the instance) instead of a forward
-    pre-hook, whose hook dict AOT precompile cannot guard ("Expecting clean index here", and
-    the graphs then traced in every process). A second compile reads the graphs back; logits
-    and tokens equal the plain model's; uncompile puts accelerate's hooks back."""
+def _several_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The several-device path forced on the CPU: every placed module moves its inputs."""
     monkeypatch.setattr(placement, "_needing_moves", lambda where: {n for n, d in where.items() if d is not None})
+
+
+def test_moves_inside_the_forward_are_wrapped_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several devices (forced here on the CPU): an inner module's move wraps its forward (an
+    attribute of the instance) instead of a forward pre-hook, whose hook dict AOT precompile
+    cannot guard; logits and tokens equal the plain model's; uncompile puts accelerate's hooks
+    back and the modules' own forwards."""
+    _several_devices(monkeypatch)
+    plan = sparse_plan(tiny_model("llama").config, "kv_head")
+    ids = ids_of(SEQ, batch=1)
+    want = _logits_and_tokens(moa_flex.compile(tiny_model("llama"), plan, backend="eager", progress=False), ids)
+    model = accelerate.dispatch_model(tiny_model("llama"), device_map=DEVICE_MAP, force_hooks=True)
+    hooked = [name for name, _ in hooked_modules(model)]
+    moa_flex.compile(model, plan, backend="eager", progress=False)
+    assert [name for name, m in model.named_modules() if m._forward_pre_hooks] == [""]
+    assert "forward" in model.model.layers[1].self_attn.__dict__  # its move
+    got = _logits_and_tokens(model, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    moa_flex.uncompile(model)
+    assert [name for name, _ in hooked_modules(model)] == hooked
+
+
+@pytest.mark.slow  # inductor, cold and warm: about 35 s (make test-slow)
+def test_wrapped_moves_are_captured_by_precompile(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The wrapped moves under AOT precompile: no "Expecting clean index here" (the graphs would
+    then be traced in every process); a second compile reads the graphs back, and both give the
+    plain model's logits (1e-5) and tokens."""
+    _several_devices(monkeypatch)
     monkeypatch.setenv("MOA_FLEX_CACHE_DIR", str(tmp_path))
     plan = sparse_plan(tiny_model("llama").config, "kv_head")
     ids = ids_of(SEQ, batch=1)
     want = _logits_and_tokens(moa_flex.compile(tiny_model("llama"), plan, backend="eager", progress=False), ids)
     for warm in (False, True):
         model = accelerate.dispatch_model(tiny_model("llama"), device_map=DEVICE_MAP, force_hooks=True)
-        hooked = [name for name, _ in hooked_modules(model)]
         moa_flex.compile(model, plan, progress=False, compile_cache=True)
-        assert [name for name, m in model.named_modules() if m._forward_pre_hooks] == [""]
-        assert "forward" in model.model.layers[1].self_attn.__dict__  # its move
         got = _logits_and_tokens(model, ids)
         lines = model.moa_flex.log.lines
         assert not [line for line in lines if "cannot capture" in line], lines
         assert warm == any("precompile: read" in line for line in lines)
         assert (got[0] - want[0]).abs().max() <= 1e-5 and torch.equal(got[1], want[1])
-        moa_flex.uncompile(model)
-        assert [name for name, _ in hooked_modules(model)] == hooked
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="several devices: a GPU beside the CPU")
