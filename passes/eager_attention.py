@@ -461,10 +461,9 @@ def _match(out: torch.fx.Node, padding: torch.fx.Node | None) -> _Match | None:
                 return None
             conds.append((cond, c, False))
             s = s.args[0]
-        elif _call(s, operator.add) and len(s.args) == 2 and _multiplier_mask(*s.args) is not None:
-            kept, factor, fill = _multiplier_mask(*s.args)
+        elif _call(s, operator.add) and len(s.args) == 2 and (multiplied := _multiplier_mask(*s.args)) is not None:
+            s, factor, fill = multiplied
             conds.append((factor, fill, True))
-            s = kept
         elif _call(s, operator.add) and len(s.args) == 2:
             a, b = s.args
             slopes = [None if alibi is not None else _alibi_slopes(t) for t in (b, a)]

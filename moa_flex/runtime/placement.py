@@ -82,8 +82,9 @@ class _MovedForward:
 
 
 def replace_hooks(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any, Any]]:
-    """Swap accelerate's hooks for device-moving forward pre-hooks (:func:`check_placement`
-    first); returns what :func:`restore_hooks` needs."""
+    """Swap accelerate's hooks for device moves (:func:`check_placement` first): a forward
+    pre-hook on the outermost module, a wrapped forward (:class:`_MovedForward`) on any other
+    that :func:`_needing_moves` names; returns what :func:`restore_hooks` needs."""
     from accelerate.hooks import remove_hook_from_module
 
     check_placement(model)
@@ -95,7 +96,7 @@ def replace_hooks(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any, An
         hook = module._hf_hook
         remove_hook_from_module(module)
         handle = None
-        if name in movers and name == "":
+        if name == "" and name in movers:
             handle = module.register_forward_pre_hook(_mover(where[name]), with_kwargs=True)
         elif name in movers:
             handle = _MovedForward(module, where[name])
@@ -109,11 +110,10 @@ def _execution_device(module: torch.nn.Module) -> torch.device | None:
 
 
 def _needing_moves(where: dict[str, torch.device | None]) -> set[str]:
-    """Hooked modules that get a device-moving pre-hook: every one with an execution device when
+    """Hooked modules that move their inputs to their device: every one with an execution device when
     the model spans several devices; on one device only the outermost (what the caller hands
-    in, on any device, goes there; everything inside is computed there already). Fewer hooks
-    inside the traced forward: Dynamo guards each, and AOT precompile cannot build guards on a
-    module's hooks (docs/DESIGN.md, "Precompiled graphs")."""
+    in, on any device, goes there; everything inside is computed there already): fewer moves
+    inside the traced forward for Dynamo to trace and guard."""
     placed = {n: d for n, d in where.items() if d is not None}
     if len(set(placed.values())) > 1:
         return set(placed)
