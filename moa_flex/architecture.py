@@ -113,9 +113,52 @@ def cached_value_dim(config: Any, value_dim: int) -> int:
 
 def cached_key_dim(config: Any, head_dim: int | None) -> int | None:
     """Width (per head) of the keys the MoA cache holds: ``head_dim``, except for latent
-    attention: the latent and the rotary key side by side, ``kv_lora_rank + qk_rope_head_dim``."""
+    attention: the latent and the rotary key side by side, ``kv_lora_rank + qk_rope_head_dim``;
+    and a model with a per-key score bias (:func:`key_bias_limit`): one more column, the bias."""
     latent = latent_attention(config)
-    return head_dim if latent is None else latent[0] + latent[1]
+    if latent is not None:
+        return latent[0] + latent[1]
+    return head_dim if head_dim is None else head_dim + key_bias_columns(config)
+
+
+# families whose attention adds to every score a bias computed from the key's own token (Doge's
+# dynamic mask: exp(A * softplus(dt_proj(values)))), by config class -> the config field up to
+# which that is all (past it, the model keeps only the top-k keys by bias: a selection by content)
+KEY_BIAS = {"DogeConfig": "keep_window_size"}
+
+
+def key_bias_limit(config: Any) -> int | None:
+    """For a model whose attention adds a per-key score bias (:data:`KEY_BIAS`), the most keys
+    (tokens) a query may see before the model selects keys by that bias; None for other models."""
+    field = KEY_BIAS.get(type(text_config(config)).__name__) if config is not None else None
+    return None if field is None else int(getattr(text_config(config), field))
+
+
+def key_bias_problem(config: Any, planned_length: int | None, quantized: bool) -> str | None:
+    """Why a model with a per-key score bias (Doge) cannot run a request planned for
+    ``planned_length`` tokens (None: not known yet) on a MoA cache (``quantized``: an FP8 one),
+    or None: longer than the keys it attends before selecting by that bias (a decode step's mask
+    covers its new token only, so the selection would silently not happen), or an FP8 cache (the
+    bias is a key column: one scale per slot would round it with the key)."""
+    limit = key_bias_limit(config)
+    if limit is None:
+        return None
+    name = type(text_config(config)).__name__
+    if planned_length is not None and planned_length > limit:
+        return (f"{name}: a request of {planned_length} tokens is longer than keep_window_size={limit}, past which the "
+                "model keeps only the top-k keys by its dynamic-mask bias (a selection by content that a MoA plan's "
+                f"sink and window rules do not model); keep requests within {limit} tokens")
+    if quantized:
+        return (f"{name} adds a per-key score bias, which the MoA cache keeps as one more key column; an FP8 cache "
+                "would quantize it with the key's scale: use a bf16/fp16/fp32 cache for this model")
+    return None
+
+
+def key_bias_columns(config: Any) -> int:
+    """Columns a cached key carries beside the model's key: 1 for a per-key score bias
+    (passes/key_bias.py stores it as one more key column, read by a query column of
+    ``1 / scale``), else 0."""
+    return 0 if key_bias_limit(config) is None else 1
 
 
 def _language_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -420,6 +463,17 @@ def alibi_over_cache_length(model: torch.nn.Module) -> bool:
     return False
 
 
+def skips_causal_mask_under_key_bias(model: torch.nn.Module) -> bool:
+    """Whether the model is a Doge whose forward lets transformers skip the causal mask for an
+    input without padding (transformers before the change seen in 5.25, which always
+    materializes it): its dynamic mask is then all the mask SDPA gets, so every token attends
+    later ones in the stock model, while the graph Dynamo traces builds the causal mask."""
+    for module in model.modules():
+        if type(module).__name__ == "DogeModel":
+            return "allow_is_causal_skip=False" not in inspect.getsource(type(module).forward)
+    return False
+
+
 # families whose transformers forward lets every token of a call's input attend every other one, later
 # tokens included (a prefix LM over each input), by config class; tests/test_support.py measures it
 BOTH_WAYS_OVER_INPUT = {
@@ -476,6 +530,13 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
                          "length in a decode step, while moa-flex's ragged cache hands each step its new token only "
                          "(transformers 5.25's BLOOM sizes the bias by the cache's mask sizes, which moa-flex answers): "
                          "upgrade transformers to run BLOOM with moa-flex")
+    if skips_causal_mask_under_key_bias(model):
+        import transformers
+
+        raise ValueError(f"{name} of transformers {transformers.__version__} skips its causal mask for an input "
+                         "without padding and hands SDPA its dynamic mask alone, so each token attends later ones "
+                         "(transformers 5.25's Doge always builds the causal mask): upgrade transformers to run Doge "
+                         "with moa-flex")
     if any(getattr(m, "attention_type", None) == "block_sparse" for m in model.modules()):  # BigBird's modules
         # hold the type they run (a short input switches them to full attention for good, the config stays)
         raise ValueError(f"{name} runs BigBird's block-sparse attention (attention_type='block_sparse': random and "

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from moa_flex.architecture import (
-    attention_layers, cached_key_dim, cached_value_dim, call_kv_heads, call_slots, text_config,
+    attention_layers, cached_key_dim, cached_value_dim, key_bias_columns, call_kv_heads, call_slots, text_config,
 )
 
 FORMAT = "moa-flex.plan/1"
@@ -147,7 +147,7 @@ def _value_dim(config: Any, head_dim: int | None) -> int | None:
     if head_dim is None:
         return None
     v = getattr(config, "v_head_dim", None)
-    width = cached_value_dim(config, v if isinstance(v, int) and v > 0 else head_dim)
+    width = cached_value_dim(config, v if isinstance(v, int) and v > 0 else head_dim - key_bias_columns(config))
     return None if width == head_dim else int(width)
 
 

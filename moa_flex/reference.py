@@ -49,6 +49,8 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
         n = K - pad  # real tokens of the row (a forward without cache: Q == K)
         keep[b, :, pad:, pad:] = reference_mask(plan, plan.model.plan_layer(_calling_layer(module)), N - pad, n, 0,
                                                 n).to(query.device)
+    if attention_mask is not None and attention_mask.dtype != torch.bool:  # an additive mask: its kept terms too
+        scores = scores + torch.where(allowed, attention_mask.double(), 0.0)  # (Doge's per-key bias; HF's are 0)
     mask = keep & allowed
     scores = scores.masked_fill(~mask, float("-inf"))
     sinks = kwargs.get("s_aux")  # learned sink logits [H] (GPT-OSS): one more softmax term, no value

@@ -34,11 +34,12 @@ from .regional import RegionReport
 from .prefill_pass import extend_nodes, rewrite_prefill
 from .latent import LatentDims
 from .value_fusion import fuse_value_splits
+from .key_bias import rewrite_key_bias, with_key_bias
 from .eager_attention import MODEL_OUTPUT, has_eager_attention, rewrite_eager_attention, unread_score_biases
 from .mask_sources import check_masks_are_masks, described
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, call_layers, plan_layers, check_heads, sinks_of, alibi_of,
-    padding_mask_input,
+    padding_mask_input, key_bias_of, head_dim,
 )
 
 
@@ -63,6 +64,7 @@ def rewrite_attention(
     """
     rewrite_eager_attention(gm.graph, keep_original=verify_id is not None)  # attention in the model's own code
     fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
+    rewrite_key_bias(gm.graph, keep_original=verify_id is not None)  # Doge: a per-key bias in the mask
     if extend_nodes(gm.graph):  # a prefill over a MoaCache (chunks, later turns)
         return rewrite_prefill(gm, plan, softcaps, windows, verify=verify_id is not None, latent=latent,
                                kv_sources=kv_sources)
@@ -114,6 +116,10 @@ def rewrite_attention(
             # and the model's dense [B, 1, Q, K] mask becomes dead code.
             mask = padding_mask
         scale = arg(node, 6, "scale", None)
+        bias = key_bias_of(node)
+        if bias is not None:  # one more key column (passes/key_bias.py)
+            scale = head_dim(q) ** -0.5 if scale is None else scale
+            q, k = with_key_bias(gm.graph, node, q, k, bias, scale)
         softcap = float(softcaps[layer]) if softcaps else 0.0
         info = None
         if isinstance(mask, torch.fx.Node):

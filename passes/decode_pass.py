@@ -29,12 +29,13 @@ from .regional import RegionReport
 from .saved import SavedGraph
 from .eager_attention import rewrite_eager_attention
 from .value_fusion import fuse_value_splits
+from .key_bias import rewrite_key_bias, with_key_bias
 from .linear_pass import LinearFusionReport, fuse_linears
 from .mask_sources import check_masks_are_masks
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
     runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, head_dim, sinks_of, alibi_of,
-    as_cached,
+    as_cached, key_bias_of, CACHED,
 )
 
 APPEND = (torch.ops.moa_flex.cache_append, torch.ops.moa_flex.cache_append.default)
@@ -73,6 +74,7 @@ def rewrite_decode(
     """
     rewrite_eager_attention(gm.graph)  # attention in the model's own code
     fuse_value_splits(gm.graph)  # DiffLlama: one call per layer over both value halves
+    rewrite_key_bias(gm.graph)  # Doge: a per-key bias in the mask
     calls = attention_nodes(gm.graph)
     in_call_order = runs_modules_again(calls)  # HRM's cycles: the k-th call is slot k
     appends = by_layer(append_nodes(gm.graph), "cache_append", plan.model, "decode", kv_sources, in_call_order)
@@ -111,6 +113,15 @@ def rewrite_decode(
                     append.replace_input_with(t, cached)
                 if t is v_new:
                     check_width(cached, values, layer)
+        bias = key_bias_of(node)
+        if bias is not None:  # one more key column (passes/key_bias.py), written with the key
+            if latent is not None or layouts[layer] != (CACHED, CACHED):
+                raise ValueError(f"layer {layer}: a per-key score bias beside latent attention or a rearranged cache "
+                                 "layout is not modeled")
+            k_cached = _append_args(append)[3]
+            q, k_aug = with_key_bias(gm.graph, node, q, k_cached, bias, scale)
+            append.replace_input_with(k_cached, k_aug)
+            node.prepend(append)  # the write after the bias it carries (its new token's only), still before the read
         softcap = float(softcaps[layer]) if softcaps else 0.0
         window = int(windows[layer] or 0) if windows else 0
         with gm.graph.inserting_before(node):

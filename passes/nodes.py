@@ -23,8 +23,9 @@ from moa_flex.plan import Plan
 # what the own-code pass makes of ALiBi attention (SDPA's arguments, then the slopes)
 SINK_TARGETS = (torch.ops.moa_flex.sdpa_sinks, torch.ops.moa_flex.sdpa_sinks.default)
 ALIBI_TARGETS = (torch.ops.moa_flex.sdpa_alibi, torch.ops.moa_flex.sdpa_alibi.default)
+KEY_BIAS_TARGETS = (torch.ops.moa_flex.sdpa_key_bias, torch.ops.moa_flex.sdpa_key_bias.default)
 SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
-                *SINK_TARGETS, *ALIBI_TARGETS)
+                *SINK_TARGETS, *ALIBI_TARGETS, *KEY_BIAS_TARGETS)
 
 
 def sinks_of(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -35,6 +36,11 @@ def sinks_of(node: torch.fx.Node) -> torch.fx.Node | None:
 def alibi_of(node: torch.fx.Node) -> torch.fx.Node | None:
     """The ALiBi slopes [H] an attention node carries (``moa_flex::sdpa_alibi``), or None."""
     return arg(node, 8, "alibi", None) if node.target in ALIBI_TARGETS else None
+
+
+def key_bias_of(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The per-key score bias [B, G, K] an attention node carries (``moa_flex::sdpa_key_bias``), or None."""
+    return arg(node, 8, "key_bias", None) if node.target in KEY_BIAS_TARGETS else None
 
 def recorded_value(node: Any) -> torch.Tensor | None:
     """The (fake) tensor Dynamo or a pass recorded for ``node`` (``val`` or ``example_value``),

@@ -25,11 +25,12 @@ import moa_flex.runtime.ops  # noqa: F401  (registers cache_extend / chunk_prefi
 from moa_flex.plan import Plan
 
 from .latent import LatentDims, absorb, expansion_weight
+from .key_bias import with_key_bias
 from .eager_attention import MODEL_OUTPUT
 from .mask_sources import check_masks_are_masks
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
-    runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, alibi_of, as_cached,
+    runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, alibi_of, as_cached, key_bias_of, CACHED,
     head_dim, padding_mask_input, recorded_value,
 )
 
@@ -129,6 +130,12 @@ def rewrite_prefill(
             k_new, v_new = (as_cached(graph, extend, t, how, plan.num_kv_heads)
                             for t, how in zip((k_new, v_new), layouts[layer]))
         check_width(v_new, values, layer)
+        bias = key_bias_of(node)
+        if bias is not None:  # one more key column, cached with the key (passes/key_bias.py)
+            if latent is not None or layouts[layer] != (CACHED, CACHED):
+                raise ValueError(f"layer {layer}: a per-key score bias beside latent attention or a rearranged cache "
+                                 "layout is not modeled")
+            q, k_new = with_key_bias(graph, node, q, k_new, bias, scale)
         # only a layer reading another layer's keys may run fewer queries than the chunk (Gemma 4);
         # elsewhere chunk_prefill's own shape check refuses such a call
         q, skipped = _aligned_queries(graph, node, q, k_new) if layer in (kv_sources or {}) else (q, None)

@@ -149,10 +149,7 @@ def test_a_score_term_of_own_code_attention_is_named_when_it_is_a_bias(bias: str
 
 @pytest.mark.parametrize("model_type,source", [
     ("prophetnet", "relative_pos_embeddings"),  # a relative-position bias from the hidden states, in its own code
-    # a bias from the values through dt_proj and A (exp(A * softplus(dt))), added through SDPA's mask;
-    # A starts at zero, so an untrained Doge's bias is one constant that softmax ignores: dropping it
-    # was exact on random weights and silently wrong on trained ones
-    ("doge", "self_attn.A"),  # named among the first three: nearest sources first
+    # (Doge's bias from its values, once refused here, is read as a per-key bias: tests/test_key_bias.py)
 ])
 def test_a_model_whose_scores_carry_a_bias_is_refused_naming_it(model_type: str, source: str) -> None:
     if model_type not in causal_lm_types():

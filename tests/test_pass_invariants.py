@@ -34,6 +34,35 @@ def _attention_only(graph: torch.fx.Graph) -> set[str]:
     return only
 
 
+def watch_rewrites(monkeypatch: pytest.MonkeyPatch) -> list[tuple[dict, dict, set]]:
+    """From now on, each prefill rewrite appends (node targets before, after, the nodes only
+    attention used) to the list returned."""
+    seen: list[tuple[dict, dict, set]] = []
+
+    def watched(gm: torch.fx.GraphModule, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        before = {n.name: n.target for n in gm.graph.nodes}
+        only = _attention_only(gm.graph)
+        report = rewrite_attention(gm, *args, **kwargs)
+        seen.append((before, {n.name: n.target for n in gm.graph.nodes}, only))
+        return report
+
+    monkeypatch.setattr(attention_pass, "rewrite_attention", watched)
+    return seen
+
+
+def check_only_attention_changed(seen: list[tuple[dict, dict, set]]) -> dict:
+    """One rewrite was watched (:func:`watch_rewrites`): it removed the attention calls and
+    what fed only them, and every other node is still there with its target. Returns the
+    targets after."""
+    (before, after, only), = seen
+    removed = before.keys() - after.keys()
+    attention = {name for name, target in before.items() if target in SDPA_TARGETS}
+    assert attention and attention <= removed
+    assert removed <= attention | only, f"removed nodes that were not attention's alone: {removed - attention - only}"
+    assert all(after[name] == before[name] for name in before.keys() - removed)
+    return after
+
+
 # make test-slow: Qwen3-Next's traced graph (linear attention in torch) takes 7 s; Mistral (its window off) and
 # Qwen2 (q/k/v biases) trace to Llama's graph but for their biases, which the default run's families cover (GPT-OSS)
 SLOW_FAMILIES = {"qwen3_next", "mistral", "qwen2"}
@@ -55,25 +84,11 @@ def test_attention_pass_leaves_every_other_node(family: str, monkeypatch: pytest
     plan = sparse_plan(model.config, "kv_head")
     want = reference_logits(model, plan, input_ids=ids)
     assert (want - stock).abs().max() > 1e-3, "the sparse plan must change the logits"
-    seen: list[tuple[dict, dict, set]] = []
-
-    def watched(gm: torch.fx.GraphModule, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        before = {n.name: n.target for n in gm.graph.nodes}
-        only = _attention_only(gm.graph)
-        report = rewrite_attention(gm, *args, **kwargs)
-        seen.append((before, {n.name: n.target for n in gm.graph.nodes}, only))
-        return report
-
-    monkeypatch.setattr(attention_pass, "rewrite_attention", watched)
+    seen = watch_rewrites(monkeypatch)
     moa_flex.compile(model, Plan.dense(model.config), backend="eager", progress=False, verify=False)
     with torch.no_grad():
         got = model(input_ids=ids, use_cache=False).logits
-    (before, after, only), = seen
-    removed = before.keys() - after.keys()
-    attention = {name for name, target in before.items() if target in SDPA_TARGETS}
-    assert attention and attention <= removed
-    assert removed <= attention | only, f"removed nodes that were not attention's alone: {removed - attention - only}"
-    assert all(after[name] == before[name] for name in before.keys() - removed)
+    check_only_attention_changed(seen)
     assert (got - stock).abs().max() <= 1e-5
     report = model.moa_flex.reports[-1]
     assert sorted(r.layer for r in report.rewritten) == list(range(plan.num_layers)), "one node per attention layer"

@@ -34,7 +34,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_flex.architecture import (
-    OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_value_dim, codebook_rows, kv_sources, latent_attention, layer_types,
+    OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_value_dim, codebook_rows, key_bias_columns, key_bias_problem, kv_sources,
+    latent_attention, layer_types,
     text_config,
 )
 from moa_flex.kernels.decode import default_tiling, prepare_work
@@ -203,6 +204,10 @@ class MoaCache(Cache):
         pads = torch.zeros(batch_size, dtype=torch.long) if pads is None else pads.detach().to("cpu", torch.long)
         if pads.shape != (batch_size,) or bool((pads < 0).any()) or bool((pads >= planned_length).any()):
             raise ValueError(f"pads must be [batch_size={batch_size}] in [0, planned_length), got {pads.tolist()}")
+        storage = parse_kv_dtype(kv_dtype) or dtype
+        problem = key_bias_problem(config, planned_length, is_quantized(storage))
+        if problem:
+            raise ValueError(problem)
         head_dims = _head_dims(plan, head_dim, config)
         value_dims = _value_dims(config, head_dims)
         if isinstance(devices, (str, torch.device)):
@@ -217,7 +222,6 @@ class MoaCache(Cache):
         caps = torch.stack([plan.cache_spans(n) for n in rows], dim=1)  # [L, B, G]
         spans = torch.stack([plan.head_spans(n) for n in rows], dim=1)  # [L, B, H]
         caps, spans = _bounded_by_windows(caps, spans, plan.sink, windows)
-        storage = parse_kv_dtype(kv_dtype) or dtype
         latent = config is not None and latent_attention(config) is not None
         self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dims[l], storage, devices[l], value_dims[l],
                                          latent) for l in range(plan.num_layers)]
@@ -325,7 +329,7 @@ def _value_dims(config: Any, head_dims: list[int]) -> list[int]:
     (MiMo-V2-Flash: 128 beside keys of 192), else the layer's head dim; as wide as the attention
     call reads them (DiffLlama: twice, ``architecture.cached_value_dim``)."""
     v = getattr(text_config(config), "v_head_dim", None) if config is not None else None
-    dims = [v] * len(head_dims) if isinstance(v, int) and v > 0 else list(head_dims)
+    dims = [v] * len(head_dims) if isinstance(v, int) and v > 0 else [d - key_bias_columns(config) for d in head_dims]
     return [cached_value_dim(config, d) for d in dims] if config is not None else dims
 
 

@@ -24,11 +24,11 @@ from typing import Any, Callable
 import torch
 
 from moa_flex.architecture import (
-    check_supported, has_learned_sinks, kv_sources, latent_attention, layer_placement, model_windows, softcaps, step_graph_problem,
+    check_supported, has_learned_sinks, key_bias_problem, kv_sources, latent_attention, layer_placement, model_windows, softcaps, step_graph_problem,
     text_config,
 )
 from moa_flex.compat import cache_argument, takes_cache
-from moa_flex.kernels.quant import kv_dtype as parse_kv_dtype
+from moa_flex.kernels.quant import is_quantized, kv_dtype as parse_kv_dtype
 from moa_flex.passes.attention_pass import make_backend
 from moa_flex.passes.decode_pass import make_decode_backend
 from moa_flex.passes.latent import LatentDims
@@ -206,6 +206,9 @@ def compile(  # noqa: A001  (the verb of the API)
 
     # may refuse the model: before anything is changed
     check_supported(model, plan.model)
+    problem = key_bias_problem(config, max_length, kv_dtype is not None and is_quantized(kv_dtype))
+    if problem:
+        raise ValueError(problem)
     caps, windows = softcaps(config, plan.num_layers), model_windows(config, plan.model)
     impl = getattr(config, "_attn_implementation", None)
     wanted = "sdpa"

@@ -11,6 +11,7 @@ op                                     implementation
 ``moa_flex::attention``                :class:`moa_flex.runtime.attention.MoaRuntime` (FlexAttention)
 ``moa_flex::sdpa_sinks``               here: SDPA with learned sinks, what sink models trace (dense, the check's reference)
 ``moa_flex::sdpa_alibi``               here: SDPA with ALiBi slopes, what the own-code pass makes of ALiBi models (dense)
+``moa_flex::sdpa_key_bias``            here: SDPA with a per-key score bias, what passes/key_bias.py makes of Doge's mask (dense)
 ``moa_flex::mask_info``                :func:`moa_flex.masks.padding_info`
 ``moa_flex::cache_extend``             :func:`moa_flex.runtime.slots.cache_extend_reference`
 ``moa_flex::cache_append``             :mod:`moa_flex.kernels.append` / :func:`~moa_flex.runtime.slots.cache_append_reference`
@@ -88,14 +89,18 @@ def _device_error(op: str, device: torch.device) -> ValueError:
 
 # ------------------------------------------------------------------------------ attention
 def dense_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-                 scale: float | None, alibi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 scale: float | None, alibi: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA's scores in float32, [B, H, Q, K] (-inf where masked; queries are the last Q of the
-    K keys), with ``alibi`` [H] slopes' ``-slope * (i - j)``, and the values expanded to the
-    query heads: what the dense reference ops (sdpa_sinks, sdpa_alibi) take their softmax of."""
+    K keys), with ``alibi`` [H] slopes' ``-slope * (i - j)`` and ``key_bias`` [B, G, K] (each
+    key's own bias, G heads grouped as k's) added, and the values expanded to the query heads:
+    what the dense reference ops (sdpa_sinks, sdpa_alibi, sdpa_key_bias) take their softmax of."""
     H, Q, K = q.shape[1], q.shape[2], k.shape[2]
     if k.shape[1] != H:
         k, v = (t.repeat_interleave(H // k.shape[1], 1) for t in (k, v))
     x = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if key_bias is not None:
+        x = x + key_bias.float().repeat_interleave(H // key_bias.shape[1], 1).unsqueeze(2)
     dist = torch.arange(K - Q, K, device=q.device).view(-1, 1) - torch.arange(K, device=q.device).view(1, -1)
     if alibi is not None:
         x = x - alibi.float().view(1, H, 1, 1) * dist.float()
@@ -169,6 +174,27 @@ def sdpa_sinks(
 
 @sdpa_sinks.register_fake
 def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, sinks):  # noqa: ANN001, ANN202
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("moa_flex::sdpa_key_bias", mutates_args=())
+def sdpa_key_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
+    is_causal: bool, scale: float | None, enable_gqa: bool, key_bias: torch.Tensor,
+) -> torch.Tensor:
+    """What passes/key_bias.py puts in place of an SDPA call whose float mask adds each key's own
+    bias (Doge's dynamic mask): SDPA's arguments in SDPA's order, the mask now a boolean one, plus
+    ``key_bias`` [B, G, K] (G: the model's KV heads, which query head h reads as h // (H / G)),
+    added to every query's score of key j. Dense, float32 scores; the passes replace it by
+    moa-flex attention, so it runs only in a graph left as traced."""
+    if dropout_p:
+        raise ValueError("moa_flex::sdpa_key_bias runs inference only (dropout_p must be 0)")
+    x, v = dense_scores(q, k, v, attn_mask, is_causal, scale, key_bias=key_bias)
+    return (torch.softmax(x, dim=-1) @ v.float()).to(q.dtype)
+
+
+@sdpa_key_bias.register_fake
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, key_bias):  # noqa: ANN001, ANN202
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
