@@ -15,26 +15,13 @@ from moa_flex.reference import planned_logits
 from moa_flex.runtime.cache import MoaCache
 from moa_flex.support import _build, check_type
 from conversation import converse, padded_prompt
-from test_pass_invariants import check_only_attention_changed, watch_rewrites
-from tiny_models import ids_of, sparse_plan
+from rewrites import check_only_attention_changed, watch_rewrites
+from tiny_models import ids_of, sparse_plan, strong_doge
 
 N = 240  # tokens the conversation is planned for
 # transformers 5.17's Doge drops its causal mask for unpadded inputs: refused there (first test), nothing else to run
 causal = pytest.mark.skipif(skips_causal_mask_under_key_bias(_build("doge")),
                             reason="this transformers' Doge skips its causal mask (refused)")
-
-
-def strong_doge(**fields: object) -> torch.nn.Module:
-    """A tiny random Doge whose bias varies a lot from key to key: A of either sign, O(1), and
-    dt_proj 30x its random size (the matrix's perturbed weights give a bias near 1 everywhere)."""
-    model = _build("doge", **fields)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            attn.A.copy_(torch.randn(attn.A.shape, generator=gen) * 1.5)
-            attn.dt_proj.weight.mul_(30)
-    return model
 
 
 def without_bias(model: torch.nn.Module) -> torch.nn.Module:

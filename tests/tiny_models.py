@@ -180,3 +180,18 @@ def captured(fn, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, list]:  # n
     torch._dynamo.reset()
     torch.compile(fn, backend=backend, fullgraph=True)(*args)
     return graphs[0]
+
+
+def strong_doge(**fields: object) -> torch.nn.Module:
+    """A tiny random Doge whose bias varies a lot from key to key: A of either sign, O(1), and
+    dt_proj 30x its random size (the matrix's perturbed weights give a bias near 1 everywhere)."""
+    from moa_flex.support import _build
+
+    model = _build("doge", **fields)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.A.copy_(torch.randn(attn.A.shape, generator=gen) * 1.5)
+            attn.dt_proj.weight.mul_(30)
+    return model
