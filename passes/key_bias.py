@@ -26,9 +26,10 @@ bias, a selection by content: a mask with a ``topk`` among its inputs is refused
 the MoA cache refuses requests longer than that (its decode steps' masks cover their new token
 only, so the model would not select).
 
-With ``keep_original=True`` (the first-call check's graph) the model's SDPA call stays, renamed to
-:func:`model_attention` (not an attention call the passes rewrite), and the new node names its
-output (``MODEL_OUTPUT``): the check compares moa-flex attention with the model's own result.
+With ``keep_original=True`` (the first-call check's graph) the model's SDPA call stays, as aten's
+op (:data:`MODEL_CALL`: the same computation, which the passes do not take for an attention call to
+rewrite, and which precompile can save), and the new node names its output (``MODEL_OUTPUT``):
+the check compares moa-flex attention with the model's own result.
 """
 
 from __future__ import annotations
@@ -45,13 +46,9 @@ from .eager_attention import MODEL_OUTPUT
 from .nodes import arg, recorded_value
 
 PLAIN_SDPA = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+MODEL_CALL = torch.ops.aten.scaled_dot_product_attention.default  # the model's call kept for the first-call check
 _SDPA_ARGS = (("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False), ("scale", None), ("enable_gqa", False))
 _SEARCH = 64  # nodes: how far up a mask's inputs the top-k search looks
-
-
-def model_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """The model's own SDPA call, kept for the first-call check under a name the passes do not rewrite."""
-    return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
 
 
 def _method_or_function(node: Any, name: str) -> bool:
@@ -181,8 +178,8 @@ def rewrite_key_bias(graph: torch.fx.Graph, keep_original: bool = False) -> int:
         new.meta = {key: val for key, val in node.meta.items() if key in ("stack_trace", "nn_module_stack", "val",
                                                                           "example_value")}
         node.replace_all_uses_with(new)
-        if keep_original:
-            node.target = model_attention
+        if keep_original:  # as aten's op: the same call, which the passes do not take for attention to rewrite
+            node.target = MODEL_CALL
             new.meta[MODEL_OUTPUT] = node
         else:
             graph.erase_node(node)

@@ -183,3 +183,27 @@ def test_only_the_exact_form_is_read_as_a_key_bias(fill: float | None) -> None:
         assert key_bias_of(node) is None
         with pytest.raises(ValueError, match="score bias"):
             check_masks_are_masks([(node, 0)])
+
+
+@causal
+@pytest.mark.slow  # 20 s of inductor on the CPU (make test-slow)
+def test_its_graphs_precompile_and_a_second_compile_reads_them(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The first-call check's graph keeps the model's SDPA call as aten's op (a Python function
+    there made the graph unsavable, and every process traced it again): all three graphs are
+    written, read back by a second compile, which traces nothing and gives the same tokens."""
+    monkeypatch.setenv("MOA_FLEX_CACHE_DIR", str(tmp_path))
+    ids = ids_of(60, vocab=128)
+    runs = []
+    for _ in range(2):
+        model = strong_doge()
+        plan = sparse_plan(model.config, "kv_head", seed=3)
+        moa_flex.compile(model, plan, max_length=80, compile_cache=True, progress=False)
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+            tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                    do_sample=False, pad_token_id=0)
+        runs.append((logits, tokens, list(model.moa_flex.log.lines)))
+    assert not any("could not be written" in line for line in runs[0][2]), runs[0][2]
+    assert any("precompile: read 3 compiled graphs" in line for line in runs[1][2])
+    assert not any("traced" in line for line in runs[1][2])
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][0], runs[1][0])
