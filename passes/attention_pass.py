@@ -34,12 +34,12 @@ from .regional import RegionReport
 from .prefill_pass import extend_nodes, rewrite_prefill
 from .latent import LatentDims
 from .value_fusion import fuse_value_splits
-from .key_bias import rewrite_key_bias, with_key_bias
+from .key_bias import rewrite_key_bias
 from .eager_attention import MODEL_OUTPUT, has_eager_attention, rewrite_eager_attention, unread_score_biases
 from .mask_sources import check_masks_are_masks, described
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, call_layers, plan_layers, check_heads, sinks_of, alibi_of,
-    padding_mask_input, key_bias_of, head_dim,
+    padding_mask_input, key_bias_of,
 )
 
 
@@ -116,10 +116,7 @@ def rewrite_attention(
             # and the model's dense [B, 1, Q, K] mask becomes dead code.
             mask = padding_mask
         scale = arg(node, 6, "scale", None)
-        bias = key_bias_of(node)
-        if bias is not None:  # one more key column (passes/key_bias.py)
-            scale = head_dim(q) ** -0.5 if scale is None else scale
-            q, k = with_key_bias(gm.graph, node, q, k, bias, scale)
+        bias = key_bias_of(node)  # Doge's: a score_mod here, a cached key column over a cache (passes/key_bias.py)
         softcap = float(softcaps[layer]) if softcaps else 0.0
         info = None
         if isinstance(mask, torch.fx.Node):
@@ -132,7 +129,7 @@ def rewrite_attention(
             new = gm.graph.call_function(
                 torch.ops.moa_flex.attention.default,
                 (q, k, v, mask, -1.0 if scale is None else scale, layer, runtime_id, softcap, info, sinks_of(node),
-                 alibi_of(node)),
+                 alibi_of(node), bias),
             )
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
@@ -144,7 +141,7 @@ def rewrite_attention(
                     torch.ops.moa_flex.verify_attention.default,
                     (q, k, v, mask, -1.0 if scale is None else scale, layer, verify_id, info,
                      node.meta.get(MODEL_OUTPUT, node), padding_mask,
-                     sinks_of(node), alibi_of(node)),
+                     sinks_of(node), alibi_of(node), bias),
                 )
         report.rewritten.append(RewrittenNode(layer, new.name, path))
     eliminate_dead_code(gm.graph, roots)

@@ -14,9 +14,10 @@ separate argument. ``cond`` must be a boolean tensor and ``min`` its dtype's min
 masked key's weight is exactly 0 as in the model. The fill does not add the bias to masked keys,
 so nothing else changes.
 
-The attention passes then carry the bias as one more key column: ``k' = [k, dt]`` and
-``q' = [q, 1 / scale]`` (:func:`with_key_bias`), so that ``scale * q'.k' = scale * q.k + dt``. The
-MoA cache keeps the column beside each key (``architecture.key_bias_columns``), written when the
+A plain forward's attention (FlexAttention) adds it in a score_mod. Over the MoA cache the passes
+carry it as one more key column: ``k' = [k, dt]`` and ``q' = [q, 1 / scale]``
+(:func:`with_key_bias`), so that ``scale * q'.k' = scale * q.k + dt`` in moa-flex's own chunk and
+decode kernels, unchanged. The MoA cache keeps the column beside each key (``architecture.key_bias_columns``), written when the
 token is, so a decode step reads the bias of every kept key although it computes the bias of its
 new token only. The bias of a key depends on that key's values only, so the cached column is
 what the model computes over its whole cache.

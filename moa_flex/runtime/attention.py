@@ -62,18 +62,25 @@ def softcap_score_mod(softcap: float) -> Callable:
     return capped
 
 
-def score_mod_of(softcap: float, alibi: torch.Tensor | None, q_start: torch.Tensor | None) -> Callable | None:
+def score_mod_of(softcap: float, alibi: torch.Tensor | None, q_start: torch.Tensor | None,
+                 key_bias: torch.Tensor | None = None, group: int = 1) -> Callable | None:
     """The score_mod of a call: soft-capping (if ``softcap`` > 0), then ALiBi's
     ``-slope[h] * (i - kv)``, where a query row's key index is ``i = q_start + q_idx`` (``q_start``
-    a one-element tensor, so that rows and lengths are data, not constants that recompile)."""
+    a one-element tensor, so that rows and lengths are data, not constants that recompile), then
+    ``key_bias[b, h // group, kv]`` (float32 [B, G, K]: each key's own bias, Doge's; ``group``
+    query heads per head of it)."""
     cap = softcap_score_mod(softcap) if softcap > 0 else None
-    if alibi is None:
+    if alibi is None and key_bias is None:
         return cap
 
     def biased(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         if cap is not None:
             score = cap(score, b, h, q, kv)
-        return score - alibi[h] * (q_start[0] + q - kv).to(torch.float32)
+        if alibi is not None:
+            score = score - alibi[h] * (q_start[0] + q - kv).to(torch.float32)
+        if key_bias is not None:
+            score = score + key_bias[b, h // group, kv]
+        return score
 
     return biased
 
@@ -191,14 +198,15 @@ class MoaRuntime:
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
         scale: float, layer: int, softcap: float, info: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-        alibi: torch.Tensor | None = None,
+        alibi: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sparse attention of one layer: q [B, H, Q, D], k/v [B, KVH, K, D] -> [B, H, Q, Dv].
         ``sinks`` [H]: learned sink logits (GPT-OSS), one more term ``exp(sink)`` in each
         softmax's denominator: the output times ``sigmoid(lse - sink)``. ``alibi`` [H] float32:
         ALiBi slopes, the score bias ``-slope * (i - j)`` for a query at key index i and a key at
-        j (a score_mod). ``layer`` -1: the runtime's ``current_layer`` (regional compilation sets
-        it before each layer's code)."""
+        j (a score_mod). ``key_bias`` [B, G, K]: each key's own score bias, G heads grouped as
+        k's (Doge's; a score_mod). ``layer`` -1: the runtime's ``current_layer`` (regional
+        compilation sets it before each layer's code)."""
         if layer < 0:
             layer = self.current_layer
             if layer < 0:
@@ -224,33 +232,37 @@ class MoaRuntime:
         kwargs = dict(scale=scale if scale > 0 else 1.0 / math.sqrt(q.shape[-1]), enable_gqa=k.shape[1] != q.shape[1])
         if alibi is not None:
             alibi = alibi.to(device=q.device, dtype=torch.float32)
+        if key_bias is not None:  # float32, padded with the keys
+            key_bias = torch.nn.functional.pad(key_bias.to(device=q.device, dtype=torch.float32), (0, extra))
         if sinks is not None:  # the log-sum-exp comes back beside the output
             kwargs.update({"return_aux": AuxRequest(lse=True)} if AuxRequest is not None else {"return_lse": True})
         shape = (tuple(q.shape[:2]), step, tuple(k.shape), q.dtype, q.device, softcap > 0, sinks is not None,
-                 alibi is not None)
+                 alibi is not None, key_bias is not None)
         first = self.compiled and self.log is not None and shape not in _flex_shapes
         _flex_shapes.add(shape)
         phase = self.log.phase(f"compiling FlexAttention for {padded}-key calls") if first else contextlib.nullcontext()
         outs = []
         with phase:
             outs.append(self._flex_rows(flex, q, k, v, 0, step, layer, q_len, kv_len, attn_mask, planned, padded, info,
-                                        kwargs, sinks, softcap, alibi))
+                                        kwargs, sinks, softcap, alibi, key_bias))
         if first:
             self.log.compiles += 1
         for r0 in range(step, rows, step):
             outs.append(self._flex_rows(flex, q, k, v, r0, step, layer, q_len, kv_len, attn_mask, planned, padded, info,
-                                        kwargs, sinks, softcap, alibi))
+                                        kwargs, sinks, softcap, alibi, key_bias))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out[:, :, :q_len]
 
     def _flex_rows(self, flex: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r0: int, step: int,
                    layer: int, q_len: int, kv_len: int, attn_mask: torch.Tensor | None, planned: int, padded: int,
                    info: torch.Tensor | None, kwargs: dict, sinks: torch.Tensor | None = None, softcap: float = 0.0,
-                   alibi: torch.Tensor | None = None) -> torch.Tensor:
+                   alibi: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
         """One FlexAttention call: padded query rows [r0, r0 + step) over all keys (``sinks``:
-        learned sink logits [H], applied from the call's log-sum-exp; ``alibi``: slopes [H])."""
+        learned sink logits [H], applied from the call's log-sum-exp; ``alibi``: slopes [H];
+        ``key_bias``: [B, G, K] per key)."""
         q_start = None if alibi is None else torch.tensor([kv_len - q_len + r0], dtype=torch.int32, device=q.device)
-        kwargs = {**kwargs, "score_mod": score_mod_of(softcap, alibi, q_start)}
+        group = 1 if key_bias is None else q.shape[1] // key_bias.shape[1]
+        kwargs = {**kwargs, "score_mod": score_mod_of(softcap, alibi, q_start, key_bias, group)}
         qc = q[:, :, r0:r0 + step]
         if qc.shape[2] < step:
             qc = torch.nn.functional.pad(qc, (0, 0, 0, step - qc.shape[2]))

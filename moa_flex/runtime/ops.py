@@ -115,20 +115,21 @@ def dense_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
     scale: float, layer: int, runtime_id: int, softcap: float, info: torch.Tensor | None = None,
-    sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """moa-flex attention of ``layer`` under the plan of runtime ``runtime_id``: q [B, H, Q, D],
     k/v [B, KVH, K, D] -> [B, H, Q, Dv]; ``info`` is ``mask_info(attn_mask)`` when the graph
     computed it; ``sinks`` [H]: learned sink logits (GPT-OSS); ``alibi`` [H] float32: ALiBi
-    slopes, the bias ``-slope * (i - j)`` (BLOOM, MPT)."""
+    slopes, the bias ``-slope * (i - j)`` (BLOOM, MPT); ``key_bias`` [B, G, K]: each key's own
+    bias (Doge)."""
     runtime = runtime_of(runtime_id)
     if runtime is None:
         raise RuntimeError(f"moa-flex runtime {runtime_id} is gone (model uncompiled?); compile the model again")
-    return runtime.attention(q, k, v, attn_mask, scale, layer, softcap, info, sinks, alibi).contiguous()
+    return runtime.attention(q, k, v, attn_mask, scale, layer, softcap, info, sinks, alibi, key_bias).contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, scale, layer, runtime_id, softcap, info=None, sinks=None, alibi=None):  # noqa: ANN001, ANN202
+def _(q, k, v, attn_mask, scale, layer, runtime_id, softcap, info=None, sinks=None, alibi=None, key_bias=None):  # noqa: ANN001, ANN202
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -335,7 +336,7 @@ DENSE_SPAN = 2**30  # tokens: a span that keeps every key
 def verify_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float, layer: int,
     runtime_id: int, info: torch.Tensor | None, want: torch.Tensor, padding: torch.Tensor | None,
-    sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None, alibi: torch.Tensor | None = None, key_bias: torch.Tensor | None = None,
 ) -> None:
     """The first-call check of a plain forward's layer (:mod:`moa_flex.runtime.verify`):
     ``moa_flex::attention`` under runtime ``runtime_id`` (a dense plan), without soft-cap,
@@ -343,13 +344,13 @@ def verify_attention(
     (real query rows: its last Q columns), or None."""
     if too_large(layer, q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
         return
-    got = runtime_of(runtime_id).attention(q, k, v, attn_mask, scale, layer, 0.0, info, sinks, alibi)
+    got = runtime_of(runtime_id).attention(q, k, v, attn_mask, scale, layer, 0.0, info, sinks, alibi, key_bias)
     real = None if padding is None else padding[:, -q.shape[2]:]
     check_close(got, want, real, layer, "moa_flex::attention")
 
 
 @verify_attention.register_fake
-def _(q, k, v, attn_mask, scale, layer, runtime_id, info, want, padding, sinks=None, alibi=None):  # noqa: ANN001, ANN202
+def _(q, k, v, attn_mask, scale, layer, runtime_id, info, want, padding, sinks=None, alibi=None, key_bias=None):  # noqa: ANN001, ANN202
     return None
 
 
