@@ -90,15 +90,15 @@ def test_the_passes_change_attention_only_and_match_the_model() -> None:
 
 
 @causal
-@pytest.mark.parametrize("verify", [True, False])
-def test_a_conversation_in_chunks_equals_the_reference(verify: bool) -> None:
+def test_a_conversation_in_chunks_equals_the_reference() -> None:
     """Two turns on a left-padded batch, prefilled in chunks of 48 over the cache, then decoded:
     tokens and logits equal step-by-step reference decoding of the whole conversation (which adds
-    each key's bias computed over the whole sequence) planned for N; the first-call check passes."""
+    each key's bias computed over the whole sequence) planned for N; the first-call check passes
+    (it checks the first chunk's graph; the later chunks' and the decode graph run unchecked)."""
     model = strong_doge()
     plan = sparse_plan(model.config, "kv_head", seed=3)
     ids, mask = padded_prompt(model, plan, N, length=150)
-    moa_flex.compile(model, plan, max_length=N, prefill_chunk=48, backend="eager", progress=False, verify=verify)
+    moa_flex.compile(model, plan, max_length=N, prefill_chunk=48, backend="eager", progress=False)
     converse(model, plan, N, ids, mask, (None, 30), 8, seed=20)
 
 
