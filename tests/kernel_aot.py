@@ -7,7 +7,8 @@ compiles every launched (kernel, signature, constants) ahead of time to a cubin 
 own compiler. Run in a process without TRITON_INTERPRET (tests/test_kernel_aot.py starts it);
 prints one line per compiled kernel and exits non-zero on the first failure. Argument: the
 cases: ``fp8`` (an FP8 cache at head dim 128 with soft-cap, window and sinks, the default),
-``bf16`` (a bf16 cache at head dim 128 without them) or ``latent`` (a latent cache's 576 / 512).
+``bf16`` (a bf16 cache at head dim 128 without them), ``latent`` (a latent cache's 576 / 512) or
+``keybias`` (keys 129 wide, a per-key bias column beside head dim 128, fp32 and bf16).
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def _cases(which: str) -> None:
     # (KV groups, key width, value width, cache dtype, soft-cap / window / sinks): Llama-like bf16
     # plain, FP8 with every option, and DeepSeek-V3's latent cache (one group, 512 + 64 and 512)
     cases = {"bf16": ((2, 128, 128, torch.bfloat16, False),), "fp8": ((2, 128, 128, FP8, True),),
-             "latent": ((1, 576, 512, torch.bfloat16, False),)}
+             "latent": ((1, 576, 512, torch.bfloat16, False),),
+             # a per-key bias as one more key column (Doge at head dim 128), in fp32 and bf16
+             "keybias": ((2, 129, 128, torch.float32, False), (2, 129, 128, torch.bfloat16, False))}
     for G, D, Dv, dtype, options in cases[which]:
         caps = torch.full((B, G), S // G, dtype=torch.int32)
         offsets = torch.arange(0, S + 1, S // G, dtype=torch.int32)
@@ -99,15 +102,16 @@ def _cases(which: str) -> None:
         keys, values = torch.zeros(B, S, D).to(dtype), torch.zeros(B, S, Dv).to(dtype)
         scales = ({"k_scale": torch.ones(B, S, dtype=SCALE_DTYPE), "v_scale": torch.ones(B, S, dtype=SCALE_DTYPE)}
                   if quant else {})
-        k_new, v_new = torch.randn(B, G, 1, D, dtype=torch.bfloat16), torch.randn(B, G, 1, Dv, dtype=torch.bfloat16)
+        act = torch.float32 if dtype == torch.float32 else torch.bfloat16  # the model's dtype: queries, new K/V
+        k_new, v_new = torch.randn(B, G, 1, D, dtype=act), torch.randn(B, G, 1, Dv, dtype=act)
         append.cache_append_triton(keys, values, length, k_new, v_new, caps, offsets, 4, **scales)
         softcap, window, sinks = (30.0, 16, torch.zeros(H)) if options else (0.0, 0, None)
-        q = torch.randn(B, H, D, dtype=torch.bfloat16)
+        q = torch.randn(B, H, D, dtype=act)
         for fp8_mode in decode.FP8_MODES if quant else (None,):
             decode.ragged_decode_triton(q, keys, values, offsets, caps, spans, length - 1, 4, window, 0.088, softcap,
                                         sinks=sinks, fp8_mode=fp8_mode, **scales)
-        qc = torch.randn(B, H, C, D, dtype=torch.bfloat16)
-        kc, vc = torch.randn(B, G, C, D, dtype=torch.bfloat16), torch.randn(B, G, C, Dv, dtype=torch.bfloat16)
+        qc = torch.randn(B, H, C, D, dtype=act)
+        kc, vc = torch.randn(B, G, C, D, dtype=act), torch.randn(B, G, C, Dv, dtype=act)
         chunk.chunk_attention_triton(qc, kc, vc, keys, values, offsets, caps, spans, length,
                                      torch.zeros(B, dtype=torch.long), 4, window, 0.088, softcap, sinks=sinks, **scales)
 
@@ -119,8 +123,8 @@ def dims(signature: dict[str, str], constants: dict[str, Any]) -> str:
 
 def main() -> int:
     which = sys.argv[1] if len(sys.argv) > 1 else "fp8"
-    if which not in ("fp8", "bf16", "latent"):
-        sys.exit(f"usage: kernel_aot.py [fp8|bf16|latent], got {which!r}")
+    if which not in ("fp8", "bf16", "latent", "keybias"):
+        sys.exit(f"usage: kernel_aot.py [fp8|bf16|latent|keybias], got {which!r}")
     _cases(which)
     seen = set()
     for fn, signature, constants, options, what in LAUNCHES:

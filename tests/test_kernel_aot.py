@@ -54,3 +54,11 @@ def test_kernels_compile_for_sm90_with_a_bf16_cache() -> None:
 def test_kernels_compile_at_latent_widths() -> None:
     """A latent cache (DeepSeek-V3: keys 576 wide, values 512): the chunk kernel's tiles fit."""
     assert sum("D=576" in line for line in _compiled("latent")) == 3
+
+
+@pytest.mark.slow  # 30 s (make test-slow)
+def test_kernels_compile_with_a_key_bias_column() -> None:
+    """Keys 129 wide (Doge's bias column beside head dim 128), fp32 and bf16: the chunk kernel's
+    fp32 tiles at 256 lanes needed 246272 bytes of shared memory before they counted bytes, not
+    lanes (an H100 refused them at launch), and fit now."""
+    assert sum("D=129" in line for line in _compiled("keybias")) == 6  # append, decode and chunk; two dtypes

@@ -411,7 +411,9 @@ def chunk_attention_triton(
                            "before triton is first imported")
     B, H, C, D = q.shape
     G, Dv = offsets.shape[0] - 1, v_new.shape[3]
-    wide = max(pow2(D, 16), pow2(Dv, 16)) > 256  # a latent cache (576 / 512): smaller tiles, 2 stages
+    # tiles of more than 512 bytes a row (a latent cache's 576 / 512 in bf16; keys with a bias column,
+    # 129 -> 256 lanes, in fp32): smaller tiles, 2 stages, within a Hopper SM's shared memory
+    wide = max(pow2(D, 16), pow2(Dv, 16)) * max(q.element_size(), k.element_size()) > 512
     block_q = (32 if wide else BLOCK_Q) if block_q is None else block_q
     num_stages = (2 if wide else 3) if num_stages is None else num_stages
     if block_q < 16 or block_q & (block_q - 1):
