@@ -184,7 +184,9 @@ def captured(fn, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, list]:  # n
 
 def strong_doge(**fields: object) -> torch.nn.Module:
     """A tiny random Doge whose bias varies a lot from key to key: A of either sign, O(1), and
-    dt_proj 30x its random size (the matrix's perturbed weights give a bias near 1 everywhere)."""
+    dt_proj 30x its random size at hidden size 64 (the matrix's perturbed weights give a bias near
+    1 everywhere), less when wider, so that A * softplus(dt) stays near 10 (a bias of e^40 leaves
+    nothing of q.k in any float32 score)."""
     from moa_flex.support import _build
 
     model = _build("doge", **fields)
@@ -193,5 +195,5 @@ def strong_doge(**fields: object) -> torch.nn.Module:
         for layer in model.model.layers:
             attn = layer.self_attn
             attn.A.copy_(torch.randn(attn.A.shape, generator=gen) * 1.5)
-            attn.dt_proj.weight.mul_(30)
+            attn.dt_proj.weight.mul_(30 * 64 / model.config.hidden_size)  # dt of about the same size when wider
     return model
