@@ -207,3 +207,29 @@ def test_its_graphs_precompile_and_a_second_compile_reads_them(tmp_path, monkeyp
     assert any("precompile: read 3 compiled graphs" in line for line in runs[1][2])
     assert not any("traced" in line for line in runs[1][2])
     assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][0], runs[1][0])
+
+
+@causal
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("hidden", [64, 512])  # head dim 16 and 128: keys 17 and 129 wide in the cache
+def test_on_a_gpu_prefill_chunks_and_decode_equal_the_reference(hidden: int) -> None:
+    """fp32 on CUDA through inductor: FlexAttention with the bias as a score_mod (no cache), the
+    chunk kernel over the cache in chunks of 128 and the decode kernel, both reading the bias
+    column (whose fp32 tiles at 256 lanes once needed more shared memory than an H100 has):
+    greedy tokens equal the float64 reference planned for N and logits agree within 1e-4."""
+    model = strong_doge(hidden_size=hidden, intermediate_size=max(hidden, 128)).cuda()
+    plan = sparse_plan(model.config, "kv_head", seed=3)
+    ids = ids_of(300, vocab=model.config.vocab_size).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    moa_flex.compile(model, plan, max_length=420, prefill_chunk=128, progress=False)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    moa_flex.uncompile(model)
+    full = torch.cat([mask, torch.ones(2, 16, dtype=mask.dtype, device="cuda")], 1)
+    ref = planned_logits(model, plan, 420, out.sequences[:, :-1], full[:, :-1])[:, 299:]
+    assert torch.equal(ref.argmax(-1), out.sequences[:, 300:])
+    assert (ref - torch.stack(out.logits, 1)).abs().max() <= 1e-4
+    assert (plain - planned_logits(model, plan, 420, ids, mask))[1].abs().max() <= 1e-4
