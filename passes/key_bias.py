@@ -53,6 +53,7 @@ _SEARCH = 64  # nodes: how far up a mask's inputs the top-k search looks
 
 
 def _method_or_function(node: Any, name: str) -> bool:
+    """Whether ``node`` calls the tensor method ``name`` or a function of that name."""
     if not isinstance(node, torch.fx.Node):
         return False
     if node.op == "call_method":
@@ -170,7 +171,7 @@ def rewrite_key_bias(graph: torch.fx.Graph, keep_original: bool = False) -> int:
                 f"the attention call {node.name} adds a per-key bias and masks nothing, with is_causal=False: each "
                 "query attends every key of the call, later ones included (transformers 5.17's Doge under sdpa, "
                 "whose causal mask is skipped for an input without padding), while a MoA plan rules causal "
-                "attention; upgrade transformers, or run this model with attn_implementation='eager'")
+                "attention; upgrade transformers")
         bool_mask = None if cond is None else _add(graph, node, torch.logical_not, (cond,), torch.logical_not, node)
         args = (q, k, v, bool_mask, given["dropout_p"], given["is_causal"], given["scale"], given["enable_gqa"], dt)
         # after the model's call: the first-call check reads its output
