@@ -233,3 +233,15 @@ def test_on_a_gpu_prefill_chunks_and_decode_equal_the_reference(hidden: int) -> 
     assert torch.equal(ref.argmax(-1), out.sequences[:, 300:])
     assert (ref - torch.stack(out.logits, 1)).abs().max() <= 1e-4
     assert (plain - planned_logits(model, plan, 420, ids, mask))[1].abs().max() <= 1e-4
+
+
+def test_profiling_refuses_it_by_name() -> None:
+    """The profiler's attention measures plain causal attention; the model's mask would otherwise
+    reach it as an unexplained 'attention mask the model built'."""
+    from moa_flex.data.samples import Sample
+    from moa_flex.profile import profile_model
+
+    ids = ids_of(24, batch=1, vocab=128)[0]
+    sample = Sample(head=ids[:4], context=ids[4:16], question=ids[16:20], answer=ids[20:])
+    with pytest.raises(ValueError, match="per-key score bias"):
+        profile_model(strong_doge(), {24: [sample]}, progress=False)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from moa_flex.architecture import model_windows, slots_in_call_order
+from moa_flex.architecture import key_bias_limit, model_windows, slots_in_call_order
 from moa_flex.data.samples import Sample
 from moa_flex.plan import ModelShape
 
@@ -200,6 +200,10 @@ def _check_profilable(model: torch.nn.Module, max_len: int) -> None:
                          "made without profiling (Plan.uniform, or a rule per slot by hand)")
     if getattr(config, "attn_logit_softcapping", None):
         raise ValueError("moa-flex profiling does not support attention logit soft-capping (config.attn_logit_softcapping)")
+    if key_bias_limit(config) is not None:
+        raise ValueError(f"{type(model).__name__} adds a per-key score bias (Doge's dynamic mask), which moa-flex "
+                         "profiling does not carry (it measures plain causal attention): compile such a model with a "
+                         "plan made without profiling (Plan.uniform, or rules by hand)")
     shape = ModelShape.from_config(config)
     for layer, w in enumerate(model_windows(config, shape)):
         if w is not None and abs(w) < max_len:
