@@ -351,7 +351,10 @@ def block_mask_from_spans(
     if pads is not None and spans.dim() == 1:
         raise ValueError("pads need per-row spans [B, H]")
     spans_key = tuple(tuple(int(x) for x in row) for row in span_rows.tolist())
-    key = (spans_key, tuple(pad_list), sink, q_len, q_offset, kv_len, q_block, kv_block, str(device), compute_q_blocks)
+    # per-row spans of one row and spans broadcast over the batch give the same blocks but not the same
+    # mask_mod: its per-row form indexes row b, which a broadcast mask is called with for every row
+    key = (spans.dim(), pads is None, spans_key, tuple(pad_list), sink, q_len, q_offset, kv_len, q_block, kv_block,
+           str(device), compute_q_blocks)
     if dense_mask is None:
         cached = BLOCK_MASK_CACHE.get(key)
         if cached is not None:

@@ -181,6 +181,24 @@ def test_identical_spans_share_one_mask() -> None:
     assert block_mask(plan, 1, 1024) is a  # another plan, same spans
 
 
+def test_a_broadcast_mask_is_not_served_one_rows_mask() -> None:
+    """One row's spans [1, H] (a padded batch of one) and the same spans [H] broadcast over the
+    batch cover the same blocks, but the first's mask_mod indexes row b: the cache once handed it
+    to a later broadcast call, whose rows b >= 1 then read past it (an IndexError where
+    FlexAttention evaluates the mask_mod per row, eagerly with a score_mod; past the tensor on a
+    GPU)."""
+    from moa_flex.masks import block_mask_from_spans
+
+    BLOCK_MASK_CACHE.clear()
+    spans = torch.tensor([40, 24, 64, 16])
+    one_row = block_mask_from_spans(spans.view(1, -1), 4, 128, 0, 128, pads=torch.tensor([0]))
+    broadcast = block_mask_from_spans(spans, 4, 128, 0, 128)
+    assert broadcast is not one_row
+    b, h, q, kv = (torch.tensor(x) for x in (1, 2, 70, 20))
+    assert bool(broadcast.mask_mod(b, h, q, kv)) == bool((kv <= q) & ((kv < 4) | (q - kv < 64 - 4)))
+    assert block_mask_from_spans(spans, 4, 128, 0, 128) is broadcast, "still cached"
+
+
 def test_bad_windows_raise() -> None:
     plan = Plan.uniform(ModelShape(1, 2, 1, 8), alpha=0.0, beta=0.5)
     with pytest.raises(ValueError, match="q_offset"):
