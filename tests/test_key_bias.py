@@ -31,6 +31,7 @@ def without_bias(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow  # 8 s (make test-slow); the default run checks the same three things with a bias that matters below
 def test_doge_passes_the_matrix() -> None:
     """Supported where transformers always builds Doge's causal mask (5.25); refused by name where
     its stock forward drops it for an unpadded input (5.17), which is then bidirectional."""
