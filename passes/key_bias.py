@@ -36,7 +36,7 @@ the check compares moa-flex attention with the model's own result.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -44,7 +44,7 @@ import torch.fx
 import moa_flex.runtime.ops  # noqa: F401  (registers torch.ops.moa_flex.sdpa_key_bias)
 
 from .eager_attention import MODEL_OUTPUT
-from .nodes import arg, recorded_value
+from .nodes import arg, call_before, recorded_value
 
 PLAIN_SDPA = (torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 MODEL_CALL = torch.ops.aten.scaled_dot_product_attention.default  # the model's call kept for the first-call check
@@ -129,21 +129,6 @@ def _selects_top_k(mask: torch.fx.Node) -> bool:
     return False
 
 
-def _add(graph: torch.fx.Graph, before: torch.fx.Node, op: Any, args: tuple, fake: Callable[..., Any],
-         meta_from: torch.fx.Node) -> torch.fx.Node:
-    """A call of ``op`` before ``before``, with the fake value ``fake`` gives its tensor inputs'."""
-    with graph.inserting_before(before):
-        node = graph.call_function(op, args)
-    node.meta = {k: v for k, v in meta_from.meta.items() if k in ("stack_trace", "nn_module_stack")}
-    inputs = [a for x in args for a in (x if isinstance(x, (list, tuple)) else [x]) if isinstance(a, torch.fx.Node)]
-    for key in ("example_value", "val"):  # as recorded on the inputs (Dynamo's, or AOTAutograd's)
-        values = {a: a.meta.get(key) for a in inputs}
-        if all(isinstance(v, torch.Tensor) for v in values.values()):
-            swap = lambda x: [swap(a) for a in x] if isinstance(x, (list, tuple)) else values.get(x, x)  # noqa: E731
-            node.meta[key] = fake(*[swap(a) for a in args])
-    return node
-
-
 def rewrite_key_bias(graph: torch.fx.Graph, keep_original: bool = False) -> int:
     """Replace every SDPA call whose mask adds a per-key bias (module docstring) by
     ``moa_flex::sdpa_key_bias``; ValueError for a mask that selects keys by top-k. Returns how
@@ -172,11 +157,11 @@ def rewrite_key_bias(graph: torch.fx.Graph, keep_original: bool = False) -> int:
                 "query attends every key of the call, later ones included (transformers 5.17's Doge under sdpa, "
                 "whose causal mask is skipped for an input without padding), while a MoA plan rules causal "
                 "attention; upgrade transformers")
-        bool_mask = None if cond is None else _add(graph, node, torch.logical_not, (cond,), torch.logical_not, node)
+        bool_mask = None if cond is None else call_before(graph, node, torch.ops.aten.logical_not.default, (cond,),
+                                                          torch.logical_not)
         args = (q, k, v, bool_mask, given["dropout_p"], given["is_causal"], given["scale"], given["enable_gqa"], dt)
-        # after the model's call: the first-call check reads its output
-        new = _add(graph, node.next, torch.ops.moa_flex.sdpa_key_bias.default, args,
-                   lambda q_, k_, v_, *_: q_.new_empty((*q_.shape[:-1], v_.shape[-1])), node)
+        with graph.inserting_after(node):  # after the model's call: the first-call check reads its output
+            new = graph.call_function(torch.ops.moa_flex.sdpa_key_bias.default, args)
         new.meta = {key: val for key, val in node.meta.items() if key in ("stack_trace", "nn_module_stack", "val",
                                                                           "example_value")}
         node.replace_all_uses_with(new)
@@ -203,13 +188,16 @@ def with_key_bias(graph: torch.fx.Graph, before: torch.fx.Node, q: Any, k: Any, 
         raise ValueError(f"the per-key bias has {bv.shape[1]} heads, which do not divide the keys' {kv.shape[1]}")
     if kv.shape[1] != bv.shape[1]:
         n = kv.shape[1] // bv.shape[1]
-        bias = _add(graph, before, torch.ops.aten.repeat_interleave.self_int, (bias, n, 1),
-                    lambda t, r, d: t.repeat_interleave(r, d), before)
-    col = _add(graph, before, torch.ops.aten.unsqueeze.default, (bias, -1), torch.unsqueeze, before)
-    col = _add(graph, before, torch.ops.aten._to_copy.default, (col,), lambda t: t.to(kv.dtype), before)
-    col.kwargs = {"dtype": kv.dtype}
-    k_aug = _add(graph, before, torch.ops.aten.cat.default, ([k, col], -1), lambda xs, d: torch.cat(xs, d), before)
-    first = _add(graph, before, torch.ops.aten.slice.Tensor, (q, -1, 0, 1), lambda t, *a: t[..., :1], before)
-    ones = _add(graph, before, torch.ops.aten.full_like.default, (first, 1.0 / scale), torch.full_like, before)
-    q_aug = _add(graph, before, torch.ops.aten.cat.default, ([q, ones], -1), lambda xs, d: torch.cat(xs, d), before)
+        bias = call_before(graph, before, torch.ops.aten.repeat_interleave.self_int, (bias, n, 1),
+                           lambda t: t.repeat_interleave(n, 1))
+    col = call_before(graph, before, torch.ops.aten.unsqueeze.default, (bias, -1), lambda t: t.unsqueeze(-1))
+    col = call_before(graph, before, torch.ops.prims.convert_element_type.default, (col, kv.dtype),
+                      lambda t: t.to(kv.dtype))
+    k_aug = call_before(graph, before, torch.ops.aten.cat.default, ([k, col], -1), lambda *xs: torch.cat(xs, -1),
+                        many=True)
+    first = call_before(graph, before, torch.ops.aten.slice.Tensor, (q, -1, 0, 1), lambda t: t[..., :1])
+    ones = call_before(graph, before, torch.ops.aten.full_like.default, (first, 1.0 / scale),
+                       lambda t: torch.full_like(t, 1.0 / scale))
+    q_aug = call_before(graph, before, torch.ops.aten.cat.default, ([q, ones], -1), lambda *xs: torch.cat(xs, -1),
+                        many=True)
     return q_aug, k_aug

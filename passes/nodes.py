@@ -321,7 +321,7 @@ def as_cached(graph: torch.fx.Graph, before: torch.fx.Node, tensor: Any, layout:
     if heads > kv_heads or kv_heads % heads:
         raise ValueError(f"a layer writes {heads} KV heads (as its attention call reads them), which do not divide "
                          f"the plan's {kv_heads}")
-    return _node(graph, before, torch.ops.aten.repeat_interleave.self_int, (node, kv_heads // heads, 1),
+    return call_before(graph, before, torch.ops.aten.repeat_interleave.self_int, (node, kv_heads // heads, 1),
                  lambda x: x.repeat_interleave(kv_heads // heads, 1))
 
 
@@ -332,18 +332,18 @@ def _replay(graph: torch.fx.Graph, before: torch.fx.Node, layout: Layout, tensor
     parts = [_replay(graph, before, p, tensor) for p in layout.parts]
     if layout.op == "repeat":
         how = [1, layout.n, 1, 1]
-        return _node(graph, before, torch.ops.aten.repeat.default, (parts[0], how), lambda x: x.repeat(*how))
+        return call_before(graph, before, torch.ops.aten.repeat.default, (parts[0], how), lambda x: x.repeat(*how))
     if layout.op == "chunk":
         heads = _heads_of(parts[0])
         if heads is None:
             raise ValueError(f"no shape recorded for {parts[0]}: cannot write the cache in the call's layout")
         size = -(-heads // layout.n)
         lo, hi = layout.i * size, min(heads, (layout.i + 1) * size)
-        return _node(graph, before, torch.ops.aten.slice.Tensor, (parts[0], 1, lo, hi), lambda x: x[:, lo:hi])
-    return _node(graph, before, torch.ops.aten.cat.default, (parts, -1), lambda *xs: torch.cat(xs, -1), many=True)
+        return call_before(graph, before, torch.ops.aten.slice.Tensor, (parts[0], 1, lo, hi), lambda x: x[:, lo:hi])
+    return call_before(graph, before, torch.ops.aten.cat.default, (parts, -1), lambda *xs: torch.cat(xs, -1), many=True)
 
 
-def _node(graph: torch.fx.Graph, before: torch.fx.Node, op: Any, args: tuple, fake: Any, many: bool = False) -> Any:
+def call_before(graph: torch.fx.Graph, before: torch.fx.Node, op: Any, args: tuple, fake: Any, many: bool = False) -> Any:
     """A call of ``op`` before ``before``, with the fake value ``fake`` gives its input's (Dynamo's
     nodes carry them; AOTAutograd's cache reads them)."""
     with graph.inserting_before(before):
