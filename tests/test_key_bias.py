@@ -16,7 +16,7 @@ from moa_flex.runtime.cache import MoaCache
 from moa_flex.support import _build, check_type
 from conversation import converse, padded_prompt
 from rewrites import check_only_attention_changed, watch_rewrites
-from tiny_models import ids_of, sparse_plan, strong_doge
+from tiny_models import dense_mask_nodes, ids_of, sparse_plan, strong_doge
 
 N = 240  # tokens the conversation is planned for
 # transformers 5.17's Doge drops its causal mask for unpadded inputs: refused there (first test), nothing else to run
@@ -79,6 +79,7 @@ def test_the_passes_change_attention_only_and_match_the_model() -> None:
         with torch.no_grad():
             dense = model(input_ids=ids, use_cache=False).logits
     after = check_only_attention_changed(seen)
+    assert not dense_mask_nodes(model.moa_flex.reports[-1].graph_module), "no dense [B, 1, Q, K] mask is built"
     assert any(str(t).endswith("exp") or getattr(t, "__name__", "") == "exp" for t in after.values()), "bias kept"
     assert (dense - stock).abs().max() <= 1e-5
     plan = sparse_plan(model.config, "kv_head", seed=1)
