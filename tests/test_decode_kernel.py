@@ -144,6 +144,24 @@ def test_kernel_fp16_and_nothing_kept() -> None:
     assert (got.float() - want).abs().max().item() <= 5e-3
 
 
+
+@needs_kernel
+@pytest.mark.parametrize("window", [0, 40])
+def test_tiles_kept_whole_skip_the_mask_and_no_other(window: int) -> None:
+    """The kernel skips the mask on a tile whose slots every head keeps. Tiles of 16 over a
+    wrapped ring of 96 slots (the query's own ring slot is 16): the first holds the 4 sinks and
+    ring slots at distances 5-16 (whole without a window; with a window of 40 the sinks, 496
+    tokens back, must be masked), one holds the ring's wrap (distances up to 95, masked for the
+    heads of span 30 and 60), the last runs past the cap (slots 100-111 are not the cache's).
+    Chunks of 32 and 48 start work items at and between tiles."""
+    lay = {"B": 2, "G": 2, "hpg": 2, "sink": 4, "widths": [100, 112], "caps": [[100, 100], [100, 112]],
+           "spans": [[100, 60, 100, 30], [100, 100, 90, 112]], "pos": [500, 1000], "D": 16, "Dv": 16,
+           "window": window, "softcap": 0.0, "scale": 0.25, "seed": 3}
+    for chunk in (32, 48, None):
+        got, want = run_kernel(lay, torch.float32, chunk, 16)
+        assert not got.isnan().any()
+        assert (got - want).abs().max().item() <= 1e-5, f"chunk {chunk}"
+
 # ---------------------------------------------------------------------------------- ALiBi
 def lay_alibi(lay: dict) -> torch.Tensor:
     """ALiBi slopes float32 [H] for a layout: mostly in ALiBi's range (2^-8 .. 2^-1), a few

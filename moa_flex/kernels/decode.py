@@ -518,6 +518,24 @@ if triton is not None:
         odd = (vw & -32768) | ((vw >> 1) & 0x3F80)
         return even.to(tl.float16, bitcast=True) * 256.0, odd.to(tl.float16, bitcast=True) * 256.0
 
+    @triton.jit
+    def _slot_distance(s, sink, i, i_ring, ring):
+        """``i - p`` for cache slots ``s``: a sink holds position ``s``; ring slot ``rs = s -
+        sink`` sits at distance ``(i_ring - rs) mod ring`` (``i_ring``: the query's own ring
+        slot), found by one compare and select instead of a division."""
+        rs = s - sink
+        return tl.where(rs < 0, i - s, i_ring - rs + tl.where(rs > i_ring, ring, 0))
+
+    @triton.jit
+    def _tile_kept_whole(start, BLOCK_N: tl.constexpr, hi, sink, i_ring, ring, reach):
+        """Whether every slot of ``[start, start + BLOCK_N)`` is a valid ring slot closer than
+        ``reach``: the tile's largest distance is at its first slot, or ``ring - 1`` where the
+        ring wraps inside it."""
+        a = start - sink
+        b = a + BLOCK_N - 1
+        far = tl.where(b <= i_ring, i_ring - a, tl.where(a > i_ring, i_ring - a + ring, ring - 1))
+        return (a >= 0) & (start + BLOCK_N <= hi) & (far < reach)
+
     @triton.jit(do_not_specialize=["sink", "window_lim", "local_chunk"])
     def _decode_partial_kernel(
         q_ptr, k_ptr, v_ptr, items_ptr, caps_ptr, spans_ptr, pos_ptr, ks_ptr, vs_ptr, alibi_ptr,
@@ -550,6 +568,8 @@ if triton is not None:
         # slots past the cap, past the query, or past the chunk are never read
         hi = tl.minimum(tl.minimum(stop, cap), i + 1)
         ring = tl.maximum(cap - sink, 1)
+        # the ring slot of the query's own position (see _slot_distance), once per program
+        i_ring = tl.maximum(i - sink, 0) % ring
         # chunked local attention (local_chunk > 0): the query's own chunk, d < i mod C + 1
         window_lim = tl.where(local_chunk > 0, i % tl.maximum(local_chunk, 1) + 1, window_lim)
 
@@ -571,19 +591,21 @@ if triton is not None:
             qk_scale = qk_scale * 256.0
         if DOT_F32:
             qt = qt.to(tl.float32)
+        # scores go to log2 units (x log2 e) with the scale, one multiply an element, unless a
+        # soft-cap or ALiBi needs them in natural-log units first
+        x_scale = qk_scale if (HAS_SOFTCAP or HAS_ALIBI) else qk_scale * 1.4426950408889634
         m_i = tl.full([HPG_PAD], float("-inf"), tl.float32)
         l_i = tl.full([HPG_PAD], 0.0, tl.float32)
         acc = tl.full([HPG_PAD, DV_PAD], 0.0, tl.float32)
         acc_e = tl.full([HPG_PAD, DV_PAD // 2], 0.0, tl.float32)  # V_PAIRS: even and odd value columns
         acc_o = tl.full([HPG_PAD, DV_PAD // 2], 0.0, tl.float32)
         w = tl.arange(0, DV_PAD // 2)
+        # a tile of ring slots that every head keeps whole needs no mask: the nearest win (or
+        # window) of the group's real heads bounds the distances such a tile may hold
+        reach = tl.minimum(tl.min(tl.where(head_ok, win, 2**30), 0), window_lim)
         for start in range(lo, hi, BLOCK_N):
             s = start + tl.arange(0, BLOCK_N)
             valid = s < hi
-            p = tl.where(s < sink, s, i - (i - s) % ring)  # (i - s) >= 0 on valid slots
-            dist = i - p
-            keep = valid[None, :] & ((p < sink)[None, :] | (dist[None, :] < win[:, None]))
-            keep = keep & (dist < window_lim)[None, :]  # window_lim: the window, or 2**31 - 1 if none
             rows = base + s.to(tl.int64)
             kt = tl.load(
                 k_ptr + b * stride_kb + rows[:, None] * stride_ks + d[None, :] * stride_kd,
@@ -594,17 +616,25 @@ if triton is not None:
             x = mma_dot(qt, tl.trans(kt), False, IEEE)
             if QUANT:
                 k_sc = tl.load(ks_ptr + b * stride_ksb + rows, mask=valid, other=0.0)
-                x = x * (qk_scale * k_sc)[None, :]
+                x = x * (x_scale * k_sc)[None, :]
             else:
-                x = x * qk_scale
+                x = x * x_scale
             if HAS_SOFTCAP:
                 y = x / softcap
                 e = tl.exp2(-2.8853900817779268 * tl.abs(y))  # exp(-2|y|)
                 t = (1.0 - e) / (1.0 + e)
                 x = softcap * tl.where(y < 0, -t, t)
             if HAS_ALIBI:  # natural-log units, after the K scale and the soft-cap, as in the twin
-                x = x - slope[:, None] * dist.to(tl.float32)[None, :]
-            x = tl.where(keep, x * 1.4426950408889634, float("-inf"))  # log2 units (x log2 e) from here on
+                x = x - slope[:, None] * _slot_distance(s, sink, i, i_ring, ring).to(tl.float32)[None, :]
+            if HAS_SOFTCAP or HAS_ALIBI:
+                x = x * 1.4426950408889634  # log2 units (x log2 e) from here on
+            if not _tile_kept_whole(start, BLOCK_N, hi, sink, i_ring, ring, reach):
+                dist = _slot_distance(s, sink, i, i_ring, ring)
+                # one key per slot for the whole mask: a sink is kept by every head (far below
+                # any win), a ring slot by a head whose win exceeds its distance, an invalid
+                # slot by none; window_lim: the window, or 2**31 - 1 if none
+                key = tl.where(valid & (dist < window_lim), tl.where(s < sink, -(2**30), dist), 2**30)
+                x = tl.where(key[None, :] < win[:, None], x, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(x, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
