@@ -4,11 +4,15 @@ Triton's interpreter, which runs the kernels in the CPU suite, skips the compile
 (a kernel that ran there failed to compile on the H200: two return types in one function).
 This script runs the host wrappers on small CPU tensors with the launches intercepted, and
 compiles every launched (kernel, signature, constants) ahead of time to a cubin with Triton's
-own compiler. Run in a process without TRITON_INTERPRET (tests/test_kernel_aot.py starts it);
-prints one line per compiled kernel and exits non-zero on the first failure. Argument: the
-cases: ``fp8`` (an FP8 cache at head dim 128 with soft-cap, window and sinks, the default),
-``bf16`` (a bf16 cache at head dim 128 without them), ``latent`` (a latent cache's 576 / 512) or
-``keybias`` (keys 129 wide, a per-key bias column beside head dim 128, fp32 and bf16).
+own compiler, specialized as Triton's JIT specializes a launch (alignment and divisibility by
+16, integers equal to 1): without the marks the compiler emits other code, which for the FP8
+chunk kernel needed 50176 bytes of shared memory where a GPU launch needs 131072. Run in a
+process without TRITON_INTERPRET (tests/test_kernel_aot.py starts it); prints one line per
+compiled kernel and exits non-zero on the first failure. Argument: the cases: ``fp8`` (an FP8
+cache at head dim 128 with soft-cap, window and sinks, the default), ``bf16`` (a bf16 cache at
+head dim 128 without them), ``latent`` (a latent cache's 576 / 512), ``keybias`` (keys 129 wide,
+a per-key bias column beside head dim 128, fp32 and bf16) or ``fp32`` (fp32 at head dim 128 with
+every option: the chunk kernel's largest tiles).
 """
 
 from __future__ import annotations
@@ -34,31 +38,51 @@ TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 SHARED_MAX = 232448  # bytes of shared memory one block may use on an H100 / H200 (227 KiB)
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
            torch.int64: "i64", torch.int16: "i16", FP8: "fp8e4nv", torch.bool: "i1"}
-LAUNCHES: list[tuple[JITFunction, dict[str, str], dict[str, Any], dict[str, int], str]] = []
+# (KV groups, key width, value width, cache dtype, soft-cap / window / sinks): Llama-like bf16
+# plain, FP8 with every option, DeepSeek-V3's latent cache (one group, 512 + 64 and 512), a
+# per-key bias as one more key column (Doge at head dim 128) in fp32 and bf16, and fp32 at head
+# dim 128 with every option (the chunk kernel's largest tiles)
+CASES = {"bf16": ((2, 128, 128, torch.bfloat16, False),), "fp8": ((2, 128, 128, FP8, True),),
+         "latent": ((1, 576, 512, torch.bfloat16, False),),
+         "keybias": ((2, 129, 128, torch.float32, False), (2, 129, 128, torch.bfloat16, False)),
+         "fp32": ((2, 128, 128, torch.float32, True),)}
+LAUNCHES: list[tuple[JITFunction, dict[str, str], dict[str, Any], dict[tuple[int], list], dict[str, int], str]] = []
+_DIVISIBLE = [["tt.divisibility", 16]]
 
 
 def _record(fn: JITFunction, what: str) -> Any:
+    """The launch's signature, constants and attributes as Triton's JIT would specialize them
+    (a pointer 16-byte aligned or an integer divisible by 16 is marked so, an integer 1 becomes
+    a constant, unless the kernel says ``do_not_specialize``): the marks change the compiled code
+    (vector loads and asynchronous copies, hence shared memory) that a GPU launch runs."""
     def launch(*args: Any, **kwargs: Any) -> None:
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         bound = dict(zip(fn.arg_names, args)) | kwargs
-        signature, constants = {}, {}
-        for param in fn.params:
+        signature, constants, attrs = {}, {}, {}
+        for index, param in enumerate(fn.params):
             value = bound[param.name]
             if param.is_constexpr or value is None:
                 signature[param.name], constants[param.name] = "constexpr", value
             elif isinstance(value, torch.Tensor):
                 signature[param.name] = "*" + _DTYPES[value.dtype]
+                if value.data_ptr() % 16 == 0:
+                    attrs[(index,)] = _DIVISIBLE
             elif isinstance(value, bool):
                 signature[param.name] = "i1"
             elif isinstance(value, int):
+                if value == 1 and not param.do_not_specialize:
+                    signature[param.name], constants[param.name] = "constexpr", 1
+                    continue
                 signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+                if value % 16 == 0 and not param.do_not_specialize:
+                    attrs[(index,)] = _DIVISIBLE
             elif isinstance(value, float):
                 signature[param.name] = "fp32"
             else:
                 raise TypeError(f"{fn.fn.__name__}: no Triton type for argument {param.name}={value!r}")
         if "DOT_F32" in constants:  # the interpreter's accumulation; the GPU path runs tensor-core dots
             constants["DOT_F32"] = False
-        LAUNCHES.append((fn, signature, constants, options, what))
+        LAUNCHES.append((fn, signature, constants, attrs, options, what))
     return launch
 
 
@@ -89,13 +113,7 @@ def _cases(which: str) -> None:
     B, H, S, C = 2, 8, 64, 32
     spans = torch.full((B, H), 24, dtype=torch.int32)
     length = torch.full((B,), 40, dtype=torch.long)
-    # (KV groups, key width, value width, cache dtype, soft-cap / window / sinks): Llama-like bf16
-    # plain, FP8 with every option, and DeepSeek-V3's latent cache (one group, 512 + 64 and 512)
-    cases = {"bf16": ((2, 128, 128, torch.bfloat16, False),), "fp8": ((2, 128, 128, FP8, True),),
-             "latent": ((1, 576, 512, torch.bfloat16, False),),
-             # a per-key bias as one more key column (Doge at head dim 128), in fp32 and bf16
-             "keybias": ((2, 129, 128, torch.float32, False), (2, 129, 128, torch.bfloat16, False))}
-    for G, D, Dv, dtype, options in cases[which]:
+    for G, D, Dv, dtype, options in CASES[which]:
         caps = torch.full((B, G), S // G, dtype=torch.int32)
         offsets = torch.arange(0, S + 1, S // G, dtype=torch.int32)
         quant = dtype == FP8
@@ -123,20 +141,21 @@ def dims(signature: dict[str, str], constants: dict[str, Any]) -> str:
 
 def main() -> int:
     which = sys.argv[1] if len(sys.argv) > 1 else "fp8"
-    if which not in ("fp8", "bf16", "latent", "keybias"):
-        sys.exit(f"usage: kernel_aot.py [fp8|bf16|latent|keybias], got {which!r}")
+    if which not in CASES:
+        sys.exit(f"usage: kernel_aot.py [{'|'.join(CASES)}], got {which!r}")
     _cases(which)
     seen = set()
-    for fn, signature, constants, options, what in LAUNCHES:
-        key = (fn.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(map(str, constants.items()))))
+    for fn, signature, constants, attrs, options, what in LAUNCHES:
+        key = (fn.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(map(str, constants.items()))),
+               tuple(sorted(attrs)))
         if key in seen:
             continue
         seen.add(key)
         t0 = time.perf_counter()
         flags = {k: v for k, v in constants.items() if k.isupper() and isinstance(v, bool)}
         try:
-            kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=TARGET,
-                                    options=options)
+            kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
+                                    target=TARGET, options=options)
         except Exception as e:  # noqa: BLE001 - the failure is the report
             print(f"FAILED {fn.fn.__name__} ({what}) {flags}: {type(e).__name__}: {e}", flush=True)
             return 1

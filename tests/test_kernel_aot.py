@@ -62,3 +62,10 @@ def test_kernels_compile_with_a_key_bias_column() -> None:
     fp32 tiles at 256 lanes needed 246272 bytes of shared memory before they counted bytes, not
     lanes (an H100 refused them at launch), and fit now."""
     assert sum("D=129" in line for line in _compiled("keybias")) == 6  # append, decode and chunk; two dtypes
+
+
+@pytest.mark.slow  # make test-slow
+def test_kernels_compile_in_float32_at_head_dim_128() -> None:
+    """fp32 at head dim 128 with soft-cap, window and sinks: the chunk kernel's largest tiles
+    (229888 bytes of shared memory, 1% under Hopper's 232448)."""
+    assert sum("D=128" in line for line in _compiled("fp32")) == 3
