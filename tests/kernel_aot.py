@@ -11,15 +11,21 @@ process without TRITON_INTERPRET (tests/test_kernel_aot.py starts it); prints on
 compiled kernel and exits non-zero on the first failure. Argument: the cases: ``fp8`` (an FP8
 cache at head dim 128 with soft-cap, window and sinks, the default), ``bf16`` (a bf16 cache at
 head dim 128 without them), ``latent`` (a latent cache's 576 / 512), ``keybias`` (keys 129 wide,
-a per-key bias column beside head dim 128, fp32 and bf16) or ``fp32`` (fp32 at head dim 128 with
-every option: the chunk kernel's largest tiles).
+a per-key bias column beside head dim 128, fp32 and bf16), ``fp32`` (fp32 at head dim 128 with
+every option: the chunk kernel's largest tiles) or ``bench`` (bench/decode_kernel.py's bf16 and
+FP8 kernels). ``--sass`` also prints the decode kernel's loop length in SASS instructions (how
+many a thread issues per tile: the FP8 kernel is bound by them on an H200).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 if os.environ.get("TRITON_INTERPRET") not in (None, "", "0"):
@@ -45,7 +51,9 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
 CASES = {"bf16": ((2, 128, 128, torch.bfloat16, False),), "fp8": ((2, 128, 128, FP8, True),),
          "latent": ((1, 576, 512, torch.bfloat16, False),),
          "keybias": ((2, 129, 128, torch.float32, False), (2, 129, 128, torch.bfloat16, False)),
-         "fp32": ((2, 128, 128, torch.float32, True),)}
+         "fp32": ((2, 128, 128, torch.float32, True),),
+         # bench/decode_kernel.py's kernels: bf16 and FP8 caches at head dim 128, 4 heads a group
+         "bench": ((2, 128, 128, torch.bfloat16, False), (2, 128, 128, FP8, False))}
 LAUNCHES: list[tuple[JITFunction, dict[str, str], dict[str, Any], dict[tuple[int], list], dict[str, int], str]] = []
 _DIVISIBLE = [["tt.divisibility", 16]]
 
@@ -139,10 +147,31 @@ def dims(signature: dict[str, str], constants: dict[str, Any]) -> str:
     return " ".join(f"{k}={constants[k]}" for k in ("D", "DV") if k in constants)
 
 
+_SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*?);")
+
+
+def loop_instructions(cubin: bytes) -> tuple[int, int]:
+    """Instructions of a kernel's longest loop in its SASS (Triton's bundled ``cuobjdump``), and
+    of the loop's path that takes its longest forward branch (a block the loop may skip)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ins = [(int(m[1], 16), m[2], m[3]) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
+    jumps = [(a, int(t[0], 16)) for a, op, rest in ins if op == "BRA"
+             for t in [re.findall(r"0x[0-9a-f]+", rest)[-1:]] if t]
+    lo, hi = max(((t, a) for a, t in jumps if t < a), key=lambda j: j[1] - j[0])
+    body = sum(lo <= a <= hi for a, _, _ in ins)
+    skip = max([sum(a < x < t for x, _, _ in ins) for a, t in jumps if lo <= a < t <= hi], default=0)
+    return body, body - skip
+
+
 def main() -> int:
     which = sys.argv[1] if len(sys.argv) > 1 else "fp8"
+    sass = "--sass" in sys.argv[2:]
     if which not in CASES:
-        sys.exit(f"usage: kernel_aot.py [{'|'.join(CASES)}], got {which!r}")
+        sys.exit(f"usage: kernel_aot.py [{'|'.join(CASES)}] [--sass], got {which!r}")
     _cases(which)
     seen = set()
     for fn, signature, constants, attrs, options, what in LAUNCHES:
@@ -162,6 +191,10 @@ def main() -> int:
         shared = int(kernel.metadata.shared)
         print(f"compiled {fn.fn.__name__} for sm_90 {flags} {dims(signature, constants)}: {shared} bytes of shared "
               f"memory, in {time.perf_counter() - t0:.1f} s", flush=True)
+        if sass and fn.fn.__name__ == "_decode_partial_kernel":
+            body, path = loop_instructions(kernel.asm["cubin"])
+            print(f"  its loop: {body} SASS instructions a thread per {constants['BLOCK_N']}-slot tile, {path} on "
+                  f"the path that skips its longest optional block", flush=True)
         if shared > SHARED_MAX:
             print(f"FAILED {fn.fn.__name__} ({what}) {flags}: needs {shared} bytes of shared memory, more than a "
                   f"Hopper SM's {SHARED_MAX}", flush=True)

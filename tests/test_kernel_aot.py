@@ -10,6 +10,7 @@ cubin with Triton's own compiler, in a process without the interpreter.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +21,17 @@ pytest.importorskip("triton")
 SCRIPT = Path(__file__).with_name("kernel_aot.py")
 
 
-def _compiled(which: str) -> list[str]:
-    """The script's lines for the compiled kernels of ``which`` cases; fails with its report."""
+def _compiled(which: str, *flags: str) -> list[str]:
+    """The script's lines for the compiled kernels of ``which`` cases (and the lines under them);
+    fails with its report."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, silenced
-    run = subprocess.run([sys.executable, str(SCRIPT), which], capture_output=True, text=True, env=env, timeout=900,
-                         cwd=SCRIPT.parent.parent)
+    run = subprocess.run([sys.executable, str(SCRIPT), which, *flags], capture_output=True, text=True, env=env,
+                         timeout=900, cwd=SCRIPT.parent.parent)
     report = run.stdout + run.stderr[-3000:]
     assert run.returncode == 0, report
-    compiled = [line for line in run.stdout.splitlines() if line.startswith("compiled ")]
-    names = {line.split()[1] for line in compiled}
+    compiled = [line for line in run.stdout.splitlines() if line.startswith(("compiled ", "  "))]
+    names = {line.split()[1] for line in compiled if line.startswith("compiled ")}
     assert names == {"_append_kernel", "_decode_partial_kernel", "_decode_combine_kernel", "_chunk_kernel"}, report
     return compiled
 
@@ -37,8 +39,11 @@ def _compiled(which: str) -> list[str]:
 def test_kernels_compile_for_sm90_within_shared_memory() -> None:
     """An FP8 cache at head dim 128 with soft-cap, window and sinks: every option's code, and the
     chunk kernel's largest tiles at this width (scales beside the values)."""
-    compiled = _compiled("fp8")
+    compiled = _compiled("fp8", "--sass")
     assert sum("QUANT': True" in line for line in compiled) == 4  # append, decode (both modes) and chunk
+    loops = [line for line in compiled if line.startswith("  its loop: ")]  # one per decode kernel (both modes)
+    counts = [tuple(map(int, re.findall(r"(\d+) (?:SASS|on the path)", line))) for line in loops]
+    assert len(counts) == 2 and all(0 < path <= body for body, path in counts), loops
     assert sum("V_PAIRS': True" in line for line in compiled) == 1
     assert sum("HAS_SOFTCAP': True" in line for line in compiled) == 3  # decode (both modes) and chunk
 
