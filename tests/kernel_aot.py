@@ -159,11 +159,12 @@ def loop_instructions(cubin: bytes) -> tuple[int, int]:
         f.flush()
         sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     ins = [(int(m[1], 16), m[2], m[3]) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
-    jumps = [(a, int(t[0], 16)) for a, op, rest in ins if op == "BRA"
-             for t in [re.findall(r"0x[0-9a-f]+", rest)[-1:]] if t]
-    lo, hi = max(((t, a) for a, t in jumps if t < a), key=lambda j: j[1] - j[0])
-    body = sum(lo <= a <= hi for a, _, _ in ins)
-    skip = max([sum(a < x < t for x, _, _ in ins) for a, t in jumps if lo <= a < t <= hi], default=0)
+    jumps = [(a, int(target[-1], 16)) for a, op, rest in ins
+             if op == "BRA" and (target := re.findall(r"0x[0-9a-f]+", rest))]  # (branch, target) addresses
+    lo, hi = max(((t, a) for a, t in jumps if t < a), key=lambda j: j[1] - j[0])  # the longest backward jump
+    addresses = [a for a, _, _ in ins]
+    body = sum(lo <= a <= hi for a in addresses)
+    skip = max([sum(a < x < t for x in addresses) for a, t in jumps if lo <= a < t <= hi], default=0)
     return body, body - skip
 
 
