@@ -426,6 +426,22 @@ def parse_grid(text: str) -> tuple:
     return (*ints, chunks)
 
 
+def sweep_grid(sweep: bool, grid_text: str | None, smoke: bool) -> tuple | None:
+    """The grid ``--sweep`` times: ``--sweep-grid``'s (``grid_text``) if given, else the default
+    (the smoke run's on the CPU); None without ``--sweep``, or on the CPU outside Triton's
+    interpreter (said in a note)."""
+    if grid_text and not sweep:
+        raise SystemExit("--sweep-grid is the grid of --sweep: pass --sweep too")
+    if not sweep:
+        return None
+    if smoke and not interpreting():
+        print("note: --sweep on the CPU runs the Triton kernel in its interpreter: set TRITON_INTERPRET=1; no sweep")
+        return None
+    if grid_text:
+        return parse_grid(grid_text)
+    return SWEEP_GRID_SMOKE if smoke else SWEEP_GRID
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -465,11 +481,7 @@ def main() -> None:
         args.repeats, args.copy_gib = 3, 0.05
     elif not torch.cuda.is_available():
         sys.exit("bench/decode_kernel.py needs a CUDA GPU (use --smoke for a CPU check of the script)")
-    args.sweep_grid = None
-    if args.sweep and args.smoke and not interpreting():
-        print("note: --sweep on the CPU runs the Triton kernel in its interpreter: set TRITON_INTERPRET=1; no sweep")
-    elif args.sweep:
-        args.sweep_grid = parse_grid(args.sweep_grid) if args.sweep_grid else SWEEP_GRID_SMOKE if args.smoke else SWEEP_GRID
+    args.sweep_grid = sweep_grid(args.sweep, args.sweep_grid, args.smoke)
 
     checks, notes, rows, sweeps = [], [], [], []
     if args.device == "cuda":

@@ -5,6 +5,7 @@ Slow (about 4.5 min together on our CPU): ``make test-slow``."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -42,3 +43,35 @@ def test_bench_script_smoke_run(argv: list[str]) -> None:
                           check=False)
     assert done.returncode == 0, f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}"
     assert any(line.startswith("|---") for line in done.stdout.splitlines()), f"no table printed:\n{done.stdout[-2000:]}"
+
+
+def test_decode_kernel_sweeps_the_grid_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--sweep-grid`` is the grid the sweep times (it was once overwritten by the default before
+    it was read, so every recorded sweep ran the default grid whatever the command said)."""
+    monkeypatch.syspath_prepend(str(BENCH))  # the script imports its harness as a sibling module
+    spec = importlib.util.spec_from_file_location("bench_decode_kernel", BENCH / "decode_kernel.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.sweep_grid(True, "64,128/4/2,3/auto,0.5", smoke=False) == ((64, 128), (4,), (2, 3), (None, 0.5))
+    assert script.sweep_grid(True, None, smoke=False) == script.SWEEP_GRID
+    assert script.sweep_grid(False, None, smoke=False) is None
+    with pytest.raises(SystemExit, match="pass --sweep too"):
+        script.sweep_grid(False, "64/4/2/auto", smoke=False)
+    with pytest.raises(SystemExit, match="BLOCK_NS/WARPS/STAGES/CHUNKS"):
+        script.sweep_grid(True, "64/4/2", smoke=False)
+
+
+@pytest.mark.slow
+def test_decode_kernel_smoke_sweep_times_only_the_given_grid() -> None:
+    """End to end: the sweep table's rows besides each layout's default are the grid's tiles."""
+    argv = ["decode_kernel.py", "--smoke", "--kv-dtypes", "bf16", "--sweep", "--sweep-grid", "16/4/2/auto"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, *argv], cwd=BENCH, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout.split("Tile sweep")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    header, rows = rows[0], rows[1:]
+    swept = [dict(zip(header, r)) for r in rows if dict(zip(header, r))["config"] != "default"]
+    assert len(swept) == 4, table  # 2 batches x 2 densities, one configuration each
+    assert {(r["block_n"], r["warps"], r["stages"], r["chunk (slots)"].split()[0]) for r in swept} == {("16", "4", "2", "auto")}
