@@ -1,7 +1,7 @@
 """The benchmark scripts' own CPU checks (``--smoke``): each runs end to end on a tiny model or
 tiny shapes and prints its table. The benchmarks themselves need the GPU, which is lent only
 at times; these runs catch a script broken by a change to the library between GPU sessions.
-Slow (about 4.5 min together on our CPU): ``make test-slow``."""
+Slow (7 min 30 s together on our CPU in session 33, the sweep test included): ``make test-slow``."""
 
 from __future__ import annotations
 
