@@ -34,14 +34,20 @@ def _name(argv: list[str]) -> str:
     return f"{script}[{argv[argv.index('--placement') + 1]}]" if "--placement" in argv else script
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("argv", SMOKES, ids=[_name(a) for a in SMOKES])
-def test_bench_script_smoke_run(argv: list[str]) -> None:
+def _smoke(argv: list[str]) -> subprocess.CompletedProcess:
+    """One bench script run from bench/, its Triton kernels in the interpreter; asserts it exits 0."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # the Triton kernels run in the interpreter on the CPU
     env.pop("MOA_FLEX_CACHE_DIR", None)
     done = subprocess.run([sys.executable, *argv], cwd=BENCH, env=env, capture_output=True, text=True, timeout=600,
                           check=False)
     assert done.returncode == 0, f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", SMOKES, ids=[_name(a) for a in SMOKES])
+def test_bench_script_smoke_run(argv: list[str]) -> None:
+    done = _smoke(argv)
     assert any(line.startswith("|---") for line in done.stdout.splitlines()), f"no table printed:\n{done.stdout[-2000:]}"
 
 
@@ -64,14 +70,10 @@ def test_decode_kernel_sweeps_the_grid_it_is_given(monkeypatch: pytest.MonkeyPat
 @pytest.mark.slow
 def test_decode_kernel_smoke_sweep_times_only_the_given_grid() -> None:
     """End to end: the sweep table's rows besides each layout's default are the grid's tiles."""
-    argv = ["decode_kernel.py", "--smoke", "--kv-dtypes", "bf16", "--sweep", "--sweep-grid", "16/4/2/auto"]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, *argv], cwd=BENCH, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _smoke(["decode_kernel.py", "--smoke", "--kv-dtypes", "bf16", "--sweep", "--sweep-grid", "16/4/2/auto"])
     table = done.stdout.split("Tile sweep")[1]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
-    header, rows = rows[0], rows[1:]
-    swept = [dict(zip(header, r)) for r in rows if dict(zip(header, r))["config"] != "default"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    rows = [dict(zip(cells[0], r)) for r in cells[1:]]
+    swept = [r for r in rows if r["config"] != "default"]
     assert len(swept) == 4, table  # 2 batches x 2 densities, one configuration each
     assert {(r["block_n"], r["warps"], r["stages"], r["chunk (slots)"].split()[0]) for r in swept} == {("16", "4", "2", "auto")}
