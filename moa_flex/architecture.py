@@ -25,7 +25,9 @@ def softcaps(config: Any, num_layers: int) -> list[float]:
     return [float(cap) if cap else 0.0] * num_layers
 
 
-MODELED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+# indexed_attention: causal attention over the keys an indexer selects (DeepSeek Sparse
+# Attention; the passes compose the plan with the selection: passes/indexed.py)
+MODELED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "indexed_attention")
 # layers holding softmax attention and a linear-attention / Mamba state side by side (Falcon-H1,
 # Zamba): planned as the attention type named, their state left to transformers
 WITH_STATE_LAYER_TYPES = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
@@ -262,6 +264,19 @@ def check_sliding_heads(config: Any, planned: list[str]) -> None:
                          "a moa-flex plan has one head layout for every layer")
 
 
+def sparse_attention_indexer(config: Any) -> bool:
+    """DeepSeek Sparse Attention: latent attention whose keys an indexer selects, a top-k of
+    ``index_topk`` keys per query (DeepSeek-V3.2, GLM-5 and kin; passes/indexed.py)."""
+    config = text_config(config)
+    return latent_attention(config) is not None and bool(getattr(config, "index_topk", None))
+
+
+INDEXED_CACHE_REFUSAL = (
+    "moa-flex runs DeepSeek Sparse Attention (an indexer selecting each query's keys) in forwards without a cache "
+    "(use_cache=False: scoring, evaluation, profiling); a MoA cache does not yet keep the indexer's keys, so "
+    "generate() and forwards over a MoaCache are not supported for this model")
+
+
 def model_windows(config: Any, shape: Any) -> list[int | None]:
     """Per planned layer (``shape``: the plan's :class:`~moa_flex.plan.ModelShape`), the model's
     own attention pattern as one integer (the kernels' ``window``): its sliding window (tokens,
@@ -271,10 +286,6 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
     pattern moa-flex does not model (latent or shared KV, attention layers of other kinds): the
     passes would replace the model's mask by causal + window and answer wrongly."""
     config = text_config(config)
-    if latent_attention(config) is not None and getattr(config, "index_topk", None):
-        raise ValueError(f"{type(config).__name__} uses DeepSeek Sparse Attention (index_topk={config.index_topk}: an "
-                         "indexer picks the keys each query attends from its own scores), a data-dependent sparsity "
-                         "that moa-flex's fixed sink-and-window rules do not model")
     window = own_window(config)
     types = layer_types(config, shape.model_layers)
     planned = None if types is None else [WITH_STATE_LAYER_TYPES.get(types[i], types[i]) for i in shape.layer_indices]
@@ -289,6 +300,10 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
                          "transformers, nothing else")
     if planned is None:
         return [int(window) if window else None] * shape.num_layers
+    if "indexed_attention" in planned and not sparse_attention_indexer(config):
+        raise ValueError(f"{type(config).__name__} has indexed_attention layers whose indexer is not DeepSeek Sparse "
+                         "Attention's (a top-k of keys beside latent attention): a selection of blocks or a score "
+                         "threshold, which moa-flex does not compose with a plan")
     check_sliding_heads(config, planned)
     if "chunked_attention" in planned and not chunk:
         raise ValueError(f"{type(config).__name__} has chunked_attention layers but no attention_chunk_size")

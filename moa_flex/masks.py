@@ -120,6 +120,20 @@ def reference_mask(
     return (j <= i) & ((j < plan.sink) | (i - j < window))
 
 
+def selection_keep(spans: torch.Tensor, sink: int, pads: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+    """Bool [B, Q, K]: the keep rule of one layer whose heads share one span per row (``spans``
+    [B], tokens), over a call's queries (the last ``q_len`` of ``kv_len`` positions) and keys,
+    each row's positions starting after its ``pads`` [B] left pads. Dense, for an indexer that
+    scores every (query, key) pair itself (DeepSeek Sparse Attention, passes/indexed.py): its
+    top-k then picks among the keys the rule keeps."""
+    dev = spans.device
+    i = torch.arange(kv_len - q_len, kv_len, device=dev).view(1, -1, 1)
+    j = torch.arange(kv_len, device=dev).view(1, 1, -1)
+    p = pads.to(dev, torch.long).view(-1, 1, 1)
+    window = (spans.to(torch.long) - sink).view(-1, 1, 1)
+    return (j >= p) & (j <= i) & ((j - p < sink) | (i - j < window))
+
+
 def mask_mod(plan: Plan, layer: int, N: int, q_offset: int = 0, device: torch.device | str | None = None) -> MaskMod:
     """The FlexAttention mask_mod of one layer at planned length N (q_offset in tokens)."""
     _check_layer(plan, layer)

@@ -49,6 +49,10 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
         n = K - pad  # real tokens of the row (a forward without cache: Q == K)
         keep[b, :, pad:, pad:] = reference_mask(plan, plan.model.plan_layer(_calling_layer(module)), N - pad, n, 0,
                                                 n).to(query.device)
+    indices = kwargs.get("indices")  # DeepSeek Sparse Attention: each query's keys, as the indexer picked them
+    if indices is not None:
+        allowed = allowed & torch.zeros(B, Q, K, dtype=torch.bool, device=query.device).scatter(
+            -1, indices.long(), True).unsqueeze(1)
     if attention_mask is not None and attention_mask.dtype != torch.bool:  # an additive mask: its kept terms too
         scores = scores + torch.where(allowed, attention_mask.double(), 0.0)  # (Doge's per-key bias; HF's are 0)
     mask = keep & allowed
@@ -92,6 +96,37 @@ def _track_layers(model: torch.nn.Module) -> list:
             handles.append(module.register_forward_pre_hook(
                 lambda _m, _a, i=int(m.group(1)): _REF_PLAN.__setitem__("layer", i)))
     return handles
+
+
+def _indexer_rule(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of an indexer (DeepSeek Sparse Attention): its causal mask [B, Q, K]
+    (argument 3) ANDed with the layer's keep rule (:func:`reference_mask`, left pads shifted as
+    in :func:`reference_attention`), so that its top-k picks among the keys the rule keeps."""
+    plan = _REF_PLAN["plan"]
+    args = list(args)
+    mask = args[3] if len(args) > 3 else kwargs["attention_mask"]
+    B, Q, K = mask.shape
+    rule = torch.zeros(B, Q, K, dtype=torch.bool, device=mask.device)
+    pads = _REF_PLAN.get("pads") or [0] * B
+    N = _REF_PLAN.get("N") or K
+    for b, pad in enumerate(pads):
+        n = K - pad
+        heads = reference_mask(plan, plan.model.plan_layer(module.layer_idx), N - pad, n, 0, n)  # [H, n, n]
+        if not bool((heads == heads[:1]).all()):
+            raise ValueError("an indexer's layer needs one rule for all its heads (a plan of granularity 'kv_head')")
+        rule[b, pad:, pad:] = heads[0].to(mask.device)
+    mask = mask & rule if mask.dtype == torch.bool else mask.masked_fill(~rule, torch.finfo(mask.dtype).min)
+    if len(args) > 3:
+        args[3] = mask
+    else:
+        kwargs["attention_mask"] = mask
+    return tuple(args), kwargs
+
+
+def _rule_indexers(model: torch.nn.Module) -> list:
+    """:func:`_indexer_rule` on every indexer of ``model`` (modules with ``index_topk``)."""
+    return [m.register_forward_pre_hook(_indexer_rule, with_kwargs=True) for m in model.modules()
+            if isinstance(getattr(m, "index_topk", None), int) and isinstance(getattr(m, "layer_idx", None), int)]
 
 
 AttentionInterface.register("moa_reference", reference_attention)
@@ -144,7 +179,8 @@ class _KeepBeforeSoftmax(torch.overrides.TorchFunctionMode):
 
 def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | None = None,  # noqa: ANN001
                      kv_dtype: torch.dtype | None = None, **inputs) -> torch.Tensor:
-    """Logits with reference_attention, through the model's uncompiled forward; ``pads``:
+    """Logits with reference_attention (an indexer picking among the keys the rule keeps:
+    :func:`_indexer_rule`), through the model's uncompiled forward; ``pads``:
     left-pad tokens per row (from the 2-D mask); ``N``: planned length (default: input length);
     ``kv_dtype``: attend keys and values as a cache of that dtype stores them (FP8). A model that
     computes attention in its own code runs it with the keep rule applied before each softmax
@@ -159,7 +195,7 @@ def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | 
         model.set_attn_implementation("moa_reference")
     state = getattr(model, "moa_flex", None)
     forward = state.original_forward if state is not None else model
-    hooks = _track_layers(model)
+    hooks = _track_layers(model) + _rule_indexers(model)
     try:
         with torch.no_grad(), _KeepBeforeSoftmax() if own else contextlib.nullcontext():
             return forward(**inputs, use_cache=False).logits

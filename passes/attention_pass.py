@@ -37,6 +37,7 @@ from .value_fusion import fuse_value_splits
 from .key_bias import rewrite_key_bias
 from .eager_attention import MODEL_OUTPUT, has_eager_attention, rewrite_eager_attention, unread_score_biases
 from .mask_sources import check_masks_are_masks, described
+from .indexed import is_selection, rewrite_indexer, selections
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, call_layers, plan_layers, check_heads, sinks_of, alibi_of,
     padding_mask_input, key_bias_of,
@@ -103,15 +104,18 @@ def rewrite_attention(
     check_no_dropout(nodes)
     for node, (layer, _) in zip(nodes, layers):
         check_heads(node, plan.model, layer)
-    check_masks_are_masks((node, layer) for node, (layer, _) in zip(nodes, layers))
+    # an indexer's selection (DeepSeek Sparse Attention) stays in its layer's mask, ANDed in: passes/indexed.py
+    indexed = {node for node in nodes if selections(arg(node, 3, "attn_mask", None))}
+    check_masks_are_masks(((node, layer) for node, (layer, _) in zip(nodes, layers)), kept=is_selection)
     padding_mask = padding_mask_input(gm.graph)
     report = PassReport(graph_module=gm)
     infos: dict[torch.fx.Node, torch.fx.Node] = {}  # one mask_info per mask node, shared by its layers
+    selection_infos: dict[torch.fx.Node, torch.fx.Node] = {}  # likewise for the masks an indexer's selection is ANDed to
     roots: list[torch.fx.Node] = []  # inputs of erased nodes: the model's dense mask may be dead now
     for node, (layer, path) in zip(nodes, layers):
         q, k, v = node.args[:3]
         mask = arg(node, 3, "attn_mask", None)
-        if windows is not None and not windows[layer]:
+        if windows is not None and not windows[layer] and node not in indexed:
             # No window of the model's own: causal + the 2-D padding mask says everything,
             # and the model's dense [B, 1, Q, K] mask becomes dead code.
             mask = padding_mask
@@ -119,7 +123,9 @@ def rewrite_attention(
         bias = key_bias_of(node)  # Doge's: a score_mod here, a cached key column over a cache (passes/key_bias.py)
         softcap = float(softcaps[layer]) if softcaps else 0.0
         info = None
-        if isinstance(mask, torch.fx.Node):
+        if node in indexed:
+            mask, info = rewrite_indexer(gm.graph, node, layer, runtime_id, selection_infos)
+        elif isinstance(mask, torch.fx.Node):
             if mask not in infos:
                 with gm.graph.inserting_after(mask):
                     infos[mask] = gm.graph.call_function(torch.ops.moa_flex.mask_info.default, (mask,))

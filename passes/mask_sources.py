@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import operator
 import re
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
@@ -88,6 +88,12 @@ def _buffer_comparison(node: torch.fx.Node) -> bool:
 def mask_sources(mask: torch.fx.Node) -> list[torch.fx.Node]:
     """The graph inputs (placeholders, ``get_attr``) whose values reach ``mask``, nearest first
     (an error names the bias's own parameters before the embeddings it also reaches)."""
+    return mask_sources_until(mask, None)
+
+
+def mask_sources_until(mask: torch.fx.Node, stop: Callable[[torch.fx.Node], bool] | None) -> list[torch.fx.Node]:
+    """:func:`mask_sources`, not walking past the nodes where ``stop`` is true (a selection of
+    keys by content that the caller keeps as a mask: passes/indexed.py)."""
     seen: set[torch.fx.Node] = set()
     todo, sources = collections.deque([mask]), []
     while todo:
@@ -95,6 +101,8 @@ def mask_sources(mask: torch.fx.Node) -> list[torch.fx.Node]:
         if n in seen:
             continue
         seen.add(n)
+        if stop is not None and stop(n):
+            continue
         if n.op in ("placeholder", "get_attr"):
             sources.append(n)
         elif _buffer_comparison(n):
@@ -138,17 +146,19 @@ def described(sources: list[torch.fx.Node], most: int = 3) -> str:
     return ", ".join(shown) + (f" and {len(sources) - most} more" if len(sources) > most else "")
 
 
-def check_masks_are_masks(calls: Iterable[tuple[torch.fx.Node, int]]) -> None:
+def check_masks_are_masks(calls: Iterable[tuple[torch.fx.Node, int]],
+                          kept: Callable[[torch.fx.Node], bool] | None = None) -> None:
     """ValueError if an attention node (with its plan layer) takes an ``attn_mask`` computed from a
     floating-point parameter, activation or buffer: a score bias, which a MoA plan's rules would
-    drop. Layers sharing one mask node (most models) walk it once."""
+    drop. ``kept``: the nodes of a selection the caller keeps ANDed in (an indexer's top-k), not
+    walked past. Layers sharing one mask node (most models) walk it once."""
     walked: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for node, layer in calls:
         mask = arg(node, 3, "attn_mask", None)
         if not isinstance(mask, torch.fx.Node):
             continue
         if mask not in walked:
-            walked[mask] = [n for n in mask_sources(mask) if is_bias_source(n)]
+            walked[mask] = [n for n in mask_sources_until(mask, kept) if is_bias_source(n)]
         if walked[mask]:
             raise ValueError(
                 f"the attention mask of layer {layer} (node {node.name}) is computed from floating-point tensors "

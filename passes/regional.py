@@ -12,7 +12,8 @@ What makes sharing exact:
 - Equal graphs: the same nodes in the same order with the same constants, inputs with the same
   dtypes, devices, shapes and strides up to a renaming of size symbols (a cache's width is its
   own symbol per layer), compared as a canonical key. The one constant allowed to differ is
-  ``moa_flex::attention``'s layer index: the shared code reads it from its runtime
+  the layer index of ``moa_flex::attention`` (and of an indexer's ``moa_flex::index_keep``): the
+  shared code reads it from its runtime
   (``MoaRuntime.current_layer``), which the caller of each layer's part sets first.
 - Equal assumptions: inductor may add guards on the size symbols of the layer it compiles
   (divisibility, ranges). Each guard is renamed to every other layer's symbols and checked on
@@ -39,6 +40,10 @@ from .nodes import _LAYER
 
 ATTENTION = (torch.ops.moa_flex.attention, torch.ops.moa_flex.attention.default)
 LAYER_ARG, RUNTIME_ARG = 5, 6  # moa_flex::attention(q, k, v, mask, scale, layer, runtime_id, ...)
+# the ops that carry a plan layer, with the positions of it and of their runtime id: attention and
+# an indexer's keep rule (moa_flex::index_keep(scores, info, layer, runtime_id), passes/indexed.py)
+LAYERED = {**{t: (LAYER_ARG, RUNTIME_ARG) for t in ATTENTION},
+           torch.ops.moa_flex.index_keep: (2, 3), torch.ops.moa_flex.index_keep.default: (2, 3)}
 FROM_RUNTIME = -1  # the layer index a shared region's attention reads from its runtime
 PRE, POST = -1, 1 << 30  # regions before the first and after the last decoder layer
 
@@ -248,22 +253,23 @@ def _tuple_output(part: torch.fx.GraphModule) -> bool:
 
 
 def _runtime_ids(part: torch.fx.GraphModule) -> list[int]:
-    return sorted({int(n.args[RUNTIME_ARG]) for n in part.graph.nodes if n.op == "call_function" and n.target in ATTENTION})
+    return sorted({int(n.args[LAYERED[n.target][1]]) for n in part.graph.nodes
+                   if n.op == "call_function" and n.target in LAYERED})
 
 
 def _attention_layers(part: torch.fx.GraphModule) -> set[int]:
     """The plan layer indices ``part``'s attention calls run as (an empty set: no attention)."""
-    return {int(n.args[LAYER_ARG]) for n in part.graph.nodes if n.op == "call_function" and n.target in ATTENTION
-            and int(n.args[LAYER_ARG]) != FROM_RUNTIME}
+    return {int(n.args[LAYERED[n.target][0]]) for n in part.graph.nodes if n.op == "call_function"
+            and n.target in LAYERED and int(n.args[LAYERED[n.target][0]]) != FROM_RUNTIME}
 
 
 def _free_layer(part: torch.fx.GraphModule) -> None:
     """Attention in ``part`` reads its layer from the runtime (the code may serve several layers)."""
     changed = False
     for n in part.graph.nodes:
-        if n.op == "call_function" and n.target in ATTENTION:
+        if n.op == "call_function" and n.target in LAYERED:
             args = list(n.args)
-            args[LAYER_ARG] = FROM_RUNTIME
+            args[LAYERED[n.target][0]] = FROM_RUNTIME
             n.args = tuple(args)
             changed = True
     if changed:
@@ -301,8 +307,8 @@ def canonical_key(part: torch.fx.GraphModule, args: list,
         if n.op == "placeholder":
             continue
         a = list(n.args)
-        if n.op == "call_function" and n.target in ATTENTION:
-            a[LAYER_ARG] = "layer"
+        if n.op == "call_function" and n.target in LAYERED:
+            a[LAYERED[n.target][0]] = "layer"
         body.append((n.op, _target(n.target), _value_key(tuple(a), index, names),
                      _value_key(dict(n.kwargs), index, names)))
     return (inputs, tuple(body), _known(names, shape_env)), {str(c): s for s, c in names.items()}, order

@@ -116,6 +116,21 @@ def test_the_attention_layer_index_is_free_other_constants_are_not() -> None:
     assert FROM_RUNTIME < 0
 
 
+def _index_keep_part(layer: int) -> torch.fx.GraphModule:
+    def part(scores, info):  # noqa: ANN001, ANN202
+        return scores.masked_fill(~torch.ops.moa_flex.index_keep.default(scores, info, layer, 0), float("-inf"))
+
+    return _traced(part)
+
+
+def test_an_indexers_layer_index_is_free_too() -> None:
+    """DeepSeek Sparse Attention's layers carry their layer in ``index_keep`` as well (passes/indexed.py)."""
+    env, mode = _env()
+    with mode:
+        args = [torch.empty(2, 4, 4), torch.empty(3, dtype=torch.long)]
+    assert canonical_key(_index_keep_part(3), args)[0] == canonical_key(_index_keep_part(7), args)[0]
+
+
 def test_guards_move_only_where_they_hold() -> None:
     env, _ = _env()
     s0, s1, s2 = (_sym(env, v, n).node.expr for v, n in ((16, "s0"), (16, "s1"), (8, "s2")))

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from moa_flex.architecture import key_bias_limit, model_windows, slots_in_call_order
+from moa_flex.architecture import key_bias_limit, model_windows, slots_in_call_order, sparse_attention_indexer
 from moa_flex.data.samples import Sample
 from moa_flex.plan import ModelShape
 
@@ -100,6 +100,9 @@ def _profile_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     plain causal attention of one unpadded sample; anything else raises."""
     if kwargs.get("softcap"):
         raise ValueError("moa-flex profiling does not support attention logit soft-capping (Gemma 2)")
+    if kwargs.get("indices") is not None:
+        raise ValueError("moa-flex profiling measures plain causal attention; this call attends keys an indexer "
+                         "selected (DeepSeek Sparse Attention)")
     if attention_mask is not None:
         raise ValueError("moa-flex profiling supports plain causal attention of one unpadded sample; the model "
                          "built an attention mask (its own sliding window, padding, or a cache?)")
@@ -200,6 +203,10 @@ def _check_profilable(model: torch.nn.Module, max_len: int) -> None:
                          "made without profiling (Plan.uniform, or a rule per slot by hand)")
     if getattr(config, "attn_logit_softcapping", None):
         raise ValueError("moa-flex profiling does not support attention logit soft-capping (config.attn_logit_softcapping)")
+    if sparse_attention_indexer(config):
+        raise ValueError(f"{type(model).__name__} selects each query's keys with an indexer (DeepSeek Sparse Attention), "
+                         "which moa-flex profiling does not carry (it measures plain causal attention): compile such a "
+                         "model with a plan made without profiling (Plan.uniform, or rules by hand)")
     if key_bias_limit(config) is not None:
         raise ValueError(f"{type(model).__name__} adds a per-key score bias (Doge's dynamic mask), which moa-flex "
                          "profiling does not carry (it measures plain causal attention): compile such a model with a "

@@ -32,7 +32,7 @@ try:  # FlexAttention's auxiliary outputs (torch >= 2.9); older torch has return
 except ImportError:  # pragma: no cover - depends on the torch version
     AuxRequest = None
 
-from moa_flex.masks import allowed_from_mask, block_mask_from_spans, padding_info
+from moa_flex.masks import allowed_from_mask, block_mask_from_spans, padding_info, selection_keep
 from moa_flex.plan import Plan
 
 from .ops import RUNTIMES
@@ -146,6 +146,24 @@ class MoaRuntime:
         """Unregister (after which graphs that use this id fail loudly)."""
         RUNTIMES.pop(self.id, None)
 
+    def index_keep(self, scores: torch.Tensor, info: torch.Tensor, layer: int) -> torch.Tensor:
+        """Bool [B, Q, K] over an indexer's scores [B, Q, K] (the call's queries are the last Q of
+        K positions): the keys ``layer``'s rule keeps, each row planned for its own real tokens
+        (left pads from ``info``). The indexer picks one set of keys for all heads, so the layer's
+        heads must share one span: a plan of per-head rules for such a layer is refused."""
+        if layer < 0:
+            layer = self.current_layer
+        B, q_len, kv_len = scores.shape
+        planned = self.planned_length or kv_len
+        pads = info[:-1].cpu()
+        spans = torch.stack([self.head_spans(max(1, planned - p))[layer] for p in pads.tolist()])  # [B, H]
+        if bool((spans != spans[:, :1]).any()):
+            raise ValueError(
+                f"layer {layer} selects keys with an indexer (DeepSeek Sparse Attention): one selection for all its "
+                f"heads, so its heads need one rule, but the plan gives them spans {spans[0].tolist()}; use a plan "
+                "of granularity 'kv_head' (a latent cache is one KV head: one rule a layer)")
+        return selection_keep(spans[:, 0].to(scores.device), self.plan.sink, pads.to(scores.device), q_len, kv_len)
+
     def block_mask(
         self, layer: int, q_len: int, kv_len: int, attn_mask: torch.Tensor | None, device: torch.device,
         planned: int, padded_len: int, info: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
@@ -185,7 +203,8 @@ class MoaRuntime:
                 self.warned_dense = True
                 warnings.warn(
                     "moa-flex: the attention mask is more than causal + left padding (the model's own sliding "
-                    "window, right padding?); it is ANDed in densely, without full blocks.",
+                    "window, right padding, an indexer's selection of keys?); it is ANDed in densely, without full "
+                    "blocks.",
                     stacklevel=2,
                 )
             # padded keys and query rows past the real ones: never allowed

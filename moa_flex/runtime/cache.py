@@ -34,7 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_flex.architecture import (
-    OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_value_dim, codebook_rows, key_bias_columns, key_bias_problem, kv_sources,
+    INDEXED_CACHE_REFUSAL, OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_value_dim, codebook_rows, key_bias_columns, key_bias_problem, kv_sources,
     latent_attention, layer_types,
     text_config,
 )
@@ -258,6 +258,10 @@ class MoaCache(Cache):
     @property
     def filled(self) -> bool:
         return all(layer.filled for layer in self.moa_layers)
+
+    def update_indexer(self, key_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """An indexer's keys (DeepSeek Sparse Attention): not cached by moa-flex yet, refused."""
+        raise NotImplementedError(INDEXED_CACHE_REFUSAL)
 
     def mark_filled(self, tokens: int) -> None:
         """Called after each forward by moa_flex's forward wrapper (outside any graph)."""

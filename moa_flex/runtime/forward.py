@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx.experimental._config as fx_config
 
-from moa_flex.architecture import sequence_mask
+from moa_flex.architecture import INDEXED_CACHE_REFUSAL, sequence_mask, sparse_attention_indexer
 
 from .cache import MoaCache
 from .multimodal import check_image_prefix, check_token_types
@@ -108,6 +108,9 @@ def _input_length(args: tuple, kwargs: dict) -> int:
 
 def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwargs: dict) -> Any:
     check_cache(state, cache)
+    model = state.model_ref() if state.model_ref is not None else None
+    if model is not None and sparse_attention_indexer(model.config):
+        raise NotImplementedError(INDEXED_CACHE_REFUSAL)
     kwargs = _as_kwargs(state, args, kwargs)
     n = _input_length((), kwargs)
     if n < 1:

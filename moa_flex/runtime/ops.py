@@ -211,6 +211,34 @@ def _(attn_mask):  # noqa: ANN001, ANN202
     return attn_mask.new_empty((attn_mask.shape[0] + 1,), dtype=torch.long)
 
 
+@torch.library.custom_op("moa_flex::selection_info", mutates_args=())
+def selection_info(attn_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`mask_info` of a layer whose attention mask also carries a selection of keys by
+    content (DeepSeek Sparse Attention's top-k, passes/indexed.py): the left pads of the mask
+    without the selection, and 0 (not plain causal), so that the selection is ANDed in."""
+    info = padding_info(attn_mask)
+    info[-1] = 0
+    return info
+
+
+@selection_info.register_fake
+def _(attn_mask):  # noqa: ANN001, ANN202
+    return attn_mask.new_empty((attn_mask.shape[0] + 1,), dtype=torch.long)
+
+
+@torch.library.custom_op("moa_flex::index_keep", mutates_args=())
+def index_keep(scores: torch.Tensor, info: torch.Tensor, layer: int, runtime_id: int) -> torch.Tensor:
+    """Bool [B, Q, K] for an indexer's scores [B, Q, K]: the keys the plan's rule keeps for each
+    query of ``layer`` (left pads from ``info``, :func:`selection_info`), where the indexer's
+    top-k must pick (:meth:`moa_flex.runtime.attention.MoaRuntime.index_keep`)."""
+    return runtime_of(runtime_id).index_keep(scores, info, layer)
+
+
+@index_keep.register_fake
+def _(scores, info, layer, runtime_id):  # noqa: ANN001, ANN202
+    return scores.new_empty(scores.shape, dtype=torch.bool)
+
+
 # ------------------------------------------------------------------------------ the cache
 def chunk_start(length: torch.Tensor, chunk_pads: torch.Tensor) -> torch.Tensor:
     """Logical position of a chunk's index 0 per row: the row's cached real tokens, minus the
@@ -268,22 +296,23 @@ def ragged_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, caps: torch.Tensor,
     spans: torch.Tensor, pos: torch.Tensor, sink: int, window: int, scale: float, softcap: float,
     sinks: torch.Tensor | None = None, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    alibi: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None, select: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ragged MoA decode: q [B, H, D] -> [B, H, Dv] (``sinks`` [H]: learned sink logits; an FP8
-    cache's ``k_scale``/``v_scale`` [B, S]; ``alibi`` [H]: ALiBi slopes). CUDA: Triton; CPU: the twin."""
+    cache's ``k_scale``/``v_scale`` [B, S]; ``alibi`` [H]: ALiBi slopes; ``select`` bool [B, S]:
+    an indexer's selected slots). CUDA: Triton; CPU: the twin."""
     if q.device.type == "cuda":
         return ragged_decode_triton(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=sinks,
-                                    k_scale=k_scale, v_scale=v_scale, alibi=alibi)
+                                    k_scale=k_scale, v_scale=v_scale, alibi=alibi, select=select)
     if q.device.type == "cpu":
         return ragged_decode_reference(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks,
-                                       k_scale, v_scale, alibi=alibi)
+                                       k_scale, v_scale, alibi=alibi, select=select)
     raise _device_error("ragged_decode", q.device)
 
 
 @ragged_decode.register_fake
 def _(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=None, k_scale=None, v_scale=None,  # noqa: ANN001, ANN202
-      alibi=None):
+      alibi=None, select=None):
     check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, k_scale=k_scale,
                         v_scale=v_scale)
     return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
