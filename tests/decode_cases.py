@@ -86,10 +86,12 @@ def scalars(lay: dict) -> tuple:
     return lay["sink"], lay["window"], lay["scale"], lay["softcap"]
 
 
-def naive_decode(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=None, alibi=None) -> torch.Tensor:  # noqa: ANN001
+def naive_decode(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, sinks=None, alibi=None,  # noqa: ANN001
+                 select=None) -> torch.Tensor:  # noqa: ANN001
     """Per (row, head): the kept cached positions, then softmax attention over them, float64
     (``sinks``: each head's learned logit, one more softmax term without a value; ``alibi``:
-    each head's slope, the score less slope times the distance from the simulated position)."""
+    each head's slope, the score less slope times the distance from the simulated position;
+    ``select`` bool [B, S]: only the slots selected are attended)."""
     B, H, _ = q.shape
     G = offsets.numel() - 1
     hpg = H // G
@@ -107,6 +109,7 @@ def naive_decode(q, k, v, offsets, caps, spans, pos, sink, window, scale, softca
                 and (p < sink or i - p < span - sink)
                 and (window <= 0 or i - p < window)
                 and (window >= 0 or p // -window == i // -window)  # chunked local attention: one chunk
+                and (select is None or bool(select[b, int(offsets[g]) + s]))
             ]
             if not kept_pos:
                 continue

@@ -43,7 +43,7 @@ from moa_flex.kernels.quant import FP8, SCALE_DTYPE  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 SHARED_MAX = 232448  # bytes of shared memory one block may use on an H100 / H200 (227 KiB)
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-           torch.int64: "i64", torch.int16: "i16", FP8: "fp8e4nv", torch.bool: "i1"}
+           torch.int64: "i64", torch.int16: "i16", FP8: "fp8e4nv", torch.bool: "i1", torch.uint8: "u8"}
 # (KV groups, key width, value width, cache dtype, soft-cap / window / sinks): Llama-like bf16
 # plain, FP8 with every option, DeepSeek-V3's latent cache (one group, 512 + 64 and 512), a
 # per-key bias as one more key column (Doge at head dim 128) in fp32 and bf16, and fp32 at head
@@ -133,9 +133,12 @@ def _cases(which: str) -> None:
         append.cache_append_triton(keys, values, length, k_new, v_new, caps, offsets, 4, **scales)
         softcap, window, sinks = (30.0, 16, torch.zeros(H)) if options else (0.0, 0, None)
         q = torch.randn(B, H, D, dtype=act)
+        # an indexer's selection (DeepSeek Sparse Attention): beside a latent cache, and with every option
+        selects = (None, torch.ones(B, S, dtype=torch.bool)) if options or which == "latent" else (None,)
         for fp8_mode in decode.FP8_MODES if quant else (None,):
-            decode.ragged_decode_triton(q, keys, values, offsets, caps, spans, length - 1, 4, window, 0.088, softcap,
-                                        sinks=sinks, fp8_mode=fp8_mode, **scales)
+            for select in selects:
+                decode.ragged_decode_triton(q, keys, values, offsets, caps, spans, length - 1, 4, window, 0.088,
+                                            softcap, sinks=sinks, fp8_mode=fp8_mode, select=select, **scales)
         qc = torch.randn(B, H, C, D, dtype=act)
         kc, vc = torch.randn(B, G, C, D, dtype=act), torch.randn(B, G, C, Dv, dtype=act)
         chunk.chunk_attention_triton(qc, kc, vc, keys, values, offsets, caps, spans, length,

@@ -297,6 +297,87 @@ def test_bad_alibi(bad: object, text: str) -> None:
             ragged_decode_triton(*tensors(OP_LAYOUT, device=KERNEL_DEVICE), *scalars(OP_LAYOUT), alibi=bad)
 
 
+def lay_select(lay: dict, density: float = 0.5) -> torch.Tensor:
+    """A random selection of slots per row (an indexer's picks), seeded by the layout."""
+    S = sum(lay["widths"])
+    return torch.rand(lay["B"], S, generator=torch.Generator().manual_seed(lay["seed"] + 7)) < density
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts(), st.sampled_from([0.0, 0.3, 0.7, 1.0]))
+def test_twin_with_select_matches_cache_simulation(lay: dict, density: float) -> None:
+    args = tensors(lay, torch.float64)
+    select = lay_select(lay, density)
+    got = ragged_decode_reference(*args, *scalars(lay), select=select)
+    torch.testing.assert_close(got, naive_decode(*args, *scalars(lay), select=select), rtol=1e-12, atol=1e-12)
+
+
+def test_a_selection_of_every_slot_changes_nothing() -> None:
+    lay = ALIBI_LAYOUT
+    args = tensors(lay, torch.float64)
+    every = torch.ones(lay["B"], sum(lay["widths"]), dtype=torch.bool)
+    assert torch.equal(ragged_decode_reference(*args, *scalars(lay), select=every),
+                       ragged_decode_reference(*args, *scalars(lay)))
+
+
+@needs_kernel
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lay=layouts(max_b=2, max_g=2, max_hpg=4, max_width=40, dims=(16, 32)),
+       chunk=st.sampled_from([16, None]), density=st.sampled_from([0.2, 0.6]))
+def test_kernel_with_select_matches_twin(lay: dict, chunk: int | None, density: float) -> None:
+    """float32, output poisoned first; tiles the rule keeps whole are masked by the selection too."""
+    args = tensors(lay, torch.float32, KERNEL_DEVICE)
+    select = lay_select(lay, density)
+    out = torch.full((lay["B"], lay["G"] * lay["hpg"], lay["Dv"]), float("nan"), device=KERNEL_DEVICE)
+    ragged_decode_triton(*args, *scalars(lay), out=out, chunk=chunk, block_n=16, select=select.to(KERNEL_DEVICE))
+    want = ragged_decode_reference(*(a.cpu() for a in args), *scalars(lay), select=select)
+    assert not out.isnan().any(), "output not fully written"
+    err = (out.cpu() - want).abs().max().item() if out.numel() else 0.0
+    assert err <= 1e-5, err
+
+
+# every head keeps every slot: tiles kept whole by the rule, which the selection must still mask
+WHOLE_LAYOUT = {"B": 2, "G": 1, "hpg": 2, "sink": 0, "widths": [64], "caps": [[64], [64]],
+                "spans": [[64, 64], [64, 64]], "pos": [100, 63], "D": 16, "Dv": 16, "window": 0, "softcap": 0.0,
+                "scale": 0.25, "seed": 3}
+
+
+@needs_kernel
+def test_kernel_masks_whole_tiles_by_the_selection() -> None:
+    lay = WHOLE_LAYOUT
+    args = tensors(lay, torch.float32, KERNEL_DEVICE)
+    select = lay_select(lay, 0.5)
+    out = ragged_decode_triton(*args, *scalars(lay), block_n=16, select=select.to(KERNEL_DEVICE))
+    want = ragged_decode_reference(*(a.cpu() for a in args), *scalars(lay), select=select)
+    assert (out.cpu() - ragged_decode_reference(*(a.cpu() for a in args), *scalars(lay))).abs().max() > 1e-3
+    assert (out.cpu() - want).abs().max().item() <= 1e-5
+
+
+@needs_kernel
+def test_kernel_with_select_over_an_fp8_cache() -> None:
+    lay = ALIBI_LAYOUT
+    q, k, v, *ints = tensors(lay, torch.float32)
+    (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
+    select = lay_select(lay, 0.4)
+    dev = KERNEL_DEVICE
+    out = ragged_decode_triton(q.to(dev).bfloat16(), k8.to(dev), v8.to(dev), *(t.to(dev) for t in ints), *scalars(lay),
+                               k_scale=ks.to(dev), v_scale=vs.to(dev), block_n=16, select=select.to(dev))
+    want = ragged_decode_reference(q.bfloat16(), k8, v8, *ints, *scalars(lay), k_scale=ks, v_scale=vs, select=select)
+    assert (out.cpu().float() - want.float()).abs().max().item() <= 2e-2
+
+
+@pytest.mark.parametrize(("bad", "text"), [
+    (torch.ones(2, 3, dtype=torch.bool), r"select must be a bool tensor \[B, S\]"),
+    ("ones", r"select must be a bool tensor"),
+])
+def test_bad_select(bad: object, text: str) -> None:
+    lay = OP_LAYOUT
+    if isinstance(bad, str):
+        bad = torch.ones(lay["B"], sum(lay["widths"]), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=text):
+        ragged_decode_reference(*tensors(lay), *scalars(lay), select=bad)
+
+
 def test_work_list_covers_each_slot_once() -> None:
     offsets = (0, 0, 5, 69, 70)
     for chunk in (1, 16, 64, 100):

@@ -246,13 +246,16 @@ def ragged_decode_reference(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     alibi: torch.Tensor | None = None,
+    select: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The obviously-right twin: every slot's logical position and keep flag, float64 softmax.
 
     q [B, H, D], k [B, S, D], v [B, S, Dv] -> [B, H, Dv] in q's dtype. ``sinks`` [H]: learned
     sink logits, each a softmax term with no value (GPT-OSS). FP8 k/v: dequantized with
     ``k_scale``/``v_scale`` [B, S] first. ``alibi`` float32 [H]: ALiBi slopes, the score of a
-    key at distance ``i - p`` less ``alibi[h] * (i - p)`` (after the soft-cap). Also checks
+    key at distance ``i - p`` less ``alibi[h] * (i - p)`` (after the soft-cap). ``select`` bool
+    [B, S]: the slots an indexer selected for the row's query (DeepSeek Sparse Attention), the
+    only ones attended besides the rule (None: all). Also checks
     values (offsets, caps, spans, pos), which reads them; accepts float64 too. Memory:
     O(B * H * S) float64.
     """
@@ -260,6 +263,7 @@ def ragged_decode_reference(
                         k_scale, v_scale)
     check_sinks(sinks, q.shape[1], q.device)
     check_alibi(alibi, q.shape[1], q.device)
+    check_select(select, k)
     check_decode_values(k, offsets, caps, spans, pos)
     B, H, _ = q.shape
     S, G = k.shape[1], offsets.shape[0] - 1
@@ -280,6 +284,8 @@ def ragged_decode_reference(
     limit = window_limit(window, pos.view(B, 1, 1))
     if limit is not None:
         keep &= dist < limit
+    if select is not None:
+        keep &= select.view(B, 1, S)
     x = scale * torch.einsum("bhd,bsd->bhs", q.double(), cache_values(k, k_scale))
     if softcap > 0:
         x = softcap * torch.tanh(x / softcap)
@@ -316,6 +322,16 @@ def check_alibi(alibi: torch.Tensor | None, H: int, device: torch.device) -> Non
         return
     if not bool(torch.isfinite(alibi).all()):
         raise ValueError(f"alibi slopes must be finite, got {alibi.tolist()}")
+
+
+def check_select(select: torch.Tensor | None, k: torch.Tensor) -> None:
+    """ValueError unless ``select`` is None or a bool tensor [B, S] (k's rows and slots) on k's device."""
+    if select is None:
+        return
+    if not isinstance(select, torch.Tensor) or select.dtype != torch.bool or tuple(select.shape) != tuple(k.shape[:2]) \
+            or select.device != k.device:
+        got = (select.dtype, tuple(select.shape), str(select.device)) if isinstance(select, torch.Tensor) else select
+        raise ValueError(f"select must be a bool tensor [B, S] = {list(k.shape[:2])} on {k.device}, got {got!r}")
 
 
 def softmax_with_sinks(x: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
@@ -538,20 +554,21 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["sink", "window_lim", "local_chunk"])
     def _decode_partial_kernel(
-        q_ptr, k_ptr, v_ptr, items_ptr, caps_ptr, spans_ptr, pos_ptr, ks_ptr, vs_ptr, alibi_ptr,
+        q_ptr, k_ptr, v_ptr, items_ptr, caps_ptr, spans_ptr, pos_ptr, ks_ptr, vs_ptr, alibi_ptr, sel_ptr,
         m_ptr, l_ptr, acc_ptr,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kd,
         stride_vb, stride_vs, stride_vd,
-        stride_cb, stride_cg, stride_sb, stride_sh, stride_pb, stride_ksb, stride_vsb,
+        stride_cb, stride_cg, stride_sb, stride_sh, stride_pb, stride_ksb, stride_vsb, stride_selb,
         n_items, sink, window_lim, local_chunk, qk_scale, softcap,
         HPG: tl.constexpr, HPG_PAD: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        QUANT: tl.constexpr, V_PAIRS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+        QUANT: tl.constexpr, V_PAIRS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SELECT: tl.constexpr,
     ):
         """One (work item, row): online softmax of all HPG heads of a group over a chunk of slots.
         ``HAS_ALIBI``: each head's score less its slope times the distance ``i - p``;
+        ``HAS_SELECT``: only the slots an indexer selected (a byte per slot and row) are kept;
         ``QUANT``: FP8 K/V, dequantized in registers (scales folded into scores and probabilities);
         ``V_PAIRS``: both dots in float16 (queries cast once, times 2^-8; K's e4m3 converts to
         float16 natively) and V read as int16 words of two e4m3 values each, split into the
@@ -628,12 +645,15 @@ if triton is not None:
                 x = x - slope[:, None] * _slot_distance(s, sink, i, i_ring, ring).to(tl.float32)[None, :]
             if HAS_SOFTCAP or HAS_ALIBI:
                 x = x * 1.4426950408889634  # log2 units (x log2 e) from here on
-            if not _tile_kept_whole(start, BLOCK_N, hi, sink, i_ring, ring, reach):
+            if HAS_SELECT or not _tile_kept_whole(start, BLOCK_N, hi, sink, i_ring, ring, reach):
                 dist = _slot_distance(s, sink, i, i_ring, ring)
                 # one key per slot for the whole mask: a sink is kept by every head (far below
                 # any win), a ring slot by a head whose win exceeds its distance, an invalid
                 # slot by none; window_lim: the window, or 2**31 - 1 if none
-                key = tl.where(valid & (dist < window_lim), tl.where(s < sink, -(2**30), dist), 2**30)
+                ok = valid & (dist < window_lim)
+                if HAS_SELECT:
+                    ok = ok & (tl.load(sel_ptr + b * stride_selb + rows, mask=valid, other=0) != 0)
+                key = tl.where(ok, tl.where(s < sink, -(2**30), dist), 2**30)
                 x = tl.where(key[None, :] < win[:, None], x, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(x, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -774,10 +794,11 @@ def ragged_decode_triton(
     v_scale: torch.Tensor | None = None,
     fp8_mode: str | None = None,
     alibi: torch.Tensor | None = None,
+    select: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype);
-    ``sinks`` [H]: learned sink logits, ``alibi`` float32 [H]: ALiBi slopes (both as in the
-    twin); FP8 k/v with ``k_scale``/``v_scale`` float32 [B, S] (unit slot stride).
+    ``sinks`` [H]: learned sink logits, ``alibi`` float32 [H]: ALiBi slopes, ``select`` bool
+    [B, S] (unit slot stride): an indexer's selected slots (all as in the twin); FP8 k/v with ``k_scale``/``v_scale`` float32 [B, S] (unit slot stride).
     ``fp8_mode``: how an FP8 cache is read (:data:`FP8_MODES`; None: :func:`default_fp8_mode`).
 
     ``chunk`` (slots per work item; default: :func:`auto_work_list`, from the allocation, the
@@ -792,6 +813,9 @@ def ragged_decode_triton(
     check_decode_inputs(q, k, v, offsets, caps, spans, pos, sink, window, scale, softcap, FLOAT_DTYPES, k_scale, v_scale)
     check_sinks(sinks, q.shape[1], q.device)
     check_alibi(alibi, q.shape[1], q.device)
+    check_select(select, k)
+    if select is not None and select.stride(1) != 1:
+        raise ValueError("select must have unit stride along the slots")
     quant = is_quantized(k.dtype)
     if quant and (k_scale.stride(1) != 1 or v_scale.stride(1) != 1):
         raise ValueError("k_scale and v_scale must have unit stride along the slots")
@@ -838,14 +862,16 @@ def ragged_decode_triton(
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _decode_partial_kernel[(wl.n_items, B)](
             q, k, v_words if pairs else v, wl.items, caps, spans, pos, k_scale if quant else pos,
-            v_scale if quant else pos, m if alibi is None else alibi.contiguous(), m, l, acc,  # slopes: unit stride
+            v_scale if quant else pos, m if alibi is None else alibi.contiguous(),  # slopes: unit stride
+            pos if select is None else select.view(torch.uint8), m, l, acc,
             *q.stride(), *k.stride(), *(v_words.stride() if pairs else v.stride()), *caps.stride(), *spans.stride(), pos.stride(0),
-            k_scale.stride(0) if quant else 0, v_scale.stride(0) if quant else 0,
+            k_scale.stride(0) if quant else 0, v_scale.stride(0) if quant else 0, 0 if select is None else select.stride(0),
             wl.n_items, sink, window if window > 0 else 2**31 - 1, max(-window, 0), float(scale),
             float(softcap) if softcap > 0 else 1.0,
             HPG=hpg, HPG_PAD=hpg_pad, D=D, D_PAD=d_pad, DV=Dv, DV_PAD=dv_pad, BLOCK_N=block_n,
             HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32, QUANT=quant,
-            V_PAIRS=pairs, HAS_ALIBI=alibi is not None, num_warps=num_warps, num_stages=num_stages,
+            V_PAIRS=pairs, HAS_ALIBI=alibi is not None, HAS_SELECT=select is not None, num_warps=num_warps,
+            num_stages=num_stages,
         )
         _decode_combine_kernel[(H, B)](
             m, l, acc, wl.group_items, m if sinks is None else sinks, out, *out.stride(), wl.n_items,
