@@ -272,9 +272,10 @@ def sparse_attention_indexer(config: Any) -> bool:
 
 
 INDEXED_CACHE_REFUSAL = (
-    "moa-flex runs DeepSeek Sparse Attention (an indexer selecting each query's keys) in forwards without a cache "
-    "(use_cache=False: scoring, evaluation, profiling); a MoA cache does not yet keep the indexer's keys, so "
-    "generate() and forwards over a MoaCache are not supported for this model")
+    "moa-flex runs DeepSeek Sparse Attention (an indexer selecting each query's keys) over a MoA cache for a prompt "
+    "in one chunk and the decode steps after it; a prefill over a cache that already holds tokens (a later turn, "
+    "a prompt in chunks of prefill_chunk: compile with prefill_chunk=None for one chunk) is not supported yet: its "
+    "chunk attention does not take the indexer's selection")
 
 
 def model_windows(config: Any, shape: Any) -> list[int | None]:

@@ -124,9 +124,35 @@ def _indexer_rule(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[t
 
 
 def _rule_indexers(model: torch.nn.Module) -> list:
-    """:func:`_indexer_rule` on every indexer of ``model`` (modules with ``index_topk``)."""
-    return [m.register_forward_pre_hook(_indexer_rule, with_kwargs=True) for m in model.modules()
-            if isinstance(getattr(m, "index_topk", None), int) and isinstance(getattr(m, "layer_idx", None), int)]
+    """:func:`_indexer_rule` on every indexer of ``model`` (modules with ``index_topk``), and a
+    mark of the calls inside one, where :class:`_EarliestTopk` breaks the top-k's ties."""
+    hooks = []
+    for m in model.modules():
+        if isinstance(getattr(m, "index_topk", None), int) and isinstance(getattr(m, "layer_idx", None), int):
+            hooks.append(m.register_forward_pre_hook(_indexer_rule, with_kwargs=True))
+            hooks.append(m.register_forward_pre_hook(lambda *_: _REF_PLAN.update(indexing=True)))
+            hooks.append(m.register_forward_hook(lambda *_: _REF_PLAN.update(indexing=False)))  # None: output kept
+    return hooks
+
+
+class _EarliestTopk(torch.overrides.TorchFunctionMode):
+    """Inside an indexer (DeepSeek Sparse Attention): its top-k along the keys with equal scores
+    taken in key order, the earlier first, as moa-flex selects (moa_flex/runtime/selection.py):
+    a stable descending sort, its first k (-0.0 equals 0.0, as floats compare)."""
+
+    TOPKS = (torch.topk, torch.Tensor.topk)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in self.TOPKS and _REF_PLAN.get("indexing"):
+            x = args[0]
+            k = args[1] if len(args) > 1 else kwargs["k"]
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+            if dim not in (-1, x.dim() - 1) or not kwargs.get("largest", True):
+                raise NotImplementedError("the reference breaks an indexer's ties along its last dim, largest first")
+            order = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+            return torch.return_types.topk((x.gather(-1, order), order))
+        return func(*args, **kwargs)
 
 
 AttentionInterface.register("moa_reference", reference_attention)
@@ -197,13 +223,14 @@ def reference_logits(model, plan: Plan, pads: list[int] | None = None, N: int | 
     forward = state.original_forward if state is not None else model
     hooks = _track_layers(model) + _rule_indexers(model)
     try:
-        with torch.no_grad(), _KeepBeforeSoftmax() if own else contextlib.nullcontext():
+        with torch.no_grad(), _KeepBeforeSoftmax() if own else contextlib.nullcontext(), _EarliestTopk():
             return forward(**inputs, use_cache=False).logits
     finally:
         for h in hooks:
             h.remove()
         _REF_PLAN.pop("layer", None)
         _REF_PLAN.pop("slots", None)
+        _REF_PLAN.pop("indexing", None)
         if not own:
             model.set_attn_implementation(before)
 

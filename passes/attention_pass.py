@@ -37,7 +37,7 @@ from .value_fusion import fuse_value_splits
 from .key_bias import rewrite_key_bias
 from .eager_attention import MODEL_OUTPUT, has_eager_attention, rewrite_eager_attention, unread_score_biases
 from .mask_sources import check_masks_are_masks, described
-from .indexed import is_selection, rewrite_indexer, selections
+from .indexed import attend_selected, is_selection, selections
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, check_no_dropout, eliminate_dead_code, erase_with_inputs, call_layers, plan_layers, check_heads, sinks_of, alibi_of,
     padding_mask_input, key_bias_of,
@@ -68,7 +68,7 @@ def rewrite_attention(
     rewrite_key_bias(gm.graph, keep_original=verify_id is not None)  # Doge: a per-key bias in the mask
     if extend_nodes(gm.graph):  # a prefill over a MoaCache (chunks, later turns)
         return rewrite_prefill(gm, plan, softcaps, windows, verify=verify_id is not None, latent=latent,
-                               kv_sources=kv_sources)
+                               kv_sources=kv_sources, runtime_id=runtime_id, verify_id=verify_id)
     nodes = attention_nodes(gm.graph)
     flex = flex_nodes(gm.graph)
     if flex and nodes:
@@ -124,8 +124,11 @@ def rewrite_attention(
         softcap = float(softcaps[layer]) if softcaps else 0.0
         info = None
         if node in indexed:
-            mask, info = rewrite_indexer(gm.graph, node, layer, runtime_id, selection_infos)
-        elif isinstance(mask, torch.fx.Node):
+            new = attend_selected(gm.graph, node, layer, runtime_id, softcap, selection_infos, roots, verify_id,
+                                  padding_mask)
+            report.rewritten.append(RewrittenNode(layer, new.name, path))
+            continue
+        if isinstance(mask, torch.fx.Node):
             if mask not in infos:
                 with gm.graph.inserting_after(mask):
                     infos[mask] = gm.graph.call_function(torch.ops.moa_flex.mask_info.default, (mask,))

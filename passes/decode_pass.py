@@ -32,6 +32,7 @@ from .value_fusion import fuse_value_splits
 from .key_bias import rewrite_key_bias, with_key_bias
 from .linear_pass import LinearFusionReport, fuse_linears
 from .mask_sources import check_masks_are_masks
+from .indexed import is_selection, select_slots, selections
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
     runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, head_dim, sinks_of, alibi_of,
@@ -82,7 +83,9 @@ def rewrite_decode(
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)
-    check_masks_are_masks((node, layer) for layer, (node, _) in attns.items())
+    # an indexer's selection (DeepSeek Sparse Attention): ruled over the cache's slots, then read by the kernel
+    indexed = {layer for layer, (node, _) in attns.items() if selections(arg(node, 3, "attn_mask", None))}
+    check_masks_are_masks(((node, layer) for layer, (node, _) in attns.items()), kept=is_selection)
     layouts = {}  # per layer: how the call reads the keys and values it cached (the cache is written so)
     for layer in range(plan.num_layers):  # everything checked before anything changes
         append_args = _append_args(appends[layer][0])
@@ -124,6 +127,9 @@ def rewrite_decode(
             node.prepend(append)  # the write after the bias it carries (its new token's only), still before the read
         softcap = float(softcaps[layer]) if softcaps else 0.0
         window = int(windows[layer] or 0) if windows else 0
+        select = None
+        if layer in indexed:
+            select = select_slots(gm.graph, node, layer, keys, length, spans, caps, offsets, sink, window)
         with gm.graph.inserting_before(node):
             pos = gm.graph.call_function(torch.ops.aten.sub.Scalar, (length, 1))
             q1 = gm.graph.call_function(torch.ops.aten.select.int, (q, 2, 0))
@@ -131,7 +137,7 @@ def rewrite_decode(
                 torch.ops.moa_flex.ragged_decode.default,
                 (q1, keys, values, offsets, caps, spans, pos, sink, window,
                  scale if isinstance(scale, torch.fx.Node) else float(scale), softcap, sinks_of(node), k_scale, v_scale,
-                 alibi_of(node)),
+                 alibi_of(node), select),
             )
             new = gm.graph.call_function(torch.ops.aten.unsqueeze.default, (out, 2))
         for n in (pos, q1, out, new):

@@ -28,8 +28,9 @@ import torch.fx
 
 import moa_flex.runtime.ops  # noqa: F401  (registers moa_flex::index_keep / selection_info)
 
+from .eager_attention import MODEL_OUTPUT
 from .mask_sources import mask_sources_until
-from .nodes import arg, recorded_value
+from .nodes import alibi_of, arg, erase_with_inputs, key_bias_of, recorded_value, sinks_of
 
 _TOPK = ("topk",)
 _COMBINE_METHODS = ("masked_fill", "__and__", "logical_and", "mul")
@@ -108,11 +109,106 @@ def rewrite_indexer(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, runt
             info = infos[plain] = graph.call_function(torch.ops.moa_flex.selection_info.default, (plain,))
         info.meta = {k: v for k, v in plain.meta.items() if k in ("stack_trace", "nn_module_stack")}
     scores = topk.args[0]
+    meta = {k: v for k, v in topk.meta.items() if k in ("stack_trace", "nn_module_stack")}
     with graph.inserting_before(topk):
         keep = graph.call_function(torch.ops.moa_flex.index_keep.default, (scores, info, layer, runtime_id))
         dropped = graph.call_function(torch.logical_not, (keep,))
         ruled = graph.call_method("masked_fill", (scores, dropped, float("-inf")))
-    for n in (keep, dropped, ruled):
-        n.meta = {k: v for k, v in topk.meta.items() if k in ("stack_trace", "nn_module_stack")}
+        keys = graph.call_function(torch.ops.aten.sym_size.int, (scores, 2))
+        positions = graph.call_function(torch.arange, (keys,), {"device": recorded_value(scores).device})
+    for n in (keep, dropped, ruled, keys, positions):
+        n.meta = dict(meta)
     topk.replace_input_with(scores, ruled)
+    by_position(graph, topk, positions, layer)
     return mask, info
+
+
+def by_position(graph: torch.fx.Graph, topk: torch.fx.Node, positions: torch.fx.Node, layer: int) -> torch.fx.Node:
+    """Replace an indexer's ``topk`` (of which only the indices are read) by
+    ``moa_flex::topk_earliest``: equal scores go to the earlier of ``positions`` (the keys'
+    logical positions), in a prefill and a decode step alike (moa_flex/runtime/selection.py).
+    Returns the node of the indices."""
+    readers = list(topk.users)
+    if not all(is_selection(u) for u in readers):
+        raise ValueError(f"layer {layer}'s indexer reads the values of its top-k ({topk.name}), not only which keys "
+                         "it picked; moa-flex composes a plan with a selection of keys only")
+    with graph.inserting_before(topk):
+        picked = graph.call_function(torch.ops.moa_flex.topk_earliest.default,
+                                     (topk.args[0], positions, arg(topk, 1, "k", None)))
+    picked.meta = {k: v for k, v in topk.meta.items() if k in ("stack_trace", "nn_module_stack")}
+    for reader in readers:
+        reader.replace_all_uses_with(picked)
+        graph.erase_node(reader)
+    graph.erase_node(topk)
+    return picked
+
+
+def attend_selected(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, runtime_id: int, softcap: float,
+                    infos: dict[torch.fx.Node, torch.fx.Node], roots: list[torch.fx.Node],
+                    verify_id: int | None = None, padding_mask: torch.fx.Node | None = None) -> torch.fx.Node:
+    """Replace attention ``node`` of an indexed layer by ``moa_flex::attention`` over its own q,
+    k, v and mask (:func:`rewrite_indexer` first): a forward without a cache, or the prefill of
+    an empty MoA cache (whose write stays). ``verify_id``: the first-call check's graph, where
+    the model's call stays and ``moa_flex::verify_attention`` compares the two."""
+    mask, info = rewrite_indexer(graph, node, layer, runtime_id, infos)
+    q, k, v = node.args[:3]
+    scale = arg(node, 6, "scale", None)
+    scale = -1.0 if scale is None else scale
+    with graph.inserting_after(node):
+        new = graph.call_function(torch.ops.moa_flex.attention.default,
+                                  (q, k, v, mask, scale, layer, runtime_id, softcap, info, sinks_of(node),
+                                   alibi_of(node), key_bias_of(node)))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    if verify_id is None:
+        erase_with_inputs(graph, node, roots)
+    else:
+        with graph.inserting_after(new):
+            graph.call_function(torch.ops.moa_flex.verify_attention.default,
+                                (q, k, v, mask, scale, layer, verify_id, info, node.meta.get(MODEL_OUTPUT, node),
+                                 padding_mask, sinks_of(node), alibi_of(node), key_bias_of(node)))
+    return new
+
+
+def select_slots(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: torch.fx.Node, length: torch.fx.Node,
+                 spans: torch.fx.Node, caps: torch.fx.Node, offsets: torch.fx.Node, sink: object, window: int
+                 ) -> torch.fx.Node:
+    """A decode step's indexer over the MoA cache: it scores every slot of the indexer's ring
+    (``MoaCacheLayer.update_indexer`` hands it the ring), so its ``topk`` input gets ``-inf``
+    where the slot holds no token the rule keeps for this step's query
+    (``moa_flex::slot_keep`` over the layer's cache ``keys``, after this step's append); returns
+    the node of the selected slots, bool [B, S] (ANDed with that keep: a row with fewer kept
+    slots than k picks some it may not read), for ``moa_flex::ragged_decode``'s ``select``."""
+    found = selections(arg(node, 3, "attn_mask", None))
+    if len(found) != 1:
+        raise ValueError(f"layer {layer}'s attention mask carries {len(found)} top-k selections; moa-flex composes "
+                         "a plan with one indexer a layer")
+    topk = found[0]
+    scores = recorded_value(topk.args[0])
+    # its slots are the ring's, as wide as the cache (a size symbol of their own: a wrong width
+    # fails where the keep is broadcast over them, never silently)
+    if scores is None or scores.dim() != 3 or str(scores.shape[1]) != "1" or arg(topk, 2, "dim", -1) not in (-1, 2):
+        raise ValueError(
+            f"layer {layer}'s indexer in a decode step scores {list(getattr(scores, 'shape', []))}, not one query over "
+            "the cache's slots along the last dim: its keys do not come from the MoA cache's indexer ring "
+            "(MoaCache.update_indexer)")
+    meta = {k: v for k, v in topk.meta.items() if k in ("stack_trace", "nn_module_stack")}
+    with graph.inserting_before(topk):
+        pos = graph.call_function(torch.ops.aten.sub.Scalar, (length, 1))
+        keep = graph.call_function(torch.ops.moa_flex.slot_keep.default, (keys, offsets, caps, spans, pos, sink, window))
+        dropped = graph.call_function(torch.logical_not, (keep,))
+        ruled = graph.call_method("masked_fill", (topk.args[0], graph.call_method("unsqueeze", (dropped, 1)),
+                                                  float("-inf")))
+        held = graph.call_method("unsqueeze", (graph.call_function(torch.ops.moa_flex.slot_position.default,
+                                                                   (keys, caps, offsets, pos, sink)), 1))
+    topk.replace_input_with(topk.args[0], ruled)
+    indices = by_position(graph, topk, held, layer)  # [B, 1, k] slots
+    with graph.inserting_before(node):
+        picked = graph.call_method("squeeze", (indices, 1))
+        chosen = graph.call_method("scatter", (graph.call_function(torch.zeros_like, (keep,)), -1, picked, True))
+        select = graph.call_function(operator.and_, (chosen, keep))
+    for n in (pos, keep, dropped, ruled, *ruled.all_input_nodes, held, *held.all_input_nodes, picked, chosen,
+              *chosen.all_input_nodes, select):
+        if isinstance(n, torch.fx.Node) and n.op != "placeholder" and not n.meta.get("nn_module_stack"):
+            n.meta.update(meta)
+    return select

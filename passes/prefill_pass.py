@@ -28,6 +28,7 @@ from .latent import LatentDims, absorb, expansion_weight
 from .key_bias import with_key_bias
 from .eager_attention import MODEL_OUTPUT
 from .mask_sources import check_masks_are_masks
+from .indexed import attend_selected, is_selection, selections
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
     runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, alibi_of, as_cached, key_bias_of, CACHED,
@@ -43,6 +44,23 @@ SCALE_ARGS = ("k_scale", "v_scale")  # an FP8 cache's (None otherwise)
 def extend_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """The ``moa_flex::cache_extend`` nodes of a graph (one per layer in a prefill over a cache)."""
     return [n for n in graph.nodes if n.op == "call_function" and n.target in EXTEND]
+
+
+INDEX_EXTEND = (torch.ops.moa_flex.index_extend, torch.ops.moa_flex.index_extend.default)
+
+
+def index_extend_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The ``moa_flex::index_extend`` nodes of a graph (an indexer's writes, DeepSeek Sparse Attention)."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in INDEX_EXTEND]
+
+
+def _set_arg(node: torch.fx.Node, index: int, names: tuple[str, ...], value: object) -> None:
+    """Set ``node``'s argument at ``index`` (or, where Dynamo recorded it by name, that kwarg)."""
+    for name in names:
+        if name in node.kwargs:
+            node.update_kwarg(name, value)
+            return
+    node.update_arg(index, value)
 
 
 def _aligned_queries(graph: torch.fx.Graph, node: torch.fx.Node, q: torch.fx.Node,
@@ -70,7 +88,7 @@ def _aligned_queries(graph: torch.fx.Graph, node: torch.fx.Node, q: torch.fx.Nod
 def rewrite_prefill(
     gm: torch.fx.GraphModule, plan: Plan, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, verify: bool = False, latent: LatentDims | None = None,
-    kv_sources: Mapping[int, int] | None = None,
+    kv_sources: Mapping[int, int] | None = None, runtime_id: int | None = None, verify_id: int | None = None,
 ) -> PassReport:
     """Replace each layer's cache write and SDPA node by one chunk prefill over its MoA cache.
 
@@ -83,6 +101,11 @@ def rewrite_prefill(
     is projected to the model's values). ``kv_sources``: as for
     :func:`moa_flex.passes.decode_pass.rewrite_decode` (a reader's cache write sits in its
     source layer; its chunk prefill replaces the reader's attention, reading before writing).
+    A layer whose keys an indexer selects (DeepSeek Sparse Attention, passes/indexed.py), which the
+    chunk kernel does not take, keeps its write and attends through ``moa_flex::attention`` under
+    runtime ``runtime_id`` (``verify_id``: the check's): valid for the prefill of an empty cache
+    only, which the forward ensures (``runtime/forward.py``); its indexer's write
+    (``moa_flex::index_extend``) gets the chunk's left pads as the latent's write does.
     """
     if windows is None:
         raise ValueError("a prefill over a MoaCache needs each layer's own sliding window: compile with "
@@ -94,7 +117,10 @@ def rewrite_prefill(
     check_no_dropout([node for node, _ in attns.values()])
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)
-    check_masks_are_masks((node, layer) for layer, (node, _) in attns.items())
+    indexed = {layer for layer, (node, _) in attns.items() if selections(arg(node, 3, "attn_mask", None))}
+    if indexed and runtime_id is None:
+        raise ValueError("a prefill over a MoaCache of a model whose indexer selects keys needs the runtime's id")
+    check_masks_are_masks(((node, layer) for layer, (node, _) in attns.items()), kept=is_selection)
     layouts = {}  # per layer: how the call reads the keys and values it cached (the cache is written so)
     for layer in range(plan.num_layers):  # everything checked before anything changes
         extend_args = call_args(extends[layer][0], EXTEND_ARGS, SCALE_ARGS)
@@ -112,9 +138,20 @@ def rewrite_prefill(
             pads = graph.call_function(torch.ops.aten.slice.Tensor, (info, 0, 0, -1))
     report = PassReport(graph_module=gm)
     roots: list[torch.fx.Node] = []
+    selection_infos: dict[torch.fx.Node, torch.fx.Node] = {}
+    index_writes = by_layer(index_extend_nodes(graph), "index_extend", plan.model, "prefill") if indexed else {}
     for layer in range(plan.num_layers):
         node, path = attns[layer]
         extend = extends[layer][0]
+        if layer in indexed:  # the prompt of an empty cache: the write stays, attention with the selection
+            chunk_pads = call_args(extend, EXTEND_ARGS, SCALE_ARGS)[5] if pads is None else pads
+            for write, at in ((extend, 5), (index_writes[layer][0], 3)):
+                _set_arg(write, at, ("chunk_pads",), chunk_pads)
+            softcap = float(softcaps[layer]) if softcaps else 0.0
+            new = attend_selected(graph, node, layer, runtime_id, softcap, selection_infos, roots,
+                                  verify_id if verify else None, mask)
+            report.rewritten.append(RewrittenNode(layer, new.name, path))
+            continue
         # the cache's own sink (a guarded constant of the traced cache), not the compile-time
         # plan's: set_plan may switch to a plan with another sink
         keys, values, length, k_new, v_new, zeros, spans, caps, offsets, sink, k_scale, v_scale = call_args(

@@ -1,12 +1,14 @@
 """DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5, HY-V4, AXK2): an indexer selects each
 query's keys; the plan's rule goes into the indexer (its top-k picks among the keys the rule
-keeps) and the selection stays in the attention (passes/indexed.py).
+keeps) and the selection stays in the attention (passes/indexed.py), in forwards without a cache,
+the prefill of a MoA cache and the decode steps over it (the indexer's keys in a ring beside the
+latent).
 
 Oracles: the stock model (a dense plan changes nothing), and the independent reference
 (moa_flex/reference.py: float64 attention under the brute-force rule, the indexer's mask ANDed
 with the same rule by a forward hook, the selection read from the indices transformers hands
-the attention function). Decoding over a MoA cache is refused until the cache keeps the
-indexer's keys.
+the attention function; decoding checked by full forwards, ``planned_logits``), and
+transformers' own cache for the indexer keys the ring holds.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import moa_flex
 import moa_flex.reference as reference
 from moa_flex.masks import reference_mask, selection_keep
 from moa_flex.plan import ModelShape, Plan
-from moa_flex.reference import reference_logits
-from moa_flex.support import _random_plan, tiny_config
+from moa_flex.kernels.decode import slot_keep
+from moa_flex.kernels.slot_map import slot_positions
+from moa_flex.runtime.selection import earliest_topk
+from moa_flex.reference import planned_logits, reference_logits
+from moa_flex.support import _random_plan, check_type, tiny_config
 
 LENGTH = 24
 TOPK = 6  # below the rules' spans: the selection and the rule both cut
@@ -32,7 +37,9 @@ TOPK = 6  # below the rules' spans: the selection and the rule both cut
 
 def _dsa_model(model_type: str = "deepseek_v32") -> torch.nn.Module:
     config = tiny_config(model_type)
-    config.index_topk = TOPK
+    # 8 index heads: a key scored 0 by every head's ReLU (an exact tie, which torch.topk breaks
+    # by the tensor's length and order) is rare enough not to sit at the k-th place here
+    config.index_topk, config.index_n_heads = TOPK, 8
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -55,11 +62,48 @@ def _logits(model: torch.nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
         return model(**inputs, use_cache=False).logits
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v32", pytest.param("hy_v4", marks=pytest.mark.slow)])
+def test_sparse_attention_passes_the_matrix(model_type: str) -> None:
+    r = check_type(model_type)
+    assert (r.status, r.detail) == ("supported", "dense, sparse and generate match")
+
+
+class _IndexerScores(torch.overrides.TorchFunctionMode):
+    """Records the scores every top-k over [B, Q, K] floats ranks (an indexer's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.Tensor, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in (torch.topk, torch.Tensor.topk) and args[0].dim() == 3 and args[0].is_floating_point():
+            self.seen.append((args[0].detach().clone(), args[1] if len(args) > 1 else kwargs["k"]))
+        return func(*args, **kwargs)
+
+
+def _ties_at_the_kth(scores: list[tuple[torch.Tensor, int]]) -> int:
+    """Queries whose k-th and (k+1)-th best finite scores are equal: where torch.topk's own order
+    decides which keys the stock model selects."""
+    ties = 0
+    for x, k in scores:
+        top = x.sort(dim=-1, descending=True).values
+        if top.shape[-1] > k:
+            a, b = top[..., k - 1], top[..., k]
+            ties += int(((a == b) & torch.isfinite(b)).sum())
+    return ties
+
+
 @pytest.mark.parametrize("model_type", ["deepseek_v32", pytest.param("glm_moe_dsa", marks=pytest.mark.slow)])
 def test_a_dense_plan_is_the_stock_model(model_type: str) -> None:
+    """On an input where the stock model's selection is its own (no tie at the k-th score,
+    checked), a dense plan changes nothing."""
     model = _dsa_model(model_type)
     ids = _ids()
-    stock = _logits(model, input_ids=ids)
+    record = _IndexerScores()
+    with record:
+        stock = _logits(model, input_ids=ids)
+    assert record.seen and _ties_at_the_kth(record.seen) == 0
     dense = _logits(_compiled(model, Plan.dense(model.config)), input_ids=ids)
     assert float((dense - stock).abs().max()) <= 1e-5
 
@@ -117,9 +161,64 @@ def test_the_indexer_picks_among_the_kept_keys(monkeypatch: pytest.MonkeyPatch) 
     assert float((got - reference_logits(model, plan, input_ids=ids)).abs().max()) > 1e-2
 
 
-def test_generate_over_a_moa_cache_is_refused() -> None:
+PROMPT, NEW = 24, 6
+
+
+def _generate(model: torch.nn.Module, plan: Plan, prompt: int = PROMPT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A left-padded batch through generate over the MoA cache: (sequences, the 2-D mask of all
+    but the last token, the logits of each new token [B, NEW, V])."""
+    batch = torch.randint(3, 100, (2, prompt), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(batch)
+    mask[0, :prompt // 5] = 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    full = torch.cat([mask, torch.ones(2, NEW - 1, dtype=mask.dtype)], dim=1)
+    return out.sequences, full, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, 8])
+def test_generate_over_the_moa_cache_matches_the_reference(prompt: int) -> None:
+    """Prefill of the empty cache, then decode steps whose indexer scores the ring of its keys
+    with the rule's slots only (a short prompt leaves slots empty, which score 0 and must not be
+    picked), and whose kernel reads the selection: every new token's logits equal the reference's
+    at that position (planned for the request), tokens too."""
+    model = _dsa_model()
+    plan = _random_plan(model.config)
+    seq, mask, logits = _generate(_compiled(model, plan), plan, prompt)
+    ref = planned_logits(model, plan, prompt + NEW, seq[:, :-1], mask)[:, prompt - 1:]
+    assert torch.equal(ref.argmax(-1), seq[:, prompt:])
+    assert float((logits - ref).abs().max()) <= 1e-4
+
+
+def test_the_ring_holds_the_indexers_keys() -> None:
+    """After a request, each slot of the first layer's indexer ring holds the indexer key of the
+    position the slot map puts there, as transformers' own cache computed it for the same tokens
+    (the first layer's keys depend on the tokens alone; later layers' on the plan's attention)."""
+    model = _dsa_model()
+    plan = _random_plan(model.config)
+    seq, _, _ = _generate(_compiled(model, plan), plan)
+    cache = model.moa_flex.cache
+    row = seq[1:, :-1]  # the unpadded row: positions from 0
+    with torch.no_grad():
+        stock = model.moa_flex.original_forward(input_ids=row, use_cache=True).past_key_values
+    moa, want = cache.moa_layers[0], stock.layers[0].indexer_keys[0]  # [T, D]
+    pos = slot_positions(moa.caps[1:], moa.offsets, moa.sink, torch.tensor([row.shape[1] - 1]))[0]
+    held = pos >= 0
+    assert int(held.sum()) == min(int(moa.caps[1, 0]), row.shape[1]) < row.shape[1]  # the ring has wrapped
+    torch.testing.assert_close(moa.index_keys[1, held], want[pos[held]], rtol=0, atol=1e-5)
+    assert cache.memory_bytes() == sum(l.keys.nbytes + l.values.nbytes + l.index_keys.nbytes for l in cache.moa_layers)
+
+
+def test_a_later_turn_and_a_chunked_prompt_are_refused() -> None:
     model = _compiled(_dsa_model(), Plan.dense(tiny_config("deepseek_v32")))
-    with pytest.raises(NotImplementedError, match="does not yet keep the indexer's keys"):
+    _generate(model, Plan.dense(model.config))
+    cache = model.moa_flex.cache
+    with pytest.raises(NotImplementedError, match="already holds tokens"):
+        model(input_ids=_ids(2)[:, :3], past_key_values=cache)
+    model.moa_flex.prefill_chunk = 8
+    with pytest.raises(NotImplementedError, match="already holds tokens"):
         model.generate(input_ids=_ids(1), max_new_tokens=2, do_sample=False)
 
 
@@ -170,3 +269,37 @@ def test_selection_keep_is_the_rule_per_row(kv_len: int, sink: int, data: st.Dat
         rows = min(q_len, n)  # query rows past the pad; the ones inside it keep nothing
         want[q_len - rows:, pad:] = reference_mask(plan, 0, n, rows, n - rows, n)[0]
         assert torch.equal(got[b], want), (b, pad, spans[b])
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from([-2.0, -0.5, -0.0, 0.0, 0.25, 1.0, float("-inf")]), min_size=1, max_size=24),
+       st.data())
+def test_earliest_topk_breaks_ties_by_position(values: list[float], data: st.DataObject) -> None:
+    """Against a stable sort of the scores laid out in position order (heavy ties, -0.0, -inf)."""
+    k = data.draw(st.integers(1, len(values)))
+    positions = torch.tensor(data.draw(st.permutations(range(len(values)))))
+    scores = torch.tensor(values)
+    got = earliest_topk(scores, positions, k)
+    in_order = torch.empty_like(scores)
+    in_order[positions] = scores
+    want = torch.sort(in_order, descending=True, stable=True).indices[:k]  # positions
+    assert torch.equal(positions[got], want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 4), st.integers(0, 80), st.data())
+def test_slot_keep_is_the_rule_over_the_slots(sink: int, i: int, data: st.DataObject) -> None:
+    """The slots a decode step's indexer may pick: those holding a position the rule keeps for
+    the query at ``i`` (the slot map replayed by writing positions 0..i; caps exceed the sink, as
+    a plan's do)."""
+    cap = data.draw(st.integers(sink + 1, 40))
+    span = data.draw(st.integers(0, cap))
+    window = data.draw(st.sampled_from([0, 3, 7, -4]))
+    held: list[int | None] = [None] * cap
+    for p in range(i + 1):  # the writes, through the slot map
+        held[p if p < sink else sink + (p - sink) % (cap - sink)] = p
+    want = [p is not None and (p < sink or i - p < span - sink) and (window <= 0 or i - p < window)
+            and (window >= 0 or p // -window == i // -window) for p in held]
+    got = slot_keep(torch.tensor([0, cap], dtype=torch.int32), torch.tensor([[cap]], dtype=torch.int32),
+                    torch.tensor([[span, span]], dtype=torch.int32), torch.tensor([i]), sink, window, cap)
+    assert got[0].tolist() == want

@@ -109,11 +109,6 @@ def test_a_value_bias_is_carried_through() -> None:
     assert torch.equal(ref[:, 23:].argmax(-1), seq[:, 24:])
 
 
-def test_deepseek_sparse_attention_is_refused_by_name() -> None:
-    r = check_type("deepseek_v32")
-    assert r.status == "refused" and "DeepSeek Sparse Attention" in r.detail
-
-
 def test_attention_sublayers_must_follow_the_cache_numbering() -> None:
     """LongCat-Flash: decoder layer N holds self_attn.0 and .1 answering to layer_idx 2N and 2N + 1,
     which the passes assume (passes/nodes.py call_layers); another numbering is refused by name."""

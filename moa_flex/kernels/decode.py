@@ -296,6 +296,27 @@ def ragged_decode_reference(
     return torch.einsum("bhs,bsd->bhd", probs, cache_values(v, v_scale)).to(q.dtype)
 
 
+def slot_keep(offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, pos: torch.Tensor, sink: int,
+              window: int, S: int) -> torch.Tensor:
+    """Bool [B, S]: the slots of a one-group cache (``offsets`` [2]) whose token the rule keeps
+    for each row's query at ``pos`` [B], for a layer whose heads share one rule (``spans``
+    [B, H], all equal per row: checked on the CPU). The slots an indexer beside the cache may
+    pick from (DeepSeek Sparse Attention); the twin's keep of any head, as the kernel keeps."""
+    if offsets.shape[0] != 2:
+        raise ValueError(f"slot_keep takes a cache of one KV group (a latent), got {offsets.shape[0] - 1} groups")
+    if spans.device.type == "cpu" and not is_fake(spans) and bool((spans != spans[:, :1]).any()):
+        raise ValueError("slot_keep needs one span per row for all heads (an indexer selects for all of them)")
+    B = caps.shape[0]
+    local = torch.arange(S, device=caps.device).view(1, S)
+    cap = caps.to(torch.int64).view(B, 1)
+    i = pos.view(B, 1)
+    ring = (cap - sink).clamp(min=1)
+    p = torch.where(local < sink, local, i - torch.remainder(i - local, ring))
+    keep = (local < cap) & (local <= i) & ((p < sink) | (i - p < spans[:, :1].to(torch.int64) - sink))
+    limit = window_limit(window, i)
+    return keep & (i - p < limit) if limit is not None else keep
+
+
 def check_sinks(sinks: torch.Tensor | None, H: int, device: torch.device) -> None:
     """ValueError unless ``sinks`` is None or a float tensor [H] on ``device``."""
     if sinks is None:

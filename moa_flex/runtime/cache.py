@@ -34,8 +34,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_flex.architecture import (
-    INDEXED_CACHE_REFUSAL, OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_value_dim, codebook_rows, key_bias_columns, key_bias_problem, kv_sources,
-    latent_attention, layer_types,
+    OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_value_dim, codebook_rows, key_bias_columns, key_bias_problem, kv_sources,
+    latent_attention, layer_types, sparse_attention_indexer,
     text_config,
 )
 from moa_flex.kernels.decode import default_tiling, prepare_work
@@ -61,7 +61,8 @@ class MoaCacheLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, caps: torch.Tensor, spans: torch.Tensor, sink: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, value_dim: int | None = None, latent: bool = False) -> None:
+                 device: torch.device, value_dim: int | None = None, latent: bool = False,
+                 index: tuple[int, torch.dtype] | None = None) -> None:
         super().__init__()
         self.latent = latent  # latent attention: the model hands over (latent, rotary key), see update
         widths = caps.max(dim=0).values.long()
@@ -79,6 +80,12 @@ class MoaCacheLayer(CacheLayerMixin):
         self.caps = caps.to(self.device, torch.int32).contiguous()
         self.spans = spans.to(self.device, torch.int32).contiguous()
         self.length = torch.zeros(B, dtype=torch.long, device=self.device)
+        # DeepSeek Sparse Attention: the indexer's key of each kept token (index = (width, dtype)),
+        # in the latent's slots, with a count of its own (the model writes it after the latent)
+        self.index_keys = self.index_length = None
+        if index is not None:
+            self.index_keys = torch.zeros(B, S, index[0], dtype=index[1], device=self.device)
+            self.index_length = torch.zeros(B, dtype=torch.long, device=self.device)
         self.filled = False
         self.is_initialized = True
         # layers that attend this layer's keys and values (KV sharing): each keeps its own MoA
@@ -91,9 +98,10 @@ class MoaCacheLayer(CacheLayerMixin):
             prepare_work(self.offsets, B, default_tiling(head_dim, value_dim or head_dim, quant))
 
     def tensors(self) -> list[torch.Tensor]:
-        """Storage (values and an FP8 cache's scales) and layout tensors."""
+        """Storage (values, an FP8 cache's scales, an indexer's keys) and layout tensors."""
         scales = [] if self.k_scale is None else [self.k_scale, self.v_scale]
-        return [self.keys, self.values, *scales, self.caps, self.spans, self.length, self.offsets]
+        index = [] if self.index_keys is None else [self.index_keys, self.index_length]
+        return [self.keys, self.values, *scales, *index, self.caps, self.spans, self.length, self.offsets]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocated up front (the planned length is known): nothing to do."""
@@ -126,6 +134,22 @@ class MoaCacheLayer(CacheLayerMixin):
             layer.write(k_new, v_new)
         return key_states, value_states
 
+    def update_indexer(self, key_states: torch.Tensor) -> torch.Tensor:
+        """An indexer's keys [B, T, D] (DeepSeek Sparse Attention), written into the ring beside
+        the latent (``moa_flex::index_append`` / ``index_extend``, the same slot map). One token a
+        row (decode): the whole ring [B, S, D] comes back, so that the indexer scores every slot
+        (the decode pass masks the slots the rule does not keep, passes/indexed.py); several (the
+        prefill of an empty cache): the chunk's own keys, as from transformers' cache."""
+        if self.index_keys is None:
+            raise ValueError("this MoA cache keeps no indexer keys: it was built without the model's config")
+        if key_states.shape[-2] == 1:
+            torch.ops.moa_flex.index_append(self.index_keys, self.index_length, key_states, self.caps, self.offsets,
+                                            self.sink)
+            return self.index_keys
+        torch.ops.moa_flex.index_extend(self.index_keys, self.index_length, key_states,
+                                        torch.zeros_like(self.index_length), self.caps, self.offsets, self.sink)
+        return key_states
+
     def write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Record the write of new tokens' K/V [B, G, T, D]: ``cache_append`` for one token a row,
         ``cache_extend`` for several (see :meth:`update`)."""
@@ -148,15 +172,15 @@ class MoaCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        for t in (self.keys, self.values, self.k_scale, self.v_scale, self.length):
+        for t in (self.keys, self.values, self.k_scale, self.v_scale, self.length, self.index_keys, self.index_length):
             if t is not None:
                 t.zero_()
         self.filled = False
 
     def memory_bytes(self) -> int:
-        """Bytes of the K and V storage of this layer (an FP8 cache's scales included)."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.k_scale, self.v_scale)
-                   if t is not None)
+        """Bytes of the K and V storage of this layer (an FP8 cache's scales and an indexer's keys included)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.k_scale, self.v_scale,
+                                                          self.index_keys) if t is not None)
 
 
 class MoaCache(Cache):
@@ -223,8 +247,10 @@ class MoaCache(Cache):
         spans = torch.stack([plan.head_spans(n) for n in rows], dim=1)  # [L, B, H]
         caps, spans = _bounded_by_windows(caps, spans, plan.sink, windows)
         latent = config is not None and latent_attention(config) is not None
+        index = (int(text_config(config).index_head_dim), dtype) if config is not None and sparse_attention_indexer(
+            config) else None  # the indexer's keys stay in the model's dtype
         self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dims[l], storage, devices[l], value_dims[l],
-                                         latent) for l in range(plan.num_layers)]
+                                         latent, index) for l in range(plan.num_layers)]
         self.kv_sources = kv_sources(config, plan.model) if config is not None else {}
         for reader, source in sorted(self.kv_sources.items()):
             self.moa_layers[source].readers.append(self.moa_layers[reader])
@@ -260,8 +286,9 @@ class MoaCache(Cache):
         return all(layer.filled for layer in self.moa_layers)
 
     def update_indexer(self, key_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """An indexer's keys (DeepSeek Sparse Attention): not cached by moa-flex yet, refused."""
-        raise NotImplementedError(INDEXED_CACHE_REFUSAL)
+        """An indexer's keys [B, T, D] for decoder layer ``layer_idx`` (DeepSeek Sparse Attention):
+        :meth:`MoaCacheLayer.update_indexer` of its plan layer."""
+        return self.moa_layers[self.plan.model.plan_layer(layer_idx)].update_indexer(key_states)
 
     def mark_filled(self, tokens: int) -> None:
         """Called after each forward by moa_flex's forward wrapper (outside any graph)."""

@@ -108,13 +108,14 @@ def _input_length(args: tuple, kwargs: dict) -> int:
 
 def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwargs: dict) -> Any:
     check_cache(state, cache)
-    model = state.model_ref() if state.model_ref is not None else None
-    if model is not None and sparse_attention_indexer(model.config):
-        raise NotImplementedError(INDEXED_CACHE_REFUSAL)
     kwargs = _as_kwargs(state, args, kwargs)
     n = _input_length((), kwargs)
     if n < 1:
         raise ValueError("input_ids (or inputs_embeds) holds no tokens")
+    model = state.model_ref() if state.model_ref is not None else None
+    indexed = model is not None and sparse_attention_indexer(model.config)
+    if indexed and n > 1 and (cache.seen_tokens > 0 or (state.prefill_chunk or n) < n):
+        raise NotImplementedError(INDEXED_CACHE_REFUSAL)
     if cache.seen_tokens + n > cache.planned_length:
         raise ValueError(
             f"past the planned length: {cache.seen_tokens} tokens seen + {n} new > planned length "
@@ -123,9 +124,26 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
     if n == 1:
         out = _decode_step(state, cache, kwargs, n)
         cache.mark_filled(n)
+    elif indexed:  # the prompt over moa-flex attention with the indexer's selection (passes/indexed.py)
+        with _planned_for(state, cache.planned_length):
+            out = _prefill(state, cache, kwargs, n)
     else:
         out = _prefill(state, cache, kwargs, n)  # marks each chunk as it goes
     return out
+
+
+@contextlib.contextmanager
+def _planned_for(state: CompiledState, planned: int) -> Any:
+    """The runtimes plan attention calls for ``planned`` tokens (a cache's request) meanwhile."""
+    runtimes = [r for r in (state.runtime, state.verify_runtime) if r is not None]
+    before = [r.planned_length for r in runtimes]
+    for r in runtimes:
+        r.planned_length = planned
+    try:
+        yield
+    finally:
+        for r, length in zip(runtimes, before):
+            r.planned_length = length
 
 
 def check_cache(state: CompiledState, cache: MoaCache) -> None:

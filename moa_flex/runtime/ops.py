@@ -45,14 +45,15 @@ import torch
 
 from moa_flex.kernels.append import cache_append_triton
 from moa_flex.kernels.chunk import check_chunk_inputs, chunk_attention_reference, chunk_attention_triton
-from moa_flex.kernels.decode import check_decode_inputs, ragged_decode_reference, ragged_decode_triton
+from moa_flex.kernels.decode import check_decode_inputs, ragged_decode_reference, ragged_decode_triton, slot_keep
 from moa_flex.kernels.linear import (
     check_gated_inputs, check_linear_inputs, gated_mlp, gated_mlp_reference, grouped_linear, grouped_linear_reference,
 )
 from moa_flex.kernels.quant import is_quantized, quantize_fp8
 from moa_flex.masks import padding_info
 
-from .slots import cache_append_reference, cache_extend_reference
+from .selection import earliest_topk
+from .slots import cache_append_reference, cache_extend_reference, ring_append, ring_extend, slot_positions
 from .traceable import run_dbrx_experts
 from .verify import check_close, record_skip, too_large
 
@@ -264,6 +265,72 @@ def cache_extend(
 @cache_extend.register_fake
 def _(keys, values, length, k_new, v_new, chunk_pads, spans, caps, offsets, sink, k_scale, v_scale):  # noqa: ANN001, ANN202
     return None
+
+
+@torch.library.custom_op("moa_flex::index_extend", mutates_args=("ring", "length"))
+def index_extend(ring: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, chunk_pads: torch.Tensor,
+                 caps: torch.Tensor, offsets: torch.Tensor, sink: int) -> None:
+    """Write a chunk's indexer keys (``k_new`` [B, C, D], DeepSeek Sparse Attention) into the
+    layer's indexer ring [B, S, D] through the cache's slot map, as ``cache_extend`` writes the
+    latent (:func:`moa_flex.runtime.slots.ring_extend`); ``chunk_pads`` [B]: leading left pads."""
+    ring_extend(ring, length, k_new, chunk_start(length, chunk_pads), caps, offsets, sink)
+
+
+@index_extend.register_fake
+def _(ring, length, k_new, chunk_pads, caps, offsets, sink):  # noqa: ANN001, ANN202
+    return None
+
+
+@torch.library.custom_op("moa_flex::index_append", mutates_args=("ring", "length"))
+def index_append(ring: torch.Tensor, length: torch.Tensor, k_new: torch.Tensor, caps: torch.Tensor,
+                 offsets: torch.Tensor, sink: int) -> None:
+    """Write one token's indexer key per row (``k_new`` [B, 1, D]) into its slot of the ring
+    (:func:`moa_flex.runtime.slots.ring_append`); ``length += 1``."""
+    ring_append(ring, length, k_new, caps, offsets, sink)
+
+
+@index_append.register_fake
+def _(ring, length, k_new, caps, offsets, sink):  # noqa: ANN001, ANN202
+    return None
+
+
+@torch.library.custom_op("moa_flex::slot_keep", mutates_args=())
+def slot_keep_op(keys: torch.Tensor, offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, pos: torch.Tensor,
+                 sink: int, window: int) -> torch.Tensor:
+    """Bool [B, S] over a one-group cache ``keys`` [B, S, D]: the slots the rule keeps for each
+    row's query at ``pos`` (:func:`moa_flex.kernels.decode.slot_keep`), where a decode step's
+    indexer picks (DeepSeek Sparse Attention)."""
+    return slot_keep(offsets, caps, spans, pos, sink, window, keys.shape[1])
+
+
+@slot_keep_op.register_fake
+def _(keys, offsets, caps, spans, pos, sink, window):  # noqa: ANN001, ANN202
+    return keys.new_empty(keys.shape[:2], dtype=torch.bool)
+
+
+@torch.library.custom_op("moa_flex::slot_position", mutates_args=())
+def slot_position(keys: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, pos: torch.Tensor,
+                  sink: int) -> torch.Tensor:
+    """LongTensor [B, S]: the logical position each slot of ``keys`` [B, S, D] holds once
+    positions up to ``pos`` [B] were written (-1: none; :func:`moa_flex.kernels.slot_map.slot_positions`)."""
+    return slot_positions(caps, offsets, sink, pos)
+
+
+@slot_position.register_fake
+def _(keys, caps, offsets, pos, sink):  # noqa: ANN001, ANN202
+    return keys.new_empty(keys.shape[:2], dtype=torch.long)
+
+
+@torch.library.custom_op("moa_flex::topk_earliest", mutates_args=())
+def topk_earliest(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the ``k`` best ``scores`` along the last dim, ties to the earlier
+    position (:func:`moa_flex.runtime.selection.earliest_topk`): an indexer's top-k."""
+    return earliest_topk(scores, positions, k)
+
+
+@topk_earliest.register_fake
+def _(scores, positions, k):  # noqa: ANN001, ANN202
+    return scores.new_empty((*scores.shape[:-1], k), dtype=torch.long)
 
 
 @torch.library.custom_op("moa_flex::cache_append", mutates_args=("keys", "values", "length", "k_scale", "v_scale"))

@@ -22,7 +22,8 @@ import torch
 from moa_flex.kernels.quant import is_quantized, quantize_fp8
 from moa_flex.kernels.slot_map import flat_group_index, slot_positions
 
-__all__ = ["cache_append_reference", "cache_extend_reference", "flat_group_index", "slot_positions"]
+__all__ = ["cache_append_reference", "cache_extend_reference", "flat_group_index", "ring_append", "ring_extend",
+           "slot_positions"]
 
 
 def _quantized_pair(cache: torch.Tensor, new: torch.Tensor, scale: torch.Tensor | None
@@ -106,4 +107,34 @@ def cache_append_reference(
         cache[rows, flat] = stored
         if stored_scale is not None:
             scales[rows, flat] = stored_scale
+    length.add_(1)
+
+
+def ring_extend(ring: torch.Tensor, length: torch.Tensor, new: torch.Tensor, start: torch.Tensor, caps: torch.Tensor,
+                offsets: torch.Tensor, sink: int) -> None:
+    """Write a chunk of one tensor per token (``new`` [B, C, D], chunk index ``c`` of row ``b``
+    at logical position ``start[b] + c``) into ``ring`` [B, S, D] through the cache's slot map,
+    as :func:`cache_extend_reference` writes keys: an indexer's keys beside a layer's cache
+    (DeepSeek Sparse Attention), in the ring's dtype; ``length`` advances likewise."""
+    B, C, _ = new.shape
+    n = length.long()
+    last = torch.maximum(start.long() + C - 1, n - 1)
+    pos = slot_positions(caps, offsets, sink, last)  # [B, S]
+    fresh = (pos >= n.view(B, 1)).unsqueeze(-1)
+    src = (pos - start.long().view(B, 1)).clamp(0, C - 1)
+    rows = new.to(ring.dtype)[torch.arange(B, device=ring.device).view(B, 1), src]  # [B, S, D]
+    ring.copy_(torch.where(fresh, rows, ring))
+    length.copy_(last + 1)
+
+
+def ring_append(ring: torch.Tensor, length: torch.Tensor, new: torch.Tensor, caps: torch.Tensor,
+                offsets: torch.Tensor, sink: int) -> None:
+    """Write one token per row (``new`` [B, 1, D], logical position ``length[b]``) into its slot
+    of every group of ``ring`` [B, S, D], as :func:`cache_append_reference` does; ``length += 1``."""
+    B, G = caps.shape
+    p = length.long().view(B, 1)
+    slot = torch.where(p < sink, p, sink + torch.remainder(p - sink, (caps.long() - sink).clamp(min=1)))  # [B, G]
+    flat = offsets[:-1].to(ring.device).long().view(1, G) + slot
+    rows = torch.arange(B, device=ring.device).view(B, 1).expand(B, G)
+    ring[rows, flat] = new[:, 0].to(ring.dtype).unsqueeze(1).expand(B, G, new.shape[-1])
     length.add_(1)
