@@ -25,9 +25,10 @@ def softcaps(config: Any, num_layers: int) -> list[float]:
     return [float(cap) if cap else 0.0] * num_layers
 
 
-# indexed_attention: causal attention over the keys an indexer selects (DeepSeek Sparse
-# Attention; the passes compose the plan with the selection: passes/indexed.py)
-MODELED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "indexed_attention")
+# causal attention over the keys an indexer selects (DeepSeek Sparse Attention; the passes compose
+# the plan with the selection: passes/indexed.py): transformers 5.25's name, and 5.17's
+INDEXED_LAYER_TYPES = ("indexed_attention", "deepseek_sparse_attention")
+MODELED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", *INDEXED_LAYER_TYPES)
 # layers holding softmax attention and a linear-attention / Mamba state side by side (Falcon-H1,
 # Zamba): planned as the attention type named, their state left to transformers
 WITH_STATE_LAYER_TYPES = {"hybrid": "full_attention", "hybrid_sliding": "sliding_attention"}
@@ -301,7 +302,7 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
                          "transformers, nothing else")
     if planned is None:
         return [int(window) if window else None] * shape.num_layers
-    if "indexed_attention" in planned and not sparse_attention_indexer(config):
+    if any(t in INDEXED_LAYER_TYPES for t in planned) and not sparse_attention_indexer(config):
         raise ValueError(f"{type(config).__name__} has indexed_attention layers whose indexer is not DeepSeek Sparse "
                          "Attention's (a top-k of keys beside latent attention): a selection of blocks or a score "
                          "threshold, which moa-flex does not compose with a plan")
