@@ -17,6 +17,16 @@ mask, which the attention op ANDs in densely, with the left pads read from the m
 selection (``moa_flex::selection_info``). The selection is a choice of keys by content, so
 ``mask_sources`` does not walk through the indices (it would take them for a score bias); the
 rest of the mask is checked like any other.
+
+Over a MoA cache: the prefill of an empty cache attends as above, beside the cache writes of
+the latent and of the indexer's keys (``moa_flex::index_extend``; the chunk kernel takes no
+selection, so a prefill over a cache holding tokens is refused before tracing). In a decode
+step the cache hands the indexer its whole ring of keys (``MoaCacheLayer.update_indexer``); the
+``topk`` input gets ``-inf`` at the slots holding no token the rule keeps
+(``moa_flex::slot_keep``), and the selected slots reach ``moa_flex::ragged_decode`` as its
+``select``. Everywhere the ``topk`` becomes ``moa_flex::topk_earliest``: equal scores go to the
+earlier position, so a prefill and a decode step select the same keys
+(moa_flex/runtime/selection.py).
 """
 
 from __future__ import annotations
@@ -26,18 +36,19 @@ import operator
 import torch
 import torch.fx
 
-import moa_flex.runtime.ops  # noqa: F401  (registers moa_flex::index_keep / selection_info)
+import moa_flex.runtime.ops  # noqa: F401  (registers index_keep, selection_info, slot_keep, topk_earliest)
 
 from .eager_attention import MODEL_OUTPUT
 from .mask_sources import mask_sources_until
 from .nodes import alibi_of, arg, erase_with_inputs, key_bias_of, recorded_value, sinks_of
 
 _TOPK = ("topk",)
-_COMBINE_METHODS = ("masked_fill", "__and__", "logical_and", "mul")
-_COMBINE_FUNCTIONS = (operator.and_, torch.logical_and, torch.Tensor.masked_fill, torch.masked_fill, operator.mul)
+_COMBINE_METHODS = ("masked_fill", "__and__", "logical_and")  # a mask ANDed with a selection
+_COMBINE_FUNCTIONS = (operator.and_, torch.logical_and, torch.Tensor.masked_fill, torch.masked_fill)
 
 
 def is_topk(node: object) -> bool:
+    """A ``topk`` call (method or function)."""
     return isinstance(node, torch.fx.Node) and (
         (node.op == "call_method" and node.target in _TOPK) or (node.op == "call_function" and node.target is torch.topk))
 
