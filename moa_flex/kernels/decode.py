@@ -296,6 +296,18 @@ def ragged_decode_reference(
     return torch.einsum("bhs,bsd->bhd", probs, cache_values(v, v_scale)).to(q.dtype)
 
 
+def one_group_positions(caps: torch.Tensor, pos: torch.Tensor, sink: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, held), [B, S] each, for a cache of one KV group (``caps`` [B, 1], ``S`` slots) whose
+    rows' newest position is ``pos`` [B]: the logical position each slot holds and whether it
+    holds one. No host read (a CUDA graph may capture it)."""
+    B = caps.shape[0]
+    local = torch.arange(S, device=caps.device).view(1, S)
+    cap = caps.to(torch.int64).view(B, 1)
+    i = pos.view(B, 1)
+    p = torch.where(local < sink, local, i - torch.remainder(i - local, (cap - sink).clamp(min=1)))
+    return p, (local < cap) & (local <= i)
+
+
 def slot_keep(offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, pos: torch.Tensor, sink: int,
               window: int, S: int) -> torch.Tensor:
     """Bool [B, S]: the slots of a one-group cache (``offsets`` [2]) whose token the rule keeps
@@ -306,13 +318,9 @@ def slot_keep(offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, po
         raise ValueError(f"slot_keep takes a cache of one KV group (a latent), got {offsets.shape[0] - 1} groups")
     if spans.device.type == "cpu" and not is_fake(spans) and bool((spans != spans[:, :1]).any()):
         raise ValueError("slot_keep needs one span per row for all heads (an indexer selects for all of them)")
-    B = caps.shape[0]
-    local = torch.arange(S, device=caps.device).view(1, S)
-    cap = caps.to(torch.int64).view(B, 1)
-    i = pos.view(B, 1)
-    ring = (cap - sink).clamp(min=1)
-    p = torch.where(local < sink, local, i - torch.remainder(i - local, ring))
-    keep = (local < cap) & (local <= i) & ((p < sink) | (i - p < spans[:, :1].to(torch.int64) - sink))
+    p, held = one_group_positions(caps, pos, sink, S)
+    i = pos.view(-1, 1)
+    keep = held & ((p < sink) | (i - p < spans[:, :1].to(torch.int64) - sink))
     limit = window_limit(window, i)
     return keep & (i - p < limit) if limit is not None else keep
 

@@ -45,7 +45,9 @@ import torch
 
 from moa_flex.kernels.append import cache_append_triton
 from moa_flex.kernels.chunk import check_chunk_inputs, chunk_attention_reference, chunk_attention_triton
-from moa_flex.kernels.decode import check_decode_inputs, ragged_decode_reference, ragged_decode_triton, slot_keep
+from moa_flex.kernels.decode import (
+    check_decode_inputs, one_group_positions, ragged_decode_reference, ragged_decode_triton, slot_keep,
+)
 from moa_flex.kernels.linear import (
     check_gated_inputs, check_linear_inputs, gated_mlp, gated_mlp_reference, grouped_linear, grouped_linear_reference,
 )
@@ -53,7 +55,7 @@ from moa_flex.kernels.quant import is_quantized, quantize_fp8
 from moa_flex.masks import padding_info
 
 from .selection import earliest_topk
-from .slots import cache_append_reference, cache_extend_reference, ring_append, ring_extend, slot_positions
+from .slots import cache_append_reference, cache_extend_reference, ring_append, ring_extend
 from .traceable import run_dbrx_experts
 from .verify import check_close, record_skip, too_large
 
@@ -311,9 +313,13 @@ def _(keys, offsets, caps, spans, pos, sink, window):  # noqa: ANN001, ANN202
 @torch.library.custom_op("moa_flex::slot_position", mutates_args=())
 def slot_position(keys: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, pos: torch.Tensor,
                   sink: int) -> torch.Tensor:
-    """LongTensor [B, S]: the logical position each slot of ``keys`` [B, S, D] holds once
-    positions up to ``pos`` [B] were written (-1: none; :func:`moa_flex.kernels.slot_map.slot_positions`)."""
-    return slot_positions(caps, offsets, sink, pos)
+    """LongTensor [B, S]: the logical position each slot of a one-group cache ``keys`` [B, S, D]
+    holds once positions up to ``pos`` [B] were written (-1: none; as
+    :func:`moa_flex.kernels.slot_map.slot_positions`, without reading ``offsets`` on the host)."""
+    if offsets.shape[0] != 2:
+        raise ValueError(f"slot_position takes a cache of one KV group (a latent), got {offsets.shape[0] - 1} groups")
+    p, held = one_group_positions(caps, pos, sink, keys.shape[1])
+    return torch.where(held, p, torch.full_like(p, -1))
 
 
 @slot_position.register_fake
