@@ -40,12 +40,14 @@ def test_kernels_compile_for_sm90_within_shared_memory() -> None:
     """An FP8 cache at head dim 128 with soft-cap, window and sinks: every option's code, and the
     chunk kernel's largest tiles at this width (scales beside the values)."""
     compiled = _compiled("fp8", "--sass")
-    assert sum("QUANT': True" in line for line in compiled) == 4  # append, decode (both modes) and chunk
-    loops = [line for line in compiled if line.startswith("  its loop: ")]  # one per decode kernel (both modes)
+    # append, decode (both modes, without and with an indexer's selection) and chunk
+    assert sum("QUANT': True" in line for line in compiled) == 6
+    loops = [line for line in compiled if line.startswith("  its loop: ")]  # one per decode kernel
     counts = [tuple(map(int, re.findall(r"(\d+) (?:SASS|on the path)", line))) for line in loops]
-    assert len(counts) == 2 and all(0 < path <= body for body, path in counts), loops
-    assert sum("V_PAIRS': True" in line for line in compiled) == 1
-    assert sum("HAS_SOFTCAP': True" in line for line in compiled) == 3  # decode (both modes) and chunk
+    assert len(counts) == 4 and all(0 < path <= body for body, path in counts), loops
+    assert sum("V_PAIRS': True" in line for line in compiled) == 2
+    assert sum("HAS_SELECT': True" in line for line in compiled) == 2
+    assert sum("HAS_SOFTCAP': True" in line for line in compiled) == 5  # decode (four) and chunk
 
 
 @pytest.mark.slow  # 11 s: kept out of the default run, which compiles the same kernels with every option on
@@ -57,8 +59,9 @@ def test_kernels_compile_for_sm90_with_a_bf16_cache() -> None:
 
 @pytest.mark.slow  # the chunk kernel at 1024-wide tiles takes 20 s to compile (make test-slow)
 def test_kernels_compile_at_latent_widths() -> None:
-    """A latent cache (DeepSeek-V3: keys 576 wide, values 512): the chunk kernel's tiles fit."""
-    assert sum("D=576" in line for line in _compiled("latent")) == 3
+    """A latent cache (DeepSeek-V3: keys 576 wide, values 512): the chunk kernel's tiles fit; the
+    decode kernel with and without an indexer's selection (DeepSeek-V3.2)."""
+    assert sum("D=576" in line for line in _compiled("latent")) == 4
 
 
 @pytest.mark.slow  # 30 s (make test-slow)
@@ -73,4 +76,4 @@ def test_kernels_compile_with_a_key_bias_column() -> None:
 def test_kernels_compile_in_float32_at_head_dim_128() -> None:
     """fp32 at head dim 128 with soft-cap, window and sinks: the chunk kernel's largest tiles
     (229888 bytes of shared memory, 1% under Hopper's 232448)."""
-    assert sum("D=128" in line for line in _compiled("fp32")) == 3
+    assert sum("D=128" in line for line in _compiled("fp32")) == 4  # append, chunk, decode without and with a selection
