@@ -35,8 +35,8 @@ torch._dynamo.config.accumulated_recompile_limit = 4096
 # starts last and leaves one core idle (by xdist's default order, the number of tests a file holds, the one-test
 # tests/test_kernel_aot.py (20 s) ran last while the other worker had been idle for 14 s).
 FILE_SECONDS = {
-    "test_indexed.py": 48, "test_generate.py": 47, "test_support.py": 47, "test_longctx.py": 41, "test_compile.py": 41,
-    "test_precompiled.py": 36, "test_readme.py": 36, "test_masks.py": 28, "test_chunk.py": 22, "test_fp8.py": 21,
+    "test_generate.py": 47, "test_support.py": 47, "test_longctx.py": 41, "test_compile.py": 41,
+    "test_precompiled.py": 36, "test_readme.py": 36, "test_masks.py": 28, "test_indexed.py": 22, "test_chunk.py": 22, "test_fp8.py": 21,
     "test_chunked_attention.py": 20, "test_eager_attention.py": 20, "test_flex_pass.py": 19,
     "test_pass_invariants.py": 18, "test_kernel_aot.py": 16, "test_latent.py": 16, "test_linear_pass.py": 12,
     "test_loops.py": 12, "test_cycles.py": 11, "test_startup.py": 10,

@@ -111,7 +111,8 @@ def _ties_at_the_kth(scores: list[tuple[torch.Tensor, int]]) -> int:
     return ties
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v32", pytest.param("glm_moe_dsa", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 4 s (make test-slow); the matrix checks a dense plan of every DSA type too
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa"])
 def test_a_dense_plan_is_the_stock_model(model_type: str) -> None:
     """On an input where the stock model's selection is its own (no tie at the k-th score,
     checked), a dense plan changes nothing."""
@@ -166,6 +167,7 @@ def test_regional_compilation_shares_indexed_layers() -> None:
     assert report.layers == [0, 1, 2] and report.shared == {2: 1}, report
 
 
+@pytest.mark.slow  # 4 s (make test-slow): the composition's alternative is far off
 def test_the_indexer_picks_among_the_kept_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     """Selecting first and applying the rule after gives other logits (so the composition is
     tested): the reference without its indexer hook is far from moa-flex's output."""
@@ -196,7 +198,7 @@ def _generate(model: torch.nn.Module, plan: Plan, prompt: int = PROMPT) -> tuple
 
 
 @latent_cache
-@pytest.mark.parametrize("prompt", [PROMPT, 8])
+@pytest.mark.parametrize("prompt", [pytest.param(PROMPT, marks=pytest.mark.slow), 8])  # 24: 8 s, make test-slow
 def test_generate_over_the_moa_cache_matches_the_reference(prompt: int) -> None:
     """Prefill of the empty cache, then decode steps whose indexer scores the ring of its keys
     with the rule's slots only (a short prompt leaves slots empty, which score 0 and must not be
@@ -228,6 +230,7 @@ def _check_ring(model: torch.nn.Module, seq: torch.Tensor) -> None:
     assert cache.memory_bytes() == sum(l.keys.nbytes + l.values.nbytes + l.index_keys.nbytes for l in cache.moa_layers)
 
 
+@pytest.mark.slow  # 7 s (make test-slow)
 @latent_cache
 def test_a_later_turn_and_a_chunked_prompt_are_refused() -> None:
     model = _compiled(_dsa_model(), Plan.dense(tiny_config("deepseek_v32")))
@@ -240,6 +243,7 @@ def test_a_later_turn_and_a_chunked_prompt_are_refused() -> None:
         model.generate(input_ids=_ids(1), max_new_tokens=2, do_sample=False)
 
 
+@pytest.mark.slow  # 4 s (make test-slow)
 def test_per_head_rules_are_refused_in_an_indexed_layer() -> None:
     """One selection serves all heads of a layer, so their rule must be one."""
     model = _dsa_model()
