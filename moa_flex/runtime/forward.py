@@ -125,7 +125,7 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
         out = _decode_step(state, cache, kwargs, n)
         cache.mark_filled(n)
     elif indexed:  # the prompt over moa-flex attention with the indexer's selection (passes/indexed.py)
-        with _planned_for(state, cache.planned_length):
+        with planned_for(state, cache.planned_length):
             out = _prefill(state, cache, kwargs, n)
     else:
         out = _prefill(state, cache, kwargs, n)  # marks each chunk as it goes
@@ -133,7 +133,7 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
 
 
 @contextlib.contextmanager
-def _planned_for(state: CompiledState, planned: int) -> Any:
+def planned_for(state: CompiledState, planned: int) -> Any:
     """The runtimes plan attention calls for ``planned`` tokens (a cache's request) meanwhile."""
     runtimes = [r for r in (state.runtime, state.verify_runtime) if r is not None]
     before = [r.planned_length for r in runtimes]

@@ -36,6 +36,7 @@ import torch
 from moa_flex.architecture import codebook_rows, layer_placement, sequence_mask
 
 from .cache import MoaCache
+from .forward import planned_for
 from .decode_loop import decode_loop
 
 if TYPE_CHECKING:
@@ -144,15 +145,8 @@ def _recomputing(model: torch.nn.Module, state: "CompiledState", params: dict, t
     planned = state.max_length or total
     if total > planned:
         raise ValueError(f"prompt + max_new_tokens ({total}) exceeds compile's max_length={planned}")
-    runtimes = [r for r in (state.runtime, state.verify_runtime) if r is not None]
-    before = [r.planned_length for r in runtimes]
-    for r in runtimes:
-        r.planned_length = planned
-    try:
+    with planned_for(state, planned):
         return state.original_generate(**params)
-    finally:
-        for r, length in zip(runtimes, before):
-            r.planned_length = length
 
 
 def _own_loop(model: torch.nn.Module, state: "CompiledState", params: dict, streamer: Any) -> Any:
