@@ -22,7 +22,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from moa_flex.architecture import (
-    attention_layers, cached_key_dim, cached_value_dim, key_bias_columns, call_kv_heads, call_slots, text_config,
+    attention_layers, cached_key_dim, cached_value_dim, key_bias_columns, call_kv_heads, call_slots,
+    sparse_attention_indexer, text_config,
 )
 
 FORMAT = "moa-flex.plan/1"
@@ -72,6 +73,9 @@ class ModelShape:
     per forward, each loop on cache slots of its own (Dory), the plan's layers are the cache slots,
     and this is the slot of each attention call of one forward in call order
     (``architecture.call_slots``); None where calls map to layers by module or in call order.
+    ``index_dim``: the width of the indexer key the cache keeps beside each kept token of a
+    DeepSeek Sparse Attention model (``index_head_dim``, stored in the model's dtype); budgets in
+    bytes count it. None for every other model.
     """
 
     num_layers: int
@@ -83,6 +87,7 @@ class ModelShape:
     total_layers: int | None = None
     value_dim: int | None = None
     call_slots: tuple[int, ...] | None = None
+    index_dim: int | None = None
 
     @property
     def layer_indices(self) -> tuple[int, ...]:
@@ -129,17 +134,19 @@ class ModelShape:
         name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")
         head_dim = cached_key_dim(config, head_dim)  # latent attention: the latent and rotary key
         value_dim = _value_dim(config, head_dim)
+        index_dim = int(config.index_head_dim) if sparse_attention_indexer(config) else None
         slots = call_slots(config)
         if slots is not None:
             if layers is not None:
                 raise TypeError(f"{type(config).__name__} loops decoder layers with cache slots of their own and has "
                                 "layers without softmax attention; moa-flex models either, not both")
             return cls(len(slots), num_heads, int(num_kv_heads), head_dim, str(name), value_dim=value_dim,
-                       call_slots=slots)
+                       call_slots=slots, index_dim=index_dim)
         if layers is None:
-            return cls(num_layers, num_heads, int(num_kv_heads), head_dim, str(name), value_dim=value_dim)
+            return cls(num_layers, num_heads, int(num_kv_heads), head_dim, str(name), value_dim=value_dim,
+                       index_dim=index_dim)
         return cls(len(layers), num_heads, int(num_kv_heads), head_dim, str(name), layers=layers,
-                   total_layers=num_layers, value_dim=value_dim)
+                   total_layers=num_layers, value_dim=value_dim, index_dim=index_dim)
 
 
 def _value_dim(config: Any, head_dim: int | None) -> int | None:
@@ -251,6 +258,8 @@ class Plan:
             _check_int("plan.model.head_dim", model.head_dim, 1)
         if model.value_dim is not None:
             _check_int("plan.model.value_dim", model.value_dim, 1)
+        if model.index_dim is not None:
+            _check_int("plan.model.index_dim", model.index_dim, 1)
         if not isinstance(model.name, str):
             raise ValueError(f"plan.model.name must be a string, got {model.name!r}")
         _check_layers(model)
@@ -340,7 +349,7 @@ class Plan:
             if key not in m:
                 raise ValueError(f"plan.model.{key} is missing")
         unknown = set(m) - {"num_layers", "num_heads", "num_kv_heads", "head_dim", "name", "layers", "total_layers",
-                            "value_dim", "call_slots"}
+                            "value_dim", "call_slots", "index_dim"}
         if unknown:
             raise ValueError(f"plan.model has unknown fields {sorted(unknown)}")
         layers = m.get("layers")
@@ -354,6 +363,7 @@ class Plan:
             m["num_layers"], m["num_heads"], m["num_kv_heads"], m.get("head_dim"), m.get("name", ""),
             layers=None if layers is None else tuple(layers), total_layers=m.get("total_layers"),
             value_dim=m.get("value_dim"), call_slots=None if slots is None else tuple(slots),
+            index_dim=m.get("index_dim"),
         )
         return cls(
             shape,
@@ -479,6 +489,7 @@ class Plan:
                 **({} if m.layers is None else {"layers": list(m.layers), "total_layers": m.total_layers}),
                 **({} if m.value_dim is None else {"value_dim": m.value_dim}),
                 **({} if m.call_slots is None else {"call_slots": list(m.call_slots)}),
+                **({} if m.index_dim is None else {"index_dim": m.index_dim}),
             },
             "granularity": self.granularity,
             "sink": self.sink,

@@ -95,6 +95,39 @@ def test_gb_limit_counts_values_at_their_own_width(value_dim):
     assert "value_dim" not in Plan.dense(tiny_config("llama")).to_dict()["model"]
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa"])
+def test_gb_limit_counts_an_indexers_keys_by_the_caches_real_bytes(model_type):
+    """DeepSeek Sparse Attention: the cache keeps each kept token's indexer key beside its
+    latent (model dtype). A GB budget's bytes per slot equal a real MoaCache's bytes per slot,
+    for every cache dtype; the shape reads ``index_dim`` from the config and a plan keeps it."""
+    from moa_flex.runtime.cache import MoaCache
+    from moa_flex.support import tiny_config
+
+    config = tiny_config(model_type)
+    shape = ModelShape.from_config(config)
+    assert shape.index_dim == config.index_head_dim
+    plan = Plan.dense(config)
+    assert Plan.from_dict(plan.to_dict()).model == plan.model
+    assert "index_dim" not in Plan.dense(tiny_config("deepseek_v3")).to_dict()["model"]
+    N, batch = 96, 2
+    for model_dtype, kv in ((torch.bfloat16, "bf16"), (torch.bfloat16, "fp8"), (torch.float16, "fp16"),
+                            (torch.float32, "fp32")):
+        cache = MoaCache(plan, batch, N, dtype=model_dtype, config=config, kv_dtype=kv)
+        assert cache.moa_layers[0].index_keys is not None
+        if kv != "fp8":  # a dense plan's cache in the model's dtype is the dense cache, indexer keys too
+            assert cache.memory_bytes() == cache.dense_memory_bytes()
+        per_slot = cache.memory_bytes() / (cache.slots() * batch)
+        budget = Budget(gb=0.01, length=N, batch_size=batch, kv_dtype=kv)
+        assert budget.slot_limits([N], shape, 1) == {N: pytest.approx(0.01 * GB / (per_slot * batch), rel=1e-12)}
+    # without kv_dtype: dtype_bytes per value, the indexer's keys too
+    cache = MoaCache(plan, batch, N, dtype=torch.float32, config=config)
+    per_slot = cache.memory_bytes() / (cache.slots() * batch)
+    got = Budget(gb=0.01, length=N, batch_size=batch, dtype_bytes=4).slot_limits([N], shape, 1)[N]
+    assert got == pytest.approx(0.01 * GB / (per_slot * batch), rel=1e-12)
+    with pytest.raises(ValueError, match="one cache group"):
+        Budget(gb=0.01, length=N).slot_limits([N], shape, 2)
+
+
 def test_kv_dtype_names_dtypes_and_serialization():
     for value in ("fp8", "FP8", "float8_e4m3fn", "torch.float8_e4m3fn", FP8):
         assert Budget(gb=1.0, length=128, kv_dtype=value).kv_dtype == FP8

@@ -29,7 +29,11 @@ class Budget:
       the runtime's cache of that dtype stores (:func:`moa_flex.kernels.quant.bytes_per_vector`):
       ``head_dim * 2`` for bf16/fp16, ``head_dim * 4`` for fp32, ``head_dim + 4`` for fp8
       (one byte per value plus a float32 scale), so fp8 buys ``2 * head_dim / (head_dim + 4)``
-      times the slots of bf16.
+      times the slots of bf16. A DeepSeek Sparse Attention model's cache also keeps the
+      indexer's key of each kept token (``model.index_dim`` values in the model's dtype:
+      ``dtype_bytes`` each, or with ``kv_dtype`` 4 for an fp32 cache and 2 for any other, the
+      model dtype of an fp8/bf16/fp16 cache being bf16 or fp16), counted per slot of its
+      single latent group.
 
     ``kv_dtype``: the cache's storage dtype (a torch dtype or ``"bf16"``, ``"fp16"``, ``"fp32"``,
     ``"fp8"``; stored as the torch dtype), as passed to ``moa_flex.compile(..., kv_dtype=)``.
@@ -76,10 +80,18 @@ class Budget:
             return head_dim * self.dtype_bytes
         return bytes_per_vector(self.kv_dtype, head_dim)
 
-    def slot_bytes(self, head_dim: int, value_dim: int | None = None) -> int:
+    def index_value_bytes(self) -> int:
+        """Bytes of one value of an indexer's cached key (the model's dtype, see the class)."""
+        if self.kv_dtype is None:
+            return self.dtype_bytes
+        return 4 if self.kv_dtype == torch.float32 else 2
+
+    def slot_bytes(self, head_dim: int, value_dim: int | None = None, index_dim: int | None = None) -> int:
         """Cache bytes of one KV slot (K and V of one token and KV head) over the whole batch;
-        ``value_dim``: a value's width where it is not ``head_dim``."""
-        return (self.vector_bytes(head_dim) + self.vector_bytes(value_dim or head_dim)) * self.batch_size
+        ``value_dim``: a value's width where it is not ``head_dim``; ``index_dim``: the width of
+        an indexer key kept beside it (DeepSeek Sparse Attention)."""
+        index = (index_dim or 0) * self.index_value_bytes()
+        return (self.vector_bytes(head_dim) + self.vector_bytes(value_dim or head_dim) + index) * self.batch_size
 
     def slot_limits(self, lengths: Sequence[int], model: ModelShape, cache_groups: int) -> dict[int, float]:
         """{length: max KV slots per sequence summed over layers and cache groups}."""
@@ -90,7 +102,11 @@ class Budget:
             return {self.length: float(self.tokens)}
         if model.head_dim is None:
             raise ValueError("a budget in GB needs model.head_dim")
-        return {self.length: self.gb * GB / self.slot_bytes(model.head_dim, model.value_dim)}
+        if model.index_dim is not None and cache_groups != 1:
+            # one indexer key per token and layer: per slot only where a layer has one group (latent)
+            raise ValueError(f"a GB budget for a model with indexer keys expects one cache group (latent attention), "
+                             f"got {cache_groups}")
+        return {self.length: self.gb * GB / self.slot_bytes(model.head_dim, model.value_dim, model.index_dim)}
 
     def to_dict(self) -> dict:
         """The given fields, JSON-clean (``kv_dtype`` by name; ``dtype_bytes`` left out when

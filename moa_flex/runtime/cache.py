@@ -318,10 +318,13 @@ class MoaCache(Cache):
         return sum(layer.memory_bytes() for layer in self.moa_layers)
 
     def dense_memory_bytes(self) -> int:
-        """Bytes a dense cache of the same batch and planned length would take (K and V)."""
+        """Bytes a dense cache of the same batch and planned length would take (K and V, and an
+        indexer's key per token where the layers keep one)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
         dims = sum(self.head_dims) + sum(self.value_dims)
-        return dims * self.batch_size * self.plan.num_kv_heads * self.planned_length * elem
+        index = sum(l.index_keys.shape[-1] * l.index_keys.element_size() for l in self.moa_layers
+                    if l.index_keys is not None)
+        return (dims * self.plan.num_kv_heads * elem + index) * self.batch_size * self.planned_length
 
     def slots(self) -> int:
         """Slots allocated per row, summed over layers and groups."""
