@@ -83,7 +83,9 @@ def padding_info(attn_mask: torch.Tensor) -> torch.Tensor:
     """
     if attn_mask.dim() == 2:
         real = attn_mask.bool()
-        pads = torch.where(real.any(-1), real.int().argmax(-1), torch.zeros_like(real[:, 0], dtype=torch.long))
+        # a row without a real token is all padding (a prefill chunk inside a long left padding)
+        pads = torch.where(real.any(-1), real.int().argmax(-1), torch.full_like(real[:, 0], real.shape[-1],
+                                                                                dtype=torch.long))
         j = torch.arange(real.shape[-1], device=real.device).view(1, -1)
         simple = bool((real == (j >= pads.view(-1, 1))).all())
         return torch.cat([pads, pads.new_tensor([int(simple)])])
