@@ -13,8 +13,10 @@ cache at head dim 128 with soft-cap, window and sinks, the default), ``bf16`` (a
 head dim 128 without them), ``latent`` (a latent cache's 576 / 512), ``keybias`` (keys 129 wide,
 a per-key bias column beside head dim 128, fp32 and bf16), ``fp32`` (fp32 at head dim 128 with
 every option: the chunk kernel's largest tiles) or ``bench`` (bench/decode_kernel.py's bf16 and
-FP8 kernels). ``--sass`` also prints the decode kernel's loop length in SASS instructions (how
-many a thread issues per tile: the FP8 kernel is bound by them on an H200).
+FP8 kernels); ``fp8``, ``latent`` and ``fp32`` compile the decode kernel without and with an
+indexer's selection (DeepSeek Sparse Attention), ``latent`` the chunk kernel too. ``--sass`` also prints the decode
+kernel's loop length in SASS instructions (how many a thread issues per tile: the FP8 kernel is
+bound by them on an H200).
 """
 
 from __future__ import annotations
@@ -141,8 +143,13 @@ def _cases(which: str) -> None:
                                             softcap, sinks=sinks, fp8_mode=fp8_mode, select=select, **scales)
         qc = torch.randn(B, H, C, D, dtype=act)
         kc, vc = torch.randn(B, G, C, D, dtype=act), torch.randn(B, G, C, Dv, dtype=act)
-        chunk.chunk_attention_triton(qc, kc, vc, keys, values, offsets, caps, spans, length,
-                                     torch.zeros(B, dtype=torch.long), 4, window, 0.088, softcap, sinks=sinks, **scales)
+        # the chunk's selection, [B, C, S + C] (cache slots, then the chunk's keys): at a latent cache's widths,
+        # DeepSeek Sparse Attention's (its compile takes 11 s to 100 s a case, kept to the one that serves)
+        for select in selects if which == "latent" else (None,):
+            chunk.chunk_attention_triton(qc, kc, vc, keys, values, offsets, caps, spans, length,
+                                         torch.zeros(B, dtype=torch.long), 4, window, 0.088, softcap, sinks=sinks,
+                                         select=None if select is None else torch.ones(B, C, S + C, dtype=torch.bool),
+                                         **scales)
 
 
 def dims(signature: dict[str, str], constants: dict[str, Any]) -> str:

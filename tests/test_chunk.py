@@ -13,11 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moa_flex.kernels.chunk import chunk_attention_reference, chunk_attention_triton
+from moa_flex.kernels.chunk import check_chunk_inputs, chunk_attention_reference, chunk_attention_triton
 from moa_flex.kernels.quant import quantize_fp8
 from moa_flex.kernels.triton_support import interpreting, triton
 from moa_flex.runtime.slots import cache_extend_reference
-from chunk_cases import layouts, real_rows, tensors, whole_prompt_attention
+from chunk_cases import chunk_oracle, layouts, random_select, real_rows, tensors, whole_prompt_attention
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(triton is None or (KERNEL_DEVICE == "cpu" and not interpreting()),
@@ -286,3 +286,114 @@ def test_bad_alibi_is_refused() -> None:
         for fn in fns:
             with pytest.raises(ValueError, match=match):
                 fn(*args, alibi=bad)
+
+
+# ---------------------------------------------------------------------------------- an indexer's selection
+def selecting(attend, density: float, seed: int, **extra):  # noqa: ANN001, ANN201
+    """``attend`` with a fresh random selection per chunk call (:func:`random_select`, drawn in
+    call order from ``seed``: two schedules over the same layout draw the same selections)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        B, _, C, _ = args[0].shape
+        return attend(*args, select=random_select(B, C, args[3].shape[1], gen, density), **extra, **kwargs)
+    return call
+
+
+def kernel_on_device(*args, select: torch.Tensor, block_q: int = 16, block_n: int = 16,  # noqa: ANN002, ANN003
+                     **kwargs) -> torch.Tensor:
+    """The kernel on KERNEL_DEVICE with its output poisoned first (NaN), back on the CPU."""
+    dev = [a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    out = torch.full(args[0].shape[:3] + args[2].shape[3:], float("nan"), dtype=args[0].dtype, device=KERNEL_DEVICE)
+    kw = {k: t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for k, t in kwargs.items()}
+    return chunk_attention_triton(*dev, out=out, block_q=block_q, block_n=block_n, select=select.to(KERNEL_DEVICE), **kw).cpu()
+
+
+DENSITIES = st.sampled_from([1.0, 0.7, 0.3])  # 1: select all; below, some queries keep no key at all
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lay=layouts(), density=DENSITIES, with_sinks=st.booleans(), with_alibi=st.booleans())
+def test_twin_with_select_equals_brute_force(lay: dict, density: float, with_sinks: bool, with_alibi: bool) -> None:
+    """The twin with a selection, at every chunk of the chunked schedule (wrapped rings, padding),
+    equals a brute force built from the definition one (row, head, query) at a time: slot
+    positions written one by one, the keep rule and the selection, float64 softmax."""
+    q, k, v = tensors(lay, torch.float64)
+    extra = {"sinks": layout_sinks(lay) if with_sinks else None, "alibi": layout_alibi(lay) if with_alibi else None}
+
+    def checked(*args, select: torch.Tensor) -> torch.Tensor:  # noqa: ANN002
+        got = chunk_attention_reference(*args, select=select, **extra)
+        torch.testing.assert_close(got, chunk_oracle(*args, select=select, **extra), rtol=1e-9, atol=1e-9)
+        return got
+
+    chunked(lay, q, k, v, selecting(checked, density, lay["seed"]))
+
+
+@needs_kernel  # about 0.8 s a layout in the interpreter (two selections per chunk schedule)
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lay=layouts(), density=DENSITIES, block_q=st.sampled_from([16, 32]), with_sinks=st.booleans(),
+       with_alibi=st.booleans())
+def test_kernel_with_select_equals_twin_at_every_chunk(lay: dict, density: float, block_q: int, with_sinks: bool,
+                                                       with_alibi: bool) -> None:
+    """The kernel with a selection in the chunked schedule, output poisoned first, against the
+    twin: queries whose keys the selection drops all give zeros in both."""
+    q, k, v = tensors(lay)
+    extra = {"sinks": layout_sinks(lay).float() if with_sinks else None,
+             "alibi": layout_alibi(lay) if with_alibi else None}
+    got = chunked(dict(lay), q, k, v, selecting(kernel_on_device, density, lay["seed"], block_q=block_q, **extra))
+    want = chunked(dict(lay), q, k, v, selecting(chunk_attention_reference, density, lay["seed"], **extra))
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("spans", "fp8", "extras"), [([200, 200, 200, 200], False, False),
+                                                      ([200, 40, 120, 200], True, True)])
+def test_kernel_with_select_on_full_tiles_equals_twin(spans: list[int], fp8: bool, extras: bool) -> None:
+    """Tiles the rule keeps whole still apply the selection: wide spans over a long ring (most
+    tiles full), a random selection with a third of the queries left no key, output poisoned
+    first, against the twin; FP8 cache and chunk with learned sinks, ALiBi and a soft-cap in
+    one case."""
+    args, scales = full_tile_case(spans, fp8)
+    B, _, C, _ = args[0].shape
+    S = args[3].shape[1]
+    select = random_select(B, C, S, torch.Generator().manual_seed(5), 0.5)
+    select[:, ::3] = False
+    extra = {"sinks": torch.tensor([0.5, -1.0, 2.0, 0.0]), "alibi": torch.tensor([0.0625, -0.002, 0.25, 0.004])} \
+        if extras else {}
+    call = (*args, 0, 0.25, 1.5 if extras else 0.0)
+    want = chunk_attention_reference(*call, select=select, **scales, **extra)
+    got = kernel_on_device(*call, select=select, block_q=32, block_n=32, **scales, **extra)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    assert not got[:, :, ::3].any(), "queries with no selected key give zeros"
+    assert (want - chunk_attention_reference(*call, **scales, **extra)).abs().max() > 0.1, "the selection matters"
+
+
+@needs_kernel
+def test_select_all_true_equals_no_select_exactly() -> None:
+    """A selection of every key (here a stride-0 expanded tensor) changes nothing, bit for bit,
+    in the kernel (full and masked tiles) and in the twin."""
+    args, _ = full_tile_case([200, 40, 120, 200], False)
+    call = (*args, 0, 0.25, 0.0)
+    B, _, C, _ = args[0].shape
+    every = torch.ones(1, 1, 1, dtype=torch.bool).expand(B, C, args[3].shape[1] + C)
+    assert torch.equal(chunk_attention_reference(*call, select=every), chunk_attention_reference(*call))
+    dev = [a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in call]
+    plain = chunk_attention_triton(*dev, block_q=32, block_n=32)
+    assert torch.equal(chunk_attention_triton(*dev, block_q=32, block_n=32, select=every.to(KERNEL_DEVICE)), plain)
+
+
+def test_bad_select_is_refused() -> None:
+    """select must be None or bool [B, C, S + C] on q's device: ValueError naming the shape, from
+    the twin and the kernel's wrapper (before any launch); the check reads no tensor value."""
+    args = small_chunk_args()  # B = 1, C = 5, S = 10
+    ok = torch.ones(1, 5, 15, dtype=torch.bool)
+    chunk_attention_reference(*args, select=ok)
+    fns = [chunk_attention_reference] + ([chunk_attention_triton] if triton is not None else [])
+    for bad, match in ((ok.to(torch.uint8), r"select must be a bool tensor \[B, C, S \+ C\] = \[1, 5, 15\]"),
+                       (ok[:, :, :10], r"\[1, 5, 15\].*got torch.bool \(1, 5, 10\)"), (ok[0], r"\[1, 5, 15\]"),
+                       (ok.tolist(), "select must be a bool tensor"), (ok.to("meta"), "select is on meta")):
+        for fn in fns:
+            with pytest.raises(ValueError, match=match):
+                fn(*args, select=bad)
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    check_chunk_inputs(*meta, select=ok.to("meta"))  # metadata only: meta tensors hold no values

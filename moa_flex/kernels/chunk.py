@@ -16,7 +16,10 @@ Inputs, per layer (shapes of the ragged decode kernel, :mod:`moa_flex.kernels.de
 * ``length`` int64 ``[B]``: real tokens in the cache per row (``n``); the cache holds logical
   positions ``0 .. n-1`` through the slot map;
 * ``start`` int64 ``[B]``: logical position of the chunk's index 0 per row (negative where the
-  chunk begins with left padding: index ``c`` is padding iff ``start + c < 0``).
+  chunk begins with left padding: index ``c`` is padding iff ``start + c < 0``);
+* ``select`` bool ``[B, C, S + C]`` or None (DeepSeek Sparse Attention): the keys an indexer
+  picked for each query; column ``s < S`` is the flat cache slot ``s``, column ``S + c'`` the
+  chunk's key ``c'``.
 
 An FP8 cache (:mod:`moa_flex.kernels.quant`) passes ``k``/``v`` as float8_e4m3fn with
 ``k_scale``/``v_scale`` float32 ``[B, S]``; the chunk's own keys may be FP8 too (``k_new``/
@@ -33,7 +36,10 @@ window``; < 0: chunked local attention in chunks of ``-window`` tokens, ``p // C
 :func:`moa_flex.kernels.decode.window_limit`). Scores are ``scale * q.k`` (soft-capped if
 ``softcap > 0``), then with ALiBi slopes ``alibi`` float32 ``[H]`` (None: no bias) less
 ``alibi[h] * (i - p)`` for query head ``h``, in natural-log units like the scores (the kernel
-converts both to log2 units); softmax over kept keys.
+converts both to log2 units); softmax over kept keys. With ``select``, a key is kept only where
+the rule keeps it and ``select[b, c, column]`` is True. A query with no kept key (padding, or a
+selection that drops all its keys) gives zeros, with learned ``sinks`` too (the sink takes all
+the probability and has no value).
 
 Implementations:
 
@@ -46,8 +52,9 @@ Implementations:
   from ``i_min - reach`` on (in position order, so the ring's wrap needs no special case), the
   chunk's sink keys and its causal window; online softmax in fp32, int32 position arithmetic
   (positions < 2**31). Tiles whose every key every query of the block keeps (the interior of
-  the window, for blocks without padding) skip the masks, like FlexAttention's full blocks. Runs compiled on CUDA, in Triton's interpreter on
-  CPU tensors.
+  the window, for blocks without padding) skip the keep rule's masks, like FlexAttention's full
+  blocks; a selection is applied on every tile, full ones too. Runs compiled on CUDA, in
+  Triton's interpreter on CPU tensors.
 """
 
 from __future__ import annotations
@@ -74,9 +81,10 @@ def check_chunk_inputs(
     sink: int, window: int, scale: float, softcap: float, float_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None,
+    select: torch.Tensor | None = None,
 ) -> None:
     """Validate shapes, dtypes and devices (metadata only: never syncs a device); FP8 K/V need
-    their scales."""
+    their scales; ``select`` None or bool [B, C, S + C]."""
     named = (("q", q), ("k_new", k_new), ("v_new", v_new), ("k", k), ("v", v), ("offsets", offsets), ("caps", caps),
              ("spans", spans), ("length", length), ("start", start))
     for name, t in named:
@@ -118,6 +126,21 @@ def check_chunk_inputs(
         raise ValueError(f"scale must be finite, got {scale!r}")
     if not math.isfinite(softcap) or softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
+    check_chunk_select(select, B, C, k.shape[1], q.device)
+
+
+def check_chunk_select(select: torch.Tensor | None, B: int, C: int, S: int, device: torch.device) -> None:
+    """ValueError unless ``select`` is None or a bool tensor [B, C, S + C] on ``device`` (metadata only)."""
+    if select is None:
+        return
+    want = [B, C, S + C]
+    if not isinstance(select, torch.Tensor):
+        raise ValueError(f"select must be a bool tensor [B, C, S + C] = {want}, got {type(select).__name__}")
+    if select.dtype != torch.bool or list(select.shape) != want:
+        raise ValueError(f"select must be a bool tensor [B, C, S + C] = {want} (cache slots, then the chunk's keys), "
+                         f"got {select.dtype} {tuple(select.shape)}")
+    if select.device != device:
+        raise ValueError(f"select is on {select.device} but q is on {device}")
 
 
 def chunk_attention_reference(
@@ -126,18 +149,22 @@ def chunk_attention_reference(
     sink: int, window: int, scale: float, softcap: float, sinks: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
+    *, select: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The twin: keys of the cache and of the chunk with their logical positions, the keep rule
     evaluated on every (query, key), float64 softmax (``sinks`` [H]: learned sink logits, a
     softmax term with no value; ``alibi`` float32 [H]: ALiBi slopes, the bias ``-alibi[h] (i -
-    p)``); FP8 keys and values dequantized first. [B, H, C, Dv] in q's dtype."""
+    p)``; ``select`` bool [B, C, S + C]: an indexer's keys per query, and-ed into the keep
+    mask); FP8 keys and values dequantized first. [B, H, C, Dv] in q's dtype; a query with
+    no kept key gives zeros."""
     check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap,
-                       (*FLOAT_DTYPES, torch.float64), k_scale, v_scale, kn_scale, vn_scale)
+                       (*FLOAT_DTYPES, torch.float64), k_scale, v_scale, kn_scale, vn_scale, select)
     k, v = cache_values(k, k_scale), cache_values(v, v_scale)
     k_new, v_new = cache_values(k_new, kn_scale), cache_values(v_new, vn_scale)
     check_sinks(sinks, q.shape[1], q.device)
     check_alibi(alibi, q.shape[1], q.device)
     B, H, C, _ = q.shape
+    S = k.shape[1]
     G = offsets.shape[0] - 1
     hpg = H // G
     offs = [int(x) for x in offsets.tolist()]
@@ -152,6 +179,8 @@ def chunk_attention_reference(
             p = torch.cat([p_cache, j])  # [W + C]
             valid = torch.cat([p_cache >= 0, j >= 0])
             heads = slice(g * hpg, (g + 1) * hpg)
+            # the selection's columns of this group's keys: its cache slots, then the chunk's keys
+            cols = torch.cat([torch.arange(offs[g], offs[g + 1]), S + torch.arange(C)]).to(q.device)
             win = (spans[b, heads].to(torch.int64) - sink).view(hpg, 1, 1)
             slopes = None if alibi is None else alibi[heads].double().view(hpg, 1, 1)
             for c0 in range(0, C, QUERY_TILE):
@@ -161,6 +190,8 @@ def chunk_attention_reference(
                 limit = window_limit(window, i)
                 if limit is not None:
                     keep &= dist < limit
+                if select is not None:
+                    keep &= select[b, c0:c0 + QUERY_TILE][:, cols].unsqueeze(0)
                 x = scale * (q[b, heads, c0:c0 + QUERY_TILE].double() @ keys.T)
                 if softcap > 0:
                     x = softcap * torch.tanh(x / softcap)
@@ -177,19 +208,27 @@ if triton is not None:
 
     @triton.jit
     def _attend_tile(
-        m_i, l_i, acc, qt, k_rows, v_rows, ks_rows, vs_rows, p, key_ok, i, win, sink, q_lim, qk_scale, softcap,
-        slope, stride_kd, stride_vd, d, dv,
+        m_i, l_i, acc, qt, k_rows, v_rows, ks_rows, vs_rows, sel_keys, sel_q, p, key_ok, i, win, sink, q_lim, qk_scale,
+        softcap, slope, stride_kd, stride_vd, d, dv,
         D: tl.constexpr, DV: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-        MASKED: tl.constexpr, QUANT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+        MASKED: tl.constexpr, QUANT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SELECT: tl.constexpr,
     ):
         """One tile of keys at positions ``p`` [N] (int32; K rows at pointers ``k_rows``): masks,
         scores and the online-softmax update of (m_i, l_i, acc) for the program's queries ``i``.
         ``MASKED=False``: a full tile (every key valid and kept for every query): no masks.
         ``QUANT``: FP8 rows with their scales at ``ks_rows``/``vs_rows``. ``HAS_ALIBI``: the
-        bias ``-slope (i - p)``, ``slope`` in log2 units (full tiles too)."""
+        bias ``-slope (i - p)``, ``slope`` in log2 units (full tiles too). ``HAS_SELECT``: only
+        the keys an indexer selected, a byte at ``sel_keys[n] + sel_q[query]`` (full tiles too:
+        the rule keeps them whole, the selection need not)."""
         if MASKED:
             dist = i[:, None] - p[None, :]
             keep = key_ok[None, :] & (dist >= 0) & ((p[None, :] < sink) | (dist < win)) & (dist < q_lim[:, None])
+        if HAS_SELECT:  # padding queries (i < 0, the block's rows past C too) keep nothing: no read
+            chosen = tl.load(sel_keys[None, :] + sel_q[:, None], mask=key_ok[None, :] & (i[:, None] >= 0), other=0) != 0
+            if MASKED:
+                keep = keep & chosen
+            else:
+                keep = chosen
         kt = tl.load(k_rows[:, None] + d[None, :] * stride_kd, mask=key_ok[:, None] & (d[None, :] < D), other=0.0)
         if DOT_F32 or QUANT:
             kt = kt.to(qt.dtype)  # FP8 -> q's dtype is exact
@@ -206,7 +245,7 @@ if triton is not None:
             x = softcap * tl.where(y < 0, -t, t) * 1.4426950408889634
         if HAS_ALIBI:  # after the soft-cap (the bias is not capped); masked keys are overwritten below
             x = x - slope * (i[:, None] - p[None, :]).to(tl.float32)
-        if MASKED:
+        if MASKED or HAS_SELECT:
             x = tl.where(keep, x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(x, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -226,7 +265,7 @@ if triton is not None:
     def _chunk_kernel(
         q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, offsets_ptr, caps_ptr, spans_ptr, length_ptr, start_ptr, sinks_ptr,
         alibi_ptr, out_ptr,
-        ks_ptr, vs_ptr, kns_ptr, vns_ptr,
+        ks_ptr, vs_ptr, kns_ptr, vns_ptr, sel_ptr, seln_ptr,
         stride_qb, stride_qh, stride_qc, stride_qd,
         stride_knb, stride_kng, stride_knc, stride_knd,
         stride_vnb, stride_vng, stride_vnc, stride_vnd,
@@ -235,14 +274,17 @@ if triton is not None:
         stride_cb, stride_cg, stride_sb, stride_sh,
         stride_ob, stride_oh, stride_oc, stride_od,
         stride_ksb, stride_vsb, stride_knsb, stride_knsg, stride_vnsb, stride_vnsg,
+        stride_selb, stride_selc, stride_sels,
         C, sink, window_lim, local_chunk, qk_scale, softcap,
         HPG: tl.constexpr, BLOCK_Q: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
         FULL_TILES: tl.constexpr, HAS_SINKS: tl.constexpr, QUANT: tl.constexpr, QUANT_NEW: tl.constexpr,
-        HAS_ALIBI: tl.constexpr,
+        HAS_ALIBI: tl.constexpr, HAS_SELECT: tl.constexpr,
     ):
-        """One (query block, head, row): the head's queries over the keys its span can keep."""
+        """One (query block, head, row): the head's queries over the keys its span can keep
+        (``HAS_SELECT``: and an indexer selected, bytes at ``sel_ptr`` for cache slots and at
+        ``seln_ptr`` for the chunk's keys)."""
         qb = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -287,15 +329,19 @@ if triton is not None:
         vc = v_ptr + b * stride_vb
         ksc = ks_ptr + b * stride_ksb  # the cache's scales (QUANT)
         vsc = vs_ptr + b * stride_vsb
+        selc = sel_ptr + b * stride_selb  # the row's selection of cache slots (HAS_SELECT), by flat slot
+        seln = seln_ptr + b * stride_selb  # ... and of the chunk's keys, by chunk index
+        sel_q = c.to(tl.int64) * stride_selc  # each query's selection row
         # (a) the cache's sink slots: position = slot
         sink_end = tl.where(any_real, tl.minimum(filled, sink), 0)
         for s0 in range(0, sink_end, BLOCK_N):
             p = s0 + tl.arange(0, BLOCK_N)
             ok = p < sink_end
             rows = (base + p).to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, ok, i, win,
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows,
+                                         selc + rows * stride_sels, sel_q, p, ok, i, win,
                                          sink, q_lim, qk_scale, softcap, slope, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT, HAS_ALIBI)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT, HAS_ALIBI, HAS_SELECT)
         # (b) the ring, walked in position order: positions [max(sink, n - ring, p_from), n); the
         # keys from f0 on are kept by every query of a block without padding: full tiles, no masks
         ring_lo = tl.maximum(tl.maximum(sink, n - ring), p_from)
@@ -307,22 +353,25 @@ if triton is not None:
             p = p0 + tl.arange(0, BLOCK_N)
             ok = p < f0
             rows = (base + sink + (p - sink) % ring).to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, ok, i, win,
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows,
+                                         selc + rows * stride_sels, sel_q, p, ok, i, win,
                                          sink, q_lim, qk_scale, softcap, slope, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT, HAS_ALIBI)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT, HAS_ALIBI, HAS_SELECT)
         for p0 in range(f0, f1, BLOCK_N):
             p = p0 + tl.arange(0, BLOCK_N)
             rows = (base + sink + (p - sink) % ring).to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, p >= 0, i,
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows,
+                                         selc + rows * stride_sels, sel_q, p, p >= 0, i,
                                          win, sink, q_lim, qk_scale, softcap, slope, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False, QUANT, HAS_ALIBI)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False, QUANT, HAS_ALIBI, HAS_SELECT)
         for p0 in range(f1, ring_hi, BLOCK_N):
             p = p0 + tl.arange(0, BLOCK_N)
             ok = p < ring_hi
             rows = (base + sink + (p - sink) % ring).to(tl.int64)
-            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows, p, ok, i, win,
+            m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kc + rows * stride_ks, vc + rows * stride_vs, ksc + rows, vsc + rows,
+                                         selc + rows * stride_sels, sel_q, p, ok, i, win,
                                          sink, q_lim, qk_scale, softcap, slope, stride_kd, stride_vd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT, HAS_ALIBI)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT, HAS_ALIBI, HAS_SELECT)
         # (c) the chunk's own keys: its sink keys, then its window up to the block's last query
         kn = kn_ptr + b * stride_knb + g.to(tl.int64) * stride_kng
         vn = vn_ptr + b * stride_vnb + g.to(tl.int64) * stride_vng
@@ -336,9 +385,10 @@ if triton is not None:
             ok = kk < sink_hi
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
+                                         seln + rows * stride_sels, sel_q,
                                          start + kk, ok,
                                          i, win, sink, q_lim, qk_scale, softcap, slope, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW, HAS_ALIBI)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW, HAS_ALIBI, HAS_SELECT)
         # its window: keys up to the block's first query and from i_hi - reach + 1 on are kept by
         # every query of a block without padding: full tiles there, masked tiles around them
         win_lo = tl.maximum(sink_hi, p_from - start)
@@ -350,24 +400,27 @@ if triton is not None:
             ok = kk < g0
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
+                                         seln + rows * stride_sels, sel_q,
                                          start + kk, ok,
                                          i, win, sink, q_lim, qk_scale, softcap, slope, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW, HAS_ALIBI)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW, HAS_ALIBI, HAS_SELECT)
         for k0 in range(g0, g1, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
+                                         seln + rows * stride_sels, sel_q,
                                          start + kk,
                                          kk >= 0, i, win, sink, q_lim, qk_scale, softcap, slope, stride_knd, stride_vnd, d,
-                                         dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False, QUANT_NEW, HAS_ALIBI)
+                                         dv, D, DV, HAS_SOFTCAP, DOT_F32, IEEE, False, QUANT_NEW, HAS_ALIBI, HAS_SELECT)
         for k0 in range(g1, c_end, BLOCK_N):
             kk = k0 + tl.arange(0, BLOCK_N)
             ok = kk < c_end
             rows = kk.to(tl.int64)
             m_i, l_i, acc = _attend_tile(m_i, l_i, acc, qt, kn + rows * stride_knc, vn + rows * stride_vnc, kns + rows, vns + rows,
+                                         seln + rows * stride_sels, sel_q,
                                          start + kk, ok,
                                          i, win, sink, q_lim, qk_scale, softcap, slope, stride_knd, stride_vnd, d, dv,
-                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW, HAS_ALIBI)
+                                         D, DV, HAS_SOFTCAP, DOT_F32, IEEE, True, QUANT_NEW, HAS_ALIBI, HAS_SELECT)
         if HAS_SINKS:  # m_i is in log2 units: the head's sink adds exp2(sink log2 e - m) to the denominator
             m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
             l_i += tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634 - m_fin)
@@ -384,9 +437,11 @@ def chunk_attention_triton(
     full_tiles: bool = True, sinks: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     kn_scale: torch.Tensor | None = None, vn_scale: torch.Tensor | None = None, alibi: torch.Tensor | None = None,
+    select: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton kernel: [B, H, C, Dv] in q's dtype (``out`` written entirely; ``sinks`` [H]:
-    learned sink logits, ``alibi`` float32 [H]: ALiBi slopes, as in the twin). CUDA tensors
+    learned sink logits, ``alibi`` float32 [H]: ALiBi slopes, ``select`` bool [B, C, S + C]
+    (any strides, read in place): an indexer's keys per query, as in the twin). CUDA tensors
     run compiled; CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is
     first imported). Reads no tensor value on the host (``alibi``'s finiteness is checked on
     CPU tensors only): safe inside a CUDA graph.
@@ -399,7 +454,7 @@ def chunk_attention_triton(
     if triton is None:
         raise RuntimeError("chunk_attention_triton needs triton (pip install 'moa-flex[dev]')")
     check_chunk_inputs(q, k_new, v_new, k, v, offsets, caps, spans, length, start, sink, window, scale, softcap,
-                       FLOAT_DTYPES, k_scale, v_scale, kn_scale, vn_scale)
+                       FLOAT_DTYPES, k_scale, v_scale, kn_scale, vn_scale, select)
     check_sinks(sinks, q.shape[1], q.device)
     check_alibi(alibi, q.shape[1], q.device)
     quant, quant_new = is_quantized(k.dtype), is_quantized(k_new.dtype)
@@ -428,22 +483,26 @@ def chunk_attention_triton(
     if B == 0 or C == 0:
         return out
     interp = interpreting()
+    S = k.shape[1]
+    # bytes (bool's storage): the cache slots' columns and, from column S on, the chunk's keys'
+    sel = (length, length) if select is None else (select.view(torch.uint8), select.view(torch.uint8)[:, :, S:])
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _chunk_kernel[(triton.cdiv(C, block_q), H, B)](
             q, k_new, v_new, k, v, offsets, caps, spans, length, start, length if sinks is None else sinks,
             length if alibi is None else alibi.contiguous(), out,  # the kernel reads slope h at alibi_ptr + h
             *(k_scale, v_scale) if quant else (length, length), *(kn_scale, vn_scale) if quant_new else (length, length),
-            *q.stride(), *k_new.stride(), *v_new.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(),
+            *sel, *q.stride(), *k_new.stride(), *v_new.stride(), *k.stride(), *v.stride(), *caps.stride(), *spans.stride(),
             *out.stride(),
             *(k_scale.stride(0), v_scale.stride(0)) if quant else (0, 0),
             *(kn_scale.stride(0), kn_scale.stride(1), vn_scale.stride(0), vn_scale.stride(1)) if quant_new else (0,) * 4,
+            *(0, 0, 0) if select is None else select.stride(),
             C, sink, window if window > 0 else -window if window < 0 else 2**31 - 1, max(-window, 0),
             float(scale) * (1.0 if softcap > 0 else LOG2E),
             float(softcap) if softcap > 0 else 1.0,
             HPG=H // G, BLOCK_Q=block_q, D=D, D_PAD=pow2(D, 16), DV=Dv, DV_PAD=pow2(Dv, 16),
             BLOCK_N=block_n, HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32,
             FULL_TILES=full_tiles, HAS_SINKS=sinks is not None, QUANT=quant, QUANT_NEW=quant_new,
-            HAS_ALIBI=alibi is not None,
+            HAS_ALIBI=alibi is not None, HAS_SELECT=select is not None,
             num_warps=num_warps or (8 if block_q >= 128 else 4), num_stages=num_stages,
         )
     return out
