@@ -272,13 +272,6 @@ def sparse_attention_indexer(config: Any) -> bool:
     return latent_attention(config) is not None and bool(getattr(config, "index_topk", None))
 
 
-INDEXED_CACHE_REFUSAL = (
-    "moa-flex runs DeepSeek Sparse Attention (an indexer selecting each query's keys) over a MoA cache for a prompt "
-    "in one chunk and the decode steps after it; a prefill over a cache that already holds tokens (a later turn, "
-    "a prompt in chunks of prefill_chunk: compile with prefill_chunk=None for one chunk) is not supported yet: its "
-    "chunk attention does not take the indexer's selection")
-
-
 def model_windows(config: Any, shape: Any) -> list[int | None]:
     """Per planned layer (``shape``: the plan's :class:`~moa_flex.plan.ModelShape`), the model's
     own attention pattern as one integer (the kernels' ``window``): its sliding window (tokens,

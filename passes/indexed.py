@@ -19,8 +19,11 @@ selection (``moa_flex::selection_info``). The selection is a choice of keys by c
 rest of the mask is checked like any other.
 
 Over a MoA cache: the prefill of an empty cache attends as above, beside the cache writes of
-the latent and of the indexer's keys (``moa_flex::index_extend``; the chunk kernel takes no
-selection, so a prefill over a cache holding tokens is refused before tracing). In a decode
+the latent and of the indexer's keys (``moa_flex::index_extend``). A prefill chunk over a cache
+holding tokens (later chunks, later turns) gets the ring's keys then the chunk's
+(``MoaCacheLayer.selects_over_cache``): the ``topk`` input gets ``-inf`` where a column holds no
+token the rule keeps for the query (``moa_flex::chunk_select_keep``), and the selection reaches
+``moa_flex::chunk_prefill`` as its ``select`` (:func:`select_chunk`). In a decode
 step the cache hands the indexer its whole ring of keys (``MoaCacheLayer.update_indexer``); the
 ``topk`` input gets ``-inf`` at the slots holding no token the rule keeps
 (``moa_flex::slot_keep``), and the selected slots reach ``moa_flex::ragged_decode`` as its
@@ -220,6 +223,49 @@ def select_slots(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: t
         select = graph.call_function(operator.and_, (chosen, keep))
     for n in (pos, keep, dropped, ruled, *ruled.all_input_nodes, held, *held.all_input_nodes, picked, chosen,
               *chosen.all_input_nodes, select):
+        if isinstance(n, torch.fx.Node) and n.op != "placeholder" and not n.meta.get("nn_module_stack"):
+            n.meta.update(meta)
+    return select
+
+
+def over_cache(node: torch.fx.Node) -> bool:
+    """Whether indexed attention ``node`` runs in a prefill chunk over a cache holding tokens: its
+    keys are the cache's slots and the chunk's (``MoaCacheLayer.selects_over_cache``), more than
+    its queries; the first prefill of a cache attends its own tokens only."""
+    q, k = recorded_value(node.args[0]), recorded_value(node.args[1])
+    return q is not None and k is not None and str(q.shape[2]) != str(k.shape[2])
+
+
+def select_chunk(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: torch.fx.Node, length: torch.fx.Node,
+                 chunk_pads: torch.fx.Node, spans: torch.fx.Node, caps: torch.fx.Node, offsets: torch.fx.Node,
+                 sink: object, window: int) -> torch.fx.Node:
+    """A prefill chunk's indexer over the MoA cache: it scores the cache's slots, then the chunk's
+    keys (scores [B, C, S + C]), so its ``topk`` input gets ``-inf`` where the column holds no token
+    the rule keeps for the query (``moa_flex::chunk_select_keep``, read before the chunk's write),
+    with ties to the earlier position; returns the node of the selection, bool [B, C, S + C]
+    (ANDed with that keep), for ``moa_flex::chunk_prefill``'s ``select``."""
+    found = selections(arg(node, 3, "attn_mask", None))
+    if len(found) != 1:
+        raise ValueError(f"layer {layer}'s attention mask carries {len(found)} top-k selections; moa-flex composes "
+                         "a plan with one indexer a layer")
+    topk = found[0]
+    check_selects_keys(topk, node, layer)
+    scores = topk.args[0]
+    meta = {k: v for k, v in topk.meta.items() if k in ("stack_trace", "nn_module_stack")}
+    with graph.inserting_before(topk):
+        both = graph.call_function(torch.ops.moa_flex.chunk_select_keep.default,
+                                   (scores, keys, offsets, caps, spans, length, chunk_pads, sink, window))
+        keep = graph.call_function(operator.getitem, (both, 0))
+        held = graph.call_method("unsqueeze", (graph.call_function(operator.getitem, (both, 1)), 1))
+        ruled = graph.call_method("masked_fill", (scores, graph.call_function(torch.logical_not, (keep,)),
+                                                  float("-inf")))
+    topk.replace_input_with(scores, ruled)
+    picked = by_position(graph, topk, held, layer)  # [B, C, k] columns
+    with graph.inserting_before(node):
+        chosen = graph.call_method("scatter", (graph.call_function(torch.zeros_like, (keep,)), -1, picked, True))
+        select = graph.call_function(operator.and_, (chosen, keep))
+    for n in (both, keep, held, *held.all_input_nodes, ruled, *ruled.all_input_nodes, chosen, *chosen.all_input_nodes,
+              select):
         if isinstance(n, torch.fx.Node) and n.op != "placeholder" and not n.meta.get("nn_module_stack"):
             n.meta.update(meta)
     return select

@@ -88,10 +88,16 @@ def expansion_weight(node: torch.fx.Node, latent: Any, layer: int) -> tuple[Any,
 
 
 def _reaches(node: Any, target: Any) -> bool:
-    """Whether ``node`` is ``target`` up to views and casts (the latent as kv_b_proj reads it)."""
+    """Whether ``node`` is ``target`` up to views and casts (the latent as kv_b_proj reads it), or
+    a concatenation ending in it (a chunk over the cache: the held latent, then the chunk's,
+    ``MoaCacheLayer.held_latent``)."""
     while isinstance(node, torch.fx.Node):
         if node is target:
             return True
+        if node.op == "call_function" and node.target in (torch.cat, torch.ops.aten.cat.default) and node.args \
+                and isinstance(node.args[0], (list, tuple)) and node.args[0]:
+            node = node.args[0][-1]
+            continue
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
         if name not in ("view", "reshape", "to", "contiguous", "float", "type_as") or not node.args:
             return False

@@ -28,7 +28,7 @@ from .latent import LatentDims, absorb, expansion_weight
 from .key_bias import with_key_bias
 from .eager_attention import MODEL_OUTPUT
 from .mask_sources import check_masks_are_masks
-from .indexed import attend_selected, is_selection, selections
+from .indexed import attend_selected, is_selection, over_cache, select_chunk, selections
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
     runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, alibi_of, as_cached, key_bias_of, CACHED,
@@ -101,11 +101,12 @@ def rewrite_prefill(
     is projected to the model's values). ``kv_sources``: as for
     :func:`moa_flex.passes.decode_pass.rewrite_decode` (a reader's cache write sits in its
     source layer; its chunk prefill replaces the reader's attention, reading before writing).
-    A layer whose keys an indexer selects (DeepSeek Sparse Attention, passes/indexed.py), which the
-    chunk kernel does not take, keeps its write and attends through ``moa_flex::attention`` under
-    runtime ``runtime_id`` (``verify_id``: the check's): valid for the prefill of an empty cache
-    only, which the forward ensures (``runtime/forward.py``); its indexer's write
-    (``moa_flex::index_extend``) gets the chunk's left pads as the latent's write does.
+    A layer whose keys an indexer selects (DeepSeek Sparse Attention, passes/indexed.py): in the
+    first prefill of a cache it keeps its write and attends through ``moa_flex::attention`` under
+    runtime ``runtime_id`` (``verify_id``: the check's), its indexer's write
+    (``moa_flex::index_extend``) getting the chunk's left pads as the latent's write does; over a
+    cache holding tokens (its keys are the cache's slots and the chunk's) its chunk prefill reads
+    the indexer's selection (:func:`~.indexed.select_chunk`), unchecked by ``verify``.
     """
     if windows is None:
         raise ValueError("a prefill over a MoaCache needs each layer's own sliding window: compile with "
@@ -143,7 +144,7 @@ def rewrite_prefill(
     for layer in range(plan.num_layers):
         node, path = attns[layer]
         extend = extends[layer][0]
-        if layer in indexed:  # the prompt of an empty cache: the write stays, attention with the selection
+        if layer in indexed and not over_cache(node):  # an empty cache's prompt: the write stays, attention selects
             chunk_pads = call_args(extend, EXTEND_ARGS, SCALE_ARGS)[5] if pads is None else pads
             for write, at in ((extend, 5), (index_writes[layer][0], 3)):
                 _set_arg(write, at, ("chunk_pads",), chunk_pads)
@@ -180,8 +181,12 @@ def rewrite_prefill(
         softcap = float(softcaps[layer]) if softcaps else 0.0
         window = int(windows[layer] or 0)
         scale = scale if isinstance(scale, torch.fx.Node) else float(scale)
+        select = None
+        if layer in indexed:  # a chunk over tokens cached: the indexer scores the slots and the chunk
+            select = select_chunk(graph, node, layer, keys, length, chunk_pads, spans, caps, offsets, sink, window)
         check = None
-        if verify:
+        # the model's own call here reads the MoA ring, not its stock cache: nothing to compare an indexed layer with
+        if verify and select is None:
             with graph.inserting_after(node):
                 check = graph.call_function(
                     torch.ops.moa_flex.verify_chunk.default,
@@ -193,7 +198,7 @@ def rewrite_prefill(
             new = graph.call_function(
                 torch.ops.moa_flex.chunk_prefill.default,
                 (q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale,
-                 softcap, sinks_of(node), k_scale, v_scale, alibi_of(node)),
+                 softcap, sinks_of(node), k_scale, v_scale, alibi_of(node), select),
             )
         # the replaced node's output (same shape): AOTAutograd's cache needs example values on
         # the nodes that tensor methods are called on, and bypasses the graph without them

@@ -26,7 +26,7 @@ import moa_flex
 import moa_flex.reference as reference
 from moa_flex.masks import reference_mask, selection_keep
 from moa_flex.plan import ModelShape, Plan
-from moa_flex.kernels.decode import slot_keep
+from moa_flex.kernels.decode import chunk_select_keep, slot_keep
 from moa_flex.kernels.slot_map import slot_positions
 from moa_flex.runtime.selection import earliest_topk
 from moa_flex.reference import planned_logits, reference_logits
@@ -230,17 +230,28 @@ def _check_ring(model: torch.nn.Module, seq: torch.Tensor) -> None:
     assert cache.memory_bytes() == sum(l.keys.nbytes + l.values.nbytes + l.index_keys.nbytes for l in cache.moa_layers)
 
 
-@pytest.mark.slow  # 7 s (make test-slow)
 @latent_cache
-def test_a_later_turn_and_a_chunked_prompt_are_refused() -> None:
-    model = _compiled(_dsa_model(), Plan.dense(tiny_config("deepseek_v32")))
-    _generate(model, Plan.dense(model.config))
-    cache = model.moa_flex.cache
-    with pytest.raises(NotImplementedError, match="already holds tokens"):
-        model(input_ids=_ids(2)[:, :3], past_key_values=cache)
-    model.moa_flex.prefill_chunk = 8
-    with pytest.raises(NotImplementedError, match="already holds tokens"):
-        model.generate(input_ids=_ids(1), max_new_tokens=2, do_sample=False)
+@pytest.mark.slow  # 27 s and 20 s (make test-slow); the pieces are in the default run (chunk_select_keep, test_chunk.py)
+@pytest.mark.parametrize("chunk", [8, 3])
+def test_a_chunked_prompt_and_a_later_turn_match_the_reference(chunk: int) -> None:
+    """A left-padded prompt in chunks of ``chunk`` (3: the padded row's second chunk starts with
+    a pad) and a second turn: every chunk after the first scores the cache's slots and its own
+    keys (``moa_flex::chunk_select_keep``) and attends the selection through the chunk kernel.
+    Tokens and logits of both turns equal step-by-step reference decoding of the conversation."""
+    from conversation import converse
+
+    N = 60
+    model = _dsa_model()
+    plan = _random_plan(model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moa_flex.compile(model, plan, max_length=N, prefill_chunk=chunk, backend="eager", progress=False,
+                         compile_cache=False)
+        ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(4))
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0
+        ids[0, :4] = 0
+        converse(model, plan, N, ids, mask, (None, 9), 4, seed=6)
 
 
 @pytest.mark.slow  # 4 s (make test-slow)
@@ -342,3 +353,33 @@ def test_slot_position_is_the_slot_map(sink: int, last: int, data: st.DataObject
     pos = torch.tensor([last, max(last - 3, -1)])
     got = torch.ops.moa_flex.slot_position(torch.zeros(2, S, 1), caps, offsets, pos, sink)
     assert torch.equal(got, slot_positions(caps, offsets, sink, pos))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 4), st.integers(0, 60), st.integers(1, 9), st.data())
+def test_chunk_select_keep_is_the_rule_over_slots_and_chunk(sink: int, n: int, C: int, data: st.DataObject) -> None:
+    """The columns a prefill chunk's indexer may pick over a cache holding ``n`` tokens: the slots
+    holding a position the rule keeps for each query (the slot map replayed by writing 0..n-1),
+    then the chunk's own keys at or before the query, pads (negative positions) never; and each
+    column's position (-1: an empty slot)."""
+    cap = data.draw(st.integers(sink + 1, 40))
+    S = cap + data.draw(st.integers(0, 3))
+    span = data.draw(st.integers(0, cap))
+    window = data.draw(st.sampled_from([0, 3, 7, -4]))
+    pads = data.draw(st.integers(0, C)) if n == 0 else 0  # left pads only before the first real token
+    held: list[int | None] = [None] * S
+    for p in range(n):
+        held[p if p < sink else sink + (p - sink) % (cap - sink)] = p
+    start = n - pads
+
+    def kept(i: int, p: int | None) -> bool:
+        return (p is not None and i >= 0 and p >= 0 and p <= i and (p < sink or i - p < span - sink)
+                and (window <= 0 or i - p < window) and (window >= 0 or p // -window == i // -window))
+
+    cols = held + [start + c for c in range(C)]
+    want = [[kept(start + c, p) for p in cols] for c in range(C)]
+    keep, pos = chunk_select_keep(torch.tensor([0, S], dtype=torch.int32), torch.tensor([[cap]], dtype=torch.int32),
+                                  torch.tensor([[span, span]], dtype=torch.int32), torch.tensor([n]),
+                                  torch.tensor([start]), sink, window, S, C)
+    assert keep[0].tolist() == want
+    assert pos[0].tolist() == [-1 if p is None or p < 0 else p for p in cols]

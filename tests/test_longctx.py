@@ -96,8 +96,8 @@ CASES = {  # (model kwargs, granularity, chunk, left pads): chunks dividing the 
     # shorter than the spans and rings (spans 32..96 at N), longer than them, longer than the prompt
     "divides": ({}, "kv_head", 100, [0, 0]),
     "does not divide, padded": ({}, "kv_head", 70, [0, 23]),
-    "shorter than spans, head granularity": ({}, "head", 16, [0, 5]),
-    "padding over whole chunks": ({}, "kv_head", 16, [0, 37]),  # a chunk with no real token in a row
+    # padding over whole chunks: chunks with no real token in a row (a chunk's pads were read as none)
+    "shorter than spans, head granularity, padding over whole chunks": ({}, "head", 16, [0, 37]),
     "longer than spans, MHA": ({"kv_heads": 4}, "head", 200, [11, 0]),
     "one chunk": ({}, "kv_head", 512, [0, 7]),
     "model window": ({"family": "mistral", "sliding_window": 120}, "kv_head", 64, [0, 9]),

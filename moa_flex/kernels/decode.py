@@ -325,6 +325,35 @@ def slot_keep(offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, po
     return keep & (i - p < limit) if limit is not None else keep
 
 
+def chunk_select_keep(offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor,
+                      start: torch.Tensor, sink: int, window: int, S: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep bool [B, C, S + C], positions int64 [B, S + C]) for a prefill chunk of ``C`` queries
+    over a one-group cache of ``S`` slots holding ``length`` [B] tokens, for a layer whose heads
+    share one rule: the columns are the cache's slots, then the chunk's keys, as an indexer beside
+    the cache scores them (DeepSeek Sparse Attention). Query ``c`` is at ``i = start + c`` (``start``
+    [B]; ``i < 0``: padding, keeps nothing); a slot keeps the token it holds, a chunk key ``c2 <= c``
+    its position ``start + c2 >= 0``, where the rule keeps it for ``i``. ``positions``: each column's
+    logical position (-1: a slot holding none), for the indexer's ties."""
+    if offsets.shape[0] != 2:
+        raise ValueError(f"chunk_select_keep takes a cache of one KV group (a latent), got {offsets.shape[0] - 1} groups")
+    if spans.device.type == "cpu" and not is_fake(spans) and bool((spans != spans[:, :1]).any()):
+        raise ValueError("chunk_select_keep needs one span per row for all heads (an indexer selects for all of them)")
+    p, held = one_group_positions(caps, length - 1, sink, S)  # [B, S]: the cache before the chunk
+    j = start.view(-1, 1) + torch.arange(C, device=start.device).view(1, C)  # [B, C]: the chunk's positions
+    cols = torch.cat([p, j], dim=1)  # [B, S + C]
+    real = torch.cat([held, j >= 0], dim=1)
+    i = j.unsqueeze(-1)  # [B, C, 1]: the queries'
+    key = cols.unsqueeze(1)
+    causal = torch.cat([torch.ones(C, S, dtype=torch.bool, device=start.device),
+                        torch.ones(C, C, dtype=torch.bool, device=start.device).tril()], dim=1)
+    span = spans[:, :1].to(torch.int64).view(-1, 1, 1)
+    keep = real.unsqueeze(1) & causal & (i >= 0) & ((key < sink) | (i - key < span - sink))
+    limit = window_limit(window, i)
+    if limit is not None:
+        keep = keep & (i - key < limit)
+    return keep, torch.where(real, cols, torch.full_like(cols, -1))
+
+
 def check_sinks(sinks: torch.Tensor | None, H: int, device: torch.device) -> None:
     """ValueError unless ``sinks`` is None or a float tensor [H] on ``device``."""
     if sinks is None:

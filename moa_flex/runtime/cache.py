@@ -82,10 +82,13 @@ class MoaCacheLayer(CacheLayerMixin):
         self.length = torch.zeros(B, dtype=torch.long, device=self.device)
         # DeepSeek Sparse Attention: the indexer's key of each kept token (index = (width, dtype)),
         # in the latent's slots, with a count of its own (the model writes it after the latent)
-        self.index_keys = self.index_length = None
+        self.index_keys = self.index_length = self.chunk_pads = None
         if index is not None:
             self.index_keys = torch.zeros(B, S, index[0], dtype=index[1], device=self.device)
             self.index_length = torch.zeros(B, dtype=torch.long, device=self.device)
+            # a prefill chunk's leading left pads per row, set by the forward before a chunk over
+            # tokens already cached (whose call carries no 2-D padding mask: runtime/forward.py)
+            self.chunk_pads = torch.zeros(B, dtype=torch.long, device=self.device)
         self.filled = False
         self.is_initialized = True
         # layers that attend this layer's keys and values (KV sharing): each keeps its own MoA
@@ -100,7 +103,7 @@ class MoaCacheLayer(CacheLayerMixin):
     def tensors(self) -> list[torch.Tensor]:
         """Storage (values, an FP8 cache's scales, an indexer's keys) and layout tensors."""
         scales = [] if self.k_scale is None else [self.k_scale, self.v_scale]
-        index = [] if self.index_keys is None else [self.index_keys, self.index_length]
+        index = [] if self.index_keys is None else [self.index_keys, self.index_length, self.chunk_pads]
         return [self.keys, self.values, *scales, *index, self.caps, self.spans, self.length, self.offsets]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -130,9 +133,30 @@ class MoaCacheLayer(CacheLayerMixin):
         k_new, v_new = key_states, value_states
         if self.latent:
             k_new, v_new = torch.cat([key_states, value_states], dim=-1), key_states
+        over = self.selects_over_cache(key_states)
+        held = self.held_latent(key_states, value_states) if over else None  # read before the write
         for layer in (self, *self.readers):
-            layer.write(k_new, v_new)
+            layer.write(k_new, v_new, self.chunk_pads if over else None)
+        if over:
+            return torch.cat([held[0], key_states], dim=-2), torch.cat([held[1], value_states], dim=-2)
         return key_states, value_states
+
+    def selects_over_cache(self, key_states: torch.Tensor) -> bool:
+        """Whether this call is a prefill chunk of an indexed layer (DeepSeek Sparse Attention) over
+        a cache that holds tokens: a Python flag (``filled``) Dynamo guards, so the first prefill and
+        the later chunks each trace once. Such a call gets the cache's slots before its own tokens
+        (see :meth:`held_latent`), so that the indexer scores every kept token."""
+        return self.index_keys is not None and self.filled and key_states.shape[-2] > 1
+
+    def held_latent(self, like_k: torch.Tensor, like_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent and rotary key of every slot, [B, 1, S, r] and [B, 1, S, rope] in the call's
+        dtype (an FP8 cache's dequantized): the keys the model's expansion sees in a chunk over the
+        cache. The prefill pass replaces that attention by the chunk kernel over the cache itself,
+        so these copies are dead code in the compiled graph (passes/indexed.py)."""
+        keys = self.keys.float() * self.k_scale.unsqueeze(-1) if self.k_scale is not None else self.keys
+        keys = keys.to(like_k.dtype).unsqueeze(1)
+        rank = like_k.shape[-1]
+        return keys[..., :rank], keys[..., rank:rank + like_v.shape[-1]]
 
     def update_indexer(self, key_states: torch.Tensor) -> torch.Tensor:
         """An indexer's keys [B, T, D] (DeepSeek Sparse Attention), written into the ring beside
@@ -146,19 +170,26 @@ class MoaCacheLayer(CacheLayerMixin):
             torch.ops.moa_flex.index_append(self.index_keys, self.index_length, key_states, self.caps, self.offsets,
                                             self.sink)
             return self.index_keys
+        if self.selects_over_cache(key_states):  # the ring's slots, then the chunk's keys (read before the write)
+            every = torch.cat([self.index_keys.to(key_states.dtype), key_states], dim=-2)
+            torch.ops.moa_flex.index_extend(self.index_keys, self.index_length, key_states, self.chunk_pads, self.caps,
+                                            self.offsets, self.sink)
+            return every
         torch.ops.moa_flex.index_extend(self.index_keys, self.index_length, key_states,
                                         torch.zeros_like(self.index_length), self.caps, self.offsets, self.sink)
         return key_states
 
-    def write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    def write(self, k_new: torch.Tensor, v_new: torch.Tensor, chunk_pads: torch.Tensor | None = None) -> None:
         """Record the write of new tokens' K/V [B, G, T, D]: ``cache_append`` for one token a row,
-        ``cache_extend`` for several (see :meth:`update`)."""
+        ``cache_extend`` for several (see :meth:`update`; ``chunk_pads`` [B]: the chunk's left
+        pads where no padding mask gives them, else zeros that the prefill pass replaces)."""
         if k_new.shape[-2] == 1:
             torch.ops.moa_flex.cache_append(self.keys, self.values, self.length, k_new, v_new,
                                             self.spans, self.caps, self.offsets, self.sink, self.k_scale, self.v_scale)
         else:
             torch.ops.moa_flex.cache_extend(self.keys, self.values, self.length, k_new, v_new,
-                                            torch.zeros_like(self.length), self.spans, self.caps, self.offsets,
+                                            torch.zeros_like(self.length) if chunk_pads is None else chunk_pads,
+                                            self.spans, self.caps, self.offsets,
                                             self.sink, self.k_scale, self.v_scale)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -172,7 +203,8 @@ class MoaCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        for t in (self.keys, self.values, self.k_scale, self.v_scale, self.length, self.index_keys, self.index_length):
+        for t in (self.keys, self.values, self.k_scale, self.v_scale, self.length, self.index_keys, self.index_length,
+                  self.chunk_pads):
             if t is not None:
                 t.zero_()
         self.filled = False

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx.experimental._config as fx_config
 
-from moa_flex.architecture import INDEXED_CACHE_REFUSAL, sequence_mask, sparse_attention_indexer
+from moa_flex.architecture import sequence_mask, sparse_attention_indexer
 
 from .cache import MoaCache
 from .multimodal import check_image_prefix, check_token_types
@@ -114,8 +114,6 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
         raise ValueError("input_ids (or inputs_embeds) holds no tokens")
     model = state.model_ref() if state.model_ref is not None else None
     indexed = model is not None and sparse_attention_indexer(model.config)
-    if indexed and n > 1 and (cache.seen_tokens > 0 or (state.prefill_chunk or n) < n):
-        raise NotImplementedError(INDEXED_CACHE_REFUSAL)
     if cache.seen_tokens + n > cache.planned_length:
         raise ValueError(
             f"past the planned length: {cache.seen_tokens} tokens seen + {n} new > planned length "
@@ -124,9 +122,9 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
     if n == 1:
         out = _decode_step(state, cache, kwargs, n)
         cache.mark_filled(n)
-    elif indexed:  # the prompt over moa-flex attention with the indexer's selection (passes/indexed.py)
+    elif indexed:  # the indexer's selection over the cache (passes/indexed.py); a first chunk plans moa-flex attention
         with planned_for(state, cache.planned_length):
-            out = _prefill(state, cache, kwargs, n)
+            out = _prefill(state, cache, kwargs, n, indexed=True)
     else:
         out = _prefill(state, cache, kwargs, n)  # marks each chunk as it goes
     return out
@@ -175,11 +173,11 @@ def _chunk_mask(cache: MoaCache, kwargs: dict, n: int, device: torch.device) -> 
     return mask.to(device)
 
 
-def _prefill(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) -> Any:
+def _prefill(state: CompiledState, cache: MoaCache, kwargs: dict, n: int, indexed: bool = False) -> Any:
     """Tokens onto the cache, ``state.prefill_chunk`` at a time (a prompt, a later turn): each
     chunk runs the prefill graph (chunk attention over the cache, then the chunk's write); a
     last chunk of one token runs a decode step. Logits: as ``logits_to_keep`` asks, over all
-    ``n`` tokens."""
+    ``n`` tokens. ``indexed`` (DeepSeek Sparse Attention): see :func:`_over_indexed_cache`."""
     for name in ("output_attentions", "output_hidden_states"):
         if kwargs.get(name):
             raise NotImplementedError(f"moa-flex: {name} over a MoaCache is not supported")
@@ -200,6 +198,8 @@ def _prefill(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) -> Any
             step["logits_to_keep"] = 0
         if mask is not None:
             step["attention_mask"] = _fresh(mask[:, a:b])
+        if indexed and cache.filled and b - a > 1:
+            _over_indexed_cache(cache, step, b - a, ids.device)
         if b - a == 1:
             out = _decode_step(state, cache, step, 1)
         else:
@@ -218,6 +218,20 @@ def _prefill(state: CompiledState, cache: MoaCache, kwargs: dict, n: int) -> Any
         elif isinstance(keep, torch.Tensor):
             out.logits = out.logits[:, keep]
     return out
+
+
+def _over_indexed_cache(cache: MoaCache, step: dict, c: int, device: torch.device) -> None:
+    """A chunk of ``c`` tokens of a DeepSeek Sparse Attention model over a cache that holds tokens:
+    the cache hands each indexed layer its slots before the chunk's keys (``MoaCacheLayer.
+    selects_over_cache``), so the model's mask must broadcast over keys it cannot index by position.
+    It gets an all-True [B, 1, c, 1] mask (transformers takes a 4-D mask as it is), and the
+    cache the chunk's left pads per row; the rule, the causality and the padding are the prefill
+    pass's (passes/indexed.py, ``moa_flex::chunk_select_keep``)."""
+    pads = (cache.pads - cache.seen_tokens).clamp(0, c).to(device)
+    for layer in cache.moa_layers:
+        if layer.chunk_pads is not None:
+            layer.chunk_pads.copy_(pads)
+    step["attention_mask"] = torch.ones(cache.batch_size, 1, c, 1, dtype=torch.bool, device=device)
 
 
 def _slice_tokens(value: Any, a: int, b: int, n: int) -> Any:

@@ -17,6 +17,13 @@ op                                     implementation
 ``moa_flex::cache_append``             :mod:`moa_flex.kernels.append` / :func:`~moa_flex.runtime.slots.cache_append_reference`
 ``moa_flex::ragged_decode``            :mod:`moa_flex.kernels.decode` (kernel and twin)
 ``moa_flex::chunk_prefill``            :mod:`moa_flex.kernels.chunk` (kernel and twin), then ``cache_extend``
+``moa_flex::selection_info``           :func:`moa_flex.masks.padding_info` of a mask without an indexer's selection
+``moa_flex::index_keep``               :meth:`moa_flex.runtime.attention.MoaRuntime.index_keep` (DeepSeek Sparse Attention)
+``moa_flex::index_extend`` / ``_append`` :func:`moa_flex.runtime.slots.ring_extend` / ``ring_append`` (the indexer's keys)
+``moa_flex::slot_keep``                :func:`moa_flex.kernels.decode.slot_keep` (a decode step's indexer over the ring)
+``moa_flex::slot_position``            :func:`moa_flex.kernels.decode.one_group_positions`
+``moa_flex::chunk_select_keep``        :func:`moa_flex.kernels.decode.chunk_select_keep` (a chunk's indexer over the cache)
+``moa_flex::topk_earliest``            :func:`moa_flex.runtime.selection.earliest_topk`
 ``moa_flex::grouped_linear``           :mod:`moa_flex.kernels.linear` (kernel and twin)
 ``moa_flex::gated_mlp``                :mod:`moa_flex.kernels.linear` (kernel and twin)
 ``moa_flex::unpacked_rows``            :func:`unpacked_rows` (here: a check of HF's packed-sequence tensors)
@@ -46,7 +53,8 @@ import torch
 from moa_flex.kernels.append import cache_append_triton
 from moa_flex.kernels.chunk import check_chunk_inputs, chunk_attention_reference, chunk_attention_triton
 from moa_flex.kernels.decode import (
-    check_decode_inputs, one_group_positions, ragged_decode_reference, ragged_decode_triton, slot_keep,
+    check_decode_inputs, chunk_select_keep, one_group_positions, ragged_decode_reference, ragged_decode_triton,
+    slot_keep,
 )
 from moa_flex.kernels.linear import (
     check_gated_inputs, check_linear_inputs, gated_mlp, gated_mlp_reference, grouped_linear, grouped_linear_reference,
@@ -310,6 +318,27 @@ def _(keys, offsets, caps, spans, pos, sink, window):  # noqa: ANN001, ANN202
     return keys.new_empty(keys.shape[:2], dtype=torch.bool)
 
 
+@torch.library.custom_op("moa_flex::chunk_select_keep", mutates_args=())
+def chunk_select_keep_op(scores: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, caps: torch.Tensor,
+                         spans: torch.Tensor, length: torch.Tensor, chunk_pads: torch.Tensor, sink: int,
+                         window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For an indexer's scores [B, C, S + C] in a prefill chunk over a one-group cache ``keys``
+    [B, S, D] holding ``length`` tokens (``chunk_pads`` [B]: the chunk's leading left pads): the
+    columns the rule keeps, bool [B, C, S + C], and their positions [B, S + C]
+    (:func:`moa_flex.kernels.decode.chunk_select_keep`; DeepSeek Sparse Attention)."""
+    C, S = scores.shape[1], keys.shape[1]
+    if scores.shape[2] != S + C:
+        raise ValueError(f"an indexer's scores over a chunk of {C} tokens and a cache of {S} slots must have {S + C} "
+                         f"columns (the slots, then the chunk), got {scores.shape[2]}")
+    return chunk_select_keep(offsets, caps, spans, length, chunk_start(length, chunk_pads), sink, window, S, C)
+
+
+@chunk_select_keep_op.register_fake
+def _(scores, keys, offsets, caps, spans, length, chunk_pads, sink, window):  # noqa: ANN001, ANN202
+    B, C, K = scores.shape
+    return scores.new_empty((B, C, K), dtype=torch.bool), scores.new_empty((B, K), dtype=torch.long)
+
+
 @torch.library.custom_op("moa_flex::slot_position", mutates_args=())
 def slot_position(keys: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, pos: torch.Tensor,
                   sink: int) -> torch.Tensor:
@@ -397,14 +426,16 @@ def chunk_prefill(
     length: torch.Tensor, chunk_pads: torch.Tensor, spans: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor,
     sink: int, window: int, scale: float, softcap: float, sinks: torch.Tensor | None,
     k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, alibi: torch.Tensor | None,
+    select: torch.Tensor | None,
 ) -> torch.Tensor:
     """One prefill chunk of a layer: its queries q [B, H, C, D] over the cache as the chunks
     before left it plus the chunk's own keys (-> [B, H, C, Dv]), then the chunk's write into
     the cache (``cache_extend``). One op, so the write can never be ordered before the read.
     ``chunk_pads`` [B]: the chunk's leading left padding per row; ``sinks`` [H]: learned sink
     logits; ``alibi`` [H]: ALiBi slopes. An FP8 cache (``k_scale``/``v_scale`` [B, S]): the chunk is quantized first, and
-    its queries see its own keys and values as the cache will hold them. CUDA: Triton; CPU:
-    the twin."""
+    its queries see its own keys and values as the cache will hold them. ``select`` bool
+    [B, C, S + C]: an indexer's choice among the cache's slots and the chunk's keys (DeepSeek
+    Sparse Attention; :func:`chunk_select_keep_op`). CUDA: Triton; CPU: the twin."""
     start = chunk_start(length, chunk_pads)
     kn_scale = vn_scale = None
     if is_quantized(keys.dtype):
@@ -412,9 +443,9 @@ def chunk_prefill(
     args = (q, k_new, v_new, keys, values, offsets, caps, spans, length, start, sink, window, scale, softcap)
     scales = {"k_scale": k_scale, "v_scale": v_scale, "kn_scale": kn_scale, "vn_scale": vn_scale}
     if q.device.type == "cuda":
-        out = chunk_attention_triton(*args, sinks=sinks, alibi=alibi, **scales)
+        out = chunk_attention_triton(*args, sinks=sinks, alibi=alibi, select=select, **scales)
     elif q.device.type == "cpu":
-        out = chunk_attention_reference(*args, sinks=sinks, alibi=alibi, **scales)
+        out = chunk_attention_reference(*args, sinks=sinks, alibi=alibi, select=select, **scales)
     else:
         raise _device_error("chunk_prefill", q.device)
     cache_extend_reference(keys, values, length, k_new, v_new, start, caps, offsets, sink, k_scale, v_scale,
@@ -424,7 +455,7 @@ def chunk_prefill(
 
 @chunk_prefill.register_fake
 def _(q, k_new, v_new, keys, values, length, chunk_pads, spans, caps, offsets, sink, window, scale, softcap,  # noqa: ANN001, ANN202
-      sinks, k_scale, v_scale, alibi):
+      sinks, k_scale, v_scale, alibi, select):
     check_chunk_inputs(q, k_new, v_new, keys, values, offsets, caps, spans, length, length, sink, window, scale, softcap,
                        k_scale=k_scale, v_scale=v_scale)
     return q.new_empty(*q.shape[:3], v_new.shape[3])
