@@ -63,12 +63,8 @@ def cache_extend_reference(
     may be FP8 already, with ``kn_scale``/``vn_scale`` [B, G, C]."""
     _check_scales(keys, k_scale, v_scale)
     B, G, C, _ = k_new.shape
-    n = length.long()
-    last = torch.maximum(start.long() + C - 1, n - 1)  # newest position per row after the write
-    pos = slot_positions(caps, offsets, sink, last)  # [B, S]
+    last, fresh, src = _extend_map(length, start, C, caps, offsets, sink)
     group = flat_group_index(offsets, keys.device)  # [S]
-    fresh = (pos >= n.view(B, 1)).unsqueeze(-1)  # the slot now holds a token of this chunk
-    src = (pos - start.long().view(B, 1)).clamp(0, C - 1)  # chunk index of that token
     b = torch.arange(B, device=keys.device).view(B, 1)
     for cache, scales, new, new_scale in ((keys, k_scale, k_new, kn_scale), (values, v_scale, v_new, vn_scale)):
         stored, stored_scale = _quantized_pair(cache, new, new_scale)
@@ -77,6 +73,30 @@ def cache_extend_reference(
         if stored_scale is not None:
             scales.copy_(torch.where(fresh[..., 0], stored_scale[b, group.view(1, -1), src], scales))
     length.copy_(last + 1)
+
+
+def _extend_map(length: torch.Tensor, start: torch.Tensor, C: int, caps: torch.Tensor, offsets: torch.Tensor,
+                sink: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where a chunk of ``C`` tokens at ``start`` [B] lands in a cache holding ``length`` [B]:
+    (the newest position per row after the write [B], whether each slot now holds a token of
+    the chunk [B, S, 1], the chunk index of that token [B, S])."""
+    n = length.long()
+    last = torch.maximum(start.long() + C - 1, n - 1)
+    pos = slot_positions(caps, offsets, sink, last)  # [B, S]
+    fresh = (pos >= n.view(-1, 1)).unsqueeze(-1)
+    src = (pos - start.long().view(-1, 1)).clamp(0, C - 1)
+    return last, fresh, src
+
+
+def _append_slots(length: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, sink: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where one token per row at position ``length`` [B] lands in each group: (rows [B, G],
+    flat slots [B, G]), the indices of a write."""
+    B, G = caps.shape
+    p = length.long().view(B, 1)
+    slot = torch.where(p < sink, p, sink + torch.remainder(p - sink, (caps.long() - sink).clamp(min=1)))  # [B, G]
+    flat = offsets[:-1].to(caps.device).long().view(1, G) + slot
+    return torch.arange(B, device=caps.device).view(B, 1).expand(B, G), flat
 
 
 def _select_into(cache: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor) -> None:
@@ -96,12 +116,7 @@ def cache_append_reference(
     oracle of the Triton kernel, :mod:`moa_flex.kernels.append`); an FP8 cache quantizes the
     token and writes its scales into ``k_scale``/``v_scale`` [B, S]."""
     _check_scales(keys, k_scale, v_scale)
-    B, G = caps.shape
-    p = length.long().view(B, 1)  # [B, 1]
-    cap = caps.long()
-    slot = torch.where(p < sink, p, sink + torch.remainder(p - sink, (cap - sink).clamp(min=1)))  # [B, G]
-    flat = offsets[:-1].to(keys.device).long().view(1, G) + slot  # [B, G]
-    rows = torch.arange(B, device=keys.device).view(B, 1).expand(B, G)
+    rows, flat = _append_slots(length, caps, offsets, sink)
     for cache, scales, new in ((keys, k_scale, k_new), (values, v_scale, v_new)):
         stored, stored_scale = _quantized_pair(cache, new[:, :, 0], None)
         cache[rows, flat] = stored
@@ -117,11 +132,7 @@ def ring_extend(ring: torch.Tensor, length: torch.Tensor, new: torch.Tensor, sta
     as :func:`cache_extend_reference` writes keys: an indexer's keys beside a layer's cache
     (DeepSeek Sparse Attention), in the ring's dtype; ``length`` advances likewise."""
     B, C, _ = new.shape
-    n = length.long()
-    last = torch.maximum(start.long() + C - 1, n - 1)
-    pos = slot_positions(caps, offsets, sink, last)  # [B, S]
-    fresh = (pos >= n.view(B, 1)).unsqueeze(-1)
-    src = (pos - start.long().view(B, 1)).clamp(0, C - 1)
+    last, fresh, src = _extend_map(length, start, C, caps, offsets, sink)
     rows = new.to(ring.dtype)[torch.arange(B, device=ring.device).view(B, 1), src]  # [B, S, D]
     ring.copy_(torch.where(fresh, rows, ring))
     length.copy_(last + 1)
@@ -132,9 +143,6 @@ def ring_append(ring: torch.Tensor, length: torch.Tensor, new: torch.Tensor, cap
     """Write one token per row (``new`` [B, 1, D], logical position ``length[b]``) into its slot
     of every group of ``ring`` [B, S, D], as :func:`cache_append_reference` does; ``length += 1``."""
     B, G = caps.shape
-    p = length.long().view(B, 1)
-    slot = torch.where(p < sink, p, sink + torch.remainder(p - sink, (caps.long() - sink).clamp(min=1)))  # [B, G]
-    flat = offsets[:-1].to(ring.device).long().view(1, G) + slot
-    rows = torch.arange(B, device=ring.device).view(B, 1).expand(B, G)
+    rows, flat = _append_slots(length, caps, offsets, sink)
     ring[rows, flat] = new[:, 0].to(ring.dtype).unsqueeze(1).expand(B, G, new.shape[-1])
     length.add_(1)
