@@ -69,10 +69,12 @@ class Absorbed:
             return _call(graph, torch.ops.aten.add.Tensor, (y, self.up_bias), like)
 
 
-def expansion_weight(node: torch.fx.Node, latent: Any, layer: int) -> tuple[Any, Any]:
+def expansion_weight(node: torch.fx.Node, latent: Any, layer: int, after_held: bool = False) -> tuple[Any, Any]:
     """(weight, bias) of the linear node that expands ``latent`` (the cached latent's node) into
-    the values of the attention call ``node``: ``kv_b_proj``. ValueError if the call's values
-    do not come from such a node."""
+    the values of the attention call ``node``: ``kv_b_proj``. ``after_held``: a prefill chunk of
+    an indexed layer over the cache, whose expansion reads the held latent followed by the
+    chunk's (``MoaCacheLayer.held_latent``). ValueError if the call's values do not come from
+    such a node."""
     seen: set[torch.fx.Node] = set()
     work = [node.args[2]]
     while work and len(seen) < _SEARCH:
@@ -80,23 +82,25 @@ def expansion_weight(node: torch.fx.Node, latent: Any, layer: int) -> tuple[Any,
         if not isinstance(cur, torch.fx.Node) or cur in seen:
             continue
         seen.add(cur)
-        if cur.op == "call_function" and cur.target in _LINEAR and _reaches(cur.args[0], latent):
+        if cur.op == "call_function" and cur.target in _LINEAR and _reaches(cur.args[0], latent, after_held):
             return cur.args[1], arg(cur, 2, "bias", None)
         work.extend(cur.all_input_nodes)
     raise ValueError(f"layer {layer}: latent attention, but the call's values are not a linear expansion of the "
                      "cached latent (kv_b_proj); moa-flex attends over the latent only where the model expands it so")
 
 
-def _reaches(node: Any, target: Any) -> bool:
-    """Whether ``node`` is ``target`` up to views and casts (the latent as kv_b_proj reads it), or
-    a concatenation ending in it (a chunk over the cache: the held latent, then the chunk's,
-    ``MoaCacheLayer.held_latent``)."""
+def _reaches(node: Any, target: Any, after_held: bool = False) -> bool:
+    """Whether ``node`` is ``target`` up to views and casts (the latent as kv_b_proj reads it), or,
+    with ``after_held``, the sequence-dim concatenation of two tensors ending in it (a chunk over
+    the cache: the held latent, then the chunk's, ``MoaCacheLayer.held_latent``)."""
     while isinstance(node, torch.fx.Node):
         if node is target:
             return True
-        if node.op == "call_function" and node.target in (torch.cat, torch.ops.aten.cat.default) and node.args \
-                and isinstance(node.args[0], (list, tuple)) and node.args[0]:
-            node = node.args[0][-1]
+        if after_held and node.op == "call_function" and node.target in (torch.cat, torch.ops.aten.cat.default):
+            parts, dim = node.args[0], arg(node, 1, "dim", 0)
+            if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (-2, 2)):
+                return False
+            node = parts[-1]
             continue
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
         if name not in ("view", "reshape", "to", "contiguous", "float", "type_as") or not node.args:

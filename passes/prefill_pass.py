@@ -126,7 +126,8 @@ def rewrite_prefill(
     for layer in range(plan.num_layers):  # everything checked before anything changes
         extend_args = call_args(extends[layer][0], EXTEND_ARGS, SCALE_ARGS)
         if latent is not None:  # the cache writes (latent ; rotary key) and the latent: the model's expansion
-            layouts[layer] = expansion_weight(attns[layer][0], extend_args[4], layer)
+            node = attns[layer][0]
+            layouts[layer] = expansion_weight(node, extend_args[4], layer, layer in indexed and over_cache(node))
         else:
             layouts[layer] = check_reads_cache(attns[layer][0], extend_args[3], extend_args[4], layer)
     graph = gm.graph
