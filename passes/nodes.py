@@ -122,9 +122,20 @@ def eliminate_dead_code(graph: torch.fx.Graph, roots: Iterable[Any]) -> None:
     disconnect stays, even if unused: the graph outside attention is the model's."""
     work = [n for n in roots if isinstance(n, torch.fx.Node)]
     gone: set[torch.fx.Node] = set()
+    order: dict[torch.fx.Node, int] | None = None
     while work:
         node = work.pop()
-        if node in gone or node.op not in ("call_function", "call_method", "get_attr") or node.users:
+        if node in gone or node.op not in ("call_function", "call_method", "get_attr"):
+            continue
+        if node.users:  # a scratch tensor only written into (a model's keys assembled for a replaced call)
+            group = _unread_scratch(node)
+            if group is None:
+                continue
+            order = order or {n: i for i, n in enumerate(graph.nodes)}
+            for member in sorted(group, key=order.__getitem__, reverse=True):  # users before what they use
+                work.extend(n for n in member.all_input_nodes if n not in group)
+                graph.erase_node(member)
+                gone.add(member)
             continue
         if keeps_effects(node):
             continue
@@ -132,6 +143,38 @@ def eliminate_dead_code(graph: torch.fx.Graph, roots: Iterable[Any]) -> None:
         graph.erase_node(node)
         gone.add(node)
         work.extend(inputs)
+
+
+_FRESH = {"new_empty", "new_zeros", "new_ones", "new_full", "empty", "zeros", "ones", "full", "empty_like",
+          "zeros_like", "ones_like", "full_like"}
+_VIEWS = {"getitem", "view", "reshape", "narrow", "select", "slice", "transpose", "permute", "unsqueeze", "squeeze",
+          "expand"}
+
+
+def _call_name(node: torch.fx.Node) -> str:
+    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+
+
+def _unread_scratch(node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The nodes of a tensor the graph allocates (``new_empty``, ``zeros`` ...) and never reads:
+    every use, through views of it, an in-place write into it whose result nothing uses
+    (DeepSeek-V3.2's ``expand_kv`` assembles its keys with ``copy_`` into a ``new_empty``, for an
+    attention call the pass replaced). Such writes have no effect anyone can see. None otherwise."""
+    if node.op not in ("call_function", "call_method") or _call_name(node) not in _FRESH:
+        return None
+    group, work = [node], [node]
+    while work:
+        cur = work.pop()
+        for user in cur.users:
+            if user in group:
+                continue
+            writes = keeps_effects(user) and not user.users
+            if not (user.args and user.args[0] is cur) or not (_call_name(user) in _VIEWS or writes):
+                return None
+            group.append(user)
+            if not writes:
+                work.append(user)
+    return group
 
 
 def erase_with_inputs(graph: torch.fx.Graph, node: torch.fx.Node, roots: list[torch.fx.Node]) -> None:

@@ -252,6 +252,15 @@ def test_a_chunked_prompt_and_a_later_turn_match_the_reference(chunk: int) -> No
         mask[0, :4] = 0
         ids[0, :4] = 0
         converse(model, plan, N, ids, mask, (None, 9), 4, seed=6)
+    # the model's expansion of the held latent (dead once the chunk kernel attends the cache) is gone:
+    # the cache's latent is read by moa-flex's ops alone (a 64K cache would be expanded per chunk and layer)
+    graphs = [r.graph_module.graph for r in model.moa_flex.reports
+              if any(n.target == torch.ops.moa_flex.chunk_select_keep.default for n in r.graph_module.graph.nodes)]
+    assert graphs
+    for graph in graphs:
+        chunks = [n for n in graph.nodes if n.target == torch.ops.moa_flex.chunk_prefill.default]
+        assert chunks and all(isinstance(u.target, torch._ops.OpOverload) and u.target.namespace == "moa_flex"
+                              for n in chunks for u in n.args[3].users)
 
 
 @pytest.mark.slow  # 4 s (make test-slow)

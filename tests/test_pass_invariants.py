@@ -97,6 +97,38 @@ def test_dead_code_elimination_keeps_in_place_calls_and_what_it_was_not_given() 
     assert not any(n.target == "add_" for n in plain.graph.nodes), "FX's own rule drops the in-place call"
 
 
+@pytest.mark.parametrize("read", [False, True])
+def test_dead_code_elimination_drops_a_scratch_tensor_only_written_into(read: bool) -> None:
+    """A tensor the graph allocates and only writes into (DeepSeek-V3.2's ``expand_kv`` assembles
+    keys with ``copy_`` into a ``new_empty``) goes with its writes and what fed only them once
+    the call that read it is erased; read by anything else (``read``), it stays, writes included."""
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        k = x @ w  # feeds only the scratch's first half
+        scratch = x.new_empty(3, 4)
+        scratch[:, :2].copy_(k)
+        scratch[:, 2:].copy_(x[:, :2])
+        used = torch.mul(scratch, 1.0)  # the call the rewrite replaces
+        return (used.sum() + scratch.sum()) if read else used.sum()
+
+    gm = torch.fx.symbolic_trace(f)
+    graph = gm.graph
+    call = next(n for n in graph.nodes if n.target is torch.mul)
+    with graph.inserting_before(call):
+        new = graph.call_function(torch.zeros, ((),))
+    call.replace_all_uses_with(new)
+    roots = list(call.all_input_nodes)
+    graph.erase_node(call)
+    eliminate_dead_code(graph, roots)
+    names = [str(n.target) for n in graph.nodes]
+    assert (names.count("copy_") == 2) == read and ("new_empty" in names) == read
+    assert any("matmul" in name for name in names) == read, "the scratch's source goes with it"
+    gm.recompile()
+    x, w = torch.randn(3, 4), torch.randn(4, 2)
+    if not read:
+        assert torch.equal(gm(x, w), torch.zeros(()).sum())
+
+
 def test_cached_layout_sees_through_a_copy_the_cache_wrote() -> None:
     """GPT-NeoX-Japanese writes ``cat(...).contiguous()`` to its cache and its attention call,
     its [B * H] views peeled, reads the ``cat``: the same values, so the cached layout. A cast
