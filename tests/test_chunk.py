@@ -329,6 +329,7 @@ def test_twin_with_select_equals_brute_force(lay: dict, density: float, with_sin
     chunked(lay, q, k, v, selecting(checked, density, lay["seed"]))
 
 
+@pytest.mark.slow  # 4.5 s (make test-slow); the default run compares the kernel's selection on full tiles, FP8 included
 @needs_kernel  # about 0.8 s a layout in the interpreter (two selections per chunk schedule)
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(lay=layouts(), density=DENSITIES, block_q=st.sampled_from([16, 32]), with_sinks=st.booleans(),
