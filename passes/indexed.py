@@ -34,7 +34,9 @@ earlier position, so a prefill and a decode step select the same keys
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from typing import Iterator
 
 import torch
 import torch.fx
@@ -110,11 +112,7 @@ def rewrite_indexer(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, runt
     model's, selection included) and the ``selection_info`` of the mask without it (one per
     such mask, in ``infos``, placed beside the mask: the layers that share it share it)."""
     mask = arg(node, 3, "attn_mask", None)
-    found = selections(mask)
-    if len(found) != 1:
-        raise ValueError(f"layer {layer}'s attention mask carries {len(found)} top-k selections; moa-flex composes "
-                         "a plan with one indexer a layer")
-    topk = found[0]
+    topk = layer_indexer(node, layer)
     check_selects_keys(topk, node, layer)
     plain = unselected_mask(mask)
     info = infos.get(plain)
@@ -123,18 +121,54 @@ def rewrite_indexer(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, runt
             info = infos[plain] = graph.call_function(torch.ops.moa_flex.selection_info.default, (plain,))
         info.meta = {k: v for k, v in plain.meta.items() if k in ("stack_trace", "nn_module_stack")}
     scores = topk.args[0]
-    meta = {k: v for k, v in topk.meta.items() if k in ("stack_trace", "nn_module_stack")}
-    with graph.inserting_before(topk):
+    with _tagged(graph, topk), graph.inserting_before(topk):
         keep = graph.call_function(torch.ops.moa_flex.index_keep.default, (scores, info, layer, runtime_id))
-        dropped = graph.call_function(torch.logical_not, (keep,))
-        ruled = graph.call_method("masked_fill", (scores, dropped, float("-inf")))
         keys = graph.call_function(torch.ops.aten.sym_size.int, (scores, 2))
         positions = graph.call_function(torch.arange, (keys,), {"device": recorded_value(scores).device})
-    for n in (keep, dropped, ruled, keys, positions):
-        n.meta = dict(meta)
-    topk.replace_input_with(scores, ruled)
-    by_position(graph, topk, positions, layer)
+    rule_topk(graph, topk, keep, positions, layer)
     return mask, info
+
+
+def layer_indexer(node: torch.fx.Node, layer: int) -> torch.fx.Node:
+    """The one ``topk`` whose indices reach attention ``node``'s mask (ValueError for none or several)."""
+    found = selections(arg(node, 3, "attn_mask", None))
+    if len(found) != 1:
+        raise ValueError(f"layer {layer}'s attention mask carries {len(found)} top-k selections; moa-flex composes "
+                         "a plan with one indexer a layer")
+    return found[0]
+
+
+@contextlib.contextmanager
+def _tagged(graph: torch.fx.Graph, like: torch.fx.Node) -> Iterator[None]:
+    """The nodes added meanwhile take ``like``'s module stack and trace where they have none."""
+    before = set(graph.nodes)
+    yield
+    meta = {k: v for k, v in like.meta.items() if k in ("stack_trace", "nn_module_stack")}
+    for n in graph.nodes:
+        if n not in before and not n.meta.get("nn_module_stack"):
+            n.meta.update(meta)
+
+
+def rule_topk(graph: torch.fx.Graph, topk: torch.fx.Node, keep: torch.fx.Node, positions: torch.fx.Node,
+              layer: int) -> torch.fx.Node:
+    """The rule into an indexer: ``topk``'s scores get ``-inf`` where ``keep`` (broadcast over
+    them) is False, and the ``topk`` becomes :func:`by_position` over ``positions``. Returns the
+    node of the picked indices."""
+    scores = topk.args[0]
+    with _tagged(graph, topk), graph.inserting_before(topk):
+        ruled = graph.call_method("masked_fill", (scores, graph.call_function(torch.logical_not, (keep,)),
+                                                  float("-inf")))
+    topk.replace_input_with(scores, ruled)
+    return by_position(graph, topk, positions, layer)
+
+
+def _selection(graph: torch.fx.Graph, node: torch.fx.Node, topk_meta: torch.fx.Node, keep: torch.fx.Node,
+               picked: torch.fx.Node) -> torch.fx.Node:
+    """Before attention ``node``: the picked columns as a bool mask like ``keep``, ANDed with it
+    (a query with fewer kept columns than k picks some it may not read)."""
+    with _tagged(graph, topk_meta), graph.inserting_before(node):
+        chosen = graph.call_method("scatter", (graph.call_function(torch.zeros_like, (keep,)), -1, picked, True))
+        return graph.call_function(operator.and_, (chosen, keep))
 
 
 def by_position(graph: torch.fx.Graph, topk: torch.fx.Node, positions: torch.fx.Node, layer: int) -> torch.fx.Node:
@@ -193,11 +227,7 @@ def select_slots(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: t
     (``moa_flex::slot_keep`` over the layer's cache ``keys``, after this step's append); returns
     the node of the selected slots, bool [B, S] (ANDed with that keep: a row with fewer kept
     slots than k picks some it may not read), for ``moa_flex::ragged_decode``'s ``select``."""
-    found = selections(arg(node, 3, "attn_mask", None))
-    if len(found) != 1:
-        raise ValueError(f"layer {layer}'s attention mask carries {len(found)} top-k selections; moa-flex composes "
-                         "a plan with one indexer a layer")
-    topk = found[0]
+    topk = layer_indexer(node, layer)
     scores = recorded_value(topk.args[0])
     # its slots are the ring's, as wide as the cache (a size symbol of their own: a wrong width
     # fails where the keep is broadcast over them, never silently)
@@ -206,26 +236,15 @@ def select_slots(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: t
             f"layer {layer}'s indexer in a decode step scores {list(getattr(scores, 'shape', []))}, not one query over "
             "the cache's slots along the last dim: its keys do not come from the MoA cache's indexer ring "
             "(MoaCache.update_indexer)")
-    meta = {k: v for k, v in topk.meta.items() if k in ("stack_trace", "nn_module_stack")}
-    with graph.inserting_before(topk):
+    with _tagged(graph, topk), graph.inserting_before(topk):
         pos = graph.call_function(torch.ops.aten.sub.Scalar, (length, 1))
-        keep = graph.call_function(torch.ops.moa_flex.slot_keep.default, (keys, offsets, caps, spans, pos, sink, window))
-        dropped = graph.call_function(torch.logical_not, (keep,))
-        ruled = graph.call_method("masked_fill", (topk.args[0], graph.call_method("unsqueeze", (dropped, 1)),
-                                                  float("-inf")))
+        keep = graph.call_method("unsqueeze", (graph.call_function(
+            torch.ops.moa_flex.slot_keep.default, (keys, offsets, caps, spans, pos, sink, window)), 1))  # [B, 1, S]
         held = graph.call_method("unsqueeze", (graph.call_function(torch.ops.moa_flex.slot_position.default,
                                                                    (keys, caps, offsets, pos, sink)), 1))
-    topk.replace_input_with(topk.args[0], ruled)
-    indices = by_position(graph, topk, held, layer)  # [B, 1, k] slots
-    with graph.inserting_before(node):
-        picked = graph.call_method("squeeze", (indices, 1))
-        chosen = graph.call_method("scatter", (graph.call_function(torch.zeros_like, (keep,)), -1, picked, True))
-        select = graph.call_function(operator.and_, (chosen, keep))
-    for n in (pos, keep, dropped, ruled, *ruled.all_input_nodes, held, *held.all_input_nodes, picked, chosen,
-              *chosen.all_input_nodes, select):
-        if isinstance(n, torch.fx.Node) and n.op != "placeholder" and not n.meta.get("nn_module_stack"):
-            n.meta.update(meta)
-    return select
+    select = _selection(graph, node, topk, keep, rule_topk(graph, topk, keep, held, layer))  # [B, 1, S]
+    with _tagged(graph, select), graph.inserting_before(node):
+        return graph.call_method("squeeze", (select, 1))
 
 
 def over_cache(node: torch.fx.Node) -> bool:
@@ -244,28 +263,11 @@ def select_chunk(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: t
     the rule keeps for the query (``moa_flex::chunk_select_keep``, read before the chunk's write),
     with ties to the earlier position; returns the node of the selection, bool [B, C, S + C]
     (ANDed with that keep), for ``moa_flex::chunk_prefill``'s ``select``."""
-    found = selections(arg(node, 3, "attn_mask", None))
-    if len(found) != 1:
-        raise ValueError(f"layer {layer}'s attention mask carries {len(found)} top-k selections; moa-flex composes "
-                         "a plan with one indexer a layer")
-    topk = found[0]
+    topk = layer_indexer(node, layer)
     check_selects_keys(topk, node, layer)
-    scores = topk.args[0]
-    meta = {k: v for k, v in topk.meta.items() if k in ("stack_trace", "nn_module_stack")}
-    with graph.inserting_before(topk):
+    with _tagged(graph, topk), graph.inserting_before(topk):
         both = graph.call_function(torch.ops.moa_flex.chunk_select_keep.default,
-                                   (scores, keys, offsets, caps, spans, length, chunk_pads, sink, window))
-        keep = graph.call_function(operator.getitem, (both, 0))
-        held = graph.call_method("unsqueeze", (graph.call_function(operator.getitem, (both, 1)), 1))
-        ruled = graph.call_method("masked_fill", (scores, graph.call_function(torch.logical_not, (keep,)),
-                                                  float("-inf")))
-    topk.replace_input_with(scores, ruled)
-    picked = by_position(graph, topk, held, layer)  # [B, C, k] columns
-    with graph.inserting_before(node):
-        chosen = graph.call_method("scatter", (graph.call_function(torch.zeros_like, (keep,)), -1, picked, True))
-        select = graph.call_function(operator.and_, (chosen, keep))
-    for n in (both, keep, held, *held.all_input_nodes, ruled, *ruled.all_input_nodes, chosen, *chosen.all_input_nodes,
-              select):
-        if isinstance(n, torch.fx.Node) and n.op != "placeholder" and not n.meta.get("nn_module_stack"):
-            n.meta.update(meta)
-    return select
+                                   (topk.args[0], keys, offsets, caps, spans, length, chunk_pads, sink, window))
+        keep = graph.call_function(operator.getitem, (both, 0))  # [B, C, S + C]
+        positions = graph.call_method("unsqueeze", (graph.call_function(operator.getitem, (both, 1)), 1))
+    return _selection(graph, node, topk, keep, rule_topk(graph, topk, keep, positions, layer))
