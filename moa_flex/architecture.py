@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -89,38 +89,63 @@ def sequence_mask(mask: torch.Tensor, rows: int) -> torch.Tensor:
     return first[:, 0]
 
 
-def latent_attention(config: Any) -> tuple[int, int] | None:
+VARIES = object()  # a config value that differs between layers (transformers' per-layer configs: dots3)
+
+
+def layer_config_value(config: Any, name: str, layer: int | None = None) -> Any:
+    """``config.<name>``, or decoder layer ``layer``'s where the config keeps per-layer configs
+    (transformers' ``per_layer_config``: Gemma 4, dots3). Without ``layer``, :data:`VARIES`
+    where the layers differ (transformers raises AmbiguousGlobalPerLayerAttributeError)."""
+    config = text_config(config)
+    per_layer = getattr(config, "per_layer_config", None)
+    if layer is not None and per_layer is not None:
+        return getattr(per_layer[layer], name, None)
+    try:
+        return getattr(config, name, None)
+    except RuntimeError:  # the per-layer values differ: no one global value
+        if per_layer is None:
+            raise
+        return VARIES
+
+
+def latent_attention(config: Any, layer: int | None = None) -> tuple[Any, Any] | None:
     """(latent width ``kv_lora_rank``, rotary key width ``qk_rope_head_dim``) of a model with
     multi-head latent attention (DeepSeek-V2/V3 and their kin: each token caches one latent and
     one rotary key shared by all heads, which every call expands into keys and values), else
     None. moa-flex caches the latent as one KV head (passes/latent.py absorbs the expansion
-    into the queries and the output); a plan rules each layer as a whole or per query head."""
-    config = text_config(config)
-    rank, rope = getattr(config, "kv_lora_rank", None), getattr(config, "qk_rope_head_dim", None)
+    into the queries and the output); a plan rules each layer as a whole or per query head.
+    ``layer``: that decoder layer's widths; without it, a width that differs between layers
+    (dots3's sliding layers have a latent of their own) is :data:`VARIES`."""
+    rank, rope = (layer_config_value(config, n, layer) for n in ("kv_lora_rank", "qk_rope_head_dim"))
+    if rank is VARIES or rope is VARIES:
+        widths = [latent_attention(config, i) for i in range(int(text_config(config).num_hidden_layers))]
+        return (VARIES, VARIES) if all(w is not None for w in widths) else None
     if isinstance(rank, int) and rank > 0 and isinstance(rope, int) and rope >= 0:
         return rank, rope
     return None
 
 
-def cached_value_dim(config: Any, value_dim: int) -> int:
+def cached_value_dim(config: Any, value_dim: int, layer: int | None = None) -> Any:
     """Width (per head) of the values a layer's attention reads from the MoA cache: ``value_dim``
     (the layer's value head dim), except for DiffLlama, whose two calls per layer read the two
     halves of its value heads, which the passes fuse into one call over both side by side
     (passes/value_fusion.py): twice ``value_dim``; and latent attention, whose cached values are
-    the latent itself (:func:`latent_attention`): ``kv_lora_rank``."""
-    latent = latent_attention(config)
+    the latent itself (:func:`latent_attention`): ``kv_lora_rank`` (decoder layer ``layer``'s,
+    or :data:`VARIES` where layers differ)."""
+    latent = latent_attention(config, layer)
     if latent is not None:
         return latent[0]
     return 2 * value_dim if getattr(text_config(config), "model_type", "") == "diffllama" else value_dim
 
 
-def cached_key_dim(config: Any, head_dim: int | None) -> int | None:
+def cached_key_dim(config: Any, head_dim: Any, layer: int | None = None) -> Any:
     """Width (per head) of the keys the MoA cache holds: ``head_dim``, except for latent
     attention: the latent and the rotary key side by side, ``kv_lora_rank + qk_rope_head_dim``;
-    and a model with a per-key score bias (:func:`key_bias_limit`): one more column, the bias."""
-    latent = latent_attention(config)
+    and a model with a per-key score bias (:func:`key_bias_limit`): one more column, the bias.
+    ``layer``: that decoder layer's width (latent widths may differ between layers: :data:`VARIES`)."""
+    latent = latent_attention(config, layer)
     if latent is not None:
-        return latent[0] + latent[1]
+        return VARIES if VARIES in latent else latent[0] + latent[1]
     return head_dim if head_dim is None else head_dim + key_bias_columns(config)
 
 
@@ -270,6 +295,16 @@ def sparse_attention_indexer(config: Any) -> bool:
     ``index_topk`` keys per query (DeepSeek-V3.2, GLM-5 and kin; passes/indexed.py)."""
     config = text_config(config)
     return latent_attention(config) is not None and bool(getattr(config, "index_topk", None))
+
+
+def indexed_layers(config: Any, layers: Sequence[int]) -> list[bool]:
+    """Per decoder layer in ``layers``, whether an indexer selects its keys (DeepSeek Sparse
+    Attention): every layer of a model with one, except where ``layer_types`` names the layer
+    another type (dots3's sliding layers run plain latent attention beside indexed ones)."""
+    if not sparse_attention_indexer(config):
+        return [False] * len(layers)
+    types = layer_types(config, int(text_config(config).num_hidden_layers))
+    return [types is None or types[i] in INDEXED_LAYER_TYPES for i in layers]
 
 
 def model_windows(config: Any, shape: Any) -> list[int | None]:
@@ -515,7 +550,7 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
         raise ValueError(f"{name}: {problem}; a MoA plan rules one attention per decoder layer")
     latent = latent_attention(getattr(model, "config", None))
     if latent is not None:
-        check_latent_expansion(model, latent)
+        check_latent_expansion(model)
     mismatched = [] if latent is not None else kv_head_mismatches(model, shape)  # latent: expanded per head
     if mismatched:
         layer, kv = mismatched[0]
@@ -569,12 +604,11 @@ def check_supported(model: torch.nn.Module, shape: Any) -> None:
                          "architecture load it with is_decoder=True.")
 
 
-def check_latent_expansion(model: torch.nn.Module, latent: tuple[int, int]) -> None:
+def check_latent_expansion(model: torch.nn.Module) -> None:
     """ValueError unless every latent-attention module's ``expand_kv`` is the expansion that
     passes/latent.py absorbs: for each head h, keys ``[W_uk,h c + b_k,h ; k_rot]`` and values
-    ``W_uv,h c + b_v,h`` with ``kv_b_proj`` viewed as [H, nope + v, r] (``latent``: r, rope).
+    ``W_uv,h c + b_v,h`` with ``kv_b_proj`` viewed as [H, nope + v, r] (each module's own widths).
     Checked by evaluation on a random latent, in float32 where the weights are."""
-    rank, rope = latent
     gen = torch.Generator().manual_seed(0)
     checked = 0
     for name, module in _language_model(model).named_modules():
@@ -586,6 +620,7 @@ def check_latent_expansion(model: torch.nn.Module, latent: tuple[int, int]) -> N
         if weight.device.type == "meta":
             continue
         nope, v = int(module.qk_nope_head_dim), int(module.v_head_dim)
+        rank, rope = int(module.kv_lora_rank), int(module.qk_rope_head_dim)
         heads = weight.shape[0] // (nope + v)
         c = torch.randn(1, 1, 3, rank, generator=gen).to(weight.device, weight.dtype)
         k_rot = torch.randn(1, 1, 3, rope, generator=gen).to(weight.device, weight.dtype)

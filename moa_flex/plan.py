@@ -22,8 +22,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from moa_flex.architecture import (
-    attention_layers, cached_key_dim, cached_value_dim, key_bias_columns, call_kv_heads, call_slots,
-    sparse_attention_indexer, text_config,
+    VARIES, attention_layers, cached_key_dim, cached_value_dim, key_bias_columns, call_kv_heads, call_slots,
+    latent_attention, layer_config_value, sparse_attention_indexer, text_config,
 )
 
 FORMAT = "moa-flex.plan/1"
@@ -75,7 +75,10 @@ class ModelShape:
     (``architecture.call_slots``); None where calls map to layers by module or in call order.
     ``index_dim``: the width of the indexer key the cache keeps beside each kept token of a
     DeepSeek Sparse Attention model (``index_head_dim``, stored in the model's dtype); budgets in
-    bytes count it. None for every other model.
+    bytes count it. None for every other model. ``layer_heads``: the query heads of every planned
+    layer, where layers differ in them (dots3's sliding layers); then ``num_heads`` is the most a
+    layer has. Only latent attention may differ so: its layers cache one latent (one KV head,
+    one rule a layer under granularity 'kv_head') whatever their heads.
     """
 
     num_layers: int
@@ -88,6 +91,11 @@ class ModelShape:
     value_dim: int | None = None
     call_slots: tuple[int, ...] | None = None
     index_dim: int | None = None
+    layer_heads: tuple[int, ...] | None = None
+
+    def heads_of(self, layer: int) -> int:
+        """Query heads of planned layer ``layer``."""
+        return self.num_heads if self.layer_heads is None else self.layer_heads[layer]
 
     @property
     def layer_indices(self) -> tuple[int, ...]:
@@ -118,13 +126,18 @@ class ModelShape:
             num_layers = int(config.num_hidden_layers)
             layers = attention_layers(config, num_layers)
             planned = layers if layers is not None else range(num_layers)
-            num_heads = per_layer_value(config, "num_attention_heads", planned)
-            if num_heads is None:  # RWKV, xLSTM: the field exists, unset
+            heads = per_layer_value(config, "num_attention_heads", planned,
+                                    varies_ok=latent_attention(config) is not None)
+            layer_heads = None
+            if heads is VARIES:  # latent attention: one latent a layer, whatever its heads
+                layer_heads = tuple(int(layer_config_value(config, "num_attention_heads", i)) for i in planned)
+                heads = max(layer_heads)
+            if heads is None:  # RWKV, xLSTM: the field exists, unset
                 raise AttributeError("num_attention_heads")
-            num_heads = int(num_heads)
+            num_heads = int(heads)
         except AttributeError as e:
             raise TypeError(_not_a_decoder(config)) from e
-        num_kv_heads = call_kv_heads(config, num_heads,
+        num_kv_heads = call_kv_heads(config, num_heads, 1 if layer_heads else
                                      per_layer_value(config, "num_key_value_heads", planned) or num_heads)
         head_dim = per_layer_value(config, "head_dim", planned, varies_ok=True)
         if head_dim is VARIES:  # each layer's cache takes its own (MoaCache reads it from the config)
@@ -133,6 +146,8 @@ class ModelShape:
             head_dim = int(config.hidden_size) // num_heads
         name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")
         head_dim = cached_key_dim(config, head_dim)  # latent attention: the latent and rotary key
+        if head_dim is VARIES:  # latent widths that differ between layers: each layer's cache takes its own
+            head_dim = None
         value_dim = _value_dim(config, head_dim)
         index_dim = int(config.index_head_dim) if sparse_attention_indexer(config) else None
         slots = call_slots(config)
@@ -141,12 +156,12 @@ class ModelShape:
                 raise TypeError(f"{type(config).__name__} loops decoder layers with cache slots of their own and has "
                                 "layers without softmax attention; moa-flex models either, not both")
             return cls(len(slots), num_heads, int(num_kv_heads), head_dim, str(name), value_dim=value_dim,
-                       call_slots=slots, index_dim=index_dim)
+                       call_slots=slots, index_dim=index_dim, layer_heads=layer_heads)
         if layers is None:
             return cls(num_layers, num_heads, int(num_kv_heads), head_dim, str(name), value_dim=value_dim,
-                       index_dim=index_dim)
+                       index_dim=index_dim, layer_heads=layer_heads)
         return cls(len(layers), num_heads, int(num_kv_heads), head_dim, str(name), layers=layers,
-                   total_layers=num_layers, value_dim=value_dim, index_dim=index_dim)
+                   total_layers=num_layers, value_dim=value_dim, index_dim=index_dim, layer_heads=layer_heads)
 
 
 def _value_dim(config: Any, head_dim: int | None) -> int | None:
@@ -156,9 +171,6 @@ def _value_dim(config: Any, head_dim: int | None) -> int | None:
     v = getattr(config, "v_head_dim", None)
     width = cached_value_dim(config, v if isinstance(v, int) and v > 0 else head_dim - key_bias_columns(config))
     return None if width == head_dim else int(width)
-
-
-VARIES = object()  # per_layer_value's answer for a value that differs between layers
 
 
 def per_layer_value(config: Any, name: str, layers: Iterable[int], varies_ok: bool = False) -> Any:
@@ -178,7 +190,8 @@ def per_layer_value(config: Any, name: str, layers: Iterable[int], varies_ok: bo
         if varies_ok:
             return VARIES
         raise TypeError(f"{type(config).__name__}'s {name} differs between attention layers ({values}); a moa-flex "
-                        "plan has one head layout for every layer") from e
+                        "plan has one head layout for every layer (layers may differ in query heads only with latent "
+                        "attention, which caches one latent a layer)") from e
 
 
 def _ceil_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -210,6 +223,26 @@ def _check_layers(model: ModelShape) -> None:
     if layers != sorted(set(layers)) or layers[-1] >= total:
         raise ValueError(f"plan.model.layers must be increasing decoder-layer indices below total_layers = {total}, "
                          f"got {layers}")
+
+
+def _check_layer_heads(model: ModelShape, granularity: str) -> None:
+    """ValueError unless a shape whose layers differ in query heads (``layer_heads``) is latent
+    attention's (one KV head) under granularity 'kv_head', with one count per layer whose
+    largest is ``num_heads``."""
+    if model.layer_heads is None:
+        return
+    heads = list(model.layer_heads)
+    if len(heads) != model.num_layers:
+        raise ValueError(f"plan.model.layer_heads has {len(heads)} entries, expected num_layers = {model.num_layers}")
+    for h in heads:
+        _check_int("plan.model.layer_heads[]", h, 1)
+    if max(heads) != model.num_heads:
+        raise ValueError(f"plan.model.num_heads ({model.num_heads}) must be the most of plan.model.layer_heads "
+                         f"({max(heads)})")
+    if model.num_kv_heads != 1 or granularity != "kv_head":
+        raise ValueError("a plan whose layers differ in query heads (plan.model.layer_heads) must have one KV head "
+                         f"(latent attention) and granularity 'kv_head', got {model.num_kv_heads} KV heads and "
+                         f"granularity {granularity!r}: one rule a layer, which every head of it takes")
 
 
 def _rule_matrix(name: str, value: Any, rows: int, cols: int, why: str) -> torch.Tensor:
@@ -270,6 +303,7 @@ class Plan:
             )
         if granularity not in GRANULARITIES:
             raise ValueError(f"plan.granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        _check_layer_heads(model, granularity)
         _check_int("plan.sink", sink, 0)
         _check_int("plan.span_multiple", span_multiple, 1)
         _check_int("plan.min_span", min_span, 1)
@@ -349,7 +383,7 @@ class Plan:
             if key not in m:
                 raise ValueError(f"plan.model.{key} is missing")
         unknown = set(m) - {"num_layers", "num_heads", "num_kv_heads", "head_dim", "name", "layers", "total_layers",
-                            "value_dim", "call_slots", "index_dim"}
+                            "value_dim", "call_slots", "index_dim", "layer_heads"}
         if unknown:
             raise ValueError(f"plan.model has unknown fields {sorted(unknown)}")
         layers = m.get("layers")
@@ -364,6 +398,7 @@ class Plan:
             layers=None if layers is None else tuple(layers), total_layers=m.get("total_layers"),
             value_dim=m.get("value_dim"), call_slots=None if slots is None else tuple(slots),
             index_dim=m.get("index_dim"),
+            layer_heads=None if m.get("layer_heads") is None else tuple(m["layer_heads"]),
         )
         return cls(
             shape,
@@ -490,6 +525,7 @@ class Plan:
                 **({} if m.value_dim is None else {"value_dim": m.value_dim}),
                 **({} if m.call_slots is None else {"call_slots": list(m.call_slots)}),
                 **({} if m.index_dim is None else {"index_dim": m.index_dim}),
+                **({} if m.layer_heads is None else {"layer_heads": list(m.layer_heads)}),
             },
             "granularity": self.granularity,
             "sink": self.sink,
@@ -612,6 +648,8 @@ class Plan:
             pairs.append(("layers", "attention layers", list(self.model.layer_indices), list(shape.layer_indices)))
         if self.model.call_slots != shape.call_slots:
             pairs.append(("call_slots", "cache slots in call order", self.model.call_slots, shape.call_slots))
+        if self.model.layer_heads != shape.layer_heads:
+            pairs.append(("layer_heads", "query heads per attention layer", self.model.layer_heads, shape.layer_heads))
         wrong = [
             f"plan.model.{mine} = {ours} but the model has {theirs_name} = {theirs}"
             for mine, theirs_name, ours, theirs in pairs

@@ -42,13 +42,14 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     allowed = torch.ones(B, 1, Q, K, dtype=torch.bool, device=query.device) if attention_mask is None else (
         attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
     )
-    keep = torch.zeros(B, plan.num_heads, Q, K, dtype=torch.bool, device=query.device)
+    layer = plan.model.plan_layer(_calling_layer(module))
+    heads = plan.model.heads_of(layer)  # the layer's own (dots3's layers differ in them)
+    keep = torch.zeros(B, heads, Q, K, dtype=torch.bool, device=query.device)
     pads = _REF_PLAN.get("pads") or [0] * B
     N = _REF_PLAN.get("N") or K
     for b, pad in enumerate(pads):
         n = K - pad  # real tokens of the row (a forward without cache: Q == K)
-        keep[b, :, pad:, pad:] = reference_mask(plan, plan.model.plan_layer(_calling_layer(module)), N - pad, n, 0,
-                                                n).to(query.device)
+        keep[b, :, pad:, pad:] = reference_mask(plan, layer, N - pad, n, 0, n)[:heads].to(query.device)
     indices = kwargs.get("indices")  # DeepSeek Sparse Attention: each query's keys, as the indexer picked them
     if indices is not None:
         allowed = allowed & torch.zeros(B, Q, K, dtype=torch.bool, device=query.device).scatter(
@@ -182,10 +183,12 @@ class _KeepBeforeSoftmax(torch.overrides.TorchFunctionMode):
             x = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             plan = _REF_PLAN["plan"]
-            if x.dim() == 4 and dim in (-1, 3) and x.shape[1] == plan.num_heads:
+            heads = plan.num_heads if plan.model.layer_heads is None else plan.model.heads_of(
+                plan.model.plan_layer(_REF_PLAN["layer"]))
+            if x.dim() == 4 and dim in (-1, 3) and x.shape[1] == heads:
                 args = (x.masked_fill(~self._keep(x, plan), float("-inf")), *args[1:])
-            elif x.dim() == 3 and dim in (-1, 2) and x.shape[0] % plan.num_heads == 0:  # [B * H, Q, K] (bmm)
-                x4 = x.view(-1, plan.num_heads, *x.shape[1:])
+            elif x.dim() == 3 and dim in (-1, 2) and x.shape[0] % heads == 0:  # [B * H, Q, K] (bmm)
+                x4 = x.view(-1, heads, *x.shape[1:])
                 args = (x4.masked_fill(~self._keep(x4, plan), float("-inf")).view(x.shape), *args[1:])
         return func(*args, **kwargs)
 
@@ -198,7 +201,7 @@ class _KeepBeforeSoftmax(torch.overrides.TorchFunctionMode):
         for b, pad in enumerate(pads):
             n = K - pad
             keep[b, :, pad:, pad:] = reference_mask(plan, plan.model.plan_layer(_REF_PLAN["layer"]), N - pad, n, 0,
-                                                    n).to(x.device)
+                                                    n)[:H].to(x.device)
         # rows that keep nothing (left pads) stay as the model had them: the model masks them itself
         return keep | ~keep.any(-1, keepdim=True)
 

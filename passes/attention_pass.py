@@ -47,7 +47,7 @@ from .nodes import (
 def rewrite_attention(
     gm: torch.fx.GraphModule, plan: Plan, runtime_id: int, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, partial_graphs: bool = False, verify_id: int | None = None,
-    latent: LatentDims | None = None, kv_sources: Mapping[int, int] | None = None,
+    latent: Sequence[LatentDims] | None = None, kv_sources: Mapping[int, int] | None = None,
 ) -> PassReport:
     """Replace every SDPA (or flex_attention) node of ``gm`` by moa-flex attention for its
     layer; validate first.
@@ -164,7 +164,7 @@ def make_backend(
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, partial_graphs: bool = False, verify_id: int | None = None,
     say: Callable[[str], None] | None = None, regional: bool = False,
-    on_regions: Callable[[RegionReport], None] | None = None, latent: LatentDims | None = None,
+    on_regions: Callable[[RegionReport], None] | None = None, latent: Sequence[LatentDims] | None = None,
     kv_sources: Mapping[int, int] | None = None,
 ) -> Callable:
     """A torch.compile backend: rewrite attention, then hand the graph to inductor (or run eagerly).
@@ -175,7 +175,7 @@ def make_backend(
     first-call check (:mod:`moa_flex.runtime.verify`) instead of the compiled graph, once;
     ``say`` hears its outcome. ``regional``: decoder layers with equal graphs share one
     inductor compile (:mod:`moa_flex.passes.regional`; ``on_regions`` hears what it did).
-    ``latent``: the sizes of a model with latent attention (passes/latent.py), for prefills
+    ``latent``: per planned layer, the sizes of a model with latent attention (passes/latent.py), for prefills
     over its cache. ``kv_sources``: KV sharing (``architecture.kv_sources``), for prefills over
     a cache.
     """

@@ -62,13 +62,13 @@ def _append_args(node: torch.fx.Node) -> tuple:
 
 def rewrite_decode(
     gm: torch.fx.GraphModule, plan: Plan, softcaps: Sequence[float] | None = None,
-    windows: Sequence[int | None] | None = None, latent: LatentDims | None = None,
+    windows: Sequence[int | None] | None = None, latent: Sequence[LatentDims] | None = None,
     kv_sources: Mapping[int, int] | None = None,
 ) -> DecodeReport:
     """Replace each layer's single-token SDPA node by ragged decode over its MoA cache.
 
     ``softcaps``/``windows``: per layer, the model's logit soft-cap and own sliding window
-    (tokens), or 0/None. ``latent``: the sizes of a model with latent attention (its cache
+    (tokens), or 0/None. ``latent``: per planned layer, the sizes of a model with latent attention (its cache
     holds the latent: passes/latent.py). ``kv_sources``: plan layer -> the plan layer whose keys
     and values it attends (KV sharing, ``architecture.kv_sources``); such a layer has a cache of
     its own, which its source's cache layer writes (``MoaCacheLayer.update``).
@@ -106,7 +106,7 @@ def rewrite_decode(
             scale = head_dim(q) ** -0.5
         absorbed = None
         if latent is not None:
-            absorbed = absorb(gm.graph, node, q, *layouts[layer], latent, node)
+            absorbed = absorb(gm.graph, node, q, *layouts[layer], latent[layer], node)
             q = absorbed.q
             check_width(v_new, values, layer)
         else:
@@ -148,7 +148,7 @@ def rewrite_decode(
         if absorbed is not None:  # attention over the latent: [B, H, 1, r], projected to the model's values
             for key in ("example_value", "val"):
                 if isinstance(new.meta.get(key), torch.Tensor):
-                    new.meta[key] = new.meta[key].new_empty((*new.meta[key].shape[:-1], latent.rank))
+                    new.meta[key] = new.meta[key].new_empty((*new.meta[key].shape[:-1], latent[layer].rank))
             new = absorbed.project(gm.graph, new, node)
         node.replace_all_uses_with(new)
         erase_with_inputs(gm.graph, node, roots)
@@ -172,7 +172,7 @@ def make_decode_backend(
     plan: Plan, *, inner: str = "inductor", mode: str | None = None,
     on_report: Callable[[PassReport], None] | None = None, softcaps: Sequence[float] | None = None,
     windows: Sequence[int | None] | None = None, fuse_linear: bool | None = None, regional: bool = False,
-    on_regions: Callable[[RegionReport], None] | None = None, latent: LatentDims | None = None,
+    on_regions: Callable[[RegionReport], None] | None = None, latent: Sequence[LatentDims] | None = None,
     kv_sources: Mapping[int, int] | None = None,
 ) -> Callable:
     """A torch.compile backend for decode steps: :func:`rewrite_decode`, then (``fuse_linear``)

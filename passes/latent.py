@@ -44,9 +44,12 @@ class LatentDims:
     rank: int
 
     @classmethod
-    def from_config(cls, config: Any, heads: int) -> "LatentDims":
-        return cls(heads, int(config.qk_nope_head_dim), int(config.qk_rope_head_dim), int(config.v_head_dim),
-                   int(config.kv_lora_rank))
+    def from_config(cls, config: Any, heads: int, layer: int) -> "LatentDims":
+        """Decoder layer ``layer``'s sizes (its own where the config keeps per-layer configs: dots3)."""
+        per_layer = getattr(config, "per_layer_config", None)
+        source = config if per_layer is None else per_layer[layer]
+        return cls(heads, int(source.qk_nope_head_dim), int(source.qk_rope_head_dim), int(source.v_head_dim),
+                   int(source.kv_lora_rank))
 
 
 @dataclass

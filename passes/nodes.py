@@ -473,14 +473,14 @@ def call_args(node: torch.fx.Node, names: tuple[str, ...], optional: tuple[str, 
                                     for name in names[len(node.args):]])
 
 
-def plan_layers(model_layers: list[int], shape: Any, what: str) -> list[int]:
+def plan_layers(model_layers: list[int], shape: Any, what: str, only: Iterable[int] | None = None) -> list[int]:
     """The plan's layer index of each decoder layer in ``model_layers`` (``shape``: the plan's
-    :class:`~moa_flex.plan.ModelShape`); ValueError unless they are the planned layers, each
-    exactly once (``what``: which calls, for the message)."""
-    wanted = list(shape.layer_indices)
+    :class:`~moa_flex.plan.ModelShape`); ValueError unless they are the planned layers (or the
+    plan layers ``only``), each exactly once (``what``: which calls, for the message)."""
+    wanted = list(shape.layer_indices) if only is None else [shape.layer_indices[p] for p in sorted(only)]
     if sorted(model_layers) != wanted:
-        covers = (f"num_layers = {shape.num_layers}" if shape.layers is None
-                  else f"decoder layers {wanted} (its attention layers)")
+        covers = (f"num_layers = {shape.num_layers}" if shape.layers is None and only is None
+                  else f"decoder layers {wanted} (its {'attention' if only is None else 'indexed'} layers)")
         raise ValueError(f"{what} for layers {sorted(model_layers)} but the plan has {covers} (expected one call per "
                          "planned layer)")
     return [shape.plan_layer(layer) for layer in model_layers]
@@ -498,8 +498,9 @@ def readers_of(sources: Mapping[int, int] | None) -> dict[int, list[int]]:
 
 def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str,
              sources: Mapping[int, int] | None = None,
-             in_call_order: bool = False) -> dict[int, tuple[torch.fx.Node, str]]:
-    """Plan layer -> (node, module path) for nodes of which each planned layer must have
+             in_call_order: bool = False, only: Iterable[int] | None = None) -> dict[int, tuple[torch.fx.Node, str]]:
+    """Plan layer -> (node, module path) for nodes of which each planned layer (or each of the
+    plan layers ``only``: an indexer's writes, in the layers that select keys) must have
     exactly one (``shape``: the plan's ModelShape); ValueError naming the layers otherwise
     (``graph``: what graph this is, for the message). ``sources`` (cache writes of a model with
     KV sharing, plan layer -> the plan layer it reads): a source layer writes its readers'
@@ -523,7 +524,7 @@ def by_layer(nodes: list[torch.fx.Node], what: str, shape: Any, graph: str,
                 f"{node.name} in {path}); a vision or audio encoder run inside the compiled forward (raw images "
                 "that generate did not encode first) has attention layers of its own, which a MoA plan does not rule")
         found[layer] = (node, path)
-    planned = plan_layers(list(found), shape, f"{graph} graph: {what} nodes")
+    planned = plan_layers(list(found), shape, f"{graph} graph: {what} nodes", only)
     return {p: found[m] for p, m in zip(planned, found)}
 
 
@@ -585,14 +586,15 @@ def check_heads(node: torch.fx.Node, shape: Any, layer: int) -> None:
     """ValueError unless an attention call's query heads are the plan's and its key heads are
     the plan's KV heads, a divisor of them (a layer running fewer KV heads: the cache holds them
     expanded, :func:`as_cached`), or the query heads (HF's repeat_kv); ``shape``: the plan's
-    ModelShape. Other layouts would index the plan's rules out of range."""
+    ModelShape; ``layer``: the plan's layer, whose query heads are ``shape.heads_of(layer)``).
+    Other layouts would index the plan's rules out of range."""
     q, k = (recorded_value(a) for a in node.args[:2])
     if q is None or k is None:
         return
     heads, kv = int(q.shape[1]), int(k.shape[1])
-    if heads != shape.num_heads or not (kv == heads or shape.num_kv_heads % kv == 0):
+    if heads != shape.heads_of(layer) or not (kv == heads or shape.num_kv_heads % kv == 0):
         raise ValueError(f"layer {layer}: the attention call has {heads} query and {kv} key heads, "
-                         f"the plan {shape.num_heads} and {shape.num_kv_heads} (the config's); moa-flex needs every "
+                         f"the plan {shape.heads_of(layer)} and {shape.num_kv_heads} (the config's); moa-flex needs every "
                          "planned layer to run the plan's query heads and its KV heads or a divisor of them")
 
 

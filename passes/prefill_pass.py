@@ -87,7 +87,7 @@ def _aligned_queries(graph: torch.fx.Graph, node: torch.fx.Node, q: torch.fx.Nod
 
 def rewrite_prefill(
     gm: torch.fx.GraphModule, plan: Plan, softcaps: Sequence[float] | None = None,
-    windows: Sequence[int | None] | None = None, verify: bool = False, latent: LatentDims | None = None,
+    windows: Sequence[int | None] | None = None, verify: bool = False, latent: Sequence[LatentDims] | None = None,
     kv_sources: Mapping[int, int] | None = None, runtime_id: int | None = None, verify_id: int | None = None,
 ) -> PassReport:
     """Replace each layer's cache write and SDPA node by one chunk prefill over its MoA cache.
@@ -96,7 +96,7 @@ def rewrite_prefill(
     (tokens), or 0/None; ``windows=None`` (unknown) is refused. ``verify``: the graph of the
     first-call check (:mod:`moa_flex.runtime.verify`): each SDPA node stays, and a
     ``moa_flex::verify_chunk`` node between it and the chunk prefill compares them (before the
-    chunk is written). ``latent``: the sizes of a model with latent attention, whose cache holds
+    chunk is written). ``latent``: per planned layer, the sizes of a model with latent attention, whose cache holds
     the latent (passes/latent.py: the chunk prefill attends with absorbed queries, and its output
     is projected to the model's values). ``kv_sources``: as for
     :func:`moa_flex.passes.decode_pass.rewrite_decode` (a reader's cache write sits in its
@@ -141,7 +141,8 @@ def rewrite_prefill(
     report = PassReport(graph_module=gm)
     roots: list[torch.fx.Node] = []
     selection_infos: dict[torch.fx.Node, torch.fx.Node] = {}
-    index_writes = by_layer(index_extend_nodes(graph), "index_extend", plan.model, "prefill") if indexed else {}
+    index_writes = by_layer(index_extend_nodes(graph), "index_extend", plan.model, "prefill",
+                            only=indexed) if indexed else {}
     for layer in range(plan.num_layers):
         node, path = attns[layer]
         extend = extends[layer][0]
@@ -163,7 +164,7 @@ def rewrite_prefill(
         scale = head_dim(q) ** -0.5 if scale is None else scale
         absorbed = None
         if latent is not None:
-            absorbed = absorb(graph, node, q, *layouts[layer], latent, node)
+            absorbed = absorb(graph, node, q, *layouts[layer], latent[layer], node)
             q = absorbed.q
         else:
             k_new, v_new = (as_cached(graph, extend, t, how, plan.num_kv_heads)
@@ -213,7 +214,7 @@ def rewrite_prefill(
         if absorbed is not None:  # attention over the latent: [B, H, S, r], projected to the model's values
             for key in ("example_value", "val"):
                 if isinstance(new.meta.get(key), torch.Tensor):
-                    new.meta[key] = new.meta[key].new_empty((*new.meta[key].shape[:-1], latent.rank))
+                    new.meta[key] = new.meta[key].new_empty((*new.meta[key].shape[:-1], latent[layer].rank))
             out = absorbed.project(graph, new, node)
         node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not check)
         if check is None:

@@ -4,7 +4,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+import moa_flex
 
 from moa_flex.plan import Plan
 from moa_flex.runtime.cache import MoaCache
@@ -62,3 +66,18 @@ def converse(model, plan: Plan, N: int, ids: torch.Tensor, mask: torch.Tensor, t
         caches.append(cache)
         ids, mask = out.sequences, torch.cat([mask, torch.ones(ids.shape[0], new, dtype=mask.dtype)], 1)
     return caches
+
+
+def chunked_turns(model, plan: Plan, chunk: int, N: int = 60) -> None:  # noqa: ANN001
+    """Compile ``model`` (eager) with prompts in chunks of ``chunk``, then a conversation of two
+    turns from a 20-token batch whose first row has 4 left pads: each turn equals step-by-step
+    reference decoding (:func:`converse`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moa_flex.compile(model, plan, max_length=N, prefill_chunk=chunk, backend="eager", progress=False,
+                         compile_cache=False)
+        ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(4))
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0
+        ids[0, :4] = 0
+        converse(model, plan, N, ids, mask, (None, 9), 4, seed=6)

@@ -238,20 +238,10 @@ def test_a_chunked_prompt_and_a_later_turn_match_the_reference(chunk: int) -> No
     a pad) and a second turn: every chunk after the first scores the cache's slots and its own
     keys (``moa_flex::chunk_select_keep``) and attends the selection through the chunk kernel.
     Tokens and logits of both turns equal step-by-step reference decoding of the conversation."""
-    from conversation import converse
+    from conversation import chunked_turns
 
-    N = 60
     model = _dsa_model()
-    plan = _random_plan(model.config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        moa_flex.compile(model, plan, max_length=N, prefill_chunk=chunk, backend="eager", progress=False,
-                         compile_cache=False)
-        ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(4))
-        mask = torch.ones_like(ids)
-        mask[0, :4] = 0
-        ids[0, :4] = 0
-        converse(model, plan, N, ids, mask, (None, 9), 4, seed=6)
+    chunked_turns(model, _random_plan(model.config), chunk)
     # the model's expansion of the held latent (dead once the chunk kernel attends the cache) is gone:
     # the cache's latent is read by moa-flex's ops alone (a 64K cache would be expanded per chunk and layer)
     graphs = [r.graph_module.graph for r in model.moa_flex.reports

@@ -145,7 +145,6 @@ def test_tiny_configs_derive_consistent_sizes() -> None:
 
 
 @pytest.mark.parametrize("model_type,words", [
-    ("dots3_note_text", "differs between attention layers"),  # per-layer head counts
     # its block attention residuals (is_causal=False, over one position's block outputs) are not an encoder's
     ("inkling2_text", "sliding-window layers run a head layout of their own"),
     ("blt", "several stacks (patcher_config, encoder_config, decoder_config, global_config)"),  # bytes and patches

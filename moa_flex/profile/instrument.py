@@ -203,6 +203,10 @@ def _check_profilable(model: torch.nn.Module, max_len: int) -> None:
                          "made without profiling (Plan.uniform, or a rule per slot by hand)")
     if getattr(config, "attn_logit_softcapping", None):
         raise ValueError("moa-flex profiling does not support attention logit soft-capping (config.attn_logit_softcapping)")
+    if ModelShape.from_config(config).layer_heads is not None:
+        raise ValueError(f"{type(model).__name__}'s attention layers differ in query heads (dots3's sliding layers), "
+                         "which moa-flex profiling does not carry (its histograms are one [layers, heads] table): "
+                         "compile such a model with a plan made without profiling (Plan.uniform, or rules by hand)")
     if sparse_attention_indexer(config):
         raise ValueError(f"{type(model).__name__} selects each query's keys with an indexer (DeepSeek Sparse Attention), "
                          "which moa-flex profiling does not carry (it measures plain causal attention): compile such a "

@@ -34,7 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_flex.architecture import (
-    OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_value_dim, codebook_rows, key_bias_columns, key_bias_problem, kv_sources,
+    OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_key_dim, cached_value_dim, codebook_rows, indexed_layers, key_bias_columns, key_bias_problem, kv_sources,
     latent_attention, layer_types, sparse_attention_indexer,
     text_config,
 )
@@ -265,7 +265,7 @@ class MoaCache(Cache):
         if problem:
             raise ValueError(problem)
         head_dims = _head_dims(plan, head_dim, config)
-        value_dims = _value_dims(config, head_dims)
+        value_dims = _value_dims(config, head_dims, plan.model.layer_indices)
         if isinstance(devices, (str, torch.device)):
             devices = [devices] * plan.num_layers
         if len(devices) != plan.num_layers:
@@ -281,8 +281,10 @@ class MoaCache(Cache):
         latent = config is not None and latent_attention(config) is not None
         index = (int(text_config(config).index_head_dim), dtype) if config is not None and sparse_attention_indexer(
             config) else None  # the indexer's keys stay in the model's dtype
-        self.moa_layers = [MoaCacheLayer(caps[l], spans[l], plan.sink, head_dims[l], storage, devices[l], value_dims[l],
-                                         latent, index) for l in range(plan.num_layers)]
+        indexed = indexed_layers(config, plan.model.layer_indices) if index else [False] * plan.num_layers
+        # a layer of fewer query heads than the plan's most (dots3) takes its first: one rule a layer
+        self.moa_layers = [MoaCacheLayer(caps[l], spans[l][:, :plan.model.heads_of(l)], plan.sink, head_dims[l], storage, devices[l], value_dims[l],
+                                         latent, index if indexed[l] else None) for l in range(plan.num_layers)]
         self.kv_sources = kv_sources(config, plan.model) if config is not None else {}
         for reader, source in sorted(self.kv_sources.items()):
             self.moa_layers[source].readers.append(self.moa_layers[reader])
@@ -387,16 +389,19 @@ def _head_dims(plan: Plan, head_dim: int | None, config: Any) -> list[int]:
     per_layer = getattr(text_config(config), "per_layer_config", None) if config is not None else None
     if per_layer is None:
         raise ValueError("the plan has no head_dim (its layers differ in it): pass head_dim= or the model's config=")
-    return [int(per_layer[i].head_dim) for i in plan.model.layer_indices]
+    return [int(cached_key_dim(config, per_layer[i].head_dim, i)) for i in plan.model.layer_indices]
 
 
-def _value_dims(config: Any, head_dims: list[int]) -> list[int]:
-    """Value head dim of every planned layer: the config's ``v_head_dim`` where it has one
-    (MiMo-V2-Flash: 128 beside keys of 192), else the layer's head dim; as wide as the attention
-    call reads them (DiffLlama: twice, ``architecture.cached_value_dim``)."""
+def _value_dims(config: Any, head_dims: list[int], layers: Sequence[int]) -> list[int]:
+    """Value head dim of every planned layer (``layers``: their decoder-layer indices): the
+    config's ``v_head_dim`` where it has one (MiMo-V2-Flash: 128 beside keys of 192), else the
+    layer's head dim; as wide as the attention call reads them (DiffLlama: twice; latent
+    attention: the layer's latent, ``architecture.cached_value_dim``)."""
     v = getattr(text_config(config), "v_head_dim", None) if config is not None else None
     dims = [v] * len(head_dims) if isinstance(v, int) and v > 0 else [d - key_bias_columns(config) for d in head_dims]
-    return [cached_value_dim(config, d) for d in dims] if config is not None else dims
+    if config is None:
+        return dims
+    return [int(cached_value_dim(config, d, i)) for d, i in zip(dims, layers)]
 
 
 def _with_state(config: Any, num_layers: int) -> bool:

@@ -108,11 +108,13 @@ def _takes_sdpa(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "_supports_sdpa", True))
 
 
-def _latent_dims(config: Any, plan: Plan) -> LatentDims | None:
-    """The latent-attention sizes the passes absorb with (passes/latent.py), or None."""
+def _latent_dims(config: Any, plan: Plan) -> tuple[LatentDims, ...] | None:
+    """Per planned layer, the latent-attention sizes the passes absorb with (passes/latent.py),
+    or None."""
     if config is None or latent_attention(config) is None:
         return None
-    return LatentDims.from_config(text_config(config), plan.num_heads)
+    return tuple(LatentDims.from_config(text_config(config), plan.model.heads_of(l), layer)
+                 for l, layer in enumerate(plan.model.layer_indices))
 
 
 def compile(  # noqa: A001  (the verb of the API)
