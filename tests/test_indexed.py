@@ -30,7 +30,7 @@ from moa_flex.kernels.decode import chunk_select_keep, slot_keep
 from moa_flex.kernels.slot_map import slot_positions
 from moa_flex.runtime.selection import earliest_topk
 from moa_flex.reference import planned_logits, reference_logits
-from moa_flex.support import _random_plan, check_type, tiny_config
+from moa_flex.support import _random_plan, causal_lm_types, check_type, tiny_config
 
 LENGTH = 24
 latent_cache = pytest.mark.skipif("not _caches_the_latent()", reason="this transformers caches DeepSeek-V3.2's expanded "
@@ -43,6 +43,8 @@ def _dsa_model(model_type: str = "deepseek_v32") -> torch.nn.Module:
     # 8 index heads: a key scored 0 by every head's ReLU (an exact tie, which torch.topk breaks
     # by the tensor's length and order) is rare enough not to sit at the k-th place here
     config.index_topk, config.index_n_heads = TOPK, 8
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):  # dots3
+        config.sliding_window = 5  # below the prompts: the sliding layers' own window cuts too
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -256,13 +258,17 @@ def test_a_chunked_prompt_and_a_later_turn_match_the_reference(chunk: int) -> No
 @latent_cache
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton decode and chunk kernels, CUDA graphs)")
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_on_a_gpu_chunks_turns_and_decode_equal_the_reference(mode: str | None) -> None:
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "dots3_note_text"])
+def test_on_a_gpu_chunks_turns_and_decode_equal_the_reference(mode: str | None, model_type: str) -> None:
     """On a GPU (eager, and inductor with the decode steps in CUDA graphs): a left-padded prompt
     in chunks of 5 and a second turn, each decoded by the Triton kernels reading the indexer's
-    selection; tokens and logits equal step-by-step reference decoding (fp32, 1e-3)."""
+    selection; tokens and logits equal step-by-step reference decoding (fp32, 1e-3). dots3: an
+    indexed layer beside a sliding one of other heads and latent width."""
     from conversation import reference_greedy
 
-    model = _dsa_model().cuda()
+    if model_type not in causal_lm_types():
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    model = _dsa_model(model_type).cuda()
     plan = _random_plan(model.config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
