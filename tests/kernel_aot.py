@@ -51,7 +51,8 @@ _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
 # per-key bias as one more key column (Doge at head dim 128) in fp32 and bf16, and fp32 at head
 # dim 128 with every option (the chunk kernel's largest tiles)
 CASES = {"bf16": ((2, 128, 128, torch.bfloat16, False),), "fp8": ((2, 128, 128, FP8, True),),
-         "latent": ((1, 576, 512, torch.bfloat16, False),),
+         # DeepSeek-V3's latent at its 128 heads (16 a program), dots3's sliding layers' at 64
+         "latent": ((1, 576, 512, torch.bfloat16, False, 128), (1, 1088, 1024, torch.bfloat16, False, 64)),
          "keybias": ((2, 129, 128, torch.float32, False), (2, 129, 128, torch.bfloat16, False)),
          "fp32": ((2, 128, 128, torch.float32, True),),
          # bench/decode_kernel.py's kernels: bf16 and FP8 caches at head dim 128, 4 heads a group
@@ -120,10 +121,11 @@ def _cases(which: str) -> None:
     _intercept(append, ("_append_kernel",), "append")
     _intercept(decode, ("_decode_partial_kernel", "_decode_combine_kernel"), "decode")
     _intercept(chunk, ("_chunk_kernel",), "chunk")
-    B, H, S, C = 2, 8, 64, 32
-    spans = torch.full((B, H), 24, dtype=torch.int32)
+    B, S, C = 2, 64, 32
     length = torch.full((B,), 40, dtype=torch.long)
-    for G, D, Dv, dtype, options in CASES[which]:
+    for G, D, Dv, dtype, options, *heads in CASES[which]:
+        H = heads[0] if heads else 8  # query heads
+        spans = torch.full((B, H), 24, dtype=torch.int32)
         caps = torch.full((B, G), S // G, dtype=torch.int32)
         offsets = torch.arange(0, S + 1, S // G, dtype=torch.int32)
         quant = dtype == FP8
@@ -153,8 +155,9 @@ def _cases(which: str) -> None:
 
 
 def dims(signature: dict[str, str], constants: dict[str, Any]) -> str:
-    """The head widths a launch was compiled for (D, DV), for the report."""
-    return " ".join(f"{k}={constants[k]}" for k in ("D", "DV") if k in constants)
+    """The head widths a launch was compiled for (D, DV) and the decode kernel's heads a program
+    (HB of HPG), for the report."""
+    return " ".join(f"{k}={constants[k]}" for k in ("D", "DV", "HB", "HPG") if k in constants)
 
 
 _SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*?);")

@@ -336,6 +336,41 @@ def test_kernel_with_select_matches_twin(lay: dict, chunk: int | None, density: 
     assert err <= 1e-5, err
 
 
+@needs_kernel
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(lay=layouts(max_b=2, max_g=2, min_hpg=2, max_hpg=5, max_width=40, dims=(16, 32)), heads=st.integers(1, 3),
+       with_select=st.booleans())
+def test_kernel_with_a_groups_heads_split_over_programs_matches_twin(lay: dict, heads: int, with_select: bool) -> None:
+    """``heads_per_program`` below the group's heads (a latent cache's 128 heads run 16 a
+    program): each program holds a block of the group's heads, the last one partly; heads of
+    their own spans each, float32, output poisoned first, with and without a selection."""
+    args = tensors(lay, torch.float32, KERNEL_DEVICE)
+    select = lay_select(lay, 0.6) if with_select else None
+    out = torch.full((lay["B"], lay["G"] * lay["hpg"], lay["Dv"]), float("nan"), device=KERNEL_DEVICE)
+    ragged_decode_triton(*args, *scalars(lay), out=out, chunk=16, block_n=16, heads_per_program=heads,
+                         select=None if select is None else select.to(KERNEL_DEVICE))
+    want = ragged_decode_reference(*(a.cpu() for a in args), *scalars(lay), select=select)
+    assert not out.isnan().any(), "output not fully written"
+    err = (out.cpu() - want).abs().max().item() if out.numel() else 0.0
+    assert err <= 1e-5, err
+
+
+@needs_kernel
+def test_wide_caches_split_a_groups_heads() -> None:
+    """A latent cache's widths hold at most LATENT_HEADS heads a program, past 1024 in tiles of
+    16 slots (what tests/kernel_aot.py latent compiles for sm_90); heads_per_program is checked."""
+    from moa_flex.kernels.decode import LATENT_HEADS, default_tiling
+
+    assert default_tiling(128, 128, False).heads_per_program is None
+    assert default_tiling(576, 512, False).heads_per_program == LATENT_HEADS
+    assert (default_tiling(1088, 1024, False).block_n, default_tiling(1088, 1024, False).heads_per_program) == (
+        16, LATENT_HEADS)
+    lay = WHOLE_LAYOUT
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="heads_per_program must be an integer >= 1"):
+            ragged_decode_triton(*tensors(lay, torch.float32, KERNEL_DEVICE), *scalars(lay), heads_per_program=bad)
+
+
 # every head keeps every slot: tiles kept whole by the rule, which the selection must still mask
 WHOLE_LAYOUT = {"B": 2, "G": 1, "hpg": 2, "sink": 0, "widths": [64], "caps": [[64], [64]],
                 "spans": [[64, 64], [64, 64]], "pos": [100, 63], "D": 16, "Dv": 16, "window": 0, "softcap": 0.0,

@@ -57,11 +57,15 @@ def test_kernels_compile_for_sm90_with_a_bf16_cache() -> None:
     assert sum("QUANT': False" in line for line in compiled) == 3  # append, decode and chunk
 
 
-@pytest.mark.slow  # the chunk kernel at 1024-wide tiles takes 16 s to compile, twice (make test-slow)
+@pytest.mark.slow  # the chunk kernel at 1024- and 2048-wide tiles takes 10 s to 19 s to compile, four times
 def test_kernels_compile_at_latent_widths() -> None:
-    """A latent cache (DeepSeek-V3: keys 576 wide, values 512): the chunk kernel's tiles fit; the
+    """Latent caches: DeepSeek-V3's (keys 576 wide, values 512) at its 128 query heads, 16 a
+    decode program, and dots3's sliding layers' (1088, 1024) at 64: the kernels' tiles fit; the
     decode and chunk kernels with and without an indexer's selection (DeepSeek-V3.2)."""
-    assert sum("D=576" in line for line in _compiled("latent")) == 5
+    compiled = _compiled("latent")
+    assert sum("D=576" in line for line in compiled) == 5 and sum("D=1088" in line for line in compiled) == 5
+    decode = [line for line in compiled if line.startswith("compiled _decode_partial_kernel")]
+    assert len(decode) == 4 and all("HB=16 HPG=" in line for line in decode), decode  # 128 and 64 heads, 16 a program
 
 
 @pytest.mark.slow  # 30 s (make test-slow)

@@ -447,8 +447,8 @@ def chunk_attention_triton(
     CPU tensors only): safe inside a CUDA graph.
     ``full_tiles=False`` masks every tile (the same result; for tests and the benchmark).
     Tiles: ``block_q`` x ``block_n`` with ``num_stages`` (default 128 x 64 or 32, 3 stages; for
-    heads wider than 256, a latent cache's 576 / 512, 32 x 32 and 2 stages, which fit a Hopper
-    SM's shared memory: tests/kernel_aot.py).
+    heads wider than 256, a latent cache's 576 / 512, 32 x 32 and 2 stages; past 2048 bytes a
+    row, 16 x 16: these fit a Hopper SM's shared memory, tests/kernel_aot.py).
     FP8 cache / chunk: ``k_scale``/``v_scale`` [B, S], ``kn_scale``/``vn_scale`` [B, G, C]
     (float32, unit stride along slots / tokens)."""
     if triton is None:
@@ -468,13 +468,16 @@ def chunk_attention_triton(
     G, Dv = offsets.shape[0] - 1, v_new.shape[3]
     # tiles of more than 512 bytes a row (a latent cache's 576 / 512 in bf16; keys with a bias column,
     # 129 -> 256 lanes, in fp32): smaller tiles, 2 stages, within a Hopper SM's shared memory
-    wide = max(pow2(D, 16), pow2(Dv, 16)) * max(q.element_size(), k.element_size()) > 512
-    block_q = (32 if wide else BLOCK_Q) if block_q is None else block_q
+    row_bytes = max(pow2(D, 16), pow2(Dv, 16)) * max(q.element_size(), k.element_size())
+    wide = row_bytes > 512
+    # past 2048 bytes a row (dots3's sliding latent, 1088 / 1024 in bf16): 16 x 16 tiles
+    widest = row_bytes > 2048
+    block_q = (16 if widest else 32 if wide else BLOCK_Q) if block_q is None else block_q
     num_stages = (2 if wide else 3) if num_stages is None else num_stages
     if block_q < 16 or block_q & (block_q - 1):
         raise ValueError(f"block_q must be a power of two >= 16 (queries), got {block_q}")
     if block_n is None:
-        block_n = 64 if max(D, Dv) <= 128 else 32
+        block_n = 64 if max(D, Dv) <= 128 else 16 if widest else 32
     if out is None:
         out = torch.empty(B, H, C, Dv, device=q.device, dtype=q.dtype)
     elif out.shape != (B, H, C, Dv) or out.dtype != q.dtype or out.device != q.device:

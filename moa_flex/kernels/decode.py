@@ -68,6 +68,10 @@ MAX_CHUNK = 8192  # slots per work item, upper bound of the fixed-chunk choice (
 # 4 warps, 2 stages, D 128, bf16): ~107 registers per thread and 38 KiB of shared memory
 # on an H200 (triton 3.6), so 4 per SM; auto_work_list sizes one call to fit in that.
 RESIDENT_PER_SM = 4
+# Query heads of a group one program holds at widths past 128 (a latent cache: one group of
+# every head): 16 at DeepSeek-V3's 576 / 512 take 129 KiB of an sm_90 block's 227 KiB of shared
+# memory, all 128 of its heads 320 KiB, which Triton refuses at launch (tests/kernel_aot.py)
+LATENT_HEADS = 16
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class Tiling:
     block_n: int
     num_stages: int
     resident_per_sm: int
+    heads_per_program: int | None = None  # query heads of a group one program holds (None: all)
 
 
 def default_tiling(head_dim: int, value_dim: int, quantized: bool) -> Tiling:
@@ -86,9 +91,13 @@ def default_tiling(head_dim: int, value_dim: int, quantized: bool) -> Tiling:
     needs twice the slots; 128 slots and 2 stages (41 KiB and 168 registers a thread, so 3
     programs an SM): with the V words converted natively, 1-4% faster than 3 stages (74 KiB,
     2 registers spilled) on an H100 (bench/RESULTS.md, 2026-12-06). Wider heads (a latent
-    cache): 32 slots, 2 stages."""
+    cache, one group of all heads): 32 slots, 2 stages, and at most :data:`LATENT_HEADS` heads a
+    program (more programs over a group's heads, each reading the group's slots), 16 slots a
+    tile past a width of 1024 (``tests/kernel_aot.py latent`` compiles them for sm_90)."""
+    if max(head_dim, value_dim) > 1024:
+        return Tiling(16, 2, RESIDENT_PER_SM, LATENT_HEADS)
     if max(head_dim, value_dim) > 128:
-        return Tiling(32, 2, RESIDENT_PER_SM)
+        return Tiling(32, 2, RESIDENT_PER_SM, LATENT_HEADS)
     if quantized:
         return Tiling(128, 2, 3)
     return Tiling(DEFAULT_BLOCK_N, 2, RESIDENT_PER_SM)
@@ -619,12 +628,13 @@ if triton is not None:
         stride_vb, stride_vs, stride_vd,
         stride_cb, stride_cg, stride_sb, stride_sh, stride_pb, stride_ksb, stride_vsb, stride_selb,
         n_items, sink, window_lim, local_chunk, qk_scale, softcap,
-        HPG: tl.constexpr, HPG_PAD: tl.constexpr,
+        HPG: tl.constexpr, HB: tl.constexpr, HB_PAD: tl.constexpr,
         D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
         BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
         QUANT: tl.constexpr, V_PAIRS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SELECT: tl.constexpr,
     ):
-        """One (work item, row): online softmax of all HPG heads of a group over a chunk of slots.
+        """One (work item, row, block of HB heads): online softmax of HB of a group's HPG heads
+        (all of them where HB = HPG) over a chunk of slots.
         ``HAS_ALIBI``: each head's score less its slope times the distance ``i - p``;
         ``HAS_SELECT``: only the slots an indexer selected (a byte per slot and row) are kept;
         ``QUANT``: FP8 K/V, dequantized in registers (scales folded into scores and probabilities);
@@ -648,8 +658,9 @@ if triton is not None:
         # chunked local attention (local_chunk > 0): the query's own chunk, d < i mod C + 1
         window_lim = tl.where(local_chunk > 0, i % tl.maximum(local_chunk, 1) + 1, window_lim)
 
-        r = tl.arange(0, HPG_PAD)
-        head_ok = r < HPG
+        r0 = tl.arange(0, HB_PAD)
+        r = tl.program_id(2) * HB + r0  # the group's heads this program holds
+        head_ok = (r < HPG) & (r0 < HB)
         heads = g * HPG + r
         span = tl.load(spans_ptr + b * stride_sb + heads * stride_sh, mask=head_ok, other=0)
         win = span - sink  # a kept ring slot has i - p < win
@@ -669,11 +680,11 @@ if triton is not None:
         # scores go to log2 units (x log2 e) with the scale, one multiply an element, unless a
         # soft-cap or ALiBi needs them in natural-log units first
         x_scale = qk_scale if (HAS_SOFTCAP or HAS_ALIBI) else qk_scale * 1.4426950408889634
-        m_i = tl.full([HPG_PAD], float("-inf"), tl.float32)
-        l_i = tl.full([HPG_PAD], 0.0, tl.float32)
-        acc = tl.full([HPG_PAD, DV_PAD], 0.0, tl.float32)
-        acc_e = tl.full([HPG_PAD, DV_PAD // 2], 0.0, tl.float32)  # V_PAIRS: even and odd value columns
-        acc_o = tl.full([HPG_PAD, DV_PAD // 2], 0.0, tl.float32)
+        m_i = tl.full([HB_PAD], float("-inf"), tl.float32)
+        l_i = tl.full([HB_PAD], 0.0, tl.float32)
+        acc = tl.full([HB_PAD, DV_PAD], 0.0, tl.float32)
+        acc_e = tl.full([HB_PAD, DV_PAD // 2], 0.0, tl.float32)  # V_PAIRS: even and odd value columns
+        acc_o = tl.full([HB_PAD, DV_PAD // 2], 0.0, tl.float32)
         w = tl.arange(0, DV_PAD // 2)
         # a tile of ring slots that every head keeps whole needs no mask: the nearest win (or
         # window) of the group's real heads bounds the distances such a tile may hold
@@ -744,7 +755,7 @@ if triton is not None:
                 acc = acc * alpha[:, None] + mma_dot(pv, vt, DOT_F32, IEEE)
             m_i = m_new
         if V_PAIRS:  # column 2j is word j's low byte: interleave the halves
-            acc = tl.reshape(tl.join(acc_e, acc_o), [HPG_PAD, DV_PAD]) * 0.0625
+            acc = tl.reshape(tl.join(acc_e, acc_o), [HB_PAD, DV_PAD]) * 0.0625
         row = (b * n_items + item) * HPG + r
         tl.store(m_ptr + row, m_i, mask=head_ok)
         tl.store(l_ptr + row, l_i, mask=head_ok)
@@ -853,6 +864,7 @@ def ragged_decode_triton(
     fp8_mode: str | None = None,
     alibi: torch.Tensor | None = None,
     select: torch.Tensor | None = None,
+    heads_per_program: int | None = None,
 ) -> torch.Tensor:
     """The Triton kernel: q [B, H, D], k [B, S, D], v [B, S, Dv] -> out [B, H, Dv] (q's dtype);
     ``sinks`` [H]: learned sink logits, ``alibi`` float32 [H]: ALiBi slopes, ``select`` bool
@@ -861,7 +873,9 @@ def ragged_decode_triton(
 
     ``chunk`` (slots per work item; default: :func:`auto_work_list`, from the allocation, the
     batch and the GPU's SM count) and
-    ``block_n`` (slots per inner tile, a power of two >= 16) tune the split. ``out`` is written
+    ``block_n`` (slots per inner tile, a power of two >= 16) tune the split;
+    ``heads_per_program`` (default: the tiling's, all of a group's heads below widths of 129)
+    splits a group's query heads over programs, each reading the group's slots. ``out`` is written
     entirely. CUDA tensors run compiled; CPU tensors need Triton's interpreter
     (TRITON_INTERPRET=1 set before triton is first imported). Never reads caps/pos/spans on
     the host; the first call per offsets tensor reads offsets once (see :func:`host_offsets`).
@@ -896,6 +910,11 @@ def ragged_decode_triton(
     num_stages = tiling.num_stages if num_stages is None else num_stages
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16 (slots), got {block_n}")
+    heads_per_program = tiling.heads_per_program if heads_per_program is None else heads_per_program
+    if heads_per_program is not None and (isinstance(heads_per_program, bool) or not isinstance(heads_per_program, int)
+                                          or heads_per_program < 1):
+        raise ValueError(f"heads_per_program must be an integer >= 1, got {heads_per_program!r}")
+    hb = hpg if heads_per_program is None else min(hpg, heads_per_program)
     offs = host_offsets(offsets, S)
     if chunk is None:  # residency as the default tiles have it (a measured property of those tiles)
         wl = auto_work_list(offs, B, q.device, block_n, tiling.resident_per_sm)
@@ -910,7 +929,7 @@ def ragged_decode_triton(
         )
     if B == 0 or H == 0:
         return out
-    hpg_pad, d_pad, dv_pad = pow2(hpg, 16), pow2(D, 16), pow2(Dv, 16)
+    d_pad, dv_pad = pow2(D, 16), pow2(Dv, 16)
     m = torch.empty(B, wl.n_items, hpg, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty(B, wl.n_items, hpg, dv_pad, device=q.device, dtype=torch.float32)
@@ -918,7 +937,7 @@ def ragged_decode_triton(
     pairs = mode == "pairs"
     v_words = v.view(torch.int16) if pairs else None  # [B, S, Dv / 2]: two e4m3 values a word
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _decode_partial_kernel[(wl.n_items, B)](
+        _decode_partial_kernel[(wl.n_items, B, triton.cdiv(hpg, hb))](
             q, k, v_words if pairs else v, wl.items, caps, spans, pos, k_scale if quant else pos,
             v_scale if quant else pos, m if alibi is None else alibi.contiguous(),  # slopes: unit stride
             pos if select is None else select.view(torch.uint8), m, l, acc,
@@ -926,7 +945,7 @@ def ragged_decode_triton(
             k_scale.stride(0) if quant else 0, v_scale.stride(0) if quant else 0, 0 if select is None else select.stride(0),
             wl.n_items, sink, window if window > 0 else 2**31 - 1, max(-window, 0), float(scale),
             float(softcap) if softcap > 0 else 1.0,
-            HPG=hpg, HPG_PAD=hpg_pad, D=D, D_PAD=d_pad, DV=Dv, DV_PAD=dv_pad, BLOCK_N=block_n,
+            HPG=hpg, HB=hb, HB_PAD=pow2(hb, 16), D=D, D_PAD=d_pad, DV=Dv, DV_PAD=dv_pad, BLOCK_N=block_n,
             HAS_SOFTCAP=softcap > 0, DOT_F32=interp, IEEE=q.dtype == torch.float32, QUANT=quant,
             V_PAIRS=pairs, HAS_ALIBI=alibi is not None, HAS_SELECT=select is not None, num_warps=num_warps,
             num_stages=num_stages,
