@@ -118,8 +118,16 @@ def latent_attention(config: Any, layer: int | None = None) -> tuple[Any, Any] |
     (dots3's sliding layers have a latent of their own) is :data:`VARIES`."""
     rank, rope = (layer_config_value(config, n, layer) for n in ("kv_lora_rank", "qk_rope_head_dim"))
     if rank is VARIES or rope is VARIES:
-        widths = [latent_attention(config, i) for i in range(int(text_config(config).num_hidden_layers))]
-        return (VARIES, VARIES) if all(w is not None for w in widths) else None
+        layers = int(text_config(config).num_hidden_layers)
+        planned = attention_layers(config, layers) or range(layers)
+        latent = [latent_attention(config, i) is not None for i in planned]
+        if all(latent):
+            return VARIES, VARIES
+        if any(latent):
+            raise TypeError(f"{type(text_config(config)).__name__} mixes latent attention (decoder layers "
+                            f"{[i for i, x in zip(planned, latent) if x]}) with attention of its own keys and values "
+                            "in other layers; moa-flex caches either, not both")
+        return None
     if isinstance(rank, int) and rank > 0 and isinstance(rope, int) and rope >= 0:
         return rank, rope
     return None
@@ -231,6 +239,13 @@ def slot_layers(config: Any) -> list[int] | None:
     first, recurrent, _, loops = found
     total = int(text_config(config).num_hidden_layers)
     return list(range(total)) + [first + j for _ in range(loops - 1) for j in range(recurrent)]
+
+
+def decoder_layers(config: Any, shape: Any) -> list[int]:
+    """The decoder layer of every planned layer (``shape``: the plan's ModelShape): its layer
+    index, or for a model with a cache slot per loop (:func:`slot_layers`) the slot's layer."""
+    slots = slot_layers(config) if config is not None else None
+    return list(slots) if slots is not None else list(shape.layer_indices)
 
 
 def call_slots(config: Any) -> tuple[int, ...] | None:

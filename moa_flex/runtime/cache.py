@@ -34,7 +34,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_flex.architecture import (
-    OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_key_dim, cached_value_dim, codebook_rows, indexed_layers, key_bias_columns, key_bias_problem, kv_sources,
+    OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_key_dim, cached_value_dim, codebook_rows, decoder_layers,
+    indexed_layers, key_bias_columns, key_bias_problem, kv_sources,
     latent_attention, layer_types, sparse_attention_indexer,
     text_config,
 )
@@ -265,7 +266,7 @@ class MoaCache(Cache):
         if problem:
             raise ValueError(problem)
         head_dims = _head_dims(plan, head_dim, config)
-        value_dims = _value_dims(config, head_dims, plan.model.layer_indices)
+        value_dims = _value_dims(config, head_dims, decoder_layers(config, plan.model))
         if isinstance(devices, (str, torch.device)):
             devices = [devices] * plan.num_layers
         if len(devices) != plan.num_layers:
@@ -281,7 +282,7 @@ class MoaCache(Cache):
         latent = config is not None and latent_attention(config) is not None
         index = (int(text_config(config).index_head_dim), dtype) if config is not None and sparse_attention_indexer(
             config) else None  # the indexer's keys stay in the model's dtype
-        indexed = indexed_layers(config, plan.model.layer_indices) if index else [False] * plan.num_layers
+        indexed = indexed_layers(config, decoder_layers(config, plan.model)) if index else [False] * plan.num_layers
         # a layer of fewer query heads than the plan's most (dots3) takes its first: one rule a layer
         self.moa_layers = [MoaCacheLayer(caps[l], spans[l][:, :plan.model.heads_of(l)], plan.sink, head_dims[l], storage, devices[l], value_dims[l],
                                          latent, index if indexed[l] else None) for l in range(plan.num_layers)]
@@ -389,7 +390,7 @@ def _head_dims(plan: Plan, head_dim: int | None, config: Any) -> list[int]:
     per_layer = getattr(text_config(config), "per_layer_config", None) if config is not None else None
     if per_layer is None:
         raise ValueError("the plan has no head_dim (its layers differ in it): pass head_dim= or the model's config=")
-    return [int(cached_key_dim(config, per_layer[i].head_dim, i)) for i in plan.model.layer_indices]
+    return [int(cached_key_dim(config, per_layer[i].head_dim, i)) for i in decoder_layers(config, plan.model)]
 
 
 def _value_dims(config: Any, head_dims: list[int], layers: Sequence[int]) -> list[int]:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from moa_flex.architecture import (
-    check_supported, has_learned_sinks, key_bias_problem, kv_sources, latent_attention, layer_placement, model_windows, softcaps, step_graph_problem,
+    check_supported, decoder_layers, has_learned_sinks, key_bias_problem, kv_sources, latent_attention, layer_placement, model_windows, softcaps, step_graph_problem,
     text_config,
 )
 from moa_flex.compat import cache_argument, takes_cache
@@ -114,7 +114,7 @@ def _latent_dims(config: Any, plan: Plan) -> tuple[LatentDims, ...] | None:
     if config is None or latent_attention(config) is None:
         return None
     return tuple(LatentDims.from_config(text_config(config), plan.model.heads_of(l), layer)
-                 for l, layer in enumerate(plan.model.layer_indices))
+                 for l, layer in enumerate(decoder_layers(config, plan.model)))
 
 
 def compile(  # noqa: A001  (the verb of the API)
