@@ -119,6 +119,11 @@ def rewrite_prefill(
     for layer, (node, _) in attns.items():
         check_heads(node, plan.model, layer)
     indexed = {layer for layer, (node, _) in attns.items() if selections(arg(node, 3, "attn_mask", None))}
+    # a chunk over a cache holding tokens, traced apart from the first prefill (the cache's Python flag
+    # ``filled``): the first-call check compares an empty cache's chunk only, so it has nothing to do in
+    # this graph, and the model's calls here get the all-True [B, 1, C, 1] mask that indexed layers need
+    # (on a GPU, SDPA refuses that broadcast mask of another layer: keep no model call to give it to)
+    verify = verify and not any(over_cache(attns[layer][0]) for layer in indexed)
     if indexed and runtime_id is None:
         raise ValueError("a prefill over a MoaCache of a model whose indexer selects keys needs the runtime's id")
     check_masks_are_masks(((node, layer) for layer, (node, _) in attns.items()), kept=is_selection)
