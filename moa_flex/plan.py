@@ -178,20 +178,17 @@ def per_layer_value(config: Any, name: str, layers: Iterable[int], varies_ok: bo
     configs: Gemma 4, dots3) the planned layers' common value. Where they differ: :data:`VARIES`
     for ``varies_ok`` (head_dim: each layer's cache takes its own), else TypeError (a plan has
     one head layout)."""
-    try:
-        return getattr(config, name, None)
-    except RuntimeError as e:  # transformers' AmbiguousGlobalPerLayerAttributeError
-        per_layer = getattr(config, "per_layer_config", None)
-        if per_layer is None:
-            raise
-        values = {i: getattr(per_layer[i], name, None) for i in layers}
-        if len(set(values.values())) == 1:
-            return next(iter(values.values()))
-        if varies_ok:
-            return VARIES
-        raise TypeError(f"{type(config).__name__}'s {name} differs between attention layers ({values}); a moa-flex "
-                        "plan has one head layout for every layer (layers may differ in query heads only with latent "
-                        "attention, which caches one latent a layer)") from e
+    value = layer_config_value(config, name)
+    if value is not VARIES:
+        return value
+    values = {i: layer_config_value(config, name, i) for i in layers}
+    if len(set(values.values())) == 1:  # the planned layers agree (others, e.g. Mamba layers, may not)
+        return next(iter(values.values()))
+    if varies_ok:
+        return VARIES
+    raise TypeError(f"{type(config).__name__}'s {name} differs between attention layers ({values}); a moa-flex "
+                    "plan has one head layout for every layer (layers may differ in query heads only with latent "
+                    "attention, which caches one latent a layer)")
 
 
 def _ceil_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -389,6 +386,10 @@ class Plan:
         layers = m.get("layers")
         if layers is not None and not isinstance(layers, list):
             raise ValueError(f"plan.model.layers must be a list of decoder-layer indices, got {type(layers).__name__}")
+        layer_heads = m.get("layer_heads")
+        if layer_heads is not None and not isinstance(layer_heads, list):
+            raise ValueError("plan.model.layer_heads must be a list of query-head counts, one per layer, got "
+                             f"{type(layer_heads).__name__}")
         slots = m.get("call_slots")
         if slots is not None and (not isinstance(slots, list) or sorted(slots) != list(range(m["num_layers"]))):
             raise ValueError("plan.model.call_slots must list every layer of the plan once (the cache slot of each "
@@ -398,7 +399,7 @@ class Plan:
             layers=None if layers is None else tuple(layers), total_layers=m.get("total_layers"),
             value_dim=m.get("value_dim"), call_slots=None if slots is None else tuple(slots),
             index_dim=m.get("index_dim"),
-            layer_heads=None if m.get("layer_heads") is None else tuple(m["layer_heads"]),
+            layer_heads=None if layer_heads is None else tuple(layer_heads),
         )
         return cls(
             shape,

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
+from moa_flex.architecture import layer_config_value
+
 from .nodes import arg, recorded_value
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
@@ -46,10 +48,9 @@ class LatentDims:
     @classmethod
     def from_config(cls, config: Any, heads: int, layer: int) -> "LatentDims":
         """Decoder layer ``layer``'s sizes (its own where the config keeps per-layer configs: dots3)."""
-        per_layer = getattr(config, "per_layer_config", None)
-        source = config if per_layer is None else per_layer[layer]
-        return cls(heads, int(source.qk_nope_head_dim), int(source.qk_rope_head_dim), int(source.v_head_dim),
-                   int(source.kv_lora_rank))
+        nope, rope, v, rank = (int(layer_config_value(config, name, layer))
+                               for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank"))
+        return cls(heads, nope, rope, v, rank)
 
 
 @dataclass

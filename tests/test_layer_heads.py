@@ -66,6 +66,10 @@ def test_plans_whose_layers_differ_in_heads_are_checked() -> None:
             Plan.dense(ModelShape(**{**shape.__dict__, **bad}))
     with pytest.raises(ValueError, match="granularity 'kv_head'"):
         Plan.dense(shape, granularity="head")
+    data = Plan.dense(shape).to_dict()
+    data["model"]["layer_heads"] = 4
+    with pytest.raises(ValueError, match="plan.model.layer_heads must be a list"):
+        Plan.from_dict(data)
     with pytest.raises(ValueError, match="layer_heads"):
         Plan.dense(ModelShape(2, 4, 1, 40, layer_heads=(2, 4))).check_model(shape)
     with pytest.raises(ValueError, match="layer_heads"):

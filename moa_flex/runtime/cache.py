@@ -284,8 +284,9 @@ class MoaCache(Cache):
             config) else None  # the indexer's keys stay in the model's dtype
         indexed = indexed_layers(config, decoder_layers(config, plan.model)) if index else [False] * plan.num_layers
         # a layer of fewer query heads than the plan's most (dots3) takes its first: one rule a layer
-        self.moa_layers = [MoaCacheLayer(caps[l], spans[l][:, :plan.model.heads_of(l)], plan.sink, head_dims[l], storage, devices[l], value_dims[l],
-                                         latent, index if indexed[l] else None) for l in range(plan.num_layers)]
+        self.moa_layers = [MoaCacheLayer(caps[l], spans[l][:, :plan.model.heads_of(l)], plan.sink, head_dims[l], storage,
+                                         devices[l], value_dims[l], latent, index if indexed[l] else None)
+                           for l in range(plan.num_layers)]
         self.kv_sources = kv_sources(config, plan.model) if config is not None else {}
         for reader, source in sorted(self.kv_sources.items()):
             self.moa_layers[source].readers.append(self.moa_layers[reader])
