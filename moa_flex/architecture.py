@@ -312,6 +312,39 @@ def sparse_attention_indexer(config: Any) -> bool:
     return latent_attention(config) is not None and bool(getattr(config, "index_topk", None))
 
 
+def block_indexer(config: Any) -> bool:
+    """Query-aware sparse attention (Qwen4-Exp): an indexer that picks each query's blocks of
+    ``indexer_compress_ratio`` keys within ``indexer_budget`` (moa_flex/runtime/block_selection.py)."""
+    config = text_config(config)
+    return bool(getattr(config, "indexer_compress_ratio", None)) and getattr(config, "indexer_budget", None) is not None
+
+
+def index_ring_width(config: Any) -> int | None:
+    """Width of what a MoA cache keeps per kept token beside an indexed layer's keys: DeepSeek
+    Sparse Attention's indexer key (``index_head_dim``); Qwen4-Exp's raw index key and the
+    token's rotary cos and sin (``indexer_head_dim`` + 2 x the rotary width: a block's key is
+    rotated to its first kept token's position, which the cache, keeping no position history,
+    reads there); None without an indexer."""
+    config = text_config(config)
+    if sparse_attention_indexer(config):
+        return int(config.index_head_dim)
+    if not block_indexer(config):
+        return None
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // int(config.num_attention_heads)
+    factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    rotary = 2 * len(range(0, int(head_dim * factor), 2))  # cos = cat(freqs, freqs), freqs at every other dim
+    return int(config.indexer_head_dim) + 2 * rotary
+
+
+def selecting_layers(config: Any, layers: Sequence[int]) -> list[bool]:
+    """Per decoder layer in ``layers``, whether an indexer of either kind picks its keys: one
+    choice for all the layer's heads, so one rule for them (DeepSeek Sparse Attention, Qwen4-Exp)."""
+    if not block_indexer(config):
+        return indexed_layers(config, layers)
+    types = layer_types(config, int(text_config(config).num_hidden_layers))
+    return [types is None or types[i] in INDEXED_LAYER_TYPES for i in layers]
+
+
 def indexed_layers(config: Any, layers: Sequence[int]) -> list[bool]:
     """Per decoder layer in ``layers``, whether an indexer selects its keys (DeepSeek Sparse
     Attention): every layer of a model with one, except where ``layer_types`` names the layer
@@ -345,7 +378,8 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
                          "transformers, nothing else")
     if planned is None:
         return [int(window) if window else None] * shape.num_layers
-    if any(t in INDEXED_LAYER_TYPES for t in planned) and not sparse_attention_indexer(config):
+    if any(t in INDEXED_LAYER_TYPES for t in planned) and not (sparse_attention_indexer(config) or
+                                                                block_indexer(config)):
         raise ValueError(f"{type(config).__name__} has indexed_attention layers whose indexer is not DeepSeek Sparse "
                          "Attention's (a top-k of keys beside latent attention): a selection of blocks or a score "
                          "threshold, which moa-flex does not compose with a plan")

@@ -23,7 +23,7 @@ import torch
 
 from moa_flex.architecture import (
     VARIES, attention_layers, cached_key_dim, cached_value_dim, key_bias_columns, call_kv_heads, call_slots,
-    latent_attention, layer_config_value, sparse_attention_indexer, text_config,
+    index_ring_width, latent_attention, layer_config_value, text_config,
 )
 
 FORMAT = "moa-flex.plan/1"
@@ -149,7 +149,7 @@ class ModelShape:
         if head_dim is VARIES:  # latent widths that differ between layers: each layer's cache takes its own
             head_dim = None
         value_dim = _value_dim(config, head_dim)
-        index_dim = int(config.index_head_dim) if sparse_attention_indexer(config) else None
+        index_dim = index_ring_width(config)
         slots = call_slots(config)
         if slots is not None:
             if layers is not None:

@@ -7,8 +7,10 @@ forwards. Slow and obviously right: the tests' oracle and the support matrix's
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import re
+from typing import Iterator
 
 import torch
 from transformers import AttentionInterface
@@ -105,8 +107,9 @@ def _indexer_rule(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[t
     in :func:`reference_attention`), so that its top-k picks among the keys the rule keeps."""
     plan = _REF_PLAN["plan"]
     args = list(args)
-    mask = args[3] if len(args) > 3 else kwargs["attention_mask"]
-    B, Q, K = mask.shape
+    at = _mask_position(module)
+    mask = args[at] if len(args) > at else kwargs["attention_mask"]
+    B, Q, K = mask.shape[0], mask.shape[-2], mask.shape[-1]  # [B, Q, K], or [B, 1, Q, K] (Qwen4-Exp's)
     rule = torch.zeros(B, Q, K, dtype=torch.bool, device=mask.device)
     pads = _REF_PLAN.get("pads") or [0] * B
     N = _REF_PLAN.get("N") or K
@@ -116,20 +119,36 @@ def _indexer_rule(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[t
         if not bool((heads == heads[:1]).all()):
             raise ValueError("an indexer's layer needs one rule for all its heads (a plan of granularity 'kv_head')")
         rule[b, pad:, pad:] = heads[0].to(mask.device)
+    rule = rule.view(mask.shape[:1] + (1,) * (mask.dim() - 3) + rule.shape[1:])
     mask = mask & rule if mask.dtype == torch.bool else mask.masked_fill(~rule, torch.finfo(mask.dtype).min)
-    if len(args) > 3:
-        args[3] = mask
+    if len(args) > at:
+        args[at] = mask
     else:
         kwargs["attention_mask"] = mask
     return tuple(args), kwargs
 
 
+def _mask_position(module: torch.nn.Module) -> int:
+    """Where an indexer's forward takes its ``attention_mask`` among the positional arguments
+    (DeepSeek Sparse Attention's: 3, Qwen4-Exp's: 2)."""
+    names = list(inspect.signature(module.forward).parameters)
+    return names.index("attention_mask") if "attention_mask" in names else 3
+
+
+def _is_indexer(module: torch.nn.Module) -> bool:
+    """An indexer of DeepSeek Sparse Attention (``index_topk``) or Qwen4-Exp (``token_budget`` in
+    blocks of ``compress_ratio``), with its layer."""
+    picks = isinstance(getattr(module, "index_topk", None), int) or (
+        isinstance(getattr(module, "token_budget", None), int) and isinstance(getattr(module, "compress_ratio", None), int))
+    return picks and isinstance(getattr(module, "layer_idx", None), int)
+
+
 def _rule_indexers(model: torch.nn.Module) -> list:
-    """:func:`_indexer_rule` on every indexer of ``model`` (modules with ``index_topk``), and a
-    mark of the calls inside one, where :class:`_EarliestTopk` breaks the top-k's ties."""
+    """:func:`_indexer_rule` on every indexer of ``model`` (:func:`_is_indexer`), and a mark of
+    the calls inside one, where :class:`_EarliestTopk` breaks the top-k's ties."""
     hooks = []
     for m in model.modules():
-        if isinstance(getattr(m, "index_topk", None), int) and isinstance(getattr(m, "layer_idx", None), int):
+        if _is_indexer(m):
             hooks.append(m.register_forward_pre_hook(_indexer_rule, with_kwargs=True))
             hooks.append(m.register_forward_pre_hook(lambda *_: _REF_PLAN.update(indexing=True)))
             hooks.append(m.register_forward_hook(lambda *_: _REF_PLAN.update(indexing=False)))  # None: output kept
@@ -154,6 +173,18 @@ class _EarliestTopk(torch.overrides.TorchFunctionMode):
             order = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
             return torch.return_types.topk((x.gather(-1, order), order))
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def earliest_ties() -> Iterator[None]:
+    """Every top-k inside the block breaks ties as an indexer's does under the reference: equal
+    scores to the earlier index (for calling an indexer's own code directly, as the tests do)."""
+    _REF_PLAN["indexing"] = True
+    try:
+        with _EarliestTopk():
+            yield
+    finally:
+        _REF_PLAN.pop("indexing", None)
 
 
 AttentionInterface.register("moa_reference", reference_attention)

@@ -80,7 +80,9 @@ KEEP_OFF = {  # None or 0 switches a feature off (no q projection rank, full rot
     "hidden_size_per_layer_input",
 }
 FILL_NONE = {  # sizes a default config leaves None though its model needs them: set only where None
-    "n_shared_experts": 1, "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
+    # 8 index heads (Qwen4-Exp): a block every head's ReLU scores 0 ties exactly, and transformers'
+    # own top-k breaks such ties in an order of its own (moa-flex: the earlier block)
+    "n_shared_experts": 1, "indexer_n_heads": 8, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
     "indexer_compress_ratio": 4,
 }
 TIED = {  # field: the field whose tiny value it takes where the default config has the two equal
@@ -382,11 +384,16 @@ def _random_plan(config: Any, seed: int = 0) -> Any:
     """Heterogeneous per-head spans well below the prompt, so the plan really cuts."""
     from moa_flex.plan import ModelShape, Plan
 
+    from moa_flex.architecture import selecting_layers
+
     shape = ModelShape.from_config(config)
     gen = torch.Generator().manual_seed(seed)
-    alpha = torch.randint(4, 13, (shape.num_layers, shape.num_kv_heads), generator=gen).double().tolist()
-    beta = (torch.randint(0, 3, (shape.num_layers, shape.num_kv_heads), generator=gen) / 8).tolist()
-    return Plan(shape, alpha, beta, granularity="kv_head", sink=4, min_span=8, span_multiple=4)
+    alpha = torch.randint(4, 13, (shape.num_layers, shape.num_kv_heads), generator=gen).double()
+    beta = torch.randint(0, 3, (shape.num_layers, shape.num_kv_heads), generator=gen) / 8
+    for layer, one in enumerate(selecting_layers(config, shape.layer_indices)):
+        if one:  # an indexer picks one set of keys for all the layer's heads: one rule for them
+            alpha[layer], beta[layer] = alpha[layer, 0], beta[layer, 0]
+    return Plan(shape, alpha.tolist(), beta.tolist(), granularity="kv_head", sink=4, min_span=8, span_multiple=4)
 
 
 def check_type(model_type: str) -> Result:

@@ -58,18 +58,28 @@ def is_topk(node: object) -> bool:
         (node.op == "call_method" and node.target in _TOPK) or (node.op == "call_function" and node.target is torch.topk))
 
 
+def is_block_selection(node: object) -> bool:
+    """A ``moa_flex::block_select`` call: Qwen4-Exp's indexer, routed through the op
+    (moa_flex/runtime/traceable.py); its ``visible`` argument (4) is what it selects among."""
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and (
+        node.target in (torch.ops.moa_flex.block_select.default, torch.ops.moa_flex.block_select))
+
+
 def is_selection(node: torch.fx.Node) -> bool:
-    """``topk(...).indices``: keys chosen by their scores (``getitem`` 1 of a ``topk``)."""
-    return (node.op == "call_function" and node.target is operator.getitem and is_topk(node.args[0])
-            and node.args[1] == 1)
+    """``topk(...).indices``: keys chosen by their scores (``getitem`` 1 of a ``topk``), or the
+    keys a block selection picked."""
+    return is_block_selection(node) or (
+        node.op == "call_function" and node.target is operator.getitem and is_topk(node.args[0])
+        and node.args[1] == 1)
 
 
 def selections(mask: object) -> list[torch.fx.Node]:
-    """The ``topk`` nodes whose indices reach ``mask`` (an attention call's ``attn_mask``)."""
+    """The indexers whose choice reaches ``mask`` (an attention call's ``attn_mask``): ``topk``
+    nodes, and ``moa_flex::block_select`` nodes."""
     if not isinstance(mask, torch.fx.Node):
         return []
     found: list[torch.fx.Node] = []
-    mask_sources_until(mask, lambda n: is_selection(n) and not found.append(n.args[0]))
+    mask_sources_until(mask, lambda n: is_selection(n) and not found.append(n if is_block_selection(n) else n.args[0]))
     return list(dict.fromkeys(found))
 
 
@@ -113,13 +123,17 @@ def rewrite_indexer(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, runt
     such mask, in ``infos``, placed beside the mask: the layers that share it share it)."""
     mask = arg(node, 3, "attn_mask", None)
     topk = layer_indexer(node, layer)
-    check_selects_keys(topk, node, layer)
+    if not is_block_selection(topk):
+        check_selects_keys(topk, node, layer)
     plain = unselected_mask(mask)
     info = infos.get(plain)
     if info is None:
         with graph.inserting_after(plain):
             info = infos[plain] = graph.call_function(torch.ops.moa_flex.selection_info.default, (plain,))
         info.meta = {k: v for k, v in plain.meta.items() if k in ("stack_trace", "nn_module_stack")}
+    if is_block_selection(topk):
+        rule_blocks(graph, topk, node, layer, info, runtime_id)
+        return mask, info
     scores = topk.args[0]
     with _tagged(graph, topk), graph.inserting_before(topk):
         keep = graph.call_function(torch.ops.moa_flex.index_keep.default, (scores, info, layer, runtime_id))
@@ -127,6 +141,23 @@ def rewrite_indexer(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, runt
         positions = graph.call_function(torch.arange, (keys,), {"device": recorded_value(scores).device})
     rule_topk(graph, topk, keep, positions, layer)
     return mask, info
+
+
+def rule_blocks(graph: torch.fx.Graph, select: torch.fx.Node, node: torch.fx.Node, layer: int, info: torch.fx.Node,
+                runtime_id: int) -> None:
+    """The rule into a block selection (``moa_flex::block_select``): its ``visible`` keys [B, Q, K]
+    ANDed with the keys ``layer``'s rule keeps (``moa_flex::index_keep``), so that its blocks are
+    cut from the kept keys. ValueError unless it selects among attention ``node``'s keys."""
+    visible = select.args[4]
+    seen, q, k = recorded_value(visible), recorded_value(node.args[0]), recorded_value(node.args[1])
+    if seen is None or q is None or k is None or tuple(seen.shape) != (q.shape[0], q.shape[2], k.shape[2]):
+        raise ValueError(
+            f"layer {layer}'s block selection ({select.name}) chooses among {list(getattr(seen, 'shape', []))} keys, "
+            f"not the attention call's (queries {list(getattr(q, 'shape', []))}, keys {list(getattr(k, 'shape', []))})")
+    with _tagged(graph, select), graph.inserting_before(select):
+        keep = graph.call_function(torch.ops.moa_flex.index_keep.default, (visible, info, layer, runtime_id))
+        ruled = graph.call_function(operator.and_, (visible, keep))
+    select.update_arg(4, ruled)
 
 
 def layer_indexer(node: torch.fx.Node, layer: int) -> torch.fx.Node:
@@ -228,6 +259,8 @@ def select_slots(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: t
     the node of the selected slots, bool [B, S] (ANDed with that keep: a row with fewer kept
     slots than k picks some it may not read), for ``moa_flex::ragged_decode``'s ``select``."""
     topk = layer_indexer(node, layer)
+    if is_block_selection(topk):
+        return _select_slot_blocks(graph, node, topk, keys, length, spans, caps, offsets, sink, window)
     scores = recorded_value(topk.args[0])
     # its slots are the ring's, as wide as the cache (a size symbol of their own: a wrong width
     # fails where the keep is broadcast over them, never silently)
@@ -247,6 +280,84 @@ def select_slots(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: t
         return graph.call_method("squeeze", (select, 1))
 
 
+def _groups(offsets: torch.fx.Node) -> object:
+    """The node of a cache's KV group count (``offsets`` holds one more entry)."""
+    return offsets.graph.call_function(operator.sub, (offsets.graph.call_function(
+        torch.ops.aten.sym_size.int, (offsets, 0)), 1))
+
+
+def _block_columns(graph: torch.fx.Graph, select: torch.fx.Node, keep: torch.fx.Node, positions: torch.fx.Node,
+                   keys: torch.fx.Node, offsets: torch.fx.Node) -> None:
+    """Point block selection ``select`` at a MoA cache's columns: ``keep`` [B, Q, K] what each
+    query may see, ``positions`` [B, K] each column's position (slots in ring order), the first
+    ``S`` columns the cache's slots (``keys`` [B, S, D]) in groups of one layout."""
+    select.update_arg(4, keep)
+    with graph.inserting_before(select):
+        slots = graph.call_function(torch.ops.aten.sym_size.int, (keys, 1))
+        groups = _groups(offsets)
+    select.update_kwarg("positions", positions)
+    select.update_kwarg("slots", slots)
+    select.update_kwarg("groups", groups)
+
+
+def _select_slot_blocks(graph: torch.fx.Graph, node: torch.fx.Node, select: torch.fx.Node, keys: torch.fx.Node,
+                        length: torch.fx.Node, spans: torch.fx.Node, caps: torch.fx.Node, offsets: torch.fx.Node,
+                        sink: object, window: int) -> torch.fx.Node:
+    """A decode step's block selection (Qwen4-Exp) over the MoA cache: its columns are the ring's
+    slots (the cache hands them over, ``MoaCacheLayer.update_indexer``), among which it may see
+    those holding a token the rule keeps (``moa_flex::slot_keep``, after this step's write), in
+    the order of the positions they hold (``moa_flex::slot_position``); returns the node of the
+    selected slots, bool [B, S], for ``moa_flex::ragged_decode``'s ``select``."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    appends = [u for u in length.users
+               if u.target in (torch.ops.moa_flex.cache_append.default, torch.ops.moa_flex.cache_append)]
+    # Qwen4-Exp's indexer runs before the layer's cache write: ``length`` is then the step's position
+    before_write = bool(appends) and all(order[select] < order[a] for a in appends)
+    with _tagged(graph, select), graph.inserting_before(select):
+        pos = length if before_write else graph.call_function(torch.ops.aten.sub.Scalar, (length, 1))
+        keep = graph.call_method("unsqueeze", (graph.call_function(
+            torch.ops.moa_flex.slot_keep.default, (keys, offsets, caps, spans, pos, sink, window)), 1))  # [B, 1, S]
+        held = graph.call_function(torch.ops.moa_flex.slot_position.default, (keys, caps, offsets, pos, sink))
+        _block_columns(graph, select, keep, held, keys, offsets)
+    with _tagged(graph, select), graph.inserting_before(node):
+        return graph.call_method("squeeze", (select, 1))
+
+
+def _select_chunk_blocks(graph: torch.fx.Graph, select: torch.fx.Node, keys: torch.fx.Node, length: torch.fx.Node,
+                         chunk_pads: torch.fx.Node, spans: torch.fx.Node, caps: torch.fx.Node, offsets: torch.fx.Node,
+                         sink: object, window: int) -> torch.fx.Node:
+    """A prefill chunk's block selection (Qwen4-Exp) over the MoA cache: its columns are the
+    cache's slots, then the chunk's keys (``MoaCacheLayer.update_indexer``); each query may see
+    those holding a token the rule keeps for it (``moa_flex::chunk_select_keep``, read before the
+    chunk's write), in the order of their positions; returns the selection node, bool
+    [B, C, S + C], for ``moa_flex::chunk_prefill``'s ``select``."""
+    with _tagged(graph, select), graph.inserting_before(select):
+        columns = graph.call_function(torch.ops.aten.sym_size.int, (select.args[1], 1))  # S + C
+        shaped = graph.call_method("expand", (select.args[4], -1, -1, columns))  # [B, C, S + C], a view
+        both = graph.call_function(torch.ops.moa_flex.chunk_select_keep.default,
+                                   (shaped, keys, offsets, caps, spans, length, chunk_pads, sink, window))
+        keep = graph.call_function(operator.getitem, (both, 0))
+        positions = graph.call_function(operator.getitem, (both, 1))
+        _block_columns(graph, select, keep, positions, keys, offsets)
+    return select
+
+
+def chunk_of_held(node: torch.fx.Node, k_new: torch.fx.Node, v_new: torch.fx.Node, layer: int) -> None:
+    """In a chunk over a MoA cache, an indexed layer of plain attention (Qwen4-Exp) attends the
+    cache's slots then the chunk's keys and values (``MoaCacheLayer.held_keys_values``, concatenated
+    in its ``update``): the model's call reads them so, but the pass replaces that call by the chunk
+    kernel over the cache itself, and checks how the call reads the chunk's own. Each such
+    concatenation feeding attention ``node`` is replaced by the chunk's tensor (``k_new``/``v_new``).
+    ValueError where the call's keys or values come from no such concatenation."""
+    for at, chunk in ((1, k_new), (2, v_new)):
+        cats = [c for c in chunk.users if c.op == "call_function" and c.target is torch.cat
+                and isinstance(c.args[0], (list, tuple)) and len(c.args[0]) == 2 and c.args[0][1] is chunk]
+        if len(cats) != 1:
+            raise ValueError(f"layer {layer}: in a chunk over the MoA cache its attention's "
+                             f"{('keys', 'values')[at - 1]} are not the cache's slots then the chunk's")
+        cats[0].replace_all_uses_with(chunk)
+
+
 def over_cache(node: torch.fx.Node) -> bool:
     """Whether indexed attention ``node`` runs in a prefill chunk over a cache holding tokens: its
     keys are the cache's slots and the chunk's (``MoaCacheLayer.selects_over_cache``), more than
@@ -264,6 +375,8 @@ def select_chunk(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: t
     with ties to the earlier position; returns the node of the selection, bool [B, C, S + C]
     (ANDed with that keep), for ``moa_flex::chunk_prefill``'s ``select``."""
     topk = layer_indexer(node, layer)
+    if is_block_selection(topk):
+        return _select_chunk_blocks(graph, topk, keys, length, chunk_pads, spans, caps, offsets, sink, window)
     check_selects_keys(topk, node, layer)
     with _tagged(graph, topk), graph.inserting_before(topk):
         both = graph.call_function(torch.ops.moa_flex.chunk_select_keep.default,

@@ -28,7 +28,7 @@ from .latent import LatentDims, absorb, expansion_weight
 from .key_bias import with_key_bias
 from .eager_attention import MODEL_OUTPUT
 from .mask_sources import check_masks_are_masks
-from .indexed import attend_selected, is_selection, over_cache, select_chunk, selections
+from .indexed import attend_selected, chunk_of_held, is_selection, over_cache, select_chunk, selections
 from .nodes import (
     PassReport, RewrittenNode, arg, attention_nodes, by_layer, call_args, check_no_dropout, eliminate_dead_code,
     runs_modules_again, check_heads, check_reads_cache, check_width, erase_with_inputs, sinks_of, alibi_of, as_cached, key_bias_of, CACHED,
@@ -123,7 +123,8 @@ def rewrite_prefill(
     # ``filled``): the first-call check compares an empty cache's chunk only, so it has nothing to do in
     # this graph, and the model's calls here get the all-True [B, 1, C, 1] mask that indexed layers need
     # (on a GPU, SDPA refuses that broadcast mask of another layer: keep no model call to give it to)
-    verify = verify and not any(over_cache(attns[layer][0]) for layer in indexed)
+    overs = {layer for layer in indexed if over_cache(attns[layer][0])}
+    verify = verify and not overs
     if indexed and runtime_id is None:
         raise ValueError("a prefill over a MoaCache of a model whose indexer selects keys needs the runtime's id")
     check_masks_are_masks(((node, layer) for layer, (node, _) in attns.items()), kept=is_selection)
@@ -132,8 +133,10 @@ def rewrite_prefill(
         extend_args = call_args(extends[layer][0], EXTEND_ARGS, SCALE_ARGS)
         if latent is not None:  # the cache writes (latent ; rotary key) and the latent: the model's expansion
             node = attns[layer][0]
-            layouts[layer] = expansion_weight(node, extend_args[4], layer, layer in indexed and over_cache(node))
+            layouts[layer] = expansion_weight(node, extend_args[4], layer, layer in overs)
         else:
+            if layer in overs:  # the call's keys and values: the cache's slots, then the chunk's (Qwen4-Exp)
+                chunk_of_held(attns[layer][0], extend_args[3], extend_args[4], layer)
             layouts[layer] = check_reads_cache(attns[layer][0], extend_args[3], extend_args[4], layer)
     graph = gm.graph
     mask = padding_mask_input(graph)
@@ -151,10 +154,10 @@ def rewrite_prefill(
     for layer in range(plan.num_layers):
         node, path = attns[layer]
         extend = extends[layer][0]
-        if layer in indexed and not over_cache(node):  # an empty cache's prompt: the write stays, attention selects
-            chunk_pads = call_args(extend, EXTEND_ARGS, SCALE_ARGS)[5] if pads is None else pads
-            for write, at in ((extend, 5), (index_writes[layer][0], 3)):
-                _set_arg(write, at, ("chunk_pads",), chunk_pads)
+        if layer in indexed and layer not in overs:  # an empty cache's prompt: the write stays, attention selects
+            if pads is not None:  # else both writes' pads are zeros already (Qwen4-Exp writes its indexer first)
+                for write, at in ((extend, 5), (index_writes[layer][0], 3)):
+                    _set_arg(write, at, ("chunk_pads",), pads)
             softcap = float(softcaps[layer]) if softcaps else 0.0
             new = attend_selected(graph, node, layer, runtime_id, softcap, selection_infos, roots,
                                   verify_id if verify else None, mask)

@@ -197,3 +197,13 @@ def strong_doge(**fields: object) -> torch.nn.Module:
             attn.A.copy_(torch.randn(attn.A.shape, generator=gen) * 1.5)
             attn.dt_proj.weight.mul_(30 * 64 / model.config.hidden_size)  # dt of about the same size when wider
     return model
+
+
+def qwen4_exp_indexed() -> bool:
+    """Whether this transformers' Qwen4-Exp has ``indexed_attention`` layers with a block indexer
+    (5.25; 5.17 names them ``qwen_sparse_attention``, a layer kind moa-flex refuses by name)."""
+    from moa_flex.support import causal_lm_types, tiny_config
+
+    if "qwen4_exp_text" not in causal_lm_types():
+        return False
+    return "indexed_attention" in (getattr(tiny_config("qwen4_exp_text"), "layer_types", None) or ())

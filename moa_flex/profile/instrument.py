@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from moa_flex.architecture import key_bias_limit, model_windows, slots_in_call_order, sparse_attention_indexer
+from moa_flex.architecture import index_ring_width, key_bias_limit, model_windows, slots_in_call_order
 from moa_flex.data.samples import Sample
 from moa_flex.plan import ModelShape
 
@@ -207,8 +207,9 @@ def _check_profilable(model: torch.nn.Module, max_len: int) -> None:
         raise ValueError(f"{type(model).__name__}'s attention layers differ in query heads (dots3's sliding layers), "
                          "which moa-flex profiling does not carry (its histograms are one [layers, heads] table): "
                          "compile such a model with a plan made without profiling (Plan.uniform, or rules by hand)")
-    if sparse_attention_indexer(config):
-        raise ValueError(f"{type(model).__name__} selects each query's keys with an indexer (DeepSeek Sparse Attention), "
+    if index_ring_width(config) is not None:
+        raise ValueError(f"{type(model).__name__} selects each query's keys with an indexer (DeepSeek Sparse Attention, "
+                         "Qwen4-Exp's blocks), "
                          "which moa-flex profiling does not carry (it measures plain causal attention): compile such a "
                          "model with a plan made without profiling (Plan.uniform, or rules by hand)")
     if key_bias_limit(config) is not None:

@@ -35,9 +35,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from moa_flex.architecture import (
     OWN_CACHE_TYPES, WITH_STATE_LAYER_TYPES, cached_key_dim, cached_value_dim, codebook_rows, decoder_layers,
-    indexed_layers, key_bias_columns, key_bias_problem, kv_sources,
-    latent_attention, layer_types, sparse_attention_indexer,
-    text_config,
+    index_ring_width, key_bias_columns, key_bias_problem, kv_sources, latent_attention, layer_types,
+    selecting_layers, text_config,
 )
 from moa_flex.kernels.decode import default_tiling, prepare_work
 from moa_flex.kernels.quant import SCALE_DTYPE, is_quantized
@@ -135,7 +134,9 @@ class MoaCacheLayer(CacheLayerMixin):
         if self.latent:
             k_new, v_new = torch.cat([key_states, value_states], dim=-1), key_states
         over = self.selects_over_cache(key_states)
-        held = self.held_latent(key_states, value_states) if over else None  # read before the write
+        held = None
+        if over:  # read before the write
+            held = self.held_latent(key_states, value_states) if self.latent else self.held_keys_values(key_states)
         for layer in (self, *self.readers):
             layer.write(k_new, v_new, self.chunk_pads if over else None)
         if over:
@@ -159,6 +160,30 @@ class MoaCacheLayer(CacheLayerMixin):
         rank = like_k.shape[-1]
         return keys[..., :rank], keys[..., rank:rank + like_v.shape[-1]]
 
+    def held_keys_values(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of every slot, [B, G, W, D] each in ``like``'s dtype (an FP8 cache's
+        dequantized), for a layer of G KV groups of one layout (an indexed layer has one rule): what
+        the model attends in a chunk over the cache, which the prefill pass replaces by the chunk
+        kernel over the cache itself (dead code in the compiled graph, as :meth:`held_latent`)."""
+        G = self.offsets.shape[0] - 1
+
+        def held(t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+            t = t.float() * scale.unsqueeze(-1) if scale is not None else t
+            return t.to(like.dtype).view(t.shape[0], G, t.shape[1] // G, t.shape[2])
+
+        return held(self.keys, self.k_scale), held(self.values, self.v_scale)
+
+    @property
+    def indexer_position_ids(self) -> None:
+        """Qwen4-Exp keeps every past token's position ids on its first indexed layer's cache and
+        rotates its queries over them all; a MoA cache keeps each kept token's rotary terms in
+        the indexer's ring instead (moa_flex/runtime/traceable.py), so it hands back no history."""
+        return None
+
+    @indexer_position_ids.setter
+    def indexer_position_ids(self, value: Any) -> None:
+        """Dropped: see the getter."""
+
     def update_indexer(self, key_states: torch.Tensor) -> torch.Tensor:
         """An indexer's keys [B, T, D] (DeepSeek Sparse Attention), written into the ring beside
         the latent (``moa_flex::index_append`` / ``index_extend``, the same slot map). One token a
@@ -167,6 +192,9 @@ class MoaCacheLayer(CacheLayerMixin):
         prefill of an empty cache): the chunk's own keys, as from transformers' cache."""
         if self.index_keys is None:
             raise ValueError("this MoA cache keeps no indexer keys: it was built without the model's config")
+        if key_states.shape[-1] != self.index_keys.shape[-1]:
+            raise ValueError(f"an indexer's keys of width {key_states.shape[-1]} for a ring of width "
+                             f"{self.index_keys.shape[-1]} (architecture.index_ring_width)")
         if key_states.shape[-2] == 1:
             torch.ops.moa_flex.index_append(self.index_keys, self.index_length, key_states, self.caps, self.offsets,
                                             self.sink)
@@ -280,9 +308,9 @@ class MoaCache(Cache):
         spans = torch.stack([plan.head_spans(n) for n in rows], dim=1)  # [L, B, H]
         caps, spans = _bounded_by_windows(caps, spans, plan.sink, windows)
         latent = config is not None and latent_attention(config) is not None
-        index = (int(text_config(config).index_head_dim), dtype) if config is not None and sparse_attention_indexer(
-            config) else None  # the indexer's keys stay in the model's dtype
-        indexed = indexed_layers(config, decoder_layers(config, plan.model)) if index else [False] * plan.num_layers
+        width = index_ring_width(config) if config is not None else None
+        index = (width, dtype) if width else None  # the indexer's keys stay in the model's dtype
+        indexed = selecting_layers(config, decoder_layers(config, plan.model)) if index else [False] * plan.num_layers
         # a layer of fewer query heads than the plan's most (dots3) takes its first: one rule a layer
         self.moa_layers = [MoaCacheLayer(caps[l], spans[l][:, :plan.model.heads_of(l)], plan.sink, head_dims[l], storage,
                                          devices[l], value_dims[l], latent, index if indexed[l] else None)
@@ -322,9 +350,13 @@ class MoaCache(Cache):
         return all(layer.filled for layer in self.moa_layers)
 
     def update_indexer(self, key_states: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """An indexer's keys [B, T, D] for decoder layer ``layer_idx`` (DeepSeek Sparse Attention):
-        :meth:`MoaCacheLayer.update_indexer` of its plan layer."""
-        return self.moa_layers[self.plan.model.plan_layer(layer_idx)].update_indexer(key_states)
+        """An indexer's keys [B, T, D] for decoder layer ``layer_idx`` (DeepSeek Sparse Attention,
+        Qwen4-Exp): :meth:`MoaCacheLayer.update_indexer` of its cache layer (by list index: traced
+        graphs read the plan's layer list as symbolic integers, which ``plan_layer`` cannot match)."""
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, MoaCacheLayer):
+            raise ValueError(f"decoder layer {layer_idx} has an indexer but no MoA cache layer (not planned)")
+        return layer.update_indexer(key_states)
 
     def mark_filled(self, tokens: int) -> None:
         """Called after each forward by moa_flex's forward wrapper (outside any graph)."""

@@ -42,7 +42,9 @@ from .parallel import tensor_parallel_shard
 from .placement import hooked_modules, replace_hooks, restore_hooks
 from .precompiled import PrecompiledGraphs, precompile_enabled
 from .startup_log import StartupLog
-from .traceable import mark_buffers, route_dbrx_experts, unmark_buffers, unroute_dbrx_experts
+from .traceable import (
+    mark_buffers, route_block_indexers, route_dbrx_experts, unmark_buffers, unroute_block_indexers, unroute_dbrx_experts,
+)
 from .state import CompiledState
 
 TRACED_ATTENTION = "moa_flex_traced"
@@ -226,10 +228,13 @@ def compile(  # noqa: A001  (the verb of the API)
     routed = route_dbrx_experts(model)  # DBRX's experts as one op (traceable.py); a refusal changes nothing
     # accelerate's device_map: refused if it offloads (checked before anything changes), else its
     # hooks become traceable device moves (placement.py)
+    indexers: list = []
     try:
+        indexers = route_block_indexers(model)  # Qwen4-Exp's block selection as one op (traceable.py)
         swapped = replace_hooks(model) if hooked_modules(model) else []
     except Exception:
         unroute_dbrx_experts(routed)
+        unroute_block_indexers(indexers)
         raise
     marks = unmark_buffers(model)
     if impl != wanted and not (wanted == "sdpa" and impl == "eager" and not _takes_sdpa(model)):
@@ -248,7 +253,7 @@ def compile(  # noqa: A001  (the verb of the API)
                           cudagraphs=cudagraphs, cache_arg=cache_argument(model.forward),
                           takes_cache=takes_cache(model.forward),
                           log=log, model_ref=weakref.ref(model), accelerate_hooks=swapped, shard=shard)
-    state.buffer_marks, state.routed_experts = marks, routed
+    state.buffer_marks, state.routed_experts, state.routed_indexers = marks, routed, indexers
     if verify:  # the first-call check's dense plan (moa_flex.runtime.verify)
         state.verify_runtime = MoaRuntime(Plan.dense(plan.model), compiled=False)
         state.verify_runtime.planned_length = max_length
@@ -362,6 +367,7 @@ def uncompile(model: torch.nn.Module) -> torch.nn.Module:
         restore_hooks(state.accelerate_hooks)
     mark_buffers(state.buffer_marks)
     unroute_dbrx_experts(state.routed_experts)
+    unroute_block_indexers(state.routed_indexers)
     if state.verify_runtime is not None:
         state.verify_runtime.close()
     state.release_cache()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx.experimental._config as fx_config
 
-from moa_flex.architecture import sequence_mask, sparse_attention_indexer
+from moa_flex.architecture import STATE_LAYER_TYPES, index_ring_width, layer_types, sequence_mask, text_config
 
 from .cache import MoaCache
 from .multimodal import check_image_prefix, check_token_types
@@ -113,7 +113,7 @@ def _forward_with_cache(state: CompiledState, cache: MoaCache, args: tuple, kwar
     if n < 1:
         raise ValueError("input_ids (or inputs_embeds) holds no tokens")
     model = state.model_ref() if state.model_ref is not None else None
-    indexed = model is not None and sparse_attention_indexer(model.config)
+    indexed = model is not None and index_ring_width(model.config) is not None
     if cache.seen_tokens + n > cache.planned_length:
         raise ValueError(
             f"past the planned length: {cache.seen_tokens} tokens seen + {n} new > planned length "
@@ -199,7 +199,7 @@ def _prefill(state: CompiledState, cache: MoaCache, kwargs: dict, n: int, indexe
         if mask is not None:
             step["attention_mask"] = _fresh(mask[:, a:b])
         if indexed and cache.filled and b - a > 1:
-            _over_indexed_cache(cache, step, b - a, ids.device)
+            _over_indexed_cache(cache, step, b - a, ids.device, state.model_ref().config)
         if b - a == 1:
             out = _decode_step(state, cache, step, 1)
         else:
@@ -220,18 +220,31 @@ def _prefill(state: CompiledState, cache: MoaCache, kwargs: dict, n: int, indexe
     return out
 
 
-def _over_indexed_cache(cache: MoaCache, step: dict, c: int, device: torch.device) -> None:
+def _over_indexed_cache(cache: MoaCache, step: dict, c: int, device: torch.device, config: Any = None) -> None:
     """A chunk of ``c`` tokens of a DeepSeek Sparse Attention model over a cache that holds tokens:
     the cache hands each indexed layer its slots before the chunk's keys (``MoaCacheLayer.
     selects_over_cache``), so the model's mask must broadcast over keys it cannot index by position.
     It gets an all-True [B, 1, c, 1] mask (transformers takes a 4-D mask as it is), and the
     cache the chunk's left pads per row; the rule, the causality and the padding are the prefill
-    pass's (passes/indexed.py, ``moa_flex::chunk_select_keep``)."""
+    pass's (passes/indexed.py, ``moa_flex::chunk_select_keep``).
+
+    A model with linear-attention layers beside them (Qwen4-Exp) reads their padding from a 2-D
+    mask, which a 4-D one does not give it (transformers then masks nothing, and a pad inside the
+    chunk would reach the recurrent state): it gets a mask per layer type instead, the chunk's
+    2-D padding mask for those layers (ones where no mask was given)."""
     pads = (cache.pads - cache.seen_tokens).clamp(0, c).to(device)
     for layer in cache.moa_layers:
         if layer.chunk_pads is not None:
             layer.chunk_pads.copy_(pads)
-    step["attention_mask"] = torch.ones(cache.batch_size, 1, c, 1, dtype=torch.bool, device=device)
+    every = torch.ones(cache.batch_size, 1, c, 1, dtype=torch.bool, device=device)
+    types = set(layer_types(config, int(text_config(config).num_hidden_layers)) or ()) if config is not None else set()
+    if not types & set(STATE_LAYER_TYPES):
+        step["attention_mask"] = every
+        return
+    padding = step.get("attention_mask")
+    if padding is None:
+        padding = torch.ones(cache.batch_size, c, dtype=torch.long, device=device)
+    step["attention_mask"] = {t: padding if t in STATE_LAYER_TYPES else every for t in types}
 
 
 def _slice_tokens(value: Any, a: int, b: int, n: int) -> Any:

@@ -24,6 +24,7 @@ op                                     implementation
 ``moa_flex::slot_position``            :func:`moa_flex.kernels.decode.one_group_positions`
 ``moa_flex::chunk_select_keep``        :func:`moa_flex.kernels.decode.chunk_select_keep` (a chunk's indexer over the cache)
 ``moa_flex::topk_earliest``            :func:`moa_flex.runtime.selection.earliest_topk`
+``moa_flex::block_select``             :func:`moa_flex.runtime.block_selection.block_select` (Qwen4-Exp's indexer)
 ``moa_flex::grouped_linear``           :mod:`moa_flex.kernels.linear` (kernel and twin)
 ``moa_flex::gated_mlp``                :mod:`moa_flex.kernels.linear` (kernel and twin)
 ``moa_flex::unpacked_rows``            :func:`unpacked_rows` (here: a check of HF's packed-sequence tensors)
@@ -53,8 +54,8 @@ import torch
 from moa_flex.kernels.append import cache_append_triton
 from moa_flex.kernels.chunk import check_chunk_inputs, chunk_attention_reference, chunk_attention_triton
 from moa_flex.kernels.decode import (
-    check_decode_inputs, chunk_select_keep, one_group_positions, ragged_decode_reference, ragged_decode_triton,
-    slot_keep,
+    check_decode_inputs, chunk_select_keep, group_width, one_group_positions, ragged_decode_reference,
+    ragged_decode_triton, slot_keep,
 )
 from moa_flex.kernels.linear import (
     check_gated_inputs, check_linear_inputs, gated_mlp, gated_mlp_reference, grouped_linear, grouped_linear_reference,
@@ -62,6 +63,7 @@ from moa_flex.kernels.linear import (
 from moa_flex.kernels.quant import is_quantized, quantize_fp8
 from moa_flex.masks import padding_info
 
+from . import block_selection
 from .selection import earliest_topk
 from .slots import cache_append_reference, cache_extend_reference, ring_append, ring_extend
 from .traceable import run_dbrx_experts
@@ -342,13 +344,14 @@ def _(scores, keys, offsets, caps, spans, length, chunk_pads, sink, window):  # 
 @torch.library.custom_op("moa_flex::slot_position", mutates_args=())
 def slot_position(keys: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, pos: torch.Tensor,
                   sink: int) -> torch.Tensor:
-    """LongTensor [B, S]: the logical position each slot of a one-group cache ``keys`` [B, S, D]
-    holds once positions up to ``pos`` [B] were written (-1: none; as
+    """LongTensor [B, S]: the logical position each slot of a cache ``keys`` [B, S, D] (groups of
+    one layout, :func:`~moa_flex.kernels.decode.group_width`) holds once positions up to ``pos``
+    [B] were written (-1: none; as
     :func:`moa_flex.kernels.slot_map.slot_positions`, without reading ``offsets`` on the host)."""
-    if offsets.shape[0] != 2:
-        raise ValueError(f"slot_position takes a cache of one KV group (a latent), got {offsets.shape[0] - 1} groups")
-    p, held = one_group_positions(caps, pos, sink, keys.shape[1])
-    return torch.where(held, p, torch.full_like(p, -1))
+    S = keys.shape[1]
+    W = group_width(offsets, caps, caps, S, "slot_position")
+    p, held = one_group_positions(caps[:, :1], pos, sink, W)
+    return torch.where(held, p, torch.full_like(p, -1)).repeat(1, S // W)
 
 
 @slot_position.register_fake
@@ -366,6 +369,22 @@ def topk_earliest(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torc
 @topk_earliest.register_fake
 def _(scores, positions, k):  # noqa: ANN001, ANN202
     return scores.new_empty((*scores.shape[:-1], k), dtype=torch.long)
+
+
+@torch.library.custom_op("moa_flex::block_select", mutates_args=())
+def block_select(q: torch.Tensor, keys: torch.Tensor, key_cos: torch.Tensor, key_sin: torch.Tensor,
+                 visible: torch.Tensor, norm_weight: torch.Tensor, eps: float, block: int, budget: int,
+                 positions: torch.Tensor | None = None, slots: int = 0, groups: int = 1) -> torch.Tensor:
+    """Bool [B, Q, K]: the keys a query-aware sparse attention indexer (Qwen4-Exp) picks for each
+    query among its ``visible`` ones (:func:`moa_flex.runtime.block_selection.block_select`)."""
+    return block_selection.block_select(q, keys, key_cos, key_sin, visible, norm_weight, eps, block, budget,
+                                        positions, slots, groups)
+
+
+@block_select.register_fake
+def _(q, keys, key_cos, key_sin, visible, norm_weight, eps, block, budget, positions=None, slots=0,  # noqa: ANN001
+      groups=1):  # noqa: ANN001, ANN202
+    return visible.new_empty(visible.shape, dtype=torch.bool)
 
 
 @torch.library.custom_op("moa_flex::cache_append", mutates_args=("keys", "values", "length", "k_scale", "v_scale"))

@@ -47,6 +47,7 @@ class CompiledState:
     accelerate_hooks: list = field(default_factory=list)  # accelerate hooks swapped for device moves (placement.py)
     buffer_marks: list = field(default_factory=list)  # nn.Buffer markers taken off for Dynamo (traceable.py)
     routed_experts: list = field(default_factory=list)  # DBRX experts run through an op (traceable.py)
+    routed_indexers: list = field(default_factory=list)  # Qwen4-Exp indexers run through an op (traceable.py)
     shard: tuple[int, int] | None = None  # (index, count) of this rank's heads under tensor parallelism (parallel.py)
     region_reports: list = field(default_factory=list)  # regional compilation, per compiled graph (passes/regional.py)
 

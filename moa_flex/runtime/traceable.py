@@ -13,13 +13,21 @@ persistent as before.
 DBRX's experts loop over the experts a call's tokens were routed to, a loop of data-dependent
 length; they run inside one op instead (``moa_flex::dbrx_experts``, registered with the other
 ops in :mod:`moa_flex.runtime.ops`; its body, :func:`run_dbrx_experts`, is here).
+
+Qwen4-Exp's query-aware sparse attention indexer picks each query's blocks in a Python loop over
+rows and queries with ``nonzero``; its ``_select_tokens`` runs as one op instead
+(``moa_flex::block_select``, :mod:`moa_flex.runtime.block_selection`), after a check on random
+inputs that the op's key norm and rotary embedding are the model's own.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
+
+from .block_selection import rms_norm_offset, rotate
 
 _MARKS = ("_is_buffer", "persistent")
 
@@ -117,3 +125,90 @@ def unroute_dbrx_experts(routed: list[torch.nn.Module]) -> None:
     for module in routed:
         module.__dict__.pop("forward", None)
 
+
+
+def _block_indexer_forward(module: torch.nn.Module) -> Any:
+    """Qwen4-Exp's indexer forward, its selection through ``moa_flex::block_select``. Over a MoA
+    cache its keys go into the cache's ring with their tokens' rotary terms beside them (the
+    cache keeps no position history: a block's first kept token may be any slot's)."""
+    from .cache import MoaCache
+
+    rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
+    norm = module.k_layernorm
+    d, heads = int(module.index_head_dim), int(module.index_n_heads)
+
+    def forward(hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor, cache: Any = None, **kwargs: Any) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        full_cos, full_sin = position_embeddings
+        cos, sin = full_cos[:, -T:], full_sin[:, -T:]
+        q, k = torch.split(module.index_qk_proj(hidden_states), [heads * d, d], dim=-1)
+        q = rope(module.q_layernorm(q.reshape(B, T, heads, d)), cos=cos, sin=sin, unsqueeze_dim=2)
+        k = k.reshape(B, T, d)
+        r = cos.shape[-1]
+        if isinstance(cache, MoaCache):
+            packed = cache.update_indexer(torch.cat([k, cos.expand(B, -1, -1).to(k.dtype),
+                                                     sin.expand(B, -1, -1).to(k.dtype)], dim=-1), module.layer_idx)
+            keys, key_cos, key_sin = torch.split(packed, [d, r, r], dim=-1)
+        else:
+            keys = k if cache is None else cache.update_indexer(k, module.layer_idx)
+            key_cos, key_sin = full_cos.expand(B, -1, -1), full_sin.expand(B, -1, -1)
+        visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        picked = torch.ops.moa_flex.block_select(q, keys, key_cos, key_sin, visible[:, 0], norm.weight,
+                                                 float(norm.eps), int(module.compress_ratio), int(module.token_budget))
+        return picked.unsqueeze(1)
+
+    return forward
+
+
+def _check_block_indexer(module: torch.nn.Module) -> None:
+    """NotImplementedError unless the indexer's key norm and rotary embedding compute what
+    ``moa_flex::block_select`` does (Qwen4-Exp's, checked on random inputs), its keys are one
+    head, and :func:`_block_indexer_forward` picks what its own forward picks (random inputs,
+    ties to the earlier block in both)."""
+    from moa_flex.reference import earliest_ties
+
+    name = type(module).__name__
+    if int(getattr(module, "index_kv_heads", 1)) != 1:
+        raise NotImplementedError(f"{name} has {module.index_kv_heads} index key heads; moa-flex's block selection "
+                                  "(as transformers' own) pools one")
+    g = torch.Generator().manual_seed(0)
+    w = module.index_qk_proj.weight
+    norm = module.k_layernorm
+    x = torch.randn(3, norm.weight.shape[-1], generator=g).to(norm.weight)
+    rope = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    cos, sin = torch.randn(3, x.shape[-1], generator=g).to(x), torch.randn(3, x.shape[-1], generator=g).to(x)
+    T = 4 * int(module.compress_ratio) + int(module.token_budget)  # enough blocks for the budget to choose
+    hidden = torch.randn(2, T, w.shape[1], generator=g).to(w)
+    angles = torch.arange(T).view(1, T, 1) * torch.rand(1, 1, module.index_head_dim // 2, generator=g)
+    turns = tuple(torch.cat([f(angles), f(angles)], -1).expand(2, -1, -1).to(w) for f in (torch.cos, torch.sin))
+    causal = torch.ones(T, T, dtype=torch.bool, device=w.device).tril().expand(2, 1, T, T)
+    with torch.no_grad():
+        same = torch.equal(norm(x), rms_norm_offset(x, norm.weight, float(norm.eps))) and rope is not None and (
+            torch.allclose(rope(x.unsqueeze(1), cos=cos, sin=sin).squeeze(1), rotate(x, cos, sin)))
+        if same:
+            with earliest_ties():
+                stock = type(module).forward(module, hidden, turns, causal, None)
+            same = torch.equal(_block_indexer_forward(module)(hidden, turns, causal), stock)
+    if not same:
+        raise NotImplementedError(f"{name}'s forward, key norm or rotary embedding is not what moa-flex's block "
+                                  "selection computes (Qwen4-Exp's): its selection would differ")
+
+
+def route_block_indexers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Run every query-aware sparse attention indexer of ``model`` (Qwen4-Exp's ``QSAIndexer``)
+    through :func:`_block_indexer_forward`; returns the modules, for :func:`unroute_block_indexers`.
+    NotImplementedError (nothing changed) for an indexer it does not compute."""
+    indexers = [m for m in model.modules() if type(m).__name__.endswith("QSAIndexer")
+                and type(m).__module__.startswith("transformers.models.") and "forward" not in m.__dict__]
+    for module in indexers:
+        _check_block_indexer(module)
+    for module in indexers:
+        module.forward = _block_indexer_forward(module)
+    return indexers
+
+
+def unroute_block_indexers(routed: list[torch.nn.Module]) -> None:
+    """Give the indexers :func:`route_block_indexers` changed their own forward back."""
+    for module in routed:
+        module.__dict__.pop("forward", None)
