@@ -260,7 +260,7 @@ def select_slots(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: t
     slots than k picks some it may not read), for ``moa_flex::ragged_decode``'s ``select``."""
     topk = layer_indexer(node, layer)
     if is_block_selection(topk):
-        return _select_slot_blocks(graph, node, topk, keys, length, spans, caps, offsets, sink, window)
+        return _select_slot_blocks(graph, node, topk, length, spans, caps, offsets, sink, window)
     scores = recorded_value(topk.args[0])
     # its slots are the ring's, as wide as the cache (a size symbol of their own: a wrong width
     # fails where the keep is broadcast over them, never silently)
@@ -280,66 +280,70 @@ def select_slots(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: t
         return graph.call_method("squeeze", (select, 1))
 
 
-def _groups(offsets: torch.fx.Node) -> object:
-    """The node of a cache's KV group count (``offsets`` holds one more entry)."""
-    return offsets.graph.call_function(operator.sub, (offsets.graph.call_function(
-        torch.ops.aten.sym_size.int, (offsets, 0)), 1))
+def _one_group(graph: torch.fx.Graph, select: torch.fx.Node, caps: torch.fx.Node, offsets: torch.fx.Node
+               ) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node, torch.fx.Node]:
+    """The ring's layout for a block selection ``select``: its keys [B, W, d] (the ring holds the
+    first KV group's slots: the layer's groups share one rule, so one slot map), that group's
+    caps [B, 1] and offsets [2], and the number of KV groups G (the cache holds G W slots)."""
+    ring = select.args[1]
+    one_caps = graph.call_function(operator.getitem, (caps, (slice(None), slice(None, 1))))
+    one_offsets = graph.call_function(operator.getitem, (offsets, slice(None, 2)))
+    groups = graph.call_function(operator.sub, (graph.call_function(torch.ops.aten.sym_size.int, (offsets, 0)), 1))
+    return ring, one_caps, one_offsets, groups
 
 
-def _block_columns(graph: torch.fx.Graph, select: torch.fx.Node, keep: torch.fx.Node, positions: torch.fx.Node,
-                   keys: torch.fx.Node, offsets: torch.fx.Node) -> None:
-    """Point block selection ``select`` at a MoA cache's columns: ``keep`` [B, Q, K] what each
-    query may see, ``positions`` [B, K] each column's position (slots in ring order), the first
-    ``S`` columns the cache's slots (``keys`` [B, S, D]) in groups of one layout."""
-    select.update_arg(4, keep)
-    with graph.inserting_before(select):
-        slots = graph.call_function(torch.ops.aten.sym_size.int, (keys, 1))
-        groups = _groups(offsets)
-    select.update_kwarg("positions", positions)
-    select.update_kwarg("slots", slots)
-    select.update_kwarg("groups", groups)
-
-
-def _select_slot_blocks(graph: torch.fx.Graph, node: torch.fx.Node, select: torch.fx.Node, keys: torch.fx.Node,
-                        length: torch.fx.Node, spans: torch.fx.Node, caps: torch.fx.Node, offsets: torch.fx.Node,
-                        sink: object, window: int) -> torch.fx.Node:
+def _select_slot_blocks(graph: torch.fx.Graph, node: torch.fx.Node, select: torch.fx.Node, length: torch.fx.Node,
+                        spans: torch.fx.Node, caps: torch.fx.Node, offsets: torch.fx.Node, sink: object,
+                        window: int) -> torch.fx.Node:
     """A decode step's block selection (Qwen4-Exp) over the MoA cache: its columns are the ring's
     slots (the cache hands them over, ``MoaCacheLayer.update_indexer``), among which it may see
-    those holding a token the rule keeps (``moa_flex::slot_keep``, after this step's write), in
-    the order of the positions they hold (``moa_flex::slot_position``); returns the node of the
-    selected slots, bool [B, S], for ``moa_flex::ragged_decode``'s ``select``."""
+    those holding a token the rule keeps (``moa_flex::slot_keep``), in the order of the positions
+    they hold (``moa_flex::slot_position``); returns the node of the selected slots of every KV
+    group, bool [B, S], for ``moa_flex::ragged_decode``'s ``select``."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     appends = [u for u in length.users
                if u.target in (torch.ops.moa_flex.cache_append.default, torch.ops.moa_flex.cache_append)]
     # Qwen4-Exp's indexer runs before the layer's cache write: ``length`` is then the step's position
     before_write = bool(appends) and all(order[select] < order[a] for a in appends)
     with _tagged(graph, select), graph.inserting_before(select):
+        ring, one_caps, one_offsets, groups = _one_group(graph, select, caps, offsets)
         pos = length if before_write else graph.call_function(torch.ops.aten.sub.Scalar, (length, 1))
         keep = graph.call_method("unsqueeze", (graph.call_function(
-            torch.ops.moa_flex.slot_keep.default, (keys, offsets, caps, spans, pos, sink, window)), 1))  # [B, 1, S]
-        held = graph.call_function(torch.ops.moa_flex.slot_position.default, (keys, caps, offsets, pos, sink))
-        _block_columns(graph, select, keep, held, keys, offsets)
+            torch.ops.moa_flex.slot_keep.default, (ring, one_offsets, one_caps, spans, pos, sink, window)), 1))
+        held = graph.call_function(torch.ops.moa_flex.slot_position.default, (ring, one_caps, one_offsets, pos, sink))
+    select.update_arg(4, keep)  # [B, 1, W]
+    select.update_kwarg("positions", held)
     with _tagged(graph, select), graph.inserting_before(node):
-        return graph.call_method("squeeze", (select, 1))
+        return graph.call_method("repeat", (graph.call_method("squeeze", (select, 1)), 1, groups))
 
 
-def _select_chunk_blocks(graph: torch.fx.Graph, select: torch.fx.Node, keys: torch.fx.Node, length: torch.fx.Node,
+def _select_chunk_blocks(graph: torch.fx.Graph, node: torch.fx.Node, select: torch.fx.Node, length: torch.fx.Node,
                          chunk_pads: torch.fx.Node, spans: torch.fx.Node, caps: torch.fx.Node, offsets: torch.fx.Node,
                          sink: object, window: int) -> torch.fx.Node:
     """A prefill chunk's block selection (Qwen4-Exp) over the MoA cache: its columns are the
-    cache's slots, then the chunk's keys (``MoaCacheLayer.update_indexer``); each query may see
-    those holding a token the rule keeps for it (``moa_flex::chunk_select_keep``, read before the
-    chunk's write), in the order of their positions; returns the selection node, bool
-    [B, C, S + C], for ``moa_flex::chunk_prefill``'s ``select``."""
+    ring's slots (the first KV group's), then the chunk's keys (``MoaCacheLayer.update_indexer``);
+    each query may see those holding a token the rule keeps for it (``moa_flex::chunk_select_keep``,
+    read before the chunk's write), in the order of their positions; returns the selection over
+    every group's slots then the chunk, bool [B, C, S + C], for ``moa_flex::chunk_prefill``'s
+    ``select``."""
     with _tagged(graph, select), graph.inserting_before(select):
-        columns = graph.call_function(torch.ops.aten.sym_size.int, (select.args[1], 1))  # S + C
-        shaped = graph.call_method("expand", (select.args[4], -1, -1, columns))  # [B, C, S + C], a view
+        ring, one_caps, one_offsets, groups = _one_group(graph, select, caps, offsets)
+        width = graph.call_function(torch.ops.aten.sym_size.int, (ring, 1))  # W + C columns: the ring's is W
+        queries = graph.call_function(torch.ops.aten.sym_size.int, (select.args[0], 1))
+        ring_slots = graph.call_function(operator.sub, (width, queries))
+        shaped = graph.call_method("expand", (select.args[4], -1, -1, width))  # [B, C, W + C], a view
+        slots = graph.call_function(operator.getitem, (ring, (slice(None), slice(None, ring_slots))))
         both = graph.call_function(torch.ops.moa_flex.chunk_select_keep.default,
-                                   (shaped, keys, offsets, caps, spans, length, chunk_pads, sink, window))
+                                   (shaped, slots, one_offsets, one_caps, spans, length, chunk_pads, sink, window))
         keep = graph.call_function(operator.getitem, (both, 0))
         positions = graph.call_function(operator.getitem, (both, 1))
-        _block_columns(graph, select, keep, positions, keys, offsets)
-    return select
+    select.update_arg(4, keep)
+    select.update_kwarg("positions", positions)
+    with _tagged(graph, select), graph.inserting_before(node):
+        held = graph.call_function(operator.getitem, (select, (Ellipsis, slice(None, ring_slots))))
+        chunk = graph.call_function(operator.getitem, (select, (Ellipsis, slice(ring_slots, None))))
+        every = graph.call_function(torch.cat, ([graph.call_method("repeat", (held, 1, 1, groups)), chunk], -1))
+    return every
 
 
 def chunk_of_held(node: torch.fx.Node, k_new: torch.fx.Node, v_new: torch.fx.Node, layer: int) -> None:
@@ -376,7 +380,7 @@ def select_chunk(graph: torch.fx.Graph, node: torch.fx.Node, layer: int, keys: t
     (ANDed with that keep), for ``moa_flex::chunk_prefill``'s ``select``."""
     topk = layer_indexer(node, layer)
     if is_block_selection(topk):
-        return _select_chunk_blocks(graph, topk, keys, length, chunk_pads, spans, caps, offsets, sink, window)
+        return _select_chunk_blocks(graph, node, topk, length, chunk_pads, spans, caps, offsets, sink, window)
     check_selects_keys(topk, node, layer)
     with _tagged(graph, topk), graph.inserting_before(topk):
         both = graph.call_function(torch.ops.moa_flex.chunk_select_keep.default,

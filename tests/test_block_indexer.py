@@ -144,6 +144,16 @@ def test_an_indexer_it_does_not_compute_is_refused_at_compile() -> None:
     assert "forward" not in indexer.__dict__  # nothing routed
 
 
+def test_an_indexer_whose_own_forward_selects_otherwise_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routed forward is compared with the model's own (here one that keeps every visible
+    key, as another transformers might): a different choice is refused at compile."""
+    model = _model()
+    indexer = model.model.layers[1].self_attn.indexer
+    monkeypatch.setattr(type(indexer), "_select_tokens", lambda self, h, q, k, cos, sin, mask, **kw: mask)
+    with pytest.raises(NotImplementedError, match="not what moa-flex's block selection computes"):
+        _compile(model, Plan.dense(model.config))
+
+
 def test_profiling_refuses_the_indexer() -> None:
     from moa_flex.profile.instrument import _check_profilable
 
@@ -151,20 +161,34 @@ def test_profiling_refuses_the_indexer() -> None:
         _check_profilable(_model(), 40)
 
 
-def test_the_ring_keeps_keys_and_rotary_terms_and_is_counted() -> None:
-    """The cache's ring for an indexed layer holds the raw index key and the token's rotary cos
-    and sin (``architecture.index_ring_width``), and ``memory_bytes`` counts it."""
+def test_the_ring_keeps_each_kept_tokens_key_and_rotary_terms() -> None:
+    """After a request, each slot of the ring (one KV group's slots: the layer's groups share one
+    slot map) holds the raw index key transformers' own cache holds for the position the slot
+    map puts there, then that position's rotary cos and sin (``architecture.index_ring_width``);
+    ``memory_bytes`` counts the ring."""
     from moa_flex.architecture import index_ring_width
-    from moa_flex.runtime.cache import MoaCache
+    from moa_flex.kernels.slot_map import slot_positions
 
     model = _model()
     config = model.config
     plan = _random_plan(config)
-    cache = MoaCache(plan, batch_size=1, planned_length=40, config=config)
-    width = config.indexer_head_dim + 2 * config.head_dim  # full rotary in the tiny config
-    assert index_ring_width(config) == width == plan.model.index_dim
-    ring = cache.moa_layers[0].index_keys
-    assert ring is not None and ring.shape[-1] == width
+    _compile(model, plan)
+    ids = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        seq = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)[:, :-1]
+        stock = model.moa_flex.original_forward(input_ids=seq, use_cache=True).past_key_values
+    cache = model.moa_flex.cache
+    moa = cache.moa_layers[0]  # decoder layer 1, the indexed one
+    d, width = config.indexer_head_dim, index_ring_width(config)
+    assert width == d + 2 * config.head_dim == plan.model.index_dim  # full rotary in the tiny config
+    assert moa.index_keys.shape[1:] == (int(moa.offsets[1]), width) and moa.offsets.numel() == 3  # 2 groups, 1 kept
+    pos = slot_positions(moa.ring_caps, moa.ring_offsets, moa.sink, torch.tensor([seq.shape[1] - 1]))[0]
+    held = pos >= 0
+    assert 0 < int(held.sum()) < seq.shape[1]  # the rule dropped some
+    ring = moa.index_keys[0, held]
+    torch.testing.assert_close(ring[:, :d], stock.layers[1].indexer_keys[0, pos[held]], rtol=0, atol=1e-5)
+    cos, sin = model.model.rotary_emb(ring, pos[held].view(1, -1))
+    torch.testing.assert_close(ring[:, d:], torch.cat([cos[0], sin[0]], -1), rtol=0, atol=1e-6)
     assert cache.memory_bytes() == sum(l.keys.nbytes + l.values.nbytes + l.index_keys.nbytes for l in cache.moa_layers)
 
 
@@ -200,3 +224,13 @@ def test_on_a_gpu_chunks_turns_and_decode_equal_the_reference(mode: str | None) 
             assert float((torch.stack(out.logits, 1) - want_logits).abs().max()) <= 1e-3, user
             cache = model.moa_flex.cache
             ids, mask = out.sequences, torch.cat([mask, torch.ones_like(mask[:, :4])], 1)
+
+
+def test_a_gb_budget_is_refused_by_name() -> None:
+    """The ring keeps one entry per kept token, not one per KV slot: a GB budget's bytes per slot
+    do not describe it, so the optimizer refuses one (a density or a token budget works)."""
+    from moa_flex.optimize.budget import Budget
+
+    shape = ModelShape.from_config(_model().config)
+    with pytest.raises(ValueError, match="one indexer entry per kept token"):
+        Budget(gb=1.0, batch_size=1, length=64).slot_limits([64], shape, shape.num_kv_heads)

@@ -100,21 +100,18 @@ def test_bad_arguments_are_refused() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(Q=st.integers(1, 5), K=st.integers(1, 14), block=st.integers(1, 3), budget=st.integers(0, 9),
-       groups=st.integers(1, 3), extra=st.integers(0, 4), seed=st.integers(0, 2**16))
-def test_ring_order_and_group_copies_change_nothing(Q: int, K: int, block: int, budget: int, groups: int, extra: int,
-                                                    seed: int) -> None:
-    """Over a MoA cache the columns are slots in ring order, ``groups`` copies of them, then a
-    chunk's keys: with each column's position given, the choice is the one over the keys in
-    position order, copied to every group."""
+       extra=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_columns_in_ring_order_change_nothing(Q: int, K: int, block: int, budget: int, extra: int, seed: int) -> None:
+    """Over a MoA cache the columns are slots in ring order, then a chunk's keys: with each
+    column's position given, the choice is the one over the keys in position order."""
     g = torch.Generator().manual_seed(seed)
-    n = K + extra  # K slot columns (one group), then ``extra`` chunk columns
+    n = K + extra  # K slot columns, then ``extra`` chunk columns
     q, keys = torch.randn(2, Q, 2, 8, generator=g), torch.randn(2, n, 8, generator=g)
     cos, sin = torch.randn(2, n, 8, generator=g), torch.randn(2, n, 8, generator=g)
     visible = torch.rand(2, Q, n, generator=g) < 0.7
     w = torch.randn(8, generator=g)
     want = block_select(q, keys, cos, sin, visible, w, 1e-6, block, budget)
-    perm = torch.cat([torch.randperm(K, generator=g), torch.arange(K, n)])  # the ring's order of the slots
-    ring = torch.cat([perm[:K].repeat(groups), perm[K:]])
+    ring = torch.cat([torch.randperm(K, generator=g), torch.arange(K, n)])  # the ring's order of the slots
     got = block_select(q, keys[:, ring], cos[:, ring], sin[:, ring], visible[..., ring], w, 1e-6, block, budget,
-                       torch.arange(n).expand(2, n)[:, ring], slots=K * groups, groups=groups)
+                       torch.arange(n).expand(2, n)[:, ring])
     assert torch.equal(got, want[..., ring])

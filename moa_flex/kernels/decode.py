@@ -317,46 +317,37 @@ def one_group_positions(caps: torch.Tensor, pos: torch.Tensor, sink: int, S: int
     return p, (local < cap) & (local <= i)
 
 
-def group_width(offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, S: int, what: str) -> int:
-    """Slots per group of a cache of ``S`` slots in groups of one layout (a layer of one rule:
-    ``spans`` [B, H] equal per row and ``caps`` [B, G] equal per row, checked on the CPU); the
-    group's slots lie at the same places of every group. ValueError otherwise."""
-    G = offsets.shape[0] - 1
-    if G < 1 or S % G:
-        raise ValueError(f"{what} takes a cache of equal KV groups, got {S} slots in {G} groups")
-    for name, t in (("span", spans), ("cap", caps)):
-        if t.device.type == "cpu" and not is_fake(t) and bool((t != t[:, :1]).any()):
-            raise ValueError(f"{what} needs one {name} per row for all heads (an indexer selects for all of them)")
-    return S // G
-
-
 def slot_keep(offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, pos: torch.Tensor, sink: int,
               window: int, S: int) -> torch.Tensor:
-    """Bool [B, S]: the slots of a cache of groups of one layout (:func:`group_width`) whose token
-    the rule keeps for each row's query at ``pos`` [B], for a layer whose heads share one rule
-    (``spans`` [B, H]). The slots an indexer beside the cache may pick from (DeepSeek Sparse
-    Attention, Qwen4-Exp); the twin's keep of any head, as the kernel keeps."""
-    W = group_width(offsets, caps, spans, S, "slot_keep")
-    p, held = one_group_positions(caps[:, :1], pos, sink, W)
+    """Bool [B, S]: the slots of a one-group cache (``offsets`` [2]) whose token the rule keeps
+    for each row's query at ``pos`` [B], for a layer whose heads share one rule (``spans``
+    [B, H], all equal per row: checked on the CPU). The slots an indexer beside the cache may
+    pick from (DeepSeek Sparse Attention); the twin's keep of any head, as the kernel keeps."""
+    if offsets.shape[0] != 2:
+        raise ValueError(f"slot_keep takes a cache of one KV group (a latent), got {offsets.shape[0] - 1} groups")
+    if spans.device.type == "cpu" and not is_fake(spans) and bool((spans != spans[:, :1]).any()):
+        raise ValueError("slot_keep needs one span per row for all heads (an indexer selects for all of them)")
+    p, held = one_group_positions(caps, pos, sink, S)
     i = pos.view(-1, 1)
     keep = held & ((p < sink) | (i - p < spans[:, :1].to(torch.int64) - sink))
     limit = window_limit(window, i)
-    keep = keep & (i - p < limit) if limit is not None else keep
-    return keep.repeat(1, S // W)
+    return keep & (i - p < limit) if limit is not None else keep
 
 
 def chunk_select_keep(offsets: torch.Tensor, caps: torch.Tensor, spans: torch.Tensor, length: torch.Tensor,
                       start: torch.Tensor, sink: int, window: int, S: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep bool [B, C, S + C], positions int64 [B, S + C]) for a prefill chunk of ``C`` queries
-    over a cache of ``S`` slots (groups of one layout, :func:`group_width`) holding ``length`` [B] tokens, for a layer whose heads
+    over a one-group cache of ``S`` slots holding ``length`` [B] tokens, for a layer whose heads
     share one rule: the columns are the cache's slots, then the chunk's keys, as an indexer beside
     the cache scores them (DeepSeek Sparse Attention). Query ``c`` is at ``i = start + c`` (``start``
     [B]; ``i < 0``: padding, keeps nothing); a slot keeps the token it holds, a chunk key ``c2 <= c``
     its position ``start + c2 >= 0``, where the rule keeps it for ``i``. ``positions``: each column's
     logical position (-1: a slot holding none), for the indexer's ties."""
-    W = group_width(offsets, caps, spans, S, "chunk_select_keep")
-    p, held = one_group_positions(caps[:, :1], length - 1, sink, W)  # [B, W]: the cache before the chunk
-    p, held = p.repeat(1, S // W), held.repeat(1, S // W)  # every group's copy of the slots
+    if offsets.shape[0] != 2:
+        raise ValueError(f"chunk_select_keep takes a cache of one KV group (a latent), got {offsets.shape[0] - 1} groups")
+    if spans.device.type == "cpu" and not is_fake(spans) and bool((spans != spans[:, :1]).any()):
+        raise ValueError("chunk_select_keep needs one span per row for all heads (an indexer selects for all of them)")
+    p, held = one_group_positions(caps, length - 1, sink, S)  # [B, S]: the cache before the chunk
     j = start.view(-1, 1) + torch.arange(C, device=start.device).view(1, C)  # [B, C]: the chunk's positions
     cols = torch.cat([p, j], dim=1)  # [B, S + C]
     real = torch.cat([held, j >= 0], dim=1)

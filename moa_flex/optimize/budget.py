@@ -105,7 +105,8 @@ class Budget:
         if model.index_dim is not None and cache_groups != 1:
             # one indexer key per token and layer: per slot only where a layer has one group (latent)
             raise ValueError(f"a GB budget for a model with indexer keys expects one cache group (latent attention), "
-                             f"got {cache_groups}")
+                             f"got {cache_groups}: the cache keeps one indexer entry per kept token (Qwen4-Exp), not "
+                             "one per KV slot as a GB budget counts; give the budget as a density or in tokens")
         return {self.length: self.gb * GB / self.slot_bytes(model.head_dim, model.value_dim, model.index_dim)}
 
     def to_dict(self) -> dict:

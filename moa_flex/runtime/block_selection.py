@@ -45,29 +45,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def block_select(q: torch.Tensor, keys: torch.Tensor, key_cos: torch.Tensor, key_sin: torch.Tensor,
                  visible: torch.Tensor, norm_weight: torch.Tensor, eps: float, block: int, budget: int,
-                 positions: torch.Tensor | None = None, slots: int = 0, groups: int = 1) -> torch.Tensor:
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
     """The keys each query attends, [B, Q, K] bool: ``q`` [B, Q, H, d] the index queries (normed
     and rotated), ``keys`` [B, K, d] the raw index keys of the K columns, ``key_cos``/``key_sin``
     [B, K, r] each column's rotary terms, ``visible`` [B, Q, K] what each query may see.
 
     ``positions`` [B, K] (default: the column order): each column's position, which orders a
-    query's visible keys into blocks (a MoA cache's slots are in ring order). Over a MoA cache,
-    the first ``slots`` columns are its slots, ``groups`` KV groups of one layout (a layer of one
-    rule): the choice is made over the first group's slots and the later columns, and holds for
-    every group's copy of a slot."""
+    query's visible keys into blocks (a MoA cache's slots are in ring order)."""
     B, Q, K = visible.shape
     if block < 1 or budget < 0:
         raise ValueError(f"block_select needs block >= 1 and budget >= 0, got {block} and {budget}")
-    if groups < 1 or slots % groups or slots > K:
-        raise ValueError(f"block_select: {slots} slot columns of {K} in {groups} equal groups")
     if positions is None:
         positions = torch.arange(K, device=visible.device).expand(B, K)
-    if groups > 1:  # one group's slots, then the rest: the copies would count twice
-        width = slots // groups
-        cols = torch.cat([torch.arange(width), torch.arange(slots, K)]).to(visible.device)
-        picked = block_select(q, keys[:, cols], key_cos[:, cols], key_sin[:, cols], visible[..., cols], norm_weight,
-                              eps, block, budget, positions[:, cols])
-        return torch.cat([picked[..., :width].repeat(1, 1, groups), picked[..., width:]], dim=-1)
     per_query = max(1, K * keys.shape[-1] + K * q.shape[-2])
     step = max(1, CHUNK_ELEMENTS // (B * per_query))
     parts = [_select_chunk(q[:, s:s + step], keys, key_cos, key_sin, visible[:, s:s + step], norm_weight, eps,

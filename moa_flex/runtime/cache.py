@@ -80,11 +80,14 @@ class MoaCacheLayer(CacheLayerMixin):
         self.caps = caps.to(self.device, torch.int32).contiguous()
         self.spans = spans.to(self.device, torch.int32).contiguous()
         self.length = torch.zeros(B, dtype=torch.long, device=self.device)
-        # DeepSeek Sparse Attention: the indexer's key of each kept token (index = (width, dtype)),
-        # in the latent's slots, with a count of its own (the model writes it after the latent)
+        # an indexer's key of each kept token (index = (width, dtype)), with a count of its own:
+        # DeepSeek Sparse Attention's in the latent's slots; Qwen4-Exp's (key and rotary terms) in
+        # the first KV group's slots only, since an indexed layer's groups share one rule and so
+        # one slot map (ring_caps, ring_offsets: that group's layout)
         self.index_keys = self.index_length = self.chunk_pads = None
+        self.ring_caps, self.ring_offsets = self.caps[:, :1], self.offsets[:2]
         if index is not None:
-            self.index_keys = torch.zeros(B, S, index[0], dtype=index[1], device=self.device)
+            self.index_keys = torch.zeros(B, int(widths[0]), index[0], dtype=index[1], device=self.device)
             self.index_length = torch.zeros(B, dtype=torch.long, device=self.device)
             # a prefill chunk's leading left pads per row, set by the forward before a chunk over
             # tokens already cached (whose call carries no 2-D padding mask: runtime/forward.py)
@@ -196,16 +199,17 @@ class MoaCacheLayer(CacheLayerMixin):
             raise ValueError(f"an indexer's keys of width {key_states.shape[-1]} for a ring of width "
                              f"{self.index_keys.shape[-1]} (architecture.index_ring_width)")
         if key_states.shape[-2] == 1:
-            torch.ops.moa_flex.index_append(self.index_keys, self.index_length, key_states, self.caps, self.offsets,
-                                            self.sink)
+            torch.ops.moa_flex.index_append(self.index_keys, self.index_length, key_states, self.ring_caps,
+                                            self.ring_offsets, self.sink)
             return self.index_keys
         if self.selects_over_cache(key_states):  # the ring's slots, then the chunk's keys (read before the write)
             every = torch.cat([self.index_keys.to(key_states.dtype), key_states], dim=-2)
-            torch.ops.moa_flex.index_extend(self.index_keys, self.index_length, key_states, self.chunk_pads, self.caps,
-                                            self.offsets, self.sink)
+            torch.ops.moa_flex.index_extend(self.index_keys, self.index_length, key_states, self.chunk_pads,
+                                            self.ring_caps, self.ring_offsets, self.sink)
             return every
         torch.ops.moa_flex.index_extend(self.index_keys, self.index_length, key_states,
-                                        torch.zeros_like(self.index_length), self.caps, self.offsets, self.sink)
+                                        torch.zeros_like(self.index_length), self.ring_caps, self.ring_offsets,
+                                        self.sink)
         return key_states
 
     def write(self, k_new: torch.Tensor, v_new: torch.Tensor, chunk_pads: torch.Tensor | None = None) -> None:

@@ -54,7 +54,7 @@ import torch
 from moa_flex.kernels.append import cache_append_triton
 from moa_flex.kernels.chunk import check_chunk_inputs, chunk_attention_reference, chunk_attention_triton
 from moa_flex.kernels.decode import (
-    check_decode_inputs, chunk_select_keep, group_width, one_group_positions, ragged_decode_reference,
+    check_decode_inputs, chunk_select_keep, one_group_positions, ragged_decode_reference,
     ragged_decode_triton, slot_keep,
 )
 from moa_flex.kernels.linear import (
@@ -344,14 +344,13 @@ def _(scores, keys, offsets, caps, spans, length, chunk_pads, sink, window):  # 
 @torch.library.custom_op("moa_flex::slot_position", mutates_args=())
 def slot_position(keys: torch.Tensor, caps: torch.Tensor, offsets: torch.Tensor, pos: torch.Tensor,
                   sink: int) -> torch.Tensor:
-    """LongTensor [B, S]: the logical position each slot of a cache ``keys`` [B, S, D] (groups of
-    one layout, :func:`~moa_flex.kernels.decode.group_width`) holds once positions up to ``pos``
-    [B] were written (-1: none; as
+    """LongTensor [B, S]: the logical position each slot of a one-group cache ``keys`` [B, S, D]
+    holds once positions up to ``pos`` [B] were written (-1: none; as
     :func:`moa_flex.kernels.slot_map.slot_positions`, without reading ``offsets`` on the host)."""
-    S = keys.shape[1]
-    W = group_width(offsets, caps, caps, S, "slot_position")
-    p, held = one_group_positions(caps[:, :1], pos, sink, W)
-    return torch.where(held, p, torch.full_like(p, -1)).repeat(1, S // W)
+    if offsets.shape[0] != 2:
+        raise ValueError(f"slot_position takes a cache of one KV group (a latent), got {offsets.shape[0] - 1} groups")
+    p, held = one_group_positions(caps, pos, sink, keys.shape[1])
+    return torch.where(held, p, torch.full_like(p, -1))
 
 
 @slot_position.register_fake
@@ -374,16 +373,15 @@ def _(scores, positions, k):  # noqa: ANN001, ANN202
 @torch.library.custom_op("moa_flex::block_select", mutates_args=())
 def block_select(q: torch.Tensor, keys: torch.Tensor, key_cos: torch.Tensor, key_sin: torch.Tensor,
                  visible: torch.Tensor, norm_weight: torch.Tensor, eps: float, block: int, budget: int,
-                 positions: torch.Tensor | None = None, slots: int = 0, groups: int = 1) -> torch.Tensor:
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
     """Bool [B, Q, K]: the keys a query-aware sparse attention indexer (Qwen4-Exp) picks for each
     query among its ``visible`` ones (:func:`moa_flex.runtime.block_selection.block_select`)."""
     return block_selection.block_select(q, keys, key_cos, key_sin, visible, norm_weight, eps, block, budget,
-                                        positions, slots, groups)
+                                        positions)
 
 
 @block_select.register_fake
-def _(q, keys, key_cos, key_sin, visible, norm_weight, eps, block, budget, positions=None, slots=0,  # noqa: ANN001
-      groups=1):  # noqa: ANN001, ANN202
+def _(q, keys, key_cos, key_sin, visible, norm_weight, eps, block, budget, positions=None):  # noqa: ANN001, ANN202
     return visible.new_empty(visible.shape, dtype=torch.bool)
 
 

@@ -161,11 +161,12 @@ def _block_indexer_forward(module: torch.nn.Module) -> Any:
     return forward
 
 
-def _check_block_indexer(module: torch.nn.Module) -> None:
+def _check_block_indexer(module: torch.nn.Module, forward: bool) -> None:
     """NotImplementedError unless the indexer's key norm and rotary embedding compute what
     ``moa_flex::block_select`` does (Qwen4-Exp's, checked on random inputs), its keys are one
-    head, and :func:`_block_indexer_forward` picks what its own forward picks (random inputs,
-    ties to the earlier block in both)."""
+    head, and (``forward``) :func:`_block_indexer_forward` picks what its own forward picks
+    (random inputs, ties to the earlier block in both; a budget of two blocks, so that the
+    model's loop over every query stays short whatever its own budget)."""
     from moa_flex.reference import earliest_ties
 
     name = type(module).__name__
@@ -178,7 +179,7 @@ def _check_block_indexer(module: torch.nn.Module) -> None:
     x = torch.randn(3, norm.weight.shape[-1], generator=g).to(norm.weight)
     rope = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
     cos, sin = torch.randn(3, x.shape[-1], generator=g).to(x), torch.randn(3, x.shape[-1], generator=g).to(x)
-    T = 4 * int(module.compress_ratio) + int(module.token_budget)  # enough blocks for the budget to choose
+    T = 6 * int(module.compress_ratio)  # six blocks, for a budget of two
     hidden = torch.randn(2, T, w.shape[1], generator=g).to(w)
     angles = torch.arange(T).view(1, T, 1) * torch.rand(1, 1, module.index_head_dim // 2, generator=g)
     turns = tuple(torch.cat([f(angles), f(angles)], -1).expand(2, -1, -1).to(w) for f in (torch.cos, torch.sin))
@@ -186,10 +187,15 @@ def _check_block_indexer(module: torch.nn.Module) -> None:
     with torch.no_grad():
         same = torch.equal(norm(x), rms_norm_offset(x, norm.weight, float(norm.eps))) and rope is not None and (
             torch.allclose(rope(x.unsqueeze(1), cos=cos, sin=sin).squeeze(1), rotate(x, cos, sin)))
-        if same:
-            with earliest_ties():
-                stock = type(module).forward(module, hidden, turns, causal, None)
-            same = torch.equal(_block_indexer_forward(module)(hidden, turns, causal), stock)
+        if same and forward:
+            budget, top = module.token_budget, module.block_topk
+            module.token_budget, module.block_topk = 2 * int(module.compress_ratio), 2
+            try:
+                with earliest_ties():
+                    stock = type(module).forward(module, hidden, turns, causal, None)
+                same = torch.equal(_block_indexer_forward(module)(hidden, turns, causal), stock)
+            finally:
+                module.token_budget, module.block_topk = budget, top
     if not same:
         raise NotImplementedError(f"{name}'s forward, key norm or rotary embedding is not what moa-flex's block "
                                   "selection computes (Qwen4-Exp's): its selection would differ")
@@ -201,8 +207,8 @@ def route_block_indexers(model: torch.nn.Module) -> list[torch.nn.Module]:
     NotImplementedError (nothing changed) for an indexer it does not compute."""
     indexers = [m for m in model.modules() if type(m).__name__.endswith("QSAIndexer")
                 and type(m).__module__.startswith("transformers.models.") and "forward" not in m.__dict__]
-    for module in indexers:
-        _check_block_indexer(module)
+    for i, module in enumerate(indexers):  # one class: its forward is compared once
+        _check_block_indexer(module, forward=i == 0)
     for module in indexers:
         module.forward = _block_indexer_forward(module)
     return indexers
