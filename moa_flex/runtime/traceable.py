@@ -131,8 +131,6 @@ def _block_indexer_forward(module: torch.nn.Module) -> Any:
     """Qwen4-Exp's indexer forward, its selection through ``moa_flex::block_select``. Over a MoA
     cache its keys go into the cache's ring with their tokens' rotary terms beside them (the
     cache keeps no position history: a block's first kept token may be any slot's)."""
-    from .cache import MoaCache
-
     rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
     norm = module.k_layernorm
     d, heads = int(module.index_head_dim), int(module.index_n_heads)
@@ -146,7 +144,7 @@ def _block_indexer_forward(module: torch.nn.Module) -> Any:
         q = rope(module.q_layernorm(q.reshape(B, T, heads, d)), cos=cos, sin=sin, unsqueeze_dim=2)
         k = k.reshape(B, T, d)
         r = cos.shape[-1]
-        if isinstance(cache, MoaCache):
+        if hasattr(cache, "moa_layers"):  # a MoaCache (runtime/cache.py, which imports the ops that import this)
             packed = cache.update_indexer(torch.cat([k, cos.expand(B, -1, -1).to(k.dtype),
                                                      sin.expand(B, -1, -1).to(k.dtype)], dim=-1), module.layer_idx)
             keys, key_cos, key_sin = torch.split(packed, [d, r, r], dim=-1)
