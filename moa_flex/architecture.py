@@ -381,8 +381,9 @@ def model_windows(config: Any, shape: Any) -> list[int | None]:
     if any(t in INDEXED_LAYER_TYPES for t in planned) and not (sparse_attention_indexer(config) or
                                                                 block_indexer(config)):
         raise ValueError(f"{type(config).__name__} has indexed_attention layers whose indexer is not DeepSeek Sparse "
-                         "Attention's (a top-k of keys beside latent attention): a selection of blocks or a score "
-                         "threshold, which moa-flex does not compose with a plan")
+                         "Attention's (a top-k of keys beside latent attention) nor Qwen4-Exp's (each query's best "
+                         "blocks within a budget): another selection (among a pool of blocks another layer chose, or "
+                         "above a score threshold), which moa-flex does not compose with a plan")
     check_sliding_heads(config, planned)
     if "chunked_attention" in planned and not chunk:
         raise ValueError(f"{type(config).__name__} has chunked_attention layers but no attention_chunk_size")

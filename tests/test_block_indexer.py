@@ -234,3 +234,33 @@ def test_a_gb_budget_is_refused_by_name() -> None:
     shape = ModelShape.from_config(_model().config)
     with pytest.raises(ValueError, match="one indexer entry per kept token"):
         Budget(gb=1.0, batch_size=1, length=64).slot_limits([64], shape, shape.num_kv_heads)
+
+
+@pytest.mark.slow  # 30 s (make test-slow)
+def test_an_fp8_cache_equals_the_fp8_reference() -> None:
+    """An FP8 cache (the ring stays in the model's dtype): a left-padded prompt in chunks of 8 and
+    a second turn equal step-by-step reference decoding over FP8-stored keys and values."""
+    from test_fp8 import reference_greedy_fp8
+
+    model = _model()
+    plan = _random_plan(model.config)
+    _compile(model, plan, max_length=60, prefill_chunk=8, kv_dtype="fp8")
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    ids[0, :4] = 0
+    cache = None
+    for user in (None, 9):
+        if user is not None:
+            more = torch.randint(3, 100, (2, user), generator=torch.Generator().manual_seed(9))
+            ids, mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones_like(more)], 1)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True, output_logits=True,
+                                 **({} if cache is None else {"past_key_values": cache}))
+        cache = model.moa_flex.cache
+        assert cache.moa_layers[0].keys.dtype == torch.float8_e4m3fn and cache.moa_layers[0].index_keys.dtype == torch.float32
+        want, want_logits = reference_greedy_fp8(model, plan, 60, ids, mask, 4)
+        assert torch.equal(out.sequences, want), user
+        assert float((torch.stack(out.logits, 1) - want_logits).abs().max()) <= 1e-4, user
+        ids, mask = out.sequences, torch.cat([mask, torch.ones_like(mask[:, :4])], 1)

@@ -126,7 +126,6 @@ def unroute_dbrx_experts(routed: list[torch.nn.Module]) -> None:
         module.__dict__.pop("forward", None)
 
 
-
 def _block_indexer_forward(module: torch.nn.Module) -> Any:
     """Qwen4-Exp's indexer forward, its selection through ``moa_flex::block_select``. Over a MoA
     cache its keys go into the cache's ring with their tokens' rotary terms beside them (the
