@@ -10,6 +10,7 @@ import torch
 
 import moa_flex
 
+from moa_flex.kernels.quant import FP8
 from moa_flex.plan import Plan
 from moa_flex.runtime.cache import MoaCache
 from reference import planned_logits
@@ -81,3 +82,15 @@ def chunked_turns(model, plan: Plan, chunk: int, N: int = 60) -> None:  # noqa: 
         mask[0, :4] = 0
         ids[0, :4] = 0
         converse(model, plan, N, ids, mask, (None, 9), 4, seed=6)
+
+
+def reference_greedy_fp8(model, plan, N: int, ids: torch.Tensor, mask: torch.Tensor, new: int) -> tuple:  # noqa: ANN001
+    """Step-by-step greedy decoding with the reference over FP8-stored keys and values: every
+    step's logits from the whole sequence so far. (sequences, logits [B, new, V])."""
+    steps = []
+    for _ in range(new):
+        logits = planned_logits(model, plan, N, ids, mask, kv_dtype=FP8)[:, -1]
+        steps.append(logits)
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids, torch.stack(steps, 1)

@@ -240,7 +240,7 @@ def test_a_gb_budget_is_refused_by_name() -> None:
 def test_an_fp8_cache_equals_the_fp8_reference() -> None:
     """An FP8 cache (the ring stays in the model's dtype): a left-padded prompt in chunks of 8 and
     a second turn equal step-by-step reference decoding over FP8-stored keys and values."""
-    from test_fp8 import reference_greedy_fp8
+    from conversation import reference_greedy_fp8
 
     model = _model()
     plan = _random_plan(model.config)

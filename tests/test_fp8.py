@@ -34,6 +34,7 @@ from chunk_cases import tensors as chunk_tensors
 from decode_cases import layouts as decode_layouts
 from decode_cases import naive_decode, scalars
 from decode_cases import tensors as decode_tensors
+from conversation import reference_greedy_fp8
 from tiny_models import ids_of, sparse_plan, tiny_model
 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -380,18 +381,6 @@ def test_fp8_decode_error_bound_against_bf16_cache() -> None:
 
 
 # ---------------------------------------------------------------------------------- the whole model
-def reference_greedy_fp8(model, plan, N: int, ids: torch.Tensor, mask: torch.Tensor, new: int) -> tuple:  # noqa: ANN001
-    """Step-by-step greedy decoding with the reference over FP8-stored keys and values: every
-    step's logits from the whole sequence so far. (sequences, logits [B, new, V])."""
-    steps = []
-    for _ in range(new):
-        logits = planned_logits(model, plan, N, ids, mask, kv_dtype=FP8)[:, -1]
-        steps.append(logits)
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids, torch.stack(steps, 1)
-
-
 def test_fp8_conversation_equals_the_fp8_reference() -> None:
     """Two turns on a left-padded batch over an FP8 cache, prefilled in chunks: tokens and
     logits equal step-by-step reference decoding whose attention reads keys and values as the
