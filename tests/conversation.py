@@ -94,3 +94,32 @@ def reference_greedy_fp8(model, plan, N: int, ids: torch.Tensor, mask: torch.Ten
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return ids, torch.stack(steps, 1)
+
+
+def gpu_turns(model, plan: Plan, mode: str | None) -> None:  # noqa: ANN001
+    """Compile ``model`` (on a GPU; eager for ``mode`` None, else inductor with ``mode``) with
+    prompts in chunks of 5; a 20-token batch whose first row has 7 left pads, then a second turn
+    of 9 tokens, 4 new tokens each: tokens and logits equal step-by-step reference decoding
+    (fp32, 1e-3)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moa_flex.compile(model, plan, backend="eager" if mode is None else "inductor", mode=mode, progress=False,
+                         compile_cache=False, max_length=60, prefill_chunk=5)
+        ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(4)).cuda()
+        mask = torch.ones_like(ids)
+        mask[0, :7] = 0
+        ids[0, :7] = 0
+        cache = None
+        for user in (None, 9):
+            if user is not None:
+                more = torch.randint(3, 100, (2, user), generator=torch.Generator().manual_seed(9)).cuda()
+                ids, mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones_like(more)], 1)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                     pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                                     **({} if cache is None else {"past_key_values": cache}))
+            want, want_logits = reference_greedy(model, plan, 60, ids, mask, 4)
+            assert torch.equal(out.sequences, want), user
+            assert float((torch.stack(out.logits, 1) - want_logits).abs().max()) <= 1e-3, user
+            cache = model.moa_flex.cache
+            ids, mask = out.sequences, torch.cat([mask, torch.ones_like(mask[:, :4])], 1)
